@@ -1,0 +1,342 @@
+"""Typed, frozen configuration: defaults in dataclasses, YAML deep-merged over them, CLI overrides on top.
+
+Every problem (unknown key, wrong type, value out of range) is collected and raised as one MmptError
+that names each key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmpt.errors import MmptError
+from mmpt.tasks import FLAGS, RESOLUTIONS, resolve_tasks
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/medmnist"  # folder with medmnist's npz files
+    cache_dir: str | None = None  # unpacked .npy cache; None = {root}/.mmpt-cache
+    datasets: tuple[str, ...] = FLAGS
+    resolution: int = 28
+    synthetic: bool = False  # generate MedMNIST-format files with a learnable signal when absent
+    synthetic_samples: int = 256  # train images per dataset for synthetic data (val/test: a quarter)
+    download: bool = False  # fetch missing files through medmnist (needs network)
+    verify: bool = True  # check MD5 of files with medmnist's official names
+    num_workers: int = 2
+    pin_memory: bool = True
+    prefetch_factor: int = 4
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: bool = False
+    vflip: bool = False
+    rotate_degrees: float = 0.0
+    random_resized_crop: bool = False
+    crop_scale_min: float = 0.8
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    mode: str = "pad"  # pad (Doerrich/Bachmeier protocol) | resize | native
+    pad_value: str = "normalized_zero"  # normalized_zero | black
+    interpolation: str = "bilinear"  # bilinear | bicubic
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # an alias (vit_b16, resnet18, ...) or any timm model name
+    pretrained: bool = False  # opt-in; needs the weights locally or network
+    img_size: int | None = None  # model input size; None = the backbone's pretrained_cfg
+    drop_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    replacement: bool = False  # False: every batch of every train split once per epoch (Algorithm 1)
+    alpha: float = 1.0  # with replacement: p(task) ~ |D|^alpha (1 proportional, 0 uniform)
+    steps_per_epoch: int | None = None  # None = the number of batches in all train splits
+    last_batch: str = "keep"  # keep | drop: the policy for a split's last partial batch
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    ordinal: str = "coral"  # ce | coral: the loss of the ordinal-regression task (RetinaMNIST)
+    weighting: str = "none"  # none | size
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer name
+    lr: float = 1e-4  # backbone learning rate
+    head_lr: float | None = None  # None = lr
+    weight_decay: float = 0.05
+    per_head: bool = True  # False: one shared optimizer and schedule (thesis code, for ablation)
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.0  # in each parameter group's own updates per epoch
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    patience: int | None = None  # early stopping after this many epochs without improvement
+    monitor: str = "val_loss"  # val_loss (weighted mean, lower is better) | val_auc (mean, higher)
+    log_every_steps: int = 20
+    progress: bool = True  # tqdm bar
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # also write last.pt every N steps (0 = only at epoch end)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "mmpt"
+    output: str | None = None  # run folder; None = runs/{name}
+    determinism: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / self.name
+
+
+# Allowed values of string fields; the validation below names them in its messages.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "input.mode": ("pad", "resize", "native"),
+    "input.pad_value": ("normalized_zero", "black"),
+    "input.interpolation": ("bilinear", "bicubic"),
+    "sampler.last_batch": ("keep", "drop"),
+    "loss.ordinal": ("ce", "coral"),
+    "loss.weighting": ("none", "size"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16"),
+    "train.monitor": ("val_loss", "val_auc"),
+}
+
+# (minimum, inclusive?) for numeric fields that have a lower bound.
+MINIMUM: dict[str, tuple[float, bool]] = {
+    "data.synthetic_samples": (8, True),
+    "data.num_workers": (0, True),
+    "data.prefetch_factor": (1, True),
+    "data.eval_batch_size": (1, True),
+    "input.augment.rotate_degrees": (0, True),
+    "input.augment.crop_scale_min": (0, False),
+    "model.img_size": (8, True),
+    "model.drop_rate": (0, True),
+    "sampler.alpha": (0, True),
+    "sampler.steps_per_epoch": (1, True),
+    "optim.lr": (0, False),
+    "optim.head_lr": (0, False),
+    "optim.weight_decay": (0, True),
+    "optim.warmup_epochs": (0, True),
+    "optim.min_lr_ratio": (0, True),
+    "optim.clip_grad_norm": (0, False),
+    "train.epochs": (1, True),
+    "train.batch_size": (1, True),
+    "train.seed": (0, True),
+    "train.patience": (1, True),
+    "train.log_every_steps": (1, True),
+    "checkpoint.every_steps": (0, True),
+}
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain Python values (tuples become lists), for YAML and checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn `a.b=value` into {"a": {"b": value}}, parsing value as YAML (so 1e-3, true, [a, b] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MmptError(f"--set expects key.sub=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is an MmptError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmptError(f"config file {path} not found; pass an existing YAML file with --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MmptError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise MmptError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[dict] | None = None) -> Config:
+    """Build a Config from defaults, an optional YAML file (with `base:` chaining) and override dicts.
+
+    Raises MmptError listing every unknown key, wrong type and out-of-range value.
+    """
+    raw: dict = {}
+    if path is not None:
+        raw = _read_with_base(Path(path), seen=())
+    for override in overrides or []:
+        raw = deep_merge(raw, override)
+    return from_dict(raw)
+
+
+def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise MmptError(f"config {path} has a cycle of 'base:' references; remove one")
+    return deep_merge(_read_with_base(base_path, seen + (base_path,)), data)
+
+
+def from_dict(raw: dict) -> Config:
+    """Validate a nested dict against Config; raise one MmptError naming every problem."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    problems += _cross_checks(cfg)
+    if problems:
+        raise MmptError("invalid config: " + "; ".join(problems))
+    # datasets are stored as medmnist flags in medmnist order, whatever spelling the user chose
+    flags = tuple(t.flag for t in resolve_tasks(cfg.data.datasets))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, datasets=flags))
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(f"unknown key '{prefix}{key}' (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = prefix + f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, raw[f.name], key + ".", problems)
+        else:
+            value, error = _coerce(raw[f.name], hint)
+            if error:
+                problems.append(f"{key} {error}, got {raw[f.name]!r}")
+            else:
+                kwargs[f.name] = value
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        value = getattr(obj, f.name)
+        if key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key in MINIMUM and value is not None:
+            low, inclusive = MINIMUM[key]
+            if value < low or (value == low and not inclusive):
+                problems.append(f"{key} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+    return obj
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Return (value converted to `hint`, None) or (None, 'must be ...')."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        (inner,) = [a for a in args if a is not type(None)]
+        converted, error = _coerce(value, inner)
+        return converted, (error + " or null" if error else None)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            return None, "must be a list"
+        items = [_coerce(v, args[0]) for v in value]
+        errors = [e for _, e in items if e]
+        return (None, errors[0] + " (each item)") if errors else (tuple(v for v, _ in items), None)
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, "must be an integer")
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (float(value), None) if ok else (None, "must be a number")
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (None, "must be a string")
+    raise AssertionError(f"config field type {hint} has no coercion rule")
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Checks that involve more than one field or the task registry."""
+    problems = []
+    if cfg.data.resolution not in RESOLUTIONS:
+        problems.append(
+            f"data.resolution must be one of {', '.join(map(str, RESOLUTIONS))} (MedMNIST+ sizes), "
+            f"got {cfg.data.resolution}"
+        )
+    try:
+        resolve_tasks(cfg.data.datasets)
+    except MmptError as exc:
+        problems.append(f"data.datasets: {exc}")
+    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
+        problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
+    return problems
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable with load_config)."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

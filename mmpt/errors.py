@@ -1,0 +1,32 @@
+"""The one exception type for problems a user can cause and fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MmptError(Exception):
+    """A user-caused error: the message says what is wrong and what to do.
+
+    The CLI prints it as one line (`error: ...`) and exits with code 2.
+    """
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> MmptError:
+    """Return an MmptError for an unknown `name`, listing close matches or all valid names."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if close:
+        hint = f"did you mean {', '.join(close)}?"
+    else:
+        hint = f"choose one of: {', '.join(known)}"
+    return MmptError(f"unknown {kind} '{name}'; {hint}")
+
+
+def lookup(kind: str, registry: dict, name: str):
+    """Return `registry[name]`, or raise an MmptError naming the valid names."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise unknown_name(kind, name, registry) from None

@@ -1,0 +1,1 @@
+"""Data: verified memory-mapped MedMNIST+ arrays, synthetic files, the mm-PT sampler, loaders, transforms."""

@@ -1,0 +1,200 @@
+"""The mm-PT batch sampler (Algorithm 1): a seeded epoch plan of (task, index batch) pairs.
+
+The plan is a pure function of its arguments, so a run can resume mid-epoch by rebuilding the plan
+and skipping the steps already taken, and every DDP rank builds the same plan.
+
+Random streams: each task draws from its own stream, keyed by (seed, epoch) and a hash of the task
+name, and the interleaving from another. So a task's batches do not depend on the order of `sizes`
+or on which other tasks are trained, and the plan does not depend on the order of `sizes` either.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+
+import numpy as np
+
+from mmpt.config import CHOICES
+from mmpt.errors import MmptError
+
+LAST_BATCH = CHOICES["sampler.last_batch"]
+
+# spawn-key tags that keep the streams apart (SeedSequence pads short entropy with zeros, so
+# distinct entropy lengths alone would not separate them)
+_INTERLEAVE = 0
+_TASK = 1
+
+
+def _rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=key))
+
+
+def _task_key(task: str) -> int:
+    # crc32 is stable across processes, unlike hash(str)
+    return zlib.crc32(task.encode())
+
+
+def _validate(
+    sizes: dict[str, int], batch_size: int, alpha: float, steps_per_epoch: int | None, last_batch: str
+) -> None:
+    if not sizes:
+        raise MmptError("the sampler needs at least one task; select datasets with --datasets")
+    empty = [t for t, n in sizes.items() if n < 1]
+    if empty:
+        raise MmptError(f"train split of {', '.join(sorted(empty))} is empty; remove it from data.datasets")
+    if batch_size < 1:
+        raise MmptError(f"batch size must be >= 1, got {batch_size}")
+    if last_batch not in LAST_BATCH:
+        raise MmptError(f"sampler.last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
+    if alpha < 0:
+        raise MmptError(f"sampler.alpha must be >= 0, got {alpha}")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise MmptError(f"sampler.steps_per_epoch must be >= 1 or null, got {steps_per_epoch}")
+
+
+def batches_per_task(sizes: dict[str, int], batch_size: int, last_batch: str = "keep") -> dict[str, int]:
+    """Return the batches one full pass over each task's train split yields (ceil, or floor with drop).
+
+    Raises MmptError for an unknown `last_batch` or `batch_size < 1`.
+    """
+    _validate(sizes, batch_size, 1.0, None, last_batch)
+    rounding = math.ceil if last_batch == "keep" else math.floor
+    return {task: rounding(n / batch_size) for task, n in sorted(sizes.items())}
+
+
+def _steps_per_epoch(
+    sizes: dict[str, int], batch_size: int, replacement: bool, steps_per_epoch: int | None, last_batch: str
+) -> int:
+    if replacement and steps_per_epoch is not None:
+        return steps_per_epoch
+    pass_steps = sum(batches_per_task(sizes, batch_size, last_batch).values())
+    if pass_steps == 0:
+        raise MmptError(
+            f"every train split is smaller than the batch size {batch_size} and sampler.last_batch is 'drop', "
+            "so an epoch has no step; lower train.batch_size or set sampler.last_batch=keep"
+        )
+    return steps_per_epoch or pass_steps
+
+
+def _task_batches(n: int, batch_size: int, last_batch: str, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n).astype(np.int64)
+    stop = n if last_batch == "keep" else n - n % batch_size
+    return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def _one_pass(
+    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, cycle: int, last_batch: str
+) -> list[tuple[str, np.ndarray]]:
+    tasks = sorted(sizes)
+    batches = {
+        t: _task_batches(sizes[t], batch_size, last_batch, _rng(seed, epoch, cycle, _TASK, _task_key(t))) for t in tasks
+    }
+    # one task id per batch, shuffled: a uniform random interleaving of all tasks' batch sequences
+    order = np.repeat(np.arange(len(tasks)), [len(batches[t]) for t in tasks])
+    _rng(seed, epoch, cycle, _INTERLEAVE).shuffle(order)
+    position = [0] * len(tasks)
+    plan = []
+    for k in order:
+        plan.append((tasks[k], batches[tasks[k]][position[k]]))
+        position[k] += 1
+    return plan
+
+
+def task_probabilities(sizes: dict[str, int], alpha: float = 1.0) -> dict[str, float]:
+    """Return p(task) ∝ |D|^alpha (alpha=1 proportional to size, 0 uniform), in sorted task order."""
+    weights = {t: float(sizes[t]) ** alpha for t in sorted(sizes)}
+    total = sum(weights.values())
+    return {t: w / total for t, w in weights.items()}
+
+
+def epoch_plan(
+    sizes: dict[str, int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    replacement: bool = False,
+    alpha: float = 1.0,
+    steps_per_epoch: int | None = None,
+    last_batch: str = "keep",
+) -> list[tuple[str, np.ndarray]]:
+    """Return one epoch's plan: a list of (task, int64 train indices), one item per step.
+
+    Without replacement (default) each task's train split is permuted and cut into batches
+    (a last partial batch kept or dropped per `last_batch`), and all batches of all tasks are
+    interleaved at random: every index of every task appears exactly once, and each task gets
+    exactly ceil(n / batch_size) (floor with "drop") steps. With `steps_per_epoch`, the plan is
+    the first `steps_per_epoch` items of that sequence; when more are asked than one pass holds,
+    further passes follow, each freshly permuted and interleaved. A truncated epoch is still a
+    random, size-proportional prefix, and the next epoch starts a new permutation (indices left
+    out in one epoch are not carried over).
+
+    With replacement each step picks a task with p ∝ |D|^alpha and draws `batch_size` distinct
+    indices of it (all of them if the split is smaller), independently of the other steps; the
+    step count is `steps_per_epoch`, or the number of batches of the plan without replacement.
+
+    Index arrays are not sorted (the loader sorts them). Same arguments give an identical plan.
+    Raises MmptError for an empty `sizes` or split, `batch_size < 1`, an unknown `last_batch`,
+    a negative `alpha`, `steps_per_epoch < 1`, or a plan without any step (every split smaller
+    than `batch_size` with last_batch="drop").
+    """
+    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
+    if replacement:
+        return _plan_with_replacement(sizes, batch_size, seed, epoch, alpha, steps)
+    plan: list[tuple[str, np.ndarray]] = []
+    cycle = 0
+    while len(plan) < steps:
+        plan += _one_pass(sizes, batch_size, seed, epoch, cycle, last_batch)
+        cycle += 1
+    return plan[:steps]
+
+
+def _plan_with_replacement(
+    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, alpha: float, steps: int
+) -> list[tuple[str, np.ndarray]]:
+    probabilities = task_probabilities(sizes, alpha)
+    tasks = list(probabilities)
+    choice = _rng(seed, epoch, 0, _INTERLEAVE).choice(len(tasks), size=steps, p=list(probabilities.values()))
+    task_rngs = {t: _rng(seed, epoch, 0, _TASK, _task_key(t)) for t in tasks}
+    plan = []
+    for k in choice:
+        t = tasks[k]
+        n = sizes[t]
+        idx = task_rngs[t].choice(n, size=min(n, batch_size), replace=False).astype(np.int64)
+        plan.append((t, idx))
+    return plan
+
+
+def plan_batches_per_task(plan: list[tuple[str, np.ndarray]]) -> dict[str, int]:
+    """Return the number of steps each task has in `plan` (tasks without a step are absent), sorted by task."""
+    counts = Counter(task for task, _ in plan)
+    return {t: counts[t] for t in sorted(counts)}
+
+
+def expected_updates_per_epoch(
+    sizes: dict[str, int],
+    batch_size: int,
+    replacement: bool = False,
+    alpha: float = 1.0,
+    steps_per_epoch: int | None = None,
+    last_batch: str = "keep",
+) -> dict[str, float]:
+    """Return each task's head updates per epoch of `epoch_plan` with these arguments, sorted by task.
+
+    Exact without replacement and without `steps_per_epoch` (or with a multiple of a full pass);
+    otherwise the expectation (a truncated pass is a random prefix; with replacement each step
+    picks the task with p ∝ |D|^alpha). The optimizer sizes each head's LR schedule from this.
+    Raises MmptError like `epoch_plan`.
+    """
+    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
+    if replacement:
+        return {t: steps * p for t, p in task_probabilities(sizes, alpha).items()}
+    per_pass = batches_per_task(sizes, batch_size, last_batch)
+    pass_steps = sum(per_pass.values())
+    full_passes, rest = divmod(steps, pass_steps)
+    # the remainder is a uniformly random prefix of a pass: each task gets its share in expectation
+    return {t: float(full_passes * b + rest * b / pass_steps) for t, b in per_pass.items()}

@@ -1,0 +1,152 @@
+"""One loss per task type, and the head each loss needs.
+
+A loss knows how many logits its head must produce (`num_outputs`), which head module to build
+(`head`), and how to turn logits into the N×K class scores medmnist's metrics expect (`scores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmpt.errors import lookup
+from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskSpec
+
+
+class TaskLoss(Protocol):
+    """What the training loop and evaluation need from a task's loss."""
+
+    num_outputs: int  # logits the head must produce
+    head: str  # a key of HEADS: which head module the model must build
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean loss over the batch; labels are int64 N×L as medmnist stores them."""
+        ...
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """N×K class scores in medmnist's convention (softmax, sigmoid or class probabilities)."""
+        ...
+
+
+class CrossEntropyLoss:
+    """Softmax cross-entropy over K logits (multi-class, binary with 2 logits, or ordinal as classes)."""
+
+    head = "linear"
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_outputs = num_classes
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # medmnist stores single-label targets as N×1
+        return F.cross_entropy(logits, labels.reshape(-1))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return logits.softmax(dim=-1)
+
+
+class MultiLabelBCELoss:
+    """Binary cross-entropy with logits, averaged over the batch and all labels (ChestMNIST's 14)."""
+
+    head = "linear"
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_outputs = num_classes
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid()
+
+
+class CoralLoss:
+    """CORAL ordinal loss (Cao, Mirjalili, Raschka 2020) over K−1 rank-consistent logits.
+
+    Logit k estimates P(y > k); the loss is BCE-with-logits on the targets [y > k], averaged over the
+    batch and the K−1 thresholds.
+    """
+
+    head = "coral"
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_outputs = num_classes - 1
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        thresholds = torch.arange(self.num_outputs, device=logits.device)
+        levels = (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
+        return F.binary_cross_entropy_with_logits(logits, levels)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """K class probabilities: p_k = P(y > k−1) − P(y > k), with P(y > −1) = 1 and P(y > K−1) = 0."""
+        above = logits.sigmoid()  # N×(K−1): P(y > k)
+        ones = torch.ones_like(above[:, :1])
+        upper = torch.cat([ones, above], dim=1)  # N×K: P(y > k−1)
+        lower = torch.cat([above, 1 - ones], dim=1)  # N×K: P(y > k)
+        # rank consistency makes this non-negative in exact arithmetic; clamp guards rounding
+        probs = (upper - lower).clamp(min=0)
+        return probs / probs.sum(dim=1, keepdim=True)
+
+
+# The loss of each task type; ordinal regression is chosen separately (config loss.ordinal).
+LOSSES: dict[str, Callable[[int], TaskLoss]] = {
+    MULTI_CLASS: CrossEntropyLoss,
+    BINARY: CrossEntropyLoss,
+    MULTI_LABEL: MultiLabelBCELoss,
+}
+
+ORDINAL_LOSSES: dict[str, Callable[[int], TaskLoss]] = {
+    "ce": CrossEntropyLoss,
+    "coral": CoralLoss,
+}
+
+
+def build_loss(task: TaskSpec, ordinal: str = "coral") -> TaskLoss:
+    """Return the loss for `task`; `ordinal` names the loss of ordinal-regression tasks.
+
+    Raises MmptError for an unknown ordinal loss or task type, listing the valid names.
+    """
+    if task.task_type == ORDINAL:
+        factory = lookup("ordinal loss", ORDINAL_LOSSES, ordinal)
+    else:
+        factory = lookup("task type", LOSSES, task.task_type)
+    return factory(task.num_classes)
+
+
+class CoralHead(nn.Module):
+    """CORAL's rank-consistent head: one shared weight vector and K−1 ordered biases; N×(K−1) logits."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 1, bias=False)
+        # descending biases start the cumulative probabilities P(y > k) ordered, as in coral-pytorch
+        self.bias = nn.Parameter(torch.arange(num_classes - 1, 0, -1).float() / (num_classes - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + self.bias  # N×1 + (K−1) -> N×(K−1)
+
+
+def _linear_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    return nn.Linear(in_features, num_outputs)
+
+
+def _coral_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    assert num_outputs == num_classes - 1, f"a CORAL head has K-1={num_classes - 1} outputs, not {num_outputs}"
+    return CoralHead(in_features, num_classes)
+
+
+HEADS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "linear": _linear_head,
+    "coral": _coral_head,
+}
+
+
+def build_head(kind: str, in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    """Return the head module `kind` ("linear" or "coral") mapping in_features to num_outputs logits.
+
+    Raises MmptError for an unknown kind, listing the valid names.
+    """
+    return lookup("head", HEADS, kind)(in_features, num_outputs, num_classes)

@@ -1,0 +1,158 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmpt.errors import MmptError
+from mmpt.losses import CoralHead, CoralLoss, build_head, build_loss
+from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
+
+# the first dataset of each task type: pathmnist, pneumoniamnist, chestmnist, retinamnist
+SPEC = {kind: next(t for t in TASKS.values() if t.task_type == kind) for kind in (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)}
+# (task type, ordinal loss) pairs covering every loss
+CASES = [(MULTI_CLASS, "coral"), (BINARY, "coral"), (MULTI_LABEL, "coral"), (ORDINAL, "ce"), (ORDINAL, "coral")]
+
+
+def _labels(task, n, generator):
+    if task.task_type == MULTI_LABEL:
+        return torch.randint(0, 2, (n, task.num_classes), generator=generator)
+    return torch.randint(0, task.num_classes, (n, 1), generator=generator)
+
+
+def _confident_logits(loss, task, labels, margin=8.0):
+    """Logits that put the given labels far on the right side of every decision."""
+    if task.task_type == MULTI_LABEL:
+        return margin * (2 * labels.float() - 1)
+    if loss.head == "coral":
+        levels = labels > torch.arange(loss.num_outputs)  # N×(K−1): y > k
+        return margin * (2 * levels.float() - 1)
+    return margin * nn.functional.one_hot(labels[:, 0], task.num_classes).float()
+
+
+@pytest.mark.parametrize("task_type,ordinal", CASES)
+def test_loss_is_smaller_for_correct_than_for_wrong_confident_logits(task_type, ordinal):
+    task = SPEC[task_type]
+    loss = build_loss(task, ordinal=ordinal)
+    labels = _labels(task, 32, torch.Generator().manual_seed(0))
+    if task_type == MULTI_LABEL:
+        wrong = 1 - labels
+    else:
+        wrong = (labels + 1) % task.num_classes
+    correct_loss = loss(_confident_logits(loss, task, labels), labels)
+    wrong_loss = loss(_confident_logits(loss, task, wrong), labels)
+    assert correct_loss.ndim == 0
+    assert correct_loss < 0.01 < 1.0 < wrong_loss
+
+
+@pytest.mark.parametrize("task_type,ordinal", CASES)
+def test_zero_logits_give_the_uninformed_loss(task_type, ordinal):
+    task = SPEC[task_type]
+    loss = build_loss(task, ordinal=ordinal)
+    labels = _labels(task, 16, torch.Generator().manual_seed(1))
+    value = loss(torch.zeros(16, loss.num_outputs), labels)
+    # CE: log K over K uniform classes; BCE and CORAL: log 2 per (mean over) label or threshold
+    expected = math.log(2) if loss.head == "coral" or task_type == MULTI_LABEL else math.log(task.num_classes)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "task_type,ordinal,outputs,head",
+    [(MULTI_CLASS, "coral", 9, "linear"), (BINARY, "coral", 2, "linear"), (MULTI_LABEL, "coral", 14, "linear"),
+     (ORDINAL, "ce", 5, "linear"), (ORDINAL, "coral", 4, "coral")],
+)
+def test_each_task_type_gets_its_head_size(task_type, ordinal, outputs, head):
+    task = SPEC[task_type]
+    loss = build_loss(task, ordinal=ordinal)
+    assert (loss.num_outputs, loss.head) == (outputs, head)
+    module = build_head(loss.head, 16, loss.num_outputs, task.num_classes)
+    assert module(torch.randn(3, 16)).shape == (3, outputs)
+
+
+@pytest.mark.parametrize("task_type,ordinal", CASES)
+def test_scores_have_one_column_per_class(task_type, ordinal):
+    task = SPEC[task_type]
+    loss = build_loss(task, ordinal=ordinal)
+    scores = loss.scores(torch.randn(7, loss.num_outputs, generator=torch.Generator().manual_seed(2)))
+    assert scores.shape == (7, task.num_classes)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    if task_type != MULTI_LABEL:
+        assert torch.allclose(scores.sum(dim=1), torch.ones(7))
+
+
+def test_coral_scores_are_differences_of_cumulative_probabilities():
+    loss = CoralLoss(num_classes=4)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])  # rank-consistent: P(y>k) decreasing
+    above = torch.sigmoid(logits)[0]
+    expected = torch.stack([1 - above[0], above[0] - above[1], above[1] - above[2], above[2]])
+    assert torch.allclose(loss.scores(logits)[0], expected)
+
+
+def test_coral_scores_stay_probabilities_when_logits_are_not_ordered():
+    loss = CoralLoss(num_classes=4)
+    scores = loss.scores(torch.tensor([[-1.0, 3.0, 0.0]]))  # P(y>1) > P(y>0): a negative difference
+    assert (scores >= 0).all()
+    assert scores.sum().item() == pytest.approx(1.0)
+    assert scores[0, 1].item() == 0.0
+
+
+def test_coral_loss_targets_are_cumulative_levels():
+    loss = CoralLoss(num_classes=5)
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([[0], [2], [4]])
+    levels = torch.tensor([[0.0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, levels)
+    assert torch.allclose(loss(logits, labels), expected)
+
+
+def test_cross_entropy_gradient_is_softmax_minus_one_hot():
+    loss = build_loss(TASKS["bloodmnist"])
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    labels = torch.tensor([[0], [7], [3], [3], [1], [5]])
+    loss(logits, labels).backward()
+    expected = (logits.softmax(dim=1) - nn.functional.one_hot(labels[:, 0], 8)) / 6
+    assert torch.allclose(logits.grad, expected.detach(), atol=1e-6)
+
+
+def test_multi_label_loss_takes_int64_labels_of_width_14():
+    loss = build_loss(TASKS["chestmnist"])
+    logits = torch.randn(4, 14, generator=torch.Generator().manual_seed(5))
+    labels = torch.randint(0, 2, (4, 14), generator=torch.Generator().manual_seed(6))
+    assert labels.dtype == torch.int64
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    assert torch.allclose(loss(logits, labels), expected)
+
+
+def test_coral_head_starts_rank_consistent():
+    head = CoralHead(in_features=8, num_classes=5)
+    logits = head(torch.randn(10, 8, generator=torch.Generator().manual_seed(7)))
+    assert logits.shape == (10, 4)
+    # one shared weight vector, so descending biases keep P(y>k) non-increasing in k for every input
+    assert (logits[:, 1:] < logits[:, :-1]).all()
+
+
+def test_coral_head_learns_a_one_dimensional_ordinal_problem():
+    torch.manual_seed(0)
+    num_classes = 5
+    x = torch.rand(512, 1) * 2 - 1  # N×1 in [-1, 1)
+    labels = ((x + 1) / 2 * num_classes).long().clamp(max=num_classes - 1)  # N×1 grades, equal-width bins
+    x = x + 0.05 * torch.randn_like(x)
+    model = nn.Sequential(nn.Linear(1, 4), CoralHead(4, num_classes))
+    loss = CoralLoss(num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss(model(x), labels).backward()
+        optimizer.step()
+    accuracy = (loss.scores(model(x)).argmax(dim=1) == labels[:, 0]).float().mean().item()
+    assert accuracy > 0.8  # chance is 1/5
+
+
+def test_unknown_ordinal_loss_lists_the_valid_ones():
+    with pytest.raises(MmptError, match="coral"):
+        build_loss(TASKS["retinamnist"], ordinal="corn")
+
+
+def test_unknown_head_kind_is_an_mmpt_error():
+    with pytest.raises(MmptError, match="linear"):
+        build_head("mlp", 8, 2, 2)

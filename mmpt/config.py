@@ -21,7 +21,7 @@ from mmpt.tasks import FLAGS, RESOLUTIONS, resolve_tasks
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/medmnist"  # folder with medmnist's npz files
+    root: str = "~/.medmnist"  # folder with medmnist's npz files (medmnist's own default)
     cache_dir: str | None = None  # unpacked .npy cache; None = {root}/.mmpt-cache
     datasets: tuple[str, ...] = FLAGS
     resolution: int = 28
@@ -56,7 +56,7 @@ class InputConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # an alias (vit_b16, resnet18, ...) or any timm model name
     pretrained: bool = False  # opt-in; needs the weights locally or network
-    img_size: int | None = None  # model input size; None = the backbone's pretrained_cfg
+    img_size: int | None = None  # input side for pad/resize (ViTs are built for it); None = pretrained_cfg
     drop_rate: float = 0.0
 
 
@@ -332,6 +332,11 @@ def _cross_checks(cfg: Config) -> list[str]:
         resolve_tasks(cfg.data.datasets)
     except MmptError as exc:
         problems.append(f"data.datasets: {exc}")
+    if cfg.data.synthetic and Path(cfg.data.root).expanduser() == Path(DataConfig.root).expanduser():
+        problems.append(
+            f"data.synthetic writes generated files under medmnist's names; give it a folder of its own "
+            f"(data.root: data/synthetic), not {DataConfig.root}"
+        )
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return problems

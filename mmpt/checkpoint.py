@@ -1,0 +1,119 @@
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`), weight digests.
+
+A checkpoint is a dict of tensors and plain Python values, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmpt.errors import MmptError
+
+# Top-level keys of a training checkpoint.
+MODEL = "model"
+OPTIMIZERS = "optimizers"
+WEIGHTING = "weighting"
+PROGRESS = "progress"
+RNG = "rng"
+CONFIG = "config"
+FORMAT = "format"
+FORMAT_VERSION = 1
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync it, then `os.replace` it into place.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(path: Path, state: dict) -> None:
+    """Write `state` to `path` atomically with torch.save."""
+    atomic_write(path, lambda f: torch.save(dict(state, **{FORMAT: FORMAT_VERSION}), f))
+
+
+def load(path: Path) -> dict:
+    """Read a checkpoint with `torch.load(weights_only=True)`.
+
+    Raises MmptError if the file is missing, unreadable, or holds anything but tensors and plain values
+    (for example a pickle crafted to run code, which is refused without running it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MmptError(f"checkpoint {path} not found; pass a run folder with checkpoints/ or a .pt file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MmptError(
+            f"checkpoint {path} holds objects that are not plain data and was refused ({first}); "
+            "load only checkpoints written by mmpt"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MmptError(f"checkpoint {path} is unreadable or truncated ({first}); use another checkpoint") from None
+    if not isinstance(state, dict) or FORMAT not in state:
+        raise MmptError(f"{path} is not an mmpt checkpoint; pass a checkpoint written by mmpt")
+    return state
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

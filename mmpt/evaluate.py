@@ -1,0 +1,67 @@
+"""The evaluation recipe: a checkpoint's metrics and predictions on one split of each of its datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from mmpt import checkpoint as ckpt
+from mmpt.config import from_dict
+from mmpt.errors import MmptError
+from mmpt.evaluation import evaluate_all, metrics_table, write_predictions
+from mmpt.model import build_model, build_transform
+from mmpt.report import format_table, write_metrics
+from mmpt.runtime import configure_determinism, select_device
+from mmpt.tasks import resolve_tasks
+from mmpt.train import open_data
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    output: Path,
+    *,
+    split: str = "test",
+    datasets: str | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate `checkpoint` per dataset; write metrics.{json,csv,md} and medmnist-format predictions to `output`.
+
+    Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for an
+    unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
+    """
+    state = ckpt.load(checkpoint)
+    cfg = from_dict(state[ckpt.CONFIG])
+    trained = resolve_tasks(cfg.data.datasets)
+    tasks = trained if datasets is None else resolve_tasks(datasets)
+    missing = [t.flag for t in tasks if t not in trained]
+    if missing:
+        raise MmptError(
+            f"checkpoint {checkpoint} has no head for {', '.join(missing)}; "
+            f"choose among {', '.join(t.short for t in trained)}"
+        )
+    data_cfg = dataclasses.replace(
+        cfg.data,
+        root=data_root or cfg.data.root,
+        eval_batch_size=batch_size or cfg.data.eval_batch_size,
+        synthetic=cfg.data.synthetic and data_root is None,
+    )
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    data = open_data(cfg, tasks)
+    configure_determinism(cfg.train.seed, cfg.determinism)
+    torch_device = select_device(device)
+
+    model, losses = build_model(cfg, trained)
+    model.load_state_dict(state[ckpt.MODEL])
+    model.to(torch_device)
+    transform = build_transform(cfg, model)
+    results = evaluate_all(
+        model, data, split, losses, transform, torch_device,
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
+    )
+    table = metrics_table(results)
+    write_metrics(output, table)
+    write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name)
+    print(f"{split} metrics of {checkpoint}:\n{format_table(table)}\nwritten to {output}")
+    return table

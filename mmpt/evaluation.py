@@ -1,0 +1,112 @@
+"""Per-dataset evaluation: predictions, losses and metrics of a model on a split of every task."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmpt.data.loader import eval_loader
+from mmpt.data.store import TaskData
+from mmpt.data.transforms import DeviceTransform
+from mmpt.losses import TaskLoss
+from mmpt.metrics import compute_metrics, mean_metrics
+from mmpt.model import MultiTaskNet
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    labels: np.ndarray  # N×L int64
+    scores: np.ndarray  # N×K class scores (medmnist's convention)
+    metrics: dict[str, float]  # includes "loss"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when asked for, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_task(
+    model: MultiTaskNet,
+    task_data: TaskData,
+    split: str,
+    loss_fn: TaskLoss,
+    transform: DeviceTransform,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    precision: str = "fp32",
+) -> TaskResult:
+    """Run `model`'s head for this task over a whole split; return labels, scores and metrics (with loss)."""
+    model.eval()
+    flag = task_data.task.flag
+    loader = eval_loader(
+        task_data.splits[split], batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    all_scores, all_labels, loss_sum = [], [], 0.0
+    for images, labels in loader:
+        x = transform(images.to(device, non_blocking=True))
+        y = labels.to(device)
+        with autocast(device, precision):
+            logits = model(x, flag)
+        logits = logits.float()
+        loss_sum += float(loss_fn(logits, y)) * len(y)
+        all_scores.append(loss_fn.scores(logits).cpu().numpy())
+        all_labels.append(labels.numpy())
+    scores = np.concatenate(all_scores).astype(np.float64)
+    labels = np.concatenate(all_labels)
+    metrics = {"loss": loss_sum / len(labels), **compute_metrics(task_data.task, labels, scores)}
+    return TaskResult(labels=labels, scores=scores, metrics=metrics)
+
+
+def evaluate_all(
+    model: MultiTaskNet,
+    data: dict[str, TaskData],
+    split: str,
+    losses: dict[str, TaskLoss],
+    transform: DeviceTransform,
+    device: torch.device,
+    **kwargs,
+) -> dict[str, TaskResult]:
+    """evaluate_task for every task in `data`, in its order."""
+    return {
+        flag: evaluate_task(model, task_data, split, losses[flag], transform, device, **kwargs)
+        for flag, task_data in data.items()
+    }
+
+
+def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:
+    """dataset -> metric -> value, plus a "mean" entry (the unweighted mean over datasets)."""
+    table = {flag: dict(result.metrics) for flag, result in results.items()}
+    table["mean"] = mean_metrics({flag: m for flag, m in table.items()})
+    return table
+
+
+def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[str, float], run: str) -> str:
+    """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
+    size_flag = "" if resolution == 28 else f"_{resolution}"
+    return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
+
+
+def write_predictions(
+    folder: Path, results: dict[str, TaskResult], resolution: int, split: str, run: str
+) -> list[Path]:
+    """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
+
+    medmnist's `Evaluator.parse_and_evaluate` re-scores these files from their names alone.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for flag, result in results.items():
+        path = folder / prediction_filename(flag, resolution, split, result.metrics, run)
+        pd.DataFrame(result.scores).to_csv(path, header=None)
+        paths.append(path)
+    return paths

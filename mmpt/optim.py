@@ -1,0 +1,149 @@
+"""Optimizers and LR schedules: one for the backbone and one per head, each stepped by its own updates.
+
+A head is updated only on the steps that sample its task, so its cosine schedule runs over its own
+update count, not the global step. `per_head=False` gives the thesis code's single shared optimizer
+(one schedule over global steps) for ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from mmpt.errors import unknown_name
+
+SHARED = "shared"  # the group name of the single optimizer when per_head is off
+BACKBONE = "backbone"
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise MmptError unless timm knows the optimizer `name`."""
+    if name not in list_optimizers():
+        raise unknown_name("optimizer", name, list_optimizers())
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_updates: int,
+    warmup_updates: int,
+    min_lr_ratio: float,
+    schedule: str,
+) -> CosineLRScheduler:
+    """A timm cosine schedule over `total_updates` updates (constant: lr_min = lr), with linear warmup."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    lr_min = base_lr if schedule == "constant" else base_lr * min_lr_ratio
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_updates, 1),
+        lr_min=lr_min,
+        warmup_t=warmup_updates,
+        warmup_lr_init=base_lr * 1e-3 if warmup_updates else 0.0,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
+
+
+@dataclass
+class Optimizers:
+    """The optimizers, their schedules and the count of updates each has made."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedules: dict[str, CosineLRScheduler]
+    updates: dict[str, int] = field(default_factory=dict)
+    clip_grad_norm: float | None = None
+
+    def groups_for(self, task: str) -> list[str]:
+        """The optimizers that step when `task` is sampled: the backbone's and that head's, or the shared one."""
+        return [SHARED] if SHARED in self.optimizers else [BACKBONE, task]
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self, task: str) -> None:
+        """Clip (if configured) and step the optimizers of `task`, then advance their schedules."""
+        names = self.groups_for(task)
+        if self.clip_grad_norm is not None:
+            params = [p for n in names for g in self.optimizers[n].param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        for name in names:
+            self.optimizers[name].step()
+            self.updates[name] = self.updates.get(name, 0) + 1
+            self.schedules[name].step_update(self.updates[name])
+
+    def learning_rates(self) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "updates": dict(self.updates),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.updates = dict(state["updates"])
+        # a schedule is a pure function of the update count, so restoring the count restores the LR
+        for name, schedule in self.schedules.items():
+            schedule.step_update(self.updates.get(name, 0))
+
+
+def build_optimizers(
+    backbone: nn.Module,
+    heads: dict[str, nn.Module],
+    updates_per_epoch: dict[str, float],
+    *,
+    epochs: int,
+    name: str = "adamw",
+    lr: float = 1e-4,
+    head_lr: float | None = None,
+    weight_decay: float = 0.05,
+    per_head: bool = True,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    min_lr_ratio: float = 0.0,
+    clip_grad_norm: float | None = None,
+) -> Optimizers:
+    """Create the backbone's and each head's optimizer (or one shared one) with their LR schedules.
+
+    `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each schedule.
+    Raises MmptError for an optimizer name timm does not know.
+    """
+    check_optimizer_name(name)
+    head_lr = lr if head_lr is None else head_lr
+    steps_per_epoch = sum(updates_per_epoch.values())
+
+    def make(params_or_module, group_lr: float) -> torch.optim.Optimizer:
+        return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay)
+
+    def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> CosineLRScheduler:
+        return build_schedule(
+            optimizer,
+            total_updates=math.ceil(per_epoch * epochs),
+            warmup_updates=math.ceil(per_epoch * warmup_epochs),
+            min_lr_ratio=min_lr_ratio,
+            schedule=schedule,
+        )
+
+    if not per_head:
+        groups = param_groups_weight_decay(backbone, weight_decay)
+        for head in heads.values():
+            groups += [dict(g, lr=head_lr) for g in param_groups_weight_decay(head, weight_decay)]
+        optimizer = make(groups, lr)
+        return Optimizers(
+            {SHARED: optimizer}, {SHARED: schedule_for(optimizer, steps_per_epoch)}, clip_grad_norm=clip_grad_norm
+        )
+
+    optimizers = {BACKBONE: make(backbone, lr)}
+    schedules = {BACKBONE: schedule_for(optimizers[BACKBONE], steps_per_epoch)}
+    for task, head in heads.items():
+        optimizers[task] = make(head, head_lr)
+        schedules[task] = schedule_for(optimizers[task], updates_per_epoch[task])
+    return Optimizers(optimizers, schedules, clip_grad_norm=clip_grad_norm)

@@ -63,8 +63,8 @@ def save(path: Path, state: dict) -> None:
 def load(path: Path) -> dict:
     """Read a checkpoint with `torch.load(weights_only=True)`.
 
-    Raises MmptError if the file is missing, unreadable, or holds anything but tensors and plain values
-    (for example a pickle crafted to run code, which is refused without running it).
+    Raises MmptError if the file is missing, unreadable, lacks the model or config, or holds anything but
+    tensors and plain values (for example a pickle crafted to run code, which is refused without running it).
     """
     path = Path(path)
     if not path.is_file():
@@ -72,17 +72,23 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MmptError(
-            f"checkpoint {path} holds objects that are not plain data and was refused ({first}); "
-            "load only checkpoints written by mmpt"
+            f"checkpoint {path} is not plain tensor data, so it was refused and nothing in it was run "
+            f"({_unpickling_reason(exc)}); it is corrupt or was not written by mmpt: use a checkpoint written by mmpt"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MmptError(f"checkpoint {path} is unreadable or truncated ({first}); use another checkpoint") from None
-    if not isinstance(state, dict) or FORMAT not in state:
+    if not isinstance(state, dict) or not {FORMAT, MODEL, CONFIG} <= state.keys():
         raise MmptError(f"{path} is not an mmpt checkpoint; pass a checkpoint written by mmpt")
     return state
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that names the refused item; never its advice to drop weights_only."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(exc).splitlines()]
+    reasons = [line.split(". ")[0] for line in lines if line.startswith(("Trying to load unsupported", "Unsupported"))]
+    return reasons[0].rstrip(".")[:200] if reasons else type(exc).__name__
 
 
 def state_digest(state_dict: dict[str, torch.Tensor]) -> str:

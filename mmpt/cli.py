@@ -28,10 +28,17 @@ def _guarded(main, argv: list[str] | None) -> int:
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises MmptError for a bad flag, so it prints as one `error:` line like every other input error."""
+
+    def error(self, message: str):
+        raise MmptError(f"{message}; see {self.prog} --help")
+
+
 # ---------------------------------------------------------------- train
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py",
         description="mm-PT: train one timm backbone with one head per MedMNIST+ dataset.",
         epilog="Any other config key: --set section.key=value (e.g. --set loss.weighting=size).",
@@ -116,7 +123,7 @@ def train_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- evaluate
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="evaluate.py",
         description="Evaluate a run's best checkpoint per dataset, or compare runs' metrics.",
     )

@@ -7,6 +7,7 @@ that names each key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,11 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / self.name
 
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+# A run name: one safe path component (no separators, not '.' or '..').
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 # Allowed values of string fields; the validation below names them in its messages.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -313,8 +319,17 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return (value, None) if ok else (None, "must be an integer")
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return (float(value), None) if ok else (None, "must be a number")
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return None, "must be a number"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None, "must be a number"
+        # every float ends up in float32 tensors or optimizer arithmetic: inf, nan or overflow would only crash later
+        if not abs(float(value)) <= FLOAT32_MAX:
+            return None, f"must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.3g})"
+        return float(value), None
     if hint is str:
         return (value, None) if isinstance(value, str) else (None, "must be a string")
     raise AssertionError(f"config field type {hint} has no coercion rule")
@@ -323,6 +338,12 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
 def _cross_checks(cfg: Config) -> list[str]:
     """Checks that involve more than one field or the task registry."""
     problems = []
+    # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
+    if not RUN_NAME.fullmatch(cfg.name) or cfg.name in (".", ".."):
+        problems.append(
+            f"name must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
+            f"got {cfg.name!r}; to write elsewhere, set output (--output DIR)"
+        )
     if cfg.data.resolution not in RESOLUTIONS:
         problems.append(
             f"data.resolution must be one of {', '.join(map(str, RESOLUTIONS))} (MedMNIST+ sizes), "
@@ -342,6 +363,6 @@ def _cross_checks(cfg: Config) -> list[str]:
     return problems
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML (loadable with load_config)."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (loadable with load_config)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

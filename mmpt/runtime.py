@@ -108,11 +108,25 @@ def environment(device: torch.device, deterministic: bool) -> dict:
     return env
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + os.replace)."""
+def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) -> None:
+    """Write `text` to `path` atomically (temp file + os.replace).
+
+    With `keep_previous_as`, a file that already holds different text is first kept as
+    `{stem}.{keep_previous_as}{suffix}`: a resume that changes the config or the machine loses no record.
+    """
+    if keep_previous_as and path.is_file():
+        previous = path.read_text()
+        if previous == text:
+            return
+        path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}").write_text(previous)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict, *, keep_previous_as: str | None = None) -> None:
+    """Write JSON atomically; see write_text."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", keep_previous_as=keep_previous_as)
 
 
 class StopSignal:

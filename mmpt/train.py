@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mmpt import checkpoint as ckpt
-from mmpt.config import Config, from_dict, save_config, to_dict
+from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
 from mmpt.data.store import TaskData, cache_location, open_task
@@ -27,7 +27,10 @@ from mmpt.evaluation import autocast, evaluate_all, metrics_table, write_predict
 from mmpt.model import build_model, build_transform, resolve_backbone, unwrap
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.report import format_table, plot_history, write_metrics
-from mmpt.runtime import StopSignal, configure_determinism, environment, prepare_run_dir, select_device, write_json
+from mmpt.runtime import (
+    StopSignal, configure_determinism, environment, prepare_run_dir, select_device, write_json,
+    write_text,
+)
 from mmpt.tasks import TaskSpec, resolve_tasks
 from mmpt.weighting import build_weighting
 
@@ -72,6 +75,12 @@ def load_resume_checkpoint(cfg: Config) -> dict:
     if not path.is_file():
         raise MmptError(f"cannot resume {cfg.run_dir}: it has no checkpoints/{ckpt.LAST}; start it without --resume")
     state = ckpt.load(path)
+    missing = [k for k in (ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.PROGRESS, ckpt.RNG) if k not in state]
+    if missing:
+        raise MmptError(
+            f"checkpoint {path} has no {', '.join(missing)} state, so training cannot continue from it (a copy of "
+            f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
+        )
     saved, wanted = to_dict(from_dict(state[ckpt.CONFIG])), to_dict(cfg)
     for key in RESUME_MUST_MATCH:
         section, name = key.split(".")
@@ -104,8 +113,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     configure_determinism(cfg.train.seed, cfg.determinism)
     device = select_device(cfg.train.device)
-    save_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "env.json", environment(device, cfg.determinism))
+    # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
+    keep = f"before-resume-at-step{state[ckpt.PROGRESS]['step']}" if state is not None else None
+    write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
+    write_json(run_dir / "env.json", environment(device, cfg.determinism), keep_previous_as=keep)
     print(f"run folder: {run_dir}   device: {device}   data cache: {cache_location(Path(cfg.data.root).expanduser(), cfg.data.cache_dir)}")
 
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}

@@ -1,0 +1,377 @@
+"""Bad input: one `error:` line that says what is wrong and what to do, exit code 2, and nothing lost.
+
+Every case runs the real command line in-process against a copy of a finished run folder and checks
+that the folder's earlier outputs are byte-for-byte untouched: validation happens before the folder
+is cleared, even with --overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmpt import checkpoint as ckpt
+from mmpt.cli import evaluate_main, train_main
+from mmpt.data.synthetic import SYNTHETIC_KEY, synthetic_arrays, write_synthetic
+from mmpt.errors import MmptError
+from mmpt.tasks import resolve_tasks
+
+# A tiny, fast training command (the data root and the output folder are added per case).
+TINY = ["--backbone", "test_resnet", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+        "--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false",
+        "--set", "data.eval_batch_size=64"]
+SAMPLES = 32  # train images per synthetic dataset
+
+
+@dataclass
+class Env:
+    """What a case works with: good data, a copy of a finished run (breast, retina) and a scratch folder."""
+
+    root: Path  # synthetic breast, retina, pneumonia and chest files
+    run: Path  # a copy of the finished run: the earlier outputs that must survive
+    other_run: Path  # a finished run on pneumonia only (another config)
+    tmp: Path
+
+    def train(self, *extra: str, root: Path | None = None) -> tuple:
+        """A fresh training command into the copied run folder with --overwrite, so bad input is the only obstacle."""
+        return train_main, ["--data-root", str(root or self.root), "--output", str(self.run), "--overwrite",
+                            *TINY, "--datasets", "breast,retina", *extra]
+
+    def bad_file(self, dataset: str, change, marker: bool = True) -> Path:
+        """A data root holding `dataset`'s synthetic file after `change(arrays)`; returns the root."""
+        task = resolve_tasks(dataset)[0]
+        arrays = synthetic_arrays(task, 28, train_samples=SAMPLES)
+        if not marker:
+            del arrays[SYNTHETIC_KEY]
+        change(arrays)
+        root = self.tmp / "bad_data"
+        root.mkdir(exist_ok=True)
+        np.savez(root / task.filename(28), **arrays)
+        return root
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns)."""
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    } if folder.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data root, a 1-epoch run on breast+retina, a 1-epoch run on pneumonia), trained once for the module."""
+    base = tmp_path_factory.mktemp("bad_input")
+    root = base / "data"
+    write_synthetic(root, 28, resolve_tasks("breast,retina,pneumonia,chest"), train_samples=SAMPLES)
+    run, other = base / "run", base / "other"
+    common = ["--data-root", str(root), *TINY]
+    assert train_main([*common, "--output", str(run), "--datasets", "breast,retina"]) == 0
+    assert train_main([*common, "--output", str(other), "--datasets", "pneumonia"]) == 0
+    return root, run, other
+
+
+@pytest.fixture
+def env(finished_runs, tmp_path) -> Env:
+    root, run, other = finished_runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return Env(root=root, run=copy, other_run=other, tmp=tmp_path)
+
+
+# ---------------------------------------------------------------- the cases
+# Each builder prepares the bad input and returns (main, argv); `words` must all appear in the error line:
+# what is wrong and what to do.
+
+def missing_data_file(e: Env):
+    (e.tmp / "empty").mkdir()
+    return e.train("--datasets", "breast", root=e.tmp / "empty")
+
+
+def truncated_npz(e: Env):
+    root = e.bad_file("breast", lambda a: None)
+    path = root / "breastmnist.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return e.train("--datasets", "breast", root=root)
+
+
+def garbage_npz(e: Env):
+    root = e.tmp / "garbage"
+    root.mkdir()
+    (root / "breastmnist.npz").write_bytes(np.random.default_rng(0).bytes(20_000))
+    return e.train("--datasets", "breast", root=root)
+
+
+def corrupt_npz_data(e: Env):
+    # a flipped byte inside the stored images: the zip structure is intact, the CRC is not
+    root = e.bad_file("breast", lambda a: None)
+    path = root / "breastmnist.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return e.train("--datasets", "breast", root=root)
+
+
+def md5_mismatch(e: Env):
+    # medmnist's name without the synthetic marker: it must be the official file, and it is not
+    return e.train("--datasets", "breast", root=e.bad_file("breast", lambda a: None, marker=False))
+
+
+def missing_key(e: Env):
+    return e.train("--datasets", "breast", root=e.bad_file("breast", lambda a: a.pop("val_labels")))
+
+
+def wrong_image_shape(e: Env):
+    def crop(a):
+        a["train_images"] = np.ascontiguousarray(a["train_images"][:, :27, :27])
+    return e.train("--datasets", "breast", "--no-verify", root=e.bad_file("breast", crop, marker=False))
+
+
+def wrong_image_dtype(e: Env):
+    def to_float(a):
+        a["test_images"] = a["test_images"].astype(np.float32)
+    return e.train("--datasets", "breast", root=e.bad_file("breast", to_float))
+
+
+def label_out_of_range(e: Env):
+    def bad_label(a):
+        a["train_labels"][3] = 2  # breast is binary: classes 0..1
+    return e.train("--datasets", "breast", root=e.bad_file("breast", bad_label))
+
+
+def multi_label_not_binary(e: Env):
+    def bad_label(a):
+        a["val_labels"][0, 5] = 2
+    return e.train("--datasets", "chest", root=e.bad_file("chest", bad_label))
+
+
+def labels_count_mismatch(e: Env):
+    def drop_one(a):
+        a["train_labels"] = a["train_labels"][:-1]
+    return e.train("--datasets", "breast", root=e.bad_file("breast", drop_one))
+
+
+def resume_without_checkpoint(e: Env):
+    (e.run / "checkpoints" / "last.pt").unlink()
+    return train_main, ["--resume", str(e.run)]
+
+
+def resume_checkpoint_of_another_run(e: Env):
+    shutil.copy2(e.other_run / "checkpoints" / "last.pt", e.run / "checkpoints" / "last.pt")
+    return train_main, ["--resume", str(e.run)]
+
+
+def resume_from_a_copy_of_best(e: Env):
+    shutil.copy2(e.run / "checkpoints" / "best.pt", e.run / "checkpoints" / "last.pt")
+    return train_main, ["--resume", str(e.run), "--epochs", "2"]
+
+
+def eval_garbage_checkpoint(e: Env):
+    (e.run / "checkpoints" / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    return evaluate_main, [str(e.run), "--device", "cpu"]
+
+
+def eval_truncated_checkpoint(e: Env):
+    best = e.run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:5000])
+    return evaluate_main, [str(e.run), "--device", "cpu"]
+
+
+def eval_not_an_mmpt_checkpoint(e: Env):
+    torch.save({"weights": torch.zeros(3)}, e.tmp / "other.pt")
+    return evaluate_main, ["--checkpoint", str(e.tmp / "other.pt"), "--output", str(e.run / "eval")]
+
+
+def yaml_file(e: Env, text: str) -> Path:
+    path = e.tmp / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+CASES = [
+    # data
+    pytest.param(missing_data_file, ["breastmnist.npz not found", "--data-root", "--download", "data.synthetic"],
+                 id="missing-data-file"),
+    pytest.param(truncated_npz, ["breastmnist.npz is corrupt or truncated", "re-download"], id="truncated-npz"),
+    pytest.param(garbage_npz, ["breastmnist.npz is corrupt or truncated", "re-download"], id="garbage-npz"),
+    pytest.param(corrupt_npz_data, ["breastmnist.npz is corrupt or truncated", "CRC", "re-download"],
+                 id="corrupt-npz-crc"),
+    pytest.param(md5_mismatch, ["has MD5", "not the official one", "re-download", "--no-verify"], id="md5-mismatch"),
+    pytest.param(missing_key, ["no 'val_labels' array", "re-download it or regenerate it"], id="missing-key"),
+    pytest.param(wrong_image_shape, ["train_images have shape (32, 27, 27)", "N×28×28", "--resolution"],
+                 id="wrong-image-shape"),
+    pytest.param(wrong_image_dtype, ["test_images have dtype float32", "store the images as uint8"],
+                 id="wrong-image-dtype"),
+    pytest.param(label_out_of_range, ["range over 0..2", "classes 0..1", "fix the labels"],
+                 id="label-out-of-range"),
+    pytest.param(multi_label_not_binary, ["multi-label chestmnist must be 0 or 1", "found [0, 1, 2]", "fix the labels"],
+                 id="multi-label-not-0-1"),
+    pytest.param(labels_count_mismatch, ["32 images and 31 labels", "re-download"], id="labels-count-mismatch"),
+    # config
+    pytest.param(lambda e: e.train("--datasets", "bloood"), ["unknown dataset 'bloood'", "did you mean blood"],
+                 id="unknown-dataset"),
+    pytest.param(lambda e: e.train("--backbone", "resnet_9000"),
+                 ["unknown backbone 'resnet_9000'", "did you mean", "resnet200"], id="unknown-backbone"),
+    pytest.param(lambda e: e.train("--set", "train.lrr=1"), ["unknown key 'train.lrr'", "valid keys: batch_size"],
+                 id="unknown-config-key"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "optim:\n  lrr: 0.1\n"))),
+                 ["unknown key 'optim.lrr'", "valid keys:", "head_lr"], id="unknown-key-in-yaml"),
+    pytest.param(lambda e: e.train("--set", "optim.weight_decay=lots"),
+                 ["optim.weight_decay must be a number", "'lots'"], id="bad-value-type"),
+    pytest.param(lambda e: e.train("--batch-size", "abc"), ["--batch-size: invalid int value: 'abc'", "--help"],
+                 id="bad-flag-type"),
+    pytest.param(lambda e: e.train("--lr", "-0.1"), ["optim.lr must be > 0", "-0.1"], id="negative-lr"),
+    pytest.param(lambda e: e.train("--lr", "inf"), ["optim.lr must be a finite number", "inf"], id="infinite-lr"),
+    pytest.param(lambda e: e.train("--batch-size", "0"), ["train.batch_size must be >= 1", "got 0"], id="batch-size-0"),
+    pytest.param(lambda e: e.train("--resolution", "100"),
+                 ["data.resolution must be one of 28, 64, 128, 224", "got 100"], id="resolution-100"),
+    pytest.param(lambda e: e.train("--set", "input.mode=stretch"), ["input.mode must be one of pad, resize, native"],
+                 id="bad-choice"),
+    pytest.param(lambda e: e.train("--set", "name=../escape"), ["name must be letters, digits", "--output DIR"],
+                 id="run-name-with-path"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "train: {epochs: 2\n"))),
+                 ["recipe.yaml is not valid YAML", "fix its syntax"], id="malformed-yaml"),
+    pytest.param(lambda e: e.train("--config", str(e.tmp / "nope.yaml")), ["nope.yaml not found", "--config"],
+                 id="config-file-missing"),
+    # run folder
+    pytest.param(lambda e: (train_main, [a for a in e.train()[1] if a != "--overwrite"]),
+                 ["already has outputs", "--resume", "--overwrite", "--output DIR"], id="output-exists"),
+    pytest.param(resume_without_checkpoint,
+                 ["has no checkpoints/last.pt", "start it without --resume"], id="resume-without-checkpoint"),
+    pytest.param(lambda e: (train_main, ["--resume", str(e.tmp / "never_ran")]),
+                 ["never_ran: it has no config.yaml", "pass a run folder written by train.py"],
+                 id="resume-missing-folder"),
+    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--datasets", "pneumonia"]),
+                 ["data.datasets=['retinamnist', 'breastmnist'], not ['pneumoniamnist']",
+                  "start a new run with --output"],
+                 id="resume-other-datasets"),
+    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--backbone", "resnet18"]),
+                 ["model.backbone=test_resnet, not resnet18", "resume with the run's own config"],
+                 id="resume-other-backbone"),
+    pytest.param(resume_checkpoint_of_another_run,
+                 ["data.datasets=['pneumoniamnist'], not ['retinamnist', 'breastmnist']",
+                  "start a new run with --output"],
+                 id="resume-checkpoint-of-another-run"),
+    pytest.param(resume_from_a_copy_of_best,
+                 ["last.pt has no optimizers, weighting, rng state", "a copy of best.pt?",
+                  "restore the last.pt that train.py wrote"], id="resume-from-a-copy-of-best"),
+    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--config", "configs/quickstart.yaml"]),
+                 ["--resume takes the run's own config.yaml", "drop --config"], id="resume-with-config"),
+    # evaluate.py
+    pytest.param(eval_garbage_checkpoint,
+                 ["best.pt is not plain tensor data", "refused", "use a checkpoint written by mmpt"],
+                 id="eval-garbage-checkpoint"),
+    pytest.param(eval_truncated_checkpoint,
+                 ["best.pt is unreadable or truncated", "use another checkpoint"], id="eval-truncated-checkpoint"),
+    pytest.param(eval_not_an_mmpt_checkpoint,
+                 ["other.pt is not an mmpt checkpoint", "pass a checkpoint written by mmpt"],
+                 id="eval-not-an-mmpt-checkpoint"),
+    pytest.param(lambda e: (evaluate_main, ["--checkpoint", str(e.tmp / "nope.pt"), "--output", str(e.run / "eval")]),
+                 ["nope.pt not found", "pass a run folder with checkpoints/ or a .pt file"],
+                 id="eval-checkpoint-missing"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
+                 ["has no head for pneumoniamnist", "choose among retina, breast"],
+                 id="eval-dataset-not-in-checkpoint"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "foo", "--device", "cpu"]),
+                 ["unknown dataset 'foo'"], id="eval-unknown-dataset"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--split", "train"]),
+                 ["--split: invalid choice: 'train'", "--help"], id="eval-bad-split"),
+]
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, words", CASES)
+def test_bad_input_prints_one_line_exits_2_and_keeps_the_run_folder(case, words, env, capsys):
+    main, argv = case(env)
+    before = snapshot(env.run)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = one_error_line(err)
+    for word in words:
+        assert word in line, f"{word!r} missing from: {line}"
+    assert snapshot(env.run) == before, "the run folder's earlier outputs changed"
+    assert not (env.tmp / "never_ran").exists()  # a refused --resume creates no folder
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(missing_data_file, id="missing-data-file"),
+    pytest.param(lambda e: e.train("--set", "train.lrr=1"), id="unknown-config-key"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
+                 id="eval-dataset-not-in-checkpoint"),
+])
+def test_debug_raises_the_error_with_its_traceback(case, env):
+    main, argv = case(env)
+    before = snapshot(env.run)
+    with pytest.raises(MmptError):
+        main([*argv, "--debug"])
+    assert snapshot(env.run) == before
+
+
+def test_train_script_exits_2_with_one_line_and_debug_shows_the_traceback():
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    plain = subprocess.run([sys.executable, str(script), "--datasets", "foo"], capture_output=True, text=True)
+    assert plain.returncode == 2
+    assert "unknown dataset 'foo'" in one_error_line(plain.stderr)
+    debug = subprocess.run([sys.executable, str(script), "--datasets", "foo", "--debug"], capture_output=True, text=True)
+    assert debug.returncode != 2
+    assert "Traceback (most recent call last)" in debug.stderr and "MmptError: invalid config" in debug.stderr
+
+
+# ---------------------------------------------------------------- a NaN or infinite loss
+
+NAN_MESSAGE = re.compile(r"loss of (breastmnist|retinamnist) is (nan|inf|-inf) at step (\d+); stopped")
+
+
+def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_good_checkpoint(env, capsys):
+    # an absurd learning rate blows the weights up after one update, so the next loss is not finite
+    resumed_at = ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["step"]
+    before = snapshot(env.run)
+    capsys.readouterr()
+    code = train_main(["--resume", str(env.run), "--epochs", "3", "--lr", "1e38"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = one_error_line(err)
+    match = NAN_MESSAGE.search(line)
+    assert match, line
+    assert int(match.group(3)) > resumed_at
+    assert "checkpoint is kept" in line and "lower optim.lr" in line
+    after = snapshot(env.run)
+    # the resume's config (new lr and epochs) replaces config.yaml, whose earlier text is kept beside it;
+    # a TensorBoard file is added; every other earlier output stays as it was
+    kept = f"config.before-resume-at-step{resumed_at}.yaml"
+    assert after[kept][0] == before["config.yaml"][0]
+    assert {k: v for k, v in after.items() if k in before and k != "config.yaml"} == \
+        {k: v for k, v in before.items() if k != "config.yaml"}
+    assert all(k.startswith("tb/") for k in set(after) - set(before) - {kept}), set(after) - set(before)
+    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["step"] == resumed_at
+
+
+def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
+    out = env.tmp / "fresh"
+    code = train_main(["--data-root", str(env.root), "--output", str(out), *TINY, "--datasets", "breast,retina",
+                       "--lr", "1e30", "--set", "checkpoint.every_steps=1"])
+    match = NAN_MESSAGE.search(one_error_line(capsys.readouterr().err))
+    assert code == 2 and match
+    failed_step = int(match.group(3))
+    last = ckpt.load(out / "checkpoints" / "last.pt")
+    assert last[ckpt.PROGRESS]["step"] == failed_step - 1
+    assert not (out / "metrics.json").exists()
+

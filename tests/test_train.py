@@ -127,7 +127,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_r
     digests = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = tiny_config(synthetic_root, tmp_path / name, data=small, train={"seed": seed, "epochs": 2},
-                          model={"backbone": "test_resnet", "drop_rate": 0.2},
+                          model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32},
                           input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}})
         run(cfg)
         digests.append(summary(tmp_path / name))

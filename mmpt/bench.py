@@ -1,0 +1,642 @@
+"""Data benchmark: mmpt's loader against the earlier per-sample PIL pipeline, memory while iterating, data wait.
+
+    python -m mmpt.bench data [--images N] [--workers W] [--batch-size B] [--json PATH] [--workdir DIR]
+
+Three measurements in one run, on synthetic MedMNIST-format files written into one work folder:
+
+1. throughput: images/s of mmpt's loader (uint8 batches out; and with the DeviceTransform to a
+   224 input, run on the CPU) against the earlier mm-PT pipeline (medmnist's dataset class reading
+   the npz into RAM, per-sample PIL, torchvision ToTensor/Normalize/Pad, DataLoader with shuffle),
+   at 28 -> 224 pad and at native 224, same workers, batch size and number of timed images;
+2. memory: peak unreclaimable memory (the proportional share of anonymous + shared memory, summed
+   over the main process and its DataLoader workers; page cache excluded) while iterating one epoch
+   over a 224 px RGB set, memory-mapped (mmpt's store) against loaded into RAM (np.load, as earlier
+   code did), each in a fresh subprocess, above the process's own interpreter/torch baseline;
+3. data wait: the share of a training step's time spent blocked in next(loader) for a small
+   backbone on the CPU.
+
+A benchmark, not a test: the figures are printed beside their targets, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpt.data.loader import plan_loader
+from mmpt.data.sampler import epoch_plan
+from mmpt.data.store import SplitData, open_task
+from mmpt.data.synthetic import write_synthetic
+from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
+from mmpt.errors import MmptError
+from mmpt.tasks import TASKS
+
+INPUT_SIZE = 224
+PIPELINES = ("loader", "loader+transform", "pil")
+THROUGHPUT_TASK = "breastmnist"  # grey, as most MedMNIST+ datasets; as_rgb turns it into 3 channels for PIL
+MEMORY_TASK = "pathmnist"  # the memory set is RGB 224 px, the largest images MedMNIST+ has
+MEMORY_INTERVAL_S = 0.02
+WRITE_CHUNK_BYTES = 64 << 20
+
+# name -> (target, "min" when the figure must reach it, "max" when it must stay below it)
+TARGETS: dict[str, tuple[float, str]] = {
+    "loader_vs_pil_pad": (20.0, "min"),
+    "loader_vs_pil_native": (5.0, "min"),
+    "rss_fraction": (0.15, "max"),
+    "data_wait_fraction": (0.05, "max"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory meter
+
+
+def _proc_fields(path: str, names: tuple[str, ...]) -> int:
+    """Sum the named `Name:  N kB` lines of a /proc file, in bytes. Raises OSError when the process is gone."""
+    total = 0
+    with open(path) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in names:
+                total += int(value.split()[0]) * 1024
+    return total
+
+
+def rss_anon_shmem(pid: int) -> int:
+    """RssAnon + RssShmem of `pid` from /proc/<pid>/status, in bytes (pages shared after fork count in full)."""
+    return _proc_fields(f"/proc/{pid}/status", ("RssAnon", "RssShmem"))
+
+
+def pss_anon_shmem(pid: int) -> int:
+    """Pss_Anon + Pss_Shmem of `pid` from /proc/<pid>/smaps_rollup, in bytes.
+
+    The proportional share: a page that fork left shared by k processes counts 1/k in each, so a
+    sum over a process tree counts every physical page once. Mapped file pages (page cache) are
+    not included, exactly as in RssAnon + RssShmem.
+    """
+    return _proc_fields(f"/proc/{pid}/smaps_rollup", ("Pss_Anon", "Pss_Shmem"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the pids of every process below `pid` (DataLoader workers), read from /proc/*/stat."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: fields after the last ')' are fixed
+        parent_of[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+class MemorySampler:
+    """Background thread that samples the unreclaimable memory of a process tree every `interval_s`.
+
+    `peak_bytes` is the largest sum of Pss_Anon + Pss_Shmem over the process and its descendants;
+    `peak_rss_bytes` the largest sum of RssAnon + RssShmem, which counts a fork-shared page in every
+    process that maps it.
+    """
+
+    def __init__(self, pid: int, interval_s: float = MEMORY_INTERVAL_S) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.peak_rss_bytes = 0
+        self.peak_processes = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def sample(self) -> None:
+        pss = rss = processes = 0
+        for pid in [self.pid, *descendants(self.pid)]:
+            try:
+                pss += pss_anon_shmem(pid)
+                rss += rss_anon_shmem(pid)
+                processes += 1
+            except (OSError, ValueError, IndexError):
+                continue  # a worker that exited between listing and reading
+        self.peak_bytes = max(self.peak_bytes, pss)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        self.peak_processes = max(self.peak_processes, processes)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True, eq=False)
+class InMemorySplit(SplitData):
+    """A split whose images were read into RAM with np.load (no mmap), as earlier mm-PT code holds them.
+
+    DataLoader workers are forked, so they inherit the array (shared until written) instead of a copy.
+    """
+
+    images: np.ndarray | None = None
+
+    def open_images(self) -> np.ndarray:
+        return self.images
+
+
+def write_throughput_files(root: Path, images: int, resolutions: tuple[int, ...] = (28, INPUT_SIZE)) -> None:
+    """Write synthetic THROUGHPUT_TASK files with `images` train images at each resolution into `root`."""
+    for resolution in resolutions:
+        write_synthetic(root, resolution, [TASKS[THROUGHPUT_TASK]], train_samples=images, seed=0)
+
+
+def write_memory_set(path: Path, images: int, resolution: int = INPUT_SIZE) -> int:
+    """Write an images × R × R × 3 uint8 .npy of random pixels (the store's unpacked format); return its bytes."""
+    shape = (images, resolution, resolution, 3)
+    image_bytes = math.prod(shape[1:])
+    per_chunk = max(1, min(images, WRITE_CHUNK_BYTES // image_bytes))
+    # one random block, xor-ed with the chunk number, is fast to make and leaves no all-zero page
+    block = np.random.default_rng(0).integers(0, 256, size=(per_chunk, *shape[1:]), dtype=np.uint8)
+    chunk = np.empty_like(block)
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for number, start in enumerate(range(0, images, per_chunk)):
+            count = min(per_chunk, images - start)
+            np.bitwise_xor(block[:count], np.uint8(number % 256), out=chunk[:count])
+            f.write(chunk[:count].data)
+    return images * image_bytes
+
+
+def _memory_split(path: Path, in_ram: bool) -> SplitData:
+    shape = np.load(path, mmap_mode="r").shape
+    labels = np.zeros((shape[0], 1), np.int64)
+    if in_ram:
+        return InMemorySplit(path, labels, shape, images=np.load(path))
+    return SplitData(path, labels, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. throughput
+
+
+def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, input_size: int = INPUT_SIZE):
+    """The earlier mm-PT pipeline: medmnist's dataset class (the split read into RAM), per-sample PIL
+    (fromarray, convert RGB), torchvision ToTensor, Normalize and Pad to `input_size`, shuffled DataLoader."""
+    import medmnist
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+    if resolution < input_size:
+        steps.append(transforms.Pad((input_size - resolution) // 2))
+    dataset_class = getattr(medmnist, medmnist.INFO[task]["python_class"])
+    dataset = dataset_class(
+        split="train", root=str(root), size=resolution, as_rgb=True, transform=transforms.Compose(steps)
+    )
+    # medmnist's __len__ asserts the official split size; this instance reports the synthetic file's own
+    dataset.info = {**dataset.info, "n_samples": {**dataset.info["n_samples"], "train": len(dataset.imgs)}}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+
+
+def mmpt_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, seed: int = 0):
+    """mmpt's loader over the store's memory-mapped train split of `task`: (task, uint8 images, labels) batches."""
+    split = open_task(root, TASKS[task], resolution).splits["train"]
+    plan = epoch_plan({task: len(split)}, batch_size, seed=seed, epoch=0)
+    return plan_loader({task: split}, plan, num_workers=workers, seed=seed)
+
+
+def _unchanged(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _time_batches(
+    batches: Iterator, images_of: Callable, consume: Callable, warmup_batches: int, timed_batches: int
+) -> tuple[int, float]:
+    """Skip `warmup_batches`, then return (images, seconds) over the next `timed_batches` consumed batches."""
+    for _ in range(warmup_batches):
+        consume(images_of(next(batches)))
+    images = 0
+    start = time.perf_counter()
+    for _ in range(timed_batches):
+        x = images_of(next(batches))
+        consume(x)
+        images += len(x)
+    return images, time.perf_counter() - start
+
+
+def measure_throughput(
+    root: Path,
+    resolution: int,
+    *,
+    pipeline: str,
+    workers: int,
+    batch_size: int,
+    warmup_batches: int,
+    timed_batches: int,
+    task: str = THROUGHPUT_TASK,
+    input_size: int = INPUT_SIZE,
+) -> dict:
+    """Return {"images", "seconds", "img_s", "img_s_per_worker"} of one pipeline on `task` at `resolution`.
+
+    pipeline: "loader" (mmpt, uint8 batches out), "loader+transform" (mmpt plus DeviceTransform to
+    `input_size` on the CPU, in the timed loop), or "pil" (the earlier per-sample pipeline).
+    The train split must hold at least (warmup_batches + timed_batches) * batch_size images.
+    """
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    if pipeline == "pil":
+        loader = pil_loader(root, task, resolution, batch_size=batch_size, workers=workers, input_size=input_size)
+        images_of = operator.itemgetter(0)  # (images, labels)
+    else:
+        loader = mmpt_loader(root, task, resolution, batch_size=batch_size, workers=workers)
+        images_of = operator.itemgetter(1)  # (task, images, labels)
+    assert len(loader) >= warmup_batches + timed_batches, (
+        f"{task} at {resolution} px has {len(loader)} batches, fewer than the {warmup_batches + timed_batches} timed"
+    )
+    consume: Callable = _unchanged
+    if pipeline == "loader+transform":
+        consume = DeviceTransform(input_size=input_size, mode="pad", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    batches = iter(loader)
+    images, seconds = _time_batches(batches, images_of, consume, warmup_batches, timed_batches)
+    del batches  # shuts the workers down before the next pipeline starts its own
+    gc.collect()
+    img_s = images / seconds
+    return {"images": images, "seconds": seconds, "img_s": img_s, "img_s_per_worker": img_s / max(workers, 1)}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median img/s (the lower middle of an even count), all runs' figures under "repeats"."""
+    ranked = sorted(runs, key=lambda run: run["img_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "repeats": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. memory
+
+
+def memory_scenario(
+    path: Path, *, in_ram: bool, workers: int, batch_size: int, interval_s: float = MEMORY_INTERVAL_S
+) -> dict:
+    """Iterate one epoch of mmpt's loader over the .npy at `path`, memory-mapped or loaded into RAM first.
+
+    Returns baseline_bytes (this process before touching the data), peak_bytes (largest Pss_Anon +
+    Pss_Shmem of this process and its workers while loading and iterating), peak_rss_bytes (the same
+    with RssAnon + RssShmem), batches and samples. Meant to run in a fresh process (see measure_memory).
+    """
+    shape = np.load(path, mmap_mode="r").shape
+    plan = epoch_plan({MEMORY_TASK: shape[0]}, batch_size, seed=0, epoch=0)
+    gc.collect()
+    baseline, baseline_rss = pss_anon_shmem(os.getpid()), rss_anon_shmem(os.getpid())
+    batches = 0
+    with MemorySampler(os.getpid(), interval_s) as sampler:
+        split = _memory_split(path, in_ram)
+        for _ in plan_loader({MEMORY_TASK: split}, plan, num_workers=workers, seed=0):
+            batches += 1
+    return {
+        "baseline_bytes": baseline, "peak_bytes": sampler.peak_bytes,
+        "baseline_rss_bytes": baseline_rss, "peak_rss_bytes": sampler.peak_rss_bytes,
+        "processes": sampler.peak_processes, "batches": batches, "samples": sampler.samples,
+    }
+
+
+def measure_memory(path: Path, *, in_ram: bool, workers: int, batch_size: int) -> dict:
+    """Run memory_scenario in a fresh `python -m mmpt.bench _memory` process and return its figures
+    plus data_bytes, above_baseline_bytes and fraction = (peak - baseline) / data_bytes.
+
+    Raises RuntimeError when the subprocess fails.
+    """
+    command = [
+        sys.executable, "-m", "mmpt.bench", "_memory", "--path", str(path),
+        "--workers", str(workers), "--batch-size", str(batch_size), *(["--in-ram"] if in_ram else []),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory scenario failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    shape = np.load(path, mmap_mode="r").shape
+    figures["data_bytes"] = math.prod(shape)
+    figures["above_baseline_bytes"] = figures["peak_bytes"] - figures["baseline_bytes"]
+    figures["fraction"] = figures["above_baseline_bytes"] / figures["data_bytes"]
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. data wait
+
+
+def measure_data_wait(
+    path: Path,
+    *,
+    backbone: str,
+    workers: int,
+    batch_size: int,
+    warmup_steps: int,
+    timed_steps: int,
+    input_size: int = INPUT_SIZE,
+) -> dict:
+    """Train `backbone` on the CPU with batches from plan_loader over the memory-mapped .npy at `path`.
+
+    Each step: next(loader), DeviceTransform to `input_size`, forward, cross-entropy, backward,
+    AdamW step. Returns wait_s (time blocked in next(loader)), step_s (whole steps) and
+    fraction = wait_s / step_s over `timed_steps` after `warmup_steps`.
+    """
+    # imported here: timm would add seconds and memory to every memory-scenario process
+    from mmpt.model import MultiTaskNet, create_backbone
+
+    split = _memory_split(path, in_ram=False)
+    steps = warmup_steps + timed_steps
+    plan = epoch_plan({MEMORY_TASK: len(split)}, batch_size, seed=0, epoch=0)
+    assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
+    torch.manual_seed(0)
+    features = create_backbone(backbone)
+    num_classes = TASKS[MEMORY_TASK].num_classes
+    model = MultiTaskNet(features, {MEMORY_TASK: nn.Linear(features.num_features, num_classes)})
+    mean, std = model.mean_std
+    transform = DeviceTransform(input_size=input_size, mode="pad", mean=mean, std=std)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    batches = iter(plan_loader({MEMORY_TASK: split}, plan[:steps], num_workers=workers, seed=0))
+    wait_s = step_s = 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        task, images, labels = next(batches)
+        ready = time.perf_counter()
+        logits = model(transform(images), task)
+        loss = F.cross_entropy(logits, labels[:, 0])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        end = time.perf_counter()
+        if step >= warmup_steps:
+            wait_s += ready - start
+            step_s += end - start
+    del batches
+    return {
+        "backbone": backbone, "batch_size": batch_size, "steps": timed_steps, "wait_s": wait_s,
+        "step_s": step_s, "seconds_per_step": step_s / timed_steps, "fraction": wait_s / step_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_data_benchmark(
+    *,
+    images: int = 20_000,
+    workers: int = 2,
+    batch_size: int = 64,
+    workdir: str | Path | None = None,
+    warmup_batches: int | None = None,
+    timed_batches: int = 32,
+    repeats: int = 3,
+    backbone: str = "test_resnet",
+    wait_batch_size: int = 32,
+    wait_steps: int = 12,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the three measurements on one set of synthetic files; return the figures as a JSON-able dict.
+
+    `images`: images in the 224 px RGB memory set (also the data-wait data). The throughput files hold
+    (warmup_batches + timed_batches) * batch_size train images (warmup_batches defaults to 2 per worker);
+    each pipeline is timed `repeats` times, in turns, and the median run counts.
+    `workdir`: where files go; None = a temporary folder, deleted afterwards (a given folder is kept).
+    The top-level keys loader_vs_pil_pad, loader_vs_pil_native, rss_fraction and data_wait_fraction
+    are the headline figures; "targets" and "met" hold their targets and whether each is met.
+    Raises MmptError for settings out of range (or too few images for the data-wait steps).
+    """
+    _check_settings(images, workers, batch_size, timed_batches, repeats, wait_batch_size, wait_steps)
+    started = tick = time.perf_counter()
+    phase_s: dict[str, float] = {}
+    load_at_start = os.getloadavg()
+    warmup_batches = max(2, 2 * workers) if warmup_batches is None else warmup_batches
+    temporary = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="mmpt-bench-")) if temporary else Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        root = work / "medmnist"
+        log(f"writing synthetic {THROUGHPUT_TASK} files into {root}")
+        train_images = (warmup_batches + timed_batches) * batch_size
+        write_throughput_files(root, train_images)
+        phase_s["write_throughput_files"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        throughput = {}
+        for name, resolution in (("pad", 28), ("native", INPUT_SIZE)):
+            open_task(root, TASKS[THROUGHPUT_TASK], resolution)  # unpack once, outside the timed runs
+            repeats_of: dict[str, list[dict]] = {pipeline: [] for pipeline in PIPELINES}
+            # pipelines take turns, so a change in the machine's load falls on all of them alike
+            for _ in range(repeats):
+                for pipeline in PIPELINES:
+                    repeats_of[pipeline].append(measure_throughput(
+                        root, resolution, pipeline=pipeline, workers=workers, batch_size=batch_size,
+                        warmup_batches=warmup_batches, timed_batches=timed_batches,
+                    ))
+            runs = {pipeline: _median_run(repeats_of[pipeline]) for pipeline in PIPELINES}
+            for pipeline, run in runs.items():
+                log(f"throughput {resolution} -> {INPUT_SIZE} {pipeline}: {run['img_s']:.0f} img/s "
+                    f"(median of {[round(r['img_s']) for r in run['repeats']]})")
+            pil = runs["pil"]["img_s_per_worker"]
+            throughput[name] = {
+                "resolution": resolution, "input_size": INPUT_SIZE, "runs": runs,
+                "loader_vs_pil": runs["loader"]["img_s_per_worker"] / pil,
+                "loader_transform_vs_pil": runs["loader+transform"]["img_s_per_worker"] / pil,
+            }
+        phase_s["throughput"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+
+        memory_path = work / "memory_set.npy"
+        log(f"writing the memory set: {images} RGB images at {INPUT_SIZE} px into {memory_path}")
+        data_bytes = write_memory_set(memory_path, images)
+        memory = {"images": images, "data_bytes": data_bytes}
+        phase_s["write_memory_set"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        for name, in_ram in (("mmap", False), ("ram", True)):
+            memory[name] = measure_memory(memory_path, in_ram=in_ram, workers=workers, batch_size=batch_size)
+            log(f"memory {name}: peak {memory[name]['peak_bytes'] / 2**20:.0f} MiB, baseline "
+                f"{memory[name]['baseline_bytes'] / 2**20:.0f} MiB, {memory[name]['fraction']:.1%} of the data")
+        phase_s["memory"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+
+        log(f"data wait: {backbone}, batch {wait_batch_size}, {wait_steps} steps")
+        data_wait = measure_data_wait(
+            memory_path, backbone=backbone, workers=workers, batch_size=wait_batch_size,
+            warmup_steps=2, timed_steps=wait_steps,
+        )
+        phase_s["data_wait"] = time.perf_counter() - tick
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "loader_vs_pil_pad": throughput["pad"]["loader_vs_pil"],
+        "loader_vs_pil_native": throughput["native"]["loader_vs_pil"],
+        "rss_fraction": memory["mmap"]["fraction"],
+        "data_wait_fraction": data_wait["fraction"],
+        "throughput": throughput,
+        "memory": memory,
+        "data_wait": data_wait,
+        "settings": {
+            "workers": workers, "batch_size": batch_size, "warmup_batches": warmup_batches,
+            "timed_batches": timed_batches, "repeats": repeats,
+            "throughput_task": THROUGHPUT_TASK, "memory_task": MEMORY_TASK,
+            "memory_meter": "Pss_Anon + Pss_Shmem (/proc/<pid>/smaps_rollup), main process + workers",
+        },
+        "machine": {
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_at_start": load_at_start,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        },
+    }
+    result["targets"] = {name: target for name, (target, _) in TARGETS.items()}
+    result["met"] = {name: _met(result[name], name) for name in TARGETS}
+    result["phase_s"] = phase_s
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _check_settings(
+    images: int, workers: int, batch_size: int, timed_batches: int, repeats: int, wait_batch_size: int, wait_steps: int
+) -> None:
+    problems = [
+        f"{name} must be >= {least}, got {value}"
+        for name, value, least in (
+            ("--workers", workers, 0), ("--batch-size", batch_size, 1), ("--timed-batches", timed_batches, 1),
+            ("--repeats", repeats, 1), ("--wait-batch-size", wait_batch_size, 1), ("--wait-steps", wait_steps, 1),
+        )
+        if value < least
+    ]
+    # the data-wait run takes its batches from the memory set: 2 warm-up steps plus the timed ones
+    least_images = (2 + wait_steps) * wait_batch_size
+    if not problems and images < least_images:
+        problems.append(f"--images must be >= (2 + --wait-steps) * --wait-batch-size = {least_images}")
+    if problems:
+        raise MmptError("; ".join(problems))
+
+
+def _met(value: float, name: str) -> bool:
+    target, kind = TARGETS[name]
+    return value >= target if kind == "min" else value <= target
+
+
+def format_table(result: dict) -> str:
+    """Return the benchmark's figures as a Markdown table: measurement | mmpt | baseline | ratio | target | met?"""
+    workers = result["settings"]["workers"]
+    rows = [("measurement", "mmpt", "baseline", "ratio", "target", "met?")]
+    for name, label in (("pad", "28 -> 224 pad"), ("native", "native 224")):
+        t = result["throughput"][name]
+        loader, transformed, pil = (t["runs"][p]["img_s_per_worker"] for p in ("loader", "loader+transform", "pil"))
+        key = f"loader_vs_pil_{name}"
+        target = f">= {TARGETS[key][0]:.0f}x"
+        rows.append((f"img/s per worker, {label}, uint8 out (vs PIL)", f"{loader:,.0f}", f"{pil:,.0f}",
+                     f"{t['loader_vs_pil']:.1f}x", target, _yes(result["met"][key])))
+        rows.append((f"img/s per worker, {label}, + transform on CPU", f"{transformed:,.0f}", f"{pil:,.0f}",
+                     f"{t['loader_transform_vs_pil']:.1f}x", "-", "-"))
+    memory = result["memory"]
+    mmap, ram = memory["mmap"], memory["ram"]
+    rows.append((f"peak memory above baseline, {memory['images']:,} imgs ({memory['data_bytes'] / 2**30:.2f} GiB)",
+                 f"{mmap['above_baseline_bytes'] / 2**20:,.0f} MiB", f"{ram['above_baseline_bytes'] / 2**20:,.0f} MiB",
+                 f"{mmap['above_baseline_bytes'] / ram['above_baseline_bytes']:.3f}", "-", "-"))
+    rows.append(("  as a fraction of the data's bytes", f"{mmap['fraction']:.1%}", f"{ram['fraction']:.1%}", "-",
+                 f"<= {TARGETS['rss_fraction'][0]:.0%}", _yes(result["met"]["rss_fraction"])))
+    rss_fraction = [(m["peak_rss_bytes"] - m["baseline_rss_bytes"]) / m["data_bytes"] for m in (mmap, ram)]
+    rows.append(("  same from RssAnon+RssShmem (counts fork-shared pages per process)", f"{rss_fraction[0]:.1%}",
+                 f"{rss_fraction[1]:.1%}", "-", "-", "-"))
+    rows.append(("  interpreter/torch baseline (not counted)", f"{mmap['baseline_bytes'] / 2**20:,.0f} MiB",
+                 f"{ram['baseline_bytes'] / 2**20:,.0f} MiB", "-", "-", "-"))
+    wait = result["data_wait"]
+    rows.append((f"data wait, {wait['backbone']} batch {wait['batch_size']}, {wait['seconds_per_step']:.2f} s/step",
+                 f"{wait['fraction']:.1%}", "-", "-", f"<= {TARGETS['data_wait_fraction'][0]:.0%}",
+                 _yes(result["met"]["data_wait_fraction"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    load = result["machine"]["load_avg_at_start"][0]
+    lines.append(f"\n{result['machine']['cpus']} CPUs, {workers} workers, batch {result['settings']['batch_size']}, "
+                 f"load average {load:.1f} at start, wall time {result['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "NO"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `data` runs the benchmark; `_memory` is one memory scenario in its own process. Returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m mmpt.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="loader throughput, memory while iterating, data wait")
+    data.add_argument("--images", type=int, default=20_000, help="images in the 224 px RGB memory set (150 KB each)")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every pipeline")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--timed-batches", type=int, default=32, help="batches timed per throughput run")
+    data.add_argument("--repeats", type=int, default=3, help="throughput runs per pipeline (the median counts)")
+    data.add_argument("--backbone", default="test_resnet", help="timm model of the data-wait steps")
+    data.add_argument("--wait-batch-size", type=int, default=32)
+    data.add_argument("--wait-steps", type=int, default=12, help="timed training steps of the data-wait run")
+    data.add_argument("--json", help="write the figures to this JSON file")
+    data.add_argument("--workdir", help="folder for the synthetic files (kept); default a temporary one (deleted)")
+    memory = commands.add_parser("_memory")  # internal: one memory scenario, figures as JSON on stdout
+    memory.add_argument("--path", required=True)
+    memory.add_argument("--in-ram", action="store_true")
+    memory.add_argument("--workers", type=int, required=True)
+    memory.add_argument("--batch-size", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "_memory":
+        figures = memory_scenario(Path(args.path), in_ram=args.in_ram, workers=args.workers, batch_size=args.batch_size)
+        print(json.dumps(figures))
+        return 0
+    try:
+        result = run_data_benchmark(
+            images=args.images, workers=args.workers, batch_size=args.batch_size, workdir=args.workdir,
+            timed_batches=args.timed_batches, repeats=args.repeats, backbone=args.backbone,
+            wait_batch_size=args.wait_batch_size, wait_steps=args.wait_steps,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except MmptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmpt.bench import MemorySampler, descendants, format_table, main, pss_anon_shmem, rss_anon_shmem
+
+MB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the memory meter reads Linux /proc")
+
+# Allocates (and touches) 200 MB of anonymous memory when told to, then forks `children` processes that
+# share it; every process waits for stdin to close, so the test decides when they exit.
+ALLOCATOR = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    print("started", flush=True)
+    sys.stdin.readline()
+    data = np.ones(200 << 20, np.uint8)
+    children = int(sys.argv[1])
+    for _ in range(children):
+        if os.fork() == 0:
+            sys.stdin.read()
+            os._exit(0)
+    print("allocated", flush=True)
+    sys.stdin.read()
+    for _ in range(children):
+        os.wait()
+    """
+)
+
+
+def _allocator(children: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", ALLOCATOR, str(children)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "started"
+    return process
+
+
+def _allocate(process: subprocess.Popen) -> None:
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    assert process.stdout.readline().strip() == "allocated"
+
+
+def _finish(process: subprocess.Popen) -> None:
+    process.stdin.close()
+    process.wait(timeout=30)
+
+
+def test_meter_sees_a_200_mb_allocation_in_rss_anon_and_pss():
+    process = _allocator(children=0)
+    try:
+        rss_before, pss_before = rss_anon_shmem(process.pid), pss_anon_shmem(process.pid)
+        _allocate(process)
+        assert rss_anon_shmem(process.pid) - rss_before >= 150 * MB
+        assert pss_anon_shmem(process.pid) - pss_before >= 150 * MB
+    finally:
+        _finish(process)
+
+
+def test_sampler_counts_pages_shared_by_forked_workers_once():
+    process = _allocator(children=2)
+    try:
+        _allocate(process)
+        assert len(descendants(process.pid)) == 2
+        with MemorySampler(process.pid) as sampler:
+            pass
+        assert sampler.peak_processes == 3
+        # three processes map the 200 MB: RSS counts it three times, the proportional share once
+        assert sampler.peak_rss_bytes >= 3 * 190 * MB
+        assert 190 * MB <= sampler.peak_bytes < 2 * 190 * MB
+    finally:
+        _finish(process)
+
+
+def test_tiny_benchmark_writes_every_figure_and_its_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [
+        "data", "--images", "64", "--workers", "1", "--batch-size", "8", "--timed-batches", "2", "--repeats", "1",
+        "--wait-batch-size", "8", "--wait-steps", "2", "--workdir", str(tmp_path / "work"), "--json", str(out),
+    ]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+
+    for key in ("loader_vs_pil_pad", "loader_vs_pil_native", "rss_fraction", "data_wait_fraction"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+        assert isinstance(result["met"][key], bool) and result["targets"][key] > 0
+    for name in ("pad", "native"):
+        runs = result["throughput"][name]["runs"]
+        assert runs["loader"]["images"] == runs["pil"]["images"] == 2 * 8
+        quotient = runs["loader"]["img_s_per_worker"] / runs["pil"]["img_s_per_worker"]
+        assert result[f"loader_vs_pil_{name}"] == pytest.approx(quotient)
+    mmap = result["memory"]["mmap"]
+    assert mmap["data_bytes"] == 64 * 224 * 224 * 3
+    assert mmap["processes"] == 2  # the main process and its one worker
+    assert result["rss_fraction"] == pytest.approx((mmap["peak_bytes"] - mmap["baseline_bytes"]) / mmap["data_bytes"])
+    # the in-RAM copy of the data shows up in the comparison scenario
+    assert result["memory"]["ram"]["above_baseline_bytes"] >= mmap["data_bytes"]
+    wait = result["data_wait"]
+    assert result["data_wait_fraction"] == pytest.approx(wait["wait_s"] / wait["step_s"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("| measurement") and format_table(result).splitlines()[0] in printed
+
+
+def test_too_few_images_for_the_data_wait_steps_is_an_error_that_names_the_minimum(capsys):
+    assert main(["data", "--images", "10", "--wait-batch-size", "8", "--wait-steps", "2"]) == 2
+    assert "--images must be >= (2 + --wait-steps) * --wait-batch-size = 32" in capsys.readouterr().err

@@ -132,6 +132,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--datasets", help="comma-separated subset of the run's datasets")
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
+    p.add_argument("--cache-dir", help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)")
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
@@ -156,7 +157,7 @@ def _evaluate(argv: list[str]) -> int:
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
     evaluate_checkpoint(
         checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
-        device=args.device, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
     )
     return 0
 

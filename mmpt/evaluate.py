@@ -23,13 +23,17 @@ def evaluate_checkpoint(
     split: str = "test",
     datasets: str | None = None,
     data_root: str | None = None,
+    cache_dir: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate `checkpoint` per dataset; write metrics.{json,csv,md} and medmnist-format predictions to `output`.
 
-    Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for an
-    unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
+    Data: `data_root` or the run's data.root; the unpacked cache in `cache_dir`, else the run's data.cache_dir
+    when reading the run's own data.root, else {data_root}/.mmpt-cache. Evaluation never generates or downloads
+    data, so a checkpoint's data.synthetic or data.download cannot make it write data files. Returns the metrics table (dataset ->
+    metric -> value, with "mean"). Raises MmptError for an unreadable checkpoint, datasets the checkpoint
+    has no head for, or missing data.
     """
     state = ckpt.load(checkpoint)
     cfg = from_dict(state[ckpt.CONFIG])
@@ -44,8 +48,10 @@ def evaluate_checkpoint(
     data_cfg = dataclasses.replace(
         cfg.data,
         root=data_root or cfg.data.root,
+        cache_dir=cache_dir or (cfg.data.cache_dir if data_root is None else None),
         eval_batch_size=batch_size or cfg.data.eval_batch_size,
-        synthetic=cfg.data.synthetic and data_root is None,
+        synthetic=False,
+        download=False,
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
     data = open_data(cfg, tasks)

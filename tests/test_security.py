@@ -179,6 +179,26 @@ def test_evaluate_writes_only_to_its_output_whatever_output_the_checkpoint_names
     assert list((run_copy / "eval" / "test" / "predictions").glob("breastmnist_test_*@renamed.csv"))
 
 
+def test_evaluate_never_writes_data_where_a_foreign_checkpoint_says(finished_run, run_copy, tmp_path):
+    # a checkpoint from elsewhere asks for synthetic data, downloads and a cache in folders of its choosing
+    root = finished_run[0]
+    planted_root, planted_cache = tmp_path / "planted_root", tmp_path / "planted_cache"
+    best = run_copy / "checkpoints" / "best.pt"
+    state = ckpt.load(best)
+    state[ckpt.CONFIG]["data"].update(root=str(planted_root), cache_dir=str(planted_cache), synthetic=True,
+                                      download=True)
+    ckpt.save(best, state)
+    out, cache = tmp_path / "out", tmp_path / "my_cache"
+    argv = ["--checkpoint", str(best), "--output", str(out), "--device", "cpu"]
+    # without --data-root it reads the planted root, which has no files: an error, and nothing generated
+    assert evaluate_main(argv) == 2
+    assert not planted_root.exists() and not planted_cache.exists()
+    # with --data-root (and --cache-dir) the checkpoint's data paths play no part
+    assert evaluate_main([*argv, "--data-root", str(root), "--cache-dir", str(cache)]) == 0
+    assert not planted_root.exists() and not planted_cache.exists()
+    assert (out / "metrics.json").is_file() and any(cache.iterdir())
+
+
 def test_evaluate_refuses_a_checkpoint_whose_run_name_is_a_path(run_copy, tmp_path, capsys):
     best = run_copy / "checkpoints" / "best.pt"
     rewrite_checkpoint_config(best, name="../../escape")

@@ -64,11 +64,12 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in ("checkpoints", "tb", "predictions"):
+        for name in ("checkpoints", "tb", "predictions", "eval"):
             for path in sorted((run_dir / name).glob("**/*"), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
-        for path in run_dir.glob("*.json"):
-            path.unlink()
+        for pattern in ("*.json", "config*.yaml", "metrics.csv", "metrics.md", "val_auc.png"):
+            for path in run_dir.glob(pattern):
+                path.unlink()
 
 
 def git_commit() -> str | None:

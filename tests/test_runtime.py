@@ -1,0 +1,90 @@
+"""Runtime: determinism switches and what env.json records of them; the run folder's --overwrite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmpt.errors import MmptError
+from mmpt.runtime import configure_determinism, prepare_run_dir, write_text
+
+# Each switch is set in a fresh interpreter, so the test process keeps its own (deterministic) settings.
+PROBE = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from mmpt.runtime import configure_determinism, environment
+    configure_determinism(0, sys.argv[1] == "on")
+    env = environment(torch.device("cpu"), sys.argv[1] == "on")
+    print(json.dumps({
+        "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "env": {k: env[k] for k in ("determinism", "cublas_workspace_config", "tf32", "cudnn_benchmark", "torch", "timm",
+                                    "medmnist", "device", "git_commit")},
+        "first_draw": torch.rand(1).item(),
+    }))
+    """
+)
+
+
+def probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    return json.loads(out.stdout)
+
+
+def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_json_says_so():
+    on = probe("on")
+    assert on["cublas"] == ":4096:8" and on["env"]["cublas_workspace_config"] == ":4096:8"
+    assert on["algorithms"] and on["cudnn_deterministic"] and not on["cudnn_benchmark"] and not on["tf32"]
+    assert on["env"]["determinism"] is True and on["env"]["tf32"] is False and on["env"]["cudnn_benchmark"] is False
+    assert on["env"]["torch"] == torch.__version__ and on["env"]["device"] == "cpu"
+    assert on["env"]["timm"] and on["env"]["medmnist"]
+    assert on["first_draw"] == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # torch seeded from seed 0
+
+
+def test_determinism_off_allows_tf32_and_cudnn_benchmark_and_env_json_says_so():
+    off = probe("off")
+    assert off["cublas"] is None
+    assert not off["algorithms"] and off["cudnn_benchmark"] and off["tf32"]
+    assert off["env"]["determinism"] is False and off["env"]["tf32"] is True and off["env"]["cudnn_benchmark"] is True
+
+
+def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.warns(UserWarning, match="CUDA was initialised before mmpt set CUBLAS_WORKSPACE_CONFIG"):
+        configure_determinism(0, True)
+
+
+def test_overwrite_clears_mmpt_outputs_and_keeps_everything_else(tmp_path):
+    run = tmp_path / "run"
+    mmpt_files = ["checkpoints/last.pt", "tb/events.x", "predictions/a.csv", "eval/test/metrics.json", "summary.json",
+                  "config.yaml", "config.before-resume-at-step5.yaml", "metrics.md", "metrics.csv", "val_auc.png"]
+    user_files = ["notes.txt", "my_analysis/plot.py"]
+    for name in mmpt_files + user_files:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    with pytest.raises(MmptError, match="already has outputs"):
+        prepare_run_dir(run, resume=False, overwrite=False)
+    prepare_run_dir(run, resume=False, overwrite=True)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == sorted(user_files)
+
+
+def test_a_record_rewritten_on_resume_keeps_its_earlier_text(tmp_path):
+    path = tmp_path / "config.yaml"
+    write_text(path, "lr: 1\n")
+    write_text(path, "lr: 1\n", keep_previous_as="before-resume-at-step3")
+    assert not (tmp_path / "config.before-resume-at-step3.yaml").exists()  # unchanged: nothing to keep
+    write_text(path, "lr: 2\n", keep_previous_as="before-resume-at-step3")
+    assert path.read_text() == "lr: 2\n"
+    assert (tmp_path / "config.before-resume-at-step3.yaml").read_text() == "lr: 1\n"

@@ -34,23 +34,36 @@ def resolve_backbone(name: str) -> str:
 
 
 def create_backbone(
-    name: str, *, pretrained: bool = False, img_size: int | None = None, drop_rate: float = 0.0
+    name: str,
+    *,
+    pretrained: bool = False,
+    img_size: int | None = None,
+    drop_rate: float = 0.0,
+    dynamic_img_size: bool = False,
 ) -> nn.Module:
     """Build a timm backbone without classifier (`num_classes=0`), so `forward` returns pooled features.
 
-    `img_size` is passed to models built for a fixed size (ViTs); convolutional models take any size.
-    Raises MmptError for an unknown name or pretrained weights that cannot be fetched.
+    `img_size` is passed to models built for a fixed size (ViTs); `dynamic_img_size` lets such models take
+    any input size (timm's dynamic_img_size, padding to a multiple of the patch), for `input.mode: native`.
+    Convolutional models take neither argument and accept any size. Raises MmptError for an unknown name or
+    pretrained weights that cannot be fetched.
     """
     timm_name = resolve_backbone(name)
     kwargs = {"num_classes": 0, "drop_rate": drop_rate}
+    optional = {"img_size": img_size} if img_size else {}
+    if dynamic_img_size:
+        optional.update(dynamic_img_size=True, dynamic_img_pad=True)
     try:
-        try:
-            return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **({"img_size": img_size} if img_size else {}))
-        except TypeError as exc:
-            if img_size is None or "img_size" not in str(exc):
-                raise
-            # convolutional backbones have no img_size argument: any input size works
-            return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+        while True:
+            try:
+                return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **optional)
+            except TypeError as exc:
+                # a model without one of the size arguments (a CNN) takes any size: drop what it refused
+                refused = [key for key in optional if f"'{key}'" in str(exc)]
+                if not refused:
+                    raise
+                for key in refused:
+                    del optional[key]
     except (OSError, RuntimeError) as exc:
         if not pretrained:
             raise
@@ -87,13 +100,35 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
     """The backbone with one head per task, each head sized by its task's loss; and those losses."""
     losses = {t.flag: build_loss(t, ordinal=cfg.loss.ordinal) for t in tasks}
     backbone = create_backbone(
-        cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size, drop_rate=cfg.model.drop_rate
+        cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
+        drop_rate=cfg.model.drop_rate, dynamic_img_size=cfg.input.mode == "native",
     )
     heads = {
         t.flag: build_head(losses[t.flag].head, backbone.num_features, losses[t.flag].num_outputs, t.num_classes)
         for t in tasks
     }
-    return MultiTaskNet(backbone, heads, input_size=cfg.model.img_size), losses
+    model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
+    check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg)
+    return model, losses
+
+
+@torch.no_grad()
+def check_input_size(model: MultiTaskNet, size: int, cfg: Config) -> None:
+    """Run one blank image through the backbone; raise MmptError if it cannot take `size` px inputs.
+
+    Eval mode and no gradients: no RNG is drawn and no statistic moves, so training is unaffected.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        model.backbone(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        raise MmptError(
+            f"backbone {cfg.model.backbone} cannot take {size}x{size} inputs ({str(exc).splitlines()[0][:120]}); "
+            f"use input.mode pad or resize with a larger model.img_size, or another backbone"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:

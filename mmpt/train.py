@@ -110,9 +110,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     resolve_backbone(cfg.model.backbone)
     check_optimizer_name(cfg.optim.name)
     data = open_data(cfg, tasks)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     configure_determinism(cfg.train.seed, cfg.determinism)
     device = select_device(cfg.train.device)
+    model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
     keep = f"before-resume-at-step{state[ckpt.PROGRESS]['step']}" if state is not None else None
     write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
@@ -120,7 +121,6 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     print(f"run folder: {run_dir}   device: {device}   data cache: {cache_location(Path(cfg.data.root).expanduser(), cfg.data.cache_dir)}")
 
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
-    model, losses = build_model(cfg, tasks)
     model.to(device)
     transform = build_transform(cfg, model)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from mmpt.errors import unknown_name
@@ -34,18 +35,17 @@ def build_schedule(
     warmup_updates: int,
     min_lr_ratio: float,
     schedule: str,
-) -> CosineLRScheduler:
-    """A timm cosine schedule over `total_updates` updates (constant: lr_min = lr), with linear warmup."""
+) -> Scheduler:
+    """timm's cosine schedule over `total_updates` updates, or a constant one, with linear warmup.
+
+    Constant keeps each parameter group at its own LR (a shared optimizer's heads may have head_lr).
+    """
     base_lr = optimizer.param_groups[0]["lr"]
-    lr_min = base_lr if schedule == "constant" else base_lr * min_lr_ratio
+    warmup = dict(warmup_t=warmup_updates, warmup_lr_init=base_lr * 1e-3 if warmup_updates else 0.0, t_in_epochs=False)
+    if schedule == "constant":
+        return StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_prefix=True, **warmup)
     return CosineLRScheduler(
-        optimizer,
-        t_initial=max(total_updates, 1),
-        lr_min=lr_min,
-        warmup_t=warmup_updates,
-        warmup_lr_init=base_lr * 1e-3 if warmup_updates else 0.0,
-        warmup_prefix=False,
-        t_in_epochs=False,
+        optimizer, t_initial=max(total_updates, 1), lr_min=base_lr * min_lr_ratio, warmup_prefix=False, **warmup
     )
 
 
@@ -54,7 +54,7 @@ class Optimizers:
     """The optimizers, their schedules and the count of updates each has made."""
 
     optimizers: dict[str, torch.optim.Optimizer]
-    schedules: dict[str, CosineLRScheduler]
+    schedules: dict[str, Scheduler]
     updates: dict[str, int] = field(default_factory=dict)
     clip_grad_norm: float | None = None
 
@@ -123,7 +123,7 @@ def build_optimizers(
     def make(params_or_module, group_lr: float) -> torch.optim.Optimizer:
         return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay)
 
-    def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> CosineLRScheduler:
+    def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> Scheduler:
         return build_schedule(
             optimizer,
             total_updates=math.ceil(per_epoch * epochs),

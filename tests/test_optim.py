@@ -1,0 +1,111 @@
+"""Per-head optimizers: a step moves the backbone and the sampled head only; each schedule follows its own updates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mmpt.optim import BACKBONE, SHARED, build_optimizers
+
+TASKS = ("a", "b", "c")
+
+
+def tiny_net(seed: int = 0) -> tuple[nn.Module, dict[str, nn.Module]]:
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    heads = {t: nn.Linear(8, 2) for t in TASKS}
+    return backbone, heads
+
+
+def train_step(backbone, heads, optimizers, task: str) -> None:
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    nn.functional.cross_entropy(heads[task](backbone(x)), y).backward()
+    optimizers.step(task)
+    optimizers.zero_grad()
+
+
+def snapshot(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_a_step_updates_the_backbone_and_the_sampled_head_only(per_head):
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {t: 10 for t in TASKS}, epochs=1, lr=0.1, weight_decay=0.05,
+                                  per_head=per_head)
+    before = {"backbone": snapshot(backbone), **{t: snapshot(h) for t, h in heads.items()}}
+    train_step(backbone, heads, optimizers, "b")
+    assert not same(snapshot(backbone), before["backbone"])
+    assert not same(snapshot(heads["b"]), before["b"])
+    # untouched, weight decay included
+    assert same(snapshot(heads["a"]), before["a"]) and same(snapshot(heads["c"]), before["c"])
+
+
+def test_one_optimizer_for_the_backbone_and_one_per_head_each_with_its_own_schedule():
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {"a": 8, "b": 2, "c": 2}, epochs=1, lr=0.1, head_lr=0.2)
+    assert set(optimizers.optimizers) == {BACKBONE, *TASKS}
+    for _ in range(4):
+        train_step(backbone, heads, optimizers, "a")
+    lrs = optimizers.learning_rates()
+    # the backbone's cosine runs over all 12 steps of the epoch, a's over its own 8, b's and c's have not moved
+    assert optimizers.updates == {BACKBONE: 4, "a": 4}
+    assert lrs["b"] == lrs["c"] == pytest.approx(0.2)
+    assert lrs["a"] == pytest.approx(0.2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 8)).item()))
+    assert lrs[BACKBONE] == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 12)).item()))
+
+
+def test_a_heads_schedule_reaches_its_end_after_its_own_updates_not_global_steps():
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {"a": 2, "b": 6, "c": 2}, epochs=1, lr=0.1, min_lr_ratio=0.1)
+    for task in ("b", "b", "b", "b", "b", "b", "a", "a"):
+        train_step(backbone, heads, optimizers, task)
+    lrs = optimizers.learning_rates()
+    assert lrs["a"] == pytest.approx(0.01) and lrs["b"] == pytest.approx(0.01)  # both at their own ends
+    assert lrs["c"] == pytest.approx(0.1)
+
+
+def test_shared_optimizer_is_one_schedule_over_global_steps():
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {t: 4 for t in TASKS}, epochs=1, lr=0.1, per_head=False)
+    assert set(optimizers.optimizers) == {SHARED}
+    for task in ("a", "b", "c"):
+        train_step(backbone, heads, optimizers, task)
+    assert optimizers.learning_rates()[SHARED] == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 12)).item()))
+
+
+def test_constant_schedule_keeps_each_group_at_its_own_lr_after_warmup():
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {t: 4 for t in TASKS}, epochs=2, lr=0.1, head_lr=0.3,
+                                  per_head=False, schedule="constant", warmup_epochs=0.25)
+    for task in ("a", "b", "c", "a", "b"):
+        train_step(backbone, heads, optimizers, task)
+    group_lrs = sorted({round(g["lr"], 12) for g in optimizers.optimizers[SHARED].param_groups})
+    assert group_lrs == [0.1, 0.3]
+
+
+def test_state_dict_restores_moments_update_counts_and_learning_rates():
+    backbone, heads = tiny_net()
+    optimizers = build_optimizers(backbone, heads, {t: 5 for t in TASKS}, epochs=1, lr=0.1)
+    for task in ("a", "b", "a"):
+        train_step(backbone, heads, optimizers, task)
+    state = copy.deepcopy(optimizers.state_dict())  # as through a checkpoint file: no shared tensors
+    backbone2, heads2 = tiny_net()
+    backbone2.load_state_dict(backbone.state_dict())
+    for t in TASKS:
+        heads2[t].load_state_dict(heads[t].state_dict())
+    restored = build_optimizers(backbone2, heads2, {t: 5 for t in TASKS}, epochs=1, lr=0.1)
+    restored.load_state_dict(state)
+    assert restored.learning_rates() == optimizers.learning_rates()
+    torch.manual_seed(1)
+    train_step(backbone, heads, optimizers, "c")
+    torch.manual_seed(1)
+    train_step(backbone2, heads2, restored, "c")
+    assert same(snapshot(backbone), snapshot(backbone2)) and same(snapshot(heads["c"]), snapshot(heads2["c"]))

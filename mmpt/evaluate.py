@@ -65,6 +65,7 @@ def evaluate_checkpoint(
     results = evaluate_all(
         model, data, split, losses, transform, torch_device,
         batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
+        pin_memory=cfg.data.pin_memory,
     )
     table = metrics_table(results)
     write_metrics(output, table)

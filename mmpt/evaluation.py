@@ -44,12 +44,14 @@ def evaluate_task(
     batch_size: int = 256,
     num_workers: int = 0,
     precision: str = "fp32",
+    pin_memory: bool = True,
 ) -> TaskResult:
     """Run `model`'s head for this task over a whole split; return labels, scores and metrics (with loss)."""
     model.eval()
     flag = task_data.task.flag
     loader = eval_loader(
-        task_data.splits[split], batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        task_data.splits[split], batch_size=batch_size, num_workers=num_workers,
+        pin_memory=pin_memory and device.type == "cuda",
     )
     all_scores, all_labels, loss_sum = [], [], 0.0
     for images, labels in loader:

@@ -154,7 +154,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     checkpoints = run_dir / "checkpoints"
     writer = SummaryWriter(str(run_dir / "tb"))
     eval_kwargs = dict(
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
+        pin_memory=cfg.data.pin_memory,
     )
     higher_is_better = cfg.train.monitor == "val_auc"
     with StopSignal() as stop:
@@ -162,7 +163,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_kwargs)
             loader = plan_loader(
                 {f: d.splits["train"] for f, d in data.items()}, plan, start=progress.position,
-                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
                 prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=epoch,
             )
             model.train()

@@ -6,7 +6,9 @@ import textwrap
 
 import pytest
 
-from mmpt.bench import MemorySampler, descendants, format_table, main, pss_anon_shmem, rss_anon_shmem
+from mmpt.bench import (
+    MemorySampler, descendants, format_table, main, measure_memory, pss_anon_shmem, rss_anon_shmem, write_memory_set,
+)
 
 MB = 1 << 20
 
@@ -111,3 +113,19 @@ def test_tiny_benchmark_writes_every_figure_and_its_ratios(tmp_path, capsys):
 def test_too_few_images_for_the_data_wait_steps_is_an_error_that_names_the_minimum(capsys):
     assert main(["data", "--images", "10", "--wait-batch-size", "8", "--wait-steps", "2"]) == 2
     assert "--images must be >= (2 + --wait-steps) * --wait-batch-size = 32" in capsys.readouterr().err
+
+
+def test_memory_of_a_mapped_epoch_does_not_grow_with_the_data_while_an_in_ram_copy_does(tmp_path):
+    # RGB 224 px sets of 1,000 and 3,000 images (144 and 431 MiB) in batches of 16 (2.4 MB): above its
+    # baseline the loader holds the batches in flight, not the data. Memory only: independent of speed.
+    small, large = tmp_path / "small.npy", tmp_path / "large.npy"
+    write_memory_set(small, 1000)
+    write_memory_set(large, 3000)
+    mapped_small = measure_memory(small, in_ram=False, workers=1, batch_size=16)
+    mapped_large = measure_memory(large, in_ram=False, workers=1, batch_size=16)
+    in_ram = measure_memory(small, in_ram=True, workers=1, batch_size=16)
+    assert (mapped_small["batches"], mapped_large["batches"], in_ram["batches"]) == (63, 188, 63)
+    grown = mapped_large["above_baseline_bytes"] - mapped_small["above_baseline_bytes"]
+    assert grown < 0.05 * (mapped_large["data_bytes"] - mapped_small["data_bytes"]), (mapped_small, mapped_large)
+    assert mapped_large["fraction"] < 0.15, mapped_large
+    assert in_ram["fraction"] > 0.9, in_ram

@@ -14,35 +14,39 @@ import torch
 from mmpt.errors import MmptError
 from mmpt.runtime import configure_determinism, prepare_run_dir, write_text
 
-# Each switch is set in a fresh interpreter, so the test process keeps its own (deterministic) settings.
+# The switches are global, so they are set in a fresh interpreter (off first: on sets an env variable for good).
 PROBE = textwrap.dedent(
     """
-    import json, os, sys, torch
+    import json, os, torch
     from mmpt.runtime import configure_determinism, environment
-    configure_determinism(0, sys.argv[1] == "on")
-    env = environment(torch.device("cpu"), sys.argv[1] == "on")
-    print(json.dumps({
-        "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        "algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_deterministic": torch.backends.cudnn.deterministic,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "tf32": torch.backends.cuda.matmul.allow_tf32,
-        "env": {k: env[k] for k in ("determinism", "cublas_workspace_config", "tf32", "cudnn_benchmark", "torch", "timm",
-                                    "medmnist", "device", "git_commit")},
-        "first_draw": torch.rand(1).item(),
-    }))
+    result = {}
+    for mode in (False, True):
+        configure_determinism(0, mode)
+        env = environment(torch.device("cpu"), mode)
+        result["on" if mode else "off"] = {
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
+            "env": {k: env[k] for k in ("determinism", "cublas_workspace_config", "tf32", "cudnn_benchmark", "torch",
+                                        "timm", "medmnist", "device", "git_commit")},
+            "first_draw": torch.rand(1).item(),
+        }
+    print(json.dumps(result))
     """
 )
 
 
-def probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
 
 
-def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_json_says_so():
-    on = probe("on")
+def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_json_says_so(probe):
+    on = probe["on"]
     assert on["cublas"] == ":4096:8" and on["env"]["cublas_workspace_config"] == ":4096:8"
     assert on["algorithms"] and on["cudnn_deterministic"] and not on["cudnn_benchmark"] and not on["tf32"]
     assert on["env"]["determinism"] is True and on["env"]["tf32"] is False and on["env"]["cudnn_benchmark"] is False
@@ -51,8 +55,8 @@ def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_
     assert on["first_draw"] == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # torch seeded from seed 0
 
 
-def test_determinism_off_allows_tf32_and_cudnn_benchmark_and_env_json_says_so():
-    off = probe("off")
+def test_determinism_off_allows_tf32_and_cudnn_benchmark_and_env_json_says_so(probe):
+    off = probe["off"]
     assert off["cublas"] is None
     assert not off["algorithms"] and off["cudnn_benchmark"] and off["tf32"]
     assert off["env"]["determinism"] is False and off["env"]["tf32"] is True and off["env"]["cudnn_benchmark"] is True

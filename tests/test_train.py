@@ -134,3 +134,20 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_r
     assert digests[0]["final_digest"] == digests[1]["final_digest"]
     assert digests[0]["best_digest"] == digests[1]["best_digest"]
     assert digests[0]["final_digest"] != digests[2]["final_digest"]
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(synthetic_root, tmp_path, capsys):
+    from mmpt.train import run
+
+    # an LR far below float32 resolution leaves the weights as they are, so validation never improves after
+    # epoch 1; test_vit has no BatchNorm statistics that would move anyway (and runs in native mode at 28 px)
+    cfg = tiny_config(synthetic_root, tmp_path / "stop", data={"datasets": ["breast", "retina"]},
+                      model={"backbone": "test_vit"}, optim={"lr": 1e-30},
+                      train={"epochs": 6, "patience": 2, "monitor": "val_loss"})
+    run(cfg)
+    result = summary(cfg.run_dir)
+    assert (result["epochs"], result["best_epoch"]) == (3, 1)
+    assert "early stop: val_loss did not improve for 2 epochs" in capsys.readouterr().out
+    history = json.loads((cfg.run_dir / "val_history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")[ckpt.PROGRESS]["best_epoch"] == 1

@@ -151,3 +151,15 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     history = json.loads((cfg.run_dir / "val_history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")[ckpt.PROGRESS]["best_epoch"] == 1
+
+
+def test_tensorboard_has_per_dataset_losses_validation_metrics_learning_rates_and_throughput(mmpt_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = mmpt_run
+    events = EventAccumulator(str(cfg.run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for flag in FLAGS:
+        assert {f"train/loss/{flag}", f"val/{flag}/auc", f"val/{flag}/acc", f"val/{flag}/loss", f"lr/{flag}"} <= tags, flag
+    assert {"val/mean/auc", "val/mean/loss", "lr/backbone", "train/images_per_s"} <= tags
+    assert [e.step for e in events.Scalars("val/mean/auc")] == list(range(1, 9))  # one point per epoch

@@ -132,7 +132,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--datasets", help="comma-separated subset of the run's datasets")
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
-    p.add_argument("--cache-dir", help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)")
+    p.add_argument("--cache-dir",
+                   help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)")
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)

@@ -29,11 +29,11 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """Evaluate `checkpoint` per dataset; write metrics.{json,csv,md} and medmnist-format predictions to `output`.
 
-    Data: `data_root` or the run's data.root; the unpacked cache in `cache_dir`, else the run's data.cache_dir
-    when reading the run's own data.root, else {data_root}/.mmpt-cache. Evaluation never generates or downloads
-    data, so a checkpoint's data.synthetic or data.download cannot make it write data files. Returns the metrics table (dataset ->
-    metric -> value, with "mean"). Raises MmptError for an unreadable checkpoint, datasets the checkpoint
-    has no head for, or missing data.
+    Data: `data_root` or the run's data.root; the unpacked cache in `cache_dir`, else the run's
+    data.cache_dir when reading the run's own data.root, else {data_root}/.mmpt-cache. Evaluation never
+    generates or downloads data, so a checkpoint's data.synthetic or data.download cannot make it write
+    data files. Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for
+    an unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
     """
     state = ckpt.load(checkpoint)
     cfg = from_dict(state[ckpt.CONFIG])

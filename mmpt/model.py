@@ -108,12 +108,12 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
         for t in tasks
     }
     model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
-    check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg)
+    check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg.model.backbone)
     return model, losses
 
 
 @torch.no_grad()
-def check_input_size(model: MultiTaskNet, size: int, cfg: Config) -> None:
+def check_input_size(model: MultiTaskNet, size: int, backbone: str) -> None:
     """Run one blank image through the backbone; raise MmptError if it cannot take `size` px inputs.
 
     Eval mode and no gradients: no RNG is drawn and no statistic moves, so training is unaffected.
@@ -124,7 +124,7 @@ def check_input_size(model: MultiTaskNet, size: int, cfg: Config) -> None:
         model.backbone(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
         raise MmptError(
-            f"backbone {cfg.model.backbone} cannot take {size}x{size} inputs ({str(exc).splitlines()[0][:120]}); "
+            f"backbone {backbone} cannot take {size}x{size} inputs ({str(exc).splitlines()[0][:120]}); "
             f"use input.mode pad or resize with a larger model.img_size, or another backbone"
         ) from None
     finally:

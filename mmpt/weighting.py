@@ -1,6 +1,6 @@
-"""Loss-weighting strategies: a multiplier for each task's loss, behind one small Protocol.
+"""Loss weighting: how a step's per-dataset losses become one backward pass, behind one Protocol.
 
-To add a strategy, write one class with the four methods below and add it to WEIGHTINGS.
+To add a strategy, write one class with the methods below and add it to WEIGHTINGS.
 """
 
 from __future__ import annotations
@@ -8,18 +8,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from torch import Tensor
+
 from mmpt.errors import lookup
 
 
-class LossWeighting(Protocol):
-    """What the training loop needs from a loss-weighting strategy."""
+class Weighting(Protocol):
+    """What the training step needs from a loss-weighting strategy."""
 
-    def weight(self, task: str) -> float:
-        """Multiplier for `task`'s loss at this step."""
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+        """Run the step's backward pass from its per-dataset mean losses (0-dim, unweighted, on the device).
+
+        `features` is the backbone's output for the whole step (the datasets' slices concatenated in the
+        order of `losses`); `scale` is the fp16 gradient scaler's (identity otherwise). Never synchronises.
+        """
         ...
 
-    def update(self, task: str, loss: float) -> None:
-        """Observe `task`'s unweighted loss after a step (a no-op for static strategies)."""
+    def weights(self) -> dict[str, float | Tensor]:
+        """The effective weight of each dataset (of the last step), for logging."""
         ...
 
     def state_dict(self) -> dict:
@@ -29,54 +35,45 @@ class LossWeighting(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class NoWeighting:
-    """Every task's loss counts as it is (weight 1.0)."""
+class StaticWeighting:
+    """A fixed multiplier per dataset: the step's loss is the weighted sum of its datasets' losses."""
 
-    def __init__(self, train_sizes: dict[str, int]) -> None:
-        pass
+    def __init__(self, weights: dict[str, float]) -> None:
+        self._weights = dict(weights)
 
-    def weight(self, task: str) -> float:
-        return 1.0
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+        scale(sum(self._weights[task] * loss for task, loss in losses.items())).backward()
 
-    def update(self, task: str, loss: float) -> None:
-        pass
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
 
     def state_dict(self) -> dict:
-        return {}
+        return {"weights": dict(self._weights)}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self._weights = dict(state["weights"])
 
 
-class SizeWeighting:
+def no_weighting(train_sizes: dict[str, int]) -> StaticWeighting:
+    """Every dataset's loss counts as it is (weight 1)."""
+    return StaticWeighting({task: 1.0 for task in train_sizes})
+
+
+def size_weighting(train_sizes: dict[str, int]) -> StaticWeighting:
     """Weight |smallest train split| / |D_t| (Bachmeier 2024): offsets proportional sampling of big datasets."""
-
-    def __init__(self, train_sizes: dict[str, int]) -> None:
-        assert train_sizes and min(train_sizes.values()) > 0, f"train sizes must be positive, got {train_sizes}"
-        smallest = min(train_sizes.values())
-        self.weights = {task: smallest / size for task, size in train_sizes.items()}
-
-    def weight(self, task: str) -> float:
-        return self.weights[task]
-
-    def update(self, task: str, loss: float) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"weights": dict(self.weights)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.weights = dict(state["weights"])
+    assert train_sizes and min(train_sizes.values()) > 0, f"train sizes must be positive, got {train_sizes}"
+    smallest = min(train_sizes.values())
+    return StaticWeighting({task: smallest / size for task, size in train_sizes.items()})
 
 
-WEIGHTINGS: dict[str, Callable[[dict[str, int]], LossWeighting]] = {
-    "none": NoWeighting,
-    "size": SizeWeighting,
+WEIGHTINGS: dict[str, Callable[[dict[str, int]], Weighting]] = {
+    "none": no_weighting,
+    "size": size_weighting,
 }
 
 
-def build_weighting(name: str, train_sizes: dict[str, int]) -> LossWeighting:
-    """Return the weighting strategy `name` for tasks with these train-split sizes.
+def build_weighting(name: str, train_sizes: dict[str, int]) -> Weighting:
+    """Return the weighting strategy `name` for datasets with these train-split sizes.
 
     Raises MmptError for an unknown name, listing the valid ones.
     """

@@ -24,7 +24,7 @@ from mmpt.data.store import TaskData, cache_location, open_task
 from mmpt.data.synthetic import ensure_synthetic
 from mmpt.errors import MmptError
 from mmpt.evaluation import autocast, evaluate_all, metrics_table, write_predictions
-from mmpt.model import build_model, build_transform, resolve_backbone, unwrap
+from mmpt.model import build_model, build_transform, load_initial_weights, resolve_backbone, unwrap
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.report import format_table, plot_history, write_metrics
 from mmpt.runtime import (
@@ -113,6 +113,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     configure_determinism(cfg.train.seed, cfg.determinism)
     device = select_device(cfg.train.device)
     model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+    if cfg.model.init_from and not resume:
+        load_initial_weights(model, cfg.model.init_from, cfg)
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
     keep = f"before-resume-at-step{state[ckpt.PROGRESS]['step']}" if state is not None else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -55,19 +54,6 @@ def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = 
             writer.writerow([name, *(row.get(c, "") for c in columns)])
     md_path.write_text(format_markdown(table))
     return [json_path, csv_path, md_path]
-
-
-def read_metrics(path: Path) -> dict[str, dict[str, float]]:
-    return json.loads(Path(path).read_text())
-
-
-def compare_table(tables: dict[str, dict[str, dict[str, float]]], metric: str) -> dict[str, dict[str, float]]:
-    """dataset -> run -> `metric`, for datasets in any run; a run without a dataset is left out of its row."""
-    datasets = list(dict.fromkeys(name for table in tables.values() for name in table))
-    return {
-        name: {run: table[name][metric] for run, table in tables.items() if metric in table.get(name, {})}
-        for name in datasets
-    }
 
 
 def plot_history(history: list[dict], path: Path, metric: str = "auc") -> Path | None:

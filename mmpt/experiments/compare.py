@@ -76,8 +76,9 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
     """The test prediction files in `folder` (a predictions/ folder with its data.json) by dataset."""
     record_path = folder / DATA_RECORD
     if not record_path.is_file():
-        raise MmptError(f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on); "
-                        f"evaluate the run again with: python evaluate.py {folder.parent}")
+        raise MmptError(f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
+                        f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
+                        f"{folder.parent / 'eval' / 'test'}")
     record = json.loads(record_path.read_text())
     root = record.get("data_root") or _nearest_data_root(folder.parent)
     found: dict[str, Prediction] = {}

@@ -202,6 +202,7 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
+    p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -239,13 +240,13 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
-                  data_root: str | None) -> int:
+                  data_root: str | None, jobs: int = 1) -> int:
     from mmpt.experiments.compare import compare_runs, format_compare, write_compare
 
     if bootstrap < 1:
         raise MmptError(f"--bootstrap must be at least 1, got {bootstrap}")
     result = compare_runs([Path(r) for r in runs], metrics=[m.strip() for m in metrics.split(",") if m.strip()],
-                          n_resamples=bootstrap, seed=seed, data_root=data_root)
+                          n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs)
     paths = write_compare(result, Path(output) if output else Path(runs[0]))
     print(format_compare(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
@@ -256,7 +257,7 @@ def _subcommand(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name == "compare":
         a = compare_parser().parse_args(rest)
-        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root)
+        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs)
     if name == "summarize":
         from mmpt.experiments.series import summarize
 

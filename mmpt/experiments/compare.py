@@ -33,7 +33,7 @@ from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 LOWER_IS_BETTER = {"mae"}
-BOOTSTRAP_BATCH = 50  # resamples per statistic call: bounds memory (batch × images × classes floats)
+BOOTSTRAP_BATCH = 20  # resamples per statistic call: bounds memory (batch × images × classes floats)
 CONFIDENCE = 0.95
 PREDICTION_FILE = re.compile(r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].*@.*\.csv")
 SEED_DIR = re.compile(r"seed(\d+)")
@@ -253,11 +253,20 @@ def compare_runs(
     n_resamples: int = 1000,
     seed: int = 0,
     data_root: str | None = None,
+    jobs: int = 1,
 ) -> dict:
-    """Everything compare.json holds (see the module docstring); raises MmptError for unusable input."""
+    """Everything compare.json holds (see the module docstring); raises MmptError for unusable input.
+
+    `jobs` processes run the bootstrap of (run, dataset) pairs in parallel (joblib); the result is the same.
+    """
+    from joblib import Parallel, delayed
+
     metrics = list(metrics)
     if len(paths) < 2:
         raise MmptError("compare needs at least two runs: the reference first, then the others")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -266,58 +275,60 @@ def compare_runs(
     if not datasets:
         raise MmptError("the runs share no dataset with test predictions; compare runs trained on the same datasets")
     check_same_data(runs, datasets)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
+
+    labels = {f: read_labels(runs[0].seeds[0][f], f, data_root) for f in datasets}
+    scores = [{f: [read_scores(member[f]) for member in run.seeds] for f in datasets} for run in runs]
+    # per run, dataset and metric: the value of each seed, and their mean
+    per_seed = [{f: {m: [] for m in metrics} for f in datasets} for _ in runs]
+    for i in range(len(runs)):
+        for f in datasets:
+            for s in scores[i][f]:
+                for m, v in compute_metrics(TASKS[f], labels[f], s, metrics).items():
+                    per_seed[i][f][m].append(v)
+    values = [{f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets}
+              for i in range(len(runs))]
+    present = {f: [m for m in metrics if m in values[0][f]] for f in datasets}
+    pairs = [(i, f) for i in range(len(runs)) for f in datasets]
+    intervals = Parallel(n_jobs=jobs)(
+        delayed(paired_bootstrap)(
+            TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], present[f],
+            n_resamples=n_resamples, seed=seed,
+        )
+        for i, f in pairs
+    )
+    interval = dict(zip(pairs, intervals))
 
     out = {"reference": names[0], "metrics": metrics, "datasets": datasets,
            "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
            "bootstrap": {"n_resamples": n_resamples, "confidence_level": CONFIDENCE, "method": "percentile",
                          "paired": True, "seed": seed},
            "runs": []}
-    values: list[dict[str, dict[str, float]]] = []
-    per_seed: list[dict[str, dict[str, list[float]]]] = []
     for i, run in enumerate(runs):
         entry = {"name": run.name, "path": str(run.path), "seeds": len(run.seeds), "datasets": {}, "mean": {}}
-        values.append({})
-        per_seed.append({})
-        for flag in datasets:
-            task = TASKS[flag]
-            labels = read_labels(run.seeds[0][flag], flag, data_root)
-            ref_scores = [read_scores(member[flag]) for member in runs[0].seeds]
-            scores = [read_scores(member[flag]) for member in run.seeds]
-            each = [compute_metrics(task, labels, s) for s in scores]
-            per_seed[i][flag] = {m: [e[m] for e in each if m in e] for m in metrics}
-            row = {m: float(np.mean(v)) for m, v in per_seed[i][flag].items() if v}
-            values[i][flag] = row
-            present = [m for m in metrics if m in row]
-            if i == 0:
-                low, high = paired_bootstrap(task, labels, scores, None, present, n_resamples=n_resamples, seed=seed)
-            else:
-                low, high = paired_bootstrap(task, labels, ref_scores, scores, present,
-                                             n_resamples=n_resamples, seed=seed)
+        for f in datasets:
+            low, high = interval[(i, f)]
             cells = {}
-            for j, m in enumerate(present):
-                cell = {"value": row[m], "ci_low": float(low[j]), "ci_high": float(high[j])}
+            for j, m in enumerate(present[f]):
+                cell = {"value": values[i][f][m], "ci_low": float(low[j]), "ci_high": float(high[j])}
                 if len(run.seeds) > 1:
-                    cell["std"] = float(np.std(per_seed[i][flag][m], ddof=1))
+                    cell["std"] = float(np.std(per_seed[i][f][m], ddof=1))
                 if i > 0:
-                    k = len(present) + j
-                    cell.update(diff=row[m] - values[0][flag][m], diff_ci_low=float(low[k]),
+                    k = len(present[f]) + j
+                    cell.update(diff=values[i][f][m] - values[0][f][m], diff_ci_low=float(low[k]),
                                 diff_ci_high=float(high[k]))
                 cells[m] = cell
-            entry["datasets"][flag] = cells
+            entry["datasets"][f] = cells
         for m in metrics:
-            vals = [values[i][f][m] for f in datasets if m in values[i][f]]
-            if vals:
-                entry["mean"][m] = {"value": float(np.mean(vals))}
+            mine = [values[i][f][m] for f in datasets if m in values[i][f]]
+            if mine:
+                entry["mean"][m] = {"value": float(np.mean(mine))}
                 if i > 0:
                     entry["mean"][m]["diff"] = entry["mean"][m]["value"] - out["runs"][0]["mean"][m]["value"]
         entry["delta_m"] = 0.0 if i == 0 else delta_m(values[0], values[i], metrics)
         if i > 0 and len(run.seeds) > 1 and len(runs[0].seeds) > 1:
             tests = {m: wilcoxon_over_datasets(
                 [values[i][f][m] - values[0][f][m] for f in datasets if m in values[i][f]], m in LOWER_IS_BETTER)
-                for m in metrics}
+                for m in metrics if m in entry["mean"]}
             entry["wilcoxon"] = tests
             entry["p_value"] = {m: t["p_value"] for m, t in tests.items()}
         out["runs"].append(entry)

@@ -82,7 +82,8 @@ def fit_probe(
         score = -np.inf if np.isnan(auc) else auc
         if best is None or score > best[0]:
             best = (score, c, test)
-    return best[2], {"C": best[1], "val_auc": float(best[0])}
+    # val AUC is undefined when a class is absent from val: then the first (strongest-regularised) C stands
+    return best[2], {"C": best[1], "val_auc": float(best[0]) if np.isfinite(best[0]) else None}
 
 
 @torch.no_grad()

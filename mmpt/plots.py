@@ -48,6 +48,8 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     if not history:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     flags = [name for name in history[-1]["val"] if name != "mean"]
     rows, cols = _grid(len(flags))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -59,6 +61,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
         if not all(np.isnan(train)):
             ax.plot(epochs, train, marker="o", markersize=3, label="train")
         ax.set_title(flag.removesuffix("mnist"), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)
         ax.tick_params(labelsize=7)

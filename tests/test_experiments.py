@@ -427,3 +427,27 @@ def test_experiment_recipes_follow_the_doerrich_protocol():
         assert (cfg.input.mode, cfg.model.img_size, cfg.model.pretrained) == ("pad", 224, True)
         assert not any(to_dict(cfg.input.augment)[k] for k in ("hflip", "vflip", "random_resized_crop"))
         assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem
+
+
+@pytest.mark.parametrize("flag", ["retinamnist", "chestmnist"])
+def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
+    from mmpt.experiments.compare import paired_bootstrap
+
+    task, rng = TASKS[flag], np.random.default_rng(1)
+    n, k = 80, task.num_classes
+    labels = rng.integers(0, 2 if task.label_width > 1 else k, (n, task.label_width))
+    if task.label_width == 1:
+        labels[:k, 0] = np.arange(k)  # every grade present
+    scores_a, scores_b = rng.random((n, k)), rng.random((n, k))
+    low, high = paired_bootstrap(task, labels, [scores_a], [scores_b], ["auc"], n_resamples=30, seed=3)
+    kind = task.task_type
+
+    def interval(statistic):
+        res = scipy.stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=30,
+                                    method="percentile", rng=np.random.default_rng(3))
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    expected_value = interval(lambda i: getAUC(labels[i], scores_b[i], kind))
+    expected_diff = interval(lambda i: getAUC(labels[i], scores_b[i], kind) - getAUC(labels[i], scores_a[i], kind))
+    np.testing.assert_allclose([low[0], high[0]], expected_value, atol=1e-12)
+    np.testing.assert_allclose([low[1], high[1]], expected_diff, atol=1e-12)

@@ -61,6 +61,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="start from another run's backbone (and heads of shared datasets); weights only")
+    series = p.add_argument_group(
+        "series", "several runs with one recipe under runs/<name>/[individual/][<variant>/][seed<k>/][<dataset>/]; "
+        "run the same command again to continue a stopped series")
+    series.add_argument("--individual", action="store_true",
+                        help="one single-dataset model per dataset of the config (--datasets restricts them)")
+    series.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one variant per value; repeat for a grid (e.g. --sweep loss.weighting=none,size)")
+    series.add_argument("--seeds", metavar="0,1,2", help="repeat each variant with these train.seed values")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML, each key's allowed values as a comment, and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -79,6 +91,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
         ("train", "device"): args.device,
         ("data", "download"): True if args.download else None,
         ("data", "verify"): False if args.no_verify else None,
+        ("model", "init_from"): args.init_from,
     }
     out: dict = {}
     for (section, key), value in flags.items():
@@ -108,6 +121,13 @@ def build_train_config(args: argparse.Namespace):
 def _train(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = build_train_config(args)
+    if args.print_config:
+        from mmpt.configdoc import annotated_yaml
+
+        print(annotated_yaml(cfg), end="")
+        return 0
+    if args.individual or args.sweep or args.seeds:
+        return _train_series(args, cfg)
     from mmpt.train import Stopped, run
 
     try:
@@ -116,6 +136,26 @@ def _train(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(str(exc), file=sys.stderr)
         return 130
+    return 0
+
+
+def _train_series(args: argparse.Namespace, cfg) -> int:
+    from mmpt.experiments.series import parse_seeds, parse_sweep, plan_series, run_series, summarize
+    from mmpt.train import Stopped
+
+    if args.resume:
+        raise MmptError("--resume continues one run; to continue a series, run the same series command again")
+    variants = plan_series(
+        cfg, individual=args.individual, sweeps=[parse_sweep(s) for s in args.sweep],
+        seeds=parse_seeds(args.seeds) if args.seeds else None,
+    )
+    print(f"series of {len(variants)} runs under {cfg.run_dir}")
+    try:
+        run_series(variants, overwrite=args.overwrite)
+    except (Stopped, KeyboardInterrupt) as exc:
+        print(f"{exc or 'interrupted'}\nseries stopped: run the same command again to continue it", file=sys.stderr)
+        return 130
+    summarize(cfg.run_dir)
     return 0
 
 
@@ -128,7 +168,8 @@ def train_main(argv: list[str] | None = None) -> int:
 def evaluate_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="evaluate.py",
-        description="Evaluate a run's best checkpoint per dataset, or compare runs' metrics.",
+        description="Evaluate a run's best checkpoint per dataset. Subcommands: evaluate.py compare RUN_A RUN_B ... "
+                    "(statistics), evaluate.py summarize SERIES_DIR, evaluate.py probe RUN --method linear|knn.",
     )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folder(s); several with --compare")
     p.add_argument("--checkpoint", help="a checkpoint file instead of RUN_DIR/checkpoints/best.pt")
@@ -140,13 +181,124 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--compare", action="store_true", help="print a dataset x run table of the runs' metrics.json")
-    p.add_argument("--metric", default="auc", help="the metric --compare shows (default auc)")
+    p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
+    p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
+SUBCOMMANDS = ("compare", "summarize", "probe")
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="evaluate.py compare",
+        description="Compare runs on their test predictions: bootstrap intervals, paired differences to the first "
+                    "run, Δm, and a Wilcoxon test over datasets when both sides have seeds.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="runs (single, individual/ folder, folder of seed<k>/ runs, or probe-<method>/ results); "
+                        "the first is the reference")
+    p.add_argument("--output", help="where to write compare.{md,csv,json,png} (default: the first run's folder)")
+    p.add_argument("--metrics", default="auc,acc", help="comma-separated metrics (default auc,acc)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
+    p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def summarize_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py summarize",
+                description="Write sweep.{md,csv,json,png} for the finished runs of a series folder.")
+    p.add_argument("series", metavar="SERIES_DIR", help="the series folder, runs/<name>")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def probe_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="evaluate.py probe",
+        description="Frozen-backbone probe: a linear (logistic regression, C chosen on val) or k-NN (cosine) "
+                    "classifier per dataset on cached backbone features; writes evaluate.py's files.",
+    )
+    p.add_argument("run", nargs="?", metavar="RUN",
+                   help="a run, an individual/ folder or a folder of seeds (every trained run under it)")
+    p.add_argument("--method", choices=("linear", "knn"), required=True)
+    p.add_argument("--k", type=int, default=11, help="neighbours of the k-NN probe (default 11)")
+    p.add_argument("--backbone", help="probe a bare timm backbone instead of a run (untrained, or --pretrained)")
+    p.add_argument("--pretrained", action="store_true", help="with --backbone: its pretrained (ImageNet) weights")
+    p.add_argument("--config", help="with --backbone: the recipe for data and input (default: the defaults)")
+    p.add_argument("--resolution", type=int, help="with --backbone: the image size")
+    p.add_argument("--datasets", help="comma-separated subset of datasets")
+    p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
+    p.add_argument("--cache-dir", help="folder for the unpacked .npy cache")
+    p.add_argument("--output", help="results folder (default RUN/probe-<method>, or runs/backbone-.../probe-<method>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
+                  data_root: str | None, jobs: int = 1) -> int:
+    from mmpt.experiments.compare import compare_runs, format_compare, write_compare
+
+    if bootstrap < 1:
+        raise MmptError(f"--bootstrap must be at least 1, got {bootstrap}")
+    result = compare_runs([Path(r) for r in runs], metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+                          n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs)
+    paths = write_compare(result, Path(output) if output else Path(runs[0]))
+    print(format_compare(result))
+    print(f"written: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _subcommand(argv: list[str]) -> int:
+    name, rest = argv[0], argv[1:]
+    if name == "compare":
+        a = compare_parser().parse_args(rest)
+        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs)
+    if name == "summarize":
+        from mmpt.experiments.series import summarize
+
+        summarize(Path(summarize_parser().parse_args(rest).series))
+        return 0
+    a = probe_parser().parse_args(rest)
+    from mmpt.experiments.probe import probe, probe_runs
+
+    common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
+                  device=a.device, batch_size=a.batch_size)
+    if a.backbone:
+        if a.run:
+            raise MmptError("probe a run or a bare --backbone, not both")
+        from mmpt.config import load_config
+        from mmpt.model import MultiTaskNet, create_backbone
+        from mmpt.runtime import configure_determinism
+
+        flags = {"model": {"backbone": a.backbone, "pretrained": a.pretrained}}
+        if a.resolution:
+            flags["data"] = {"resolution": a.resolution}
+        cfg = load_config(a.config, [flags])
+        configure_determinism(cfg.train.seed, cfg.determinism)  # an untrained backbone's weights follow the seed
+        backbone = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
+                                   dynamic_img_size=cfg.input.mode == "native")
+        tag = f"backbone-{a.backbone}{'-pretrained' if a.pretrained else ''}-{cfg.data.resolution}px"
+        output = Path(a.output) if a.output else Path("runs") / tag / f"probe-{a.method}"
+        probe(MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg, output,
+              features_dir=(output if a.output else output.parent) / "features", name=tag, **common)
+        return 0
+    if not a.run:
+        raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")
+    probe_runs(Path(a.run), output=Path(a.output) if a.output else None, **common)
+    return 0
+
+
 def _evaluate(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv)
     args = evaluate_parser().parse_args(argv)
     if args.compare:
         return _compare(args)
@@ -163,23 +315,21 @@ def _evaluate(argv: list[str]) -> int:
         checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
         cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
     )
+    if run_dir is not None and (run_dir / "val_history.json").is_file():
+        import json
+
+        from mmpt.plots import plot_loss_curves
+
+        plot_loss_curves(json.loads((run_dir / "val_history.json").read_text())["history"],
+                         output / "loss_curves.png")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mmpt.report import compare_table, format_table, read_metrics
-
+    """`--compare` is the old spelling of `evaluate.py compare` (with --metric for --metrics)."""
     if len(args.runs) < 2:
         raise MmptError("--compare needs at least two run folders")
-    tables = {}
-    for run in args.runs:
-        path = Path(run) / "metrics.json"
-        if not path.is_file():
-            raise MmptError(f"{path} not found; finish the run or evaluate it first (evaluate.py {run})")
-        tables[Path(run).name] = read_metrics(path)
-    print(f"{args.metric} per dataset")
-    print(format_table(compare_table(tables, args.metric)))
-    return 0
+    return _compare_runs(args.runs, args.output, args.metric, args.bootstrap, 0, args.data_root)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ class ModelConfig:
     pretrained: bool = False  # opt-in; needs the weights locally or network
     img_size: int | None = None  # input side for pad/resize (ViTs are built for it); None = pretrained_cfg
     drop_rate: float = 0.0
+    init_from: str | None = None  # run folder or .pt: start from its backbone (and heads of shared datasets)
 
 
 @dataclass(frozen=True)

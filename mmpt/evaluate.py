@@ -9,7 +9,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.config import from_dict
 from mmpt.data.store import open_data
 from mmpt.errors import MmptError
-from mmpt.evaluation import evaluate_all, metrics_table, split_loader, write_predictions
+from mmpt.evaluation import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.model import build_model, build_transform
 from mmpt.report import format_table, write_metrics
 from mmpt.distributed import select_device
@@ -69,6 +69,8 @@ def evaluate_checkpoint(
                            precision=cfg.train.precision)
     table = metrics_table(results)
     write_metrics(output, table)
-    write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name)
+    write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name,
+                      data_root=str(cfg.data.root))
+    plot_confusions({t.flag: t for t in tasks}, results, output)
     print(f"{split} metrics of {checkpoint}:\n{format_table(table)}\nwritten to {output}")
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,12 @@ from mmpt.data.loader import eval_loader
 from mmpt.data.store import TaskData
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, any_rank, gather_rows, sum_over_ranks
-from mmpt.io import write_text
+from mmpt.io import write_json, write_text
 from mmpt.losses import TaskLoss
-from mmpt.metrics import compute_metrics, mean_metrics
+from mmpt.metrics import THRESHOLD, compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
 from mmpt.runtime import Interrupted, StopSignal, autocast
-from mmpt.tasks import TaskSpec
+from mmpt.tasks import BINARY, MULTI_LABEL, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,24 @@ def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[st
     return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
 
 
+DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    """SHA-256 of int64 labels with their shape: equal digests mean the same images in the same order."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    return hashlib.sha256(f"{labels.shape}|".encode() + labels.tobytes()).hexdigest()
+
+
 def write_predictions(
-    folder: Path, results: dict[str, TaskResult], resolution: int, split: str, run: str
+    folder: Path, results: dict[str, TaskResult], resolution: int, split: str, run: str,
+    data_root: str | None = None,
 ) -> list[Path]:
     """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
 
-    medmnist's `Evaluator.parse_and_evaluate` re-scores these files from their names alone.
+    medmnist's `Evaluator.parse_and_evaluate` re-scores these files from their names alone. Beside them,
+    data.json records the resolution, split, and per dataset the number of images and a digest of their
+    labels, so that `compare` can refuse runs evaluated on different data (and `data_root`, when given).
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -116,4 +129,43 @@ def write_predictions(
         path = folder / prediction_filename(flag, resolution, split, result.metrics, run)
         write_text(path, pd.DataFrame(result.scores).to_csv(header=None))
         paths.append(path)
+    record = {
+        "resolution": resolution, "split": split, "run": run, "data_root": data_root,
+        "datasets": {
+            flag: {"images": len(result.labels), "labels_sha256": labels_digest(result.labels)}
+            for flag, result in results.items()
+        },
+    }
+    write_json(folder / DATA_RECORD, record)
+    return paths
+
+
+def confusion_matrices(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Panel -> (K×K counts, class names), on the predictions the metrics use (threshold 0.5 or argmax).
+
+    One panel per dataset; one 2×2 panel per label for multi-label tasks (ChestMNIST).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    name = task.short
+    if task.task_type == MULTI_LABEL:
+        return {
+            f"{name}: {cls}": (confusion_matrix(labels[:, i], scores[:, i] > THRESHOLD, labels=[0, 1]), ["no", "yes"])
+            for i, cls in enumerate(task.class_names)
+        }
+    predicted = (scores[:, -1] > THRESHOLD).astype(int) if task.task_type == BINARY else scores.argmax(axis=1)
+    classes = list(range(task.num_classes))
+    return {name: (confusion_matrix(labels[:, 0], predicted, labels=classes), list(task.class_names))}
+
+
+def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], folder: Path) -> list[Path]:
+    """confusion_<flag>.png per dataset in `folder`."""
+    from mmpt.plots import plot_confusion
+
+    paths = []
+    for flag, result in results.items():
+        panels = confusion_matrices(data_tasks[flag], result.labels, result.scores)
+        paths.append(plot_confusion({p: m for p, (m, _) in panels.items()}, {p: n for p, (_, n) in panels.items()},
+                                    folder / f"confusion_{flag}.png", f"{flag}: confusion matrix"))
     return paths

@@ -7,11 +7,13 @@ moment leaves the old file or the new one, never half of either.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,3 +86,10 @@ def json_text(data: Any) -> str:
 def write_json(path: Path, data: Any, *, keep_previous_as: str | None = None) -> None:
     """Write `data` as strict JSON atomically; see write_text."""
     write_text(path, json_text(data), keep_previous_as=keep_previous_as)
+
+
+def write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
+    """Write `rows` (the first one the header) as CSV atomically."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    write_text(path, text.getvalue())

@@ -23,8 +23,12 @@ from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 THRESHOLD = 0.5  # medmnist's decision threshold for binary and multi-label scores
 
 
-def compute_metrics(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def compute_metrics(
+    task: TaskSpec, labels: np.ndarray, scores: np.ndarray, names: tuple[str, ...] | list[str] | None = None
+) -> dict[str, float]:
     """Return {"auc", "acc", "balanced_acc", "kappa"} (plus "qwk", "mae" for ordinal tasks) as floats.
+
+    `names` restricts the result to those metrics (the others are not computed: bootstrap loops need speed).
 
     labels: int N×L as medmnist stores them; scores: N×K from the loss's `scores` (N×2 for binary,
     whose last column is the positive class; N×14 sigmoids for multi-label).
@@ -49,23 +53,23 @@ def compute_metrics(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> d
             assert labels.shape[1] == scores.shape[1] == task.num_classes, (
                 f"{task.flag} needs N×{task.num_classes} labels and scores, got {labels.shape}, {scores.shape}"
             )
-            per_label = [_binary_metrics(labels[:, i], scores[:, i]) for i in range(task.num_classes)]
+            per_label = [_binary_metrics(labels[:, i], scores[:, i], names) for i in range(task.num_classes)]
             # sum then divide, in label order, as medmnist does, so the floats match exactly
             return {name: sum(m[name] for m in per_label) / task.num_classes for name in per_label[0]}
         if task.task_type == BINARY:
-            return _binary_metrics(labels[:, 0], scores[:, -1])
+            return _binary_metrics(labels[:, 0], scores[:, -1], names)
         assert scores.shape[1] == task.num_classes, (
             f"{task.flag} needs N×{task.num_classes} scores, got {scores.shape}"
         )
-        metrics = _class_metrics(labels[:, 0], scores)
-        if task.task_type == ORDINAL:
+        metrics = _class_metrics(labels[:, 0], scores, names)
+        if task.task_type == ORDINAL and (names is None or {"qwk", "mae"} & set(names)):
             grades = labels[:, 0]
             predicted = scores.argmax(axis=1)
             all_grades = list(range(task.num_classes))
             # all grades given, so an absent grade does not shrink the distances the weights use
             metrics["qwk"] = float(cohen_kappa_score(grades, predicted, labels=all_grades, weights="quadratic"))
             metrics["mae"] = float(mean_absolute_error(grades, predicted))
-        return metrics
+        return _only(metrics, names)
 
 
 def mean_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -88,26 +92,31 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(positive, score))
 
 
-def _binary_metrics(labels: np.ndarray, score: np.ndarray) -> dict[str, float]:
+def _only(metrics: dict, names) -> dict[str, float]:
+    return metrics if names is None else {k: v for k, v in metrics.items() if k in names}
+
+
+def _binary_metrics(labels: np.ndarray, score: np.ndarray, names=None) -> dict[str, float]:
     """Metrics of one binary problem: labels N (0/1) and the positive class's score N."""
     predicted = (score > THRESHOLD).astype(np.int64)
-    return {
-        "auc": _auc(labels, score),
-        "acc": float(accuracy_score(labels, predicted)),
-        "balanced_acc": float(balanced_accuracy_score(labels, predicted)),
-        "kappa": float(cohen_kappa_score(labels, predicted, labels=[0, 1])),
+    compute = {
+        "auc": lambda: _auc(labels, score),
+        "acc": lambda: float(accuracy_score(labels, predicted)),
+        "balanced_acc": lambda: float(balanced_accuracy_score(labels, predicted)),
+        "kappa": lambda: float(cohen_kappa_score(labels, predicted, labels=[0, 1])),
     }
+    return {k: f() for k, f in compute.items() if names is None or k in names}
 
 
-def _class_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def _class_metrics(labels: np.ndarray, scores: np.ndarray, names=None) -> dict[str, float]:
     """Metrics of one K-class problem: labels N in [0, K) and scores N×K, predicting the argmax."""
     num_classes = scores.shape[1]
     predicted = scores.argmax(axis=1)
-    # sum then divide, in class order, as medmnist does, so the floats match exactly
-    auc = sum(_auc(labels == k, scores[:, k]) for k in range(num_classes)) / num_classes
-    return {
-        "auc": float(auc),
-        "acc": float(accuracy_score(labels, predicted)),
-        "balanced_acc": float(balanced_accuracy_score(labels, predicted)),
-        "kappa": float(cohen_kappa_score(labels, predicted, labels=list(range(num_classes)))),
+    compute = {
+        # sum then divide, in class order, as medmnist does, so the floats match exactly
+        "auc": lambda: float(sum(_auc(labels == k, scores[:, k]) for k in range(num_classes)) / num_classes),
+        "acc": lambda: float(accuracy_score(labels, predicted)),
+        "balanced_acc": lambda: float(balanced_accuracy_score(labels, predicted)),
+        "kappa": lambda: float(cohen_kappa_score(labels, predicted, labels=list(range(num_classes)))),
     }
+    return {k: f() for k, f in compute.items() if names is None or k in names}

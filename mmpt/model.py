@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
@@ -90,6 +92,10 @@ class MultiTaskNet(nn.Module):
         features = self.backbone(x)  # N×F
         return self.heads[task](features)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled N×F features of the N×3×S×S input `x` (what every head reads)."""
+        return self.backbone(x)
+
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         cfg = self.backbone.pretrained_cfg
@@ -144,3 +150,71 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP and torch.compile wrappers so state_dict keys never carry their prefixes."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def checkpoint_path(source: str | Path) -> Path:
+    """A run folder means its checkpoints/best.pt; anything else is taken as a checkpoint file."""
+    source = Path(source)
+    return source / "checkpoints" / "best.pt" if source.is_dir() else source
+
+
+def model_input_size(cfg: Config) -> int | str:
+    """The input side the backbone sees: the data resolution in native mode, else model.img_size (or its default)."""
+    return cfg.data.resolution if cfg.input.mode == "native" else (cfg.model.img_size or "default")
+
+
+def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -> list[str]:
+    """Copy another run's backbone, and its heads for datasets both runs have, into `model` (weights only).
+
+    `source` is a run folder (its best.pt) or a checkpoint file. Optimizer, schedule and progress are not
+    taken: the new run starts fresh from these weights (mm-PT as pre-training, then fine-tuning). Raises
+    MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
+    """
+    from mmpt import checkpoint as ckpt
+    from mmpt.config import from_dict
+
+    path = checkpoint_path(source)
+    state = ckpt.load(path)
+    saved = from_dict(state[ckpt.CONFIG])
+    theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
+    if theirs != ours or model_input_size(saved) != model_input_size(cfg):
+        raise MmptError(
+            f"model.init_from {path} holds a {theirs} backbone for {model_input_size(saved)} px inputs, but this run "
+            f"builds {ours} for {model_input_size(cfg)} px; initialise from a run with the same backbone, "
+            "resolution, input.mode and model.img_size"
+        )
+    weights = state[ckpt.MODEL]
+    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    mismatched = [k for k, v in model.backbone.state_dict().items() if k not in backbone or backbone[k].shape != v.shape]
+    if mismatched or len(backbone) != len(model.backbone.state_dict()):
+        raise MmptError(
+            f"model.init_from {path}: its backbone weights do not fit this run's {ours} "
+            f"(first difference: {(mismatched or sorted(backbone))[0]}); initialise from a run with the same backbone"
+        )
+    model.backbone.load_state_dict(backbone)
+    copied = []
+    for flag, head in model.heads.items():
+        prefix = f"heads.{flag}."
+        theirs_head = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        own = head.state_dict()
+        # a head of another shape (e.g. loss.ordinal ce vs coral) stays freshly initialised
+        if theirs_head.keys() == own.keys() and all(theirs_head[k].shape == own[k].shape for k in own):
+            head.load_state_dict(theirs_head)
+            copied.append(flag)
+    print(f"initialised from {path}: backbone and heads of {', '.join(copied) or 'no dataset'}")
+    return copied
+
+
+def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
+    """The trained backbone of a run folder or checkpoint, without its heads, and that run's config."""
+    from mmpt import checkpoint as ckpt
+    from mmpt.config import from_dict
+
+    state = ckpt.load(checkpoint_path(source))
+    cfg = from_dict(state[ckpt.CONFIG])
+    backbone = create_backbone(
+        cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",
+    )
+    weights = {k.removeprefix("backbone."): v for k, v in state[ckpt.MODEL].items() if k.startswith("backbone.")}
+    backbone.load_state_dict(weights)
+    return MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg

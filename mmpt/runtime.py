@@ -65,10 +65,13 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in ("checkpoints", "tb", "predictions", "eval"):
+        # probe results and cached features belong to the weights being replaced
+        probes = [p.name for p in run_dir.glob("probe-*") if p.is_dir()]
+        for name in ("checkpoints", "tb", "predictions", "eval", "features", *probes):
             for path in sorted((run_dir / name).glob("**/*"), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
-        for pattern in ("*.json", "config*.yaml", "metrics.csv", "metrics.md", "val_auc.png"):
+        for pattern in ("*.json", "config*.yaml", "metrics.csv", "metrics.md", "val_auc.png", "loss_curves.png",
+                        "compare.csv", "compare.md", "compare_*.png"):
             for path in run_dir.glob(pattern):
                 path.unlink()
 

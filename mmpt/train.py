@@ -27,9 +27,10 @@ from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
-from mmpt.model import MultiTaskNet, build_model, build_transform, resolve_backbone
+from mmpt.model import MultiTaskNet, build_model, build_transform, load_initial_weights, resolve_backbone
 from mmpt.optim import build_optimizers, check_optimizer_name
-from mmpt.report import format_table, plot_history, write_metrics
+from mmpt.plots import plot_history, plot_loss_curves
+from mmpt.report import format_table, write_metrics
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment, prepare_run_dir
 from mmpt.step import TrainStep
 from mmpt.tasks import resolve_tasks
@@ -101,6 +102,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         data = open_data(cfg.data, tasks)
         configure_determinism(cfg.train.seed, cfg.determinism)
         model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+        if cfg.model.init_from and not resume:
+            load_initial_weights(model, cfg.model.init_from, cfg)
         if world.is_main:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
@@ -365,8 +368,10 @@ def test_report(
     table = metrics_table(results)
     if world.is_main:
         write_metrics(run_dir, table)
-        write_predictions(run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name)
+        write_predictions(run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name,
+                          data_root=str(cfg.data.root))
         plot_history(progress.history, run_dir / "val_auc.png")
+        plot_loss_curves(progress.history, run_dir / "loss_curves.png")
         write_json(run_dir / "summary.json", {
             "final_digest": final_digest, "best_digest": ckpt.state_digest(best),
             "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,

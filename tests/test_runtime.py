@@ -73,7 +73,9 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
 def test_overwrite_clears_mmpt_outputs_and_keeps_everything_else(tmp_path):
     run = tmp_path / "run"
     mmpt_files = ["checkpoints/last.pt", "tb/events.x", "predictions/a.csv", "eval/test/metrics.json", "summary.json",
-                  "config.yaml", "config.before-resume-at-step5.yaml", "metrics.md", "metrics.csv", "val_auc.png"]
+                  "config.yaml", "config.before-resume-at-step5.yaml", "metrics.md", "metrics.csv", "val_auc.png",
+                  "loss_curves.png", "features/breastmnist_28_test.npy", "probe-knn/predictions/data.json",
+                  "compare.md", "compare_auc.png"]
     user_files = ["notes.txt", "my_analysis/plot.py"]
     for name in mmpt_files + user_files:
         (run / name).parent.mkdir(parents=True, exist_ok=True)

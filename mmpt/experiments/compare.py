@@ -1,0 +1,415 @@
+"""Compare runs on their saved test predictions, with bootstrap intervals, paired differences, Δm and Wilcoxon.
+
+A run given to `compare` is one of
+- a single run (a folder with predictions/, as train.py, evaluate.py --output or probe write it),
+- an individual folder (one subfolder per dataset, each a single-dataset run: together one model per dataset),
+- a folder of seeds (seed0/, seed1/, ...: each a single run or an individual folder).
+
+The first run is the reference. Every number is recomputed from the prediction files (medmnist Evaluator CSV)
+and the labels of the data files, with the medmnist-exact metrics of mmpt.metrics. The resampling is
+scipy.stats.bootstrap with `paired=True`: one resample of test images is applied to every model of both
+sides, so a difference's interval is paired; a fixed seed gives the same resamples to every run and dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from mmpt.errors import MmptError
+from mmpt.evaluation import DATA_RECORD, labels_digest
+from mmpt.metrics import compute_metrics
+from mmpt.tasks import FLAGS, TASKS
+
+METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
+LOWER_IS_BETTER = {"mae"}
+BOOTSTRAP_BATCH = 20  # resamples per statistic call: bounds memory (batch × images × classes floats)
+CONFIDENCE = 0.95
+PREDICTION_FILE = re.compile(r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].*@.*\.csv")
+SEED_DIR = re.compile(r"seed(\d+)")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model's test scores of one dataset, and what they were evaluated on."""
+
+    path: Path
+    resolution: int
+    images: int
+    labels_sha256: str
+    data_root: str | None
+
+
+@dataclass
+class Run:
+    """A run as compared: its name and, per seed, the prediction of each dataset."""
+
+    name: str
+    path: Path
+    seeds: list[dict[str, Prediction]]
+
+    @property
+    def datasets(self) -> list[str]:
+        return [f for f in FLAGS if all(f in member for member in self.seeds)]
+
+
+def _nearest_data_root(folder: Path) -> str | None:
+    """data.root of the config.yaml in `folder` or the closest folder above it."""
+    for parent in [folder, *folder.parents]:
+        path = parent / "config.yaml"
+        if path.is_file():
+            return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
+    return None
+
+
+def read_predictions(folder: Path) -> dict[str, Prediction]:
+    """The test prediction files in `folder` (a predictions/ folder with its data.json) by dataset."""
+    record_path = folder / DATA_RECORD
+    if not record_path.is_file():
+        raise MmptError(f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
+                        f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
+                        f"{folder.parent / 'eval' / 'test'}")
+    record = json.loads(record_path.read_text())
+    root = record.get("data_root") or _nearest_data_root(folder.parent)
+    found: dict[str, Prediction] = {}
+    for path in sorted(folder.glob("*.csv")):
+        match = PREDICTION_FILE.fullmatch(path.name)
+        if not match or match["split"] != "test" or match["flag"] not in record["datasets"]:
+            continue
+        flag = match["flag"]
+        if flag in found:
+            raise MmptError(f"{folder} has several test prediction files of {flag} ({found[flag].path.name}, "
+                            f"{path.name}); keep the one of the evaluated checkpoint and remove the others")
+        entry = record["datasets"][flag]
+        found[flag] = Prediction(path, int(record["resolution"]), int(entry["images"]), entry["labels_sha256"], root)
+    return found
+
+
+def _member(folder: Path) -> dict[str, Prediction]:
+    """One model's predictions: a run folder, or an individual folder joining its datasets' runs."""
+    if (folder / "predictions").is_dir():
+        return read_predictions(folder / "predictions")
+    member = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in FLAGS):
+        if (child / "predictions").is_dir():
+            own = read_predictions(child / "predictions")
+            if child.name in own:
+                member[child.name] = own[child.name]
+    return member
+
+
+def load_run(path: Path, name: str | None = None) -> Run:
+    """Read a single run, an individual folder or a folder of seeds; MmptError when none has predictions."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MmptError(f"run folder {path} not found; pass folders written by train.py, evaluate.py or probe")
+    seed_dirs = sorted((p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
+                       key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)))
+    member = _member(path)
+    seeds = [member] if member else [m for m in map(_member, seed_dirs) if m]
+    if not seeds:
+        raise MmptError(f"{path} holds no test predictions (predictions/*_test_*.csv): pass a finished run, "
+                        "an individual/ folder or a folder of seed<k>/ runs")
+    return Run(name or str(path), path, seeds)
+
+
+def check_same_data(runs: list[Run], datasets: list[str]) -> None:
+    """Raise MmptError (one line) when two runs were evaluated on different images of a compared dataset."""
+    reference = {}
+    for run in runs:
+        for member in run.seeds:
+            for flag, pred in member.items():
+                seen = (pred.resolution, pred.images, pred.labels_sha256)
+                if flag not in datasets:
+                    continue
+                if flag not in reference:
+                    reference[flag] = (seen, run.name)
+                    continue
+                (res, images, digest), other = reference[flag]
+                if pred.resolution != res:
+                    raise MmptError(f"{run.name} was evaluated at {pred.resolution} px and {other} at {res} px; "
+                                    "compare runs evaluated on the same data")
+                if (pred.images, pred.labels_sha256) != (images, digest):
+                    raise MmptError(f"{run.name} and {other} were evaluated on different {flag} test sets "
+                                    f"({pred.images} vs {images} images, or other labels); "
+                                    "compare runs evaluated on the same data files")
+
+
+def read_labels(pred: Prediction, flag: str, data_root: str | None = None) -> np.ndarray:
+    """The test labels of `flag` from its npz data file, checked against the predictions' record."""
+    root = data_root or pred.data_root
+    if root is None:
+        raise MmptError(f"cannot tell where the {flag} data of {pred.path.parent} lie; pass --data-root DIR")
+    path = Path(root).expanduser() / TASKS[flag].filename(pred.resolution)
+    if not path.is_file():
+        raise MmptError(f"{path} not found (the labels of {flag}); pass --data-root DIR with the evaluated files")
+    with np.load(path) as npz:
+        labels = np.asarray(npz["test_labels"], dtype=np.int64)
+    labels = labels.reshape(len(labels), -1)
+    if labels_digest(labels) != pred.labels_sha256:
+        raise MmptError(f"the {flag} test labels in {path} differ from those {pred.path.parent} was evaluated on; "
+                        "pass --data-root DIR with the files the runs were evaluated on")
+    return labels
+
+
+def read_scores(pred: Prediction) -> np.ndarray:
+    scores = pd.read_csv(pred.path, index_col=0, header=None).sort_index().to_numpy(dtype=np.float64)
+    if len(scores) != pred.images:
+        raise MmptError(f"{pred.path} has {len(scores)} rows, not {pred.images}; evaluate the run again")
+    return scores
+
+
+def _metric_vector(task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str]) -> np.ndarray:
+    """Mean over the models (seeds) of each metric: len(metrics) values."""
+    values = [compute_metrics(task, labels, s, metrics) for s in scores]
+    return np.array([np.mean([v[m] for v in values]) for m in metrics])
+
+
+def paired_bootstrap(
+    task, labels: np.ndarray, reference: list[np.ndarray], other: list[np.ndarray] | None, metrics: list[str],
+    *, n_resamples: int, seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
+
+    Outputs: the seed-mean of each metric of `reference` when `other` is None; else that of `other`
+    followed by each difference (other − reference) on the same resampled images. Returns (low, high).
+    Resamples in which a metric is undefined (AUC when a class is absent) are left out of its interval.
+    """
+    samples = [labels, *reference, *(other or [])]
+    width = labels.shape[1]
+    n_ref = len(reference)
+
+    def statistic(*arrays, axis=-1):
+        # each array: columns × resamples × images (scipy moved the image axis last and indexed it)
+        out = []
+        for b in range(arrays[0].shape[1]):
+            y = arrays[0][:, b, :].T[:, :width]
+            s = [a[:, b, :].T for a in arrays[1:]]
+            ref = _metric_vector(task, y, s[:n_ref], metrics)
+            if other is None:
+                out.append(ref)
+            else:
+                mine = _metric_vector(task, y, s[n_ref:], metrics)
+                out.append(np.concatenate([mine, mine - ref]))
+        return np.stack(out, axis=-1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
+        result = stats.bootstrap(
+            samples, statistic, n_resamples=n_resamples, batch=BOOTSTRAP_BATCH, vectorized=True, paired=True,
+            axis=0, confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
+        )
+    low = np.atleast_1d(result.confidence_interval.low).astype(float)
+    high = np.atleast_1d(result.confidence_interval.high).astype(float)
+    undefined = np.isnan(low) | np.isnan(high)
+    if undefined.any():
+        # resamples that miss a class leave AUC undefined: such resamples are left out of that interval
+        distribution = np.atleast_2d(result.bootstrap_distribution)
+        alpha = (1 - CONFIDENCE) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-NaN rows stay NaN
+            q = np.nanquantile(distribution, [alpha, 1 - alpha], axis=-1)
+        low, high = np.where(undefined, q[0], low), np.where(undefined, q[1], high)
+    return low, high
+
+
+def delta_m(reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]) -> float:
+    """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref."""
+    terms = []
+    for flag, ref in reference.items():
+        for m in metrics:
+            if m in ref and m in other.get(flag, {}) and ref[m] != 0 and math.isfinite(ref[m] + other[flag][m]):
+                sign = -1.0 if m in LOWER_IS_BETTER else 1.0
+                terms.append(sign * (other[flag][m] - ref[m]) / ref[m])
+    return 100.0 * float(np.mean(terms)) if terms else math.nan
+
+
+def wilcoxon_over_datasets(differences: list[float], lower_is_better: bool) -> dict:
+    """Paired Wilcoxon signed-rank test over datasets of seed-mean differences; counts better/worse."""
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    sign = -1.0 if lower_is_better else 1.0
+    p = math.nan
+    if np.any(d != 0):
+        p = float(stats.wilcoxon(d).pvalue)
+    return {"p_value": p, "better": int(np.sum(sign * d > 0)), "worse": int(np.sum(sign * d < 0)),
+            "datasets": int(len(d))}
+
+
+def compare_runs(
+    paths: list[Path],
+    *,
+    metrics: list[str] = ("auc", "acc"),
+    n_resamples: int = 1000,
+    seed: int = 0,
+    data_root: str | None = None,
+    jobs: int = 1,
+) -> dict:
+    """Everything compare.json holds (see the module docstring); raises MmptError for unusable input.
+
+    `jobs` processes run the bootstrap of (run, dataset) pairs in parallel (joblib); the result is the same.
+    """
+    from joblib import Parallel, delayed
+
+    metrics = list(metrics)
+    if len(paths) < 2:
+        raise MmptError("compare needs at least two runs: the reference first, then the others")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise MmptError("a run is given twice; pass each run once")
+    datasets = [f for f in FLAGS if all(f in r.datasets for r in runs)]
+    if not datasets:
+        raise MmptError("the runs share no dataset with test predictions; compare runs trained on the same datasets")
+    check_same_data(runs, datasets)
+
+    labels = {f: read_labels(runs[0].seeds[0][f], f, data_root) for f in datasets}
+    scores = [{f: [read_scores(member[f]) for member in run.seeds] for f in datasets} for run in runs]
+    # per run, dataset and metric: the value of each seed, and their mean
+    per_seed = [{f: {m: [] for m in metrics} for f in datasets} for _ in runs]
+    for i in range(len(runs)):
+        for f in datasets:
+            for s in scores[i][f]:
+                for m, v in compute_metrics(TASKS[f], labels[f], s, metrics).items():
+                    per_seed[i][f][m].append(v)
+    values = [{f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets}
+              for i in range(len(runs))]
+    present = {f: [m for m in metrics if m in values[0][f]] for f in datasets}
+    pairs = [(i, f) for i in range(len(runs)) for f in datasets]
+    intervals = Parallel(n_jobs=jobs)(
+        delayed(paired_bootstrap)(
+            TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], present[f],
+            n_resamples=n_resamples, seed=seed,
+        )
+        for i, f in pairs
+    )
+    interval = dict(zip(pairs, intervals))
+
+    out = {"reference": names[0], "metrics": metrics, "datasets": datasets,
+           "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
+           "bootstrap": {"n_resamples": n_resamples, "confidence_level": CONFIDENCE, "method": "percentile",
+                         "paired": True, "seed": seed},
+           "runs": []}
+    for i, run in enumerate(runs):
+        entry = {"name": run.name, "path": str(run.path), "seeds": len(run.seeds), "datasets": {}, "mean": {}}
+        for f in datasets:
+            low, high = interval[(i, f)]
+            cells = {}
+            for j, m in enumerate(present[f]):
+                cell = {"value": values[i][f][m], "ci_low": float(low[j]), "ci_high": float(high[j])}
+                if len(run.seeds) > 1:
+                    cell["std"] = float(np.std(per_seed[i][f][m], ddof=1))
+                if i > 0:
+                    k = len(present[f]) + j
+                    cell.update(diff=values[i][f][m] - values[0][f][m], diff_ci_low=float(low[k]),
+                                diff_ci_high=float(high[k]))
+                cells[m] = cell
+            entry["datasets"][f] = cells
+        for m in metrics:
+            mine = [values[i][f][m] for f in datasets if m in values[i][f]]
+            if mine:
+                entry["mean"][m] = {"value": float(np.mean(mine))}
+                if i > 0:
+                    entry["mean"][m]["diff"] = entry["mean"][m]["value"] - out["runs"][0]["mean"][m]["value"]
+        entry["delta_m"] = 0.0 if i == 0 else delta_m(values[0], values[i], metrics)
+        if i > 0 and len(run.seeds) > 1 and len(runs[0].seeds) > 1:
+            tests = {m: wilcoxon_over_datasets(
+                [values[i][f][m] - values[0][f][m] for f in datasets if m in values[i][f]], m in LOWER_IS_BETTER)
+                for m in metrics if m in entry["mean"]}
+            entry["wilcoxon"] = tests
+            entry["p_value"] = {m: t["p_value"] for m, t in tests.items()}
+        out["runs"].append(entry)
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _num(x: float | None, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:+.4f}" if sign else f"{x:.4f}"
+
+
+def format_compare(result: dict) -> str:
+    """Markdown tables, one per metric: each run's value [95% CI] (± std over seeds) and Δ to the reference."""
+    runs = result["runs"]
+    b = result["bootstrap"]
+    lines = [f"# Comparison against {result['reference']}", "",
+             f"Values with {int(b['confidence_level'] * 100)}% bootstrap intervals over test images "
+             f"({b['n_resamples']} paired resamples, percentile, seed {b['seed']}); Δ: difference to the "
+             "reference with its paired interval; ± std over seeds where a run has several.", ""]
+    if result["left_out"]:
+        lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
+    for m in result["metrics"]:
+        header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
+        lines += [f"## {m}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for flag in result["datasets"]:
+            cells = [flag]
+            for r in runs:
+                c = r["datasets"][flag].get(m)
+                cells.append("-" if c is None else _num(c["value"]) + (f" ± {c['std']:.4f}" if "std" in c else "")
+                             + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]")
+            for r in runs[1:]:
+                c = r["datasets"][flag].get(m)
+                cells.append("-" if c is None else
+                             f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]")
+            lines.append("| " + " | ".join(cells) + " |")
+        mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
+        mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
+        lines += ["| " + " | ".join(mean) + " |", ""]
+    lines += [f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)", ""]
+    for r in runs[1:]:
+        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %")
+    tested = [r for r in runs[1:] if "wilcoxon" in r]
+    if tested:
+        lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
+        for r in tested:
+            for m, t in r["wilcoxon"].items():
+                lines.append(f"- {r['name']} {m}: p = {_num(t['p_value'])}, better on {t['better']}, "
+                             f"worse on {t['worse']} of {t['datasets']} datasets")
+    return "\n".join(lines) + "\n"
+
+
+def write_compare(result: dict, output: Path) -> list[Path]:
+    """compare.{json,csv,md}, compare_auc.png (values with intervals) and compare_diff.png (paired differences)."""
+    from mmpt.plots import plot_differences, plot_grouped_bars
+    from mmpt.io import write_csv, write_json, write_text
+
+    output = Path(output)
+    write_json(output / "compare.json", result)
+    fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
+    rows = [["run", "dataset", "metric", *fields]]
+    for r in result["runs"]:
+        for flag, cells in r["datasets"].items():
+            for m, c in cells.items():
+                rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
+        for m, c in r["mean"].items():
+            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", ""])
+        rows.append([r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"],
+                     *[""] * (len(fields) - 1)])
+    write_csv(output / "compare.csv", rows)
+    write_text(output / "compare.md", format_compare(result))
+    metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]
+    bars = {r["name"]: {f: (c[metric]["value"], c[metric]["ci_low"], c[metric]["ci_high"])
+                        for f, c in r["datasets"].items() if metric in c} for r in result["runs"]}
+    diffs = {r["name"]: {f: (c[metric]["diff"], c[metric]["diff_ci_low"], c[metric]["diff_ci_high"])
+                         for f, c in r["datasets"].items() if metric in c} for r in result["runs"][1:]}
+    paths = [output / f"compare.{ext}" for ext in ("json", "csv", "md")]
+    paths.append(plot_grouped_bars(bars, output / f"compare_{metric}.png", f"test {metric} (95% CI)",
+                                   f"{metric} per dataset"))
+    paths.append(plot_differences(diffs, output / "compare_diff.png", f"Δ {metric} vs {result['reference']} "
+                                  "(paired 95% CI)", "difference to the reference"))
+    return paths

@@ -1,0 +1,215 @@
+"""Frozen-backbone probes: how good are a backbone's features for each dataset on their own?
+
+The backbone runs in eval mode (BatchNorm statistics frozen) without gradients; the features of every
+split are extracted once and cached beside the run (features/). Per dataset a scikit-learn classifier is
+fitted on the train features: logistic regression with its regularisation C chosen on val (by AUC), or
+k-NN with cosine distance (k = 11 as in Doerrich et al. 2024). Test metrics and predictions are written
+in evaluate.py's files and formats (metrics.{json,csv,md}, predictions/ with data.json), so `compare` takes
+probe results as it takes runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from mmpt.config import Config
+from mmpt.errors import MmptError
+from mmpt.evaluation import TaskResult, metrics_table, write_predictions
+from mmpt.metrics import compute_metrics
+from mmpt.model import MultiTaskNet, build_transform, load_backbone
+from mmpt.report import format_table, write_metrics
+from mmpt.data.store import open_data
+from mmpt.distributed import select_device
+from mmpt.io import atomic_write, write_json
+from mmpt.runtime import configure_determinism
+from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
+
+METHODS = ("linear", "knn")
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # logistic regression's inverse regularisation, chosen on val
+FEATURES = "features"
+
+
+def _fit_scores(make, x_train: np.ndarray, y_train: np.ndarray, x: list[np.ndarray], classes: int) -> list[np.ndarray]:
+    """Fit one single-output classifier and return each of `x`'s N×classes probabilities (absent classes: 0)."""
+    present = np.unique(y_train)
+    if len(present) == 1:  # nothing to learn: every image gets the one training class
+        return [np.eye(classes)[np.full(len(xi), present[0])] for xi in x]
+    clf = make().fit(x_train, y_train)
+    out = []
+    for xi in x:
+        proba = np.zeros((len(xi), classes))
+        proba[:, clf.classes_] = clf.predict_proba(xi)
+        out.append(proba)
+    return out
+
+
+def probe_scores(task: TaskSpec, make, train: tuple, others: list[np.ndarray]) -> list[np.ndarray]:
+    """Scores in medmnist's convention (N×2 binary, N×K multi-class/ordinal, N×L sigmoid-like multi-label)."""
+    x_train, y_train = train
+    if task.task_type == MULTI_LABEL:
+        per_label = [_fit_scores(make, x_train, y_train[:, i], others, 2) for i in range(task.num_classes)]
+        return [np.stack([per_label[i][j][:, 1] for i in range(task.num_classes)], axis=1) for j in range(len(others))]
+    return _fit_scores(make, x_train, y_train[:, 0], others, task.num_classes)
+
+
+def classifier_factory(method: str, *, k: int = 11, c: float = 1.0, n_train: int = 0):
+    if method == "knn":
+        return lambda: KNeighborsClassifier(n_neighbors=min(k, n_train), metric="cosine")
+    return lambda: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
+def fit_probe(
+    task: TaskSpec, features: dict[str, np.ndarray], labels: dict[str, np.ndarray], method: str, k: int = 11
+) -> tuple[np.ndarray, dict]:
+    """Fit on train (linear: C chosen by val AUC over C_GRID); return test scores and what was chosen."""
+    train = (features["train"], labels["train"])
+    n_train = len(labels["train"])
+    if method == "knn":
+        (test,) = probe_scores(task, classifier_factory("knn", k=k, n_train=n_train), train, [features["test"]])
+        return test, {"k": min(k, n_train)}
+    best = None
+    for c in C_GRID:
+        val, test = probe_scores(task, classifier_factory("linear", c=c), train, [features["val"], features["test"]])
+        auc = compute_metrics(task, labels["val"], val)["auc"]
+        score = -np.inf if np.isnan(auc) else auc
+        if best is None or score > best[0]:
+            best = (score, c, test)
+    # val AUC is undefined when a class is absent from val: then the first (strongest-regularised) C stands
+    return best[2], {"C": best[1], "val_auc": float(best[0]) if np.isfinite(best[0]) else None}
+
+
+@torch.no_grad()
+def extract_features(model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int) -> np.ndarray:
+    """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed)."""
+    from mmpt.data.loader import eval_loader
+
+    model.eval()
+    transform = build_transform(cfg, model)
+    out = []
+    for images, _ in eval_loader(split_data, batch_size=batch_size, num_workers=cfg.data.num_workers):
+        out.append(model.features(transform(images.to(device))).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _backbone_key(model: MultiTaskNet, cfg: Config) -> str:
+    """Identifies the features: the backbone's weights and how images become its input."""
+    from mmpt import checkpoint as ckpt
+
+    digest = hashlib.sha256(ckpt.state_digest(model.backbone.state_dict()).encode())
+    digest.update(json.dumps([dataclasses.asdict(cfg.input), model.input_size]).encode())
+    return digest.hexdigest()
+
+
+def cached_features(
+    model: MultiTaskNet, cfg: Config, data: dict, folder: Path, device: torch.device, batch_size: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """dataset -> split -> features, read from `folder` when extracted by this same backbone, else extracted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _backbone_key(model, cfg)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("backbone") != key:
+        for stale in folder.glob("*.npy"):
+            stale.unlink()
+        manifest = {"backbone": key, "files": {}}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    model.to(device)
+    for flag, task_data in data.items():
+        out[flag] = {}
+        for split in SPLITS:
+            name = f"{flag}_{task_data.resolution}_{split}.npy"
+            path = folder / name
+            if manifest["files"].get(name) == len(task_data.splits[split]) and path.is_file():
+                out[flag][split] = np.load(path)
+                continue
+            feats = extract_features(model, cfg, task_data.splits[split], device, batch_size)
+            atomic_write(path, lambda f, feats=feats: np.save(f, feats))
+            manifest["files"][name] = len(feats)
+            write_json(manifest_path, manifest)
+            out[flag][split] = feats
+    return out
+
+
+def open_eval_data(cfg: Config, tasks: list[TaskSpec], data_root: str | None, cache_dir: str | None):
+    """A run's data for evaluation: never generated or downloaded (as in evaluate.py)."""
+    data_cfg = dataclasses.replace(
+        cfg.data, root=data_root or cfg.data.root,
+        cache_dir=cache_dir or (cfg.data.cache_dir if data_root is None else None),
+        synthetic=False, download=False,
+    )
+    return open_data(data_cfg, tasks), data_cfg.root
+
+
+def probe(
+    model: MultiTaskNet,
+    cfg: Config,
+    output: Path,
+    *,
+    method: str,
+    k: int = 11,
+    features_dir: Path,
+    datasets: str | None = None,
+    data_root: str | None = None,
+    cache_dir: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    name: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table."""
+    if method not in METHODS:
+        raise MmptError(f"unknown probe method '{method}'; choose linear or knn")
+    if k < 1:
+        raise MmptError(f"--k must be at least 1, got {k}")
+    tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
+    data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
+    configure_determinism(cfg.train.seed, cfg.determinism)
+    features = cached_features(model, cfg, data, features_dir, select_device(device),
+                               batch_size or cfg.data.eval_batch_size)
+    results, chosen = {}, {}
+    for flag, task_data in data.items():
+        labels = {s: task_data.splits[s].labels for s in SPLITS}
+        scores, chosen[flag] = fit_probe(task_data.task, features[flag], labels, method, k)
+        results[flag] = TaskResult(labels["test"], scores, compute_metrics(task_data.task, labels["test"], scores))
+    table = metrics_table(results)
+    write_metrics(output, table)
+    run_name = name or cfg.name
+    write_predictions(output / "predictions", results, cfg.data.resolution, "test", run=f"{run_name}-{method}",
+                      data_root=str(root))
+    write_json(output / "probe.json", {"method": method, "chosen": chosen, "backbone": cfg.model.backbone,
+                                       "feature_dim": int(next(iter(features.values()))["train"].shape[1])})
+    print(f"{method} probe of {run_name}:\n{format_table(table)}\nwritten to {output}")
+    return table
+
+
+def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwargs) -> list[Path]:
+    """Probe every trained run at or under `source` (a run, an individual folder, a folder of seeds).
+
+    Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as
+    it reads the runs. Raises MmptError when `source` holds no checkpoints/best.pt.
+    """
+    source = Path(source)
+    output = Path(output) if output else source / f"probe-{method}"
+    leaves = sorted(
+        p.parent.parent for p in source.rglob("checkpoints/best.pt")
+        if not any(part.startswith("probe-") for part in p.relative_to(source).parts)
+    )
+    if not leaves:
+        raise MmptError(f"{source} holds no trained run (checkpoints/best.pt); pass a run folder, "
+                        "or --backbone NAME for an untrained or ImageNet reference")
+    written = []
+    for leaf in leaves:
+        model, cfg = load_backbone(leaf)
+        out = output / leaf.relative_to(source)
+        probe(model, cfg, out, method=method, features_dir=leaf / FEATURES, **kwargs)
+        written.append(out)
+    return written

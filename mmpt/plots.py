@@ -1,0 +1,176 @@
+"""PNG pictures of runs, evaluations, series and comparisons (matplotlib, Agg backend, no display needed).
+
+Each function writes one file beside the numbers it shows and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mmpt.io import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _datasets(values: dict[str, dict]) -> list[str]:
+    """Datasets of any run, in medmnist's order (others after them)."""
+    from mmpt.tasks import FLAGS
+
+    names = list(dict.fromkeys(d for per in values.values() for d in per))
+    return sorted(names, key=lambda d: FLAGS.index(d) if d in FLAGS else len(FLAGS))
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    _pyplot().close(fig)
+    return path
+
+
+def plot_history(history: list[dict], path: Path, metric: str = "auc") -> Path | None:
+    """Each dataset's validation `metric` per epoch, the mean in bold; None when there is nothing to plot."""
+    if not history:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    epochs = [entry["epoch"] for entry in history]
+    for name in history[-1]["val"]:
+        values = [entry["val"].get(name, {}).get(metric, float("nan")) for entry in history]
+        ax.plot(epochs, values, marker="o", label=name, linewidth=2.5 if name == "mean" else 1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
+    """One small panel per dataset: train loss (history entries' "train_loss": {flag: value}, when present)
+    and validation loss ("val": {flag: {"loss": value}}) per epoch. None when the history is empty."""
+    if not history:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    flags = [name for name in history[-1]["val"] if name != "mean"]
+    rows, cols = _grid(len(flags))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    epochs = [entry["epoch"] for entry in history]
+    for ax, flag in zip(axes.flat, flags):
+        val = [entry["val"].get(flag, {}).get("loss", np.nan) for entry in history]
+        ax.plot(epochs, val, marker="o", markersize=3, label="val")
+        train = [entry.get("train_loss", {}).get(flag, np.nan) for entry in history]
+        if not all(np.isnan(train)):
+            ax.plot(epochs, train, marker="o", markersize=3, label="train")
+        ax.set_title(flag.removesuffix("mnist"), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(flags):]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_confusion(matrices: dict[str, np.ndarray], names: dict[str, list[str]], path: Path, title: str) -> Path:
+    """Panels of confusion matrices (rows: true class, columns: predicted), each with its counts.
+
+    `matrices`: panel title -> K×K counts; `names`: panel title -> the K class names.
+    """
+    plt = _pyplot()
+    rows, cols = _grid(len(matrices))
+    size = max(len(n) for n in names.values())
+    side = 2.4 + 0.35 * size
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
+    for ax, (panel, matrix) in zip(axes.flat, matrices.items()):
+        ax.imshow(matrix, cmap="Blues")
+        k = len(matrix)
+        ticks = [n[:12] for n in names[panel]]
+        ax.set_xticks(range(k), ticks, rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(k), ticks, fontsize=6)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+        ax.set_title(panel, fontsize=8)
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] > threshold else "black")
+    for ax in list(axes.flat)[len(matrices):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_grouped_bars(
+    values: dict[str, dict[str, tuple[float, float, float]]], path: Path, ylabel: str, title: str
+) -> Path:
+    """Grouped bars: one group per dataset, one bar per run, each with an error bar.
+
+    `values`: run -> dataset -> (value, low, high); a missing dataset leaves a gap.
+    """
+    plt = _pyplot()
+    runs = list(values)
+    datasets = _datasets(values)
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(datasets) * max(1, len(runs) / 2)), 3.8))
+    x = np.arange(len(datasets))
+    for i, run in enumerate(runs):
+        v = np.array([values[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
+        errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, v[:, 0], width, yerr=np.nan_to_num(errors),
+               capsize=2, label=run)
+    finite = [val for per in values.values() for t in per.values() for val in t if np.isfinite(val)]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05) if max(finite) <= 1 else None)
+    ax.set_xticks(x, [d.removesuffix("mnist") for d in datasets], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_differences(
+    diffs: dict[str, dict[str, tuple[float, float, float]]], path: Path, xlabel: str, title: str
+) -> Path:
+    """Dot plot of per-dataset differences with their intervals, one row per dataset, one colour per run.
+
+    `diffs`: run -> dataset -> (difference, low, high); a dashed line marks no difference.
+    """
+    plt = _pyplot()
+    runs = list(diffs)
+    datasets = _datasets(diffs)
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.45 * len(datasets) * max(1, len(runs) / 2)))
+    y = np.arange(len(datasets))
+    step = 0.6 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        v = np.array([diffs[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
+        errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
+        ax.errorbar(v[:, 0], y + (i - (len(runs) - 1) / 2) * step, xerr=np.nan_to_num(errors), fmt="o",
+                    capsize=3, label=run)
+    ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [d.removesuffix("mnist") for d in datasets], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,453 @@
+"""Experiments end to end on a tiny synthetic study: series (sweep × seeds, interrupted and resumed; individual),
+summaries, comparisons with statistics recomputed independently, frozen-backbone probes, plots, --print-config."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+import yaml
+from medmnist.evaluator import getACC, getAUC
+
+import mmpt.experiments.probe as probe_module
+import mmpt.train
+from mmpt import checkpoint as ckpt
+from mmpt.cli import evaluate_main, train_main
+from mmpt.config import load_config, to_dict
+from mmpt.data.synthetic import write_synthetic
+from mmpt.errors import MmptError
+from mmpt.experiments.series import plan_series
+from mmpt.model import build_model, build_transform, load_backbone, load_initial_weights
+from mmpt.tasks import TASKS, resolve_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = ["pneumoniamnist", "breastmnist"]  # in medmnist's order, as every table lists them
+TRAIN_IMAGES = 64  # per dataset (val and test: 16 each)
+STEPS_PER_RUN = 4  # 64 train images of each of 2 datasets in batches of 32
+STOP_AT = 2 * STEPS_PER_RUN + 3  # in the third run of the sweep, after its third step
+
+
+def write_recipe(path: Path, data_root: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "name": "study",
+        "data": {"root": str(data_root), "datasets": ["breast", "pneumonia"], "num_workers": 0,
+                 "eval_batch_size": 128},
+        "model": {"backbone": "test_resnet"},
+        "input": {"mode": "native"},
+        "optim": {"lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 4},
+    }))
+    return path
+
+
+def stop_after(steps: int):
+    """A StopSignal stand-in that reports SIGINT at its `steps`-th check, counted over every run of the series."""
+    checks = {"n": 0}
+
+    class StopAfter:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        @property
+        def received(self):
+            checks["n"] += 1
+            return "SIGINT" if checks["n"] == steps else None
+
+    return StopAfter
+
+
+def quiet(fn, *args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = fn(*args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A sweep (loss.weighting=none,size × seeds 0,1) stopped in its third run and resumed, and an individual
+    series (2 datasets × seeds 0,1) in the same folder: 8 runs of 1 epoch on 64 synthetic images per dataset."""
+    base = tmp_path_factory.mktemp("study")
+    data_root = base / "data"
+    write_synthetic(data_root, 28, resolve_tasks(DATASETS), train_samples=TRAIN_IMAGES, seed=0)
+    recipe = write_recipe(base / "recipe.yaml", data_root)
+    out = base / "runs" / "study"
+    sweep = ["--config", str(recipe), "--output", str(out), "--sweep", "loss.weighting=none,size", "--seeds", "0,1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mmpt.train, "StopSignal", stop_after(STOP_AT))
+        stopped = quiet(train_main, sweep)
+    state_after_stop = {
+        p.relative_to(out).as_posix(): ((p / "summary.json").is_file(), (p / "checkpoints" / "last.pt").is_file())
+        for p in out.glob("weighting-*/seed*")
+    }
+    resumed = quiet(train_main, sweep)
+    individual = quiet(train_main, ["--config", str(recipe), "--output", str(out), "--individual", "--seeds", "0,1"])
+    return SimpleNamespace(out=out, recipe=recipe, data=data_root, stopped=stopped, resumed=resumed,
+                           individual=individual, state_after_stop=state_after_stop)
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    image = matplotlib.image.imread(path)
+    height, width = image.shape[:2]
+    assert 200 <= width <= 5000 and 150 <= height <= 5000, (path, image.shape)
+    assert image[..., :3].std() > 0.02, f"{path} is (nearly) one flat colour"
+
+
+def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
+    code, out, err = study.stopped
+    assert code == 130 and "run the same command again" in err
+    assert study.state_after_stop == {
+        "weighting-none/seed0": (True, True), "weighting-none/seed1": (True, True),
+        "weighting-size/seed0": (False, True),  # stopped after its third step, last.pt written
+    }
+    code, out, _ = study.resumed
+    assert code == 0
+    assert "[1/4] weighting-none/seed0: finished, skipped" in out
+    assert "[3/4] weighting-size/seed0: continuing from last.pt" in out and "resumed at epoch 0, step 3" in out
+    for run in ("weighting-none/seed0", "weighting-none/seed1", "weighting-size/seed0", "weighting-size/seed1"):
+        result = json.loads((study.out / run / "summary.json").read_text())
+        assert result["steps"] == STEPS_PER_RUN, run
+    # it resumed with its own config (exactness of a resume from last.pt: tests/test_resume.py)
+    cfg = load_config(study.out / "weighting-size" / "seed0" / "config.yaml")
+    assert (cfg.loss.weighting, cfg.train.seed) == ("size", 0)
+
+
+def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(study):
+    code, _, _ = study.individual
+    assert code == 0
+    for seed in (0, 1):
+        for flag in DATASETS:
+            run_dir = study.out / "individual" / f"seed{seed}" / flag
+            state = ckpt.load(run_dir / "checkpoints" / "best.pt")
+            assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {flag}
+            config = load_config(run_dir / "config.yaml")
+            # the same recipe as the mm-PT side, apart from the dataset and seed
+            assert (config.train.seed, config.model.backbone, config.optim.lr) == (seed, "test_resnet", 0.003)
+            assert_png(run_dir / "loss_curves.png")
+
+
+def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
+    summary = json.loads((study.out / "sweep.json").read_text())["variants"]
+    assert set(summary) == {"weighting-none", "weighting-size", "individual"}
+    for variant, entry in summary.items():
+        assert entry["seeds"] == [0, 1]
+        for flag in DATASETS:
+            runs = [study.out / variant / f"seed{s}" / (flag if variant == "individual" else "") for s in (0, 1)]
+            aucs = [json.loads((r / "metrics.json").read_text())[flag]["auc"] for r in runs]
+            stats = entry["datasets"][flag]["auc"]
+            assert stats["mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
+            assert stats["std"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
+        per_seed_mean = [np.mean([entry["datasets"][f]["acc"]["values"][s] for f in DATASETS]) for s in (0, 1)]
+        assert entry["mean"]["acc"]["mean"] == pytest.approx(np.mean(per_seed_mean), abs=1e-12)
+    rows = pd.read_csv(study.out / "sweep.csv")
+    assert set(rows["variant"]) == set(summary)
+    assert "± " in (study.out / "sweep.md").read_text()
+    assert_png(study.out / "sweep.png")
+    # summarize on demand rewrites the same numbers
+    before = (study.out / "sweep.json").read_text()
+    assert quiet(evaluate_main, ["summarize", str(study.out)])[0] == 0
+    assert (study.out / "sweep.json").read_text() == before
+
+
+def _scores(run_dir: Path, flag: str) -> np.ndarray:
+    (path,) = (run_dir / "predictions").glob(f"{flag}_test_*.csv")
+    return pd.read_csv(path, index_col=0, header=None).sort_index().values
+
+
+def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(study, tmp_path):
+    a, b = study.out / "weighting-none" / "seed0", study.out / "weighting-size" / "seed0"
+    code, out, _ = quiet(evaluate_main, ["compare", str(a), str(b), "--bootstrap", "100", "--output", str(tmp_path)])
+    assert code == 0 and "Δm" in out
+    result = json.loads((tmp_path / "compare.json").read_text())
+    labels = {f: np.load(study.data / f"{f}.npz")["test_labels"] for f in DATASETS}
+    kinds = {f: TASKS[f].task_type for f in DATASETS}
+    # Δm (LibMTL): mean over datasets and metrics of the relative change, in percent
+    terms = []
+    for flag in DATASETS:
+        for metric in (getAUC, getACC):
+            m_a = metric(labels[flag], _scores(a, flag), kinds[flag])
+            m_b = metric(labels[flag], _scores(b, flag), kinds[flag])
+            terms.append((m_b - m_a) / m_a)
+    assert result["runs"][0]["delta_m"] == 0.0
+    assert result["runs"][1]["delta_m"] == pytest.approx(100 * np.mean(terms), abs=1e-9)
+    # the paired interval of the breast AUC difference: the same resampled images on both sides
+    y, s_a, s_b = labels["breastmnist"], _scores(a, "breastmnist"), _scores(b, "breastmnist")
+
+    def interval(statistic):
+        res = scipy.stats.bootstrap((np.arange(len(y)),), statistic, vectorized=False, n_resamples=100,
+                                    method="percentile", rng=np.random.default_rng(0))
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    cell = result["runs"][1]["datasets"]["breastmnist"]["auc"]
+    low, high = interval(lambda i: getAUC(y[i], s_b[i], "binary-class") - getAUC(y[i], s_a[i], "binary-class"))
+    assert (cell["diff_ci_low"], cell["diff_ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert cell["diff"] == pytest.approx(getAUC(y, s_b, "binary-class") - getAUC(y, s_a, "binary-class"), abs=1e-12)
+    low, high = interval(lambda i: getAUC(y[i], s_b[i], "binary-class"))
+    assert (cell["ci_low"], cell["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
+    for name in ("compare.md", "compare.csv"):
+        assert (tmp_path / name).is_file()
+    assert_png(tmp_path / "compare_auc.png")
+    assert_png(tmp_path / "compare_diff.png")
+
+
+def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
+    mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
+    # --compare is kept as an alias of the compare subcommand
+    code, _, _ = quiet(evaluate_main, ["--compare", str(mmpt_side), str(individual), "--bootstrap", "20",
+                                       "--output", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    ref, other = result["runs"]
+    assert (ref["seeds"], other["seeds"]) == (2, 2)
+    diffs = []
+    for flag in DATASETS:
+        mine = [json.loads((individual / f"seed{s}" / flag / "metrics.json").read_text())[flag]["auc"] for s in (0, 1)]
+        theirs = [json.loads((mmpt_side / f"seed{s}" / "metrics.json").read_text())[flag]["auc"] for s in (0, 1)]
+        cell = other["datasets"][flag]["auc"]
+        assert cell["value"] == pytest.approx(np.mean(mine), abs=1e-12)
+        assert cell["std"] == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
+        diffs.append(np.mean(mine) - np.mean(theirs))
+    test = other["wilcoxon"]["auc"]
+    expected = scipy.stats.wilcoxon(diffs).pvalue if any(diffs) else float("nan")
+    assert test["p_value"] == pytest.approx(expected, nan_ok=True)
+    assert (test["better"], test["worse"]) == (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
+    assert other["p_value"]["auc"] == test["p_value"]
+
+
+def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_path):
+    a = study.out / "weighting-none" / "seed0"
+    for change, message in (({"resolution": 64}, "64 px"), ("labels", "different breastmnist test sets")):
+        other = tmp_path / f"other_{len(message)}"
+        shutil.copytree(a / "predictions", other / "predictions")
+        shutil.copy(a / "config.yaml", other / "config.yaml")
+        record_path = other / "predictions" / "data.json"
+        record = json.loads(record_path.read_text())
+        if change == "labels":
+            record["datasets"]["breastmnist"]["labels_sha256"] = "0" * 64
+        else:
+            record.update(change)
+        record_path.write_text(json.dumps(record))
+        output = tmp_path / "out"
+        code, _, err = quiet(evaluate_main, ["compare", str(a), str(other), "--output", str(output)])
+        assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
+        assert not output.exists()
+
+
+def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(study, tmp_path, monkeypatch):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    source = study.out / "weighting-none"
+    code, _, _ = quiet(evaluate_main, ["probe", str(source), "--method", "knn", "--k", "5", "--device", "cpu"])
+    assert code == 0
+    run_dir, result_dir = source / "seed0", source / "probe-knn" / "seed0"
+    table = json.loads((result_dir / "metrics.json").read_text())
+    assert set(table) == {*DATASETS, "mean"}
+    # features are the eval-mode backbone's (BatchNorm statistics frozen)
+    model, cfg = load_backbone(run_dir)
+    model.eval()
+    split = np.load(study.data / "breastmnist.npz")
+    test_features = np.load(run_dir / "features" / "breastmnist_28_test.npy")
+    with torch.no_grad():
+        expected = model.features(build_transform(cfg, model)(torch.from_numpy(split["test_images"]))).numpy()
+    np.testing.assert_allclose(test_features, expected, rtol=1e-4, atol=1e-5)
+    # the scores are those of a cosine 5-NN on the training features
+    train_features = np.load(run_dir / "features" / "breastmnist_28_train.npy")
+    knn = KNeighborsClassifier(5, metric="cosine").fit(train_features, split["train_labels"][:, 0])
+    np.testing.assert_allclose(_scores(result_dir, "breastmnist"), knn.predict_proba(test_features), atol=1e-6)
+    assert table["breastmnist"]["auc"] == pytest.approx(
+        getAUC(split["test_labels"], knn.predict_proba(test_features), "binary-class"), abs=1e-12)
+    # a second probe reads the cached features instead of running the backbone again
+    monkeypatch.setattr(probe_module, "extract_features", lambda *a, **k: pytest.fail("features were re-extracted"))
+    out = tmp_path / "again"
+    assert quiet(evaluate_main, ["probe", str(run_dir), "--method", "knn", "--output", str(out)])[0] == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_results(study, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    individual = study.out / "individual"
+    assert quiet(evaluate_main, ["probe", str(individual), "--method", "linear", "--device", "cpu"])[0] == 0
+    result_dir = individual / "probe-linear" / "seed0" / "breastmnist"
+    chosen = json.loads((result_dir / "probe.json").read_text())["chosen"]["breastmnist"]
+    features = individual / "seed0" / "breastmnist" / "features"
+    x = {s: np.load(features / f"breastmnist_28_{s}.npy") for s in ("train", "val")}
+    split = np.load(study.data / "breastmnist.npz")
+    val_aucs = []
+    for c in probe_module.C_GRID:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+        clf.fit(x["train"], split["train_labels"][:, 0])
+        val_aucs.append(getAUC(split["val_labels"], clf.predict_proba(x["val"]), "binary-class"))
+    assert chosen["C"] == probe_module.C_GRID[int(np.argmax(val_aucs))]
+    assert chosen["val_auc"] == pytest.approx(max(val_aucs), abs=1e-9)
+    # compare takes probe results as it takes runs: kNN of mm-PT vs linear of individual models, seeds both sides
+    knn = study.out / "weighting-none" / "probe-knn"
+    if not knn.exists():
+        assert quiet(evaluate_main, ["probe", str(study.out / "weighting-none"), "--method", "knn"])[0] == 0
+    code, _, _ = quiet(evaluate_main, ["compare", str(knn), str(individual / "probe-linear"), "--bootstrap", "20",
+                                       "--output", str(tmp_path)])
+    assert code == 0
+    assert json.loads((tmp_path / "compare.json").read_text())["datasets"] == DATASETS
+
+
+def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
+    out = tmp_path / "bare"
+    code, _, _ = quiet(evaluate_main, ["probe", "--backbone", "test_resnet", "--config", str(study.recipe),
+                                       "--method", "knn", "--output", str(out), "--device", "cpu"])
+    assert code == 0
+    assert set(json.loads((out / "metrics.json").read_text())) == {*DATASETS, "mean"}
+    assert (out / "predictions" / "data.json").is_file() and list((out / "features").glob("*.npy"))
+
+
+def test_init_from_copies_backbone_and_matching_heads_only(study):
+    source = study.out / "weighting-none" / "seed0"
+    cfg = load_config(study.recipe, [{"data": {"datasets": ["breast", "chest"]}}])
+    model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
+    chest_before = {k: v.clone() for k, v in model.heads["chestmnist"].state_dict().items()}
+    assert load_initial_weights(model, source, cfg) == ["breastmnist"]
+    saved = ckpt.load(source / "checkpoints" / "best.pt")[ckpt.MODEL]
+    for name, value in model.state_dict().items():
+        if name.startswith(("backbone.", "heads.breastmnist.")):
+            assert torch.equal(value, saved[name]), name
+    for name, value in model.heads["chestmnist"].state_dict().items():
+        assert torch.equal(value, chest_before[name])
+    for other in ({"model": {"backbone": "test_vit"}}, {"model": {"img_size": 32}, "input": {"mode": "pad"}}):
+        cfg = load_config(study.recipe, [other])
+        model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
+        with pytest.raises(MmptError, match="initialise from a run with the same backbone"):
+            load_initial_weights(model, source, cfg)
+
+
+def test_init_from_on_the_command_line(study, tmp_path):
+    source = study.out / "weighting-none" / "seed0"
+    refused = tmp_path / "vit"
+    code, _, err = quiet(train_main, ["--config", str(study.recipe), "--init-from", str(source), "--backbone",
+                                      "test_vit", "--output", str(refused)])
+    assert code == 2 and err.startswith("error: model.init_from") and err.count("\n") == 1
+    assert not refused.exists()
+    tuned = tmp_path / "tuned"
+    code, out, _ = quiet(train_main, ["--config", str(study.recipe), "--datasets", "breast", "--init-from",
+                                      str(source), "--output", str(tuned)])
+    assert code == 0 and "backbone and heads of breastmnist" in out
+    assert load_config(tuned / "config.yaml").model.init_from == str(source)
+    # mm-PFT: each seed of an individual series starts from the same seed of the mm-PT series
+    cfg = load_config(study.recipe, [{"model": {"init_from": str(study.out / "weighting-none")}}])
+    variants = plan_series(cfg, individual=True, seeds=[0, 1])
+    assert [(v.path, v.cfg.model.init_from) for v in variants] == [
+        (f"individual/seed{s}/{f}", str(study.out / "weighting-none" / f"seed{s}")) for s in (0, 1) for f in DATASETS
+    ]
+
+
+def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
+    run_dir = study.out / "weighting-none" / "seed0"
+    assert quiet(evaluate_main, [str(run_dir), "--output", str(tmp_path), "--device", "cpu"])[0] == 0
+    for name in ("confusion_breastmnist.png", "confusion_pneumoniamnist.png", "loss_curves.png"):
+        assert_png(tmp_path / name)
+
+
+def test_confusion_matrices_per_label_for_multi_label_tasks():
+    from mmpt.evaluation import confusion_matrices
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (50, 14))
+    scores = rng.random((50, 14))
+    panels = confusion_matrices(TASKS["chestmnist"], labels, scores)
+    assert len(panels) == 14
+    matrix, names = panels["chest: " + TASKS["chestmnist"].class_names[3]]
+    assert names == ["no", "yes"] and matrix.sum() == 50
+    assert matrix[1, 1] == np.sum((labels[:, 3] == 1) & (scores[:, 3] > 0.5))
+    (matrix, names), = confusion_matrices(TASKS["retinamnist"], labels[:, :1] * 4, scores[:, :5]).values()
+    assert matrix.shape == (5, 5) and matrix[4].sum() == np.sum(labels[:, 0] == 1)
+
+
+def test_loss_curves_plot_train_and_val_losses_and_tolerate_a_history_without_train_losses(tmp_path):
+    from mmpt.plots import plot_loss_curves
+
+    history = [
+        {"epoch": e, "val": {"breastmnist": {"loss": 1 / e}, "retinamnist": {"loss": 2 / e}, "mean": {"loss": 1.5 / e}},
+         "train_loss": {"breastmnist": 1.2 / e, "retinamnist": 2.5 / e}}
+        for e in (1, 2, 3)
+    ]
+    assert_png(plot_loss_curves(history, tmp_path / "both.png"))
+    for entry in history:
+        del entry["train_loss"]
+    assert_png(plot_loss_curves(history, tmp_path / "val_only.png"))
+    assert plot_loss_curves([], tmp_path / "none.png") is None
+
+
+def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = quiet(train_main, ["--print-config", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                                      "--epochs", "7", "--set", "loss.weighting=size"])
+    assert code == 0 and not (tmp_path / "runs").exists()
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [{"train": {"epochs": 7}, "loss": {"weighting": "size"}}])
+    assert to_dict(load_config(overrides=[yaml.safe_load(out)])) == to_dict(cfg)
+    lines = [line for line in out.splitlines() if not line.rstrip().endswith(":")]
+    assert all("  # " in line for line in lines)
+    assert "weighting: size  # none | size" in out and "mode: pad  # pad" in out and "| native" in out
+    assert "epochs: 7  # integer >= 1" in out
+
+
+def test_series_flags_with_bad_values_are_one_line_errors(study, tmp_path):
+    for flags, message in ((["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
+                           (["--sweep", "loss.weighting=none,heavy"], "loss.weighting must be one of"),
+                           (["--seeds", "0,x"], "--seeds expects")):
+        output = tmp_path / "never"
+        code, _, err = quiet(train_main, ["--config", str(study.recipe), "--output", str(output), *flags])
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not output.exists()
+
+
+def test_experiment_recipes_follow_the_doerrich_protocol():
+    recipes = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    runnable = [p for p in recipes if p.name != "protocol.yaml"]
+    assert len(runnable) == 16  # {mm-PT, individual} × {ResNet-18, ViT-B/16} × {28, 64, 128, 224}
+    for path in runnable:
+        assert yaml.safe_load(path.read_text())["base"] == "protocol.yaml", path
+        cfg = load_config(path)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == ("adamw", 1e-4, "cosine", 64)
+        assert (cfg.train.epochs, cfg.train.patience, cfg.train.monitor) == (100, 5, "val_loss")
+        assert (cfg.input.mode, cfg.model.img_size, cfg.model.pretrained) == ("pad", 224, True)
+        assert not any(to_dict(cfg.input.augment)[k] for k in ("hflip", "vflip", "random_resized_crop"))
+        assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem
+
+
+@pytest.mark.parametrize("flag", ["retinamnist", "chestmnist"])
+def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
+    from mmpt.experiments.compare import paired_bootstrap
+
+    task, rng = TASKS[flag], np.random.default_rng(1)
+    n, k = 80, task.num_classes
+    labels = rng.integers(0, 2 if task.label_width > 1 else k, (n, task.label_width))
+    if task.label_width == 1:
+        labels[:k, 0] = np.arange(k)  # every grade present
+    scores_a, scores_b = rng.random((n, k)), rng.random((n, k))
+    low, high = paired_bootstrap(task, labels, [scores_a], [scores_b], ["auc"], n_resamples=30, seed=3)
+    kind = task.task_type
+
+    def interval(statistic):
+        res = scipy.stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=30,
+                                    method="percentile", rng=np.random.default_rng(3))
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    expected_value = interval(lambda i: getAUC(labels[i], scores_b[i], kind))
+    expected_diff = interval(lambda i: getAUC(labels[i], scores_b[i], kind) - getAUC(labels[i], scores_a[i], kind))
+    np.testing.assert_allclose([low[0], high[0]], expected_value, atol=1e-12)
+    np.testing.assert_allclose([low[1], high[1]], expected_diff, atol=1e-12)

@@ -267,28 +267,17 @@ def _subcommand(argv: list[str]) -> int:
         summarize(Path(summarize_parser().parse_args(rest).series))
         return 0
     a = probe_parser().parse_args(rest)
-    from mmpt.experiments.probe import probe, probe_runs
+    from mmpt.experiments.probe import probe_runs
 
     common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
                   device=a.device, batch_size=a.batch_size)
     if a.backbone:
         if a.run:
             raise MmptError("probe a run or a bare --backbone, not both")
-        from mmpt.config import load_config
-        from mmpt.model import MultiTaskNet, create_backbone
-        from mmpt.runtime import configure_determinism
+        from mmpt.experiments.probe import probe_backbone
 
-        flags = {"model": {"backbone": a.backbone, "pretrained": a.pretrained}}
-        if a.resolution:
-            flags["data"] = {"resolution": a.resolution}
-        cfg = load_config(a.config, [flags])
-        configure_determinism(cfg.train.seed, cfg.determinism)  # an untrained backbone's weights follow the seed
-        backbone = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
-                                   dynamic_img_size=cfg.input.mode == "native")
-        tag = f"backbone-{a.backbone}{'-pretrained' if a.pretrained else ''}-{cfg.data.resolution}px"
-        output = Path(a.output) if a.output else Path("runs") / tag / f"probe-{a.method}"
-        probe(MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg, output,
-              features_dir=(output if a.output else output.parent) / "features", name=tag, **common)
+        probe_backbone(a.backbone, pretrained=a.pretrained, config=a.config, resolution=a.resolution,
+                       output=Path(a.output) if a.output else None, **common)
         return 0
     if not a.run:
         raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")

@@ -23,14 +23,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mmpt.config import Config
+from mmpt.data.store import open_data
+from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, metrics_table, write_predictions
+from mmpt.io import atomic_write, write_json
 from mmpt.metrics import compute_metrics
 from mmpt.model import MultiTaskNet, build_transform, load_backbone
 from mmpt.report import format_table, write_metrics
-from mmpt.data.store import open_data
-from mmpt.distributed import select_device
-from mmpt.io import atomic_write, write_json
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
 
@@ -213,3 +213,27 @@ def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwarg
         probe(model, cfg, out, method=method, features_dir=leaf / FEATURES, **kwargs)
         written.append(out)
     return written
+
+
+def probe_backbone(
+    name: str, *, pretrained: bool, config: str | None, resolution: int | None, output: Path | None, **kwargs
+) -> dict[str, dict[str, float]]:
+    """Probe a bare timm backbone (untrained, its weights from the seed, or ImageNet-pretrained): the reference.
+
+    Results go to `output`, default runs/backbone-<name>[-pretrained]-<size>px/probe-<method>.
+    """
+    from mmpt.config import load_config
+    from mmpt.model import create_backbone
+
+    flags = {"model": {"backbone": name, "pretrained": pretrained}}
+    if resolution:
+        flags["data"] = {"resolution": resolution}
+    cfg = load_config(config, [flags])
+    configure_determinism(cfg.train.seed, cfg.determinism)  # an untrained backbone's weights follow the seed
+    backbone = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
+                               dynamic_img_size=cfg.input.mode == "native")
+    tag = f"backbone-{name}{'-pretrained' if pretrained else ''}-{cfg.data.resolution}px"
+    folder = output or Path("runs") / tag / f"probe-{kwargs['method']}"
+    features_dir = (folder if output else folder.parent) / "features"
+    return probe(MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg, folder, features_dir=features_dir,
+                 name=tag, **kwargs)

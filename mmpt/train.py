@@ -152,7 +152,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         if state is not None:
             print(resumed_line(state[ckpt.PROGRESS], world))
 
-    log = Log(run_dir, world)
+    log = Log(run_dir, world, steps_done=progress.step)
     specs = {flag: task_data.task for flag, task_data in data.items()}
     loader_kwargs = dict(batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                          pin_memory=cfg.data.pin_memory, world=world)
@@ -258,12 +258,12 @@ class Saver:
 class Log:
     """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
 
-    def __init__(self, run_dir: Path, world: World) -> None:
+    def __init__(self, run_dir: Path, world: World, steps_done: int) -> None:
         self.world = world
         self.writer = SummaryWriter(str(run_dir / "tb")) if world.is_main else None
         self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
         self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
-        self.first_unchecked_step = 1
+        self.first_unchecked_step = steps_done + 1
         self.tick, self.images_seen = time.time(), 0
 
     def images(self, count: int) -> None:

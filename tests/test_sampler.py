@@ -1,4 +1,3 @@
-
 import medmnist
 import numpy as np
 import pytest

@@ -156,10 +156,20 @@ def _evaluate(argv: list[str]) -> int:
     run_dir = Path(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
-    evaluate_checkpoint(
-        checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
-        cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-    )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MmptError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from mmpt.runtime import Interrupted, interrupt_on_signals
+
+    try:
+        with interrupt_on_signals():
+            evaluate_checkpoint(
+                checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
+                cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+            )
+    except Interrupted as exc:
+        # evaluation keeps no state worth saving: stop at once; files already written are whole (atomic writes)
+        print(f"{exc} received: evaluation stopped; run the same command again to evaluate", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -174,6 +184,8 @@ def _compare(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise MmptError(f"{path} not found; finish the run or evaluate it first (evaluate.py {run})")
         tables[Path(run).name] = read_metrics(path)
+    if not any(args.metric in row for table in tables.values() for row in table.values()):
+        raise MmptError(f"no run has the metric '{args.metric}'; choose one of auc, acc, loss")
     print(f"{args.metric} per dataset")
     print(format_table(compare_table(tables, args.metric)))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from mmpt import checkpoint as ckpt
@@ -14,6 +15,16 @@ from mmpt.report import format_table, write_metrics
 from mmpt.runtime import configure_determinism, select_device
 from mmpt.tasks import resolve_tasks
 from mmpt.train import open_data
+
+
+def check_output_folder(output: Path) -> None:
+    """Raise MmptError unless `output` is a folder, or can be created as one, without writing anything yet."""
+    existing = next(p for p in (output, *output.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        what = "is a file" if existing == output else f"is inside {existing}, which is a file"
+        raise MmptError(f"--output {output} {what}; pass --output DIR with a folder")
+    if not os.access(existing, os.W_OK):
+        raise MmptError(f"--output {output}: {existing} is not writable; pass --output DIR with a writable folder")
 
 
 def evaluate_checkpoint(
@@ -35,6 +46,7 @@ def evaluate_checkpoint(
     data files. Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for
     an unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
     """
+    check_output_folder(output)
     state = ckpt.load(checkpoint)
     cfg = from_dict(state[ckpt.CONFIG])
     trained = resolve_tasks(cfg.data.datasets)
@@ -68,7 +80,11 @@ def evaluate_checkpoint(
         pin_memory=cfg.data.pin_memory,
     )
     table = metrics_table(results)
-    write_metrics(output, table)
-    write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name)
+    try:
+        write_metrics(output, table)
+        write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name)
+    except OSError as exc:
+        raise MmptError(f"cannot write the results into {output} ({exc.strerror or exc}); pass --output DIR with a "
+                        "writable folder") from None
     print(f"{split} metrics of {checkpoint}:\n{format_table(table)}\nwritten to {output}")
     return table

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from mmpt.errors import MmptError
 from mmpt.runtime import write_json
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
@@ -58,7 +59,18 @@ def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = 
 
 
 def read_metrics(path: Path) -> dict[str, dict[str, float]]:
-    return json.loads(Path(path).read_text())
+    """Read a metrics.json (dataset -> metric -> value). Raises MmptError if it is unreadable or malformed."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MmptError(f"{path} is not readable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "evaluate the run again to rewrite it (evaluate.py RUN_DIR)") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(row, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values())
+        for row in table.values()
+    ):
+        raise MmptError(f"{path} is not a table of dataset -> metric -> number; evaluate the run again to rewrite it")
+    return table
 
 
 def compare_table(tables: dict[str, dict[str, dict[str, float]]], metric: str) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
-from mmpt.data.store import TaskData, cache_location, open_task
+from mmpt.data.store import TaskData, cache_location, data_changes, open_task
 from mmpt.data.synthetic import ensure_synthetic
 from mmpt.errors import MmptError
 from mmpt.evaluation import autocast, evaluate_all, metrics_table, write_predictions
@@ -28,14 +28,40 @@ from mmpt.model import build_model, build_transform, resolve_backbone, unwrap
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.report import format_table, plot_history, write_metrics
 from mmpt.runtime import (
-    StopSignal, configure_determinism, environment, prepare_run_dir, select_device, write_json,
+    StopSignal, configure_determinism, environment, lock_run_dir, prepare_run_dir, select_device, write_json,
     write_text,
 )
 from mmpt.tasks import TaskSpec, resolve_tasks
 from mmpt.weighting import build_weighting
 
-# Config keys a resumed run must share with its checkpoint: they fix the model's shape and data.
-RESUME_MUST_MATCH = ("data.datasets", "data.resolution", "model.backbone", "model.img_size", "loss.ordinal")
+# Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and
+# the learning rate and clipping (the fixes the NaN message suggests; the LR schedules follow the new values).
+# Every other key defines the recipe (model, input, data, sampler, loss, optimizer state, seed) and must match
+# the checkpoint. train.batch_size is the global batch: another world size with the same global batch is fine.
+RESUME_MAY_CHANGE = frozenset({
+    "name", "output", "determinism",
+    "data.root", "data.cache_dir", "data.synthetic", "data.download", "data.verify", "data.num_workers",
+    "data.pin_memory", "data.prefetch_factor", "data.eval_batch_size", "data.allow_changed",
+    "optim.lr", "optim.head_lr", "optim.schedule", "optim.warmup_epochs", "optim.min_lr_ratio", "optim.clip_grad_norm",
+    "train.epochs", "train.device", "train.patience", "train.log_every_steps", "train.progress",
+})
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# Config keys a resumed run must share with its checkpoint (every key but those above and checkpoint.*).
+RESUME_MUST_MATCH = tuple(
+    key for key in _leaf_keys(to_dict(Config())) if key not in RESUME_MAY_CHANGE and not key.startswith("checkpoint.")
+)
 
 
 @dataclass
@@ -81,15 +107,35 @@ def load_resume_checkpoint(cfg: Config) -> dict:
             f"checkpoint {path} has no {', '.join(missing)} state, so training cannot continue from it (a copy of "
             f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
         )
-    saved, wanted = to_dict(from_dict(state[ckpt.CONFIG])), to_dict(cfg)
-    for key in RESUME_MUST_MATCH:
-        section, name = key.split(".")
-        if saved[section][name] != wanted[section][name]:
-            raise MmptError(
-                f"checkpoint {path} was trained with {key}={saved[section][name]}, not {wanted[section][name]}; "
-                "resume with the run's own config or start a new run with --output"
-            )
+    try:
+        saved = _leaf_keys(to_dict(from_dict(state[ckpt.CONFIG])))
+    except MmptError as exc:
+        raise MmptError(f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output") from None
+    wanted = _leaf_keys(to_dict(cfg))
+    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != wanted.get(key)]
+    if changed:
+        key = changed[0]
+        raise MmptError(
+            f"checkpoint {path} was trained with {key}={saved.get(key)}, not {wanted.get(key)}"
+            + (f" (also {', '.join(changed[1:])} differ)" if changed[1:] else "")
+            + f"; {key} cannot change mid-run: resume with the run's own config or start a new run with --output"
+        )
     return state
+
+
+def check_resume_data(state: dict, data: dict[str, TaskData], allow_changed: bool) -> None:
+    """Refuse to resume on data files other than those the checkpoint was trained on, unless `allow_changed`."""
+    changes = data_changes(state.get(ckpt.DATA, {}), data_identity(data))
+    if changes and not allow_changed:
+        raise MmptError(
+            f"the data changed since the checkpoint was written: {'; '.join(changes)}; resume on the files it was "
+            "trained on, or pass --set data.allow_changed=true to continue on the new data"
+        )
+
+
+def data_identity(data: dict[str, TaskData]) -> dict[str, dict]:
+    """Each task's data-file identity, as a checkpoint records it."""
+    return {flag: dict(task_data.identity) for flag, task_data in data.items()}
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -110,9 +156,12 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     resolve_backbone(cfg.model.backbone)
     check_optimizer_name(cfg.optim.name)
     data = open_data(cfg, tasks)
+    if state is not None:
+        check_resume_data(state, data, cfg.data.allow_changed)
     configure_determinism(cfg.train.seed, cfg.determinism)
     device = select_device(cfg.train.device)
     model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+    lock_run_dir(run_dir)  # one writer per run folder, until this process ends
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
     keep = f"before-resume-at-step{state[ckpt.PROGRESS]['step']}" if state is not None else None
@@ -148,7 +197,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         return {
             ckpt.MODEL: unwrap(model).state_dict(), ckpt.OPTIMIZERS: optimizers.state_dict(),
             ckpt.WEIGHTING: weighting.state_dict(), ckpt.PROGRESS: dataclasses.asdict(progress),
-            ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg),
+            ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg), ckpt.DATA: data_identity(data),
         }
 
     checkpoints = run_dir / "checkpoints"

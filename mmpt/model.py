@@ -144,3 +144,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP and torch.compile wrappers so state_dict keys never carry their prefixes."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def check_batch_size(model: nn.Module, batch_size: int) -> None:
+    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: they need two values per channel to train."""
+    if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise MmptError(
+            "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "
+            "use --batch-size 2 or more"
+        )

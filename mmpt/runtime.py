@@ -254,17 +254,24 @@ def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) ->
     `{stem}.{keep_previous_as}{suffix}`: a resume that changes the config or the machine loses no record.
     """
     tmp = path.with_name(f".{path.name}.tmp")
+    kept = path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}") if keep_previous_as else None
+    created: list[Path] = []
     try:
-        if keep_previous_as and path.is_file():
+        if kept is not None and path.is_file():
             previous = path.read_bytes()
             if previous == text.encode():
                 return
-            path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}").write_bytes(previous)
+            if not kept.exists():
+                created.append(kept)
+            kept.write_bytes(previous)
+        created.append(tmp)
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        # leave the folder as it was: no half-written temp file, no kept copy of a file that did not change
+        for leftover in created:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
         raise MmptError(f"cannot write {path} ({exc.strerror or exc}); free disk space or make the folder writable") from None
 
 

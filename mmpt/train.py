@@ -24,7 +24,7 @@ from mmpt.data.store import TaskData, cache_location, data_changes, open_task
 from mmpt.data.synthetic import ensure_synthetic
 from mmpt.errors import MmptError
 from mmpt.evaluation import autocast, evaluate_all, metrics_table, write_predictions
-from mmpt.model import build_model, build_transform, resolve_backbone, unwrap
+from mmpt.model import build_model, build_transform, check_batch_size, resolve_backbone, unwrap
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.report import format_table, plot_history, write_metrics
 from mmpt.runtime import (
@@ -161,6 +161,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     configure_determinism(cfg.train.seed, cfg.determinism)
     device = select_device(cfg.train.device)
     model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+    check_batch_size(model, cfg.train.batch_size)
     lock_run_dir(run_dir)  # one writer per run folder, until this process ends
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one

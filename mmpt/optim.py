@@ -28,7 +28,7 @@ def check_optimizer_name(name: str) -> None:
         raise unknown_name("optimizer", name, list_optimizers())
     # some of timm's optimizers need CUDA or another package: find out now, before the run folder is written
     try:
-        create_optimizer_v2(nn.Linear(1, 1), opt=name, lr=1e-3)
+        create_optimizer_v2([nn.Parameter(torch.zeros(1))], opt=name, lr=1e-3)  # no module: draws no random numbers
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MmptError(f"optimizer {name} cannot be created here ({reason}); choose another optim.name, e.g. adamw") from None

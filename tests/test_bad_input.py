@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -593,3 +594,86 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
     assert last[ckpt.PROGRESS]["step"] == failed_step - 1
     assert not (out / "metrics.json").exists()
 
+
+
+# ---------------------------------------------------------------- a refused resume leaves the run resumable
+
+def test_a_refused_resume_leaves_the_run_resumable(env, capsys):
+    before = snapshot(env.run)
+    assert train_main(["--resume", str(env.run), "--set", "optim.per_head=false"]) == 2
+    assert "optim.per_head" in one_error_line(capsys.readouterr().err)
+    assert snapshot(env.run) == before
+    assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
+    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["epoch"] == 2
+
+
+def test_resume_on_changed_data_goes_on_with_allow_changed(env, capsys):
+    root = env.tmp / "moved_data"
+    shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))
+    os.utime(root / "breastmnist.npz", ns=(1_000_000_000, 1_000_000_000))
+    assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2",
+                       "--set", "data.allow_changed=true"]) == 0
+    # the new checkpoint records the data it now trains on
+    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.DATA]["breastmnist"]["mtime_ns"] == 1_000_000_000
+
+
+def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
+    root = env.tmp / "copied_data"
+    shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))  # copy2 keeps size and mtime
+    assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2"]) == 0
+
+
+# ---------------------------------------------------------------- one run folder, one writer
+
+def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(env, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmpt.runtime import lock_run_dir; "
+         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(env.run)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(env.run)
+        assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "is in use by another mmpt process" in line and "--output DIR" in line
+        assert train_main([*env.train()[1]]) == 2  # --overwrite is refused too, before it removes anything
+        assert "is in use by another mmpt process" in one_error_line(capsys.readouterr().err)
+        assert snapshot(env.run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
+
+
+def test_train_script_into_a_folder_this_process_holds_is_refused(env):
+    from mmpt.runtime import lock_run_dir
+
+    lock_run_dir(env.run)  # held by the test process until it ends
+    before = snapshot(env.run)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--resume",
+                           str(env.run), "--epochs", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "is in use by another mmpt process" in one_error_line(proc.stderr)
+    assert snapshot(env.run) == before
+
+
+# ---------------------------------------------------------------- evaluate.py stops cleanly on a signal
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys, monkeypatch, sig):
+    import mmpt.evaluate
+
+    real = mmpt.evaluate.evaluate_all
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # arrives in the middle of evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmpt.evaluate, "evaluate_all", signalled)
+    out = env.tmp / "eval"
+    assert evaluate_main([str(env.run), "--device", "cpu", "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"{sig.name} received: evaluation stopped; run the same command again to evaluate"]
+    assert not (out / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored

@@ -44,7 +44,8 @@ def evaluate_checkpoint(
     data.cache_dir when reading the run's own data.root, else {data_root}/.mmpt-cache. Evaluation never
     generates or downloads data, so a checkpoint's data.synthetic or data.download cannot make it write
     data files. Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for
-    an unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
+    an unreadable or damaged checkpoint (its digest is verified), datasets the checkpoint has no head for,
+    missing data, or an `output` that is not (and cannot become) a writable folder.
     """
     check_output_folder(output)
     state = ckpt.load(checkpoint)

@@ -187,7 +187,7 @@ def _remove_outputs(run_dir: Path) -> list[str]:
             clear(path, lambda n: bool(EVENT_FILE.fullmatch(n)))
         elif name == "predictions":
             clear(path, is_prediction)
-        elif name == "eval" and not path.is_symlink():
+        elif name == "eval" and path.is_dir() and not path.is_symlink():
             # evaluate.py's default output: eval/{val,test}/metrics.* and eval/{split}/predictions/
             for split in sorted(path.iterdir()):
                 if split.name not in ("val", "test") or split.is_symlink() or not split.is_dir():

@@ -671,9 +671,10 @@ def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mmpt.evaluate, "evaluate_all", signalled)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out = env.tmp / "eval"
     assert evaluate_main([str(env.run), "--device", "cpu", "--output", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.splitlines() == [f"{sig.name} received: evaluation stopped; run the same command again to evaluate"]
     assert not (out / "metrics.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are restored

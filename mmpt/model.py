@@ -147,7 +147,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
-    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: they need two values per channel to train."""
+    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per channel."""
     if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise MmptError(
             "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "

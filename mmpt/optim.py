@@ -31,7 +31,9 @@ def check_optimizer_name(name: str) -> None:
         create_optimizer_v2([nn.Parameter(torch.zeros(1))], opt=name, lr=1e-3)  # no module: draws no random numbers
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise MmptError(f"optimizer {name} cannot be created here ({reason}); choose another optim.name, e.g. adamw") from None
+        raise MmptError(
+            f"optimizer {name} cannot be created here ({reason}); choose another optim.name, e.g. adamw"
+        ) from None
 
 
 def build_schedule(

@@ -63,8 +63,10 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]]:
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MmptError(f"{path} is not readable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        "evaluate the run again to rewrite it (evaluate.py RUN_DIR)") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MmptError(
+            f"{path} is not readable JSON ({reason}); evaluate the run again to rewrite it (evaluate.py RUN_DIR)"
+        ) from None
     if not isinstance(table, dict) or not all(
         isinstance(row, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values())
         for row in table.values()

@@ -272,7 +272,9 @@ def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) ->
         for leftover in created:
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
-        raise MmptError(f"cannot write {path} ({exc.strerror or exc}); free disk space or make the folder writable") from None
+        raise MmptError(
+            f"cannot write {path} ({exc.strerror or exc}); free disk space or make the folder writable"
+        ) from None
 
 
 def write_json(path: Path, data: dict, *, keep_previous_as: str | None = None) -> None:

@@ -110,7 +110,9 @@ def load_resume_checkpoint(cfg: Config) -> dict:
     try:
         saved = _leaf_keys(to_dict(from_dict(state[ckpt.CONFIG])))
     except MmptError as exc:
-        raise MmptError(f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output") from None
+        raise MmptError(
+            f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output"
+        ) from None
     wanted = _leaf_keys(to_dict(cfg))
     changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != wanted.get(key)]
     if changed:

@@ -268,6 +268,16 @@ def disk_full_on(e: Env, name: str) -> None:
     e.mp.setattr(Path, "write_text", write_text)
 
 
+def disk_full_unpacking(e: Env):
+    from mmpt.data import store
+
+    def no_space(src, dst, nbytes):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    e.mp.setattr(store, "_copy_chunks", no_space)
+    return e.train("--set", f"data.cache_dir={e.tmp / 'fresh_cache'}")
+
+
 def disk_full_on_resume(e: Env):
     disk_full_on(e, "config.yaml")
     return e.resume("--epochs", "2")  # a new config.yaml to write, and its earlier text to keep
@@ -351,6 +361,12 @@ CASES = [
                  id="eval-output-is-a-file"),
     pytest.param(lambda e: e.evaluate("--output", str(e.file() / "eval")), ["which is a file", "--output DIR"],
                  id="eval-output-parent-is-a-file"),
+    pytest.param(disk_full_unpacking, ["cannot unpack retinamnist.npz", "No space left on device", "data.cache_dir"],
+                 id="disk-full-unpacking-into-the-cache"),
+    pytest.param(lambda e: e.train("--data-root", str(e.file())), ["retinamnist.npz not found", "--data-root DIR"],
+                 id="data-root-is-a-file"),
+    pytest.param(lambda e: e.evaluate("--data-root", str(e.file())), ["not found", "--data-root DIR"],
+                 id="eval-data-root-is-a-file"),
     pytest.param(disk_full_on_resume, ["cannot write", "config.yaml", "No space left on device", "free disk space"],
                  id="disk-full-writing-config"),
     pytest.param(disk_full_at_checkpoint, ["cannot write checkpoint", "No space left on device",
@@ -406,6 +422,8 @@ CASES = [
                  ["optimizer bnbadamw cannot be created here", "choose another optim.name"],
                  id="optimizer-not-available-here"),
     # evaluate.py flags
+    pytest.param(lambda e: e.train("--set", "optim.lr"), ["--set expects key.sub=value", "'optim.lr'"],
+                 id="set-without-a-value"),
     pytest.param(lambda e: e.evaluate("--batch-size", "0"), ["--batch-size must be >= 1", "got 0"],
                  id="eval-batch-size-0"),
     pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "gpu"]),

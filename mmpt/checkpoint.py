@@ -1,6 +1,8 @@
-"""Checkpoints: atomic writes (mmpt.io), safe loads (`weights_only=True`), weight digests.
+"""Checkpoints: atomic writes (mmpt.io), safe loads (`weights_only=True`), weight digests, integrity checks.
 
-A checkpoint is a dict of tensors and plain Python values, never code.
+A checkpoint is a dict of tensors and plain Python values, never code. It carries a SHA-256 digest of
+everything else it holds, and every load verifies it, so a file whose bytes changed after mmpt wrote it
+(bit rot, a bad copy, an edit) is refused instead of silently training or evaluating other weights.
 """
 
 from __future__ import annotations
@@ -24,23 +26,37 @@ STEP = "step"  # the training step's own state (fp16 gradient scaler)
 PROGRESS = "progress"
 RNG = "rng"
 CONFIG = "config"
+DATA = "data"  # identity of each data file trained on (size and mtime, MD5 when verified)
 FORMAT = "format"
-FORMAT_VERSION = 2  # 2: the training step's state, progress.done and world_size, mmpt.io writes
+DIGEST = "digest"  # SHA-256 over every other key: verified on every load
+FORMAT_VERSION = 2  # 2: DIGEST, DATA, the training step's state, progress.done and world_size
 
 LAST = "last.pt"
 BEST = "best.pt"
 
 
 def save(path: Path, state: dict) -> None:
-    """Write `state` to `path` atomically with torch.save."""
-    atomic_write(path, lambda f: torch.save(dict(state, **{FORMAT: FORMAT_VERSION}), f))
+    """Write `state` to `path` atomically with torch.save, with the format version and a digest of the whole state.
+
+    Raises MmptError if the file cannot be written (disk full, read-only folder); the previous file is kept.
+    """
+    state = dict(state, **{FORMAT: FORMAT_VERSION})
+    state[DIGEST] = content_digest(state)
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as exc:
+        raise MmptError(
+            f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous one is intact: free disk space "
+            "or make the folder writable, then resume"
+        ) from None
 
 
 def load(path: Path) -> dict:
-    """Read a checkpoint with `torch.load(weights_only=True)`.
+    """Read a checkpoint with `torch.load(weights_only=True)` and verify its digest; return the state without it.
 
-    Raises MmptError if the file is missing, unreadable, lacks the model or config, or holds anything but
-    tensors and plain values (for example a pickle crafted to run code, which is refused without running it).
+    Raises MmptError if the file is missing, unreadable, lacks the model or config, holds anything but
+    tensors and plain values (for example a pickle crafted to run code, which is refused without running it),
+    has another format version, or fails its digest (its bytes changed after mmpt wrote it).
     """
     path = Path(path)
     if not path.is_file():
@@ -57,7 +73,64 @@ def load(path: Path) -> dict:
         raise MmptError(f"checkpoint {path} is unreadable or truncated ({first}); use another checkpoint") from None
     if not isinstance(state, dict) or not {FORMAT, MODEL, CONFIG} <= state.keys():
         raise MmptError(f"{path} is not an mmpt checkpoint; pass a checkpoint written by mmpt")
+    if state[FORMAT] != FORMAT_VERSION or DIGEST not in state:
+        raise MmptError(
+            f"checkpoint {path} has format {state[FORMAT]!r}, but this mmpt reads format {FORMAT_VERSION} "
+            f"(with a digest); use the mmpt version that wrote it, or train a new run"
+        )
+    stored = state.pop(DIGEST)
+    if not isinstance(stored, str) or content_digest(state) != stored:
+        damage = "; it holds non-finite weights" if _has_non_finite(state[MODEL]) else ""
+        raise MmptError(
+            f"checkpoint {path} fails its integrity check (its bytes changed after mmpt wrote it{damage}), so it was "
+            f"not used; restore it from a backup, or use the other checkpoint explicitly ({_fallback(path)})"
+        )
     return state
+
+
+def _fallback(path: Path) -> str:
+    """What to use instead of a damaged checkpoint, in words."""
+    if path.name == LAST:
+        return f"evaluate.py --checkpoint {path.with_name(BEST)}; a resume needs an intact {LAST}"
+    return f"evaluate.py --checkpoint {path.with_name(LAST)}"
+
+
+def _has_non_finite(model_state) -> bool:
+    if not isinstance(model_state, dict):
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in model_state.values()
+    )
+
+
+def content_digest(value) -> str:
+    """SHA-256 over a checkpoint's nested dicts, lists, tensors and plain values (dict keys in sorted order).
+
+    Tensors contribute dtype, shape and bytes; other values their type and repr, so a round trip through
+    torch.save/torch.load gives the same digest.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
 
 
 def _unpickling_reason(exc: pickle.UnpicklingError) -> str:

@@ -300,17 +300,20 @@ def _evaluate(argv: list[str]) -> int:
     run_dir = Path(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
-    evaluate_checkpoint(
-        checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
-        cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-    )
-    if run_dir is not None and (run_dir / "val_history.json").is_file():
-        import json
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MmptError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from mmpt.runtime import Interrupted, interrupt_on_signals
 
-        from mmpt.plots import plot_loss_curves
-
-        plot_loss_curves(json.loads((run_dir / "val_history.json").read_text())["history"],
-                         output / "loss_curves.png")
+    try:
+        with interrupt_on_signals():
+            evaluate_checkpoint(
+                checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
+                cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+            )
+    except Interrupted as exc:
+        # evaluation keeps no state worth saving: stop at once; files already written are whole (atomic writes)
+        print(f"{exc} received: evaluation stopped; run the same command again to evaluate", file=sys.stderr)
+        return 130
     return 0
 
 

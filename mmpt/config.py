@@ -34,6 +34,7 @@ class DataConfig:
     pin_memory: bool = True
     prefetch_factor: int = 4
     eval_batch_size: int = 256
+    allow_changed: bool = False  # resume even if a data file differs from the one the checkpoint was trained on
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Config:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
 
 # A run name: one safe path component (no separators, not '.' or '..').
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -174,6 +176,17 @@ MINIMUM: dict[str, tuple[float, bool]] = {
     "train.log_every_steps": (1, True),
     "checkpoint.every_steps": (0, True),
     "checkpoint.every_minutes": (0, True),
+}
+
+
+# (maximum, inclusive?) where the consumer has an upper bound: a dropout probability below 1 (torch's dropout
+# takes [0, 1], and 1 zeroes every feature), a crop's scale is a fraction of the image area, np.random.seed
+# takes 0..2**32-1, and |D|**alpha must stay finite in float64 for the largest split (165,466**50 ~ 1e260).
+MAXIMUM: dict[str, tuple[float, bool]] = {
+    "model.drop_rate": (1, False),
+    "input.augment.crop_scale_min": (1, True),
+    "sampler.alpha": (50, True),
+    "train.seed": (2**32 - 1, True),
 }
 
 
@@ -222,7 +235,13 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise MmptError(f"config file {path} not found; pass an existing YAML file with --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MmptError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise MmptError(f"cannot read config file {path} ({exc.strerror or exc}); check its permissions") from None
     except yaml.YAMLError as exc:
         raise MmptError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):
@@ -248,6 +267,8 @@ def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip() or "\x00" in base:
+        raise MmptError(f"config {path}: base must be the path of another YAML file (a string), got {base!r}")
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise MmptError(f"config {path} has a cycle of 'base:' references; remove one")
@@ -299,6 +320,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
             low, inclusive = MINIMUM[key]
             if value < low or (value == low and not inclusive):
                 problems.append(f"{key} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+        if key in MAXIMUM and value is not None:
+            high, inclusive = MAXIMUM[key]
+            if value > high or (value == high and not inclusive):
+                problems.append(f"{key} must be {'<=' if inclusive else '<'} {high:g}, got {value!r}")
     return obj
 
 
@@ -324,6 +349,8 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         return (value, None) if isinstance(value, bool) else (None, "must be true or false")
     if hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -INT64_MAX <= value <= INT64_MAX:  # numpy and torch hold counts and seeds in 64 bits
+            return None, f"must be an integer within ±{INT64_MAX}"
         return (value, None) if ok else (None, "must be an integer")
     if hint is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string
@@ -338,6 +365,8 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
             return None, f"must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.3g})"
         return float(value), None
     if hint is str:
+        if isinstance(value, str) and "\x00" in value:  # paths and names: the OS refuses a NUL byte
+            return None, "must not contain a NUL character"
         return (value, None) if isinstance(value, str) else (None, "must be a string")
     raise AssertionError(f"config field type {hint} has no coercion rule")
 
@@ -365,7 +394,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"data.synthetic writes generated files under medmnist's names; give it a folder of its own "
             f"(data.root: data/synthetic), not {DataConfig.root}"
         )
-    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return problems
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,12 +70,18 @@ def init(device_name: str) -> tuple[World, torch.device]:
 
 
 def select_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an MmptError."""
+    """`auto` is CUDA when present, else CPU. Raises MmptError for another name, or a CUDA device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise MmptError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MmptError(f"train.device is {name} but no CUDA device is visible; use --set train.device=cpu")
-    return torch.device(name)
+        raise MmptError(f"device is {name} but no CUDA device is visible; use cpu (--device cpu)")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise MmptError(f"device is {name} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                        "use cuda:0 or cuda")
+    return device
 
 
 def shutdown() -> None:

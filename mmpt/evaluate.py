@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from mmpt import checkpoint as ckpt
@@ -11,10 +12,21 @@ from mmpt.data.store import open_data
 from mmpt.errors import MmptError
 from mmpt.evaluation import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.model import build_model, build_transform
-from mmpt.report import format_table, write_metrics
+from mmpt.plots import plot_loss_curves
+from mmpt.report import format_table, read_history, write_metrics
 from mmpt.distributed import select_device
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import resolve_tasks
+
+
+def check_output_folder(output: Path) -> None:
+    """Raise MmptError unless `output` is a folder, or can be created as one, without writing anything yet."""
+    existing = next(p for p in (output, *output.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        what = "is a file" if existing == output else f"is inside {existing}, which is a file"
+        raise MmptError(f"--output {output} {what}; pass --output DIR with a folder")
+    if not os.access(existing, os.W_OK):
+        raise MmptError(f"--output {output}: {existing} is not writable; pass --output DIR with a writable folder")
 
 
 def evaluate_checkpoint(
@@ -34,8 +46,10 @@ def evaluate_checkpoint(
     data.cache_dir when reading the run's own data.root, else {data_root}/.mmpt-cache. Evaluation never
     generates or downloads data, so a checkpoint's data.synthetic or data.download cannot make it write
     data files. Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for
-    an unreadable checkpoint, datasets the checkpoint has no head for, or missing data.
+    an unreadable or damaged checkpoint (its digest is verified), datasets the checkpoint has no head for,
+    missing data, or an `output` that is not (and cannot become) a writable folder.
     """
+    check_output_folder(output)
     state = ckpt.load(checkpoint)
     cfg = from_dict(state[ckpt.CONFIG])
     trained = resolve_tasks(cfg.data.datasets)
@@ -68,9 +82,16 @@ def evaluate_checkpoint(
     results = evaluate_all(model, loader, {f: d.task for f, d in data.items()}, losses, transform, torch_device,
                            precision=cfg.train.precision)
     table = metrics_table(results)
-    write_metrics(output, table)
-    write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name,
-                      data_root=str(cfg.data.root))
-    plot_confusions({t.flag: t for t in tasks}, results, output)
+    try:
+        write_metrics(output, table)
+        write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name,
+                          data_root=str(cfg.data.root))
+        plot_confusions({t.flag: t for t in tasks}, results, output)
+        history = checkpoint.parent.parent / "val_history.json"  # RUN/checkpoints/best.pt -> RUN/val_history.json
+        if history.is_file():
+            plot_loss_curves(read_history(history), output / "loss_curves.png")
+    except OSError as exc:
+        raise MmptError(f"cannot write the results into {output} ({exc.strerror or exc}); pass --output DIR with a "
+                        "writable folder") from None
     print(f"{split} metrics of {checkpoint}:\n{format_table(table)}\nwritten to {output}")
     return table

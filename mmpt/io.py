@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from mmpt.errors import MmptError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(file)` on a temp file beside `path`, then move it into place durably.
@@ -53,18 +55,27 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) -> None:
-    """Write `text` to `path` atomically.
+    """Write `text` to `path` atomically; an OSError (disk full, read-only folder) is an MmptError.
 
     With `keep_previous_as`, a file that already holds different text is first kept as
     `{stem}.{keep_previous_as}{suffix}`: a resume that changes the config or the machine loses no record.
     """
     path = Path(path)
-    if keep_previous_as and path.is_file():
-        previous = path.read_text()
-        if previous == text:
-            return
-        write_text(path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}"), previous)
-    write_bytes(path, text.encode())
+    kept = path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}") if keep_previous_as else None
+    created_kept = False
+    try:
+        if kept is not None and path.is_file():
+            previous = path.read_bytes()
+            if previous == text.encode():
+                return
+            created_kept = not kept.exists()
+            write_bytes(kept, previous)
+        write_bytes(path, text.encode())
+    except OSError as exc:
+        # leave the folder as it was: no kept copy of a file that did not change
+        if created_kept:
+            kept.unlink(missing_ok=True)
+        raise MmptError(f"cannot write {path} ({exc.strerror or exc}); free disk space or make the folder writable") from None
 
 
 def finite_json(value: Any) -> Any:
@@ -93,3 +104,12 @@ def write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     write_text(path, text.getvalue())
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """Read a JSON file mmpt wrote. Raises MmptError naming the file and `fix` when it is unreadable or malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MmptError(f"{path} is not readable JSON ({reason}); {fix}") from None

@@ -218,3 +218,12 @@ def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     weights = {k.removeprefix("backbone."): v for k, v in state[ckpt.MODEL].items() if k.startswith("backbone.")}
     backbone.load_state_dict(weights)
     return MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg
+
+
+def check_batch_size(model: nn.Module, batch_size: int) -> None:
+    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per channel."""
+    if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise MmptError(
+            "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "
+            "use --batch-size 2 or more"
+        )

@@ -17,16 +17,24 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from mmpt.errors import unknown_name
+from mmpt.errors import MmptError, unknown_name
 
 SHARED = "shared"  # the group name of the single optimizer when per_head is off
 BACKBONE = "backbone"
 
 
 def check_optimizer_name(name: str) -> None:
-    """Raise MmptError unless timm knows the optimizer `name`."""
+    """Raise MmptError unless timm knows the optimizer `name` and can create it in this environment."""
     if name not in list_optimizers():
         raise unknown_name("optimizer", name, list_optimizers())
+    # some of timm's optimizers need CUDA or another package: find out now, before the run folder is written
+    try:
+        create_optimizer_v2([nn.Parameter(torch.zeros(1))], opt=name, lr=1e-3)  # no module: draws no random numbers
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MmptError(
+            f"optimizer {name} cannot be created here ({reason}); choose another optim.name, e.g. adamw"
+        ) from None
 
 
 def build_schedule(

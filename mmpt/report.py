@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mmpt.io import write_csv, write_json, write_text
+from mmpt.errors import MmptError
+from mmpt.io import read_json, write_csv, write_json, write_text
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
 COLUMNS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "loss")
@@ -49,3 +50,11 @@ def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = 
     write_csv(csv_path, [["dataset", *columns], *([name, *(row.get(c, "") for c in columns)] for name, row in table.items())])
     write_text(md_path, format_markdown(table))
     return [json_path, csv_path, md_path]
+
+
+def read_history(path: Path) -> list[dict]:
+    """The per-epoch history in a run's val_history.json. Raises MmptError if it is malformed."""
+    data = read_json(path, "it is damaged: restore it from a backup, or train the run again")
+    if not isinstance(data, dict) or not isinstance(data.get("history"), list):
+        raise MmptError(f"{path} has no per-epoch history list; restore it from a backup, or train the run again")
+    return data["history"]

@@ -22,22 +22,52 @@ from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
-from mmpt.data.store import cache_location, open_data
+from mmpt.data.store import TaskData, cache_location, data_changes, open_data
 from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
-from mmpt.model import MultiTaskNet, build_model, build_transform, load_initial_weights, resolve_backbone
+from mmpt.model import (
+    MultiTaskNet, build_model, build_transform, check_batch_size, load_initial_weights, resolve_backbone,
+)
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
-from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment, prepare_run_dir
+from mmpt.runtime import (
+    Interrupted, StopSignal, configure_determinism, environment, lock_run_dir, prepare_run_dir,
+)
 from mmpt.step import TrainStep
 from mmpt.tasks import resolve_tasks
 from mmpt.weighting import build_weighting
 
-# Config keys a resumed run must share with its checkpoint: they fix the model's shape and data.
-RESUME_MUST_MATCH = ("data.datasets", "data.resolution", "model.backbone", "model.img_size", "loss.ordinal")
+# Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and
+# the learning rate and clipping (the fixes the NaN message suggests; the LR schedules follow the new values).
+# Every other key defines the recipe (model, input, data, sampler, loss, optimizer state, seed) and must match
+# the checkpoint. train.batch_size is the global batch: another world size with the same global batch is fine.
+RESUME_MAY_CHANGE = frozenset({
+    "name", "output", "determinism",
+    "data.root", "data.cache_dir", "data.synthetic", "data.download", "data.verify", "data.num_workers",
+    "data.pin_memory", "data.prefetch_factor", "data.eval_batch_size", "data.allow_changed",
+    "optim.lr", "optim.head_lr", "optim.schedule", "optim.warmup_epochs", "optim.min_lr_ratio", "optim.clip_grad_norm",
+    "train.epochs", "train.device", "train.patience", "train.log_every_steps", "train.progress",
+})
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# Config keys a resumed run must share with its checkpoint (every key but those above and checkpoint.*).
+RESUME_MUST_MATCH = tuple(
+    key for key in _leaf_keys(to_dict(Config())) if key not in RESUME_MAY_CHANGE and not key.startswith("checkpoint.")
+)
 
 
 @dataclass
@@ -71,17 +101,37 @@ def load_resume_checkpoint(cfg: Config) -> dict:
             f"checkpoint {path} has no {', '.join(missing)} state, so training cannot continue from it (a copy of "
             f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
         )
-    saved, wanted = to_dict(from_dict(state[ckpt.CONFIG])), to_dict(cfg)
-    for key in RESUME_MUST_MATCH:
-        section, name = key.split(".")
-        if saved[section][name] != wanted[section][name]:
-            raise MmptError(
-                f"checkpoint {path} was trained with {key}={saved[section][name]}, not {wanted[section][name]}; "
-                "resume with the run's own config or start a new run with --output"
-            )
+    try:
+        saved = _leaf_keys(to_dict(from_dict(state[ckpt.CONFIG])))
+    except MmptError as exc:
+        raise MmptError(
+            f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output"
+        ) from None
+    wanted = _leaf_keys(to_dict(cfg))
+    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != wanted.get(key)]
+    if changed:
+        key = changed[0]
+        raise MmptError(
+            f"checkpoint {path} was trained with {key}={saved.get(key)}, not {wanted.get(key)}"
+            + (f" (also {', '.join(changed[1:])} differ)" if changed[1:] else "")
+            + f"; {key} cannot change mid-run: resume with the run's own config or start a new run with --output"
+        )
     return state
 
 
+def check_resume_data(state: dict, data: dict[str, TaskData], allow_changed: bool) -> None:
+    """Refuse to resume on data files other than those the checkpoint was trained on, unless `allow_changed`."""
+    changes = data_changes(state.get(ckpt.DATA, {}), data_identity(data))
+    if changes and not allow_changed:
+        raise MmptError(
+            f"the data changed since the checkpoint was written: {'; '.join(changes)}; resume on the files it was "
+            "trained on, or pass --set data.allow_changed=true to continue on the new data"
+        )
+
+
+def data_identity(data: dict[str, TaskData]) -> dict[str, dict]:
+    """Each task's data-file identity, as a checkpoint records it."""
+    return {flag: dict(task_data.identity) for flag, task_data in data.items()}
 
 
 def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
@@ -100,11 +150,15 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         check_optimizer_name(cfg.optim.name)
         check_world(cfg, world)
         data = open_data(cfg.data, tasks)
+        if state is not None:
+            check_resume_data(state, data, cfg.data.allow_changed)
         configure_determinism(cfg.train.seed, cfg.determinism)
         model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+        check_batch_size(model, cfg.train.batch_size)
         if cfg.model.init_from and not resume:
             load_initial_weights(model, cfg.model.init_from, cfg)
         if world.is_main:
+            lock_run_dir(run_dir)  # one writer per run folder, until this process ends
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
     sampler_kwargs = dict(
@@ -138,6 +192,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZERS: optimizers.state_dict(),
             ckpt.WEIGHTING: weighting.state_dict(), ckpt.STEP: step.state_dict(),
             ckpt.PROGRESS: dataclasses.asdict(progress), ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg),
+            ckpt.DATA: data_identity(data),
         }
 
     checkpoints = run_dir / "checkpoints"

@@ -7,9 +7,12 @@ is cleared, even with --overwrite.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,6 +43,24 @@ class Env:
     run: Path  # a copy of the finished run: the earlier outputs that must survive
     other_run: Path  # a finished run on pneumonia only (another config)
     tmp: Path
+    mp: pytest.MonkeyPatch  # for machine failures (disk full) that cannot be made for real in a test
+
+    def resume(self, *extra: str) -> tuple:
+        return train_main, ["--resume", str(self.run), *extra]
+
+    def evaluate(self, *extra: str) -> tuple:
+        return evaluate_main, [str(self.run), "--device", "cpu", *extra]
+
+    def bytes_file(self, name: str, data: bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(data)
+        return path
+
+    def file(self, name: str = "a_file") -> Path:
+        """A plain file in the scratch folder (for paths that exist as a file, or whose parent is a file)."""
+        path = self.tmp / name
+        path.write_text("not a folder")
+        return path
 
     def train(self, *extra: str, root: Path | None = None) -> tuple:
         """A fresh training command into the copied run folder with --overwrite, so bad input is the only obstacle."""
@@ -81,11 +102,11 @@ def finished_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture
-def env(finished_runs, tmp_path) -> Env:
+def env(finished_runs, tmp_path, monkeypatch) -> Env:
     root, run, other = finished_runs
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    return Env(root=root, run=copy, other_run=other, tmp=tmp_path)
+    return Env(root=root, run=copy, other_run=other, tmp=tmp_path, mp=monkeypatch)
 
 
 # ---------------------------------------------------------------- the cases
@@ -197,7 +218,222 @@ def yaml_file(e: Env, text: str) -> Path:
     return path
 
 
+def tamper_checkpoint(path: Path, change) -> None:
+    """Change a checkpoint's weights in place, keeping its stored digest: the file still parses, as after bit rot."""
+    state = torch.load(path, weights_only=True)
+    change(next(t for t in state[ckpt.MODEL].values() if t.is_floating_point() and t.numel() > 1))
+    torch.save(state, path)
+
+
+def tampered_last(e: Env):
+    tamper_checkpoint(e.run / "checkpoints" / "last.pt", lambda t: t.add_(0.01))
+    return e.resume("--epochs", "2")
+
+
+def tampered_best(e: Env):
+    tamper_checkpoint(e.run / "checkpoints" / "best.pt", lambda t: t.view(-1).__setitem__(0, 0.5))
+    return e.evaluate()
+
+
+def non_finite_best(e: Env):
+    tamper_checkpoint(e.run / "checkpoints" / "best.pt", lambda t: t.fill_(float("nan")))
+    return e.evaluate()
+
+
+def old_format_last(e: Env):
+    path = e.run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state[ckpt.DIGEST]
+    torch.save(dict(state, **{ckpt.FORMAT: 1}), path)
+    return e.resume()
+
+
+def changed_data(e: Env):
+    # the same files in another folder, one of them rewritten since the run trained on it
+    root = e.tmp / "moved_data"
+    shutil.copytree(e.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))
+    os.utime(root / "breastmnist.npz", ns=(1_000_000_000, 1_000_000_000))
+    return e.resume("--data-root", str(root), "--epochs", "2")
+
+
+def disk_full_on(e: Env, name: str) -> None:
+    """Writing `name` (through its temp file) fails as on a full disk."""
+    real = Path.write_text
+
+    def write_text(path, *args, **kwargs):
+        if path.name == f".{name}.tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    e.mp.setattr(Path, "write_text", write_text)
+
+
+def disk_full_unpacking(e: Env):
+    from mmpt.data import store
+
+    def no_space(src, dst, nbytes):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    e.mp.setattr(store, "_copy_chunks", no_space)
+    return e.train("--set", f"data.cache_dir={e.tmp / 'fresh_cache'}")
+
+
+def disk_full_on_resume(e: Env):
+    disk_full_on(e, "config.yaml")
+    return e.resume("--epochs", "2")  # a new config.yaml to write, and its earlier text to keep
+
+
+def disk_full_at_checkpoint(e: Env):
+    def no_space(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    e.mp.setattr(ckpt, "atomic_write", no_space)
+    # a training run that reaches its first checkpoint (a fresh folder: the run folder must not change)
+    return train_main, [*e.train()[1], "--output", str(e.tmp / "fresh")]
+
+
+def item_in_run(e: Env, name: str, kind: str):
+    path = e.run / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir() if kind == "folder" else path.write_text("mine")
+    return e.train()
+
+
+def malformed(e: Env, name: str, data: bytes):
+    (e.run / name).write_bytes(data)
+    if name == "metrics.json":
+        return evaluate_main, ["--compare", str(e.run), str(e.other_run)]
+    return e.resume()
+
+
+# Resume must not change what defines the recipe: (key, flags that change it).
+RESUME_REFUSALS = [
+    ("optim.per_head", ["--set", "optim.per_head=false"]),
+    ("optim.name", ["--set", "optim.name=sgd"]),
+    ("optim.weight_decay", ["--set", "optim.weight_decay=0.5"]),
+    ("loss.weighting", ["--set", "loss.weighting=size"]),
+    ("loss.ordinal", ["--set", "loss.ordinal=ce"]),
+    ("train.batch_size", ["--batch-size", "8"]),
+    ("train.seed", ["--seed", "7"]),
+    ("train.precision", ["--set", "train.precision=bf16"]),
+    ("sampler.last_batch", ["--set", "sampler.last_batch=drop"]),
+    ("sampler.replacement", ["--set", "sampler.replacement=true"]),
+    ("sampler.steps_per_epoch", ["--set", "sampler.steps_per_epoch=3"]),
+    ("input.mode", ["--set", "input.mode=pad"]),
+    ("model.drop_rate", ["--set", "model.drop_rate=0.5"]),
+    ("data.resolution", ["--resolution", "64"]),
+]
+
+
 CASES = [
+    # resume: a setting that cannot change mid-run
+    *[pytest.param(lambda e, flags=flags: e.resume(*flags), [f"was trained with {key}=", "cannot change mid-run",
+                                                             "start a new run with --output"],
+                   id=f"resume-changes-{key}") for key, flags in RESUME_REFUSALS],
+    pytest.param(changed_data, ["the data changed since the checkpoint was written", "breastmnist.npz",
+                                "--set data.allow_changed=true"], id="resume-on-changed-data"),
+    # checkpoints are verified before they are trusted
+    pytest.param(tampered_last, ["last.pt fails its integrity check", "restore it from a backup",
+                                 "evaluate.py --checkpoint", "best.pt"], id="resume-tampered-last"),
+    pytest.param(tampered_best, ["best.pt fails its integrity check", "evaluate.py --checkpoint", "last.pt"],
+                 id="eval-tampered-best"),
+    pytest.param(non_finite_best, ["best.pt fails its integrity check", "non-finite weights"],
+                 id="eval-non-finite-best"),
+    pytest.param(old_format_last, ["last.pt has format 1", "this mmpt reads format 2"], id="resume-old-format"),
+    # filesystem: paths that exist as the wrong kind, parents that are files, a full disk
+    pytest.param(lambda e: (train_main, [*e.train()[1], "--output", str(e.file() / "run")]),
+                 ["cannot create or open the run folder", "Not a directory", "--output DIR"],
+                 id="output-parent-is-a-file"),
+    pytest.param(lambda e: (train_main, [*e.train()[1], "--output", str(e.file())]),
+                 ["cannot create or open the run folder", "--output DIR"], id="output-is-a-file"),
+    pytest.param(lambda e: item_in_run(e, "checkpoints", "file"),
+                 ["has a file named checkpoints where mmpt writes a folder", "move it away"],
+                 id="checkpoints-is-a-file"),
+    pytest.param(lambda e: item_in_run(e, "tb", "file"), ["has a file named tb where mmpt writes a folder"],
+                 id="tb-is-a-file"),
+    pytest.param(lambda e: item_in_run(e, "config.yaml", "folder"),
+                 ["has a folder named config.yaml where mmpt writes a file"], id="config-yaml-is-a-folder"),
+    pytest.param(lambda e: e.train("--set", f"data.cache_dir={e.file() / 'cache'}"),
+                 ["cannot create the cache folder", "Not a directory", "data.cache_dir"], id="cache-parent-is-a-file"),
+    pytest.param(lambda e: e.evaluate("--cache-dir", str(e.file() / "cache")),
+                 ["cannot create the cache folder", "data.cache_dir"], id="eval-cache-parent-is-a-file"),
+    pytest.param(lambda e: e.evaluate("--output", str(e.file())), ["is a file", "--output DIR"],
+                 id="eval-output-is-a-file"),
+    pytest.param(lambda e: e.evaluate("--output", str(e.file() / "eval")), ["which is a file", "--output DIR"],
+                 id="eval-output-parent-is-a-file"),
+    pytest.param(disk_full_unpacking, ["cannot unpack retinamnist.npz", "No space left on device", "data.cache_dir"],
+                 id="disk-full-unpacking-into-the-cache"),
+    pytest.param(lambda e: e.train("--data-root", str(e.file())), ["retinamnist.npz not found", "--data-root DIR"],
+                 id="data-root-is-a-file"),
+    pytest.param(lambda e: e.evaluate("--data-root", str(e.file())), ["not found", "--data-root DIR"],
+                 id="eval-data-root-is-a-file"),
+    pytest.param(disk_full_on_resume, ["cannot write", "config.yaml", "No space left on device", "free disk space"],
+                 id="disk-full-writing-config"),
+    pytest.param(disk_full_at_checkpoint, ["cannot write checkpoint", "No space left on device",
+                                           "the previous one is intact"], id="disk-full-writing-checkpoint"),
+    # files read back that are malformed
+    pytest.param(lambda e: malformed(e, "metrics.json", b"{not json"), ["metrics.json is not readable JSON",
+                                                                          "evaluate the run again"],
+                 id="compare-malformed-metrics-json"),
+    pytest.param(lambda e: malformed(e, "metrics.json", b'{"breastmnist": [1, 2]}'),
+                 ["is not a table of dataset -> metric -> number"], id="compare-metrics-json-of-another-shape"),
+    pytest.param(lambda e: malformed(e, "metrics.json", b"\xff\xfe{}"), ["metrics.json is not readable JSON"],
+                 id="compare-metrics-json-not-utf8"),
+    pytest.param(lambda e: malformed(e, "config.yaml", b"train: {epochs: 2\n"), ["config.yaml is not valid YAML"],
+                 id="resume-malformed-config-yaml"),
+    pytest.param(lambda e: malformed(e, "config.yaml", b"train:\n  epochs: \xff\n"), ["config.yaml is not UTF-8 text"],
+                 id="resume-config-yaml-not-utf8"),
+    pytest.param(lambda e: malformed(e, "config.yaml", b"- a list\n"), ["must hold a mapping"],
+                 id="resume-config-yaml-a-list"),
+    pytest.param(lambda e: malformed(e, "config.yaml", b"train: {epochs: many}\n"),
+                 ["train.epochs must be an integer"], id="resume-config-yaml-bad-value"),
+    # YAML shapes
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: 5\n"))),
+                 ["base must be the path of another YAML file", "got 5"], id="yaml-base-a-number"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: [a.yaml]\n"))),
+                 ["base must be the path of another YAML file", "['a.yaml']"], id="yaml-base-a-list"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: {file: a.yaml}\n"))),
+                 ["base must be the path of another YAML file"], id="yaml-base-a-mapping"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: missing.yaml\n"))),
+                 ["missing.yaml not found"], id="yaml-base-missing"),
+    pytest.param(lambda e: e.train("--config", str(e.tmp)), ["not found", "--config"], id="config-is-a-folder"),
+    pytest.param(lambda e: e.train("--config", str(e.bytes_file("latin1.yaml", b"name: caf\xe9\n"))),
+                 ["latin1.yaml is not UTF-8 text", "save it as UTF-8"], id="yaml-not-utf8"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "loss: [1, 2]\n"))),
+                 ["loss must be a mapping"], id="yaml-section-a-list"),
+    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "optim:\n  weight_decay: [1]\n"))),
+                 ["optim.weight_decay must be a number"], id="yaml-value-a-list"),
+    # config keys against the range their consumer accepts
+    pytest.param(lambda e: e.train("--set", "model.drop_rate=1"), ["model.drop_rate must be < 1"], id="drop-rate-1"),
+    pytest.param(lambda e: e.train("--set", "input.augment.crop_scale_min=1.5"),
+                 ["input.augment.crop_scale_min must be <= 1"], id="crop-scale-above-1"),
+    pytest.param(lambda e: e.train("--set", "sampler.alpha=1000"), ["sampler.alpha must be <= 50"],
+                 id="alpha-overflows"),
+    pytest.param(lambda e: e.train("--seed", str(2**32)), ["train.seed must be <= 4.29497e+09"], id="seed-above-2-32"),
+    pytest.param(lambda e: e.train("--epochs", str(2**64)), ["train.epochs must be an integer within"],
+                 id="int-beyond-64-bits"),
+    pytest.param(lambda e: e.train("--set", "name=a\x00b"), ["name must not contain a NUL character"],
+                 id="nul-in-a-string"),
+    pytest.param(lambda e: e.train("--device", "cuda:x"), ["train.device must be auto, cpu, cuda or cuda:N"],
+                 id="device-not-a-device"),
+    pytest.param(lambda e: e.train("--batch-size", "1"), ["train.batch_size is 1", "BatchNorm", "--batch-size 2"],
+                 id="batch-size-1-with-batchnorm"),
+    pytest.param(lambda e: e.train("--set", "optim.name=bnbadamw"),
+                 ["optimizer bnbadamw cannot be created here", "choose another optim.name"],
+                 id="optimizer-not-available-here"),
+    # evaluate.py flags
+    pytest.param(lambda e: e.train("--set", "optim.lr"), ["--set expects key.sub=value", "'optim.lr'"],
+                 id="set-without-a-value"),
+    pytest.param(lambda e: e.evaluate("--batch-size", "0"), ["--batch-size must be >= 1", "got 0"],
+                 id="eval-batch-size-0"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "gpu"]),
+                 ["device must be auto, cpu, cuda or cuda:N", "'gpu'"], id="eval-device-not-a-device"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "cuda:7"]), ["device is cuda:7", "cuda"],
+                 id="eval-device-not-present"),
+    pytest.param(lambda e: (evaluate_main, ["--compare", str(e.run), str(e.other_run), "--metric", "f1"]),
+                 ["no run has the metric 'f1'", "choose one of"], id="compare-unknown-metric"),
+    pytest.param(lambda e: (evaluate_main, [str(e.run), str(e.other_run)]), ["evaluate one run at a time", "--compare"],
+                 id="eval-two-runs-without-compare"),
     # data
     pytest.param(missing_data_file, ["breastmnist.npz not found", "--data-root", "--download", "data.synthetic"],
                  id="missing-data-file"),
@@ -382,3 +618,87 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
     assert last[ckpt.PROGRESS]["step"] == failed_step - 1
     assert not (out / "metrics.json").exists()
 
+
+
+# ---------------------------------------------------------------- a refused resume leaves the run resumable
+
+def test_a_refused_resume_leaves_the_run_resumable(env, capsys):
+    before = snapshot(env.run)
+    assert train_main(["--resume", str(env.run), "--set", "optim.per_head=false"]) == 2
+    assert "optim.per_head" in one_error_line(capsys.readouterr().err)
+    assert snapshot(env.run) == before
+    assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
+    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["epoch"] == 2
+
+
+def test_resume_on_changed_data_goes_on_with_allow_changed(env, capsys):
+    root = env.tmp / "moved_data"
+    shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))
+    os.utime(root / "breastmnist.npz", ns=(1_000_000_000, 1_000_000_000))
+    assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2",
+                       "--set", "data.allow_changed=true"]) == 0
+    # the new checkpoint records the data it now trains on
+    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.DATA]["breastmnist"]["mtime_ns"] == 1_000_000_000
+
+
+def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
+    root = env.tmp / "copied_data"
+    shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))  # copy2 keeps size and mtime
+    assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2"]) == 0
+
+
+# ---------------------------------------------------------------- one run folder, one writer
+
+def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(env, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmpt.runtime import lock_run_dir; "
+         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(env.run)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(env.run)
+        assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "is in use by another mmpt process" in line and "--output DIR" in line
+        assert train_main([*env.train()[1]]) == 2  # --overwrite is refused too, before it removes anything
+        assert "is in use by another mmpt process" in one_error_line(capsys.readouterr().err)
+        assert snapshot(env.run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
+
+
+def test_train_script_into_a_folder_this_process_holds_is_refused(env):
+    from mmpt.runtime import lock_run_dir
+
+    lock_run_dir(env.run)  # held by the test process until it ends
+    before = snapshot(env.run)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--resume",
+                           str(env.run), "--epochs", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "is in use by another mmpt process" in one_error_line(proc.stderr)
+    assert snapshot(env.run) == before
+
+
+# ---------------------------------------------------------------- evaluate.py stops cleanly on a signal
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys, monkeypatch, sig):
+    import mmpt.evaluate
+
+    real = mmpt.evaluate.evaluate_all
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # arrives in the middle of evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmpt.evaluate, "evaluate_all", signalled)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out = env.tmp / "eval"
+    assert evaluate_main([str(env.run), "--device", "cpu", "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"{sig.name} received: evaluation stopped; run the same command again to evaluate"]
+    assert not (out / "metrics.json").exists()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are restored

@@ -70,21 +70,56 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
         configure_determinism(0, True)
 
 
-def test_overwrite_clears_mmpt_outputs_and_keeps_everything_else(tmp_path):
+def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_path, capsys):
     run = tmp_path / "run"
-    mmpt_files = ["checkpoints/last.pt", "tb/events.x", "predictions/a.csv", "eval/test/metrics.json", "summary.json",
-                  "config.yaml", "config.before-resume-at-step5.yaml", "metrics.md", "metrics.csv", "val_auc.png",
-                  "loss_curves.png", "features/breastmnist_28_test.npy", "probe-knn/predictions/data.json",
-                  "compare.md", "compare_auc.png"]
-    user_files = ["notes.txt", "my_analysis/plot.py"]
+    prediction = "breastmnist_test_[AUC]0.812_[ACC]0.750@tiny.csv"
+    mmpt_files = ["checkpoints/last.pt", "checkpoints/best.pt", "tb/events.out.tfevents.1700000000.host.1.0",
+                  f"predictions/{prediction}", "eval/test/metrics.json", f"eval/val/predictions/{prediction}",
+                  "summary.json", "env.json", "val_history.json", "config.yaml", "config.before-resume-at-step5.yaml",
+                  "metrics.md", "metrics.csv", "metrics.json", "val_auc.png", ".config.yaml.tmp",
+                  "loss_curves.png", "features/breastmnist_28_test.npy", "features/manifest.json", "compare.md",
+                  "compare_auc.png", "predictions/data.json", "eval/test/confusion_breastmnist.png"]
+    user_files = ["notes.txt", "results.json", "my_analysis/plot.py", "checkpoints/epoch3-copy.pt", "tb/README",
+                  "predictions/mine.csv", "eval/test/my_table.csv", "eval/ablation/metrics.json"]
     for name in mmpt_files + user_files:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     with pytest.raises(MmptError, match="already has outputs"):
         prepare_run_dir(run, resume=False, overwrite=False)
-    prepare_run_dir(run, resume=False, overwrite=True)
+    kept = prepare_run_dir(run, resume=False, overwrite=True)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert left == sorted(user_files)
+    # a folder mmpt does not write is kept whole and named once
+    assert kept == sorted(["notes.txt", "results.json", "my_analysis", "checkpoints/epoch3-copy.pt", "tb/README",
+                           "predictions/mine.csv", "eval/test/my_table.csv", "eval/ablation"])
+    assert "--overwrite kept what mmpt did not write" in capsys.readouterr().out
+
+
+def test_overwrite_unlinks_symbolic_links_and_never_touches_what_they_point_to(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("last.pt", "best.pt", "notes.txt"):
+        (outside / name).write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(outside, target_is_directory=True)
+    (run / "summary.json").symlink_to(outside / "notes.txt")
+    (run / "config.yaml").write_text("x")
+    prepare_run_dir(run, resume=False, overwrite=True)
+    assert sorted(p.name for p in outside.iterdir()) == ["best.pt", "last.pt", "notes.txt"]
+    assert all((outside / n).read_text() == "precious" for n in ("last.pt", "best.pt", "notes.txt"))
+    assert not any(run.iterdir())
+
+
+@pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tb", "file"), ("config.yaml", "folder"),
+                                        ("checkpoints/last.pt", "folder")])
+def test_a_file_where_mmpt_writes_a_folder_or_the_reverse_is_one_error(tmp_path, name, kind):
+    run = tmp_path / "run"
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    (run / name).mkdir() if kind == "folder" else (run / name).write_text("mine")
+    with pytest.raises(MmptError, match=f"has a {kind} named {name} where mmpt writes a"):
+        prepare_run_dir(run, resume=False, overwrite=True)
+    assert (run / name).exists()
 
 
 def test_a_record_rewritten_on_resume_keeps_its_earlier_text(tmp_path):

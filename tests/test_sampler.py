@@ -1,22 +1,56 @@
-import math
-
+import medmnist
 import numpy as np
 import pytest
 
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, plan_batches_per_task
+from mmpt.data.sampler import (
+    batches_per_task, epoch_plan, expected_updates_per_epoch, min_batch, plan_batches_per_task,
+)
 from mmpt.errors import MmptError
 
 SIZES = {"pathmnist": 103, "chestmnist": 64, "breastmnist": 7}
 
 
-@pytest.mark.parametrize("last_batch, rounding", [("keep", math.ceil), ("drop", math.floor)])
-def test_each_task_gets_its_batch_count_per_epoch(last_batch, rounding):
+# 103 = 6 x 16 + 7: the remainder 7 < 8 is folded into the sixth batch; 64 = 4 x 16; 7 < 16 is one batch
+@pytest.mark.parametrize("last_batch, expected", [
+    ("keep", {"breastmnist": 1, "chestmnist": 4, "pathmnist": 6}),
+    ("drop", {"breastmnist": 0, "chestmnist": 4, "pathmnist": 6}),
+])
+def test_each_task_gets_its_batch_count_per_epoch(last_batch, expected):
     plan = epoch_plan(SIZES, 16, seed=0, epoch=0, last_batch=last_batch)
-    expected = {t: rounding(n / 16) for t, n in SIZES.items() if rounding(n / 16) > 0}
-    assert plan_batches_per_task(plan) == dict(sorted(expected.items()))
-    assert expected_updates_per_epoch(SIZES, 16, last_batch=last_batch) == {
-        t: float(rounding(n / 16)) for t, n in sorted(SIZES.items())
+    assert plan_batches_per_task(plan) == {t: b for t, b in expected.items() if b}
+    assert batches_per_task(SIZES, 16, last_batch) == expected
+    assert expected_updates_per_epoch(SIZES, 16, last_batch=last_batch) == {t: float(b) for t, b in expected.items()}
+
+
+def test_a_remainder_of_half_a_batch_or_more_is_its_own_batch():
+    plan = epoch_plan({"a": 40}, 16, seed=0, epoch=0)  # 40 = 2 x 16 + 8, and 8 >= ceil(16 / 2)
+    assert sorted(len(idx) for _, idx in plan) == [8, 16, 16]
+
+
+# medmnist's own split sizes (2D datasets; MedMNIST+ keeps them at every resolution), not synthetic ones:
+# OrganAMNIST's 34,561 at batch 64 once left a one-image batch that BatchNorm cannot train on
+MEDMNIST_TRAIN_SIZES = {flag: info["n_samples"]["train"] for flag, info in medmnist.INFO.items()
+                        if not flag.endswith("3d")}
+
+
+@pytest.mark.parametrize("batch_size", [16, 32, 64, 128, 256, 512, 1024])
+def test_every_batch_of_every_medmnist_train_split_is_trainable_and_covers_it_once(batch_size):
+    assert len(MEDMNIST_TRAIN_SIZES) == 12
+    plan = epoch_plan(MEDMNIST_TRAIN_SIZES, batch_size, seed=0, epoch=0)
+    assert plan_batches_per_task(plan) == batches_per_task(MEDMNIST_TRAIN_SIZES, batch_size)
+    assert expected_updates_per_epoch(MEDMNIST_TRAIN_SIZES, batch_size) == {
+        t: float(b) for t, b in batches_per_task(MEDMNIST_TRAIN_SIZES, batch_size).items()
     }
+    for task, n in MEDMNIST_TRAIN_SIZES.items():
+        batches = [idx for t, idx in plan if t == task]
+        assert min(len(idx) for idx in batches) >= min(min_batch(batch_size), n), task
+        assert max(len(idx) for idx in batches) < batch_size + min_batch(batch_size), task
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n)), task
+
+
+def test_drop_still_drops_the_last_partial_batch():
+    plan = epoch_plan({"a": 103}, 16, seed=0, epoch=0, last_batch="drop")
+    assert [len(idx) for _, idx in plan] == [16] * 6
 
 
 def test_every_train_index_appears_exactly_once_per_epoch():
@@ -59,7 +93,7 @@ def test_with_replacement_task_frequencies_follow_size_to_the_alpha(alpha):
 
 def test_with_replacement_batches_hold_distinct_valid_indices():
     plan = epoch_plan(SIZES, 16, seed=0, epoch=0, replacement=True)
-    assert len(plan) == sum(math.ceil(n / 16) for n in SIZES.values())
+    assert len(plan) == sum(batches_per_task(SIZES, 16).values())
     for task, idx in plan:
         assert len(idx) == min(16, SIZES[task])
         assert len(np.unique(idx)) == len(idx)
@@ -69,7 +103,7 @@ def test_with_replacement_batches_hold_distinct_valid_indices():
 @pytest.mark.parametrize("replacement", [False, True])
 @pytest.mark.parametrize("steps", [3, 40])
 def test_steps_per_epoch_is_respected(replacement, steps):
-    # one pass holds 7 + 4 + 1 = 12 batches: 3 truncates it, 40 needs more than three passes
+    # one pass holds 6 + 4 + 1 = 11 batches: 3 truncates it, 40 needs more than three passes
     plan = epoch_plan(SIZES, 16, seed=0, epoch=0, replacement=replacement, steps_per_epoch=steps)
     assert len(plan) == steps
     expected = expected_updates_per_epoch(SIZES, 16, replacement=replacement, steps_per_epoch=steps)
@@ -77,7 +111,7 @@ def test_steps_per_epoch_is_respected(replacement, steps):
 
 
 def test_steps_beyond_one_pass_start_a_fresh_pass():
-    plan = epoch_plan(SIZES, 16, seed=0, epoch=0, steps_per_epoch=24)
+    plan = epoch_plan(SIZES, 16, seed=0, epoch=0, steps_per_epoch=2 * sum(batches_per_task(SIZES, 16).values()))
     for task, n in SIZES.items():
         seen = np.concatenate([idx for t, idx in plan if t == task])
         assert np.array_equal(np.bincount(seen, minlength=n), np.full(n, 2))

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import subprocess
 import urllib.error
 from pathlib import Path
 
@@ -285,3 +286,55 @@ def test_real_breastmnist_passes_md5_and_has_the_official_split_sizes(real_root,
     npz = np.load(real_root / "breastmnist.npz")
     assert np.array_equal(data.splits["val"].open_images(), npz["val_images"])
     assert not (real_root / ".mmpt-cache").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for real: a read-only bind mount (root ignores chmod), else chmod for other users."""
+    mounted = []
+
+    def make(folder: Path) -> Path:
+        view = tmp_path / f"{folder.name}-read-only"
+        view.mkdir()
+        if os.geteuid() != 0:
+            shutil.rmtree(view)
+            shutil.copytree(folder, view)
+            for path in [view, *view.rglob("*")]:
+                path.chmod(path.stat().st_mode & ~0o222)
+            return view
+        if subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a read-only folder here (no bind mount as root)")
+        mounted.append(view)
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount a bind mount read-only here")
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", str(view)], check=False)
+
+
+def test_complete_cache_in_a_read_only_data_folder_is_read_without_its_lock(tmp_path, read_only):
+    root = tmp_path / "data"
+    root.mkdir()
+    _write_npz(root / "breastmnist.npz", _official_arrays())
+    first = open_task(root, BREAST, 28, verify_md5=False)  # unpacks into {root}/.mmpt-cache, takes the lock
+    (root / ".mmpt-cache" / "breastmnist_28" / ".lock").unlink()  # a shared copy need not hold a lock file
+    ro_root = read_only(root)
+    with pytest.raises(OSError):
+        (ro_root / "probe").write_text("x")
+    data = open_task(ro_root, BREAST, 28, verify_md5=False)
+    assert np.array_equal(data.splits["train"].open_images(), first.splits["train"].open_images())
+    assert not (ro_root / ".mmpt-cache" / "breastmnist_28" / ".lock").exists()
+
+
+def test_incomplete_cache_in_a_read_only_data_folder_is_one_error_with_the_fix(tmp_path, read_only):
+    root = tmp_path / "data"
+    root.mkdir()
+    _write_npz(root / "breastmnist.npz", _official_arrays())
+    open_task(root, BREAST, 28, verify_md5=False)
+    entry = _entries(root / ".mmpt-cache")[0]
+    (entry / "manifest.json").unlink()
+    ro_root = read_only(root)
+    with pytest.raises(MmptError, match="cannot unpack breastmnist.npz into .*data.cache_dir"):
+        open_task(ro_root, BREAST, 28, verify_md5=False)

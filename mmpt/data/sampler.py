@@ -54,14 +54,32 @@ def _validate(
         raise MmptError(f"sampler.steps_per_epoch must be >= 1 or null, got {steps_per_epoch}")
 
 
-def batches_per_task(sizes: dict[str, int], batch_size: int, last_batch: str = "keep") -> dict[str, int]:
-    """Return the batches one full pass over each task's train split yields (ceil, or floor with drop).
+def min_batch(batch_size: int) -> int:
+    """The smallest last batch kept on its own: a smaller remainder joins the split's previous batch.
 
+    Half a batch, so it does not depend on the world size: a one-image batch cannot train BatchNorm.
+    """
+    return math.ceil(batch_size / 2)
+
+
+def _batch_count(n: int, batch_size: int, last_batch: str) -> int:
+    full, rest = divmod(n, batch_size)
+    if last_batch == "drop":
+        return full
+    # a remainder below min_batch is folded into the previous batch; a split smaller than a batch is one batch
+    return full + (1 if rest and (rest >= min_batch(batch_size) or full == 0) else 0)
+
+
+def batches_per_task(sizes: dict[str, int], batch_size: int, last_batch: str = "keep") -> dict[str, int]:
+    """Return the batches one full pass over each task's train split yields.
+
+    With "keep", floor(n / batch_size) full batches plus the remainder as its own batch when it holds at
+    least `min_batch(batch_size)` images (else it is folded into the last full batch; a split smaller than
+    one batch is one batch). With "drop", floor(n / batch_size).
     Raises MmptError for an unknown `last_batch` or `batch_size < 1`.
     """
     _validate(sizes, batch_size, 1.0, None, last_batch)
-    rounding = math.ceil if last_batch == "keep" else math.floor
-    return {task: rounding(n / batch_size) for task, n in sorted(sizes.items())}
+    return {task: _batch_count(n, batch_size, last_batch) for task, n in sorted(sizes.items())}
 
 
 def _steps_per_epoch(
@@ -80,8 +98,11 @@ def _steps_per_epoch(
 
 def _task_batches(n: int, batch_size: int, last_batch: str, rng: np.random.Generator) -> list[np.ndarray]:
     perm = rng.permutation(n).astype(np.int64)
-    stop = n if last_batch == "keep" else n - n % batch_size
-    return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
+    count = _batch_count(n, batch_size, last_batch)
+    starts = [i * batch_size for i in range(count)]
+    # with "keep" the last batch runs to the end of the split, so a small remainder is folded into it
+    ends = starts[1:] + [n if last_batch == "keep" else count * batch_size]
+    return [perm[start:end] for start, end in zip(starts, ends)]
 
 
 def _one_pass(
@@ -123,9 +144,10 @@ def epoch_plan(
     """Return one epoch's plan: a list of (task, int64 train indices), one item per step.
 
     Without replacement (default) each task's train split is permuted and cut into batches
-    (a last partial batch kept or dropped per `last_batch`), and all batches of all tasks are
-    interleaved at random: every index of every task appears exactly once, and each task gets
-    exactly ceil(n / batch_size) (floor with "drop") steps. With `steps_per_epoch`, the plan is
+    (a last partial batch kept or dropped per `last_batch`; a kept remainder smaller than
+    `min_batch(batch_size)` is folded into the split's previous batch, so every batch can train
+    BatchNorm), and all batches of all tasks are interleaved at random: every index of every task
+    appears exactly once, and each task gets exactly `batches_per_task` steps. With `steps_per_epoch`, the plan is
     the first `steps_per_epoch` items of that sequence; when more are asked than one pass holds,
     further passes follow, each freshly permuted and interleaved. A truncated epoch is still a
     random, size-proportional prefix, and the next epoch starts a new permutation (indices left

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -78,6 +78,28 @@ class TaskData:
     task: TaskSpec
     resolution: int
     splits: dict[str, SplitData]  # "train", "val", "test"
+    # the source file's identity: file name, size, mtime_ns, and its MD5 when it was verified (else None)
+    identity: dict = field(default_factory=dict)
+
+
+def data_changes(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
+    """Describe each task whose data file differs between two `{flag: TaskData.identity}` records.
+
+    Files compare by MD5 when both records have one (so a copy with a new mtime is the same data),
+    else by size and modification time. Tasks present in only one record are not compared.
+    """
+    changes = []
+    for flag in sorted(saved.keys() & current.keys()):
+        old, new = saved[flag], current[flag]
+        if old.get("md5") and new.get("md5"):
+            if old["md5"] != new["md5"]:
+                changes.append(f"{new.get('file', flag)} has MD5 {new['md5']}, not {old['md5']}")
+        elif (old.get("size"), old.get("mtime_ns")) != (new.get("size"), new.get("mtime_ns")):
+            changes.append(
+                f"{new.get('file', flag)} has size {new.get('size')} and mtime_ns {new.get('mtime_ns')}, "
+                f"not {old.get('size')} and {old.get('mtime_ns')}"
+            )
+    return changes
 
 
 def cache_location(root: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -143,7 +165,7 @@ def open_task(
             _unpack(path, entry, source, md5, shapes)
             _remove_stale_entries(task_cache, keep=entry)
     splits = {split: SplitData(entry / f"{split}_images.npy", labels[split], shapes[split]) for split in SPLITS}
-    return TaskData(task=task, resolution=resolution, splits=splits)
+    return TaskData(task=task, resolution=resolution, splits=splits, identity={**source, "md5": md5})
 
 
 def _read_split(
@@ -226,12 +248,12 @@ def _entry_is_valid(entry: Path, source: dict, shapes: dict[str, tuple[int, ...]
 
 def _unpack(path: Path, entry: Path, source: dict, md5: str | None, shapes: dict[str, tuple[int, ...]]) -> None:
     """Stream every split's images into `entry`, then write the manifest. Raises MmptError on failure."""
-    # the entry stays invalid from here until the new manifest lands
-    (entry / "manifest.json").unlink(missing_ok=True)
-    # temp files left by a killed process (we hold the lock, so nobody else is writing them)
-    for leftover in entry.glob(".*.tmp"):
-        leftover.unlink()
     try:
+        # the entry stays invalid from here until the new manifest lands
+        (entry / "manifest.json").unlink(missing_ok=True)
+        # temp files left by a killed process (we hold the lock, so nobody else is writing them)
+        for leftover in entry.glob(".*.tmp"):
+            leftover.unlink()
         with zipfile.ZipFile(path) as zf:
             for split in SPLITS:
                 log.info("unpacking %s %s images %s into %s", path.name, split, shapes[split], entry)
@@ -249,7 +271,13 @@ def _unpack(path: Path, entry: Path, source: dict, md5: str | None, shapes: dict
         "md5": md5,
         "images": {split: {"shape": list(shape), "dtype": "uint8"} for split, shape in shapes.items()},
     }
-    write_bytes(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+    try:
+        write_bytes(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+    except OSError as exc:
+        raise MmptError(
+            f"cannot write {entry / 'manifest.json'} ({exc.strerror or exc}); free disk space there "
+            f"or set data.cache_dir to a writable folder (--set data.cache_dir=DIR)"
+        ) from None
 
 
 def _unpack_member(zf: zipfile.ZipFile, member: str, out: Path) -> None:
@@ -297,7 +325,10 @@ def _cached_md5(path: Path, entry: Path) -> str:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     md5 = digest.hexdigest()
-    write_bytes(record, md5.encode())
+    try:
+        write_bytes(record, md5.encode())
+    except OSError:  # a read-only cache: hash again next time rather than fail
+        pass
     return md5
 
 
@@ -341,7 +372,13 @@ def _locked(path: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError:
+        # a read-only cache (e.g. a shared, complete one) needs no lock to be read; an unpack there fails with advice
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -20,6 +20,7 @@ import yaml
 from medmnist.evaluator import getACC, getAUC
 
 import mmpt.experiments.probe as probe_module
+import mmpt.step
 import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
@@ -50,9 +51,17 @@ def write_recipe(path: Path, data_root: Path) -> Path:
     return path
 
 
-def stop_after(steps: int):
-    """A StopSignal stand-in that reports SIGINT at its `steps`-th check, counted over every run of the series."""
-    checks = {"n": 0}
+def stop_after(steps: int, mp: pytest.MonkeyPatch):
+    """A StopSignal stand-in that reports SIGINT once `steps` training steps have run, counted over every run of
+    the series (as a Ctrl-C during that step would: the step finishes, then the loop sees the signal)."""
+    taken = {"n": 0}
+    real_step = mmpt.step.TrainStep.__call__
+
+    def counting_step(self, parts, step):
+        taken["n"] += 1
+        return real_step(self, parts, step)
+
+    mp.setattr(mmpt.step.TrainStep, "__call__", counting_step)
 
     class StopAfter:
         def __enter__(self):
@@ -63,8 +72,7 @@ def stop_after(steps: int):
 
         @property
         def received(self):
-            checks["n"] += 1
-            return "SIGINT" if checks["n"] == steps else None
+            return "SIGINT" if taken["n"] >= steps else None
 
     return StopAfter
 
@@ -87,7 +95,7 @@ def study(tmp_path_factory):
     out = base / "runs" / "study"
     sweep = ["--config", str(recipe), "--output", str(out), "--sweep", "loss.weighting=none,size", "--seeds", "0,1"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mmpt.train, "StopSignal", stop_after(STOP_AT))
+        mp.setattr(mmpt.train, "StopSignal", stop_after(STOP_AT, mp))
         stopped = quiet(train_main, sweep)
     state_after_stop = {
         p.relative_to(out).as_posix(): ((p / "summary.json").is_file(), (p / "checkpoints" / "last.pt").is_file())

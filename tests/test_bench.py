@@ -152,6 +152,8 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
         runs = result["repeats"][loop]
         assert [run["images"] for run in runs] == [2 * 8, 2 * 8]
         assert result[f"{loop}_img_s"] == pytest.approx(statistics.median(run["img_s"] for run in runs))
+    turns = zip(result["repeats"]["bare"], result["repeats"]["engine"])
+    assert result["engine_vs_bare_paired"] == pytest.approx(statistics.median(e["img_s"] / b["img_s"] for b, e in turns))
     assert 0 <= result["engine_loader_wait_fraction"] < 1
     # a process that imported torch and trained holds well over 100 MB; no CUDA, so no MFU
     assert 100 * MB < result["peak_memory_bytes"] < 64 * 1024 * MB

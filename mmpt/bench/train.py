@@ -11,8 +11,9 @@
     synthetic files the benchmark writes; the loss sums are read at every logging interval, as in training.
 
 Both see the same S×S input (`--input-size`, default the resolution: nothing is padded). They run in
-turns (bare, engine, bare, engine, ...) and the median of each counts, so load on a shared machine falls
-on both alike; warm-up steps are not timed, and on CUDA the benchmark synchronises before reading a clock.
+short turns (2 bare steps, 2 engine steps, ... 25 times by default) and the median of each counts, so load
+on a shared machine falls on both alike; warm-up steps are not timed, and on CUDA the benchmark
+synchronises before reading a clock (on a GPU, use longer turns: `--steps 10 --repeats 5`).
 """
 
 from __future__ import annotations
@@ -144,46 +145,36 @@ class BareLoop:
 # timing
 
 
-def _time_bare(bare: BareLoop, warmup_steps: int, steps: int) -> dict:
-    for _ in range(warmup_steps):
-        bare()
-    synchronize(bare.device)
+class EngineLoop:
+    """The engine as the training loop drives it: one epoch's loader (the real sampler's plan, its workers
+    kept for the whole benchmark), `TrainStep` on each step's parts, the loss sums read once per logging
+    interval. `wait_s` sums the time blocked in next(loader)."""
+
+    def __init__(self, step, loader, log_every_steps: int) -> None:
+        self.step, self.device, self.log_every_steps = step, step.device, log_every_steps
+        self.batches = iter(loader)
+        self.number, self.wait_s = 0, 0.0
+
+    def __call__(self) -> int:
+        asked = time.perf_counter()
+        parts = next(self.batches)
+        self.wait_s += time.perf_counter() - asked
+        self.step(parts, self.number)
+        self.number += 1
+        if self.number % self.log_every_steps == 0:
+            self.step.read_losses()  # the loop's one sync per logging interval
+        return sum(len(part.labels) for part in parts)
+
+
+def _time(loop: Callable[[], int], device: torch.device, steps: int) -> dict:
+    """Run `steps` steps of `loop` between two clock reads (the device synchronised before each read)."""
+    synchronize(device)
     images, start = 0, time.perf_counter()
     for _ in range(steps):
-        images += bare()
-    synchronize(bare.device)
+        images += loop()
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"images": images, "seconds": seconds, "img_s": images / seconds}
-
-
-def _time_engine(step, loader_of: Callable, epoch: int, warmup_steps: int, steps: int, log_every_steps: int,
-                 first_step: int) -> dict:
-    """One epoch's loader (started afresh, as training does), `warmup_steps` untimed, then `steps` timed.
-
-    Also returns wait_s: the time blocked in next(loader) within the timed steps.
-    """
-    batches = iter(loader_of(epoch))
-    number = first_step
-    for _ in range(warmup_steps):
-        step(next(batches), number)
-        number += 1
-    step.read_losses()
-    synchronize(step.device)
-    images, wait_s, start = 0, 0.0, time.perf_counter()
-    for _ in range(steps):
-        asked = time.perf_counter()
-        parts = next(batches)
-        wait_s += time.perf_counter() - asked
-        step(parts, number)
-        number += 1
-        images += sum(len(part.labels) for part in parts)
-        if number % log_every_steps == 0:
-            step.read_losses()  # the loop's one sync per logging interval
-    step.read_losses()
-    synchronize(step.device)
-    seconds = time.perf_counter() - start
-    del batches  # stops the workers before the bare loop runs
-    return {"images": images, "seconds": seconds, "img_s": images / seconds, "wait_s": wait_s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +187,9 @@ def run_train_benchmark(
     resolution: int = 28,
     input_size: int | None = None,
     batch_size: int = 64,
-    steps: int = 20,
+    steps: int = 2,
     warmup_steps: int = 3,
-    repeats: int = 3,
+    repeats: int = 25,
     precision: str = "fp32",
     compile: bool = False,
     channels_last: bool = False,
@@ -211,7 +202,8 @@ def run_train_benchmark(
     """Time the bare loop and the engine in turns, `repeats` times each; return the figures as a JSON-able dict.
 
     `input_size`: the model's input side, default `resolution` (no padding); images are zero-padded to it.
-    Every repeat times `steps` steps after `warmup_steps`; the engine's repeats are successive epochs.
+    Each loop first runs `warmup_steps` untimed; then `repeats` turns each time `steps` steps of the bare
+    loop, then `steps` of the engine (whose loader and workers live through the whole run, as in an epoch).
     Raises MmptError for settings out of range or a backbone that cannot take the input.
     """
     input_size = resolution if input_size is None else input_size
@@ -223,9 +215,9 @@ def run_train_benchmark(
         "data": {"datasets": list(FLAGS), "resolution": resolution, "num_workers": workers},
         "model": {"backbone": backbone, "img_size": input_size},
         "input": {"mode": "pad"},
-        # every step a full batch; each repeat an epoch of warm-up plus timed steps (passes repeat as needed)
-        "sampler": {"steps_per_epoch": warmup_steps + steps, "last_batch": "drop"},
-        # epochs only size the LR schedules (long ones, as in training); the benchmark runs `repeats` epochs
+        # every step a full batch; one epoch of warm-up plus all timed steps (passes repeat as needed)
+        "sampler": {"steps_per_epoch": warmup_steps + repeats * steps, "last_batch": "drop"},
+        # epochs only size the LR schedules (long ones, as in training); the benchmark runs part of one
         "train": {"batch_size": batch_size, "epochs": 1000, "precision": precision, "compile": compile,
                   "channels_last": channels_last, "device": device},
     }])
@@ -259,28 +251,32 @@ def run_train_benchmark(
         flops_per_step = bare.flops()
         step = engine_step(cfg, tasks, sizes, torch_device)
 
-        def loader_of(epoch: int):
-            plan = epoch_plan(sizes, batch_size, cfg.train.seed, epoch, steps_per_epoch=warmup_steps + steps,
-                              last_batch="drop")
-            return plan_loader(
-                splits, plan, num_workers=workers, pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
-                prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=epoch,
-            )
-
-        bare_runs, engine_runs, peaks = [], [], {"bare": 0, "engine": 0}
+        total_steps = warmup_steps + repeats * steps
+        plan = epoch_plan(sizes, batch_size, cfg.train.seed, 0, steps_per_epoch=total_steps, last_batch="drop")
+        loader = plan_loader(
+            splits, plan, num_workers=workers, pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=0,
+        )
+        loops = {"bare": bare, "engine": EngineLoop(step, loader, cfg.train.log_every_steps)}
+        for loop in loops.values():
+            for _ in range(warmup_steps):
+                loop()
+        loops["engine"].wait_s = 0.0
+        runs: dict[str, list[dict]] = {"bare": [], "engine": []}
+        peaks = {"bare": 0, "engine": 0}
         for repeat in range(repeats):
-            for name in ("bare", "engine"):
+            for name, loop in loops.items():
                 if torch_device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(torch_device)
-                if name == "bare":
-                    bare_runs.append(_time_bare(bare, warmup_steps, steps))
-                else:
-                    engine_runs.append(_time_engine(step, loader_of, repeat, warmup_steps, steps,
-                                                    cfg.train.log_every_steps, repeat * (warmup_steps + steps)))
+                runs[name].append(_time(loop, torch_device, steps))
                 if torch_device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(torch_device))
-            log(f"repeat {repeat + 1}/{repeats}: bare {bare_runs[-1]['img_s']:,.1f} img/s, "
-                f"engine {engine_runs[-1]['img_s']:,.1f} img/s")
+            if (repeat + 1) % max(1, repeats // 5) == 0 or repeat + 1 == repeats:
+                log(f"turn {repeat + 1}/{repeats}: bare {runs['bare'][-1]['img_s']:,.1f} img/s, "
+                    f"engine {runs['engine'][-1]['img_s']:,.1f} img/s")
+        wait_s = loops["engine"].wait_s
+        del loops, loader  # stops the loader's workers
+        bare_runs, engine_runs = runs["bare"], runs["engine"]
 
     bare_img_s = median([r["img_s"] for r in bare_runs])
     engine_img_s = median([r["img_s"] for r in engine_runs])
@@ -290,13 +286,15 @@ def run_train_benchmark(
         "bare_img_s": bare_img_s,
         "engine_img_s": engine_img_s,
         "engine_vs_bare": engine_img_s / bare_img_s,
+        # the median of each turn's engine/bare: less sensitive to load that drifts over the run
+        "engine_vs_bare_paired": median([e["img_s"] / b["img_s"] for b, e in zip(bare_runs, engine_runs)]),
         "peak_memory_bytes": max(peaks.values()) if torch_device.type == "cuda" else peak_rss_bytes(),
         "mfu": engine_img_s * flops_per_image / peak if peak else None,
         "bare_mfu": bare_img_s * flops_per_image / peak if peak else None,
         "flops_per_image": flops_per_image,
         "engine_tflop_s": engine_img_s * flops_per_image / 1e12,
         "peak_flop_s": peak,
-        "engine_loader_wait_fraction": sum(r["wait_s"] for r in engine_runs) / sum(r["seconds"] for r in engine_runs),
+        "engine_loader_wait_fraction": wait_s / sum(r["seconds"] for r in engine_runs),
         "memory_meter": ("torch.cuda.max_memory_allocated, the larger of the two loops" if torch_device.type == "cuda"
                          else "peak resident set of the benchmark process (ru_maxrss), both loops, workers excluded"),
         **({"bare_peak_memory_bytes": peaks["bare"], "engine_peak_memory_bytes": peaks["engine"]}
@@ -365,6 +363,8 @@ def format_table(result: dict) -> str:
             else:
                 least = f"{target['target']:.0%}" if key == "mfu" else f"{target['target']:.2f}"
                 rows.append((label, value, f">= {least} ({target['label']})", yes(target["met"])))
+        if key == "engine_vs_bare":
+            rows.append(("  median of the turns' ratios", f"{result['engine_vs_bare_paired']:.3f}", "-", "-"))
     rows.append(("engine time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"))
     rows.append(("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"))
     rows.append(("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"))
@@ -392,9 +392,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--input-size", type=int, help="model input side; images are zero-padded to it "
                        "(default: the resolution, nothing padded)")
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--steps", type=int, default=20, help="timed steps per repeat and loop")
-    train.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each timed run")
-    train.add_argument("--repeats", type=int, default=3, help="timed runs per loop, in turns (the median counts)")
+    train.add_argument("--steps", type=int, default=2, help="timed steps per turn and loop")
+    train.add_argument("--warmup-steps", type=int, default=3, help="untimed steps of each loop before the turns")
+    train.add_argument("--repeats", type=int, default=25, help="turns: timed runs per loop, alternating "
+                       "(the median counts)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")

@@ -1,14 +1,16 @@
 import json
 import math
+import statistics
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from mmpt.bench import (
-    MemorySampler, descendants, format_table, main, measure_memory, pss_anon_shmem, rss_anon_shmem, write_memory_set,
-)
+from mmpt.bench.__main__ import main
+from mmpt.bench.common import MemorySampler, descendants, pss_anon_shmem, rss_anon_shmem
+from mmpt.bench.data import format_table, measure_memory, write_memory_set
+from mmpt.bench.train import format_table as format_train_table
 
 MB = 1 << 20
 
@@ -129,3 +131,48 @@ def test_memory_of_a_mapped_epoch_does_not_grow_with_the_data_while_an_in_ram_co
     assert grown < 0.05 * (mapped_large["data_bytes"] - mapped_small["data_bytes"]), (mapped_small, mapped_large)
     assert mapped_large["fraction"] < 0.15, mapped_large
     assert in_ram["fraction"] > 0.9, in_ram
+
+
+def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tmp_path, capsys):
+    # test_resnet as in the quickstart (28 px padded to 32), batches of 8 over all 12 synthetic datasets
+    out = tmp_path / "train.json"
+    argv = [
+        "train", "--backbone", "test_resnet", "--resolution", "28", "--input-size", "32", "--batch-size", "8",
+        "--steps", "2", "--warmup-steps", "1", "--repeats", "2", "--workers", "0", "--device", "cpu",
+        "--workdir", str(tmp_path / "work"), "--json", str(out),
+    ]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+
+    for key in ("bare_img_s", "engine_img_s", "engine_vs_bare", "flops_per_image"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["engine_vs_bare"] == pytest.approx(result["engine_img_s"] / result["bare_img_s"])
+    # the loops alternate, each turn trains full batches (the sampler drops partial ones), and the turn with
+    # the median engine/bare ratio (the lower of 2) gives the figures
+    bare, engine = result["repeats"]["bare"], result["repeats"]["engine"]
+    assert [run["images"] for run in bare] == [run["images"] for run in engine] == [2 * 8, 2 * 8]
+    ratios = [e["img_s"] / b["img_s"] for b, e in zip(bare, engine)]
+    middle = result["median_turn"]
+    assert ratios[middle] == min(ratios) and result["engine_vs_bare"] == pytest.approx(ratios[middle])
+    assert (result["bare_img_s"], result["engine_img_s"]) == (bare[middle]["img_s"], engine[middle]["img_s"])
+    assert result["img_s_median_over_turns"]["bare"] == pytest.approx(statistics.median(r["img_s"] for r in bare))
+    assert 0 <= result["engine_loader_wait_fraction"] < 1
+    # a process that imported torch and trained holds well over 100 MB; no CUDA, so no MFU
+    assert 100 * MB < result["peak_memory_bytes"] < 64 * 1024 * MB
+    assert result["mfu"] is None and result["peak_flop_s"] is None
+    settings = result["settings"]
+    assert (settings["timm_name"], settings["resolution"], settings["input_size"]) == ("test_resnet", 28, 32)
+    assert settings["input"] == "28 px zero-padded to 32 px" and settings["datasets"] == 12
+    assert (settings["batch_size"], settings["steps"], settings["precision"]) == (8, 2, "fp32")
+    applying = [t for t in result["targets"] if t["applies"]]
+    assert [(t["key"], t["target"]) for t in applying] == [("engine_vs_bare", 0.90)]
+    assert applying[0]["met"] == (result["engine_vs_bare"] >= 0.90)
+    assert all(t["met"] is None for t in result["targets"] if not t["applies"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("| measurement") and format_train_table(result).splitlines()[2] in printed
+
+
+def test_train_benchmark_refuses_an_input_smaller_than_the_images(capsys):
+    assert main(["train", "--resolution", "28", "--input-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --input-size 16 is smaller than --resolution 28") and len(err.splitlines()) == 1

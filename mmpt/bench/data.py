@@ -13,7 +13,7 @@ Three measurements in one run, on synthetic MedMNIST-format files written into o
    over a 224 px RGB set, memory-mapped (mmpt's store) against loaded into RAM (np.load, as earlier
    code did), each in a fresh subprocess, above the process's own interpreter/torch baseline;
 3. data wait: the share of a training step's time spent blocked in next(loader) for a small
-   backbone on the CPU.
+   backbone on the CPU, each step the engine's own (`mmpt.step.TrainStep`).
 
 A benchmark, not a test: the figures are printed beside their targets, never asserted.
 """
@@ -26,12 +26,8 @@ import json
 import math
 import operator
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from mmpt.bench.common import (
+    MEMORY_INTERVAL_S, MemorySampler, engine_step, machine, markdown_table, pss_anon_shmem, rss_anon_shmem,
+    work_folder, write_result, write_synthetic_files, yes,
+)
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan
 from mmpt.data.store import SplitData, open_task
-from mmpt.data.synthetic import write_synthetic
 from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from mmpt.errors import MmptError
 from mmpt.tasks import TASKS
@@ -54,7 +51,6 @@ INPUT_SIZE = 224
 PIPELINES = ("loader", "loader+transform", "pil")
 THROUGHPUT_TASK = "breastmnist"  # grey, as most MedMNIST+ datasets; as_rgb turns it into 3 channels for PIL
 MEMORY_TASK = "pathmnist"  # the memory set is RGB 224 px, the largest images MedMNIST+ has
-MEMORY_INTERVAL_S = 0.02
 WRITE_CHUNK_BYTES = 64 << 20
 
 # name -> (target, "min" when the figure must reach it, "max" when it must stay below it)
@@ -64,104 +60,6 @@ TARGETS: dict[str, tuple[float, str]] = {
     "rss_fraction": (0.15, "max"),
     "data_wait_fraction": (0.05, "max"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# memory meter
-
-
-def _proc_fields(path: str, names: tuple[str, ...]) -> int:
-    """Sum the named `Name:  N kB` lines of a /proc file, in bytes. Raises OSError when the process is gone."""
-    total = 0
-    with open(path) as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in names:
-                total += int(value.split()[0]) * 1024
-    return total
-
-
-def rss_anon_shmem(pid: int) -> int:
-    """RssAnon + RssShmem of `pid` from /proc/<pid>/status, in bytes (pages shared after fork count in full)."""
-    return _proc_fields(f"/proc/{pid}/status", ("RssAnon", "RssShmem"))
-
-
-def pss_anon_shmem(pid: int) -> int:
-    """Pss_Anon + Pss_Shmem of `pid` from /proc/<pid>/smaps_rollup, in bytes.
-
-    The proportional share: a page that fork left shared by k processes counts 1/k in each, so a
-    sum over a process tree counts every physical page once. Mapped file pages (page cache) are
-    not included, exactly as in RssAnon + RssShmem.
-    """
-    return _proc_fields(f"/proc/{pid}/smaps_rollup", ("Pss_Anon", "Pss_Shmem"))
-
-
-def descendants(pid: int) -> list[int]:
-    """Return the pids of every process below `pid` (DataLoader workers), read from /proc/*/stat."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may hold spaces and parentheses: fields after the last ')' are fixed
-        parent_of[int(entry)] = int(stat.rpartition(")")[2].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parent_of.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-class MemorySampler:
-    """Background thread that samples the unreclaimable memory of a process tree every `interval_s`.
-
-    `peak_bytes` is the largest sum of Pss_Anon + Pss_Shmem over the process and its descendants;
-    `peak_rss_bytes` the largest sum of RssAnon + RssShmem, which counts a fork-shared page in every
-    process that maps it.
-    """
-
-    def __init__(self, pid: int, interval_s: float = MEMORY_INTERVAL_S) -> None:
-        self.pid = pid
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self.peak_rss_bytes = 0
-        self.peak_processes = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
-
-    def sample(self) -> None:
-        pss = rss = processes = 0
-        for pid in [self.pid, *descendants(self.pid)]:
-            try:
-                pss += pss_anon_shmem(pid)
-                rss += rss_anon_shmem(pid)
-                processes += 1
-            except (OSError, ValueError, IndexError):
-                continue  # a worker that exited between listing and reading
-        self.peak_bytes = max(self.peak_bytes, pss)
-        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
-        self.peak_processes = max(self.peak_processes, processes)
-        self.samples += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> MemorySampler:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +82,7 @@ class InMemorySplit(SplitData):
 def write_throughput_files(root: Path, images: int, resolutions: tuple[int, ...] = (28, INPUT_SIZE)) -> None:
     """Write synthetic THROUGHPUT_TASK files with `images` train images at each resolution into `root`."""
     for resolution in resolutions:
-        write_synthetic(root, resolution, [TASKS[THROUGHPUT_TASK]], train_samples=images, seed=0)
+        write_synthetic_files(root, resolution, [TASKS[THROUGHPUT_TASK]], train_samples=images)
 
 
 def write_memory_set(path: Path, images: int, resolution: int = INPUT_SIZE) -> int:
@@ -236,10 +134,14 @@ def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, worke
 
 
 def mmpt_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, seed: int = 0):
-    """mmpt's loader over the store's memory-mapped train split of `task`: (task, uint8 images, labels) batches."""
+    """mmpt's loader over the store's memory-mapped train split of `task`: each step a list of one `Part`."""
     split = open_task(root, TASKS[task], resolution).splits["train"]
     plan = epoch_plan({task: len(split)}, batch_size, seed=seed, epoch=0)
     return plan_loader({task: split}, plan, num_workers=workers, seed=seed)
+
+
+def _part_images(parts: list) -> torch.Tensor:
+    return parts[0].images
 
 
 def _unchanged(images: torch.Tensor) -> torch.Tensor:
@@ -286,7 +188,7 @@ def measure_throughput(
         images_of = operator.itemgetter(0)  # (images, labels)
     else:
         loader = mmpt_loader(root, task, resolution, batch_size=batch_size, workers=workers)
-        images_of = operator.itemgetter(1)  # (task, images, labels)
+        images_of = _part_images  # [Part(task, images, labels, global_size)]
     assert len(loader) >= warmup_batches + timed_batches, (
         f"{task} at {resolution} px has {len(loader)} batches, fewer than the {warmup_batches + timed_batches} timed"
     )
@@ -371,43 +273,40 @@ def measure_data_wait(
     timed_steps: int,
     input_size: int = INPUT_SIZE,
 ) -> dict:
-    """Train `backbone` on the CPU with batches from plan_loader over the memory-mapped .npy at `path`.
+    """Train `backbone` on the CPU with the engine's own step (`mmpt.step.TrainStep`: transform to
+    `input_size`, forward, loss, backward, optimizer steps) on batches from plan_loader over the
+    memory-mapped .npy at `path` (as MEMORY_TASK).
 
-    Each step: next(loader), DeviceTransform to `input_size`, forward, cross-entropy, backward,
-    AdamW step. Returns wait_s (time blocked in next(loader)), step_s (whole steps) and
-    fraction = wait_s / step_s over `timed_steps` after `warmup_steps`.
+    Returns wait_s (time blocked in next(loader)), step_s (whole steps) and fraction = wait_s / step_s
+    over `timed_steps` after `warmup_steps`.
     """
-    # imported here: timm would add seconds and memory to every memory-scenario process
-    from mmpt.model import MultiTaskNet, create_backbone
+    # imported here: the config pulls in nothing heavy, but the step's model brings timm, which would add
+    # seconds and memory to every memory-scenario process
+    from mmpt.config import load_config
 
     split = _memory_split(path, in_ram=False)
     steps = warmup_steps + timed_steps
     plan = epoch_plan({MEMORY_TASK: len(split)}, batch_size, seed=0, epoch=0)
     assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
+    cfg = load_config(overrides=[{
+        "data": {"datasets": [MEMORY_TASK]}, "model": {"backbone": backbone, "img_size": input_size},
+        "input": {"mode": "pad"}, "train": {"batch_size": batch_size, "epochs": 1, "device": "cpu"},
+    }])
     torch.manual_seed(0)
-    features = create_backbone(backbone)
-    num_classes = TASKS[MEMORY_TASK].num_classes
-    model = MultiTaskNet(features, {MEMORY_TASK: nn.Linear(features.num_features, num_classes)})
-    mean, std = model.mean_std
-    transform = DeviceTransform(input_size=input_size, mode="pad", mean=mean, std=std)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
+    step = engine_step(cfg, [TASKS[MEMORY_TASK]], {MEMORY_TASK: len(split)}, torch.device("cpu"))
     batches = iter(plan_loader({MEMORY_TASK: split}, plan[:steps], num_workers=workers, seed=0))
     wait_s = step_s = 0.0
-    for step in range(steps):
+    for number in range(steps):
         start = time.perf_counter()
-        task, images, labels = next(batches)
+        parts = next(batches)
         ready = time.perf_counter()
-        logits = model(transform(images), task)
-        loss = F.cross_entropy(logits, labels[:, 0])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        step(parts, number)
         end = time.perf_counter()
-        if step >= warmup_steps:
+        if number >= warmup_steps:
             wait_s += ready - start
             step_s += end - start
     del batches
+    step.read_losses()  # as the training loop does at each logging interval
     return {
         "backbone": backbone, "batch_size": batch_size, "steps": timed_steps, "wait_s": wait_s,
         "step_s": step_s, "seconds_per_step": step_s / timed_steps, "fraction": wait_s / step_s,
@@ -445,12 +344,9 @@ def run_data_benchmark(
     _check_settings(images, workers, batch_size, timed_batches, repeats, wait_batch_size, wait_steps)
     started = tick = time.perf_counter()
     phase_s: dict[str, float] = {}
-    load_at_start = os.getloadavg()
     warmup_batches = max(2, 2 * workers) if warmup_batches is None else warmup_batches
-    temporary = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="mmpt-bench-")) if temporary else Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    machine_info = machine()
+    with work_folder(workdir, "mmpt-bench-") as work:
         root = work / "medmnist"
         log(f"writing synthetic {THROUGHPUT_TASK} files into {root}")
         train_images = (warmup_batches + timed_batches) * batch_size
@@ -500,9 +396,6 @@ def run_data_benchmark(
             warmup_steps=2, timed_steps=wait_steps,
         )
         phase_s["data_wait"] = time.perf_counter() - tick
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
 
     result = {
         "loader_vs_pil_pad": throughput["pad"]["loader_vs_pil"],
@@ -518,10 +411,7 @@ def run_data_benchmark(
             "throughput_task": THROUGHPUT_TASK, "memory_task": MEMORY_TASK,
             "memory_meter": "Pss_Anon + Pss_Shmem (/proc/<pid>/smaps_rollup), main process + workers",
         },
-        "machine": {
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_at_start": load_at_start,
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        },
+        "machine": machine_info,
     }
     result["targets"] = {name: target for name, (target, _) in TARGETS.items()}
     result["met"] = {name: _met(result[name], name) for name in TARGETS}
@@ -564,7 +454,7 @@ def format_table(result: dict) -> str:
         key = f"loader_vs_pil_{name}"
         target = f">= {TARGETS[key][0]:.0f}x"
         rows.append((f"img/s per worker, {label}, uint8 out (vs PIL)", f"{loader:,.0f}", f"{pil:,.0f}",
-                     f"{t['loader_vs_pil']:.1f}x", target, _yes(result["met"][key])))
+                     f"{t['loader_vs_pil']:.1f}x", target, yes(result["met"][key])))
         rows.append((f"img/s per worker, {label}, + transform on CPU", f"{transformed:,.0f}", f"{pil:,.0f}",
                      f"{t['loader_transform_vs_pil']:.1f}x", "-", "-"))
     memory = result["memory"]
@@ -573,7 +463,7 @@ def format_table(result: dict) -> str:
                  f"{mmap['above_baseline_bytes'] / 2**20:,.0f} MiB", f"{ram['above_baseline_bytes'] / 2**20:,.0f} MiB",
                  f"{mmap['above_baseline_bytes'] / ram['above_baseline_bytes']:.3f}", "-", "-"))
     rows.append(("  as a fraction of the data's bytes", f"{mmap['fraction']:.1%}", f"{ram['fraction']:.1%}", "-",
-                 f"<= {TARGETS['rss_fraction'][0]:.0%}", _yes(result["met"]["rss_fraction"])))
+                 f"<= {TARGETS['rss_fraction'][0]:.0%}", yes(result["met"]["rss_fraction"])))
     rss_fraction = [(m["peak_rss_bytes"] - m["baseline_rss_bytes"]) / m["data_bytes"] for m in (mmap, ram)]
     rows.append(("  same from RssAnon+RssShmem (counts fork-shared pages per process)", f"{rss_fraction[0]:.1%}",
                  f"{rss_fraction[1]:.1%}", "-", "-", "-"))
@@ -582,24 +472,16 @@ def format_table(result: dict) -> str:
     wait = result["data_wait"]
     rows.append((f"data wait, {wait['backbone']} batch {wait['batch_size']}, {wait['seconds_per_step']:.2f} s/step",
                  f"{wait['fraction']:.1%}", "-", "-", f"<= {TARGETS['data_wait_fraction'][0]:.0%}",
-                 _yes(result["met"]["data_wait_fraction"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+                 yes(result["met"]["data_wait_fraction"])))
+    lines = [markdown_table(rows)]
     load = result["machine"]["load_avg_at_start"][0]
     lines.append(f"\n{result['machine']['cpus']} CPUs, {workers} workers, batch {result['settings']['batch_size']}, "
                  f"load average {load:.1f} at start, wall time {result['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
-def _yes(met: bool) -> str:
-    return "yes" if met else "NO"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: `data` runs the benchmark; `_memory` is one memory scenario in its own process. Returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m mmpt.bench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the `data` command and the internal `_memory` command to `python -m mmpt.bench`."""
     data = commands.add_parser("data", help="loader throughput, memory while iterating, data wait")
     data.add_argument("--images", type=int, default=20_000, help="images in the 224 px RGB memory set (150 KB each)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every pipeline")
@@ -616,27 +498,24 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--in-ram", action="store_true")
     memory.add_argument("--workers", type=int, required=True)
     memory.add_argument("--batch-size", type=int, required=True)
-    args = parser.parse_args(argv)
 
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `data` (table on stdout, progress on stderr) or `_memory` (JSON on stdout); return the exit code.
+
+    Raises MmptError for settings out of range.
+    """
     if args.command == "_memory":
         figures = memory_scenario(Path(args.path), in_ram=args.in_ram, workers=args.workers, batch_size=args.batch_size)
         print(json.dumps(figures))
         return 0
-    try:
-        result = run_data_benchmark(
-            images=args.images, workers=args.workers, batch_size=args.batch_size, workdir=args.workdir,
-            timed_batches=args.timed_batches, repeats=args.repeats, backbone=args.backbone,
-            wait_batch_size=args.wait_batch_size, wait_steps=args.wait_steps,
-            log=lambda line: print(line, file=sys.stderr),
-        )
-    except MmptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = run_data_benchmark(
+        images=args.images, workers=args.workers, batch_size=args.batch_size, workdir=args.workdir,
+        timed_batches=args.timed_batches, repeats=args.repeats, backbone=args.backbone,
+        wait_batch_size=args.wait_batch_size, wait_steps=args.wait_steps,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_result(args.json, result)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

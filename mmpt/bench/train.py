@@ -1,0 +1,426 @@
+"""Training benchmark: the engine's own step against a bare PyTorch loop, in one process on one device.
+
+    python -m mmpt.bench train [--backbone B] [--resolution R] [--input-size S] [--batch-size N] [--steps S]
+        [--precision fp32|bf16|fp16] [--compile] [--channels-last] [--device D] [--json PATH]
+
+(a) bare: the timm backbone (`mmpt.model.create_backbone`), one linear head and the same optimizer
+    (`mmpt.optim.build_optimizers`, one optimizer over both), on one float S×S batch already on the device:
+    forward under autocast, cross-entropy, backward, optimizer step, zero-grad. Nothing else.
+(b) engine: `mmpt.step.TrainStep` with all 12 datasets' heads and their optimizers, fed by the real
+    sampler (`epoch_plan`), loader (`plan_loader`, workers as configured) and `DeviceTransform`, over
+    synthetic files the benchmark writes; the loss sums are read at every logging interval, as in training.
+
+Both see the same S×S input (`--input-size`, default the resolution: nothing is padded). They run in
+short turns (2 bare steps, 2 engine steps, ... 25 times by default) and the turn with the median
+engine/bare ratio gives the figures, so load on a shared machine falls on both alike; warm-up steps are not timed, and on CUDA the benchmark
+synchronises before reading a clock (on a GPU, use longer turns: `--steps 10 --repeats 5`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmpt.bench.common import (
+    engine_step, machine, markdown_table, median, peak_rss_bytes, synchronize, work_folder, write_result,
+    write_synthetic_files, yes,
+)
+from mmpt.config import DataConfig, load_config
+from mmpt.data.loader import plan_loader
+from mmpt.data.sampler import epoch_plan
+from mmpt.data.store import open_data
+from mmpt.distributed import select_device
+from mmpt.errors import MmptError
+from mmpt.runtime import autocast, configure_determinism
+from mmpt.tasks import FLAGS, resolve_tasks
+
+BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
+
+# Dense peak FLOP/s by GPU name (the first listed name contained in torch.cuda.get_device_name() wins),
+# from NVIDIA's data sheets; "tf32" is fp32 on tensor cores (allowed when determinism is off).
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of the issue: `key` must reach `least` when the run's settings match `applies`."""
+
+    key: str
+    least: float
+    label: str
+    applies: Callable[[dict], bool]
+
+
+def _vit_b16_224_bf16(s: dict) -> bool:
+    return (s["device_type"] == "cuda" and s["timm_name"] == "vit_base_patch16_224" and s["input_size"] == 224
+            and s["precision"] == "bf16")
+
+
+TARGETS = (
+    Target("engine_vs_bare", 0.97, "CPU, resnet18, 28 px",
+           lambda s: s["device_type"] == "cpu" and s["timm_name"] == "resnet18" and s["resolution"] == 28),
+    Target("engine_vs_bare", 0.90, "quickstart model test_resnet", lambda s: s["timm_name"] == "test_resnet"),
+    Target("engine_vs_bare", 0.95, "GPU, ViT-B/16, 224 px, bf16", _vit_b16_224_bf16),
+    Target("mfu", 0.40, "H100, ViT-B/16, 224 px, bf16", lambda s: _vit_b16_224_bf16(s) and "H100" in s["device_name"]),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the bare loop
+
+
+class BareLoop:
+    """The same backbone with one linear head and one optimizer of the same kind and settings, trained on
+    one fixed batch that already lives on the device: the most a training step of this model can do."""
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        from mmpt.model import create_backbone
+        from mmpt.optim import SHARED, build_optimizers
+
+        self.device, self.precision = device, cfg.train.precision
+        self.backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size, drop_rate=cfg.model.drop_rate)
+        self.head = torch.nn.Linear(self.backbone.num_features, BARE_CLASSES)
+        self.backbone.to(device)
+        self.head.to(device)
+        # the schedule is never stepped here: constant keeps timm from warning about a one-update cosine
+        optim = {**dataclasses.asdict(cfg.optim), "per_head": False, "schedule": "constant"}
+        # one optimizer over backbone and head (per_head off), with the engine's name, LR and weight decay
+        self.optimizer = build_optimizers(
+            self.backbone, {"head": self.head}, {"head": 1.0}, epochs=1,
+            fused=device.type == "cuda", **optim,
+        ).optimizers[SHARED]
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        size, batch = cfg.model.img_size, cfg.train.batch_size
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, size, size, generator=generator).to(device)  # B×3×S×S, normalised
+        self.y = torch.randint(0, BARE_CLASSES, (batch,), generator=generator).to(device)
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.run_backbone = torch.compile(self.backbone) if cfg.train.compile else self.backbone
+        self.backbone.train()
+
+    def __call__(self) -> int:
+        """One training step; returns the images it trained on."""
+        with autocast(self.device, self.precision):
+            logits = self.head(self.run_backbone(self.x))
+        loss = F.cross_entropy(logits.float(), self.y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return len(self.y)
+
+    def flops(self) -> int:
+        """FLOPs of one forward and backward pass of the batch (torch's FlopCounterMode, uncompiled model)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            with autocast(self.device, self.precision):
+                logits = self.head(self.backbone(self.x))
+            F.cross_entropy(logits.float(), self.y).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class EngineLoop:
+    """The engine as the training loop drives it: one epoch's loader (the real sampler's plan, its workers
+    kept for the whole benchmark), `TrainStep` on each step's parts, the loss sums read once per logging
+    interval. `wait_s` sums the time blocked in next(loader)."""
+
+    def __init__(self, step, loader, log_every_steps: int) -> None:
+        self.step, self.device, self.log_every_steps = step, step.device, log_every_steps
+        self.batches = iter(loader)
+        self.number, self.wait_s = 0, 0.0
+
+    def __call__(self) -> int:
+        asked = time.perf_counter()
+        parts = next(self.batches)
+        self.wait_s += time.perf_counter() - asked
+        self.step(parts, self.number)
+        self.number += 1
+        if self.number % self.log_every_steps == 0:
+            self.step.read_losses()  # the loop's one sync per logging interval
+        return sum(len(part.labels) for part in parts)
+
+
+def _time(loop: Callable[[], int], device: torch.device, steps: int) -> dict:
+    """Run `steps` steps of `loop` between two clock reads (the device synchronised before each read)."""
+    synchronize(device)
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+        images += loop()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "img_s": images / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_train_benchmark(
+    *,
+    backbone: str = "resnet18",
+    resolution: int = 28,
+    input_size: int | None = None,
+    batch_size: int = 64,
+    steps: int = 2,
+    warmup_steps: int = 3,
+    repeats: int = 25,
+    precision: str = "fp32",
+    compile: bool = False,
+    channels_last: bool = False,
+    device: str = "auto",
+    workers: int = DataConfig.num_workers,
+    deterministic: bool = False,
+    workdir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Time the bare loop and the engine in turns, `repeats` times each; return the figures as a JSON-able dict.
+
+    `input_size`: the model's input side, default `resolution` (no padding); images are zero-padded to it.
+    Each loop first runs `warmup_steps` untimed; then `repeats` turns each time `steps` steps of the bare
+    loop, then `steps` of the engine (whose loader and workers live through the whole run, as in an epoch).
+    Raises MmptError for settings out of range or a backbone that cannot take the input.
+    """
+    input_size = resolution if input_size is None else input_size
+    _check_settings(batch_size, steps, warmup_steps, repeats, workers, input_size, resolution)
+    started = time.perf_counter()
+    tasks = resolve_tasks(list(FLAGS))
+    cfg = load_config(overrides=[{
+        "name": "bench", "determinism": deterministic,
+        "data": {"datasets": list(FLAGS), "resolution": resolution, "num_workers": workers},
+        "model": {"backbone": backbone, "img_size": input_size},
+        "input": {"mode": "pad"},
+        # every step a full batch; one epoch of warm-up plus all timed steps (passes repeat as needed)
+        "sampler": {"steps_per_epoch": warmup_steps + repeats * steps, "last_batch": "drop"},
+        # epochs only size the LR schedules (long ones, as in training); the benchmark runs part of one
+        "train": {"batch_size": batch_size, "epochs": 1000, "precision": precision, "compile": compile,
+                  "channels_last": channels_last, "device": device},
+    }])
+    torch_device = select_device(cfg.train.device)
+    machine_info = machine(torch_device)
+    from mmpt.model import resolve_backbone  # imported here: timm is slow to import for the `data` command
+
+    settings = {
+        "backbone": backbone, "timm_name": resolve_backbone(backbone), "resolution": resolution,
+        "input_size": input_size, "input": _input_description(resolution, input_size), "batch_size": batch_size,
+        "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats, "precision": precision, "compile": compile,
+        "channels_last": channels_last, "device": str(torch_device), "device_type": torch_device.type,
+        "device_name": machine_info["device_name"], "workers": workers, "deterministic": deterministic,
+        "datasets": len(tasks), "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
+        "log_every_steps": cfg.train.log_every_steps,
+    }
+    log(f"{settings['timm_name']}, input {settings['input']}, batch {batch_size}, {precision}, {torch_device}"
+        + (" compiled" if compile else "") + (" channels_last" if channels_last else ""))
+    with work_folder(workdir, "mmpt-bench-train-") as work:
+        root = work / "medmnist"
+        log(f"writing synthetic files of {len(tasks)} datasets at {resolution} px into {root}")
+        # one full batch per dataset and pass: each step reads a whole split, through the real store
+        write_synthetic_files(root, resolution, tasks, train_samples=batch_size)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+        data = open_data(cfg.data, tasks)
+        sizes = {flag: len(d.splits["train"]) for flag, d in data.items()}
+        splits = {flag: d.splits["train"] for flag, d in data.items()}
+
+        configure_determinism(cfg.train.seed, cfg.determinism)
+        bare = BareLoop(cfg, torch_device)
+        flops_per_step = bare.flops()
+        step = engine_step(cfg, tasks, sizes, torch_device)
+
+        total_steps = warmup_steps + repeats * steps
+        plan = epoch_plan(sizes, batch_size, cfg.train.seed, 0, steps_per_epoch=total_steps, last_batch="drop")
+        loader = plan_loader(
+            splits, plan, num_workers=workers, pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=0,
+        )
+        loops = {"bare": bare, "engine": EngineLoop(step, loader, cfg.train.log_every_steps)}
+        for loop in loops.values():
+            for _ in range(warmup_steps):
+                loop()
+        loops["engine"].wait_s = 0.0
+        runs: dict[str, list[dict]] = {"bare": [], "engine": []}
+        peaks = {"bare": 0, "engine": 0}
+        for repeat in range(repeats):
+            for name, loop in loops.items():
+                if torch_device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(torch_device)
+                runs[name].append(_time(loop, torch_device, steps))
+                if torch_device.type == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(torch_device))
+            if (repeat + 1) % max(1, repeats // 5) == 0 or repeat + 1 == repeats:
+                log(f"turn {repeat + 1}/{repeats}: bare {runs['bare'][-1]['img_s']:,.1f} img/s, "
+                    f"engine {runs['engine'][-1]['img_s']:,.1f} img/s")
+        wait_s = loops["engine"].wait_s
+        del loops, loader  # stops the loader's workers
+        bare_runs, engine_runs = runs["bare"], runs["engine"]
+
+    # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
+    # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
+    ratios = [e["img_s"] / b["img_s"] for b, e in zip(bare_runs, engine_runs)]
+    middle = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]
+    bare_img_s, engine_img_s = bare_runs[middle]["img_s"], engine_runs[middle]["img_s"]
+    flops_per_image = flops_per_step / batch_size
+    peak = _peak_flops(machine_info["device_name"], precision) if torch_device.type == "cuda" else None
+    result = {
+        "bare_img_s": bare_img_s,
+        "engine_img_s": engine_img_s,
+        "engine_vs_bare": engine_img_s / bare_img_s,
+        "median_turn": middle,
+        "img_s_median_over_turns": {"bare": median([r["img_s"] for r in bare_runs]),
+                                    "engine": median([r["img_s"] for r in engine_runs])},
+        "peak_memory_bytes": max(peaks.values()) if torch_device.type == "cuda" else peak_rss_bytes(),
+        "mfu": engine_img_s * flops_per_image / peak if peak else None,
+        "bare_mfu": bare_img_s * flops_per_image / peak if peak else None,
+        "flops_per_image": flops_per_image,
+        "engine_tflop_s": engine_img_s * flops_per_image / 1e12,
+        "peak_flop_s": peak,
+        "engine_loader_wait_fraction": wait_s / sum(r["seconds"] for r in engine_runs),
+        "memory_meter": ("torch.cuda.max_memory_allocated, the larger of the two loops" if torch_device.type == "cuda"
+                         else "peak resident set of the benchmark process (ru_maxrss), both loops, workers excluded"),
+        **({"bare_peak_memory_bytes": peaks["bare"], "engine_peak_memory_bytes": peaks["engine"]}
+           if torch_device.type == "cuda" else {}),
+        "repeats": {"bare": bare_runs, "engine": engine_runs},
+        "settings": settings,
+        "machine": machine_info,
+    }
+    result["targets"] = [
+        {"key": t.key, "target": t.least, "label": t.label, "applies": t.applies(settings),
+         "met": (result[t.key] is not None and result[t.key] >= t.least) if t.applies(settings) else None}
+        for t in TARGETS
+    ]
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _input_description(resolution: int, input_size: int) -> str:
+    if input_size == resolution:
+        return f"{resolution} px as stored"
+    how = "zero-padded" if input_size > resolution else "resized"
+    return f"{resolution} px {how} to {input_size} px"
+
+
+def _peak_flops(device_name: str, precision: str) -> float | None:
+    """The GPU's dense peak FLOP/s for `precision` (fp32 means TF32 when torch allows it), or None if unknown."""
+    kind = precision if precision != "fp32" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    for name, peaks in PEAK_FLOPS:
+        if name in device_name:
+            return peaks[kind]
+    return None
+
+
+def _check_settings(
+    batch_size: int, steps: int, warmup_steps: int, repeats: int, workers: int, input_size: int, resolution: int
+) -> None:
+    problems = [
+        f"{name} must be >= {least}, got {value}"
+        for name, value, least in (
+            ("--batch-size", batch_size, 2), ("--steps", steps, 1), ("--warmup-steps", warmup_steps, 1),
+            ("--repeats", repeats, 1), ("--workers", workers, 0), ("--input-size", input_size, 8),
+        )
+        if value < least
+    ]
+    if not problems and input_size < resolution:
+        problems.append(f"--input-size {input_size} is smaller than --resolution {resolution}; the engine pads up "
+                        "to the input size: give an input size of at least the resolution")
+    if problems:
+        raise MmptError("; ".join(problems))
+
+
+def format_table(result: dict) -> str:
+    """The figures and the issue's targets as a Markdown table: measurement | value | target | met?"""
+    s = result["settings"]
+    rows = [("measurement", "value", "target", "met?")]
+    medians = result["img_s_median_over_turns"]
+    rows.append(("bare loop, img/s (median turn)", f"{result['bare_img_s']:,.1f}", "-", "-"))
+    rows.append(("engine step, img/s (median turn)", f"{result['engine_img_s']:,.1f}", "-", "-"))
+    rows.append(("img/s, median over turns: bare, engine", f"{medians['bare']:,.1f}, {medians['engine']:,.1f}",
+                 "-", "-"))
+    for key, label, value in (
+        ("engine_vs_bare", "engine / bare", f"{result['engine_vs_bare']:.3f}"),
+        ("mfu", "MFU (engine)", "-" if result["mfu"] is None else f"{result['mfu']:.1%}"),
+    ):
+        applying = [t for t in result["targets"] if t["key"] == key and t["applies"]]
+        for target in applying or [None]:
+            if target is None:
+                rows.append((label, value, "-", "-"))
+            else:
+                least = f"{target['target']:.0%}" if key == "mfu" else f"{target['target']:.2f}"
+                rows.append((label, value, f">= {least} ({target['label']})", yes(target["met"])))
+    rows.append(("engine time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"))
+    rows.append(("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"))
+    rows.append(("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"))
+    lines = [markdown_table(rows)]
+    others = [t for t in result["targets"] if not t["applies"]]
+    if others:
+        lines.append("targets for other settings: " + "; ".join(
+            f"{t['key']} >= {t['target']:g} ({t['label']})" for t in others))
+    m = result["machine"]
+    lines.append(
+        f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
+        + (", compiled" if s["compile"] else "") + (", channels_last" if s["channels_last"] else "")
+        + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
+        f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
+        f"at start, wall time {result['wall_s']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the `train` command to `python -m mmpt.bench`."""
+    train = commands.add_parser("train", help="the engine's training step against a bare PyTorch loop")
+    train.add_argument("--backbone", default="resnet18", help="an alias (vit_b16, resnet18, ...) or a timm name")
+    train.add_argument("--resolution", type=int, default=28, help="stored image size: 28, 64, 128 or 224")
+    train.add_argument("--input-size", type=int, help="model input side; images are zero-padded to it "
+                       "(default: the resolution, nothing padded)")
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--steps", type=int, default=2, help="timed steps per turn and loop")
+    train.add_argument("--warmup-steps", type=int, default=3, help="untimed steps of each loop before the turns")
+    train.add_argument("--repeats", type=int, default=25, help="turns: timed runs per loop, alternating "
+                       "(the turn with the median ratio counts)")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
+    train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--workers", type=int, default=DataConfig.num_workers, help="the engine's loader workers")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)")
+    train.add_argument("--json", help="write the figures to this JSON file")
+    train.add_argument("--workdir", help="folder for the synthetic files (kept); default a temporary one (deleted)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the benchmark (table on stdout, progress on stderr); return the exit code. Raises MmptError."""
+    result = run_train_benchmark(
+        backbone=args.backbone, resolution=args.resolution, input_size=args.input_size, batch_size=args.batch_size,
+        steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats, precision=args.precision,
+        compile=args.compile, channels_last=args.channels_last, device=args.device, workers=args.workers,
+        deterministic=args.deterministic, workdir=args.workdir, log=lambda line: print(line, file=sys.stderr),
+    )
+    print(format_table(result))
+    if args.json:
+        write_result(args.json, result)
+    return 0

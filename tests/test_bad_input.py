@@ -257,15 +257,17 @@ def changed_data(e: Env):
 
 
 def disk_full_on(e: Env, name: str) -> None:
-    """Writing `name` (through its temp file) fails as on a full disk."""
-    real = Path.write_text
+    """Writing `name` (every write goes through mmpt.io.atomic_write) fails as on a full disk."""
+    import mmpt.io
 
-    def write_text(path, *args, **kwargs):
-        if path.name == f".{name}.tmp":
+    real = mmpt.io.atomic_write
+
+    def atomic_write(path, write):
+        if Path(path).name == name:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, *args, **kwargs)
+        return real(path, write)
 
-    e.mp.setattr(Path, "write_text", write_text)
+    e.mp.setattr(mmpt.io, "atomic_write", atomic_write)
 
 
 def disk_full_unpacking(e: Env):
@@ -301,8 +303,8 @@ def item_in_run(e: Env, name: str, kind: str):
 
 def malformed(e: Env, name: str, data: bytes):
     (e.run / name).write_bytes(data)
-    if name == "metrics.json":
-        return evaluate_main, ["--compare", str(e.run), str(e.other_run)]
+    if name.startswith("predictions/"):
+        return evaluate_main, ["compare", str(e.run), str(e.other_run)]
     return e.resume()
 
 
@@ -372,13 +374,12 @@ CASES = [
     pytest.param(disk_full_at_checkpoint, ["cannot write checkpoint", "No space left on device",
                                            "the previous one is intact"], id="disk-full-writing-checkpoint"),
     # files read back that are malformed
-    pytest.param(lambda e: malformed(e, "metrics.json", b"{not json"), ["metrics.json is not readable JSON",
-                                                                          "evaluate the run again"],
-                 id="compare-malformed-metrics-json"),
-    pytest.param(lambda e: malformed(e, "metrics.json", b'{"breastmnist": [1, 2]}'),
-                 ["is not a table of dataset -> metric -> number"], id="compare-metrics-json-of-another-shape"),
-    pytest.param(lambda e: malformed(e, "metrics.json", b"\xff\xfe{}"), ["metrics.json is not readable JSON"],
-                 id="compare-metrics-json-not-utf8"),
+    pytest.param(lambda e: malformed(e, "predictions/data.json", b"{not json"),
+                 ["data.json is not readable JSON", "evaluate the run again"], id="compare-malformed-data-json"),
+    pytest.param(lambda e: malformed(e, "predictions/data.json", b'{"breastmnist": [1, 2]}'),
+                 ["is not a record of evaluated data"], id="compare-data-json-of-another-shape"),
+    pytest.param(lambda e: malformed(e, "predictions/data.json", b"\xff\xfe{}"), ["data.json is not readable JSON"],
+                 id="compare-data-json-not-utf8"),
     pytest.param(lambda e: malformed(e, "config.yaml", b"train: {epochs: 2\n"), ["config.yaml is not valid YAML"],
                  id="resume-malformed-config-yaml"),
     pytest.param(lambda e: malformed(e, "config.yaml", b"train:\n  epochs: \xff\n"), ["config.yaml is not UTF-8 text"],
@@ -431,7 +432,7 @@ CASES = [
     pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "cuda:7"]), ["device is cuda:7", "cuda"],
                  id="eval-device-not-present"),
     pytest.param(lambda e: (evaluate_main, ["--compare", str(e.run), str(e.other_run), "--metric", "f1"]),
-                 ["no run has the metric 'f1'", "choose one of"], id="compare-unknown-metric"),
+                 ["unknown metric 'f1'", "choose from auc"], id="compare-unknown-metric"),
     pytest.param(lambda e: (evaluate_main, [str(e.run), str(e.other_run)]), ["evaluate one run at a time", "--compare"],
                  id="eval-two-runs-without-compare"),
     # data

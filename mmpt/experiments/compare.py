@@ -27,6 +27,7 @@ from scipy import stats
 
 from mmpt.errors import MmptError
 from mmpt.evaluation import DATA_RECORD, labels_digest
+from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.tasks import FLAGS, TASKS
 
@@ -67,7 +68,10 @@ def _nearest_data_root(folder: Path) -> str | None:
     for parent in [folder, *folder.parents]:
         path = parent / "config.yaml"
         if path.is_file():
-            return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
+            try:
+                return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+                raise MmptError(f"{path} is not a config written by train.py; pass --data-root DIR") from None
     return None
 
 
@@ -78,7 +82,14 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
         raise MmptError(f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
                         f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
                         f"{folder.parent / 'eval' / 'test'}")
-    record = json.loads(record_path.read_text())
+    again = f"evaluate the run again (python evaluate.py {folder.parent}) and compare {folder.parent / 'eval' / 'test'}"
+    record = read_json(record_path, again)
+    entries = record.get("datasets") if isinstance(record, dict) else None
+    if not isinstance(entries, dict) or not isinstance(record.get("resolution"), int) or not all(
+        isinstance(e, dict) and isinstance(e.get("images"), int) and isinstance(e.get("labels_sha256"), str)
+        for e in entries.values()
+    ):
+        raise MmptError(f"{record_path} is not a record of evaluated data written by mmpt; {again}")
     root = record.get("data_root") or _nearest_data_root(folder.parent)
     found: dict[str, Prediction] = {}
     for path in sorted(folder.glob("*.csv")):
@@ -162,7 +173,11 @@ def read_labels(pred: Prediction, flag: str, data_root: str | None = None) -> np
 
 
 def read_scores(pred: Prediction) -> np.ndarray:
-    scores = pd.read_csv(pred.path, index_col=0, header=None).sort_index().to_numpy(dtype=np.float64)
+    try:
+        scores = pd.read_csv(pred.path, index_col=0, header=None).sort_index().to_numpy(dtype=np.float64)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MmptError(f"{pred.path} is not a prediction file of numbers ({reason}); evaluate the run again") from None
     if len(scores) != pred.images:
         raise MmptError(f"{pred.path} has {len(scores)} rows, not {pred.images}; evaluate the run again")
     return scores

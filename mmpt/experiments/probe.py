@@ -96,7 +96,7 @@ def extract_features(model: MultiTaskNet, cfg: Config, split_data, device: torch
     model.eval()
     transform = build_transform(cfg, model)
     out = []
-    for images, _ in eval_loader(split_data, batch_size=batch_size, num_workers=cfg.data.num_workers):
+    for _, images, _ in eval_loader({"split": split_data}, batch_size, num_workers=cfg.data.num_workers):
         out.append(model.features(transform(images.to(device))).float().cpu().numpy())
     return np.concatenate(out)
 

@@ -71,7 +71,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    ordinal: str = "coral"  # ce | coral: the loss of the ordinal-regression task (RetinaMNIST)
+    ordinal: str = "coral"  # ce | coral | corn: the loss of the ordinal-regression task (RetinaMNIST)
     weighting: str = "none"  # none | size
 
 
@@ -136,7 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input.pad_value": ("normalized_zero", "black"),
     "input.interpolation": ("bilinear", "bicubic"),
     "sampler.last_batch": ("keep", "drop"),
-    "loss.ordinal": ("ce", "coral"),
+    "loss.ordinal": ("ce", "coral", "corn"),
     "loss.weighting": ("none", "size"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16"),

@@ -16,6 +16,7 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.losses import TaskLoss
 from mmpt.metrics import compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
+from mmpt.tasks import ORDINAL
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def evaluate_task(
         task_data.splits[split], batch_size=batch_size, num_workers=num_workers,
         pin_memory=pin_memory and device.type == "cuda",
     )
-    all_scores, all_labels, loss_sum = [], [], 0.0
+    ordinal = task_data.task.task_type == ORDINAL
+    all_scores, all_grades, all_labels, loss_sum = [], [], [], 0.0
     for images, labels in loader:
         x = transform(images.to(device, non_blocking=True))
         y = labels.to(device)
@@ -62,10 +64,13 @@ def evaluate_task(
         logits = logits.float()
         loss_sum += float(loss_fn(logits, y)) * len(y)
         all_scores.append(loss_fn.scores(logits).cpu().numpy())
+        if ordinal:  # MAE and kappa use the loss's own grade rule (CORAL/CORN: the rank rule, not the argmax)
+            all_grades.append(loss_fn.grades(logits).cpu().numpy())
         all_labels.append(labels.numpy())
     scores = np.concatenate(all_scores).astype(np.float64)
     labels = np.concatenate(all_labels)
-    metrics = {"loss": loss_sum / len(labels), **compute_metrics(task_data.task, labels, scores)}
+    grades = np.concatenate(all_grades) if ordinal else None
+    metrics = {"loss": loss_sum / len(labels), **compute_metrics(task_data.task, labels, scores, grades)}
     return TaskResult(labels=labels, scores=scores, metrics=metrics)
 
 

@@ -23,7 +23,9 @@ from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 THRESHOLD = 0.5  # medmnist's decision threshold for binary and multi-label scores
 
 
-def compute_metrics(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def compute_metrics(
+    task: TaskSpec, labels: np.ndarray, scores: np.ndarray, grades: np.ndarray | None = None
+) -> dict[str, float]:
     """Return {"auc", "acc", "balanced_acc", "kappa"} (plus "qwk", "mae" for ordinal tasks) as floats.
 
     labels: int N×L as medmnist stores them; scores: N×K from the loss's `scores` (N×2 for binary,
@@ -32,7 +34,8 @@ def compute_metrics(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> d
       labels with threshold 0.5; multi-class and ordinal: argmax, one-vs-rest AUC averaged over classes).
     - balanced_acc, kappa (Cohen's): on the same predictions as acc; for multi-label, the mean over
       labels of each label's balanced accuracy / kappa at threshold 0.5.
-    - qwk (quadratically weighted kappa over all K grades) and mae (mean |argmax - grade|), ordinal only.
+    - qwk (quadratically weighted kappa over all K grades) and mae (mean |predicted - true grade|), ordinal
+      only, on `grades` (N predicted grades: the loss's own rule, see TaskLoss.grades) or, when None, the argmax.
     AUC is NaN where a class (or a label's positives or negatives) is absent from `labels`, where
     medmnist would raise; kappa is NaN where undefined (labels and predictions one same class).
     """
@@ -59,12 +62,12 @@ def compute_metrics(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> d
         )
         metrics = _class_metrics(labels[:, 0], scores)
         if task.task_type == ORDINAL:
-            grades = labels[:, 0]
-            predicted = scores.argmax(axis=1)
+            true = labels[:, 0]
+            predicted = scores.argmax(axis=1) if grades is None else np.asarray(grades).reshape(-1)
             all_grades = list(range(task.num_classes))
             # all grades given, so an absent grade does not shrink the distances the weights use
-            metrics["qwk"] = float(cohen_kappa_score(grades, predicted, labels=all_grades, weights="quadratic"))
-            metrics["mae"] = float(mean_absolute_error(grades, predicted))
+            metrics["qwk"] = float(cohen_kappa_score(true, predicted, labels=all_grades, weights="quadratic"))
+            metrics["mae"] = float(mean_absolute_error(true, predicted))
         return metrics
 
 

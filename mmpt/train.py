@@ -134,7 +134,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
         **dataclasses.asdict(cfg.optim),
     )
-    weighting = build_weighting(cfg.loss.weighting, sizes)
+    weighting = build_weighting(
+        cfg.loss.weighting, sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step, device=device,
+        lr=cfg.optim.lr, seed=cfg.train.seed, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
+        steps_per_epoch=len(epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, 0, **sampler_kwargs)),
+    )
     progress = Progress()
     if state is not None:
         model.load_state_dict(state[ckpt.MODEL])
@@ -181,10 +185,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                         f"loss of {task} is {loss.item()} at step {progress.step + 1}; stopped, the last good "
                         f"checkpoint is kept in {checkpoints}; lower optim.lr or set optim.clip_grad_norm"
                     )
-                (loss * weighting.weight(task)).backward()
+                # one dataset per step: the loss-based methods allowed here need no features
+                weighting.backward({task: loss}, logits, lambda value: value)
                 optimizers.step(task)
                 optimizers.zero_grad()
-                weighting.update(task, loss.item())
                 progress.position += 1
                 progress.step += 1
                 images_seen += len(y)
@@ -194,6 +198,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                     bar.set_postfix(task=task.removesuffix("mnist"), loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     writer.add_scalar(f"train/loss/{task}", loss.item(), progress.step)
                     writer.add_scalar("train/images_per_s", rate, progress.step)
+                    for name, weight in weighting.weights().items():
+                        writer.add_scalar(f"train/weight/{name}", weight.item(), progress.step)
                     for name, lr in optimizers.learning_rates().items():
                         writer.add_scalar(f"lr/{name}", lr, progress.step)
                     tick, images_seen = time.time(), 0
@@ -209,7 +215,6 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
 
             # validation on every task, early stopping on the monitored metric
             val = metrics_table(evaluate_all(model, data, "val", losses, transform, device, **eval_kwargs))
-            val["mean"]["loss"] = sum(weighting.weight(f) * val[f]["loss"] for f in data) / len(data)
             for name, row in val.items():
                 for metric, value in row.items():
                     writer.add_scalar(f"val/{name}/{metric}", value, epoch + 1)
@@ -218,7 +223,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 monitored > progress.best_metric if higher_is_better else monitored < progress.best_metric
             )
             progress.epoch, progress.position = epoch + 1, 0
-            progress.history.append({"epoch": epoch + 1, "step": progress.step, "val": val})
+            progress.history.append(
+                {"epoch": epoch + 1, "step": progress.step, "val": val, "weights": weighting.mean_weights()}
+            )
             if improved:
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
                 ckpt.save(checkpoints / ckpt.BEST, {ckpt.MODEL: unwrap(model).state_dict(), ckpt.CONFIG: to_dict(cfg),
@@ -247,6 +254,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         "final_digest": final_digest, "best_digest": ckpt.state_digest(best[ckpt.MODEL]),
         "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
         "monitor": cfg.train.monitor, "best_metric": progress.best_metric,
+        "weighting": cfg.loss.weighting, "weighting_args": dict(cfg.loss.weighting_args),
+        "tasks_per_step": cfg.sampler.tasks_per_step,
         "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
     })
     print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")

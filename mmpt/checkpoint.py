@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads (`weights_only=True`), weight digests.
+"""Checkpoints: atomic writes (mmpt.io), safe loads (`weights_only=True`), weight digests.
 
 A checkpoint is a dict of tensors and plain Python values, never code.
 """
@@ -6,21 +6,21 @@ A checkpoint is a dict of tensors and plain Python values, never code.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmpt.errors import MmptError
+from mmpt.io import atomic_write
 
 # Top-level keys of a training checkpoint.
 MODEL = "model"
 OPTIMIZERS = "optimizers"
 WEIGHTING = "weighting"
+STEP = "step"  # the training step's own state (fp16 gradient scaler)
 PROGRESS = "progress"
 RNG = "rng"
 CONFIG = "config"
@@ -29,30 +29,6 @@ FORMAT_VERSION = 1
 
 LAST = "last.pt"
 BEST = "best.pt"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, fsync it, then `os.replace` it into place.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # make the rename itself durable
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save(path: Path, state: dict) -> None:

@@ -24,7 +24,9 @@ def _guarded(main, argv: list[str] | None) -> int:
     except MmptError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # under torchrun every rank raises the same error; one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -111,7 +113,8 @@ def _train(argv: list[str]) -> int:
     try:
         run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except Stopped as exc:
-        print(str(exc), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(str(exc), file=sys.stderr)
         return 130
     return 0
 

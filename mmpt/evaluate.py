@@ -7,13 +7,14 @@ from pathlib import Path
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import from_dict
+from mmpt.data.store import open_data
 from mmpt.errors import MmptError
 from mmpt.evaluation import evaluate_all, metrics_table, write_predictions
 from mmpt.model import build_model, build_transform
 from mmpt.report import format_table, write_metrics
-from mmpt.runtime import configure_determinism, select_device
+from mmpt.distributed import select_device
+from mmpt.runtime import configure_determinism
 from mmpt.tasks import resolve_tasks
-from mmpt.train import open_data
 
 
 def evaluate_checkpoint(
@@ -54,7 +55,7 @@ def evaluate_checkpoint(
         download=False,
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    data = open_data(cfg, tasks)
+    data = open_data(cfg.data, tasks)
     configure_determinism(cfg.train.seed, cfg.determinism)
     torch_device = select_device(device)
 

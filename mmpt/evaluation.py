@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +12,12 @@ import torch
 from mmpt.data.loader import eval_loader
 from mmpt.data.store import TaskData
 from mmpt.data.transforms import DeviceTransform
+from mmpt.distributed import SINGLE, World, any_rank, gather_rows, sum_over_ranks
+from mmpt.io import write_text
 from mmpt.losses import TaskLoss
 from mmpt.metrics import compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
+from mmpt.runtime import Interrupted, StopSignal, autocast
 from mmpt.tasks import ORDINAL
 
 
@@ -24,13 +26,6 @@ class TaskResult:
     labels: np.ndarray  # N×L int64
     scores: np.ndarray  # N×K class scores (medmnist's convention)
     metrics: dict[str, float]  # includes "loss"
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for, else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -46,31 +41,48 @@ def evaluate_task(
     num_workers: int = 0,
     precision: str = "fp32",
     pin_memory: bool = True,
+    world: World = SINGLE,
+    stop: StopSignal | None = None,
 ) -> TaskResult:
-    """Run `model`'s head for this task over a whole split; return labels, scores and metrics (with loss)."""
+    """Run `model`'s head for this task over a whole split; return labels, scores and metrics (with loss).
+
+    Under torchrun each rank scores its contiguous shard and the shards are gathered in rank order, so
+    every image is scored exactly once and every rank returns the same result. Raises Interrupted when
+    `stop` has received a signal (checked between batches; across ranks, once per task).
+    """
     model.eval()
     flag = task_data.task.flag
     loader = eval_loader(
         task_data.splits[split], batch_size=batch_size, num_workers=num_workers,
-        pin_memory=pin_memory and device.type == "cuda",
+        pin_memory=pin_memory and device.type == "cuda", rank=world.rank, world_size=world.world_size,
     )
     ordinal = task_data.task.task_type == ORDINAL
-    all_scores, all_grades, all_labels, loss_sum = [], [], [], 0.0
+    all_scores, all_grades, all_labels = [], [], []
+    loss_sum = torch.zeros((), device=device)
     for images, labels in loader:
+        if stop is not None and stop.received and not world.distributed:
+            raise Interrupted(stop.received)
         x = transform(images.to(device, non_blocking=True))
-        y = labels.to(device)
+        y = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x, flag)
         logits = logits.float()
-        loss_sum += float(loss_fn(logits, y)) * len(y)
+        loss_sum += loss_fn(logits, y) * len(y)
         all_scores.append(loss_fn.scores(logits).cpu().numpy())
         if ordinal:  # MAE and kappa use the loss's own grade rule (CORAL/CORN: the rank rule, not the argmax)
             all_grades.append(loss_fn.grades(logits).cpu().numpy())
         all_labels.append(labels.numpy())
-    scores = np.concatenate(all_scores).astype(np.float64)
-    labels = np.concatenate(all_labels)
-    grades = np.concatenate(all_grades) if ordinal else None
-    metrics = {"loss": loss_sum / len(labels), **compute_metrics(task_data.task, labels, scores, grades)}
+    if stop is not None and any_rank(world, stop.received is not None)[0]:
+        raise Interrupted(stop.received or "a stop signal on another rank")
+    width = task_data.task.num_classes
+    scores = gather_rows(world, np.concatenate(all_scores) if all_scores else np.zeros((0, width), np.float32))
+    labels = gather_rows(world, np.concatenate(all_labels) if all_labels else np.zeros((0, task_data.task.label_width), np.int64))
+    scores = scores.astype(np.float64)
+    loss = sum_over_ranks(world, loss_sum.item()) / len(labels)
+    grades = None
+    if ordinal:  # N×1 rows, gathered like the labels
+        grades = gather_rows(world, np.concatenate(all_grades).reshape(-1, 1) if all_grades else np.zeros((0, 1), np.int64))
+    metrics = {"loss": loss, **compute_metrics(task_data.task, labels, scores, grades)}
     return TaskResult(labels=labels, scores=scores, metrics=metrics)
 
 
@@ -114,6 +126,6 @@ def write_predictions(
     paths = []
     for flag, result in results.items():
         path = folder / prediction_filename(flag, resolution, split, result.metrics, run)
-        pd.DataFrame(result.scores).to_csv(path, header=None)
+        write_text(path, pd.DataFrame(result.scores).to_csv(header=None))
         paths.append(path)
     return paths

@@ -7,11 +7,12 @@ update count, not the global step. `per_head=False` gives the thesis code's sing
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
@@ -57,25 +58,47 @@ class Optimizers:
     schedules: dict[str, Scheduler]
     updates: dict[str, int] = field(default_factory=dict)
     clip_grad_norm: float | None = None
+    _param_cache: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
-    def groups_for(self, task: str) -> list[str]:
-        """The optimizers that step when `task` is sampled: the backbone's and that head's, or the shared one."""
-        return [SHARED] if SHARED in self.optimizers else [BACKBONE, task]
+    def groups_for(self, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        """The optimizers that step when `tasks` are in a step: the backbone's and those heads', or the shared one."""
+        return (SHARED,) if SHARED in self.optimizers else (BACKBONE, *tasks)
 
-    def zero_grad(self) -> None:
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+    def _params(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        # built once per set of optimizers, not per step
+        if names not in self._param_cache:
+            self._param_cache[names] = [
+                p for n in names for g in self.optimizers[n].param_groups for p in g["params"]
+            ]
+        return self._param_cache[names]
 
-    def step(self, task: str) -> None:
-        """Clip (if configured) and step the optimizers of `task`, then advance their schedules."""
-        names = self.groups_for(task)
-        if self.clip_grad_norm is not None:
-            params = [p for n in names for g in self.optimizers[n].param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+    def zero_grad(self, tasks: tuple[str, ...] | None = None) -> None:
+        """Drop the gradients of the optimizers that stepped for `tasks` (all optimizers when None)."""
+        names = self.optimizers if tasks is None else self.groups_for(tasks)
         for name in names:
-            self.optimizers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+
+    def step(self, tasks: tuple[str, ...], scaler: torch.amp.GradScaler | None = None) -> None:
+        """Clip (if configured) and step the optimizers of `tasks`, then advance their schedules.
+
+        With an fp16 `scaler`, gradients are unscaled before clipping and a step with non-finite
+        gradients is skipped by the scaler (the schedules still advance, as in timm's train loop).
+        """
+        names = self.groups_for(tasks)
+        if scaler is not None:
+            for name in names:
+                scaler.unscale_(self.optimizers[name])
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params(names), self.clip_grad_norm)
+        for name in names:
+            if scaler is not None:
+                scaler.step(self.optimizers[name])
+            else:
+                self.optimizers[name].step()
             self.updates[name] = self.updates.get(name, 0) + 1
             self.schedules[name].step_update(self.updates[name])
+        if scaler is not None:
+            scaler.update()
 
     def learning_rates(self) -> dict[str, float]:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
@@ -110,18 +133,24 @@ def build_optimizers(
     warmup_epochs: float = 0.0,
     min_lr_ratio: float = 0.0,
     clip_grad_norm: float | None = None,
+    fused: bool = False,
+    steps_per_epoch: float | None = None,
 ) -> Optimizers:
     """Create the backbone's and each head's optimizer (or one shared one) with their LR schedules.
 
-    `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each schedule.
+    `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each head's schedule.
+    `steps_per_epoch` sizes the backbone's (and the shared) schedule; None = their sum (one dataset per step).
+    `fused` asks for the optimizer's fused kernel (one kernel for all parameters) where its class has one.
     Raises MmptError for an optimizer name timm does not know.
     """
     check_optimizer_name(name)
+    opt_class = get_optimizer_info(name).opt_class
+    kernel = {"fused": True} if fused and "fused" in inspect.signature(opt_class).parameters else {}
     head_lr = lr if head_lr is None else head_lr
-    steps_per_epoch = sum(updates_per_epoch.values())
+    steps_per_epoch = sum(updates_per_epoch.values()) if steps_per_epoch is None else steps_per_epoch
 
     def make(params_or_module, group_lr: float) -> torch.optim.Optimizer:
-        return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay)
+        return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay, **kernel)
 
     def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> Scheduler:
         return build_schedule(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
-from mmpt.runtime import write_json
+from mmpt.io import atomic_write, write_json, write_text
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
 COLUMNS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "loss")
@@ -48,12 +49,13 @@ def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = 
     json_path, csv_path, md_path = (folder / f"{stem}.{ext}" for ext in ("json", "csv", "md"))
     write_json(json_path, table)
     columns = _columns(table)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", *columns])
-        for name, row in table.items():
-            writer.writerow([name, *(row.get(c, "") for c in columns)])
-    md_path.write_text(format_markdown(table))
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["dataset", *columns])
+    for name, row in table.items():
+        writer.writerow([name, *(row.get(c, "") for c in columns)])
+    write_text(csv_path, rows.getvalue())
+    write_text(md_path, format_markdown(table))
     return [json_path, csv_path, md_path]
 
 
@@ -89,6 +91,6 @@ def plot_history(history: list[dict], path: Path, metric: str = "auc") -> Path |
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path

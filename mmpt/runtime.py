@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import platform
 import random
@@ -40,13 +40,14 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an MmptError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MmptError(f"train.device is {name} but no CUDA device is visible; use --set train.device=cpu")
-    return torch.device(name)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to bf16 or fp16 when asked for, else a no-op context."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -109,25 +110,8 @@ def environment(device: torch.device, deterministic: bool) -> dict:
     return env
 
 
-def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) -> None:
-    """Write `text` to `path` atomically (temp file + os.replace).
-
-    With `keep_previous_as`, a file that already holds different text is first kept as
-    `{stem}.{keep_previous_as}{suffix}`: a resume that changes the config or the machine loses no record.
-    """
-    if keep_previous_as and path.is_file():
-        previous = path.read_text()
-        if previous == text:
-            return
-        path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}").write_text(previous)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict, *, keep_previous_as: str | None = None) -> None:
-    """Write JSON atomically; see write_text."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", keep_previous_as=keep_previous_as)
+class Interrupted(Exception):
+    """A SIGINT/SIGTERM arrived during a phase that stops between batches (validation, test, evaluate.py)."""
 
 
 class StopSignal:

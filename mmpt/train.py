@@ -1,38 +1,39 @@
 """The mm-PT training recipe: one loop, top to bottom.
 
-Each step samples one task (dataset) from the epoch plan, runs the shared backbone and that task's
-head, weights its loss, and steps the backbone's optimizer and that head's optimizer only.
+Each step takes one dataset (or several) from the epoch plan, runs the shared backbone and the heads of
+the step's datasets, weights their losses, and steps the backbone's optimizer and those heads' only.
+Under torchrun every rank follows the same plan on its shard of the global batch; rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mmpt import checkpoint as ckpt
+from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
-from mmpt.data.store import TaskData, cache_location, open_task
-from mmpt.data.synthetic import ensure_synthetic
+from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, steps_in_epoch
+from mmpt.data.store import TaskData, cache_location, open_data
+from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
-from mmpt.evaluation import autocast, evaluate_all, metrics_table, write_predictions
-from mmpt.model import build_model, build_transform, resolve_backbone, unwrap
+from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, write_predictions
+from mmpt.io import write_json, write_text
+from mmpt.model import MultiTaskNet, build_model, build_transform, resolve_backbone
 from mmpt.optim import build_optimizers, check_optimizer_name
 from mmpt.report import format_table, plot_history, write_metrics
-from mmpt.runtime import (
-    StopSignal, configure_determinism, environment, prepare_run_dir, select_device, write_json,
-    write_text,
-)
-from mmpt.tasks import TaskSpec, resolve_tasks
-from mmpt.weighting import build_weighting
+from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment, prepare_run_dir
+from mmpt.step import TrainStep
+from mmpt.tasks import resolve_tasks
+from mmpt.weighting import build_weighting, check_weighting
 
 # Config keys a resumed run must share with its checkpoint: they fix the model's shape and data.
 RESUME_MUST_MATCH = ("data.datasets", "data.resolution", "model.backbone", "model.img_size", "loss.ordinal")
@@ -48,25 +49,13 @@ class Progress:
     best_metric: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the monitored metric last improved
-    history: list = field(default_factory=list)  # per-epoch validation tables
+    done: bool = False  # training ended (all epochs, or early stopping); only the test report may remain
+    world_size: int = 1  # processes that trained the last steps (the global batch is the same for any)
+    history: list = field(default_factory=list)  # per-epoch train losses, validation tables and weights
 
 
 class Stopped(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing last.pt."""
-
-
-def open_data(cfg: Config, tasks: list[TaskSpec]) -> dict[str, TaskData]:
-    """Verify and memory-map every task's splits (writing synthetic files first when asked to)."""
-    root = Path(cfg.data.root).expanduser()
-    if cfg.data.synthetic:
-        ensure_synthetic(root, cfg.data.resolution, tasks, train_samples=cfg.data.synthetic_samples, seed=0)
-    return {
-        task.flag: open_task(
-            root, task, cfg.data.resolution, cache_dir=cfg.data.cache_dir,
-            verify_md5=cfg.data.verify, download=cfg.data.download,
-        )
-        for task in tasks
-    }
+    """Training stopped on SIGINT/SIGTERM after writing what it needs to continue."""
 
 
 def load_resume_checkpoint(cfg: Config) -> dict:
@@ -92,171 +81,347 @@ def load_resume_checkpoint(cfg: Config) -> dict:
     return state
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The RNG of one step's augmentation: a pure function of (seed, step), so resume replays it."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
 def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
     """Train per `cfg`, evaluate the best checkpoint on every test split; return the test metrics table.
 
-    Raises MmptError for anything the user can fix; Stopped after SIGINT/SIGTERM (last.pt written).
+    Raises MmptError for anything the user can fix (on every rank); Stopped after SIGINT/SIGTERM.
     """
     started = time.time()
+    world, device = distributed.init(cfg.train.device)
     run_dir = cfg.run_dir
-    # everything that can fail on bad input is checked before the run folder is touched
-    state = load_resume_checkpoint(cfg) if resume else None
-    tasks = resolve_tasks(cfg.data.datasets)
-    resolve_backbone(cfg.model.backbone)
-    check_optimizer_name(cfg.optim.name)
-    data = open_data(cfg, tasks)
-    configure_determinism(cfg.train.seed, cfg.determinism)
-    device = select_device(cfg.train.device)
-    model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
-    keep = f"before-resume-at-step{state[ckpt.PROGRESS]['step']}" if state is not None else None
-    write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
-    write_json(run_dir / "env.json", environment(device, cfg.determinism), keep_previous_as=keep)
-    print(f"run folder: {run_dir}   device: {device}   data cache: {cache_location(Path(cfg.data.root).expanduser(), cfg.data.cache_dir)}")
-
+    # everything that can fail on bad input is checked, on every rank, before the run folder is touched
+    with agree_on_errors(world):
+        state = load_resume_checkpoint(cfg) if resume else None
+        tasks = resolve_tasks(cfg.data.datasets)
+        resolve_backbone(cfg.model.backbone)
+        check_optimizer_name(cfg.optim.name)
+        check_world(cfg, world)
+        check_weighting(  # e.g. an aggregator under DDP, or a missing solver
+            cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+            world_size=world.world_size, datasets=[t.flag for t in tasks], weights=cfg.loss.weights,
+        )
+        data = open_data(cfg.data, tasks)
+        configure_determinism(cfg.train.seed, cfg.determinism)
+        model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
+        if world.is_main:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
-    model.to(device)
-    transform = build_transform(cfg, model)
-
-    # optimizers: backbone + one per head, each schedule sized by its own updates per epoch
     sampler_kwargs = dict(
         replacement=cfg.sampler.replacement, alpha=cfg.sampler.alpha,
         steps_per_epoch=cfg.sampler.steps_per_epoch, last_batch=cfg.sampler.last_batch,
+        tasks_per_step=cfg.sampler.tasks_per_step,
     )
+    # each head's schedule is sized by its own updates per epoch, the backbone's by the steps
     updates_per_epoch = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_kwargs)
+    steps_per_epoch = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_kwargs)
+    model.to(device)
     optimizers = build_optimizers(
         model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
-        **dataclasses.asdict(cfg.optim),
+        fused=device.type == "cuda", steps_per_epoch=steps_per_epoch, **dataclasses.asdict(cfg.optim),
     )
     weighting = build_weighting(
-        cfg.loss.weighting, sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step, device=device,
-        lr=cfg.optim.lr, seed=cfg.train.seed, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
-        steps_per_epoch=len(epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, 0, **sampler_kwargs)),
+        cfg.loss.weighting, sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+        world_size=world.world_size, device=device, lr=cfg.optim.lr, seed=cfg.train.seed,
+        steps_per_epoch=steps_per_epoch, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
     )
-    progress = Progress()
+    step = TrainStep(
+        model, losses, optimizers, weighting, build_transform(cfg, model), device=device, world=world,
+        precision=cfg.train.precision, seed=cfg.train.seed, channels_last=cfg.train.channels_last,
+        compile=cfg.train.compile,
+    )
+    progress = Progress(world_size=world.world_size)
     if state is not None:
         model.load_state_dict(state[ckpt.MODEL])
         optimizers.load_state_dict(state[ckpt.OPTIMIZERS])
         weighting.load_state_dict(state[ckpt.WEIGHTING])
-        progress = Progress(**state[ckpt.PROGRESS])
+        step.load_state_dict(state.get(ckpt.STEP, {}))
+        progress = Progress(**{**state[ckpt.PROGRESS], "world_size": world.world_size})
         ckpt.set_rng_state(state[ckpt.RNG])
-        print(f"resumed at epoch {progress.epoch}, step {progress.step}")
 
     def training_state() -> dict:
         return {
-            ckpt.MODEL: unwrap(model).state_dict(), ckpt.OPTIMIZERS: optimizers.state_dict(),
-            ckpt.WEIGHTING: weighting.state_dict(), ckpt.PROGRESS: dataclasses.asdict(progress),
-            ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg),
+            ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZERS: optimizers.state_dict(),
+            ckpt.WEIGHTING: weighting.state_dict(), ckpt.STEP: step.state_dict(),
+            ckpt.PROGRESS: dataclasses.asdict(progress), ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg),
         }
 
     checkpoints = run_dir / "checkpoints"
-    writer = SummaryWriter(str(run_dir / "tb"))
+    saver = Saver(checkpoints / ckpt.LAST, training_state, world, cfg.checkpoint.every_minutes)
+    if world.is_main:
+        # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
+        keep = f"before-resume-at-step{progress.step}" if state is not None else None
+        write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
+        write_json(run_dir / "env.json", {**environment(device, cfg.determinism), "world_size": world.world_size},
+                   keep_previous_as=keep)
+        print(describe(cfg, model, sizes, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
+        if state is not None:
+            print(resumed_line(state[ckpt.PROGRESS], world))
+
+    log = Log(run_dir, world)
     eval_kwargs = dict(
         batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
-        pin_memory=cfg.data.pin_memory,
+        pin_memory=cfg.data.pin_memory, world=world,
     )
-    higher_is_better = cfg.train.monitor == "val_auc"
+    resume_hint = f"continue with: python train.py --resume {shlex.quote(str(run_dir))}"
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
+            if progress.done:
+                break
             plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_kwargs)
             loader = plan_loader(
                 {f: d.splits["train"] for f, d in data.items()}, plan, start=progress.position,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
                 prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=epoch,
+                rank=world.rank, world_size=world.world_size,
             )
             model.train()
             bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       disable=not cfg.train.progress, dynamic_ncols=True)
-            tick, images_seen = time.time(), 0
-            for task, images, labels in bar:
-                x = transform(images.to(device, non_blocking=True), generator=step_generator(cfg.train.seed, progress.step), train=True)
-                y = labels.to(device, non_blocking=True)
-                with autocast(device, cfg.train.precision):
-                    logits = model(x, task)
-                loss = losses[task](logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise MmptError(
-                        f"loss of {task} is {loss.item()} at step {progress.step + 1}; stopped, the last good "
-                        f"checkpoint is kept in {checkpoints}; lower optim.lr or set optim.clip_grad_norm"
-                    )
-                # one dataset per step: the loss-based methods allowed here need no features
-                weighting.backward({task: loss}, logits, lambda value: value)
-                optimizers.step(task)
-                optimizers.zero_grad()
+                       disable=not (cfg.train.progress and world.is_main), dynamic_ncols=True)
+            for parts in bar:
+                step(parts, progress.step)
                 progress.position += 1
                 progress.step += 1
-                images_seen += len(y)
-
-                if progress.step % cfg.train.log_every_steps == 0:
-                    rate = images_seen / max(time.time() - tick, 1e-9)
-                    bar.set_postfix(task=task.removesuffix("mnist"), loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-                    writer.add_scalar(f"train/loss/{task}", loss.item(), progress.step)
-                    writer.add_scalar("train/images_per_s", rate, progress.step)
-                    for name, weight in weighting.weights().items():
-                        writer.add_scalar(f"train/weight/{name}", weight.item(), progress.step)
-                    for name, lr in optimizers.learning_rates().items():
-                        writer.add_scalar(f"lr/{name}", lr, progress.step)
-                    tick, images_seen = time.time(), 0
-                if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
-                    ckpt.save(checkpoints / ckpt.LAST, training_state())
-                if stop.received:
-                    ckpt.save(checkpoints / ckpt.LAST, training_state())
-                    raise Stopped(
-                        f"{stop.received} received: stopped at step {progress.step} with {checkpoints / ckpt.LAST} "
-                        f"written; continue with: python train.py --resume {run_dir}"
-                    )
+                log.images(sum(p.global_size for p in parts))
+                logging = progress.step % cfg.train.log_every_steps == 0
+                every_steps = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
+                # across ranks, stop and time are agreed at logging intervals (one small all-reduce)
+                stopping, time_due = (
+                    any_rank(world, stop.received is not None, saver.due()) if logging
+                    else (False, False) if world.distributed else (stop.received is not None, saver.due())
+                )
+                if logging or every_steps or stopping or time_due:
+                    log.losses(step, progress.step, checkpoints)  # raises on a non-finite loss: nothing is saved
+                if logging:
+                    log.train(progress.step, optimizers.learning_rates(), weighting.weights(), bar)
+                if every_steps or stopping or time_due:
+                    saver.save()
+                if stopping:
+                    raise Stopped(f"{stop.received or 'a stop on another rank'}: stopped at step {progress.step} "
+                                  f"with {checkpoints / ckpt.LAST} written; {resume_hint}")
             bar.close()
+            log.losses(step, progress.step, checkpoints)
 
-            # validation on every task, early stopping on the monitored metric
-            val = metrics_table(evaluate_all(model, data, "val", losses, transform, device, **eval_kwargs))
-            for name, row in val.items():
-                for metric, value in row.items():
-                    writer.add_scalar(f"val/{name}/{metric}", value, epoch + 1)
-            monitored = val["mean"]["auc" if higher_is_better else "loss"]
-            improved = progress.best_metric is None or (
-                monitored > progress.best_metric if higher_is_better else monitored < progress.best_metric
-            )
-            progress.epoch, progress.position = epoch + 1, 0
-            progress.history.append(
-                {"epoch": epoch + 1, "step": progress.step, "val": val, "weights": weighting.mean_weights()}
-            )
-            if improved:
-                progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
-                ckpt.save(checkpoints / ckpt.BEST, {ckpt.MODEL: unwrap(model).state_dict(), ckpt.CONFIG: to_dict(cfg),
+            # validation on every dataset, then early stopping on the monitored metric
+            try:
+                broadcast_buffers(world, model)
+                val = metrics_table(evaluate_all(model, data, "val", losses, step.transform, device, stop=stop,
+                                                 **eval_kwargs))
+            except Interrupted:
+                saver.save()  # the epoch's steps are kept; its validation runs again on resume
+                raise Stopped(f"{stop.received or 'a stop on another rank'} during validation: "
+                              f"{checkpoints / ckpt.LAST} written at step {progress.step}; {resume_hint}") from None
+            improved = update_progress(progress, cfg, epoch, val, log.epoch_losses(), weighting.mean_weights())
+            if improved and world.is_main:
+                ckpt.save(checkpoints / ckpt.BEST, {ckpt.MODEL: model.state_dict(), ckpt.CONFIG: to_dict(cfg),
                                                     ckpt.PROGRESS: dataclasses.asdict(progress)})
-            else:
-                progress.bad_epochs += 1
-            ckpt.save(checkpoints / ckpt.LAST, training_state())
-            write_json(run_dir / "val_history.json", {"history": progress.history})
-            print(f"epoch {epoch + 1}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
-                  + ("  (best)" if improved else ""))
-            if cfg.train.patience is not None and progress.bad_epochs >= cfg.train.patience:
-                print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs")
+            saver.save()
+            log.validation(epoch + 1, val, improved)
+            if world.is_main:
+                write_json(run_dir / "val_history.json", {"history": progress.history})
+            if progress.done:
+                print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs") \
+                    if progress.bad_epochs and world.is_main else None
                 break
-    writer.close()
-    final_digest = ckpt.state_digest(unwrap(model).state_dict())
-
-    # test evaluation of the best checkpoint
-    best = ckpt.load(checkpoints / ckpt.BEST)
-    model.load_state_dict(best[ckpt.MODEL])
-    results = evaluate_all(model, data, "test", losses, transform, device, **eval_kwargs)
-    table = metrics_table(results)
-    write_metrics(run_dir, table)
-    write_predictions(run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name)
-    plot_history(progress.history, run_dir / "val_auc.png")
-    write_json(run_dir / "summary.json", {
-        "final_digest": final_digest, "best_digest": ckpt.state_digest(best[ckpt.MODEL]),
-        "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
-        "monitor": cfg.train.monitor, "best_metric": progress.best_metric,
-        "weighting": cfg.loss.weighting, "weighting_args": dict(cfg.loss.weighting_args),
-        "tasks_per_step": cfg.sampler.tasks_per_step,
-        "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
-    })
-    print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")
+        progress.done = True
+        log.close()
+        try:
+            table = test_report(cfg, model, data, losses, step, device, progress, stop, eval_kwargs, started)
+        except Interrupted:
+            raise Stopped(f"{stop.received or 'a stop on another rank'} during the test evaluation: training is "
+                          f"complete and saved; to write the test report, {resume_hint}") from None
     return table
+
+
+def check_world(cfg: Config, world: World) -> None:
+    """Raise MmptError when the global batch is too small to give every process images to train on."""
+    # the sampler keeps every training batch at half the batch size or more, so each rank gets 2 or more images
+    if world.distributed and cfg.train.batch_size < 4 * world.world_size:
+        raise MmptError(
+            f"train.batch_size {cfg.train.batch_size} is the global batch, split over {world.world_size} processes; "
+            f"it must be at least {4 * world.world_size}: raise --batch-size or start fewer processes"
+        )
+
+
+class Saver:
+    """Writes last.pt (rank 0 only) and tells when checkpoint.every_minutes have passed since the last write."""
+
+    def __init__(self, path: Path, state, world: World, every_minutes: float) -> None:
+        self.path, self.state, self.world = path, state, world
+        self.every_s = every_minutes * 60
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.every_s > 0 and time.monotonic() - self.last >= self.every_s
+
+    def save(self) -> None:
+        if self.world.is_main:
+            ckpt.save(self.path, self.state())
+        self.last = time.monotonic()
+
+
+class Log:
+    """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
+
+    def __init__(self, run_dir: Path, world: World) -> None:
+        self.world = world
+        self.writer = SummaryWriter(str(run_dir / "tb")) if world.is_main else None
+        self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
+        self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
+        self.first_unchecked_step = 1
+        self.tick, self.images_seen = time.time(), 0
+
+    def images(self, count: int) -> None:
+        self.images_seen += count
+
+    def losses(self, step: TrainStep, global_step: int, checkpoints: Path) -> None:
+        """Read the step's loss sums; raise MmptError if any was non-finite (then nothing more is saved)."""
+        sums, nonfinite = step.read_losses()
+        if nonfinite:
+            bad = [t for t, (s, _) in sums.items() if not math.isfinite(s)]
+            last = checkpoints / ckpt.LAST
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
+            raise MmptError(
+                f"the loss of {', '.join(bad) or 'a dataset'} became NaN or infinite between steps "
+                f"{self.first_unchecked_step} and {global_step}; training stopped without saving them, {kept}; "
+                "lower optim.lr or set optim.clip_grad_norm"
+            )
+        self.first_unchecked_step = global_step + 1
+        for table in (self.interval, self.epoch):
+            for task, (total, count) in sums.items():
+                entry = table.setdefault(task, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+
+    def train(self, global_step: int, learning_rates: dict[str, float], weights: dict, bar) -> None:
+        rate = self.images_seen / max(time.time() - self.tick, 1e-9)
+        means = {task: total / count for task, (total, count) in self.interval.items()}
+        if means:
+            bar.set_postfix(loss=f"{sum(means.values()) / len(means):.3f}", img_s=f"{rate:.0f}")
+        if self.writer is not None:
+            for task, loss in means.items():
+                self.writer.add_scalar(f"train/loss/{task}", loss, global_step)
+            self.writer.add_scalar("train/images_per_s", rate, global_step)
+            for name, lr in learning_rates.items():
+                self.writer.add_scalar(f"lr/{name}", lr, global_step)
+            for task, weight in weights.items():
+                self.writer.add_scalar(f"weight/{task}", float(weight), global_step)
+        self.interval = {}
+        self.tick, self.images_seen = time.time(), 0
+
+    def epoch_losses(self) -> dict[str, float]:
+        """Each dataset's mean train loss over the epoch; starts the next epoch's sums."""
+        means = {task: total / count for task, (total, count) in self.epoch.items()}
+        self.epoch = {}
+        return means
+
+    def validation(self, epoch: int, val: dict[str, dict[str, float]], improved: bool) -> None:
+        if not self.world.is_main:
+            return
+        for name, row in val.items():
+            for metric, value in row.items():
+                self.writer.add_scalar(f"val/{name}/{metric}", value, epoch)
+        print(f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
+              + ("  (best)" if improved else ""))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def update_progress(
+    progress: Progress, cfg: Config, epoch: int, val: dict, train_loss: dict[str, float], weights: dict
+) -> bool:
+    """Record a finished epoch and its validation; return whether the monitored metric improved.
+
+    The monitored loss is the unweighted mean over datasets, so a weighting cannot pick best.pt by
+    changing its own weights. Sets `progress.done` when early stopping's patience has run out.
+    """
+    higher_is_better = cfg.train.monitor == "val_auc"
+    monitored = val["mean"]["auc" if higher_is_better else "loss"]
+    best = progress.best_metric
+    improved = best is None or (monitored > best if higher_is_better else monitored < best)
+    progress.epoch, progress.position = epoch + 1, 0
+    progress.history.append({
+        "epoch": epoch + 1, "step": progress.step, "train_loss": train_loss, "val": val,
+        "weights": {task: float(w) for task, w in weights.items()},
+    })
+    if improved:
+        progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
+    else:
+        progress.bad_epochs += 1
+    progress.done = cfg.train.patience is not None and progress.bad_epochs >= cfg.train.patience
+    return improved
+
+
+def test_report(
+    cfg: Config, model: MultiTaskNet, data: dict[str, TaskData], losses: dict, step: TrainStep,
+    device, progress: Progress, stop: StopSignal, eval_kwargs: dict, started: float,
+) -> dict[str, dict[str, float]]:
+    """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
+    world = step.world
+    run_dir = cfg.run_dir
+    final_digest = ckpt.state_digest(model.state_dict())
+    # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
+    best = distributed.broadcast_object(world, ckpt.load(run_dir / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+                                        if world.is_main else None)
+    model.load_state_dict(best)
+    results: dict[str, TaskResult] = evaluate_all(model, data, "test", losses, step.transform, device, stop=stop,
+                                                  **eval_kwargs)
+    table = metrics_table(results)
+    if world.is_main:
+        write_metrics(run_dir, table)
+        write_predictions(run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name)
+        plot_history(progress.history, run_dir / "val_auc.png")
+        write_json(run_dir / "summary.json", {
+            "final_digest": final_digest, "best_digest": ckpt.state_digest(best),
+            "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
+            "monitor": cfg.train.monitor, "best_metric": progress.best_metric, "weighting": cfg.loss.weighting,
+            "weighting_args": dict(cfg.loss.weighting_args), "tasks_per_step": cfg.sampler.tasks_per_step,
+            "world_size": world.world_size, "precision": cfg.train.precision,
+            "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
+        })
+        print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")
+    return table
+
+
+def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, world: World, data_cache: Path) -> str:
+    """The run's opening lines: what will be trained, on what input, where and how."""
+    sampler_kwargs = dict(
+        replacement=cfg.sampler.replacement, alpha=cfg.sampler.alpha, steps_per_epoch=cfg.sampler.steps_per_epoch,
+        last_batch=cfg.sampler.last_batch, tasks_per_step=cfg.sampler.tasks_per_step,
+    )
+    batches = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_kwargs)
+    steps = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_kwargs)
+    width = max(len(t) for t in sizes)
+    lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
+    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
+    per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
+    per_step = "" if cfg.sampler.tasks_per_step == 1 else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
+    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
+                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
+    lines.append(f"loss weighting: {cfg.loss.weighting}"
+                 + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
+    lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
+                 + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
+    return "\n".join(lines)
+
+
+def input_description(cfg: Config, model: MultiTaskNet) -> str:
+    """What the model sees, e.g. `28 px zero-padded to 224 px (input.mode pad)`."""
+    source, size, mode = cfg.data.resolution, model.input_size, cfg.input.mode
+    if mode == "native" or source == size:
+        return f"{source} px as stored (input.mode {mode})"
+    how = "zero-padded" if mode == "pad" and source < size else "resized"
+    return f"{source} px {how} to {size} px (input.mode {mode}; {(size / source) ** 2:.1f}x the pixels)"
+
+
+def resumed_line(saved: dict, world: World) -> str:
+    line = f"resumed at epoch {saved['epoch']}, step {saved['step']}"
+    before = saved.get("world_size", 1)
+    if before != world.world_size:
+        line += (f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
+                 "unchanged, so the run continues with the same plan (results differ only by rounding)")
+    return line

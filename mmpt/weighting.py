@@ -572,6 +572,29 @@ def missing_solvers(name: str) -> list[str]:
     return [module for module in METHODS[name].needs if importlib.util.find_spec(module) is None]
 
 
+def check_weighting(
+    name: str,
+    args: dict[str, float],
+    *,
+    tasks_per_step: int | str,
+    world_size: int,
+    datasets: list[str],
+    weights: dict[str, float] | None = None,
+) -> None:
+    """Raise MmptError (one line naming the setting to change) when `name` cannot run with these settings, or
+    when a solver it needs is not installed."""
+    lookup("loss weighting", METHODS, name)
+    problems = method_problems(
+        name, dict(args), tasks_per_step=tasks_per_step, num_datasets=len(datasets), world_size=world_size,
+        weights=weights, datasets=datasets,
+    )
+    if problems:
+        raise MmptError("; ".join(problems))
+    missing = missing_solvers(name)
+    if missing:
+        raise MmptError(f"loss.weighting={name} needs {', '.join(missing)}: install them with {SOLVERS_EXTRA}")
+
+
 def build_weighting(
     name: str,
     train_sizes: dict[str, int],
@@ -597,15 +620,7 @@ def build_weighting(
     method = lookup("loss weighting", METHODS, name)
     args = dict(args or {})
     flags = list(train_sizes)
-    problems = method_problems(
-        name, args, tasks_per_step=tasks_per_step, num_datasets=len(flags), world_size=world_size,
-        weights=weights, datasets=flags,
-    )
-    if problems:
-        raise MmptError("; ".join(problems))
-    missing = missing_solvers(name)
-    if missing:
-        raise MmptError(f"loss.weighting={name} needs {', '.join(missing)}: install them with {SOLVERS_EXTRA}")
+    check_weighting(name, args, tasks_per_step=tasks_per_step, world_size=world_size, weights=weights, datasets=flags)
     context = Context(
         train_sizes=dict(train_sizes), device=torch.device(device), lr=lr, seed=seed,
         steps_per_epoch=max(1, steps_per_epoch), shared_params=tuple(p for p in shared_params if p.requires_grad),

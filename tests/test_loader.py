@@ -39,13 +39,14 @@ def _pairs(images: np.ndarray, labels: np.ndarray) -> set:
 
 
 def _as_lists(batches) -> list:
-    return [(task, images.numpy().tobytes(), labels.tolist()) for task, images, labels in batches]
+    return [(task, images.numpy().tobytes(), labels.tolist()) for [(task, images, labels, _)] in batches]
 
 
 def test_batch_holds_the_same_image_label_pairs_as_the_unsorted_gather(splits, plan):
     dataset = PlanDataset(splits, plan)
     for i, (task, idx) in enumerate(plan):
-        _, images, labels = dataset[i]
+        [(_, images, labels, size)] = dataset[i]
+        assert size == len(idx)
         assert images.dtype == torch.uint8 and labels.dtype == torch.int64
         split = splits[task]
         expected = _pairs(np.load(split.images_path)[idx], split.labels[idx])
@@ -54,8 +55,8 @@ def test_batch_holds_the_same_image_label_pairs_as_the_unsorted_gather(splits, p
 
 def test_batches_come_in_plan_order_with_the_plans_tasks(splits, plan):
     batches = list(plan_loader(splits, plan, num_workers=0))
-    assert [task for task, _, _ in batches] == [task for task, _ in plan]
-    for (_, _, labels), (_, idx) in zip(batches, plan):
+    assert [parts[0].task for parts in batches] == [task for task, _ in plan]
+    for [(_, _, labels, _)], (_, idx) in zip(batches, plan):
         assert labels[:, 0].tolist() == np.sort(idx).tolist()
 
 
@@ -79,8 +80,9 @@ def test_pickled_dataset_carries_paths_not_images(splits, plan):
     assert len(blob) < image_bytes / 4
     # what a spawned worker unpickles maps the file itself and reads the same batch
     copy = pickle.loads(blob)
-    assert copy[0][0] == first[0]
-    assert torch.equal(copy[0][1], first[1]) and torch.equal(copy[0][2], first[2])
+    [(task, images, labels, _)] = copy[0]
+    assert task == first[0].task
+    assert torch.equal(images, first[0].images) and torch.equal(labels, first[0].labels)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -91,6 +93,23 @@ def test_eval_loader_covers_a_split_once_in_order(splits, num_workers):
     assert np.array_equal(torch.cat([images for images, _ in batches]).numpy(), np.load(split.images_path))
     assert np.array_equal(torch.cat([labels for _, labels in batches]).numpy(), split.labels)
 
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shards_cover_every_step_and_split_exactly_once(splits, plan, world_size):
+    ranks = [PlanDataset(splits, plan, rank=r, world_size=world_size) for r in range(world_size)]
+    for i, (task, idx) in enumerate(plan):
+        shards = [ds[i][0] for ds in ranks]
+        assert {s.global_size for s in shards} == {len(idx)}
+        assert max(len(s.labels) for s in shards) - min(len(s.labels) for s in shards) <= 1
+        # labels of the synthetic splits are their indices, so this checks which images each rank got
+        assert torch.cat([s.labels[:, 0] for s in shards]).tolist() == np.sort(idx).tolist()
+    split = splits["chestmnist"]
+    gathered = [
+        torch.cat([labels for _, labels in eval_loader(split, 50, num_workers=0, rank=r, world_size=world_size)])
+        for r in range(world_size)
+    ]
+    assert np.array_equal(torch.cat(gathered).numpy(), split.labels)
 
 
 def test_loading_leaves_the_global_torch_rng_alone(splits, plan):

@@ -23,7 +23,7 @@ def tiny_net(seed: int = 0) -> tuple[nn.Module, dict[str, nn.Module]]:
 def train_step(backbone, heads, optimizers, task: str) -> None:
     x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
     nn.functional.cross_entropy(heads[task](backbone(x)), y).backward()
-    optimizers.step(task)
+    optimizers.step((task,))
     optimizers.zero_grad()
 
 

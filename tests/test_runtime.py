@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mmpt.errors import MmptError
-from mmpt.runtime import configure_determinism, prepare_run_dir, write_text
+from mmpt.io import write_text
+from mmpt.runtime import configure_determinism, prepare_run_dir
 
 # The switches are global, so they are set in a fresh interpreter (off first: on sets an env variable for good).
 PROBE = textwrap.dedent(

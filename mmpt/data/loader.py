@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -38,55 +38,84 @@ class _MappedImages:
         return {"_images": {}}
 
 
-class PlanDataset(Dataset):
-    """Item i is step `start + i` of an epoch plan: (task, uint8 images B×H×W[×3], int64 labels B×L).
+class Part(NamedTuple):
+    """One dataset's share of a training step on this rank."""
 
-    A batch's indices are sorted before the gather, so its samples come in ascending index order.
-    Raises MmptError when `start` lies outside the plan.
+    task: str
+    images: torch.Tensor  # uint8 n×H×W or n×H×W×3: this rank's shard
+    labels: torch.Tensor  # int64 n×L
+    global_size: int  # the dataset's batch size over all ranks
+
+
+PlanItem = Union[tuple[str, np.ndarray], list[tuple[str, np.ndarray]]]
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous share of n items; shares differ by at most one item and cover all n once."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+class PlanDataset(Dataset):
+    """Item i is step `start + i` of an epoch plan: a list of `Part`s, one per dataset of the step.
+
+    A plan item is (task, indices) for one dataset per step, or a list of them. Each dataset's indices are
+    sorted, and this rank gathers only its contiguous shard of them (`shard`), so the ranks together
+    read every index of the step exactly once. Raises MmptError when `start` lies outside the plan.
     """
 
-    def __init__(self, splits: dict[str, SplitData], plan: list[tuple[str, np.ndarray]], start: int = 0) -> None:
-        missing = sorted({task for task, _ in plan} - splits.keys())
-        assert not missing, f"plan names tasks without a split: {missing}"
+    def __init__(
+        self, splits: dict[str, SplitData], plan: list[PlanItem], start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not 0 <= start <= len(plan):
             raise MmptError(
                 f"resume position {start} is outside this epoch's plan of {len(plan)} steps; the checkpoint "
                 "was written with other datasets, batch size or sampler settings: resume with its config"
             )
-        self.splits = splits
         # steps before `start` were trained before a resume; drop them so workers don't receive them
-        self.plan = plan[start:]
+        self.plan = [[item] if isinstance(item[0], str) else list(item) for item in plan[start:]]
+        missing = sorted({task for parts in self.plan for task, _ in parts} - splits.keys())
+        assert not missing, f"plan names tasks without a split: {missing}"
+        self.splits = splits
+        self.rank, self.world_size = rank, world_size
         self._mapped = _MappedImages()
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
-        task, idx = self.plan[i]
-        split = self.splits[task]
-        # sorted indices keep memmap reads sequential
-        idx = np.sort(idx)
-        # fancy indexing copies from the map; ascontiguousarray only drops the memmap subclass
-        images = np.ascontiguousarray(self._mapped(split)[idx])
-        return task, torch.from_numpy(images), torch.from_numpy(split.labels[idx])
+    def __getitem__(self, i: int) -> list[Part]:
+        parts = []
+        for task, idx in self.plan[i]:
+            split = self.splits[task]
+            # sorted indices keep memmap reads sequential
+            mine = np.sort(idx)[shard(len(idx), self.rank, self.world_size)]
+            # fancy indexing copies from the map; ascontiguousarray only drops the memmap subclass
+            images = np.ascontiguousarray(self._mapped(split)[mine])
+            parts.append(Part(task, torch.from_numpy(images), torch.from_numpy(split.labels[mine]), len(idx)))
+        return parts
 
 
 class SplitDataset(Dataset):
-    """Item i is the i-th contiguous slice of `batch_size` samples of a split: (uint8 images, int64 labels)."""
+    """Item i is the i-th contiguous slice of `batch_size` samples of this rank's shard of a split.
 
-    def __init__(self, split: SplitData, batch_size: int) -> None:
+    The shards of all ranks are contiguous and in rank order, so concatenating the ranks' outputs in
+    rank order gives the split in its own order, every sample exactly once.
+    """
+
+    def __init__(self, split: SplitData, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
         self.split = split
         self.batch_size = batch_size
+        self.rows = shard(len(split), rank, world_size)
         self._mapped = _MappedImages()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+        return math.ceil((self.rows.stop - self.rows.start) / self.batch_size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        start = self.rows.start + i * self.batch_size
+        rows = slice(start, min(start + self.batch_size, self.rows.stop))
         # slices are views (of the file, of the labels): copy them once into tensors of their own
         images = np.array(self._mapped(self.split)[rows])
         return torch.from_numpy(images), torch.from_numpy(np.array(self.split.labels[rows]))
@@ -108,21 +137,24 @@ def _private_generator(seed: int, epoch: int) -> torch.Generator:
 
 def plan_loader(
     splits: dict[str, SplitData],
-    plan: list[tuple[str, np.ndarray]],
+    plan: list[PlanItem],
     start: int = 0,
     num_workers: int = 2,
     pin_memory: bool = False,
     prefetch_factor: int = 4,
     seed: int = 0,
     epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Return a DataLoader yielding the plan's steps from `start` on, in order, as (task, images, labels).
+    """Return a DataLoader yielding the plan's steps from `start` on, in order, each a list of `Part`s.
 
-    `images` is uint8 B×H×W (grey) or B×H×W×3, `labels` int64 B×L; transforms run on the device.
-    Pass pin_memory=True only when training on CUDA. Raises MmptError when `start` lies outside the plan.
+    A part's `images` are uint8 B×H×W (grey) or B×H×W×3, its `labels` int64 B×L, this rank's shard of the
+    step; transforms run on the device. Pass pin_memory=True only when training on CUDA.
+    Raises MmptError when `start` lies outside the plan.
     """
     return DataLoader(
-        PlanDataset(splits, plan, start),
+        PlanDataset(splits, plan, start, rank, world_size),
         batch_size=None,  # items are already batches
         shuffle=False,
         num_workers=num_workers,
@@ -134,10 +166,12 @@ def plan_loader(
     )
 
 
-def eval_loader(split: SplitData, batch_size: int, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Return a DataLoader yielding a whole split once, in order, as (uint8 images, int64 labels) slices."""
+def eval_loader(
+    split: SplitData, batch_size: int, num_workers: int = 2, pin_memory: bool = False, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Return a DataLoader yielding this rank's shard of a split once, in order, as (uint8 images, int64 labels)."""
     return DataLoader(
-        SplitDataset(split, batch_size),
+        SplitDataset(split, batch_size, rank, world_size),
         batch_size=None,  # items are already batches
         shuffle=False,
         num_workers=num_workers,

@@ -259,6 +259,27 @@ def grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, 
     return max(math.ceil(sum(per_task.values()) / tasks_per_step), max(per_task.values()))
 
 
+def steps_in_epoch(
+    sizes: dict[str, int],
+    batch_size: int,
+    *,
+    replacement: bool = False,
+    alpha: float = 1.0,
+    steps_per_epoch: int | None = None,
+    last_batch: str = "keep",
+    tasks_per_step: int | str = 1,
+) -> int:
+    """Return the number of steps (backbone updates) of one epoch of `epoch_plan` with these arguments.
+
+    Raises MmptError like `epoch_plan`.
+    """
+    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    _validate_tasks_per_step(sizes, tasks_per_step)
+    if tasks_per_step == 1:
+        return _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
+    return steps_per_epoch or grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
+
+
 def _grouped_plan(
     sizes: dict[str, int], batch_size: int, seed: int, epoch: int, replacement: bool, alpha: float,
     steps_per_epoch: int | None, last_batch: str, tasks_per_step: int | str,

@@ -30,8 +30,10 @@ from typing import IO
 
 import numpy as np
 
-from mmpt.data.synthetic import SYNTHETIC_KEY
+from mmpt.config import DataConfig
+from mmpt.data.synthetic import SYNTHETIC_KEY, ensure_synthetic
 from mmpt.errors import MmptError
+from mmpt.io import atomic_write, write_bytes
 from mmpt.tasks import MULTI_LABEL, RESOLUTIONS, SPLITS, TaskSpec
 
 try:
@@ -247,23 +249,20 @@ def _unpack(path: Path, entry: Path, source: dict, md5: str | None, shapes: dict
         "md5": md5,
         "images": {split: {"shape": list(shape), "dtype": "uint8"} for split, shape in shapes.items()},
     }
-    _write_atomically(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_bytes(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 def _unpack_member(zf: zipfile.ZipFile, member: str, out: Path) -> None:
-    """Copy one .npy member of the npz to `out` in chunks, atomically (temp file, fsync, os.replace)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with zf.open(member) as src, open(tmp, "wb") as dst:
+    """Copy one .npy member of the npz to `out` in chunks, atomically."""
+
+    def write(dst: IO[bytes]) -> None:
+        with zf.open(member) as src:
             shape, fortran_order, dtype = _read_npy_header(src)
             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran_order, "shape": shape}
             np.lib.format.write_array_header_1_0(dst, header)
             _copy_chunks(src, dst, math.prod(shape) * dtype.itemsize)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out, write)
 
 
 def _copy_chunks(src: IO[bytes], dst: IO[bytes], nbytes: int) -> None:
@@ -298,7 +297,7 @@ def _cached_md5(path: Path, entry: Path) -> str:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     md5 = digest.hexdigest()
-    _write_atomically(record, md5.encode())
+    write_bytes(record, md5.encode())
     return md5
 
 
@@ -336,18 +335,6 @@ def _download(task: TaskSpec, resolution: int, root: Path) -> None:
         ) from None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (created if needed) for the duration of the block."""
@@ -360,3 +347,19 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_data(data: DataConfig, tasks: list[TaskSpec]) -> dict[str, TaskData]:
+    """Verify and memory-map every task's splits per the data config (writing synthetic files first when asked).
+
+    Raises MmptError like open_task.
+    """
+    root = Path(data.root).expanduser()
+    if data.synthetic:
+        ensure_synthetic(root, data.resolution, tasks, train_samples=data.synthetic_samples, seed=0)
+    return {
+        task.flag: open_task(
+            root, task, data.resolution, cache_dir=data.cache_dir, verify_md5=data.verify, download=data.download
+        )
+        for task in tasks
+    }

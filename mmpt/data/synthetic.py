@@ -11,14 +11,13 @@ by the grade, so the signal grows monotonically with it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mmpt.errors import MmptError
+from mmpt.io import atomic_write
 from mmpt.tasks import FLAGS, MULTI_LABEL, ORDINAL, RESOLUTIONS, TaskSpec, resolve_tasks
 
 # The extra key that marks a file as generated here; the store skips MD5 checks for such files.
@@ -116,7 +115,7 @@ def write_synthetic(
 ) -> list[Path]:
     """Write one synthetic file per task into `root` under medmnist's name; return the paths written.
 
-    Files are written atomically (temp file + os.replace). Raises MmptError for an unsupported
+    Files are written atomically (mmpt.io). Raises MmptError for an unsupported
     resolution, a sample count below 1 or a folder that cannot be written.
     """
     if resolution not in RESOLUTIONS:
@@ -130,7 +129,8 @@ def write_synthetic(
         root.mkdir(parents=True, exist_ok=True)
         for task in tasks:
             path = root / task.filename(resolution)
-            _save_atomically(path, synthetic_arrays(task, resolution, train_samples, seed))
+            arrays = synthetic_arrays(task, resolution, train_samples, seed)
+            atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
             paths.append(path)
     except OSError as exc:
         reason = exc.strerror or exc
@@ -148,19 +148,6 @@ def ensure_synthetic(
     missing = [t for t in tasks if not (Path(root).expanduser() / t.filename(resolution)).exists()]
     if missing:
         write_synthetic(root, resolution, missing, train_samples, seed)
-
-
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # a temp file in the same folder makes os.replace atomic, so readers never see half a file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """On-device preprocessing of uint8 batches: float, grey -> 3 channels, normalize, pad or resize, augment.
 
-Everything is a batched tensor op on the batch's device. Random augmentation draws its numbers on
-the CPU from a torch.Generator the caller passes in, so a run is reproducible and resumable.
+Everything is a batched tensor op on the batch's device, with no host-device synchronisation: the
+normalisation constants live on the device (`to(device)`), and random augmentation draws its numbers on
+the batch's device from a torch.Generator the caller passes in, so a run is reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class DeviceTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    def to(self, device: torch.device) -> "DeviceTransform":
+        """Move the normalisation constants to `device` once, so no call copies them."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @property
     def augments(self) -> bool:
         """Whether the augment config turns on any random augmentation."""
@@ -66,8 +72,8 @@ class DeviceTransform:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None, train: bool = False) -> Tensor:
         """Return float32 N×3×S×S (N×3×H×W for "native") on `images.device`.
 
-        Augmentation runs only with train=True; its random numbers come from `generator`
-        (a CPU torch.Generator; None = torch's global CPU generator).
+        Augmentation runs only with train=True; its random numbers come from `generator`, a
+        torch.Generator on `images.device` (None = torch's global generator of that device).
         Raises ValueError unless `images` is uint8 N×H×W or N×H×W×3.
         """
         if images.dtype != torch.uint8 or not (
@@ -80,6 +86,7 @@ class DeviceTransform:
             x = images.permute(0, 3, 1, 2)  # N×H×W×3 -> N×3×H×W
         x = x.float().div_(255)
         x = x.expand(-1, 3, -1, -1)  # grey -> 3 identical channels; a view until normalize writes a new tensor
+        # a no-op after to(device): the constants already live there
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         x = (x - mean) / std
         x = self._size(x, mean, std)
@@ -107,12 +114,12 @@ class DeviceTransform:
         a = self.augment
         n = x.shape[0]
         # a fixed number of draws per call, whatever is enabled, so streams stay aligned across configs
-        draws = torch.rand(n, 7, generator=generator)  # N×7 uniform [0, 1) on the CPU
+        draws = torch.rand(n, 7, generator=generator, device=x.device)  # N×7 uniform [0, 1)
         hflip, vflip, angle_u, scale_u, aspect_u, cx_u, cy_u = draws.unbind(1)
         if a.hflip:
-            x = torch.where((hflip < 0.5).to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
+            x = torch.where((hflip < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
         if a.vflip:
-            x = torch.where((vflip < 0.5).to(x.device).view(n, 1, 1, 1), x.flip(-2), x)
+            x = torch.where((vflip < 0.5).view(n, 1, 1, 1), x.flip(-2), x)
         if a.rotate_degrees == 0 and not a.random_resized_crop:
             return x
         angle = torch.deg2rad((2 * angle_u - 1) * a.rotate_degrees)
@@ -125,8 +132,8 @@ class DeviceTransform:
             centre_x = (1 - crop_w) * (2 * cx_u - 1)
             centre_y = (1 - crop_h) * (2 * cy_u - 1)
         else:
-            crop_w = crop_h = torch.ones(n)
-            centre_x = centre_y = torch.zeros(n)
+            crop_w = crop_h = torch.ones_like(scale_u)
+            centre_x = centre_y = torch.zeros_like(scale_u)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # output -> input coordinates: rotate the crop box by `angle` about its centre
         theta = torch.stack(
@@ -136,6 +143,6 @@ class DeviceTransform:
             ],
             dim=1,
         )  # N×2×3
-        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # samples outside the image read 0, the normalized_zero pad value
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,176 @@
+"""Rank, world size and device, decided once from torchrun's environment; agreement across ranks.
+
+Everything else asks this module instead of calling torch.distributed: a plain `python train.py` is a
+world of one, where every function here is a no-op or an identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmpt.errors import MmptError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device_name: str) -> tuple[World, torch.device]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and pick this rank's device.
+
+    Outside torchrun, or with a world of one, no process group is made. Raises MmptError when
+    CUDA is asked for but absent, or when there are more ranks than visible GPUs on a node.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE, select_device(device_name)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise MmptError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
+                "set torchrun --nproc_per_node to at most the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return World(rank, world_size, local_rank, backend), device
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an MmptError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MmptError(f"train.device is {name} but no CUDA device is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device(world: World) -> torch.device:
+    # NCCL moves only CUDA tensors; gloo only CPU tensors
+    return torch.device("cuda", torch.cuda.current_device()) if world.backend == "nccl" else torch.device("cpu")
+
+
+def any_rank(world: World, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small all-reduce), so every rank takes the same branch."""
+    if not world.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=_device(world))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def first_error(world: World, error: str | None) -> str | None:
+    """The error message of the lowest rank that has one (None when no rank has), known to every rank."""
+    if not world.distributed:
+        return error
+    errors: list[str | None] = [None] * world.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+@contextlib.contextmanager
+def agree_on_errors(world: World) -> Iterator[None]:
+    """Run a block on every rank; if it raises MmptError on any rank, raise it on every rank.
+
+    Without this, a user error on one rank (e.g. its node lacks the data) would leave the others
+    waiting forever at their next collective.
+    """
+    error = None
+    try:
+        yield
+    except MmptError as exc:
+        error = str(exc)
+    error = first_error(world, error)
+    if error is not None:
+        raise MmptError(error)
+
+
+def all_reduce_mean_(world: World, tensors: list[torch.Tensor]) -> None:
+    """Average `tensors` over ranks in place, as one flat all-reduce (gradients of the stepped heads)."""
+    if not world.distributed or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(world.world_size)
+    for t, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(value.view_as(t))
+
+
+def mean_over_ranks(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over ranks as a new tensor (no host synchronisation)."""
+    if not world.distributed:
+        return value
+    out = value.clone()
+    dist.all_reduce(out)
+    return out / world.world_size
+
+
+def broadcast_buffers(world: World, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so all ranks hold one model."""
+    if not world.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def gather_rows(world: World, array: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's rows in rank order (evaluation shards are contiguous and in rank order)."""
+    if not world.distributed:
+        return array
+    parts: list[np.ndarray | None] = [None] * world.world_size
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def sum_over_ranks(world: World, value: float) -> float:
+    if not world.distributed:
+        return value
+    parts: list[float | None] = [None] * world.world_size
+    dist.all_gather_object(parts, value)
+    return float(sum(parts))
+
+
+def broadcast_object(world: World, obj):
+    """Rank 0's `obj` on every rank (pickled; for a state dict read from a file only rank 0 can see)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,144 @@
+"""The training step: batch to device, transform, forward, loss, weighting, backward, optimizer steps.
+
+The one copy that the training recipe and the benchmarks call. It never waits on the device: no
+`.item()`, no `if tensor`, no blocking copy. Loss values for logs and the non-finite check are summed
+on the device and read by the caller once per logging interval (`read_losses`).
+
+Under torchrun the backbone is wrapped in DDP alone (every backbone parameter takes part in every
+step, so no unused-parameter search is needed) and the gradients of the heads in the step are
+averaged explicitly in one all-reduce; the heads not in the step take no part at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mmpt.data.loader import Part
+from mmpt.data.transforms import DeviceTransform
+from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
+from mmpt.losses import TaskLoss
+from mmpt.model import MultiTaskNet
+from mmpt.optim import Optimizers
+from mmpt.runtime import autocast
+from mmpt.weighting import Weighting
+
+def augmentation_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class TrainStep:
+    """Performs one optimizer step of `model` on a list of `Part`s (one per dataset of the step).
+
+    `read_losses()` returns and resets the per-dataset mean losses since the last read and whether any
+    was non-finite; the caller reads it at each logging interval and before every checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskNet,
+        losses: dict[str, TaskLoss],
+        optimizers: Optimizers,
+        weighting: Weighting,
+        transform: DeviceTransform,
+        *,
+        device: torch.device,
+        world: World = SINGLE,
+        precision: str = "fp32",
+        seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.model, self.losses, self.optimizers, self.weighting = model, losses, optimizers, weighting
+        self.transform = transform.to(device)
+        self.device, self.world, self.precision, self.seed = device, world, precision, seed
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # what runs the backbone: the module itself, or a DDP and/or compiled wrapper around it
+        # (model.backbone stays the plain module, so state_dict keys never carry wrapper prefixes)
+        self.backbone: nn.Module = model.backbone
+        if world.distributed:
+            self.backbone = DistributedDataParallel(
+                model.backbone, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=True
+            )
+        if compile:
+            self.backbone = torch.compile(self.backbone)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.generator = torch.Generator(device=device)
+        self.index = {task: i for i, task in enumerate(model.heads)}
+        self.loss_sum = torch.zeros(len(self.index), device=device)
+        self.loss_count = torch.zeros(len(self.index), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._head_params: dict[tuple[str, ...], list[nn.Parameter]] = {}
+
+    def __call__(self, parts: list[Part], step: int) -> None:
+        """Train on one step's parts; `step` (the global step count before it) seeds its augmentation."""
+        self.generator.manual_seed(augmentation_seed(self.seed, step, self.world.rank))
+        inputs, labels = [], []
+        for part in parts:
+            images = part.images.to(self.device, non_blocking=True)
+            inputs.append(self.transform(images, generator=self.generator, train=True))
+            labels.append(part.labels.to(self.device, non_blocking=True))
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # N_total×3×S×S
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            features = self.backbone(x)  # N_total×F
+            logits = [self.model.heads[p.task](f) for p, f in zip(parts, features.split([len(y) for y in labels]))]
+        losses = {
+            part.task: self._global_mean(self.losses[part.task](z.float(), y), len(y), part.global_size)
+            for part, z, y in zip(parts, logits, labels)
+        }
+        self.weighting.backward(losses, features, self._scale)
+        tasks = tuple(losses)
+        all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
+        self.optimizers.step(tasks, self.scaler)
+        self.optimizers.zero_grad(tasks)
+        with torch.no_grad():
+            for task, loss in losses.items():
+                i = self.index[task]
+                self.loss_sum[i] += loss.detach()
+                self.loss_count[i] += 1
+                self.nonfinite |= ~torch.isfinite(loss.detach())
+
+    def _global_mean(self, loss: Tensor, local_size: int, global_size: int) -> Tensor:
+        """This rank's mean loss, rescaled so that averaging over ranks gives the global batch's mean.
+
+        Shards may differ by one image. The value becomes the global mean (all ranks agree, so stateful
+        weightings stay identical across ranks) while the gradient stays this rank's own (DDP averages it).
+        """
+        if not self.world.distributed:
+            return loss
+        local = loss * (local_size * self.world.world_size / global_size)
+        return local + (mean_over_ranks(self.world, local.detach()) - local.detach())
+
+    def _scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _heads_of(self, tasks: tuple[str, ...]) -> list[nn.Parameter]:
+        if tasks not in self._head_params:
+            self._head_params[tasks] = [p for t in tasks for p in self.model.heads[t].parameters()]
+        return self._head_params[tasks]
+
+    def read_losses(self) -> tuple[dict[str, tuple[float, int]], bool]:
+        """Per-dataset (sum of step losses, steps) since the last read (datasets without a step left out), and
+        whether any loss was non-finite; resets both. The one host-device synchronisation of training."""
+        n = len(self.index)
+        values = torch.cat([self.loss_sum, self.loss_count, self.nonfinite.view(1).float()]).tolist()
+        sums, counts, nonfinite = values[:n], values[n : 2 * n], values[2 * n] > 0
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        self.nonfinite.zero_()
+        return {task: (sums[i], int(counts[i])) for task, i in self.index.items() if counts[i]}, nonfinite
+
+    def state_dict(self) -> dict:
+        """The fp16 gradient scaler's state (empty otherwise), for exact resume."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -13,7 +13,7 @@ from mmpt.errors import MmptError
 from mmpt.train import run
 from mmpt.weighting import ALL, METHODS, STATIC, missing_solvers
 
-DATASETS = ["pneumoniamnist", "retinamnist", "bloodmnist"]  # binary, ordinal, 8-class
+DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method of the issue this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
 # and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
@@ -22,7 +22,7 @@ TRAINED = [
     if not missing_solvers(n) and (METHODS[n].kind != STATIC or n in ("none", "manual"))
     and n not in ("config", "fairgrad", "jd_mean")
 ]
-MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0, "bloodmnist": 0.5}
+MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0}
 # methods whose weights differ from each other's from the first step on (aggregators coincide where the
 # gradients do not conflict: UPGrad, DualProj and the mean then give the same direction)
 DISTINCT = ["none", "manual", "uw", "rlw", "famo", "stch", "geometric_mean", "mgda", "upgrad", "graddrop"]
@@ -54,7 +54,7 @@ def trained(synthetic_root, tmp_path_factory):
 @pytest.mark.parametrize("method", TRAINED)
 def test_every_method_learns_every_dataset_in_one_epoch(trained, method):
     run_dir, table = trained(method)
-    # chance is 0.5 (32 test images per dataset: one epoch of 12 steps lifts the mean well above it)
+    # chance is 0.5 (32 test images per dataset: one epoch of 8 steps lifts the mean well above it)
     assert all(table[flag]["auc"] > 0.5 for flag in DATASETS), (method, table)
     assert table["mean"]["auc"] > 0.6, (method, table)
     record = summary(run_dir)

@@ -25,7 +25,7 @@ PROGRESS = "progress"
 RNG = "rng"
 CONFIG = "config"
 FORMAT = "format"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the training step's state, progress.done and world_size, mmpt.io writes
 
 LAST = "last.pt"
 BEST = "best.pt"

@@ -98,11 +98,7 @@ def any_rank(world: World, *flags: bool) -> list[bool]:
 
 def first_error(world: World, error: str | None) -> str | None:
     """The error message of the lowest rank that has one (None when no rank has), known to every rank."""
-    if not world.distributed:
-        return error
-    errors: list[str | None] = [None] * world.world_size
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
+    return next((e for e in gather_objects(world, error) if e is not None), None)
 
 
 @contextlib.contextmanager
@@ -152,19 +148,20 @@ def broadcast_buffers(world: World, module: torch.nn.Module) -> None:
 
 def gather_rows(world: World, array: np.ndarray) -> np.ndarray:
     """Concatenate every rank's rows in rank order (evaluation shards are contiguous and in rank order)."""
+    return np.concatenate(gather_objects(world, array)) if world.distributed else array
+
+
+def gather_objects(world: World, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
     if not world.distributed:
-        return array
-    parts: list[np.ndarray | None] = [None] * world.world_size
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts)
+        return [obj]
+    parts: list = [None] * world.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def sum_over_ranks(world: World, value: float) -> float:
-    if not world.distributed:
-        return value
-    parts: list[float | None] = [None] * world.world_size
-    dist.all_gather_object(parts, value)
-    return float(sum(parts))
+    return float(sum(gather_objects(world, value)))
 
 
 def broadcast_object(world: World, obj):

@@ -9,7 +9,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.config import from_dict
 from mmpt.data.store import open_data
 from mmpt.errors import MmptError
-from mmpt.evaluation import evaluate_all, metrics_table, write_predictions
+from mmpt.evaluation import evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.model import build_model, build_transform
 from mmpt.report import format_table, write_metrics
 from mmpt.distributed import select_device
@@ -63,11 +63,10 @@ def evaluate_checkpoint(
     model.load_state_dict(state[ckpt.MODEL])
     model.to(torch_device)
     transform = build_transform(cfg, model)
-    results = evaluate_all(
-        model, data, split, losses, transform, torch_device,
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
-        pin_memory=cfg.data.pin_memory,
-    )
+    loader = split_loader(data, split, torch_device, batch_size=cfg.data.eval_batch_size,
+                          num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
+    results = evaluate_all(model, loader, {f: d.task for f, d in data.items()}, losses, transform, torch_device,
+                           precision=cfg.train.precision)
     table = metrics_table(results)
     write_metrics(output, table)
     write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mmpt.losses import TaskLoss
 from mmpt.metrics import compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
 from mmpt.runtime import Interrupted, StopSignal, autocast
-from mmpt.tasks import ORDINAL
+from mmpt.tasks import ORDINAL, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -28,78 +29,77 @@ class TaskResult:
     metrics: dict[str, float]  # includes "loss"
 
 
-@torch.no_grad()
-def evaluate_task(
-    model: MultiTaskNet,
-    task_data: TaskData,
-    split: str,
-    loss_fn: TaskLoss,
-    transform: DeviceTransform,
-    device: torch.device,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    pin_memory: bool = True,
-    world: World = SINGLE,
-    stop: StopSignal | None = None,
-) -> TaskResult:
-    """Run `model`'s head for this task over a whole split; return labels, scores and metrics (with loss).
-
-    Under torchrun each rank scores its contiguous shard and the shards are gathered in rank order, so
-    every image is scored exactly once and every rank returns the same result. Raises Interrupted when
-    `stop` has received a signal (checked between batches; across ranks, once per task).
-    """
-    model.eval()
-    flag = task_data.task.flag
-    loader = eval_loader(
-        task_data.splits[split], batch_size=batch_size, num_workers=num_workers,
+def split_loader(
+    data: dict[str, TaskData], split: str, device: torch.device, *, batch_size: int = 256, num_workers: int = 0,
+    pin_memory: bool = True, world: World = SINGLE,
+):
+    """The `eval_loader` over one split of every task in `data`, this rank's shards."""
+    return eval_loader(
+        {flag: task_data.splits[split] for flag, task_data in data.items()}, batch_size, num_workers=num_workers,
         pin_memory=pin_memory and device.type == "cuda", rank=world.rank, world_size=world.world_size,
     )
-    ordinal = task_data.task.task_type == ORDINAL
-    all_scores, all_grades, all_labels = [], [], []
-    loss_sum = torch.zeros((), device=device)
-    for images, labels in loader:
-        if stop is not None and stop.received and not world.distributed:
-            raise Interrupted(stop.received)
-        x = transform(images.to(device, non_blocking=True))
-        y = labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x, flag)
-        logits = logits.float()
-        loss_sum += loss_fn(logits, y) * len(y)
-        all_scores.append(loss_fn.scores(logits).cpu().numpy())
-        if ordinal:  # MAE and kappa use the loss's own grade rule (CORAL/CORN: the rank rule, not the argmax)
-            all_grades.append(loss_fn.grades(logits).cpu().numpy())
-        all_labels.append(labels.numpy())
-    if stop is not None and any_rank(world, stop.received is not None)[0]:
-        raise Interrupted(stop.received or "a stop signal on another rank")
-    width = task_data.task.num_classes
-    scores = gather_rows(world, np.concatenate(all_scores) if all_scores else np.zeros((0, width), np.float32))
-    labels = gather_rows(world, np.concatenate(all_labels) if all_labels else np.zeros((0, task_data.task.label_width), np.int64))
-    scores = scores.astype(np.float64)
-    loss = sum_over_ranks(world, loss_sum.item()) / len(labels)
-    grades = None
-    if ordinal:  # N×1 rows, gathered like the labels
-        grades = gather_rows(world, np.concatenate(all_grades).reshape(-1, 1) if all_grades else np.zeros((0, 1), np.int64))
-    metrics = {"loss": loss, **compute_metrics(task_data.task, labels, scores, grades)}
-    return TaskResult(labels=labels, scores=scores, metrics=metrics)
 
 
+@torch.no_grad()
 def evaluate_all(
     model: MultiTaskNet,
-    data: dict[str, TaskData],
-    split: str,
+    loader: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    tasks: dict[str, TaskSpec],
     losses: dict[str, TaskLoss],
     transform: DeviceTransform,
     device: torch.device,
-    **kwargs,
+    *,
+    precision: str = "fp32",
+    world: World = SINGLE,
+    stop: StopSignal | None = None,
 ) -> dict[str, TaskResult]:
-    """evaluate_task for every task in `data`, in its order."""
+    """Run each task's head over its split as `loader` (an `eval_loader`) yields it; return labels, scores and
+    metrics (with the mean loss) per task, in the order of `tasks`.
+
+    Under torchrun each rank scores its contiguous shards and they are gathered in rank order, so every
+    image is scored exactly once and every rank returns the same results. Raises Interrupted when `stop`
+    has received a signal (checked between batches; across ranks, once at the end).
+    """
+    model.eval()
+    scores: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
+    labels: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
+    # MAE and kappa of the ordinal task use the loss's own grade rule (CORAL/CORN: the rank rule, not the argmax)
+    grades: dict[str, list[np.ndarray]] = {flag: [] for flag, task in tasks.items() if task.task_type == ORDINAL}
+    loss_sums = {flag: torch.zeros((), device=device) for flag in tasks}
+    for flag, images, y_cpu in loader:
+        if stop is not None and stop.received and not world.distributed:
+            raise Interrupted(stop.received)
+        x = transform(images.to(device, non_blocking=True))
+        y = y_cpu.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x, flag)
+        logits = logits.float()
+        loss_sums[flag] += losses[flag](logits, y) * len(y)
+        scores[flag].append(losses[flag].scores(logits).cpu().numpy())
+        labels[flag].append(y_cpu.numpy())
+        if flag in grades:
+            grades[flag].append(losses[flag].grades(logits).cpu().numpy().reshape(-1, 1))  # N×1, gathered like labels
+    if stop is not None and any_rank(world, stop.received is not None)[0]:
+        raise Interrupted(stop.received or "a stop signal on another rank")
     return {
-        flag: evaluate_task(model, task_data, split, losses[flag], transform, device, **kwargs)
-        for flag, task_data in data.items()
+        flag: _result(task, scores[flag], labels[flag], loss_sums[flag], world, grades.get(flag))
+        for flag, task in tasks.items()
     }
+
+
+def _result(
+    task: TaskSpec, scores: list, labels: list, loss_sum: torch.Tensor, world: World, grades: list | None = None
+) -> TaskResult:
+    """Gather one task's shards from every rank (in rank order) and compute its metrics."""
+    empty_scores, empty_labels = np.zeros((0, task.num_classes)), np.zeros((0, task.label_width), np.int64)
+    all_scores = gather_rows(world, np.concatenate(scores) if scores else empty_scores).astype(np.float64)
+    all_labels = gather_rows(world, np.concatenate(labels) if labels else empty_labels)
+    all_grades = None
+    if grades is not None:
+        all_grades = gather_rows(world, np.concatenate(grades) if grades else np.zeros((0, 1), np.int64))
+    loss = sum_over_ranks(world, loss_sum.item()) / len(all_labels)
+    metrics = {"loss": loss, **compute_metrics(task, all_labels, all_scores, all_grades)}
+    return TaskResult(labels=all_labels, scores=all_scores, metrics=metrics)
 
 
 def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:

@@ -62,9 +62,8 @@ class TrainStep:
         # (model.backbone stays the plain module, so state_dict keys never carry wrapper prefixes)
         self.backbone: nn.Module = model.backbone
         if world.distributed:
-            self.backbone = DistributedDataParallel(
-                model.backbone, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=True
-            )
+            # DDP's default keeps rank 0's buffers (BatchNorm statistics) on every rank at each forward
+            self.backbone = DistributedDataParallel(model.backbone, device_ids=[device] if device.type == "cuda" else None)
         if compile:
             self.backbone = torch.compile(self.backbone)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -22,10 +22,10 @@ from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, steps_in_epoch
-from mmpt.data.store import TaskData, cache_location, open_data
+from mmpt.data.store import cache_location, open_data
 from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
-from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, write_predictions
+from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
 from mmpt.model import MultiTaskNet, build_model, build_transform, resolve_backbone
 from mmpt.optim import build_optimizers, check_optimizer_name
@@ -160,10 +160,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             print(resumed_line(state[ckpt.PROGRESS], world))
 
     log = Log(run_dir, world)
-    eval_kwargs = dict(
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, precision=cfg.train.precision,
-        pin_memory=cfg.data.pin_memory, world=world,
-    )
+    specs = {flag: task_data.task for flag, task_data in data.items()}
+    loader_kwargs = dict(batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                         pin_memory=cfg.data.pin_memory, world=world)
+    val_loader = split_loader(data, "val", device, **loader_kwargs)  # built once: its workers persist
     resume_hint = f"continue with: python train.py --resume {shlex.quote(str(run_dir))}"
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -206,8 +206,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             # validation on every dataset, then early stopping on the monitored metric
             try:
                 broadcast_buffers(world, model)
-                val = metrics_table(evaluate_all(model, data, "val", losses, step.transform, device, stop=stop,
-                                                 **eval_kwargs))
+                val = metrics_table(evaluate_all(model, val_loader, specs, losses, step.transform, device,
+                                                 precision=cfg.train.precision, world=world, stop=stop))
             except Interrupted:
                 saver.save()  # the epoch's steps are kept; its validation runs again on resume
                 raise Stopped(f"{stop.received or 'a stop on another rank'} during validation: "
@@ -227,7 +227,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         progress.done = True
         log.close()
         try:
-            table = test_report(cfg, model, data, losses, step, device, progress, stop, eval_kwargs, started)
+            test_loader = split_loader(data, "test", device, **loader_kwargs)
+            table = test_report(cfg, model, test_loader, specs, losses, step, device, progress, stop, started)
         except Interrupted:
             raise Stopped(f"{stop.received or 'a stop on another rank'} during the test evaluation: training is "
                           f"complete and saved; to write the test report, {resume_hint}") from None
@@ -356,19 +357,21 @@ def update_progress(
 
 
 def test_report(
-    cfg: Config, model: MultiTaskNet, data: dict[str, TaskData], losses: dict, step: TrainStep,
-    device, progress: Progress, stop: StopSignal, eval_kwargs: dict, started: float,
+    cfg: Config, model: MultiTaskNet, loader, specs: dict, losses: dict, step: TrainStep,
+    device, progress: Progress, stop: StopSignal, started: float,
 ) -> dict[str, dict[str, float]]:
     """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
     world = step.world
     run_dir = cfg.run_dir
     final_digest = ckpt.state_digest(model.state_dict())
+    # every rank's digest: a check, recorded in summary.json, that the replicas ended identical
+    rank_digests = distributed.gather_objects(world, final_digest)
     # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
     best = distributed.broadcast_object(world, ckpt.load(run_dir / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
                                         if world.is_main else None)
     model.load_state_dict(best)
-    results: dict[str, TaskResult] = evaluate_all(model, data, "test", losses, step.transform, device, stop=stop,
-                                                  **eval_kwargs)
+    results: dict[str, TaskResult] = evaluate_all(model, loader, specs, losses, step.transform, device,
+                                                  precision=cfg.train.precision, world=world, stop=stop)
     table = metrics_table(results)
     if world.is_main:
         write_metrics(run_dir, table)
@@ -379,7 +382,7 @@ def test_report(
             "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
             "monitor": cfg.train.monitor, "best_metric": progress.best_metric, "weighting": cfg.loss.weighting,
             "weighting_args": dict(cfg.loss.weighting_args), "tasks_per_step": cfg.sampler.tasks_per_step,
-            "world_size": world.world_size, "precision": cfg.train.precision,
+            "world_size": world.world_size, "rank_digests": rank_digests, "precision": cfg.train.precision,
             "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
         })
         print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")

@@ -88,10 +88,14 @@ def test_pickled_dataset_carries_paths_not_images(splits, plan):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_loader_covers_a_split_once_in_order(splits, num_workers):
     split = splits["chestmnist"]
-    batches = list(eval_loader(split, batch_size=64, num_workers=num_workers))
-    assert [len(labels) for _, labels in batches] == [64, 64, 64, 8]
-    assert np.array_equal(torch.cat([images for images, _ in batches]).numpy(), np.load(split.images_path))
-    assert np.array_equal(torch.cat([labels for _, labels in batches]).numpy(), split.labels)
+    batches = list(eval_loader({"chestmnist": split, "pathmnist": splits["pathmnist"]}, 64, num_workers=num_workers))
+    assert [(task, len(labels)) for task, _, labels in batches] == [
+        ("chestmnist", 64), ("chestmnist", 64), ("chestmnist", 64), ("chestmnist", 8), ("pathmnist", 64),
+        ("pathmnist", 26),
+    ]
+    chest = [(images, labels) for task, images, labels in batches if task == "chestmnist"]
+    assert np.array_equal(torch.cat([images for images, _ in chest]).numpy(), np.load(split.images_path))
+    assert np.array_equal(torch.cat([labels for _, labels in chest]).numpy(), split.labels)
 
 
 
@@ -106,7 +110,7 @@ def test_rank_shards_cover_every_step_and_split_exactly_once(splits, plan, world
         assert torch.cat([s.labels[:, 0] for s in shards]).tolist() == np.sort(idx).tolist()
     split = splits["chestmnist"]
     gathered = [
-        torch.cat([labels for _, labels in eval_loader(split, 50, num_workers=0, rank=r, world_size=world_size)])
+        torch.cat([y for _, _, y in eval_loader({"chestmnist": split}, 50, num_workers=0, rank=r, world_size=world_size)])
         for r in range(world_size)
     ]
     assert np.array_equal(torch.cat(gathered).numpy(), split.labels)
@@ -118,7 +122,7 @@ def test_loading_leaves_the_global_torch_rng_alone(splits, plan):
     expected = torch.rand(3)
     torch.manual_seed(0)
     list(plan_loader(splits, plan, num_workers=0))
-    list(eval_loader(splits["pathmnist"], batch_size=32, num_workers=0))
+    list(eval_loader(splits, batch_size=32, num_workers=0))
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mmpt.train
+import mmpt.step
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
 from mmpt.train import run
@@ -35,14 +35,14 @@ def resume_config(root, output, **sections):
 
 def crash_at_step(monkeypatch, crash_step: int) -> None:
     """Make training raise when it reaches `crash_step` (0-based), as a crash between two steps would."""
-    real_step_generator = mmpt.train.step_generator
+    real_step = mmpt.step.TrainStep.__call__
 
-    def crash_at(seed, step):
+    def crash_at(self, parts, step):
         if step == crash_step:
             raise RuntimeError("simulated crash")
-        return real_step_generator(seed, step)
+        return real_step(self, parts, step)
 
-    monkeypatch.setattr(mmpt.train, "step_generator", crash_at)
+    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", crash_at)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ so worker processes share the page cache instead of receiving copies of the imag
 from __future__ import annotations
 
 import functools
-import math
 import random
 from typing import TYPE_CHECKING, NamedTuple, Union
 
@@ -94,31 +93,34 @@ class PlanDataset(Dataset):
         return parts
 
 
-class SplitDataset(Dataset):
-    """Item i is the i-th contiguous slice of `batch_size` samples of this rank's shard of a split.
+class SplitsDataset(Dataset):
+    """Item i is the i-th batch of this rank's shards of several splits, task after task: (task, images, labels).
 
-    The shards of all ranks are contiguous and in rank order, so concatenating the ranks' outputs in
-    rank order gives the split in its own order, every sample exactly once.
+    Each split's shard is a contiguous range and the shards are in rank order, so concatenating the ranks'
+    outputs of a task in rank order gives its split in its own order, every sample exactly once.
     """
 
-    def __init__(self, split: SplitData, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, splits: dict[str, SplitData], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
-        self.split = split
-        self.batch_size = batch_size
-        self.rows = shard(len(split), rank, world_size)
+        self.splits = splits
+        self.batches: list[tuple[str, slice]] = []
+        for task, split in splits.items():
+            rows = shard(len(split), rank, world_size)
+            self.batches += [
+                (task, slice(start, min(start + batch_size, rows.stop)))
+                for start in range(rows.start, rows.stop, batch_size)
+            ]
         self._mapped = _MappedImages()
 
     def __len__(self) -> int:
-        return math.ceil((self.rows.stop - self.rows.start) / self.batch_size)
+        return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        start = self.rows.start + i * self.batch_size
-        rows = slice(start, min(start + self.batch_size, self.rows.stop))
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        task, rows = self.batches[i]
+        split = self.splits[task]
         # slices are views (of the file, of the labels): copy them once into tensors of their own
-        images = np.array(self._mapped(self.split)[rows])
-        return torch.from_numpy(images), torch.from_numpy(np.array(self.split.labels[rows]))
+        images = np.array(self._mapped(split)[rows])
+        return task, torch.from_numpy(images), torch.from_numpy(np.array(split.labels[rows]))
 
 
 def seed_worker(worker_id: int, seed: int, epoch: int) -> None:
@@ -167,16 +169,24 @@ def plan_loader(
 
 
 def eval_loader(
-    split: SplitData, batch_size: int, num_workers: int = 2, pin_memory: bool = False, rank: int = 0, world_size: int = 1
+    splits: dict[str, SplitData],
+    batch_size: int,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Return a DataLoader yielding this rank's shard of a split once, in order, as (uint8 images, int64 labels)."""
+    """Return a DataLoader yielding this rank's shard of each split once, in order, as (task, images, labels).
+
+    Build it once and iterate it at every validation: its workers persist between iterations.
+    """
     return DataLoader(
-        SplitDataset(split, batch_size, rank, world_size),
+        SplitsDataset(splits, batch_size, rank, world_size),
         batch_size=None,  # items are already batches
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
         worker_init_fn=functools.partial(seed_worker, seed=0, epoch=0),
         generator=_private_generator(0, 0),
     )

@@ -1,0 +1,95 @@
+"""The training step: it never reads a value back from the device, and it trains in every precision."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmpt
+from mmpt.config import load_config
+from mmpt.data.loader import plan_loader
+from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
+from mmpt.data.store import open_data
+from mmpt.model import build_model, build_transform
+from mmpt.optim import build_optimizers
+from mmpt.step import TrainStep
+from mmpt.tasks import resolve_tasks
+from mmpt.weighting import build_weighting
+
+MMPT_DIR = str(Path(mmpt.__file__).parent)
+
+
+def make_step(root: Path, precision: str = "fp32"):
+    cfg = load_config(overrides=[{
+        "data": {"root": str(root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
+        "model": {"backbone": "test_resnet", "img_size": 32},
+        "input": {"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0, "random_resized_crop": True}},
+        "optim": {"lr": 0.003, "clip_grad_norm": 1.0},
+        "loss": {"weighting": "size"},
+        "train": {"batch_size": 16, "device": "cpu", "precision": precision},
+    }])
+    tasks = resolve_tasks(cfg.data.datasets)
+    data = open_data(cfg.data, tasks)
+    torch.manual_seed(0)
+    model, losses = build_model(cfg, tasks)
+    sizes = {f: len(d.splits["train"]) for f, d in data.items()}
+    optimizers = build_optimizers(model.backbone, dict(model.heads), expected_updates_per_epoch(sizes, 16), epochs=1,
+                                  lr=0.003, clip_grad_norm=1.0)
+    step = TrainStep(model, losses, optimizers, build_weighting("size", sizes), build_transform(cfg, model),
+                     device=torch.device("cpu"), precision=precision)
+    loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, epoch_plan(sizes, 16, 0, 0), num_workers=0)
+    return step, model, loader
+
+
+def refuse_reads_from_mmpt(monkeypatch) -> list[str]:
+    """Make Tensor.item, bool(tensor), float(tensor) and tolist raise when mmpt's own code calls them."""
+    calls = []
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(MMPT_DIR):
+                calls.append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
+                raise AssertionError(f"host-device synchronisation: Tensor.{_name} called from {caller}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    return calls
+
+
+def test_step_never_reads_a_value_back_from_the_device(synthetic_root, monkeypatch):
+    step, _, loader = make_step(synthetic_root)
+    batches = [parts for _, parts in zip(range(8), loader)]
+    calls = refuse_reads_from_mmpt(monkeypatch)
+    for i, parts in enumerate(batches):
+        step(parts, i)
+    monkeypatch.undo()
+    assert calls == []
+    # the caller reads the losses once, at its logging interval
+    sums, nonfinite = step.read_losses()
+    assert not nonfinite and sum(count for _, count in sums.values()) == 8
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_step_trains_in_reduced_precision(synthetic_root, precision):
+    step, model, loader = make_step(synthetic_root, precision)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    for i, parts in zip(range(6), loader):
+        step(parts, i)
+    sums, nonfinite = step.read_losses()
+    assert not nonfinite and all(torch.isfinite(torch.tensor(s)) for s, _ in sums.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    # the fp16 gradient scaler's state is part of the step's resume state
+    assert ("scaler" in step.state_dict()) == (precision == "fp16")
+
+
+def test_augmentation_differs_across_ranks_and_replays_from_seed_step_and_rank():
+    from mmpt.step import augmentation_seed
+
+    assert augmentation_seed(0, 5, 0) == augmentation_seed(0, 5, 0)
+    assert len({augmentation_seed(0, 5, 0), augmentation_seed(0, 5, 1), augmentation_seed(0, 6, 0),
+                augmentation_seed(1, 5, 0)}) == 4

@@ -9,6 +9,7 @@ from test_train import summary, tiny_config
 
 import mmpt.step
 from mmpt import checkpoint as ckpt
+from mmpt.config import load_config
 from mmpt.errors import MmptError
 from mmpt.train import run
 from mmpt.weighting import ALL, METHODS, STATIC, missing_solvers
@@ -116,3 +117,39 @@ def test_effective_weights_go_to_tensorboard(trained):
         values = [e.value for e in events.Scalars(f"weight/{flag}")]
         # UW's weight 0.5 exp(-s) starts at 0.5 and has moved once its log-variance has been trained
         assert values and all(0.3 < v < 0.7 for v in values) and values[-1] != 0.5
+
+
+def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp_path):
+    """FAMO under DDP: every rank sees the global losses, so the replicas and FAMO's state stay identical, and the
+    run follows the single-process one up to the order of float sums."""
+    from test_distributed import ddp_config, finish, torchrun, write_config
+
+    raw = ddp_config(synthetic_root, tmp_path / "ddp", epochs=1)
+    raw["sampler"], raw["loss"] = {"tasks_per_step": "all"}, {"weighting": "famo"}
+    out = finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
+    record = summary(tmp_path / "ddp")
+    assert record["world_size"] == 2 and record["rank_digests"] == [record["final_digest"]] * 2, out
+    single = run(load_config(overrides=[{**raw, "output": str(tmp_path / "single")}]))
+    ddp_weights = ckpt.load(tmp_path / "ddp" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    single_weights = ckpt.load(tmp_path / "single" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    gap = sum(((ddp_weights[k] - single_weights[k]).double() ** 2).sum() for k in single_weights).sqrt()
+    norm = sum((w.double() ** 2).sum() for w in single_weights.values()).sqrt()
+    assert gap / norm < 1e-3
+    ddp_history = json.loads((tmp_path / "ddp" / "val_history.json").read_text())["history"][-1]["weights"]
+    single_history = json.loads((tmp_path / "single" / "val_history.json").read_text())["history"][-1]["weights"]
+    assert ddp_history == pytest.approx(single_history, rel=1e-3)
+    assert single["mean"]["auc"] > 0.5
+
+
+def test_an_aggregator_under_torchrun_is_one_error_line_and_touches_nothing(synthetic_root, tmp_path):
+    from test_distributed import ddp_config, torchrun, write_config
+
+    raw = ddp_config(synthetic_root, tmp_path / "upgrad", epochs=1)
+    raw["sampler"], raw["loss"] = {"tasks_per_step": 2}, {"weighting": "upgrad"}
+    process = torchrun("--config", str(write_config(tmp_path / "upgrad.yaml", raw)))
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not support distributed training" in errors[0], out
+    assert "/mmpt/" not in out  # no traceback through mmpt (torchrun's launcher prints its own for exit code 2)
+    assert not (tmp_path / "upgrad").exists()

@@ -525,13 +525,14 @@ def method_problems(
         valid = f"it takes {', '.join(method.args)}" if method.args else "it takes no options"
         problems.append(f"loss.weighting_args has {', '.join(unknown)}, which {name} does not take ({valid})")
     for key, value in args.items():
-        default = method.args.get(key)
-        if key in method.args and isinstance(default, int) and (value != int(value) or value < 1):
+        if key not in method.args:
+            continue
+        default = method.args[key]
+        may_be_zero = key in ("weight_decay", "max_norm")  # max_norm 0: Nash-MTL without clipping
+        if isinstance(default, int) and (value != int(value) or value < 1):
             problems.append(f"loss.weighting_args.{key} of {name} must be a whole number >= 1, got {value!r}")
-        elif key in method.args and value <= 0 and key != "weight_decay":
-            problems.append(f"loss.weighting_args.{key} of {name} must be > 0, got {value!r}")
-        elif key == "weight_decay" and value < 0:
-            problems.append(f"loss.weighting_args.{key} of {name} must be >= 0, got {value!r}")
+        elif value < 0 or (value == 0 and not may_be_zero):
+            problems.append(f"loss.weighting_args.{key} of {name} must be {'>= 0' if may_be_zero else '> 0'}, got {value!r}")
     several = tasks_per_step == "all" or (isinstance(tasks_per_step, int) and tasks_per_step >= 2)
     if method.tasks == ALL and tasks_per_step != "all":
         problems.append(

@@ -18,6 +18,7 @@ import yaml
 
 from mmpt.errors import MmptError
 from mmpt.tasks import FLAGS, RESOLUTIONS, resolve_tasks
+from mmpt.weighting import METHODS, method_problems
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,17 @@ class SamplerConfig:
     alpha: float = 1.0  # with replacement: p(task) ~ |D|^alpha (1 proportional, 0 uniform)
     steps_per_epoch: int | None = None  # None = the number of batches in all train splits
     last_batch: str = "keep"  # keep | drop: the policy for a split's last partial batch
+    # datasets per step: 1 (Algorithm 1), k >= 2 distinct datasets, or all (every dataset in every step);
+    # each dataset brings a batch of train.batch_size
+    tasks_per_step: int | str = 1
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    ordinal: str = "coral"  # ce | coral: the loss of the ordinal-regression task (RetinaMNIST)
-    weighting: str = "none"  # none | size
+    ordinal: str = "coral"  # ce | coral | corn: the loss of the ordinal-regression task (RetinaMNIST)
+    weighting: str = "none"  # a name of mmpt.weighting.METHODS (README: Multi-task optimization)
+    weighting_args: dict[str, float] = field(default_factory=dict)  # the method's options, e.g. {temperature: 2}
+    weights: dict[str, float] = field(default_factory=dict)  # weighting: manual: one weight per dataset
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input.pad_value": ("normalized_zero", "black"),
     "input.interpolation": ("bilinear", "bicubic"),
     "sampler.last_batch": ("keep", "drop"),
-    "loss.ordinal": ("ce", "coral"),
-    "loss.weighting": ("none", "size"),
+    "loss.ordinal": ("ce", "coral", "corn"),
+    "loss.weighting": tuple(METHODS),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.monitor": ("val_loss", "val_auc"),
@@ -284,7 +290,16 @@ def from_dict(raw: dict) -> Config:
         raise MmptError("invalid config: " + "; ".join(problems))
     # datasets are stored as medmnist flags in medmnist order, whatever spelling the user chose
     flags = tuple(t.flag for t in resolve_tasks(cfg.data.datasets))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, datasets=flags))
+    weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, datasets=flags), loss=dataclasses.replace(cfg.loss, weights=weights)
+    )
+
+
+def _flag(name: str) -> str:
+    """A dataset's medmnist flag from its flag or short name (breast -> breastmnist)."""
+    name = name.strip().lower()
+    return name if name.endswith("mnist") else f"{name}mnist"
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
@@ -334,9 +349,21 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None, None
-        (inner,) = [a for a in args if a is not type(None)]
-        converted, error = _coerce(value, inner)
-        return converted, (error + " or null" if error else None)
+        errors = []
+        for inner in [a for a in args if a is not type(None)]:
+            converted, error = _coerce(value, inner)
+            if not error:
+                return converted, None
+            errors.append(error.removeprefix("must be "))
+        return None, "must be " + " or ".join(errors + (["null"] if type(None) in args else []))
+    if origin is dict:
+        if not isinstance(value, dict):
+            return None, "must be a mapping of names to values"
+        items = {key: _coerce(v, args[1]) for key, v in value.items()}
+        errors = [f"{key} {e}" for key, (_, e) in items.items() if e]
+        if any(not isinstance(key, str) for key in value):
+            errors.append("keys must be names")
+        return (None, "entries: " + "; ".join(errors)) if errors else ({k: v for k, (v, _) in items.items()}, None)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -396,7 +423,29 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
+    problems += _multi_task_checks(cfg)
     return problems
+
+
+def _multi_task_checks(cfg: Config) -> list[str]:
+    """sampler.tasks_per_step against the datasets, and the weighting method against both."""
+    try:
+        flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
+    except MmptError:
+        return []  # reported above
+    k = cfg.sampler.tasks_per_step
+    if k != "all" and not (isinstance(k, int) and 1 <= k <= len(flags)):
+        return [(
+            f"sampler.tasks_per_step must be a whole number from 1 to the number of datasets ({len(flags)}) or all, "
+            f"got {k!r}"
+        )]
+    if cfg.loss.weighting not in METHODS:
+        return []  # reported with the choices
+    weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
+    return method_problems(
+        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k, num_datasets=len(flags),
+        weights=weights, datasets=flags,
+    )
 
 
 def config_yaml(cfg: Config) -> str:

@@ -28,6 +28,7 @@ class TaskResult:
     labels: np.ndarray  # N×L int64
     scores: np.ndarray  # N×K class scores (medmnist's convention)
     metrics: dict[str, float]  # includes "loss"
+    grade_rule: str = "argmax"  # how the ordinal task's grade follows from the scores (metrics.predicted_grades)
 
 
 def split_loader(
@@ -78,17 +79,23 @@ def evaluate_all(
         labels[flag].append(y_cpu.numpy())
     if stop is not None and any_rank(world, stop.received is not None)[0]:
         raise Interrupted(stop.received or "a stop signal on another rank")
-    return {flag: _result(task, scores[flag], labels[flag], loss_sums[flag], world) for flag, task in tasks.items()}
+    return {
+        flag: _result(task, scores[flag], labels[flag], loss_sums[flag], world, losses[flag].grade_rule)
+        for flag, task in tasks.items()
+    }
 
 
-def _result(task: TaskSpec, scores: list, labels: list, loss_sum: torch.Tensor, world: World) -> TaskResult:
+def _result(
+    task: TaskSpec, scores: list, labels: list, loss_sum: torch.Tensor, world: World, grade_rule: str
+) -> TaskResult:
     """Gather one task's shards from every rank (in rank order) and compute its metrics."""
     empty_scores, empty_labels = np.zeros((0, task.num_classes)), np.zeros((0, task.label_width), np.int64)
     all_scores = gather_rows(world, np.concatenate(scores) if scores else empty_scores).astype(np.float64)
     all_labels = gather_rows(world, np.concatenate(labels) if labels else empty_labels)
     loss = sum_over_ranks(world, loss_sum.item()) / len(all_labels)
-    metrics = {"loss": loss, **compute_metrics(task, all_labels, all_scores)}
-    return TaskResult(labels=all_labels, scores=all_scores, metrics=metrics)
+    # MAE and kappa of the ordinal task use the loss's own grade rule (CORAL/CORN: the median, not the argmax)
+    metrics = {"loss": loss, **compute_metrics(task, all_labels, all_scores, grade_rule=grade_rule)}
+    return TaskResult(labels=all_labels, scores=all_scores, metrics=metrics, grade_rule=grade_rule)
 
 
 def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:
@@ -132,7 +139,8 @@ def write_predictions(
     record = {
         "resolution": resolution, "split": split, "run": run, "data_root": data_root,
         "datasets": {
-            flag: {"images": len(result.labels), "labels_sha256": labels_digest(result.labels)}
+            flag: {"images": len(result.labels), "labels_sha256": labels_digest(result.labels),
+                   "grade_rule": result.grade_rule}
             for flag, result in results.items()
         },
     }

@@ -1,7 +1,9 @@
 """One loss per task type, and the head each loss needs.
 
 A loss knows how many logits its head must produce (`num_outputs`), which head module to build
-(`head`), and how to turn logits into the N×K class scores medmnist's metrics expect (`scores`).
+(`head`), how to turn logits into the N×K class scores medmnist's metrics expect (`scores`), and,
+for single-label tasks, into the predicted class or grade (`grades`, used for MAE and kappa of the
+ordinal task).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class TaskLoss(Protocol):
 
     num_outputs: int  # logits the head must produce
     head: str  # a key of HEADS: which head module the model must build
+    grade_rule: str  # how a predicted grade follows from the K scores (metrics.predicted_grades)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the batch; labels are int64 N×L as medmnist stores them."""
@@ -31,11 +34,16 @@ class TaskLoss(Protocol):
         """N×K class scores in medmnist's convention (softmax, sigmoid or class probabilities)."""
         ...
 
+    def grades(self, logits: Tensor) -> Tensor:
+        """N int64 predicted classes (single-label tasks): argmax for CE, the rank rule for CORAL/CORN."""
+        ...
+
 
 class CrossEntropyLoss:
     """Softmax cross-entropy over K logits (multi-class, binary with 2 logits, or ordinal as classes)."""
 
     head = "linear"
+    grade_rule = "argmax"  # metrics.predicted_grades
 
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes
@@ -47,11 +55,15 @@ class CrossEntropyLoss:
     def scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)
 
+    def grades(self, logits: Tensor) -> Tensor:
+        return logits.argmax(dim=-1)
+
 
 class MultiLabelBCELoss:
     """Binary cross-entropy with logits, averaged over the batch and all labels (ChestMNIST's 14)."""
 
     head = "linear"
+    grade_rule = "argmax"  # metrics.predicted_grades
 
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes
@@ -62,6 +74,9 @@ class MultiLabelBCELoss:
     def scores(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()
 
+    def grades(self, logits: Tensor) -> Tensor:
+        raise AssertionError("a multi-label task has no single predicted class; use scores")
+
 
 class CoralLoss:
     """CORAL ordinal loss (Cao, Mirjalili, Raschka 2020) over K−1 rank-consistent logits.
@@ -71,6 +86,7 @@ class CoralLoss:
     """
 
     head = "coral"
+    grade_rule = "median"  # metrics.predicted_grades: the median, its own rank rule
 
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes - 1
@@ -81,14 +97,57 @@ class CoralLoss:
         return F.binary_cross_entropy_with_logits(logits, levels)
 
     def scores(self, logits: Tensor) -> Tensor:
-        """K class probabilities: p_k = P(y > k−1) − P(y > k), with P(y > −1) = 1 and P(y > K−1) = 0."""
-        above = logits.sigmoid()  # N×(K−1): P(y > k)
-        ones = torch.ones_like(above[:, :1])
-        upper = torch.cat([ones, above], dim=1)  # N×K: P(y > k−1)
-        lower = torch.cat([above, 1 - ones], dim=1)  # N×K: P(y > k)
-        # rank consistency makes this non-negative in exact arithmetic; clamp guards rounding
-        probs = (upper - lower).clamp(min=0)
-        return probs / probs.sum(dim=1, keepdim=True)
+        return class_probabilities(logits.sigmoid())
+
+    def grades(self, logits: Tensor) -> Tensor:
+        """Cao et al.'s rule: the number of thresholds k with P(y > k) > 0.5."""
+        return (logits.sigmoid() > 0.5).sum(dim=1)
+
+
+class CornLoss:
+    """CORN ordinal loss (Shi, Cao, Raschka 2021: conditional training subsets) over K−1 logits.
+
+    Logit k estimates the conditional P(y > k | y > k−1); it is trained by BCE on the subset of the
+    batch with y > k−1 (every sample for k = 0), with target [y > k]. The loss is the sum of the
+    BCE terms over all (sample, k) pairs in the subsets divided by their count, as in coral-pytorch's
+    corn_loss. P(y > k) is the product of the first k+1 conditionals, so it never increases with k
+    (rank-consistent by construction, with an ordinary linear head).
+    """
+
+    head = "linear"
+    grade_rule = "median"  # metrics.predicted_grades: the median, its own rank rule
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_outputs = num_classes - 1
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        thresholds = torch.arange(self.num_outputs, device=logits.device)
+        grades = labels.reshape(-1, 1)
+        in_subset = (grades > thresholds - 1).to(logits.dtype)  # N×(K−1): y > k−1
+        targets = (grades > thresholds).to(logits.dtype)  # N×(K−1): y > k
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        # the k = 0 subset is the whole batch, so the count is never 0
+        return (bce * in_subset).sum() / in_subset.sum()
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return class_probabilities(logits.sigmoid().cumprod(dim=1))
+
+    def grades(self, logits: Tensor) -> Tensor:
+        """Shi et al.'s rule: the number of thresholds k with P(y > k) > 0.5 (P from the chained conditionals)."""
+        return (logits.sigmoid().cumprod(dim=1) > 0.5).sum(dim=1)
+
+
+def class_probabilities(above: Tensor) -> Tensor:
+    """N×K class probabilities from N×(K−1) cumulative P(y > k): p_k = P(y > k−1) − P(y > k).
+
+    P(y > −1) = 1 and P(y > K−1) = 0, so the K values telescope to a sum of 1.
+    """
+    ones = torch.ones_like(above[:, :1])
+    upper = torch.cat([ones, above], dim=1)  # N×K: P(y > k−1)
+    lower = torch.cat([above, 1 - ones], dim=1)  # N×K: P(y > k)
+    # non-negative in exact arithmetic when P(y > k) is non-increasing; clamp guards rounding and unordered CORAL logits
+    probs = (upper - lower).clamp(min=0)
+    return probs / probs.sum(dim=1, keepdim=True)
 
 
 # The loss of each task type; ordinal regression is chosen separately (config loss.ordinal).
@@ -101,6 +160,7 @@ LOSSES: dict[str, Callable[[int], TaskLoss]] = {
 ORDINAL_LOSSES: dict[str, Callable[[int], TaskLoss]] = {
     "ce": CrossEntropyLoss,
     "coral": CoralLoss,
+    "corn": CornLoss,
 }
 
 

@@ -24,7 +24,11 @@ THRESHOLD = 0.5  # medmnist's decision threshold for binary and multi-label scor
 
 
 def compute_metrics(
-    task: TaskSpec, labels: np.ndarray, scores: np.ndarray, names: tuple[str, ...] | list[str] | None = None
+    task: TaskSpec,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    names: tuple[str, ...] | list[str] | None = None,
+    grade_rule: str = "argmax",
 ) -> dict[str, float]:
     """Return {"auc", "acc", "balanced_acc", "kappa"} (plus "qwk", "mae" for ordinal tasks) as floats.
 
@@ -36,7 +40,9 @@ def compute_metrics(
       labels with threshold 0.5; multi-class and ordinal: argmax, one-vs-rest AUC averaged over classes).
     - balanced_acc, kappa (Cohen's): on the same predictions as acc; for multi-label, the mean over
       labels of each label's balanced accuracy / kappa at threshold 0.5.
-    - qwk (quadratically weighted kappa over all K grades) and mae (mean |argmax - grade|), ordinal only.
+    - qwk (quadratically weighted kappa over all K grades) and mae (mean |predicted - true grade|), ordinal
+      only, on the grade `grade_rule` predicts from the scores (`predicted_grades`: "argmax", or "median" for
+      the rank-consistent ordinal losses CORAL and CORN, whose own rule it equals).
     AUC is NaN where a class (or a label's positives or negatives) is absent from `labels`, where
     medmnist would raise; kappa is NaN where undefined (labels and predictions one same class).
     """
@@ -63,13 +69,26 @@ def compute_metrics(
         )
         metrics = _class_metrics(labels[:, 0], scores, names)
         if task.task_type == ORDINAL and (names is None or {"qwk", "mae"} & set(names)):
-            grades = labels[:, 0]
-            predicted = scores.argmax(axis=1)
+            true = labels[:, 0]
+            predicted = predicted_grades(scores, grade_rule)
             all_grades = list(range(task.num_classes))
             # all grades given, so an absent grade does not shrink the distances the weights use
-            metrics["qwk"] = float(cohen_kappa_score(grades, predicted, labels=all_grades, weights="quadratic"))
-            metrics["mae"] = float(mean_absolute_error(grades, predicted))
+            metrics["qwk"] = float(cohen_kappa_score(true, predicted, labels=all_grades, weights="quadratic"))
+            metrics["mae"] = float(mean_absolute_error(true, predicted))
         return _only(metrics, names)
+
+
+GRADE_RULES = ("argmax", "median")
+
+
+def predicted_grades(scores: np.ndarray, rule: str = "argmax") -> np.ndarray:
+    """N predicted grades from N×K class probabilities: the most probable class ("argmax"), or the median
+    of the predicted distribution ("median": the number of k with P(y > k) > 0.5, CORAL's and CORN's rule)."""
+    assert rule in GRADE_RULES, f"grade rule must be one of {GRADE_RULES}, got {rule!r}"
+    if rule == "argmax":
+        return scores.argmax(axis=1)
+    above = 1 - np.cumsum(scores, axis=1)[:, :-1]  # N×(K−1): P(y > k)
+    return (above > 0.5).sum(axis=1)
 
 
 def mean_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:

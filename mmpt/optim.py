@@ -142,10 +142,12 @@ def build_optimizers(
     min_lr_ratio: float = 0.0,
     clip_grad_norm: float | None = None,
     fused: bool = False,
+    steps_per_epoch: float | None = None,
 ) -> Optimizers:
     """Create the backbone's and each head's optimizer (or one shared one) with their LR schedules.
 
-    `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each schedule.
+    `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each head's schedule.
+    `steps_per_epoch` sizes the backbone's (and the shared) schedule; None = their sum (one dataset per step).
     `fused` asks for the optimizer's fused kernel (one kernel for all parameters) where its class has one.
     Raises MmptError for an optimizer name timm does not know.
     """
@@ -153,7 +155,7 @@ def build_optimizers(
     opt_class = get_optimizer_info(name).opt_class
     kernel = {"fused": True} if fused and "fused" in inspect.signature(opt_class).parameters else {}
     head_lr = lr if head_lr is None else head_lr
-    steps_per_epoch = sum(updates_per_epoch.values())
+    steps_per_epoch = sum(updates_per_epoch.values()) if steps_per_epoch is None else steps_per_epoch
 
     def make(params_or_module, group_lr: float) -> torch.optim.Optimizer:
         return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay, **kernel)

@@ -11,19 +11,22 @@ averaged explicitly in one all-reduce; the heads not in the step take no part at
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mmpt.config import Config
 from mmpt.data.loader import Part
+from mmpt.data.sampler import expected_updates_per_epoch, sampler_options, steps_in_epoch
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
 from mmpt.losses import TaskLoss
-from mmpt.model import MultiTaskNet
-from mmpt.optim import Optimizers
+from mmpt.model import MultiTaskNet, build_transform
+from mmpt.optim import Optimizers, build_optimizers
 from mmpt.runtime import autocast
-from mmpt.weighting import Weighting
+from mmpt.weighting import Weighting, build_weighting
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""
@@ -141,3 +144,31 @@ class TrainStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def build_step(
+    cfg: Config, model: MultiTaskNet, losses: dict[str, TaskLoss], sizes: dict[str, int], device: torch.device,
+    world: World = SINGLE,
+) -> TrainStep:
+    """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
+    by the head's own updates per epoch and the backbone's by the steps, its loss weighting and input transform.
+
+    The one place the recipe and the benchmarks assemble a step. Raises MmptError for a bad optimizer or weighting.
+    """
+    options = sampler_options(cfg.sampler)
+    updates_per_epoch = expected_updates_per_epoch(sizes, cfg.train.batch_size, **options)
+    steps_per_epoch = steps_in_epoch(sizes, cfg.train.batch_size, **options)
+    optimizers = build_optimizers(
+        model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
+        fused=device.type == "cuda", steps_per_epoch=steps_per_epoch, **dataclasses.asdict(cfg.optim),
+    )
+    weighting = build_weighting(
+        cfg.loss.weighting, sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+        world_size=world.world_size, device=device, lr=cfg.optim.lr, seed=cfg.train.seed,
+        steps_per_epoch=steps_per_epoch, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
+    )
+    return TrainStep(
+        model, losses, optimizers, weighting, build_transform(cfg, model), device=device, world=world,
+        precision=cfg.train.precision, seed=cfg.train.seed, channels_last=cfg.train.channels_last,
+        compile=cfg.train.compile,
+    )

@@ -21,24 +21,24 @@ from mmpt import checkpoint as ckpt
 from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
+from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch
 from mmpt.data.store import TaskData, cache_location, data_changes, open_data
 from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
 from mmpt.model import (
-    MultiTaskNet, build_model, build_transform, check_batch_size, load_initial_weights, resolve_backbone,
+    MultiTaskNet, build_model, check_batch_size, load_initial_weights, resolve_backbone,
 )
-from mmpt.optim import build_optimizers, check_optimizer_name
+from mmpt.optim import check_optimizer_name
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
 from mmpt.runtime import (
     Interrupted, StopSignal, configure_determinism, environment, lock_run_dir, prepare_run_dir,
 )
-from mmpt.step import TrainStep
+from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
-from mmpt.weighting import build_weighting
+from mmpt.weighting import check_weighting
 
 # Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and
 # the learning rate and clipping (the fixes the NaN message suggests; the LR schedules follow the new values).
@@ -149,6 +149,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         resolve_backbone(cfg.model.backbone)
         check_optimizer_name(cfg.optim.name)
         check_world(cfg, world)
+        check_weighting(  # e.g. an aggregator under DDP, or a missing solver
+            cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+            world_size=world.world_size, datasets=[t.flag for t in tasks], weights=cfg.loss.weights,
+        )
         data = open_data(cfg.data, tasks)
         if state is not None:
             check_resume_data(state, data, cfg.data.allow_changed)
@@ -161,23 +165,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             lock_run_dir(run_dir)  # one writer per run folder, until this process ends
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
-    sampler_kwargs = dict(
-        replacement=cfg.sampler.replacement, alpha=cfg.sampler.alpha,
-        steps_per_epoch=cfg.sampler.steps_per_epoch, last_batch=cfg.sampler.last_batch,
-    )
-    # each head's schedule is sized by its own updates per epoch
-    updates_per_epoch = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_kwargs)
     model.to(device)
-    optimizers = build_optimizers(
-        model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
-        fused=device.type == "cuda", **dataclasses.asdict(cfg.optim),
-    )
-    weighting = build_weighting(cfg.loss.weighting, sizes)
-    step = TrainStep(
-        model, losses, optimizers, weighting, build_transform(cfg, model), device=device, world=world,
-        precision=cfg.train.precision, seed=cfg.train.seed, channels_last=cfg.train.channels_last,
-        compile=cfg.train.compile,
-    )
+    step = build_step(cfg, model, losses, sizes, device, world)
+    optimizers, weighting = step.optimizers, step.weighting
     progress = Progress(world_size=world.world_size)
     if state is not None:
         model.load_state_dict(state[ckpt.MODEL])
@@ -217,7 +207,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:
                 break
-            plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_kwargs)
+            plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_options(cfg.sampler))
             loader = plan_loader(
                 {f: d.splits["train"] for f, d in data.items()}, plan, start=progress.position,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
@@ -260,7 +250,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 saver.save()  # the epoch's steps are kept; its validation runs again on resume
                 raise Stopped(f"{stop.received or 'a stop on another rank'} during validation: "
                               f"{checkpoints / ckpt.LAST} written at step {progress.step}; {resume_hint}") from None
-            improved = update_progress(progress, cfg, epoch, val, log.epoch_losses(), weighting.weights())
+            improved = update_progress(progress, cfg, epoch, val, log.epoch_losses(), weighting.mean_weights())
             if improved and world.is_main:
                 ckpt.save(checkpoints / ckpt.BEST, {ckpt.MODEL: model.state_dict(), ckpt.CONFIG: to_dict(cfg),
                                                     ckpt.PROGRESS: dataclasses.asdict(progress)})
@@ -431,6 +421,7 @@ def test_report(
             "final_digest": final_digest, "best_digest": ckpt.state_digest(best),
             "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
             "monitor": cfg.train.monitor, "best_metric": progress.best_metric, "weighting": cfg.loss.weighting,
+            "weighting_args": dict(cfg.loss.weighting_args), "tasks_per_step": cfg.sampler.tasks_per_step,
             "world_size": world.world_size, "rank_digests": rank_digests, "precision": cfg.train.precision,
             "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
         })
@@ -440,16 +431,17 @@ def test_report(
 
 def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, world: World, data_cache: Path) -> str:
     """The run's opening lines: what will be trained, on what input, where and how."""
-    batches = expected_updates_per_epoch(
-        sizes, cfg.train.batch_size, replacement=cfg.sampler.replacement, alpha=cfg.sampler.alpha,
-        steps_per_epoch=cfg.sampler.steps_per_epoch, last_batch=cfg.sampler.last_batch,
-    )
+    batches = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
+    steps = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
-    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} steps/epoch" for t in sorted(sizes)]
+    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
     per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
-    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {sum(batches.values()):,.0f} "
-                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}), {cfg.train.epochs} epochs")
+    per_step = "" if cfg.sampler.tasks_per_step == 1 else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
+    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
+                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
+    lines.append(f"loss weighting: {cfg.loss.weighting}"
+                 + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
     lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
                  + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))

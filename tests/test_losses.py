@@ -1,17 +1,23 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
 
 from mmpt.errors import MmptError
-from mmpt.losses import CoralHead, CoralLoss, build_head, build_loss
+from mmpt.losses import CoralHead, CoralLoss, CornLoss, build_head, build_loss
+from mmpt.metrics import compute_metrics, predicted_grades
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
 
 # the first dataset of each task type: pathmnist, pneumoniamnist, chestmnist, retinamnist
 SPEC = {kind: next(t for t in TASKS.values() if t.task_type == kind) for kind in (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)}
 # (task type, ordinal loss) pairs covering every loss
-CASES = [(MULTI_CLASS, "coral"), (BINARY, "coral"), (MULTI_LABEL, "coral"), (ORDINAL, "ce"), (ORDINAL, "coral")]
+CASES = [
+    (MULTI_CLASS, "coral"), (BINARY, "coral"), (MULTI_LABEL, "coral"), (ORDINAL, "ce"), (ORDINAL, "coral"),
+    (ORDINAL, "corn"),
+]
 
 
 def _labels(task, n, generator):
@@ -24,7 +30,7 @@ def _confident_logits(loss, task, labels, margin=8.0):
     """Logits that put the given labels far on the right side of every decision."""
     if task.task_type == MULTI_LABEL:
         return margin * (2 * labels.float() - 1)
-    if loss.head == "coral":
+    if loss.num_outputs == task.num_classes - 1:  # CORAL and CORN: logit k says y > k
         levels = labels > torch.arange(loss.num_outputs)  # N×(K−1): y > k
         return margin * (2 * levels.float() - 1)
     return margin * nn.functional.one_hot(labels[:, 0], task.num_classes).float()
@@ -51,15 +57,16 @@ def test_zero_logits_give_the_uninformed_loss(task_type, ordinal):
     loss = build_loss(task, ordinal=ordinal)
     labels = _labels(task, 16, torch.Generator().manual_seed(1))
     value = loss(torch.zeros(16, loss.num_outputs), labels)
-    # CE: log K over K uniform classes; BCE and CORAL: log 2 per (mean over) label or threshold
-    expected = math.log(2) if loss.head == "coral" or task_type == MULTI_LABEL else math.log(task.num_classes)
+    # CE: log K over K uniform classes; BCE, CORAL and CORN: log 2 per (mean over) label or threshold
+    binary_terms = ordinal in ("coral", "corn") and task_type == ORDINAL or task_type == MULTI_LABEL
+    expected = math.log(2) if binary_terms else math.log(task.num_classes)
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize(
     "task_type,ordinal,outputs,head",
     [(MULTI_CLASS, "coral", 9, "linear"), (BINARY, "coral", 2, "linear"), (MULTI_LABEL, "coral", 14, "linear"),
-     (ORDINAL, "ce", 5, "linear"), (ORDINAL, "coral", 4, "coral")],
+     (ORDINAL, "ce", 5, "linear"), (ORDINAL, "coral", 4, "coral"), (ORDINAL, "corn", 4, "linear")],
 )
 def test_each_task_type_gets_its_head_size(task_type, ordinal, outputs, head):
     task = SPEC[task_type]
@@ -149,10 +156,94 @@ def test_coral_head_learns_a_one_dimensional_ordinal_problem():
 
 
 def test_unknown_ordinal_loss_lists_the_valid_ones():
-    with pytest.raises(MmptError, match="coral"):
-        build_loss(TASKS["retinamnist"], ordinal="corn")
+    with pytest.raises(MmptError, match="coral.*corn"):
+        build_loss(TASKS["retinamnist"], ordinal="cumulative")
 
 
 def test_unknown_head_kind_is_an_mmpt_error():
     with pytest.raises(MmptError, match="linear"):
         build_head("mlp", 8, 2, 2)
+
+
+def test_cross_entropy_equals_minus_log_softmax_by_hand():
+    loss = build_loss(TASKS["retinamnist"], ordinal="ce")
+    logits = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0, 1.0]])
+    labels = torch.tensor([[0], [4]])
+    first = -math.log(math.e / (math.e + 4))
+    second = -math.log(math.e / (math.e**2 + math.e + 3))
+    assert loss(logits, labels).item() == pytest.approx((first + second) / 2)
+
+
+def test_corn_loss_equals_the_conditional_subsets_by_hand():
+    """Shi et al.: logit k is trained on the samples with y > k-1 only, against [y > k]."""
+    loss = CornLoss(num_classes=3)
+    logits = torch.tensor([[0.5, -1.0], [2.0, 0.3], [-0.4, 1.5]])
+    labels = torch.tensor([[0], [1], [2]])
+
+    def bce(z, target):
+        p = 1 / (1 + math.exp(-z))
+        return -math.log(p) if target else -math.log(1 - p)
+
+    # k=0: all three samples, targets y>0 = 0,1,1; k=1: samples with y>0 (the 2nd and 3rd), targets y>1 = 0,1
+    terms = [bce(0.5, 0), bce(2.0, 1), bce(-0.4, 1), bce(0.3, 0), bce(1.5, 1)]
+    assert loss(logits, labels).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+
+
+def test_corn_scores_chain_the_conditional_probabilities():
+    loss = CornLoss(num_classes=4)
+    logits = torch.tensor([[1.0, -0.5, 2.0]])
+    conditional = torch.sigmoid(logits)[0]
+    above = torch.cumprod(conditional, dim=0)  # P(y > k)
+    expected = torch.stack([1 - above[0], above[0] - above[1], above[1] - above[2], above[2]])
+    assert torch.allclose(loss.scores(logits)[0], expected)
+
+
+@pytest.mark.parametrize("ordinal", ["coral", "corn"])
+def test_ordinal_grades_are_rank_consistent(ordinal):
+    """The predicted grade g has P(y > k) > 0.5 exactly for k < g: it is the median of the class probabilities."""
+    task = TASKS["retinamnist"]
+    loss = build_loss(task, ordinal=ordinal)
+    head = build_head(loss.head, 8, loss.num_outputs, task.num_classes)
+    torch.manual_seed(8)
+    for weight in head.parameters():  # spread the grades over all classes (CORAL keeps its ordered biases)
+        if weight.ndim == 2:
+            nn.init.normal_(weight, std=2.0)
+    logits = head(torch.randn(500, 8))
+    above = 1 - loss.scores(logits).cumsum(dim=1)[:, :-1]  # N×(K−1): P(y > k) recovered from the K probabilities
+    # rank consistency: the cumulative probabilities never increase with k
+    assert (above[:, 1:] <= above[:, :-1] + 1e-6).all()
+    grades = loss.grades(logits)
+    median = (above > 0.5).sum(dim=1)
+    assert torch.equal(grades, median)
+    # the metrics read the same grade back from the saved probabilities
+    assert np.array_equal(predicted_grades(loss.scores(logits).numpy(), loss.grade_rule), grades.numpy())
+    assert len(grades.unique()) >= 3
+
+
+def test_ordinal_mae_and_qwk_use_the_losses_grade_rule():
+    task = TASKS["retinamnist"]
+    loss = CornLoss(task.num_classes)
+    # P(y > k) = 0.6, 0.36, ...: the median grade is 1, while the most probable class is 0 (p = 0.4)
+    logits = torch.full((1, 4), math.log(0.6 / 0.4))
+    assert loss.scores(logits).argmax().item() == 0 and loss.grades(logits).item() == 1
+    labels = np.array([[1]])
+    scores = loss.scores(logits).numpy()
+    assert compute_metrics(task, labels, scores, grade_rule=loss.grade_rule)["mae"] == 0.0
+    assert compute_metrics(task, labels, scores)["mae"] == 1.0  # the default rule: the argmax
+
+
+def test_corn_learns_a_one_dimensional_ordinal_problem():
+    torch.manual_seed(0)
+    num_classes = 5
+    x = torch.rand(512, 1) * 2 - 1  # N×1 in [-1, 1)
+    labels = ((x + 1) / 2 * num_classes).long().clamp(max=num_classes - 1)  # N×1 grades, equal-width bins
+    x = x + 0.05 * torch.randn_like(x)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, num_classes - 1))
+    loss = CornLoss(num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss(model(x), labels).backward()
+        optimizer.step()
+    mae = (loss.grades(model(x)) - labels[:, 0]).abs().float().mean().item()
+    assert mae < 0.3  # predicting the middle grade for all gives 1.2

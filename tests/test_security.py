@@ -144,7 +144,7 @@ def test_run_name_that_is_not_one_plain_folder_name_is_rejected(name, tmp_path, 
     code = train_main(["--data-root", str(tmp_path / "data"), "--set", f"name={name}", *TINY])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
-    assert f"name must be letters, digits, '.', '_' or '-'" in line and repr(name) in line
+    assert "name must be letters, digits, '.', '_' or '-'" in line and repr(name) in line
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere, runs/ included
 
 

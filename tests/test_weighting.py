@@ -1,44 +1,284 @@
+"""The weighting methods in isolation, on a toy two-layer model: one shared backbone, one head per dataset."""
+
+import importlib.util
 import io
+import math
 
 import pytest
 import torch
+from torch import nn
+from torchjd import scalarization
 
 from mmpt.errors import MmptError
-from mmpt.weighting import build_weighting
+from mmpt.weighting import METHODS, build_weighting, method_problems, missing_solvers
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
+HAS_SOLVERS = importlib.util.find_spec("cvxpy") is not None
+# every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra)
+RUNNABLE = [name for name in METHODS if not missing_solvers(name)]
 
 
-def test_size_weighting_is_smallest_split_over_each_split():
-    weights = build_weighting("size", SIZES).weights()
-    assert weights["breastmnist"] == 1.0
-    assert weights["retinamnist"] == pytest.approx(546 / 1080)
-    assert weights["pathmnist"] == pytest.approx(546 / 89996)
+class Toy(nn.Module):
+    def __init__(self, flags, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(6, 2) for t in flags})
+
+    def losses(self, flags, seed):
+        """Per-dataset mean losses of a step and the backbone's features (slices concatenated in `flags` order)."""
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(4 * len(flags), 5, generator=generator)
+        y = torch.randint(0, 2, (4 * len(flags),), generator=generator)
+        features = self.backbone(x)
+        losses = {}
+        for i, t in enumerate(flags):
+            rows = slice(4 * i, 4 * i + 4)
+            losses[t] = nn.functional.cross_entropy(self.heads[t](features[rows]), y[rows])
+        return losses, features
 
 
-@pytest.mark.parametrize("name", ["none", "size"])
-def test_static_weighting_backpropagates_the_weighted_sum(name):
-    weighting = build_weighting(name, SIZES)
-    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    losses = {task: x[i] ** 2 for i, task in enumerate(SIZES)}
-    weighting.backward(losses, x, lambda loss: loss)
-    expected = [2 * x[i].item() * weighting.weights()[t] for i, t in enumerate(SIZES)]
-    assert x.grad.tolist() == pytest.approx(expected)
+def _build(name, model, **kwargs):
+    kwargs.setdefault("tasks_per_step", "all")
+    if name == "manual":
+        kwargs["weights"] = {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0}
+    return build_weighting(name, SIZES, shared_params=model.backbone.parameters(), lr=0.05, steps_per_epoch=2, **kwargs)
+
+
+def _train(weighting, model, steps, first_seed=0, flags=tuple(SIZES)):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(first_seed, first_seed + steps):
+        torch.manual_seed(1000 + step)  # PCGrad's and GradDrop's draws come from the global RNG
+        losses, features = model.losses(list(flags), seed=step)
+        optimizer.zero_grad()
+        weighting.backward(losses, features, lambda loss: loss)
+        optimizer.step()
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
+    # the backbone is one shared vector w; the features are w itself, and head t's loss is a_t · w, so the
+    # Jacobian's rows are g1 = a_1 = [1, 0] and g2 = a_2 = [-1, 1] (g1 · g2 = -1: they conflict)
+    w = nn.Parameter(torch.tensor([0.3, -0.7]))
+    heads = {"pathmnist": nn.Parameter(torch.tensor([1.0, 0.0])), "breastmnist": nn.Parameter(torch.tensor([-1.0, 1.0]))}
+    weighting = build_weighting(
+        "pcgrad", {"pathmnist": 10, "breastmnist": 10}, tasks_per_step=2, shared_params=[w],
+    )
+    features = (w * 1.0).unsqueeze(0)  # 1×2
+    losses = {t: (features @ a).sum() for t, a in heads.items()}
+    weighting.backward(losses, features, lambda loss: loss)
+    # by hand: g1 - (g1·g2)/|g2|² g2 = [0.5, 0.5]; g2 - (g2·g1)/|g1|² g1 = [0, 1]; PCGrad sums them
+    assert torch.allclose(w.grad, torch.tensor([0.5, 1.5]))
+    # as weights on the rows: 2 g1 + 1.5 g2
+    weights = weighting.weights()
+    assert weights["pathmnist"].item() == pytest.approx(2.0) and weights["breastmnist"].item() == pytest.approx(1.5)
+    # each head gets its own loss's gradient, unchanged
+    assert torch.allclose(heads["pathmnist"].grad, w.detach()) and torch.allclose(heads["breastmnist"].grad, w.detach())
+
+
+def test_static_weights_follow_the_train_sizes():
+    model = Toy(SIZES)
+    expected = {
+        "none": {t: 1.0 for t in SIZES},
+        "size": {t: 546 / n for t, n in SIZES.items()},
+        "inverse_size": {t: 89996 / n for t, n in SIZES.items()},
+        "sqrt_size": {t: math.sqrt(546 / n) for t, n in SIZES.items()},
+        "manual": {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0},
+    }
+    for name, weights in expected.items():
+        weighting = _build(name, model, tasks_per_step=1)
+        _train(weighting, model, 1)
+        assert {t: w.item() for t, w in weighting.weights().items()} == pytest.approx(weights), name
+
+
+def test_uw_gives_torchjds_gradient_and_its_log_variances_move():
+    flags = list(SIZES)
+    model, reference = Toy(flags), Toy(flags)
+    weighting = _build("uw", model)
+    losses, features = model.losses(flags, seed=0)
+    weighting.backward(losses, features, lambda loss: loss)
+    # the same objective straight through torchjd's UW: sum_t 0.5 exp(-s_t) L_t + 0.5 s_t, s = 0
+    ref_losses, _ = reference.losses(flags, seed=0)
+    scalarization.UW(len(flags))(torch.stack([ref_losses[t] for t in flags])).backward()
+    assert torch.allclose(_grads(model), _grads(reference), atol=1e-7)
+    assert all(w.item() == pytest.approx(0.5) for w in weighting.weights().values())
+    # the weighting's own optimizer has already stepped the log-variances (dL/ds = 0.5 - 0.5 L != 0)
+    log_vars = weighting.state_dict()["state"]["module"]
+    assert all(abs(v.item()) > 0.01 for v in log_vars.values())
+    _train(weighting, model, 5, first_seed=1)
+    assert len({round(w.item(), 6) for w in weighting.weights().values()}) == len(flags)
+
+
+def test_famo_logits_move_and_change_the_weights():
+    model = Toy(SIZES)
+    weighting = _build("famo", model)
+    logits = weighting.method.module._w
+    assert torch.equal(logits, torch.zeros(3))
+    _train(weighting, model, 6)
+    assert logits.abs().min().item() > 1e-3
+    weights = [w.item() for w in weighting.weights().values()]
+    assert max(weights) / min(weights) > 1.01
+
+
+def test_the_fp16_scale_reaches_the_model_but_not_the_methods_parameters():
+    flags = list(SIZES)
+    plain, scaled = Toy(flags), Toy(flags)
+    a, b = _build("uw", plain), _build("uw", scaled)
+    for weighting in (a, b):  # plain SGD: Adam's steps would hide a scaled gradient
+        weighting.method.optimizer = torch.optim.SGD(weighting.method.learned, lr=1.0)
+    for model, weighting, factor in ((plain, a, 1.0), (scaled, b, 1024.0)):
+        losses, features = model.losses(flags, seed=0)
+        weighting.backward(losses, features, lambda loss, factor=factor: loss * factor)
+    assert torch.allclose(_grads(scaled), 1024.0 * _grads(plain))
+    log_vars = [torch.stack(list(w.state_dict()["state"]["module"].values())) for w in (a, b)]
+    assert torch.allclose(log_vars[0], log_vars[1])
+    assert log_vars[0].abs().min() > 0.01
+
+
+@pytest.mark.parametrize("name", ["dwa", "famo"])
+def test_methods_that_need_every_dataset_do_not_depend_on_the_steps_order(name):
+    flags = list(SIZES)
+    weightings = []
+    for order in (flags, flags[::-1]):
+        model = Toy(flags)
+        weighting = _build(name, model)
+        for step in range(5):
+            losses, features = model.losses(flags, seed=step)
+            weighting.backward({t: losses[t] for t in order}, features, lambda loss: loss)
+        weightings.append({t: w.item() for t, w in weighting.weights().items()})
+    assert weightings[0] == pytest.approx(weightings[1])
+
+
+def test_dwa_weights_follow_the_loss_ratio_of_the_last_two_epochs():
+    flags = list(SIZES)
+    model = Toy(flags)
+    weighting = _build("dwa", model)  # steps_per_epoch=2
+    _train(weighting, model, 4)
+    assert all(w.item() == pytest.approx(1.0) for w in weighting.weights().values())  # two epochs: uniform
+    dwa = weighting.method.module
+    older, newer = dwa._previous_averages
+    expected = 3 * torch.softmax((newer / older) / 2.0, dim=0)
+    _train(weighting, model, 1, first_seed=4)
+    assert torch.allclose(torch.stack(list(weighting.weights().values())), expected)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_state_survives_a_weights_only_checkpoint(name):
+    """A method resumed from its state_dict takes the same next step as the uninterrupted one."""
+    flags = list(SIZES)
+    model = Toy(flags)
+    weighting = _build(name, model)
+    _train(weighting, model, 3)
+    buffer = io.BytesIO()
+    torch.save({"weighting": weighting.state_dict(), "model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    _train(weighting, model, 2, first_seed=3)
+
+    resumed_model = Toy(flags, seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = _build(name, resumed_model)
+    resumed.load_state_dict(saved["weighting"])
+    _train(resumed, resumed_model, 2, first_seed=3)
+    assert torch.equal(_grads(resumed_model), _grads(model))
+    for t, w in weighting.weights().items():
+        assert torch.equal(resumed.weights()[t], w) or (w.isnan() and resumed.weights()[t].isnan())
+
+
+@pytest.mark.parametrize("name", [n for n in RUNNABLE if METHODS[n].kind != "static"])
+def test_every_method_trains_the_toy(name):
+    """Five steps of every method lower the mean loss of a fixed batch."""
+    flags = list(SIZES)
+    model = Toy(flags)
+    weighting = _build(name, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    before = sum(model.losses(flags, seed=99)[0].values()).item()
+    for step in range(5):
+        torch.manual_seed(step)
+        losses, features = model.losses(flags, seed=99)
+        optimizer.zero_grad()
+        weighting.backward(losses, features, lambda loss: loss)
+        optimizer.step()
+    assert sum(model.losses(flags, seed=99)[0].values()).item() < before
+    assert set(weighting.weights()) == set(flags)
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l", "rlw", "none"])
+def test_methods_that_act_per_dataset_run_one_dataset_per_step(name):
+    model = Toy(SIZES)
+    weighting = _build(name, model, tasks_per_step=1)
+    for step, flag in enumerate(SIZES):
+        losses, features = model.losses([flag], seed=step)
+        weighting.backward(losses, features, lambda loss: loss)
+        assert list(weighting.weights()) == [flag]
+
+
+def test_rlw_draws_new_weights_with_mean_one():
+    model = Toy(SIZES)
+    weighting = _build("rlw", model, tasks_per_step=1)
+    draws = []
+    losses, features = model.losses(["pathmnist"], seed=0)
+    for step in range(200):
+        losses = {"pathmnist": losses["pathmnist"].detach().requires_grad_()}
+        weighting.backward(losses, features, lambda loss: loss)
+        draws.append(weighting.weights()["pathmnist"].item())
+    assert len(set(draws)) == len(draws)
+    assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "name,tasks_per_step,setting",
+    [("famo", 1, "tasks_per_step=all"), ("dwa", 3, "tasks_per_step=all"), ("pcgrad", 1, "tasks_per_step to 2"),
+     ("stch", 1, "tasks_per_step to 2"), ("nash_mtl", 2, "tasks_per_step=all")],
+)
+def test_a_method_that_cannot_run_with_tasks_per_step_names_the_setting(name, tasks_per_step, setting):
+    with pytest.raises(MmptError, match=setting):
+        build_weighting(name, SIZES, tasks_per_step=tasks_per_step)
+
+
+def test_gradient_methods_refuse_distributed_training_and_scalarizers_accept_it():
+    with pytest.raises(MmptError, match="distributed"):
+        build_weighting("upgrad", SIZES, tasks_per_step="all", world_size=2)
+    model = Toy(SIZES)
+    for name in ("uw", "famo", "dwa", "rlw", "size"):
+        _build(name, model, world_size=2)
+
+
+def test_weighting_args_are_checked_against_the_method():
+    assert method_problems("dwa", {"temperature": 1.0}, tasks_per_step="all", num_datasets=3) == []
+    (problem,) = method_problems("dwa", {"temp": 1.0}, tasks_per_step="all", num_datasets=3)
+    assert "temp" in problem and "temperature" in problem
+    (problem,) = method_problems("mgda", {"max_iters": 2.5}, tasks_per_step="all", num_datasets=3)
+    assert "whole number" in problem
+    (problem,) = method_problems("famo", {"lr": -1.0}, tasks_per_step="all", num_datasets=3)
+    assert "> 0" in problem
+
+
+def test_manual_weights_must_name_every_trained_dataset():
+    with pytest.raises(MmptError, match="missing retinamnist.*not trained: bloodmnist"):
+        build_weighting("manual", SIZES, weights={"pathmnist": 1.0, "breastmnist": 1.0, "bloodmnist": 1.0})
+
+
+@pytest.mark.skipif(HAS_SOLVERS, reason="cvxpy is installed")
+@pytest.mark.parametrize("name", ["cagrad", "nash_mtl"])
+def test_a_method_without_its_solver_says_which_extra_to_install(name):
+    with pytest.raises(MmptError, match=r"mtl-solvers"):
+        build_weighting(name, SIZES, tasks_per_step="all")
+
+
+def test_resuming_with_another_method_is_an_error():
+    model = Toy(SIZES)
+    state = _build("uw", model).state_dict()
+    with pytest.raises(MmptError, match="loss.weighting=uw"):
+        _build("famo", model).load_state_dict(state)
+    # a checkpoint of an earlier mmpt (static weights, no method recorded) still loads
+    _build("size", model).load_state_dict({"weights": {t: 1.0 for t in SIZES}})
 
 
 def test_unknown_weighting_lists_the_valid_names():
     with pytest.raises(MmptError) as info:
         build_weighting("uncertainty", SIZES)
-    assert "none" in str(info.value) and "size" in str(info.value)
-
-
-@pytest.mark.parametrize("name", ["none", "size"])
-def test_state_survives_a_weights_only_checkpoint(name):
-    weighting = build_weighting(name, SIZES)
-    buffer = io.BytesIO()
-    torch.save(weighting.state_dict(), buffer)
-    buffer.seek(0)
-    # a resumed run rebuilds the strategy, possibly from other sizes, then loads the saved state
-    restored = build_weighting(name, {t: 1 for t in SIZES})
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
-    assert restored.weights() == weighting.weights()
+    assert "uw" in str(info.value) and "upgrad" in str(info.value)

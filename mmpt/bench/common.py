@@ -178,32 +178,15 @@ class MemorySampler:
 
 
 def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], device: torch.device) -> TrainStep:
-    """Build the model (every task's head), losses, per-head optimizers, weighting and transform of `cfg`
-    on `device`, as `mmpt.train.run` does, and return the `TrainStep` that trains them (single process)."""
-    import dataclasses
-
-    from mmpt.data.sampler import expected_updates_per_epoch
-    from mmpt.model import build_model, build_transform
-    from mmpt.optim import build_optimizers
-    from mmpt.step import TrainStep
-    from mmpt.weighting import build_weighting
+    """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
+    assemble for it (`mmpt.step.build_step`, single process), in training mode."""
+    from mmpt.model import build_model
+    from mmpt.step import build_step
 
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
-    updates_per_epoch = expected_updates_per_epoch(
-        sizes, cfg.train.batch_size, replacement=cfg.sampler.replacement, alpha=cfg.sampler.alpha,
-        steps_per_epoch=cfg.sampler.steps_per_epoch, last_batch=cfg.sampler.last_batch,
-    )
-    optimizers = build_optimizers(
-        model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
-        fused=device.type == "cuda", **dataclasses.asdict(cfg.optim),
-    )
     model.train()
-    return TrainStep(
-        model, losses, optimizers, build_weighting(cfg.loss.weighting, sizes), build_transform(cfg, model),
-        device=device, precision=cfg.train.precision, seed=cfg.train.seed,
-        channels_last=cfg.train.channels_last, compile=cfg.train.compile,
-    )
+    return build_step(cfg, model, losses, sizes, device)
 
 
 # ---------------------------------------------------------------------------------------------

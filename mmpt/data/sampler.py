@@ -1,5 +1,8 @@
 """The mm-PT batch sampler (Algorithm 1): a seeded epoch plan of (task, index batch) pairs.
 
+With several datasets per step (`tasks_per_step` k >= 2 or "all") a plan item is a list of (task, index batch)
+pairs, one per dataset of the step, in task-name order; with k = 1 items stay (task, index batch) pairs.
+
 The plan is a pure function of its arguments, so a run can resume mid-epoch by rebuilding the plan
 and skipping the steps already taken, and every DDP rank builds the same plan.
 
@@ -16,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from mmpt.config import CHOICES
+from mmpt.config import CHOICES, SamplerConfig
 from mmpt.errors import MmptError
 
 LAST_BATCH = CHOICES["sampler.last_batch"]
@@ -25,6 +28,8 @@ LAST_BATCH = CHOICES["sampler.last_batch"]
 # distinct entropy lengths alone would not separate them)
 _INTERLEAVE = 0
 _TASK = 1
+_GROUP = 2  # which datasets share a step (tasks_per_step >= 2)
+
 
 
 def _rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
@@ -123,6 +128,66 @@ def _one_pass(
     return plan
 
 
+def _group_steps(counts: dict[str, int], k: int, rng: np.random.Generator) -> list[list[str]]:
+    """Split the tasks' batch counts into steps of at most k distinct tasks, spreading each task evenly.
+
+    The pass has S = max(ceil(B / k), max_t b_t) steps (B: all batches). Step s holds task t with probability
+    r_t / R (r_t: t's batches not yet placed, R = S - s steps left), drawn by systematic sampling, which picks
+    distinct tasks with exactly these inclusion probabilities and floor or ceil of sum_t r_t / R of them. So
+    every batch is placed once, a task never waits for the end of the pass, and a step holds fewer than k
+    datasets only where the sizes leave no other way (B not a multiple of k, or one task having more
+    than B / k batches).
+    """
+    tasks = sorted(counts)
+    remaining = np.array([counts[t] for t in tasks], dtype=np.int64)
+    steps = max(math.ceil(int(remaining.sum()) / k), int(remaining.max(initial=0)))
+    groups = []
+    for s in range(steps):
+        left = steps - s
+        order = rng.permutation(len(tasks))
+        ends = np.cumsum(remaining[order])  # integer interval ends: task order[i] owns [ends[i-1], ends[i])
+        starts = ends - remaining[order]
+        offset = int(rng.integers(left))
+        # points offset + j*left; the number inside [start, end) is exact in integers (at most 1, as r_t <= left)
+        hits = -((offset - ends) // left) - -((offset - starts) // left)
+        chosen = order[hits > 0]
+        remaining[chosen] -= 1
+        groups.append(sorted(tasks[i] for i in chosen))
+    assert not remaining.any(), f"grouping left batches unplaced: {dict(zip(tasks, remaining))}"
+    return groups
+
+
+def _one_pass_grouped(
+    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, cycle: int, last_batch: str,
+    tasks_per_step: int | str,
+) -> list[list[tuple[str, np.ndarray]]]:
+    tasks = sorted(sizes)
+    batches = {
+        t: _task_batches(sizes[t], batch_size, last_batch, _rng(seed, epoch, cycle, _TASK, _task_key(t))) for t in tasks
+    }
+    tasks = [t for t in tasks if batches[t]]  # a split smaller than the batch with last_batch=drop has no step
+    if tasks_per_step == "all":
+        # every dataset in every step for max_t b_t steps: a smaller dataset starts a fresh permutation when its
+        # batches run out (LibMTL's multi-input convention), so each image is seen at least once per epoch
+        steps = max(len(batches[t]) for t in tasks)
+        for t in tasks:
+            repeat = 1
+            while len(batches[t]) < steps:
+                rng = _rng(seed, epoch, cycle, _TASK, _task_key(t), repeat)
+                batches[t] += _task_batches(sizes[t], batch_size, last_batch, rng)
+                repeat += 1
+        groups = [tasks] * steps
+    else:
+        groups = _group_steps({t: len(batches[t]) for t in tasks}, tasks_per_step, _rng(seed, epoch, cycle, _GROUP))
+    position = dict.fromkeys(tasks, 0)
+    plan = []
+    for group in groups:
+        plan.append([(t, batches[t][position[t]]) for t in group])
+        for t in group:
+            position[t] += 1
+    return plan
+
+
 def task_probabilities(sizes: dict[str, int], alpha: float = 1.0) -> dict[str, float]:
     """Return p(task) ∝ |D|^alpha (alpha=1 proportional to size, 0 uniform), in sorted task order."""
     weights = {t: float(sizes[t]) ** alpha for t in sorted(sizes)}
@@ -140,7 +205,8 @@ def epoch_plan(
     alpha: float = 1.0,
     steps_per_epoch: int | None = None,
     last_batch: str = "keep",
-) -> list[tuple[str, np.ndarray]]:
+    tasks_per_step: int | str = 1,
+) -> list:
     """Return one epoch's plan: a list of (task, int64 train indices), one item per step.
 
     Without replacement (default) each task's train split is permuted and cut into batches
@@ -157,12 +223,26 @@ def epoch_plan(
     indices of it (all of them if the split is smaller), independently of the other steps; the
     step count is `steps_per_epoch`, or the number of batches of the plan without replacement.
 
+    With `tasks_per_step` k >= 2 or "all", each item is a list of (task, indices) pairs, one per dataset of
+    the step (each a batch of `batch_size`), in task-name order. Without replacement, k >= 2 places every
+    batch of a pass exactly once in max(ceil(B / k), max_t b_t) steps of at most k distinct datasets, each
+    dataset spread evenly over the pass (see _group_steps: the few steps with fewer than k datasets are the
+    leftover policy; nothing is dropped or repeated). "all" puts every dataset in every step for max_t b_t
+    steps; a smaller dataset cycles through fresh permutations, so its images are seen more than once.
+    With replacement, each step draws min(k, T) distinct datasets with p ∝ |D|^alpha (successively, without
+    replacement among datasets; "all": every dataset), each a batch of distinct indices.
+
     Index arrays are not sorted (the loader sorts them). Same arguments give an identical plan.
     Raises MmptError for an empty `sizes` or split, `batch_size < 1`, an unknown `last_batch`,
-    a negative `alpha`, `steps_per_epoch < 1`, or a plan without any step (every split smaller
-    than `batch_size` with last_batch="drop").
+    a negative `alpha`, `steps_per_epoch < 1`, a plan without any step (every split smaller
+    than `batch_size` with last_batch="drop"), or a `tasks_per_step` that is not 1..T or "all".
     """
     _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    _validate_tasks_per_step(sizes, tasks_per_step)
+    if tasks_per_step != 1:
+        return _grouped_plan(
+            sizes, batch_size, seed, epoch, replacement, alpha, steps_per_epoch, last_batch, tasks_per_step
+        )
     steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
     if replacement:
         return _plan_with_replacement(sizes, batch_size, seed, epoch, alpha, steps)
@@ -172,6 +252,91 @@ def epoch_plan(
         plan += _one_pass(sizes, batch_size, seed, epoch, cycle, last_batch)
         cycle += 1
     return plan[:steps]
+
+
+def _validate_tasks_per_step(sizes: dict[str, int], tasks_per_step: int | str) -> None:
+    valid = tasks_per_step == "all" or (
+        isinstance(tasks_per_step, int) and not isinstance(tasks_per_step, bool) and 1 <= tasks_per_step <= len(sizes)
+    )
+    if not valid:
+        raise MmptError(
+            f"sampler.tasks_per_step must be a whole number from 1 to the number of datasets ({len(sizes)}) or all, "
+            f"got {tasks_per_step!r}"
+        )
+
+
+def grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, tasks_per_step: int | str) -> int:
+    """Steps of one pass without replacement with k >= 2 or "all" datasets per step (see epoch_plan)."""
+    _steps_per_epoch(sizes, batch_size, False, None, last_batch)  # raises when no step exists at all
+    per_task = batches_per_task(sizes, batch_size, last_batch)
+    if tasks_per_step == "all":
+        empty = [t for t, b in per_task.items() if b == 0]
+        if empty:
+            raise MmptError(
+                f"sampler.tasks_per_step=all puts every dataset in every step, but {', '.join(empty)} has fewer "
+                f"train images than the batch size {batch_size} and sampler.last_batch is drop; set "
+                "sampler.last_batch=keep or lower train.batch_size"
+            )
+        return max(per_task.values())
+    return max(math.ceil(sum(per_task.values()) / tasks_per_step), max(per_task.values()))
+
+
+def steps_in_epoch(
+    sizes: dict[str, int],
+    batch_size: int,
+    *,
+    replacement: bool = False,
+    alpha: float = 1.0,
+    steps_per_epoch: int | None = None,
+    last_batch: str = "keep",
+    tasks_per_step: int | str = 1,
+) -> int:
+    """Return the number of steps (backbone updates) of one epoch of `epoch_plan` with these arguments.
+
+    Raises MmptError like `epoch_plan`.
+    """
+    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    _validate_tasks_per_step(sizes, tasks_per_step)
+    if tasks_per_step == 1:
+        return _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
+    return steps_per_epoch or grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
+
+
+def _grouped_plan(
+    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, replacement: bool, alpha: float,
+    steps_per_epoch: int | None, last_batch: str, tasks_per_step: int | str,
+) -> list[list[tuple[str, np.ndarray]]]:
+    pass_steps = grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
+    if replacement:
+        return _grouped_plan_with_replacement(
+            sizes, batch_size, seed, epoch, alpha, steps_per_epoch or pass_steps, tasks_per_step
+        )
+    steps = steps_per_epoch or pass_steps
+    plan: list[list[tuple[str, np.ndarray]]] = []
+    cycle = 0
+    while len(plan) < steps:
+        plan += _one_pass_grouped(sizes, batch_size, seed, epoch, cycle, last_batch, tasks_per_step)
+        cycle += 1
+    return plan[:steps]
+
+
+def _grouped_plan_with_replacement(
+    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, alpha: float, steps: int,
+    tasks_per_step: int | str,
+) -> list[list[tuple[str, np.ndarray]]]:
+    probabilities = task_probabilities(sizes, alpha)
+    tasks = list(probabilities)
+    k = len(tasks) if tasks_per_step == "all" else tasks_per_step
+    rng = _rng(seed, epoch, 0, _GROUP)
+    task_rngs = {t: _rng(seed, epoch, 0, _TASK, _task_key(t)) for t in tasks}
+    plan = []
+    for _ in range(steps):
+        chosen = sorted(tasks[i] for i in rng.choice(len(tasks), size=k, replace=False, p=list(probabilities.values())))
+        plan.append([
+            (t, task_rngs[t].choice(sizes[t], size=min(sizes[t], batch_size), replace=False).astype(np.int64))
+            for t in chosen
+        ])
+    return plan
 
 
 def _plan_with_replacement(
@@ -190,9 +355,14 @@ def _plan_with_replacement(
     return plan
 
 
-def plan_batches_per_task(plan: list[tuple[str, np.ndarray]]) -> dict[str, int]:
+def step_tasks(item) -> list[str]:
+    """The datasets of one plan item: [task] for a (task, indices) pair, every task of a grouped step."""
+    return [item[0]] if isinstance(item, tuple) else [task for task, _ in item]
+
+
+def plan_batches_per_task(plan: list) -> dict[str, int]:
     """Return the number of steps each task has in `plan` (tasks without a step are absent), sorted by task."""
-    counts = Counter(task for task, _ in plan)
+    counts = Counter(task for item in plan for task in step_tasks(item))
     return {t: counts[t] for t in sorted(counts)}
 
 
@@ -203,15 +373,32 @@ def expected_updates_per_epoch(
     alpha: float = 1.0,
     steps_per_epoch: int | None = None,
     last_batch: str = "keep",
+    tasks_per_step: int | str = 1,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Return each task's head updates per epoch of `epoch_plan` with these arguments, sorted by task.
 
     Exact without replacement and without `steps_per_epoch` (or with a multiple of a full pass);
     otherwise the expectation (a truncated pass is a random prefix; with replacement each step
     picks the task with p ∝ |D|^alpha). The optimizer sizes each head's LR schedule from this.
+    With tasks_per_step != 1: exact without replacement (per pass, b_t; "all": max_t b_t), and the counts
+    of epoch 0's plan of `seed` with replacement.
     Raises MmptError like `epoch_plan`.
     """
     _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
+    if tasks_per_step != 1:
+        if replacement:
+            plan = epoch_plan(
+                sizes, batch_size, seed, 0, replacement=True, alpha=alpha, steps_per_epoch=steps_per_epoch,
+                last_batch=last_batch, tasks_per_step=tasks_per_step,
+            )
+            counts = plan_batches_per_task(plan)
+            return {t: float(counts.get(t, 0)) for t in sorted(sizes)}
+        pass_steps = grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
+        per_task = batches_per_task(sizes, batch_size, last_batch)
+        one_pass = {t: pass_steps if tasks_per_step == "all" else b for t, b in per_task.items()}
+        full_passes, rest = divmod(steps_per_epoch or pass_steps, pass_steps)
+        return {t: float(full_passes * b + rest * b / pass_steps) for t, b in one_pass.items()}
     steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
     if replacement:
         return {t: steps * p for t, p in task_probabilities(sizes, alpha).items()}
@@ -220,3 +407,11 @@ def expected_updates_per_epoch(
     full_passes, rest = divmod(steps, pass_steps)
     # the remainder is a uniformly random prefix of a pass: each task gets its share in expectation
     return {t: float(full_passes * b + rest * b / pass_steps) for t, b in per_pass.items()}
+
+
+def sampler_options(sampler: SamplerConfig) -> dict:
+    """The sampler config as the keyword arguments of `epoch_plan`, `steps_in_epoch` and the rest."""
+    return dict(
+        replacement=sampler.replacement, alpha=sampler.alpha, steps_per_epoch=sampler.steps_per_epoch,
+        last_batch=sampler.last_batch, tasks_per_step=sampler.tasks_per_step,
+    )

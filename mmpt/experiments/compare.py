@@ -13,7 +13,6 @@ sides, so a difference's interval is paired; a fixed seed gives the same resampl
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -48,6 +47,7 @@ class Prediction:
     images: int
     labels_sha256: str
     data_root: str | None
+    grade_rule: str = "argmax"  # how the ordinal grade follows from the scores (the run's loss)
 
 
 @dataclass
@@ -101,7 +101,8 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
             raise MmptError(f"{folder} has several test prediction files of {flag} ({found[flag].path.name}, "
                             f"{path.name}); keep the one of the evaluated checkpoint and remove the others")
         entry = record["datasets"][flag]
-        found[flag] = Prediction(path, int(record["resolution"]), int(entry["images"]), entry["labels_sha256"], root)
+        found[flag] = Prediction(path, int(record["resolution"]), int(entry["images"]), entry["labels_sha256"], root,
+                                 entry.get("grade_rule", "argmax"))
     return found
 
 
@@ -183,15 +184,17 @@ def read_scores(pred: Prediction) -> np.ndarray:
     return scores
 
 
-def _metric_vector(task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str]) -> np.ndarray:
+def _metric_vector(
+    task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str], grade_rule: str = "argmax"
+) -> np.ndarray:
     """Mean over the models (seeds) of each metric: len(metrics) values."""
-    values = [compute_metrics(task, labels, s, metrics) for s in scores]
+    values = [compute_metrics(task, labels, s, metrics, grade_rule) for s in scores]
     return np.array([np.mean([v[m] for v in values]) for m in metrics])
 
 
 def paired_bootstrap(
     task, labels: np.ndarray, reference: list[np.ndarray], other: list[np.ndarray] | None, metrics: list[str],
-    *, n_resamples: int, seed: int,
+    *, n_resamples: int, seed: int, grade_rules: tuple[str, str] = ("argmax", "argmax"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
 
@@ -209,11 +212,11 @@ def paired_bootstrap(
         for b in range(arrays[0].shape[1]):
             y = arrays[0][:, b, :].T[:, :width]
             s = [a[:, b, :].T for a in arrays[1:]]
-            ref = _metric_vector(task, y, s[:n_ref], metrics)
+            ref = _metric_vector(task, y, s[:n_ref], metrics, grade_rules[0])
             if other is None:
                 out.append(ref)
             else:
-                mine = _metric_vector(task, y, s[n_ref:], metrics)
+                mine = _metric_vector(task, y, s[n_ref:], metrics, grade_rules[1])
                 out.append(np.concatenate([mine, mine - ref]))
         return np.stack(out, axis=-1)
 
@@ -292,12 +295,14 @@ def compare_runs(
 
     labels = {f: read_labels(runs[0].seeds[0][f], f, data_root) for f in datasets}
     scores = [{f: [read_scores(member[f]) for member in run.seeds] for f in datasets} for run in runs]
+    # each run's ordinal grades follow its own loss's rule (CE: argmax; CORAL, CORN: the median)
+    rules = [{f: run.seeds[0][f].grade_rule for f in datasets} for run in runs]
     # per run, dataset and metric: the value of each seed, and their mean
     per_seed = [{f: {m: [] for m in metrics} for f in datasets} for _ in runs]
     for i in range(len(runs)):
         for f in datasets:
             for s in scores[i][f]:
-                for m, v in compute_metrics(TASKS[f], labels[f], s, metrics).items():
+                for m, v in compute_metrics(TASKS[f], labels[f], s, metrics, rules[i][f]).items():
                     per_seed[i][f][m].append(v)
     values = [{f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets}
               for i in range(len(runs))]
@@ -306,7 +311,7 @@ def compare_runs(
     intervals = Parallel(n_jobs=jobs)(
         delayed(paired_bootstrap)(
             TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], present[f],
-            n_resamples=n_resamples, seed=seed,
+            n_resamples=n_resamples, seed=seed, grade_rules=(rules[0][f], rules[i][f]),
         )
         for i, f in pairs
     )

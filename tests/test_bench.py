@@ -168,6 +168,10 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     assert [(t["key"], t["target"]) for t in applying] == [("engine_vs_bare", 0.90)]
     assert applying[0]["met"] == (result["engine_vs_bare"] >= 0.90)
     assert all(t["met"] is None for t in result["targets"] if not t["applies"])
+    # step time at 4 datasets per step: the reference (the static sum) is 1, the Jacobian methods positive
+    assert result["mtl"]["tasks_per_step"] == 4 and result["mtl_step_ratio.none"] == 1.0
+    assert all(math.isfinite(result[f"mtl_step_ratio.{m}"]) and result[f"mtl_step_ratio.{m}"] > 0
+               for m in ("upgrad", "pcgrad"))
     printed = capsys.readouterr().out
     assert printed.startswith("| measurement") and format_train_table(result).splitlines()[2] in printed
 

@@ -181,6 +181,11 @@ def _time(loop: Callable[[], int], device: torch.device, steps: int) -> dict:
 # the whole benchmark
 
 
+# loss weightings whose step time the benchmark compares at several datasets per step: the static sum (the
+# weighted mean's cost) and two Jacobian aggregators (one backward per dataset, then the aggregation)
+MTL_METHODS = ("none", "upgrad", "pcgrad")
+
+
 def run_train_benchmark(
     *,
     backbone: str = "resnet18",
@@ -197,6 +202,8 @@ def run_train_benchmark(
     workers: int = DataConfig.num_workers,
     deterministic: bool = False,
     workdir: str | Path | None = None,
+    mtl_methods: tuple[str, ...] = MTL_METHODS,
+    mtl_tasks_per_step: int = 4,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time the bare loop and the engine in turns, `repeats` times each; return the figures as a JSON-able dict.
@@ -277,6 +284,8 @@ def run_train_benchmark(
         wait_s = loops["engine"].wait_s
         del loops, loader  # stops the loader's workers
         bare_runs, engine_runs = runs["bare"], runs["engine"]
+        mtl = measure_mtl_steps(cfg, tasks, sizes, splits, torch_device, mtl_methods, mtl_tasks_per_step,
+                                steps=steps, warmup_steps=warmup_steps, repeats=max(3, repeats // 5), log=log)
 
     # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
     # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
@@ -303,6 +312,8 @@ def run_train_benchmark(
                          else "peak resident set of the benchmark process (ru_maxrss), both loops, workers excluded"),
         **({"bare_peak_memory_bytes": peaks["bare"], "engine_peak_memory_bytes": peaks["engine"]}
            if torch_device.type == "cuda" else {}),
+        **{f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()},
+        "mtl": mtl,
         "repeats": {"bare": bare_runs, "engine": engine_runs},
         "settings": settings,
         "machine": machine_info,
@@ -314,6 +325,39 @@ def run_train_benchmark(
     ]
     result["wall_s"] = time.perf_counter() - started
     return result
+
+
+def measure_mtl_steps(
+    cfg, tasks, sizes: dict[str, int], splits: dict, device: torch.device, methods: tuple[str, ...], k: int, *,
+    steps: int, warmup_steps: int, repeats: int, log: Callable[[str], None] = print,
+) -> dict:
+    """Step time of the engine with `k` datasets per step under each loss weighting `methods` (the first is the
+    reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}."""
+    if not methods:
+        return {"ratios": {}}
+    total = warmup_steps + repeats * steps
+    loops = {}
+    for method in methods:
+        mcfg = dataclasses.replace(
+            cfg, sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+            loss=dataclasses.replace(cfg.loss, weighting=method),
+        )
+        torch.manual_seed(cfg.train.seed)
+        step = engine_step(mcfg, tasks, sizes, device)
+        plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, 0, steps_per_epoch=total, last_batch="drop",
+                          tasks_per_step=k)
+        loops[method] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
+        for _ in range(warmup_steps):
+            loops[method]()
+    seconds = {method: [] for method in methods}
+    for _ in range(repeats):
+        for method, loop in loops.items():
+            seconds[method].append(_time(loop, device, steps)["seconds"] / steps)
+    per_step = {method: median(values) for method, values in seconds.items()}
+    ratios = {method: per_step[method] / per_step[methods[0]] for method in methods}
+    log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in methods))
+    return {"ratios": ratios, "seconds_per_step": per_step, "tasks_per_step": k, "reference": methods[0],
+            "turns": repeats}
 
 
 def _input_description(resolution: int, input_size: int) -> str:
@@ -373,6 +417,10 @@ def format_table(result: dict) -> str:
     rows.append(("engine time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"))
     rows.append(("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"))
     rows.append(("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"))
+    mtl = result["mtl"]
+    for method, ratio in mtl["ratios"].items():
+        rows.append((f"step time, {mtl['tasks_per_step']} datasets per step: {method} / {mtl['reference']}",
+                     f"{ratio:.2f}x ({mtl['seconds_per_step'][method] * 1e3:,.0f} ms)", "-", "-"))
     lines = [markdown_table(rows)]
     others = [t for t in result["targets"] if not t["applies"]]
     if others:
@@ -408,6 +456,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--workers", type=int, default=DataConfig.num_workers, help="the engine's loader workers")
     train.add_argument("--deterministic", action="store_true",
                        help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)")
+    train.add_argument("--mtl-methods", default=",".join(MTL_METHODS),
+                       help="loss weightings to time at several datasets per step, the first the reference "
+                            "(JSON mtl_step_ratio.<method>; empty to skip)")
+    train.add_argument("--mtl-tasks-per-step", type=int, default=4, help="datasets per step of that comparison")
     train.add_argument("--json", help="write the figures to this JSON file")
     train.add_argument("--workdir", help="folder for the synthetic files (kept); default a temporary one (deleted)")
 
@@ -418,7 +470,9 @@ def run_command(args: argparse.Namespace) -> int:
         backbone=args.backbone, resolution=args.resolution, input_size=args.input_size, batch_size=args.batch_size,
         steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats, precision=args.precision,
         compile=args.compile, channels_last=args.channels_last, device=args.device, workers=args.workers,
-        deterministic=args.deterministic, workdir=args.workdir, log=lambda line: print(line, file=sys.stderr),
+        deterministic=args.deterministic, workdir=args.workdir,
+        mtl_methods=tuple(m for m in args.mtl_methods.split(",") if m), mtl_tasks_per_step=args.mtl_tasks_per_step,
+        log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))
     if args.json:

@@ -145,10 +145,12 @@ def test_k_datasets_per_step_see_every_image_once_in_distinct_datasets(k):
         assert np.array_equal(np.sort(_indices(plan, task)), np.arange(n))
     tasks = [[t for t, _ in step] for step in plan]
     assert all(len(step) == len(set(step)) and 1 <= len(step) <= k and step == sorted(step) for step in tasks)
-    batches = {t: math.ceil(n / 16) for t, n in GROUPED_SIZES.items()}  # 63, 40, 19, 5, 3: 130 batches
-    assert len(plan) == max(math.ceil(130 / k), 63)
-    # leftover policy: fewer than k datasets only in the steps the sizes force (k=2: 65 steps hold all 130)
-    assert sum(len(step) < k for step in tasks) == k * len(plan) - 130
+    # each split's batches, a too-small remainder folded into its previous batch
+    batches = batches_per_task(GROUPED_SIZES, 16)
+    total, largest = sum(batches.values()), max(batches.values())
+    assert len(plan) == max(math.ceil(total / k), largest)
+    # leftover policy: fewer than k datasets only in the steps the sizes force
+    assert sum(len(step) < k for step in tasks) == k * len(plan) - total
     assert expected_updates_per_epoch(GROUPED_SIZES, 16, tasks_per_step=k) == {
         t: float(b) for t, b in sorted(batches.items())
     }

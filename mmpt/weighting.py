@@ -89,12 +89,13 @@ class StaticWeighting:
 
     def __init__(self, weights: dict[str, float]) -> None:
         self._weights = dict(weights)
+        self._as_tensors = {t: torch.tensor(w) for t, w in weights.items()}  # made once, not per step
         self._last: dict[str, Tensor] = {}
 
     def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
         total = sum(self._weights[t] * loss for t, loss in losses.items())
         scale(total).backward()
-        self._last = {t: torch.tensor(self._weights[t]) for t in losses}
+        self._last = {t: self._as_tensors[t] for t in losses}
 
     def weights(self) -> dict[str, Tensor]:
         return self._last

@@ -259,8 +259,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             if world.is_main:
                 write_json(run_dir / "val_history.json", {"history": progress.history})
             if progress.done:
-                print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs") \
-                    if progress.bad_epochs and world.is_main else None
+                if world.is_main:
+                    print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs")
                 break
         progress.done = True
         log.close()

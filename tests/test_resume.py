@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 import mmpt.step
+import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
 from mmpt.train import run
@@ -142,3 +144,43 @@ def test_resume_cli_continues_a_stopped_run(synthetic_root, tmp_path, reference,
     monkeypatch.undo()
     assert train_main(["--resume", str(out)]) == 0
     assert summary(out)["final_digest"] == reference["final_digest"]
+
+
+def test_time_based_checkpoint_bounds_what_a_crash_costs(synthetic_root, tmp_path, monkeypatch):
+    # every_minutes tiny: last.pt is due after every step (one process checks the clock each step), so a crash
+    # in step 14 keeps the 13 steps before it; with every_minutes 0, nothing is written before the epoch ends
+    for minutes, kept in ((1e-9, 13), (0, None)):
+        out = tmp_path / f"minutes{minutes}"
+        cfg = resume_config(synthetic_root, out, checkpoint={"every_minutes": minutes})
+        crash_at_step(monkeypatch, 13)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(cfg)
+        monkeypatch.undo()
+        last = out / "checkpoints" / ckpt.LAST
+        assert (ckpt.load(last)[ckpt.PROGRESS]["step"] if last.exists() else None) == kept
+
+
+@pytest.mark.parametrize("call, phase", [(1, "during validation"), (4, "during the test evaluation")])
+def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
+    synthetic_root, tmp_path, reference, monkeypatch, call, phase
+):
+    # evaluate_all runs once per epoch (3) and once for the test report: a signal arrives in its `call`-th run
+    out = tmp_path / "a run; with spaces"
+    real, calls = mmpt.train.evaluate_all, []
+
+    def signalled(*args, stop, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            stop.received = "SIGTERM"
+        return real(*args, stop=stop, **kwargs)
+
+    monkeypatch.setattr(mmpt.train, "evaluate_all", signalled)
+    with pytest.raises(mmpt.train.Stopped) as stopped:
+        run(resume_config(synthetic_root, out))
+    monkeypatch.undo()
+    # the printed command pastes into a shell as it is, whatever the folder's name
+    assert phase in str(stopped.value) and f"python train.py --resume {shlex.quote(str(out))}" in str(stopped.value)
+    assert not (out / "summary.json").exists()
+    run(resume_config(synthetic_root, out), resume=True)
+    assert summary(out)["final_digest"] == reference["final_digest"]
+    assert summary(out)["best_digest"] == reference["best_digest"]

@@ -103,9 +103,11 @@ def _write_config(cfg, path: Path) -> Path:
 def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_root, tmp_path, reference):
     out = tmp_path / "sigterm"
     cfg = resume_config(synthetic_root, out)
-    proc = _start_training(_write_config(cfg, tmp_path / "cfg.yaml"))
-    _wait_for(out / "tb", proc)
-    time.sleep(1.0)
+    # a checkpoint every 2 steps (which leaves the trajectory as it is) marks a moment inside training: the
+    # signal then arrives mid-epoch however fast the machine is
+    marked = resume_config(synthetic_root, out, checkpoint={"every_steps": 2})
+    proc = _start_training(_write_config(marked, tmp_path / "cfg.yaml"))
+    _wait_for(out / "checkpoints" / ckpt.LAST, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -84,11 +84,6 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _device(world: World) -> torch.device:
     # NCCL moves only CUDA tensors; gloo only CPU tensors
     return torch.device("cuda", torch.cuda.current_device()) if world.backend == "nccl" else torch.device("cpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import from_dict
-from mmpt.data.store import open_data
+from mmpt.data.store import evaluation_data, open_data
 from mmpt.errors import MmptError
 from mmpt.evaluation import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.model import build_model, build_transform
@@ -61,12 +61,7 @@ def evaluate_checkpoint(
             f"choose among {', '.join(t.short for t in trained)}"
         )
     data_cfg = dataclasses.replace(
-        cfg.data,
-        root=data_root or cfg.data.root,
-        cache_dir=cache_dir or (cfg.data.cache_dir if data_root is None else None),
-        eval_batch_size=batch_size or cfg.data.eval_batch_size,
-        synthetic=False,
-        download=False,
+        evaluation_data(cfg.data, data_root, cache_dir), eval_batch_size=batch_size or cfg.data.eval_batch_size
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
     data = open_data(cfg.data, tasks)

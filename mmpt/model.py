@@ -146,12 +146,6 @@ def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:
     )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP and torch.compile wrappers so state_dict keys never carry their prefixes."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def checkpoint_path(source: str | Path) -> Path:
     """A run folder means its checkpoints/best.pt; anything else is taken as a checkpoint file."""
     source = Path(source)

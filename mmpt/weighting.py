@@ -651,7 +651,8 @@ class MethodState:
         return self.method.weights()
 
     def mean_weights(self) -> dict[str, float]:
-        """Each dataset's mean effective weight over its steps since the last call (reads the device once)."""
+        """Each dataset's mean effective weight over its steps since the last call (one read per dataset, once
+        per epoch)."""
         means = {t: float(self._sums[t]) / self._counts[t] for t in self._sums}
         self._sums, self._counts = {}, {}
         return means

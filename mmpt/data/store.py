@@ -14,6 +14,7 @@ The entry's name is the source file's identity, so a replaced source file gets a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -384,6 +385,16 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def evaluation_data(data: DataConfig, root: str | None = None, cache_dir: str | None = None) -> DataConfig:
+    """A run's data config for evaluation: `root` instead of its data.root when given; the unpacked cache in
+    `cache_dir`, else the run's own cache when reading the run's own root, else the new root's default. Never
+    generated or downloaded, so a foreign checkpoint's data.synthetic or data.download cannot make it write data."""
+    return dataclasses.replace(
+        data, root=root or data.root, cache_dir=cache_dir or (data.cache_dir if root is None else None),
+        synthetic=False, download=False,
+    )
 
 
 def open_data(data: DataConfig, tasks: list[TaskSpec]) -> dict[str, TaskData]:

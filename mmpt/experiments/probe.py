@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mmpt.config import Config
-from mmpt.data.store import open_data
+from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, metrics_table, write_predictions
@@ -142,11 +142,7 @@ def cached_features(
 
 def open_eval_data(cfg: Config, tasks: list[TaskSpec], data_root: str | None, cache_dir: str | None):
     """A run's data for evaluation: never generated or downloaded (as in evaluate.py)."""
-    data_cfg = dataclasses.replace(
-        cfg.data, root=data_root or cfg.data.root,
-        cache_dir=cache_dir or (cfg.data.cache_dir if data_root is None else None),
-        synthetic=False, download=False,
-    )
+    data_cfg = evaluation_data(cfg.data, data_root, cache_dir)
     return open_data(data_cfg, tasks), data_cfg.root
 
 

@@ -277,3 +277,51 @@ def test_train_resume_refuses_a_recipe_change_in_one_line_and_leaves_the_run_as_
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert f"was trained with {key}=" in err and f"{key} cannot change mid-run" in err, err
     assert _snapshot(uw_run) == before
+
+
+# ---------------------------------------------------------------- the README and docs/
+
+REPO = CONFIGS.parent
+DOC_PAGES = ("training-and-settings", "multi-task-optimization", "experiments-and-statistics",
+             "reproducibility-and-errors", "scaling", "benchmarks", "settings")
+
+
+def _documents() -> dict[str, str]:
+    return {"README.md": (REPO / "README.md").read_text(encoding="utf-8"),
+            **{f"docs/{name}.md": (REPO / "docs" / f"{name}.md").read_text(encoding="utf-8") for name in DOC_PAGES}}
+
+
+def test_the_readme_is_short_and_links_every_docs_page_and_each_page_opens_with_an_example():
+    docs = _documents()
+    readme = docs["README.md"]
+    assert len(readme.splitlines()) <= 160
+    for name in DOC_PAGES:
+        text = docs[f"docs/{name}.md"]
+        assert f"docs/{name}.md" in readme, name
+        assert text.startswith("# "), name
+        section = text.find("\n## ")
+        assert "```bash" in text and (section == -1 or text.index("```bash") < section), f"{name}: example first"
+    for path, text in docs.items():
+        for target in re.findall(r"\]\(([^)#:]+\.md)\)", text):
+            assert (REPO / path).parent.joinpath(target).is_file(), f"{path} links to a missing {target}"
+
+
+def test_every_documented_train_command_parses_and_its_config_is_valid(monkeypatch):
+    import shlex
+
+    from mmpt.cli import build_train_config, train_parser
+
+    monkeypatch.chdir(REPO)  # recipes are named relative to the repository
+    commands = []
+    for path, text in _documents().items():
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if "train.py" in words and "--resume" not in words:
+                    commands.append((path, words[words.index("train.py") + 1:]))
+    assert len(commands) >= 15
+    for path, argv in commands:
+        try:
+            build_train_config(train_parser().parse_args(argv))
+        except MmptError as exc:
+            raise AssertionError(f"{path}: train.py {' '.join(argv)}: {exc}") from None

@@ -43,8 +43,11 @@ NAMED_FLAGS = {
     "--data-root": "data.root", "--output": "output", "--device": "train.device", "--init-from": "model.init_from",
 }
 # evaluate.py and probe flags that stand for a config key, checked as that key is
-EVALUATION_FLAGS = {"batch_size": ("--batch-size", "data.eval_batch_size"), "device": ("--device", "train.device"),
-                    "resolution": ("--resolution", "data.resolution")}
+EVALUATION_FLAGS = {
+    "batch_size": ("--batch-size", "data.eval_batch_size"), "device": ("--device", "train.device"),
+    "resolution": ("--resolution", "data.resolution"), "data_root": ("--data-root", "data.root"),
+    "cache_dir": ("--cache-dir", "data.cache_dir"), "output": ("--output", "output"),
+}
 
 
 def train_parser() -> argparse.ArgumentParser:

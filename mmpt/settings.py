@@ -162,6 +162,6 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         if "\x00" in value:  # paths and names: the OS refuses a NUL byte
             return None, "must not contain a NUL character"
         if not value.strip():  # an empty path or name would silently mean the current folder or a default
-            return None, "must not be empty (leave the key out, or null where allowed, for its default)"
+            return None, "must not be empty"
         return value, None
     raise AssertionError(f"config field type {hint} has no coercion rule")

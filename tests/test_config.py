@@ -147,10 +147,18 @@ def test_named_flags_set_their_keys():
     ("--batch-size", "data.eval_batch_size", "many", "--batch-size must be an integer, got 'many'"),
     ("--resolution", "data.resolution", "100", "--resolution must be one of 28, 64, 128, 224, got 100"),
     ("--device", "train.device", "tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("--data-root", "data.root", "", "--data-root must not be empty"),
 ])
 def test_evaluation_flags_are_checked_as_their_config_keys(flag, key, text, message):
     with pytest.raises(MmptError, match=re.escape(message)):
         parse_flag(flag, key, text)
+
+
+def test_evaluate_refuses_an_empty_data_root_in_one_line(tmp_path, capsys):
+    from mmpt.cli import evaluate_main
+
+    assert evaluate_main([str(tmp_path), "--data-root", ""]) == 2
+    assert capsys.readouterr().err == "error: --data-root must not be empty, got ''\n"
 
 
 def test_check_run_names_every_environment_problem_at_once():

@@ -12,9 +12,6 @@ from pathlib import Path
 
 from mmpt.errors import MmptError
 
-# cuBLAS reads this when CUDA starts, so it is set before torch can start CUDA (determinism: true)
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
 
 def _guarded(main, argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -39,6 +36,20 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- train
 
+# Named flags of train.py and the config key each sets; their values go through that key's validation.
+NAMED_FLAGS = {
+    "--backbone": "model.backbone", "--resolution": "data.resolution", "--datasets": "data.datasets",
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--lr": "optim.lr", "--seed": "train.seed",
+    "--data-root": "data.root", "--output": "output", "--device": "train.device", "--init-from": "model.init_from",
+}
+# evaluate.py and probe flags that stand for a config key, checked as that key is
+EVALUATION_FLAGS = {
+    "batch_size": ("--batch-size", "data.eval_batch_size"), "device": ("--device", "train.device"),
+    "resolution": ("--resolution", "data.resolution"), "data_root": ("--data-root", "data.root"),
+    "cache_dir": ("--cache-dir", "data.cache_dir"), "output": ("--output", "output"),
+}
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train.py",
@@ -46,23 +57,13 @@ def train_parser() -> argparse.ArgumentParser:
         epilog="Any other config key: --set section.key=value (e.g. --set loss.weighting=size).",
     )
     p.add_argument("--config", help="YAML recipe (deep-merged over the defaults), e.g. configs/quickstart.yaml")
-    p.add_argument("--backbone", help="alias (vit_b16, resnet18, ...) or any timm model name")
-    p.add_argument("--resolution", type=int, help="MedMNIST+ image size: 28, 64, 128 or 224")
-    p.add_argument("--datasets", help="comma-separated datasets (path,chest,...) or all; one = individual training")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="backbone learning rate (heads: optim.head_lr, default the same)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--data-root", help="folder with medmnist's npz files (default ~/.medmnist)")
-    p.add_argument("--output", help="run folder (default runs/<name>)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    for flag, key in NAMED_FLAGS.items():
+        p.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=_flag_help(key))
     p.add_argument("--download", action="store_true", help="fetch missing files through medmnist (needs network)")
     p.add_argument("--no-verify", action="store_true", help="skip the MD5 check of files with official names")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
-    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
-                   help="start from another run's backbone (and heads of shared datasets); weights only")
     series = p.add_argument_group(
         "series", "several runs with one recipe under runs/<name>/[individual/][<variant>/][seed<k>/][<dataset>/]; "
         "run the same command again to continue a stopped series")
@@ -77,28 +78,27 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_help(key: str) -> str:
+    """A named flag's help: the doc of the config key it sets (one declaration, mmpt.config)."""
+    from mmpt.config import SETTINGS
+    from mmpt.configdoc import allowed_text
+
+    return f"{SETTINGS[key].spec.doc}; {allowed_text(key)} (config key {key})".replace("%", "%%")
+
+
 def _flag_overrides(args: argparse.Namespace) -> dict:
-    """The named flags as a nested override dict (only those given)."""
-    flags = {
-        ("model", "backbone"): args.backbone,
-        ("data", "resolution"): args.resolution,
-        ("data", "datasets"): args.datasets,
-        ("data", "root"): args.data_root,
-        ("train", "epochs"): args.epochs,
-        ("train", "batch_size"): args.batch_size,
-        ("optim", "lr"): args.lr,
-        ("train", "seed"): args.seed,
-        ("train", "device"): args.device,
-        ("data", "download"): True if args.download else None,
-        ("data", "verify"): False if args.no_verify else None,
-        ("model", "init_from"): args.init_from,
-    }
+    """The named flags as a nested override dict (only those given); their text is checked as the key's value."""
+    from mmpt.config import deep_merge, nested
+
     out: dict = {}
-    for (section, key), value in flags.items():
+    for flag, key in NAMED_FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None:
-            out.setdefault(section, {})[key] = value
-    if args.output is not None:
-        out["output"] = args.output
+            out = deep_merge(out, nested(key, value))
+    if args.download:
+        out = deep_merge(out, nested("data.download", True))
+    if args.no_verify:
+        out = deep_merge(out, nested("data.verify", False))
     return out
 
 
@@ -180,7 +180,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)")
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size")
     p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
     p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
@@ -231,15 +231,25 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="probe a bare timm backbone instead of a run (untrained, or --pretrained)")
     p.add_argument("--pretrained", action="store_true", help="with --backbone: its pretrained (ImageNet) weights")
     p.add_argument("--config", help="with --backbone: the recipe for data and input (default: the defaults)")
-    p.add_argument("--resolution", type=int, help="with --backbone: the image size")
+    p.add_argument("--resolution", help="with --backbone: the image size")
     p.add_argument("--datasets", help="comma-separated subset of datasets")
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
     p.add_argument("--cache-dir", help="folder for the unpacked .npy cache")
     p.add_argument("--output", help="results folder (default RUN/probe-<method>, or runs/backbone-.../probe-<method>)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _check_evaluation_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags of EVALUATION_FLAGS as checked values of their config keys (one `error:` line naming the flag)."""
+    from mmpt.config import parse_flag
+
+    for name, (flag, key) in EVALUATION_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            setattr(args, name, parse_flag(flag, key, getattr(args, name)))
+    return args
 
 
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
@@ -266,7 +276,7 @@ def _subcommand(argv: list[str]) -> int:
 
         summarize(Path(summarize_parser().parse_args(rest).series))
         return 0
-    a = probe_parser().parse_args(rest)
+    a = _check_evaluation_flags(probe_parser().parse_args(rest))
     from mmpt.experiments.probe import probe_runs
 
     common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
@@ -288,7 +298,7 @@ def _subcommand(argv: list[str]) -> int:
 def _evaluate(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return _subcommand(argv)
-    args = evaluate_parser().parse_args(argv)
+    args = _check_evaluation_flags(evaluate_parser().parse_args(argv))
     if args.compare:
         return _compare(args)
     if not args.runs and not args.checkpoint:
@@ -300,8 +310,6 @@ def _evaluate(argv: list[str]) -> int:
     run_dir = Path(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
-    if args.batch_size is not None and args.batch_size < 1:
-        raise MmptError(f"--batch-size must be >= 1, got {args.batch_size}")
     from mmpt.runtime import Interrupted, interrupt_on_signals
 
     try:

@@ -1,200 +1,209 @@
-"""Typed, frozen configuration: defaults in dataclasses, YAML deep-merged over them, CLI overrides on top.
+"""Typed, frozen configuration: one declaration per setting, YAML deep-merged over the defaults, CLI overrides on top.
 
-Every problem (unknown key, wrong type, value out of range) is collected and raised as one MmptError
-that names each key and what it accepts.
+Each key is a dataclass field declared with `setting(...)`: its default, a one-line doc, what it accepts (the
+field's type, plus choices, bounds or a check) and whether a resume may change it. Validation, the coercion of
+`--set` and named-flag values, `--print-config`, docs/settings.md (mmpt.configdoc) and the resume policy
+(`RESUME_MAY_CHANGE`, `recipe_changes`) all read these declarations. Every problem is collected and raised as
+one MmptError naming each key and what it accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmpt.distributed import DEVICE_NAMES, device_problem
 from mmpt.errors import MmptError
-from mmpt.tasks import FLAGS, RESOLUTIONS, resolve_tasks
-from mmpt.weighting import METHODS, method_problems
+from mmpt.settings import Key, check, declared, section, setting
+from mmpt.tasks import FLAGS, RESOLUTIONS, TASKS, resolve_tasks
+from mmpt.weighting import METHODS, check_weighting, method_problems
+
+# A run name: one safe path component (no separators, not '.' or '..').
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _run_name_problem(name: str) -> str | None:
+    # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
+    if RUN_NAME.fullmatch(name) and name not in (".", ".."):
+        return None
+    return (f"must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
+            f"got {name!r}; to write elsewhere, set output (--output DIR)")
+
+
+def _datasets_problem(names: tuple[str, ...]) -> str | None:
+    try:
+        resolve_tasks(names)
+    except MmptError as exc:
+        return f"must name MedMNIST+ datasets: {exc}"
+    return None
+
+
+def _tasks_per_step_problem(k: int | str) -> str | None:
+    if k == "all" or (isinstance(k, int) and k >= 1):
+        return None
+    return f"must be a whole number from 1 to the number of datasets or all, got {k!r}"
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "~/.medmnist"  # folder with medmnist's npz files (medmnist's own default)
-    cache_dir: str | None = None  # unpacked .npy cache; None = {root}/.mmpt-cache
-    datasets: tuple[str, ...] = FLAGS
-    resolution: int = 28
-    synthetic: bool = False  # generate MedMNIST-format files with a learnable signal when absent
-    synthetic_samples: int = 256  # train images per dataset for synthetic data (val/test: a quarter)
-    download: bool = False  # fetch missing files through medmnist (needs network)
-    verify: bool = True  # check MD5 of files with medmnist's official names
-    num_workers: int = 2
-    pin_memory: bool = True
-    prefetch_factor: int = 4
-    eval_batch_size: int = 256
-    allow_changed: bool = False  # resume even if a data file differs from the one the checkpoint was trained on
+    root: str = setting("~/.medmnist", "folder with medmnist's npz files (medmnist's own default)", resume=True)
+    cache_dir: str | None = setting(None, "unpacked .npy cache; null = {root}/.mmpt-cache", resume=True)
+    datasets: tuple[str, ...] = setting(
+        FLAGS, "the datasets trained together (one: individual training)", check=_datasets_problem,
+        allowed="all, or a list of: " + ", ".join(t.short for t in TASKS.values()),
+    )
+    resolution: int = setting(28, "MedMNIST+ image size", choices=RESOLUTIONS)
+    synthetic: bool = setting(False, "generate MedMNIST-format files with a learnable signal when absent", resume=True)
+    synthetic_samples: int = setting(256, "train images per dataset for synthetic data (val/test: a quarter)", ge=8)
+    download: bool = setting(False, "fetch missing files through medmnist (needs network)", resume=True)
+    verify: bool = setting(True, "check MD5 of files with medmnist's official names", resume=True)
+    num_workers: int = setting(2, "loader worker processes (per rank)", ge=0, resume=True)
+    pin_memory: bool = setting(True, "pinned host memory for batches bound for CUDA", resume=True)
+    prefetch_factor: int = setting(4, "batches each loader worker prepares ahead", ge=1, resume=True)
+    eval_batch_size: int = setting(256, "batch size of validation and test (per rank)", ge=1, resume=True)
+    allow_changed: bool = setting(
+        False, "resume even if a data file differs from the one the checkpoint was trained on", resume=True)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    hflip: bool = False
-    vflip: bool = False
-    rotate_degrees: float = 0.0
-    random_resized_crop: bool = False
-    crop_scale_min: float = 0.8
+    hflip: bool = setting(False, "random horizontal flips")
+    vflip: bool = setting(False, "random vertical flips")
+    rotate_degrees: float = setting(0.0, "random rotation within ± this many degrees", ge=0)
+    random_resized_crop: bool = setting(False, "random resized crops")
+    crop_scale_min: float = setting(0.8, "smallest crop, as a fraction of the image area", gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class InputConfig:
-    mode: str = "pad"  # pad (Doerrich/Bachmeier protocol) | resize | native
-    pad_value: str = "normalized_zero"  # normalized_zero | black
-    interpolation: str = "bilinear"  # bilinear | bicubic
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mode: str = setting("pad", "pad: zero-pad to the model input (Doerrich/Bachmeier protocol); resize; native: "
+                        "the stored size", choices=("pad", "resize", "native"))
+    pad_value: str = setting("normalized_zero", "what input.mode pad pads with",
+                             choices=("normalized_zero", "black"))
+    interpolation: str = setting("bilinear", "how input.mode resize resamples", choices=("bilinear", "bicubic"))
+    augment: AugmentConfig = section(AugmentConfig, "batch augmentations on the training device, off by default")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # an alias (vit_b16, resnet18, ...) or any timm model name
-    pretrained: bool = False  # opt-in; needs the weights locally or network
-    img_size: int | None = None  # input side for pad/resize (ViTs are built for it); None = pretrained_cfg
-    drop_rate: float = 0.0
-    init_from: str | None = None  # run folder or .pt: start from its backbone (and heads of shared datasets)
+    backbone: str = setting("resnet18", "the shared backbone",
+                            allowed="an alias (see mmpt.model.BACKBONES: vit_b16, resnet18, ...) or any timm model name")
+    pretrained: bool = setting(False, "start from timm's pretrained weights (opt-in; needs them locally or network)")
+    img_size: int | None = setting(
+        None, "input side for pad/resize (ViTs are built for it); null = the backbone's pretrained size", ge=8)
+    drop_rate: float = setting(0.0, "dropout before the heads", ge=0, lt=1)
+    init_from: str | None = setting(
+        None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    replacement: bool = False  # False: every batch of every train split once per epoch (Algorithm 1)
-    alpha: float = 1.0  # with replacement: p(task) ~ |D|^alpha (1 proportional, 0 uniform)
-    steps_per_epoch: int | None = None  # None = the number of batches in all train splits
-    last_batch: str = "keep"  # keep | drop: the policy for a split's last partial batch
-    # datasets per step: 1 (Algorithm 1), k >= 2 distinct datasets, or all (every dataset in every step);
-    # each dataset brings a batch of train.batch_size
-    tasks_per_step: int | str = 1
+    replacement: bool = setting(
+        False, "false: every batch of every train split once per epoch (Algorithm 1); true: draw a task per step")
+    alpha: float = setting(1.0, "with replacement: p(task) ~ |D|^alpha (1 proportional, 0 uniform)", ge=0, le=50)
+    steps_per_epoch: int | None = setting(None, "null = the number of batches in all train splits", ge=1)
+    last_batch: str = setting("keep", "the policy for a split's last partial batch", choices=("keep", "drop"))
+    tasks_per_step: int | str = setting(
+        1, "datasets per step, each with a batch of train.batch_size: 1 (Algorithm 1), k distinct, or all",
+        check=_tasks_per_step_problem, allowed="1 to the number of datasets, or all")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    ordinal: str = "coral"  # ce | coral | corn: the loss of the ordinal-regression task (RetinaMNIST)
-    weighting: str = "none"  # a name of mmpt.weighting.METHODS (README: Multi-task optimization)
-    weighting_args: dict[str, float] = field(default_factory=dict)  # the method's options, e.g. {temperature: 2}
-    weights: dict[str, float] = field(default_factory=dict)  # weighting: manual: one weight per dataset
+    ordinal: str = setting("coral", "the loss of the ordinal-regression task (RetinaMNIST)",
+                           choices=("ce", "coral", "corn"))
+    weighting: str = setting("none", "how a step's losses become one backward pass (docs/multi-task-optimization.md)",
+                             choices=tuple(METHODS))
+    weighting_args: dict[str, float] = setting(
+        {}, "the weighting method's options, e.g. {temperature: 2}", allowed="a mapping of the method's options")
+    weights: dict[str, float] = setting(
+        {}, "loss.weighting manual: one weight per trained dataset", allowed="a mapping of dataset to weight >= 0")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # any timm optimizer name
-    lr: float = 1e-4  # backbone learning rate
-    head_lr: float | None = None  # None = lr
-    weight_decay: float = 0.05
-    per_head: bool = True  # False: one shared optimizer and schedule (thesis code, for ablation)
-    schedule: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 0.0  # in each parameter group's own updates per epoch
-    min_lr_ratio: float = 0.0
-    clip_grad_norm: float | None = None
+    name: str = setting("adamw", "the optimizer of the backbone and of every head",
+                        allowed="any timm optimizer name (adamw, sgd, lamb, ...)")
+    lr: float = setting(1e-4, "backbone learning rate", gt=0, resume=True)
+    head_lr: float | None = setting(None, "learning rate of the heads; null = optim.lr", gt=0, resume=True)
+    weight_decay: float = setting(0.05, "weight decay (not on 1-D parameters)", ge=0)
+    per_head: bool = setting(True, "false: one shared optimizer and schedule (thesis code, for ablation)")
+    schedule: str = setting("cosine", "learning-rate schedule, with linear warmup", choices=("cosine", "constant"),
+                            resume=True)
+    warmup_epochs: float = setting(0.0, "in each parameter group's own updates per epoch", ge=0, resume=True)
+    min_lr_ratio: float = setting(0.0, "the cosine schedule's final learning rate over its peak", ge=0, resume=True)
+    clip_grad_norm: float | None = setting(None, "clip the gradient norm to this; null = no clipping", gt=0,
+                                           resume=True)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
-    channels_last: bool = False  # channels-last memory format (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the backbone
-    patience: int | None = None  # early stopping after this many epochs without improvement
-    monitor: str = "val_loss"  # val_loss (unweighted mean over datasets, lower is better) | val_auc (mean, higher)
-    log_every_steps: int = 20
-    progress: bool = True  # tqdm bar
+    epochs: int = setting(10, "passes of the epoch plan", ge=1, resume=True)
+    batch_size: int = setting(64, "images per dataset in a step, over all processes (the global batch)", ge=1)
+    seed: int = setting(0, "seed of every random choice (np.random.seed takes 0..2**32-1)", ge=0, le=2**32 - 1)
+    device: str = setting("auto", "auto: CUDA when present, else CPU", check=device_problem,
+                          allowed=DEVICE_NAMES.replace(", ", " | ").replace(" or ", " | "), resume=True)
+    precision: str = setting("fp32", "autocast precision; fp16 with a gradient scaler", choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = setting(False, "channels-last memory format (faster convolutions on GPUs)")
+    compile: bool = setting(False, "torch.compile the backbone")
+    patience: int | None = setting(None, "early stopping after this many epochs without improvement; null = off",
+                                   ge=1, resume=True)
+    monitor: str = setting("val_loss", "val_loss (unweighted mean over datasets, lower is better) or val_auc "
+                           "(mean, higher)", choices=("val_loss", "val_auc"))
+    log_every_steps: int = setting(20, "steps between loss reads, log lines and the non-finite check", ge=1,
+                                   resume=True)
+    progress: bool = setting(True, "tqdm progress bar", resume=True)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 0  # also write last.pt every N steps (0 = only at epoch end)
-    # also write last.pt when this many minutes have passed since the last write (0 = off), checked after each
-    # step (under torchrun at each logging interval): a crash never costs more; a ViT-B/16 checkpoint with its
-    # AdamW state takes seconds to write, under 1% of 10 minutes
-    every_minutes: float = 10.0
+    every_steps: int = setting(0, "also write last.pt every N steps (0 = only at epoch end)", ge=0, resume=True)
+    # a ViT-B/16 checkpoint with its AdamW state takes seconds to write, under 1% of 10 minutes
+    every_minutes: float = setting(
+        10.0, "also write last.pt when this many minutes have passed since the last write (0 = off)", ge=0,
+        resume=True)
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "mmpt"
-    output: str | None = None  # run folder; None = runs/{name}
-    determinism: bool = True
-    data: DataConfig = field(default_factory=DataConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = setting("mmpt", "the run's name", check=_run_name_problem, resume=True)
+    output: str | None = setting(None, "run folder; null = runs/{name}", resume=True)
+    determinism: bool = setting(True, "deterministic kernels and no TF32 (false: faster, not bitwise reproducible)",
+                                resume=True)
+    data: DataConfig = section(DataConfig, "where the data is and how it is read")
+    input: InputConfig = section(InputConfig, "how a stored image becomes the model's input")
+    model: ModelConfig = section(ModelConfig, "the backbone (the heads follow the datasets)")
+    sampler: SamplerConfig = section(SamplerConfig, "the epoch plan: which datasets each step trains on")
+    loss: LossConfig = section(LossConfig, "per-task losses and how they are weighted")
+    optim: OptimConfig = section(OptimConfig, "optimizers and learning-rate schedules")
+    train: TrainConfig = section(TrainConfig, "the training loop")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "when last.pt is written besides epoch ends")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / self.name
 
 
-FLOAT32_MAX = 3.4028234663852886e38
-INT64_MAX = 2**63 - 1
-
-# A run name: one safe path component (no separators, not '.' or '..').
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-# Allowed values of string fields; the validation below names them in its messages.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "input.mode": ("pad", "resize", "native"),
-    "input.pad_value": ("normalized_zero", "black"),
-    "input.interpolation": ("bilinear", "bicubic"),
-    "sampler.last_batch": ("keep", "drop"),
-    "loss.ordinal": ("ce", "coral", "corn"),
-    "loss.weighting": tuple(METHODS),
-    "optim.schedule": ("cosine", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.monitor": ("val_loss", "val_auc"),
-}
-
-# (minimum, inclusive?) for numeric fields that have a lower bound.
-MINIMUM: dict[str, tuple[float, bool]] = {
-    "data.synthetic_samples": (8, True),
-    "data.num_workers": (0, True),
-    "data.prefetch_factor": (1, True),
-    "data.eval_batch_size": (1, True),
-    "input.augment.rotate_degrees": (0, True),
-    "input.augment.crop_scale_min": (0, False),
-    "model.img_size": (8, True),
-    "model.drop_rate": (0, True),
-    "sampler.alpha": (0, True),
-    "sampler.steps_per_epoch": (1, True),
-    "optim.lr": (0, False),
-    "optim.head_lr": (0, False),
-    "optim.weight_decay": (0, True),
-    "optim.warmup_epochs": (0, True),
-    "optim.min_lr_ratio": (0, True),
-    "optim.clip_grad_norm": (0, False),
-    "train.epochs": (1, True),
-    "train.batch_size": (1, True),
-    "train.seed": (0, True),
-    "train.patience": (1, True),
-    "train.log_every_steps": (1, True),
-    "checkpoint.every_steps": (0, True),
-    "checkpoint.every_minutes": (0, True),
-}
+# Every setting, by dotted key, in declaration order.
+SETTINGS: dict[str, Key] = declared(Config)
+# Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and the
+# learning rate and clipping (the fixes the NaN message suggests). Every other key defines the recipe.
+RESUME_MAY_CHANGE = frozenset(key for key, k in SETTINGS.items() if k.spec.resume)
+# Allowed values of the keys with choices (the transforms and the sampler name them in their errors).
+CHOICES: dict[str, tuple] = {key: k.spec.choices for key, k in SETTINGS.items() if k.spec.choices}
 
 
-# (maximum, inclusive?) where the consumer has an upper bound: a dropout probability below 1 (torch's dropout
-# takes [0, 1], and 1 zeroes every feature), a crop's scale is a fraction of the image area, np.random.seed
-# takes 0..2**32-1, and |D|**alpha must stay finite in float64 for the largest split (165,466**50 ~ 1e260).
-MAXIMUM: dict[str, tuple[float, bool]] = {
-    "model.drop_rate": (1, False),
-    "input.augment.crop_scale_min": (1, True),
-    "sampler.alpha": (50, True),
-    "train.seed": (2**32 - 1, True),
-}
+def value_of(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. value_of(cfg, "optim.lr")."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def to_dict(cfg: Any) -> Any:
@@ -203,7 +212,24 @@ def to_dict(cfg: Any) -> Any:
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, tuple):
         return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def recipe_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key outside RESUME_MAY_CHANGE whose whole value differs.
+
+    Mappings (loss.weighting_args, loss.weights) and lists are compared whole, as plain values.
+    """
+    changes = []
+    for key in SETTINGS:
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before, after = to_dict(value_of(old, key)), to_dict(value_of(new, key))
+        if before != after or type(before) is not type(after):
+            changes.append((key, before, after))
+    return changes
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -222,10 +248,13 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise MmptError(f"--set expects key.sub=value, got '{text}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    if re.fullmatch(r"\s*[+-]?0\d+\s*", raw):  # YAML 1.1 would read 010 as octal 8; a researcher means ten
+        value: Any = raw.strip()
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
     node: dict = {}
     cursor = node
     parts = key.strip().split(".")
@@ -234,6 +263,13 @@ def parse_override(text: str) -> dict:
         cursor = cursor[part]
     cursor[parts[-1]] = value
     return node
+
+
+def nested(key: str, value: Any) -> dict:
+    """{"a": {"b": value}} for key "a.b"."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -283,10 +319,11 @@ def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
 
 
 def from_dict(raw: dict) -> Config:
-    """Validate a nested dict against Config; raise one MmptError naming every problem."""
+    """Validate a nested dict against the declarations; raise one MmptError naming every problem."""
     problems: list[str] = []
     cfg = _build(Config, raw, "", problems)
-    problems += _cross_checks(cfg)
+    if not problems:
+        problems += _cross_checks(cfg)
     if problems:
         raise MmptError("invalid config: " + "; ".join(problems))
     # datasets are stored as medmnist flags in medmnist order, whatever spelling the user chose
@@ -317,136 +354,86 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
         if f.name not in raw:
             continue
         key = prefix + f.name
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, raw[f.name], key + ".", problems)
+        if "section" in f.metadata:
+            kwargs[f.name] = _build(hints[f.name], raw[f.name], key + ".", problems)
+            continue
+        value, problem = check_value(key, raw[f.name])
+        if problem:
+            problems.append(f"{key} {problem}")
         else:
-            value, error = _coerce(raw[f.name], hint)
-            if error:
-                problems.append(f"{key} {error}, got {raw[f.name]!r}")
-            else:
-                kwargs[f.name] = value
-    obj = cls(**kwargs)
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        value = getattr(obj, f.name)
-        if key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-        if key in MINIMUM and value is not None:
-            low, inclusive = MINIMUM[key]
-            if value < low or (value == low and not inclusive):
-                problems.append(f"{key} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
-        if key in MAXIMUM and value is not None:
-            high, inclusive = MAXIMUM[key]
-            if value > high or (value == high and not inclusive):
-                problems.append(f"{key} must be {'<=' if inclusive else '<'} {high:g}, got {value!r}")
-    return obj
+            kwargs[f.name] = value
+    return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
-    """Return (value converted to `hint`, None) or (None, 'must be ...')."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None, None
-        errors = []
-        for inner in [a for a in args if a is not type(None)]:
-            converted, error = _coerce(value, inner)
-            if not error:
-                return converted, None
-            errors.append(error.removeprefix("must be "))
-        return None, "must be " + " or ".join(errors + (["null"] if type(None) in args else []))
-    if origin is dict:
-        if not isinstance(value, dict):
-            return None, "must be a mapping of names to values"
-        items = {key: _coerce(v, args[1]) for key, v in value.items()}
-        errors = [f"{key} {e}" for key, (_, e) in items.items() if e]
-        if any(not isinstance(key, str) for key in value):
-            errors.append("keys must be names")
-        return (None, "entries: " + "; ".join(errors)) if errors else ({k: v for k, (v, _) in items.items()}, None)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            return None, "must be a list"
-        items = [_coerce(v, args[0]) for v in value]
-        errors = [e for _, e in items if e]
-        return (None, errors[0] + " (each item)") if errors else (tuple(v for v, _ in items), None)
-    if hint is bool:
-        return (value, None) if isinstance(value, bool) else (None, "must be true or false")
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and not -INT64_MAX <= value <= INT64_MAX:  # numpy and torch hold counts and seeds in 64 bits
-            return None, f"must be an integer within ±{INT64_MAX}"
-        return (value, None) if ok else (None, "must be an integer")
-    if hint is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string
-            try:
-                value = float(value)
-            except ValueError:
-                return None, "must be a number"
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return None, "must be a number"
-        # every float ends up in float32 tensors or optimizer arithmetic: inf, nan or overflow would only crash later
-        if not abs(float(value)) <= FLOAT32_MAX:
-            return None, f"must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.3g})"
-        return float(value), None
-    if hint is str:
-        if isinstance(value, str) and "\x00" in value:  # paths and names: the OS refuses a NUL byte
-            return None, "must not contain a NUL character"
-        return (value, None) if isinstance(value, str) else (None, "must be a string")
-    raise AssertionError(f"config field type {hint} has no coercion rule")
+def check_value(key: str, raw: Any) -> tuple[Any, str | None]:
+    """(the value converted to the key's type, None), or (None, "must be ..., got ...")."""
+    return check(SETTINGS[key], raw)
+
+
+def parse_flag(flag: str, key: str, text: str) -> Any:
+    """A command-line flag's text as the value of the config key it stands for, checked as that key is.
+
+    Raises MmptError naming the flag, e.g. `--batch-size must be >= 1, got 0`.
+    """
+    value, problem = check_value(key, text)
+    if problem:
+        raise MmptError(f"{flag} {problem}")
+    return value
 
 
 def _cross_checks(cfg: Config) -> list[str]:
-    """Checks that involve more than one field or the task registry."""
+    """Checks of one config that involve more than one key (no environment: the same result on every machine)."""
     problems = []
-    # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
-    if not RUN_NAME.fullmatch(cfg.name) or cfg.name in (".", ".."):
-        problems.append(
-            f"name must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
-            f"got {cfg.name!r}; to write elsewhere, set output (--output DIR)"
-        )
-    if cfg.data.resolution not in RESOLUTIONS:
-        problems.append(
-            f"data.resolution must be one of {', '.join(map(str, RESOLUTIONS))} (MedMNIST+ sizes), "
-            f"got {cfg.data.resolution}"
-        )
-    try:
-        resolve_tasks(cfg.data.datasets)
-    except MmptError as exc:
-        problems.append(f"data.datasets: {exc}")
     if cfg.data.synthetic and Path(cfg.data.root).expanduser() == Path(DataConfig.root).expanduser():
         problems.append(
             f"data.synthetic writes generated files under medmnist's names; give it a folder of its own "
             f"(data.root: data/synthetic), not {DataConfig.root}"
         )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
-        problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
-    problems += _multi_task_checks(cfg)
-    return problems
-
-
-def _multi_task_checks(cfg: Config) -> list[str]:
-    """sampler.tasks_per_step against the datasets, and the weighting method against both."""
-    try:
-        flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
-    except MmptError:
-        return []  # reported above
+    flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
     k = cfg.sampler.tasks_per_step
-    if k != "all" and not (isinstance(k, int) and 1 <= k <= len(flags)):
-        return [(
+    if k != "all" and k > len(flags):
+        return problems + [
             f"sampler.tasks_per_step must be a whole number from 1 to the number of datasets ({len(flags)}) or all, "
             f"got {k!r}"
-        )]
-    if cfg.loss.weighting not in METHODS:
-        return []  # reported with the choices
+        ]
     weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
-    return method_problems(
+    return problems + method_problems(
         cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k, num_datasets=len(flags),
         weights=weights, datasets=flags,
     )
+
+
+def check_run(cfg: Config, world_size: int = 1) -> None:
+    """Check what a run of `cfg` needs from this environment, once, before anything is built or written.
+
+    The backbone name (timm), the optimizer (timm, CUDA or packages it needs), the global batch against the
+    number of processes, and the weighting method under that many processes with its solvers installed.
+    Raises one MmptError naming every problem and what to do.
+    """
+    from mmpt.model import resolve_backbone
+    from mmpt.optim import check_optimizer_name
+
+    problems = []
+    # the sampler keeps every training batch at half the batch size or more, so each rank gets 2 or more images
+    if world_size > 1 and cfg.train.batch_size < 4 * world_size:
+        problems.append(
+            f"train.batch_size {cfg.train.batch_size} is the global batch, split over {world_size} processes; "
+            f"it must be at least {4 * world_size}: raise --batch-size or start fewer processes"
+        )
+    for check in (
+        lambda: resolve_backbone(cfg.model.backbone),
+        lambda: check_optimizer_name(cfg.optim.name),
+        lambda: check_weighting(  # e.g. an aggregator under DDP, or a missing solver
+            cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+            world_size=world_size, datasets=list(cfg.data.datasets), weights=cfg.loss.weights,
+        ),
+    ):
+        try:
+            check()
+        except MmptError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise MmptError("; ".join(problems))
 
 
 def config_yaml(cfg: Config) -> str:

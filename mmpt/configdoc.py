@@ -1,56 +1,42 @@
-"""The resolved config as YAML with every key's allowed values as a comment (`train.py --print-config`)."""
+"""The settings in words, from their declarations in mmpt.config: `train.py --print-config` and docs/settings.md.
+
+Regenerate the docs' table after changing a declaration: python -m mmpt.configdoc > docs/settings.md
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import types
 import typing
 
 import yaml
 
-from mmpt.config import CHOICES, MINIMUM, Config
-from mmpt.model import BACKBONES
-from mmpt.tasks import RESOLUTIONS, TASKS
+from mmpt.config import SETTINGS, Config
+from mmpt.settings import number_text
 
-# keys whose allowed values are not a type, a choice or a bound
-SPECIAL = {
-    "data.datasets": "all, or a list of: " + ", ".join(t.short for t in TASKS.values()),
-    "data.resolution": " | ".join(map(str, RESOLUTIONS)),
-    "model.backbone": "an alias (" + ", ".join(BACKBONES) + ") or any timm model name",
-    "optim.name": "any timm optimizer name (adamw, sgd, lamb, ...)",
-    "train.device": "auto | cpu | cuda | cuda:N",
-}
-_COMMENT = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+REGENERATE = "python -m mmpt.configdoc > docs/settings.md"
 
 
-def _source_comments(cls: type) -> dict[str, str]:
-    """field -> the comment written beside it in the dataclass's source."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = _COMMENT.match(line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
-def allowed_values(key: str, hint) -> str:
-    """What `key` accepts, in words, e.g. `pad | resize | native` or `integer >= 1, or null`."""
+def allowed_text(key: str) -> str:
+    """What `key` accepts, in words, e.g. `pad | resize | native` or `number >= 0 and < 1, or null`."""
+    k = SETTINGS[key]
+    hint, spec = k.hint, k.spec
     nullable = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if nullable:
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    if key in SPECIAL:
-        text = SPECIAL[key]
-    elif key in CHOICES:
-        text = " | ".join(CHOICES[key])
+    if spec.allowed:
+        text = spec.allowed
+    elif spec.choices:
+        text = " | ".join(map(str, spec.choices))
     elif hint is bool:
         text = "true | false"
     elif hint in (int, float):
-        text = "integer" if hint is int else "number"
-        if key in MINIMUM:
-            low, inclusive = MINIMUM[key]
-            text += f" {'>=' if inclusive else '>'} {low:g}"
+        bounds = []
+        if spec.low is not None:
+            bounds.append(f"{'>' if spec.low_open else '>='} {number_text(spec.low)}")
+        if spec.high is not None:
+            bounds.append(f"{'<' if spec.high_open else '<='} {number_text(spec.high)}")
+        text = ("integer" if hint is int else "number") + (" " + " and ".join(bounds) if bounds else "")
     elif hint is str:
         text = "text"
     else:
@@ -59,6 +45,8 @@ def allowed_values(key: str, hint) -> str:
 
 
 def _scalar(value) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
     return yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()[1:-1]
 
 
@@ -67,25 +55,45 @@ def annotated_yaml(cfg: Config) -> str:
     lines: list[str] = []
 
     def emit(obj, prefix: str, indent: int) -> None:
-        hints = typing.get_type_hints(type(obj))
-        comments = _source_comments(type(obj))
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            key = prefix + f.name
-            pad = "  " * indent
+            key, pad = prefix + f.name, "  " * indent
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{f.name}:")
                 emit(value, key + ".", indent + 1)
                 continue
-            if isinstance(value, tuple):
-                value = list(value)
-            note = allowed_values(key, hints[f.name])
-            comment = comments.get(f.name)
-            if comment and key in CHOICES and all(c in comment for c in CHOICES[key]):
-                note = comment  # the source comment already lists the choices, with their meaning
-            elif comment and not (key in SPECIAL and ("|" in comment or "timm" in comment)):
-                note += f"; {comment}"
-            lines.append(f"{pad}{f.name}: {_scalar(value)}  # {note}")
+            lines.append(f"{pad}{f.name}: {_scalar(value)}  # {allowed_text(key)}; {SETTINGS[key].spec.doc}")
 
     emit(cfg, "", 0)
     return "\n".join(lines) + "\n"
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every setting with its allowed values, default, whether a resume may change it, and doc."""
+    lines = [
+        "# Settings",
+        "",
+        "Generated from the declarations in `mmpt/config.py`; do not edit by hand. Regenerate with",
+        f"`{REGENERATE}` (a test fails while this file and the declarations differ).",
+        "",
+        "```bash",
+        "python train.py --print-config --config configs/quickstart.yaml   # the resolved values, annotated",
+        "python train.py --config configs/quickstart.yaml --set optim.lr=3e-4 --set input.mode=resize",
+        "```",
+        "",
+        "Set a key in a YAML recipe, with `--set section.key=value`, or with its named flag (`--epochs`, ...).",
+        "*Resume* says whether `train.py --resume` accepts a new value; every other key defines the recipe and",
+        "a resume that changes it is refused (mappings such as `loss.weighting_args` compared whole).",
+        "",
+        "| key | allowed values | default | resume | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for key, k in SETTINGS.items():
+        cells = [f"`{key}`", allowed_text(key), f"`{_scalar(k.default)}`", "may change" if k.spec.resume else "fixed",
+                 k.spec.doc]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

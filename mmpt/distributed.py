@@ -19,6 +19,17 @@ import torch.distributed as dist
 
 from mmpt.errors import MmptError
 
+# The device names train.device, evaluate.py --device and the benchmarks accept; the one definition.
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(name: object) -> str | None:
+    """What is wrong with `name` as a device name (`must be ..., got ...`), or None when it is one."""
+    if isinstance(name, str) and DEVICE_PATTERN.fullmatch(name):
+        return None
+    return f"must be {DEVICE_NAMES}, got {name!r}"
+
 
 @dataclass(frozen=True)
 class World:
@@ -73,8 +84,9 @@ def select_device(name: str) -> torch.device:
     """`auto` is CUDA when present, else CPU. Raises MmptError for another name, or a CUDA device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise MmptError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    problem = device_problem(name)
+    if problem:
+        raise MmptError(f"device {problem}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MmptError(f"device is {name} but no CUDA device is visible; use cpu (--device cpu)")
     device = torch.device(name)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mmpt import checkpoint as ckpt
 from mmpt import distributed
-from mmpt.config import Config, config_yaml, from_dict, to_dict
+from mmpt.config import Config, check_run, config_yaml, from_dict, recipe_changes, to_dict
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch
 from mmpt.data.store import TaskData, cache_location, data_changes, open_data
@@ -27,10 +27,7 @@ from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
 from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
-from mmpt.model import (
-    MultiTaskNet, build_model, check_batch_size, load_initial_weights, resolve_backbone,
-)
-from mmpt.optim import check_optimizer_name
+from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial_weights
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
 from mmpt.runtime import (
@@ -38,36 +35,6 @@ from mmpt.runtime import (
 )
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
-from mmpt.weighting import check_weighting
-
-# Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and
-# the learning rate and clipping (the fixes the NaN message suggests; the LR schedules follow the new values).
-# Every other key defines the recipe (model, input, data, sampler, loss, optimizer state, seed) and must match
-# the checkpoint. train.batch_size is the global batch: another world size with the same global batch is fine.
-RESUME_MAY_CHANGE = frozenset({
-    "name", "output", "determinism",
-    "data.root", "data.cache_dir", "data.synthetic", "data.download", "data.verify", "data.num_workers",
-    "data.pin_memory", "data.prefetch_factor", "data.eval_batch_size", "data.allow_changed",
-    "optim.lr", "optim.head_lr", "optim.schedule", "optim.warmup_epochs", "optim.min_lr_ratio", "optim.clip_grad_norm",
-    "train.epochs", "train.device", "train.patience", "train.log_every_steps", "train.progress",
-})
-
-
-def _leaf_keys(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as {"section.key": value}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaf_keys(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-# Config keys a resumed run must share with its checkpoint (every key but those above and checkpoint.*).
-RESUME_MUST_MATCH = tuple(
-    key for key in _leaf_keys(to_dict(Config())) if key not in RESUME_MAY_CHANGE and not key.startswith("checkpoint.")
-)
 
 
 @dataclass
@@ -102,18 +69,17 @@ def load_resume_checkpoint(cfg: Config) -> dict:
             f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
         )
     try:
-        saved = _leaf_keys(to_dict(from_dict(state[ckpt.CONFIG])))
+        saved = from_dict(state[ckpt.CONFIG])
     except MmptError as exc:
         raise MmptError(
             f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output"
         ) from None
-    wanted = _leaf_keys(to_dict(cfg))
-    changed = [key for key in RESUME_MUST_MATCH if saved.get(key) != wanted.get(key)]
+    changed = recipe_changes(saved, cfg)  # every key but config.RESUME_MAY_CHANGE, whole values
     if changed:
-        key = changed[0]
+        key, before, after = changed[0]
         raise MmptError(
-            f"checkpoint {path} was trained with {key}={saved.get(key)}, not {wanted.get(key)}"
-            + (f" (also {', '.join(changed[1:])} differ)" if changed[1:] else "")
+            f"checkpoint {path} was trained with {key}={before}, not {after}"
+            + (f" (also {', '.join(k for k, _, _ in changed[1:])} differ)" if changed[1:] else "")
             + f"; {key} cannot change mid-run: resume with the run's own config or start a new run with --output"
         )
     return state
@@ -140,23 +106,17 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     Raises MmptError for anything the user can fix (on every rank); Stopped after SIGINT/SIGTERM.
     """
     started = time.time()
+    configure_determinism(cfg.train.seed, cfg.determinism)  # before CUDA starts: cuBLAS reads its setting then
     world, device = distributed.init(cfg.train.device)
     run_dir = cfg.run_dir
     # everything that can fail on bad input is checked, on every rank, before the run folder is touched
     with agree_on_errors(world):
         state = load_resume_checkpoint(cfg) if resume else None
         tasks = resolve_tasks(cfg.data.datasets)
-        resolve_backbone(cfg.model.backbone)
-        check_optimizer_name(cfg.optim.name)
-        check_world(cfg, world)
-        check_weighting(  # e.g. an aggregator under DDP, or a missing solver
-            cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
-            world_size=world.world_size, datasets=[t.flag for t in tasks], weights=cfg.loss.weights,
-        )
+        check_run(cfg, world.world_size)  # backbone, optimizer, world size, weighting and its solvers
         data = open_data(cfg.data, tasks)
         if state is not None:
             check_resume_data(state, data, cfg.data.allow_changed)
-        configure_determinism(cfg.train.seed, cfg.determinism)
         model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
         check_batch_size(model, cfg.train.batch_size)
         if cfg.model.init_from and not resume:
@@ -271,16 +231,6 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             raise Stopped(f"{stop.received or 'a stop on another rank'} during the test evaluation: training is "
                           f"complete and saved; to write the test report, {resume_hint}") from None
     return table
-
-
-def check_world(cfg: Config, world: World) -> None:
-    """Raise MmptError when the global batch is too small to give every process images to train on."""
-    # the sampler keeps every training batch at half the batch size or more, so each rank gets 2 or more images
-    if world.distributed and cfg.train.batch_size < 4 * world.world_size:
-        raise MmptError(
-            f"train.batch_size {cfg.train.batch_size} is the global batch, split over {world.world_size} processes; "
-            f"it must be at least {4 * world.world_size}: raise --batch-size or start fewer processes"
-        )
 
 
 class Saver:

@@ -37,7 +37,7 @@ from mmpt.config import DataConfig, load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import epoch_plan
 from mmpt.data.store import open_data
-from mmpt.distributed import select_device
+from mmpt.distributed import DEVICE_NAMES, select_device
 from mmpt.errors import MmptError
 from mmpt.runtime import autocast, configure_determinism
 from mmpt.tasks import FLAGS, resolve_tasks
@@ -452,7 +452,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--device", default="auto", help=DEVICE_NAMES)
     train.add_argument("--workers", type=int, default=DataConfig.num_workers, help="the engine's loader workers")
     train.add_argument("--deterministic", action="store_true",
                        help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)")

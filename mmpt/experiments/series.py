@@ -254,9 +254,9 @@ def read_series(root: Path) -> dict | None:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` holds a training run (what train.py writes first, or its checkpoints)."""
+    """Whether `folder` holds a training run that reached a checkpoint (its checkpoints/, or summary.json)."""
     folder = Path(folder)
-    return any((folder / name).exists() for name in ("config.yaml", "summary.json", "checkpoints"))
+    return any((folder / name).exists() for name in ("summary.json", "checkpoints"))
 
 
 def series_of(folder: Path) -> tuple[Path, str] | None:
@@ -292,7 +292,7 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
     the recorded recipe differs, or when a member's folder holds a run of another recipe (`check_member`).
     """
     root = Path(root)
-    if is_run_folder(root):
+    if is_run_folder(root) or (root / "config.yaml").is_file():
         raise MmptError(f"{root} is a single run's folder ({', '.join(n for n in ('config.yaml', 'summary.json', 'checkpoints') if (root / n).exists())}), "
                         "and a folder is a run or a series, never both; pass --output DIR for the series")
     owner = series_of(root)

@@ -3,7 +3,8 @@
 A temp file in the target's folder is written, flushed and fsynced, moved over the target with
 `os.replace`, and the folder is fsynced so the rename itself survives a power cut. A crash at any
 moment leaves the old file or the new one, never half of either. The file gets the mode `open()` would
-give it (0666 less the umask), not the temp file's private 0600: a group can read a shared study.
+give it (0666 less the umask for a new file, the old file's mode when replacing one), not the temp
+file's private 0600: a group can read a shared study.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,9 +34,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp creates the file 0600 whatever the umask; a file open() creates gets 0666 less the umask
+        # mkstemp creates the file 0600 whatever the umask; open() gives a new file 0666 less the umask and
+        # keeps an existing file's mode
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~current_umask())
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except OSError:
+                mode = 0o666 & ~current_umask()
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

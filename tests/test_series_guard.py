@@ -354,6 +354,10 @@ def test_written_files_and_checkpoints_get_the_mode_open_gives(tmp_path, umask):
     assert want == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == want
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == want
+    # replacing a file keeps the mode its owner gave it, as open() does
+    os.chmod(tmp_path / "a.json", 0o640)
+    write_text(tmp_path / "a.json", "[]\n")
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
 
 
 def test_resume_hint_names_the_launcher(monkeypatch):

@@ -217,7 +217,7 @@ def read_scores(pred: Prediction) -> np.ndarray:
     if bad.any():
         row, column = np.argwhere(bad)[0]
         line = int(np.flatnonzero(table.index.to_numpy() == index[row])[0]) + 1
-        raise MmptError(f"{pred.path} line {line} (image {index[row]}) holds the score {scores[row, column]!r}, "
+        raise MmptError(f"{pred.path} line {line} (image {index[row]}) holds the score {float(scores[row, column])!r}, "
                         "not a probability in [0, 1]; evaluate the run again (python evaluate.py RUN)")
     return scores
 

@@ -279,7 +279,7 @@ def _check_flags(**values) -> None:
         if flag in ("metrics", "datasets") and any(not item.strip() for item in value.split(",")):
             raise MmptError(f"{name} '{value}' has an empty item; give names separated by single commas")
         if flag == "output" and Path(value).exists() and not Path(value).is_dir():
-            raise MmptError(f"{name} {value} is a file, not a folder; pass a folder for the results")
+            raise MmptError(f"{name} {value} is a file, not a folder; pass --output DIR with a folder for the results")
 
 
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,

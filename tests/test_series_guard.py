@@ -39,10 +39,11 @@ def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns)."""
+    """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns); every folder -> ("dir", 0)."""
     return {
         str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        if p.is_file() else ("dir", 0)
+        for p in sorted(folder.rglob("*"))
     } if folder.exists() else {}
 
 
@@ -119,6 +120,17 @@ def single_run_over_member(study, s):
 def series_in_run_folder(study, s):
     return train_main, ["--config", str(study[1]), "--output", str(s / "seed1"), "--seeds", "5"], [
         "single run's folder", "--output"]
+
+
+def series_missing_data(study, s):  # refused by the first run's checks: no series folder is left behind
+    (s.parent / "empty").mkdir()
+    return train_main, ["--config", str(study[1]), "--output", str(s.parent / "new"), "--seeds", "0",
+                        "--data-root", str(s.parent / "empty")], ["not found"]
+
+
+def rerun_missing_data(study, s):  # a new member refused by its checks: series.json is as it was
+    return train_main, series_cmd(study, s, "--seeds", "0,1,2,3", "--data-root", str(s.parent / "nowhere")), [
+        "not found"]
 
 
 def sweep_seed_with_seeds(study, s):
@@ -249,7 +261,8 @@ def probe_unknown_backbone(study, s):
 
 
 CASES = [changed_recipe, changed_lr, changed_member_without_record, unfinished_member_changed,
-         single_run_in_series, single_run_over_member, series_in_run_folder, sweep_seed_with_seeds,
+         single_run_in_series, single_run_over_member, series_in_run_folder, series_missing_data,
+         rerun_missing_data, sweep_seed_with_seeds,
          seed_with_seeds, sweep_output, sweep_name, sweep_neutral_key, sweep_empty_item, sweep_value_twice,
          seeds_empty, seeds_empty_item, sweep_datasets_individual, init_from_other_size, compare_jobs_zero,
          compare_negative_seed, compare_huge_bootstrap, compare_zero_bootstrap, compare_empty_metric,

@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,13 +359,39 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
     Raises MmptError before anything runs when a member would mix recipes; mmpt.train.Stopped when a run was
     stopped by SIGINT/SIGTERM (its last.pt written).
     """
-    from mmpt.io import write_json
+    from mmpt.io import json_text, write_json
+
+    if base is None:
+        return _train_variants(variants, overwrite=overwrite)
+    root = base.run_dir
+    record = check_series_folder(root, base, variants, overwrite=overwrite)
+    path = root / SERIES_FILE
+    root_existed = root.is_dir()
+    previous = path.read_bytes() if path.is_file() else None
+    times = path.stat() if previous is not None else None
+    absent = [v.cfg.run_dir for v in variants if not v.cfg.run_dir.exists()]
+    if previous is None or previous != json_text(record).encode():
+        write_json(path, record)
+    try:
+        _train_variants(variants, overwrite=overwrite)
+    except MmptError:
+        # refused before any new run folder was made (e.g. a missing data file): leave the folder as it was
+        if not any(folder.exists() for folder in absent):
+            if previous is None:
+                path.unlink(missing_ok=True)
+                if not root_existed and not any(root.iterdir()):
+                    root.rmdir()
+            elif path.read_bytes() != previous:
+                from mmpt.io import write_bytes
+
+                write_bytes(path, previous)
+                os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        raise
+
+
+def _train_variants(variants: list[Variant], *, overwrite: bool) -> None:
     from mmpt.train import run
 
-    if base is not None:
-        root = base.run_dir
-        record = check_series_folder(root, base, variants, overwrite=overwrite)
-        write_json(root / SERIES_FILE, record)
     for i, variant in enumerate(variants, 1):
         run_dir = variant.cfg.run_dir
         label = variant.path or str(run_dir)

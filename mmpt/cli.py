@@ -275,7 +275,7 @@ def _check_flags(**values) -> None:
         if flag == "jobs" and not (value >= 1 or value == -1):
             raise MmptError(f"{name} must be a number of processes >= 1, or -1 for every core, got {value}")
         if flag in ("k", "batch_size") and value < 1:
-            raise MmptError(f"{name} must be at least 1, got {value}")
+            raise MmptError(f"{name} must be >= 1, got {value}")
         if flag in ("metrics", "datasets") and any(not item.strip() for item in value.split(",")):
             raise MmptError(f"{name} '{value}' has an empty item; give names separated by single commas")
         if flag == "output" and Path(value).exists() and not Path(value).is_dir():

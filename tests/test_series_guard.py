@@ -248,7 +248,7 @@ def probe_require_complete(study, s):
 
 
 def probe_k_zero(study, s):
-    return evaluate_main, ["probe", str(s / "seed0"), "--method", "knn", "--k", "0"], ["--k", "at least 1"]
+    return evaluate_main, ["probe", str(s / "seed0"), "--method", "knn", "--k", "0"], ["--k", ">= 1", "got 0"]
 
 
 def probe_batch_zero(study, s):

@@ -217,19 +217,24 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def recipe_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every key outside RESUME_MAY_CHANGE whose whole value differs.
+def config_differences(old: Config, new: Config, may_differ: frozenset | set = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every declared key outside `may_differ` whose whole value differs.
 
     Mappings (loss.weighting_args, loss.weights) and lists are compared whole, as plain values.
     """
     changes = []
     for key in SETTINGS:
-        if key in RESUME_MAY_CHANGE:
+        if key in may_differ:
             continue
         before, after = to_dict(value_of(old, key)), to_dict(value_of(new, key))
         if before != after or type(before) is not type(after):
             changes.append((key, before, after))
     return changes
+
+
+def recipe_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """The differences a resume refuses: every key outside RESUME_MAY_CHANGE (see config_differences)."""
+    return config_differences(old, new, RESUME_MAY_CHANGE)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -55,6 +55,27 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resume_command(run_dir) -> str:
+    """What to run to continue `run_dir`: with the launcher this process was started by.
+
+    Under torchrun the hint repeats its world (nodes and processes per node; on several nodes add the
+    rendezvous options this run was started with), and says that torchrun's own failure report follows.
+    """
+    import shlex
+
+    target = f"train.py --resume {shlex.quote(str(run_dir))}"
+    if not launched_by_torchrun():
+        return f"continue with: python {target}"
+    world_size = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = world_size // max(per_node, 1)
+    launcher = f"torchrun --nproc-per-node {per_node} {target}"
+    if nodes > 1:
+        launcher = f"{launcher} on each of the {nodes} nodes, with the --nnodes and rendezvous options of this start"
+    return (f"continue with the same launcher: {launcher}; torchrun's own failure report that follows is "
+            "expected: this run stopped cleanly and is saved")
+
+
 def init(device_name: str) -> tuple[World, torch.device]:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and pick this rank's device.
 

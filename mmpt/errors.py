@@ -13,14 +13,21 @@ class MmptError(Exception):
     """
 
 
+MAX_LISTED = 40  # registries longer than this are not listed in full in an error line
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> MmptError:
     """Return an MmptError for an unknown `name`, listing close matches or all valid names."""
-    known = sorted(known)
+    known = sorted(set(known))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     if close:
         hint = f"did you mean {', '.join(close)}?"
-    else:
+    elif len(known) <= MAX_LISTED:
         hint = f"choose one of: {', '.join(known)}"
+    else:
+        # a long registry (timm's ~1,000 models) is not a line to read: point to a search of it instead
+        hint = (f"no close match among {len(known):,} names; search them, e.g. python -c \"import timm; "
+                f"print(timm.list_models('*{name[:4].lower()}*'))\"")
     return MmptError(f"unknown {kind} '{name}'; {hint}")
 
 

@@ -2,16 +2,20 @@
 
 A temp file in the target's folder is written, flushed and fsynced, moved over the target with
 `os.replace`, and the folder is fsynced so the rename itself survives a power cut. A crash at any
-moment leaves the old file or the new one, never half of either.
+moment leaves the old file or the new one, never half of either. The file gets the mode `open()` would
+give it (0666 less the umask for a new file, the old file's mode when replacing one), not the temp
+file's private 0600: a group can read a shared study.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +34,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600 whatever the umask; open() gives a new file 0666 less the umask and
+        # keeps an existing file's mode
+        if hasattr(os, "fchmod"):
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except OSError:
+                mode = 0o666 & ~current_umask()
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -39,6 +51,33 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def write_advice(exc: OSError) -> str:
+    """What to do about an OSError of a write: the cause and the fix in a few words."""
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a part of the path is a file, not a folder: pass a folder"
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
+        return "free disk space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable, or pass another one"
+    if exc.errno == errno.EISDIR:
+        return "a folder stands where the file goes: move it away"
+    return "free disk space or make the folder writable"
 
 
 def fsync_dir(folder: Path) -> None:
@@ -75,7 +114,7 @@ def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) ->
         # leave the folder as it was: no kept copy of a file that did not change
         if created_kept:
             kept.unlink(missing_ok=True)
-        raise MmptError(f"cannot write {path} ({exc.strerror or exc}); free disk space or make the folder writable") from None
+        raise MmptError(f"cannot write {path} ({exc.strerror or exc}); {write_advice(exc)}") from None
 
 
 def finite_json(value: Any) -> Any:

@@ -171,11 +171,15 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     state = ckpt.load(path)
     saved = from_dict(state[ckpt.CONFIG])
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
-    if theirs != ours or model_input_size(saved) != model_input_size(cfg):
+    # another resolution or input.mode is refused even where the weights would fit (a padded or native
+    # backbone): fine-tuning on other input is another experiment, not mm-PFT as the recipe states it
+    if theirs != ours or model_input_size(saved) != model_input_size(cfg) or (
+        saved.data.resolution, saved.input.mode) != (cfg.data.resolution, cfg.input.mode):
         raise MmptError(
-            f"model.init_from {path} holds a {theirs} backbone for {model_input_size(saved)} px inputs, but this run "
-            f"builds {ours} for {model_input_size(cfg)} px; initialise from a run with the same backbone, "
-            "resolution, input.mode and model.img_size"
+            f"model.init_from {path} holds a {theirs} backbone trained on {saved.data.resolution} px images "
+            f"(input.mode {saved.input.mode}, model input {model_input_size(saved)}), but this run builds {ours} for "
+            f"{cfg.data.resolution} px images (input.mode {cfg.input.mode}, model input {model_input_size(cfg)}); "
+            "initialise from a run with the same backbone, resolution, input.mode and model.img_size"
         )
     weights = state[ckpt.MODEL]
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}

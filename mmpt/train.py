@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +161,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     loader_kwargs = dict(batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                          pin_memory=cfg.data.pin_memory, world=world)
     val_loader = split_loader(data, "val", device, **loader_kwargs)  # built once: its workers persist
-    resume_hint = f"continue with: python train.py --resume {shlex.quote(str(run_dir))}"
+    resume_hint = distributed.resume_command(run_dir)
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:

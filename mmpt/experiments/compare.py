@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,12 @@ class Prediction:
 
 @dataclass
 class Run:
-    """A run as compared: its name and, per seed, the prediction of each dataset."""
+    """A run as compared: its name, per seed the prediction of each dataset, and the runs left out of it."""
 
     name: str
     path: Path
     seeds: list[dict[str, Prediction]]
+    left_out: list[tuple[Path, str]] = field(default_factory=list)  # unfinished or of another recipe, and why
 
     @property
     def datasets(self) -> list[str]:
@@ -106,32 +107,55 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
     return found
 
 
-def _member(folder: Path) -> dict[str, Prediction]:
+def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
+    """Whether a folder's predictions count: a training run only once finished with its series' recipe
+    (mmpt.experiments.series.member_status); evaluate.py and probe outputs always. Else noted in `left_out`."""
+    from mmpt.experiments.series import is_run_folder, member_status
+
+    if not is_run_folder(folder):
+        return True
+    why = member_status(folder)
+    if why is not None:
+        left_out.append((folder, why))
+    return why is None
+
+
+def _member(folder: Path, left_out: list[tuple[Path, str]]) -> dict[str, Prediction]:
     """One model's predictions: a run folder, or an individual folder joining its datasets' runs."""
-    if (folder / "predictions").is_dir():
+    from mmpt.experiments.series import is_run_folder
+
+    if (folder / "predictions").is_dir() or is_run_folder(folder):
+        if not _counts(folder, left_out) or not (folder / "predictions").is_dir():
+            return {}
         return read_predictions(folder / "predictions")
     member = {}
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in FLAGS):
-        if (child / "predictions").is_dir():
-            own = read_predictions(child / "predictions")
+        if ((child / "predictions").is_dir() or is_run_folder(child)) and _counts(child, left_out):
+            own = read_predictions(child / "predictions") if (child / "predictions").is_dir() else {}
             if child.name in own:
                 member[child.name] = own[child.name]
     return member
 
 
 def load_run(path: Path, name: str | None = None) -> Run:
-    """Read a single run, an individual folder or a folder of seeds; MmptError when none has predictions."""
+    """Read a single run, an individual folder or a folder of seeds; MmptError when none has predictions.
+
+    Training runs count as in `summarize` (finished, with their series' recipe); the others are named in
+    `Run.left_out` and not read.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MmptError(f"run folder {path} not found; pass folders written by train.py, evaluate.py or probe")
     seed_dirs = sorted((p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
                        key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)))
-    member = _member(path)
-    seeds = [member] if member else [m for m in map(_member, seed_dirs) if m]
-    if not seeds:
-        raise MmptError(f"{path} holds no test predictions (predictions/*_test_*.csv): pass a finished run, "
+    left_out: list[tuple[Path, str]] = []
+    member = _member(path, left_out)
+    seeds = [member] if member or left_out else [m for m in (_member(d, left_out) for d in seed_dirs) if m]
+    if not seeds or not any(seeds):
+        reason = f" ({left_out[0][0]} is {left_out[0][1]})" if left_out else ""
+        raise MmptError(f"{path} holds no test predictions of a finished run{reason}: pass a finished run, "
                         "an individual/ folder or a folder of seed<k>/ runs")
-    return Run(name or str(path), path, seeds)
+    return Run(name or str(path), path, seeds, left_out)
 
 
 def check_same_data(runs: list[Run], datasets: list[str]) -> None:
@@ -173,14 +197,28 @@ def read_labels(pred: Prediction, flag: str, data_root: str | None = None) -> np
     return labels
 
 
+SCORE_TOLERANCE = 1e-6  # float32 softmax and sigmoid outputs written as text may stray this far outside [0, 1]
+
+
 def read_scores(pred: Prediction) -> np.ndarray:
+    """N×C scores of a prediction file, sorted by image index. Raises MmptError naming the file (and the row)
+    when it is unreadable, has another number of rows, or holds a score that is not finite or outside [0, 1]."""
     try:
-        scores = pd.read_csv(pred.path, index_col=0, header=None).sort_index().to_numpy(dtype=np.float64)
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        table = pd.read_csv(pred.path, index_col=0, header=None)
+        order = np.argsort(table.index.to_numpy(), kind="stable")
+        scores = table.to_numpy(dtype=np.float64)[order]
+        index = table.index.to_numpy()[order]
+    except (OSError, ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MmptError(f"{pred.path} is not a prediction file of numbers ({reason}); evaluate the run again") from None
     if len(scores) != pred.images:
         raise MmptError(f"{pred.path} has {len(scores)} rows, not {pred.images}; evaluate the run again")
+    bad = ~np.isfinite(scores) | (scores < -SCORE_TOLERANCE) | (scores > 1 + SCORE_TOLERANCE)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        line = int(np.flatnonzero(table.index.to_numpy() == index[row])[0]) + 1
+        raise MmptError(f"{pred.path} line {line} (image {index[row]}) holds the score {float(scores[row, column])!r}, "
+                        "not a probability in [0, 1]; evaluate the run again (python evaluate.py RUN)")
     return scores
 
 
@@ -271,10 +309,13 @@ def compare_runs(
     seed: int = 0,
     data_root: str | None = None,
     jobs: int = 1,
+    require_complete: bool = False,
 ) -> dict:
     """Everything compare.json holds (see the module docstring); raises MmptError for unusable input.
 
     `jobs` processes run the bootstrap of (run, dataset) pairs in parallel (joblib); the result is the same.
+    Runs left out (unfinished, or of another recipe than their series asks) are named in "left_out_runs";
+    with `require_complete` they are an MmptError.
     """
     from joblib import Parallel, delayed
 
@@ -285,6 +326,11 @@ def compare_runs(
     if unknown or not metrics:
         raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
     runs = [load_run(p) for p in paths]
+    left_out_runs = [(folder, why) for r in runs for folder, why in r.left_out]
+    if left_out_runs and require_complete:
+        from mmpt.experiments.series import left_out_error
+
+        raise left_out_error(left_out_runs, "a compared series is not complete")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise MmptError("a run is given twice; pass each run once")
@@ -319,6 +365,7 @@ def compare_runs(
 
     out = {"reference": names[0], "metrics": metrics, "datasets": datasets,
            "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
+           "left_out_runs": {str(folder): why for folder, why in left_out_runs},
            "bootstrap": {"n_resamples": n_resamples, "confidence_level": CONFIDENCE, "method": "percentile",
                          "paired": True, "seed": seed},
            "runs": []}
@@ -373,6 +420,9 @@ def format_compare(result: dict) -> str:
              "reference with its paired interval; ± std over seeds where a run has several.", ""]
     if result["left_out"]:
         lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
+    if result.get("left_out_runs"):
+        lines += ["Runs left out of the statistics: "
+                  + "; ".join(f"{folder} ({why})" for folder, why in result["left_out_runs"].items()), ""]
     for m in result["metrics"]:
         header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
         lines += [f"## {m}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]

@@ -64,6 +64,7 @@ def probe_scores(task: TaskSpec, make, train: tuple, others: list[np.ndarray]) -
 
 def classifier_factory(method: str, *, k: int = 11, c: float = 1.0, n_train: int = 0):
     if method == "knn":
+        # fit_probe has said so when k exceeds the training images
         return lambda: KNeighborsClassifier(n_neighbors=min(k, n_train), metric="cosine")
     return lambda: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
 
@@ -75,6 +76,9 @@ def fit_probe(
     train = (features["train"], labels["train"])
     n_train = len(labels["train"])
     if method == "knn":
+        if k > n_train:
+            print(f"note: {task.flag} has {n_train} training images, fewer than --k {k}: its k-NN probe uses "
+                  f"k={n_train} (recorded in probe.json)")
         (test,) = probe_scores(task, classifier_factory("knn", k=k, n_train=n_train), train, [features["test"]])
         return test, {"k": min(k, n_train)}
     best = None
@@ -166,6 +170,8 @@ def probe(
         raise MmptError(f"unknown probe method '{method}'; choose linear or knn")
     if k < 1:
         raise MmptError(f"--k must be at least 1, got {k}")
+    if batch_size is not None and batch_size < 1:
+        raise MmptError(f"--batch-size must be at least 1, got {batch_size}")
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
     configure_determinism(cfg.train.seed, cfg.determinism)
@@ -187,21 +193,32 @@ def probe(
     return table
 
 
-def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwargs) -> list[Path]:
-    """Probe every trained run at or under `source` (a run, an individual folder, a folder of seeds).
+def probe_runs(
+    source: Path, *, method: str, output: Path | None = None, require_complete: bool = False, **kwargs
+) -> list[Path]:
+    """Probe every finished run at or under `source` (a run, an individual folder, a folder of seeds).
 
+    Runs count as in `summarize` and `compare` (mmpt.experiments.series.series_runs): an unfinished run, or
+    one of another recipe than its series asks, is named and left out (an MmptError with `require_complete`).
     Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as
-    it reads the runs. Raises MmptError when `source` holds no checkpoints/best.pt.
+    it reads the runs. Raises MmptError when `source` holds no finished run with checkpoints/best.pt.
     """
+    from mmpt.experiments.series import left_out_error, left_out_line, series_runs
+
     source = Path(source)
+    if not source.is_dir():
+        raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
     output = Path(output) if output else source / f"probe-{method}"
-    leaves = sorted(
-        p.parent.parent for p in source.rglob("checkpoints/best.pt")
-        if not any(part.startswith("probe-") for part in p.relative_to(source).parts)
-    )
+    finished, left_out = series_runs(source)
+    if left_out and require_complete:
+        raise left_out_error(left_out, f"the runs in {source} are not all finished")
+    leaves = [p for p in finished if (p / "checkpoints" / "best.pt").is_file()]
     if not leaves:
-        raise MmptError(f"{source} holds no trained run (checkpoints/best.pt); pass a run folder, "
-                        "or --backbone NAME for an untrained or ImageNet reference")
+        raise MmptError(f"{source} holds no finished run (summary.json, checkpoints/best.pt)"
+                        + (f" ({left_out_line(left_out, source)})" if left_out else "")
+                        + "; pass a finished run folder, or --backbone NAME for an untrained or ImageNet reference")
+    if left_out:
+        print(left_out_line(left_out, source))
     written = []
     for leaf in leaves:
         model, cfg = load_backbone(leaf)

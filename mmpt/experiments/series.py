@@ -7,6 +7,12 @@ Layout under the series folder (the config's run folder, runs/<name>/), each par
 A series is resumable: a run with summary.json is finished and skipped, one with checkpoints/last.pt
 continues from it exactly (as `train.py --resume` does), the others start. At the end `summarize` writes
 sweep.{md,csv,json,png} into the series folder.
+
+The series folder records in series.json the recipe it was asked for and each member's resolved config.
+A rerun checks them before anything starts: a finished member trained with another recipe, or an unfinished
+one that `--resume` would refuse, is a one-line error. `summarize`, `compare` and `probe` count a member
+only once it is finished and trained with the recipe series.json records for it (`series_runs`,
+`member_status`); the others are named and left out.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmpt.config import Config, deep_merge, from_dict, to_dict
+from mmpt.config import SETTINGS, Config, config_differences, deep_merge, from_dict, to_dict
 from mmpt.errors import MmptError
 from mmpt.report import COLUMNS
 from mmpt.tasks import FLAGS
@@ -30,6 +37,17 @@ SEED_DIR = re.compile(r"seed(\d+)")
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 # folders inside a series that hold no runs of it
 NOT_RUNS = ("checkpoints", "tb", "predictions", "eval", "features")
+SERIES_FILE = "series.json"
+
+# Keys that say where and how a run goes but not what it computes: a finished run may differ from the
+# recipe asked for in these alone (checkpoint.* too), and a sweep over them would train identical runs.
+# The resume-may-change keys that do change results (optim.lr, train.epochs, ...) are not among them.
+RESULT_NEUTRAL = frozenset({
+    "name", "output", "determinism",
+    "data.root", "data.cache_dir", "data.synthetic", "data.download", "data.verify", "data.num_workers",
+    "data.pin_memory", "data.prefetch_factor", "data.eval_batch_size", "data.allow_changed",
+    "train.device", "train.log_every_steps", "train.progress",
+}) | {key for key in SETTINGS if key.startswith("checkpoint.")}
 
 
 @dataclass(frozen=True)
@@ -41,23 +59,53 @@ class Variant:
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
-    """`KEY=V1,V2[,...]` -> (KEY, [V1, V2, ...]), each value read as YAML (so 1e-3, true, none work)."""
+    """`KEY=V1,V2[,...]` -> (KEY, [V1, V2, ...]), each value read as YAML (so 1e-3, true, none work).
+
+    Raises MmptError for a missing key, an empty value (`a,,b`, a trailing comma) or a value given twice.
+    """
     key, sep, raw = text.partition("=")
-    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
-    if not sep or not key.strip() or not values:
+    items = [v.strip() for v in raw.split(",")]
+    if not sep or not key.strip() or not raw.strip():
         raise MmptError(f"--sweep expects KEY=V1,V2 (e.g. loss.weighting=none,size), got '{text}'")
+    if "" in items:
+        raise MmptError(f"--sweep {text} has an empty value; give each value once, separated by single commas "
+                        "(e.g. loss.weighting=none,size)")
+    values = []
+    for item in items:
+        try:
+            values.append(yaml.safe_load(item))
+        except yaml.YAMLError:
+            raise MmptError(f"--sweep {text}: '{item}' is not a value; quote it or give a number, true/false or a word") from None
+    if len(set(items)) != len(items):
+        raise MmptError(f"--sweep {text} names a value twice; give each value once")
     return key.strip(), values
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`0,1,2` -> [0, 1, 2]; anything else is an MmptError."""
+    """`0,1,2` -> [0, 1, 2]; an empty item, a repeated seed or a non-integer is an MmptError."""
+    items = [s.strip() for s in text.split(",")]
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in items]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise MmptError(f"--seeds expects distinct non-negative integers such as 0,1,2, got '{text}'")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > 2**32 - 1:
+        raise MmptError(f"--seeds expects distinct integers 0..4294967295 separated by single commas, such as "
+                        f"0,1,2, got '{text}'")
     return seeds
+
+
+def check_sweep_keys(sweeps: list[tuple[str, list]], *, individual: bool, seeds: list[int] | None) -> None:
+    """Raise MmptError for a sweep over a key the series sets itself or that does not change what a run computes."""
+    for key, _ in sweeps:
+        if key in ("name", "output") or key.startswith("checkpoint.") or key in RESULT_NEUTRAL:
+            raise MmptError(f"--sweep {key}: {key} does not change what a run computes, so every variant would "
+                            "train the same model; sweep a key of the recipe (e.g. loss.weighting, optim.lr)")
+        if key == "train.seed" and seeds is not None:
+            raise MmptError("--sweep train.seed and --seeds both set the seed; give the seeds once, with --seeds")
+        if key == "data.datasets" and individual:
+            raise MmptError("--sweep data.datasets with --individual: the individual series sets each run's "
+                            "dataset; restrict them with --datasets instead")
+
 
 
 def _slug(text: str) -> str:
@@ -103,10 +151,12 @@ def plan_series(
                 raw = base
                 for key, value in assignments:
                     raw = _set(raw, key, value)
+                # a swept model.init_from is the source of that variant (seed<k> of it with --seeds)
+                init_from = raw.get("model", {}).get("init_from") if isinstance(raw.get("model"), dict) else None
                 raw = deep_merge(raw, {
                     "name": _slug("-".join([cfg.name, *parts])),
                     "output": str(root.joinpath(*parts)),
-                    "model": {"init_from": _init_source(cfg.model.init_from, seed)},
+                    "model": {"init_from": _init_source(init_from, seed)},
                 })
                 if seed is not None:
                     raw = deep_merge(raw, {"train": {"seed": seed}})
@@ -117,6 +167,11 @@ def plan_series(
                 except MmptError as exc:
                     where = f" (--sweep {', '.join(f'{k}={v}' for k, v in assignments)})" if assignments else ""
                     raise MmptError(f"{exc}{where}") from None
+    paths = [v.path for v in variants]
+    twice = next((p for p in paths if paths.count(p) > 1), None)
+    if twice is not None:
+        raise MmptError(f"two variants of the sweep would share the folder {twice}; give values that differ "
+                        "in letters, digits, '.', '_' or '-'")
     return variants
 
 
@@ -132,11 +187,189 @@ def _set(raw: dict, key: str, value) -> dict:
     return deep_merge(raw, node)
 
 
-def run_series(variants: list[Variant], *, overwrite: bool = False) -> None:
-    """Train every variant in turn, skipping finished runs and continuing interrupted ones.
+# ---------------------------------------------------------------- the recipe of a series and of its runs
 
-    Raises mmpt.train.Stopped when a run was stopped by SIGINT/SIGTERM (its last.pt written).
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _first_difference(diffs: list[tuple[str, object, object]]) -> tuple[str, str]:
+    diffs = sorted(diffs, key=lambda d: d[0])
+    key, old, new = diffs[0]
+    more = f" (also {', '.join(k for k, _, _ in diffs[1:])})" if diffs[1:] else ""
+    return key, f"{key}={_show(old)}, not {_show(new)}{more}"
+
+
+def read_run_config(folder: Path) -> Config:
+    """The resolved config a run folder records (config.yaml); MmptError when it is missing or unreadable."""
+    path = Path(folder) / "config.yaml"
+    try:
+        return from_dict(yaml.safe_load(path.read_text()) or {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, MmptError, AttributeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MmptError(f"{path} is not a config written by train.py ({reason}); pass --overwrite to train the run "
+                        "again, or --output DIR for a new folder") from None
+
+
+def _recorded_config(raw: object, where: Path) -> Config:
+    try:
+        return from_dict(raw)
+    except (MmptError, AttributeError, TypeError):
+        raise MmptError(f"{where} holds a config this mmpt cannot read; pass --overwrite to start the series "
+                        "again, or --output DIR for a new one") from None
+
+
+def read_series(root: Path) -> dict | None:
+    """series.json of a series folder ({"recipe": config, "members": {path: config}}), or None without one."""
+    from mmpt.io import read_json
+
+    path = Path(root) / SERIES_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path, "it was written by train.py's series; restore it, or pass --overwrite to start again")
+    if not (isinstance(record, dict) and isinstance(record.get("members"), dict)
+            and isinstance(record.get("recipe"), dict)):
+        raise MmptError(f"{path} is not a series record written by train.py; restore it, or pass --overwrite")
+    return record
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a training run that reached a checkpoint (its checkpoints/, or summary.json)."""
+    folder = Path(folder)
+    return any((folder / name).exists() for name in ("summary.json", "checkpoints"))
+
+
+def series_of(folder: Path) -> tuple[Path, str] | None:
+    """(series folder, member path) when `folder` lies in a series folder (series.json above it), else None."""
+    folder = Path(folder).absolute()
+    for parent in folder.parents:
+        if (parent / SERIES_FILE).is_file():
+            return parent, folder.relative_to(parent).as_posix()
+    return None
+
+
+def check_single_run_folder(run_dir: Path, *, resume: bool) -> None:
+    """Refuse to start a single run in a series folder, or in the folder of a series' member (resume is fine)."""
+    run_dir = Path(run_dir)
+    if (run_dir / SERIES_FILE).is_file():
+        raise MmptError(f"{run_dir} is a series folder ({SERIES_FILE}), and a folder is a run or a series, never "
+                        "both; pass --output DIR for this run, or run the series command again to continue it")
+    owner = series_of(run_dir)
+    if owner is not None and not resume:
+        root, member = owner
+        record = read_series(root)
+        if record is not None and member in record["members"]:
+            raise MmptError(f"{run_dir} is run {member} of the series in {root}; run the series command again to "
+                            "continue it (or --resume an interrupted run), or pass --output DIR for a new run")
+
+
+def check_series_folder(root: Path, base: Config, variants: list[Variant], *, overwrite: bool) -> dict:
+    """Check, before anything runs, that the series may train in `root`; return the series.json to write.
+
+    A series folder holds one recipe: a rerun with another one (a key other than the series' own axes
+    and RESULT_NEUTRAL) is refused unless --overwrite, and then the earlier recipe's runs stop being
+    members. Raises MmptError (one line, the folder untouched) when `root` is a single run's folder, when
+    the recorded recipe differs, or when a member's folder holds a run of another recipe (`check_member`).
     """
+    root = Path(root)
+    if is_run_folder(root) or (root / "config.yaml").is_file():
+        raise MmptError(f"{root} is a single run's folder ({', '.join(n for n in ('config.yaml', 'summary.json', 'checkpoints') if (root / n).exists())}), "
+                        "and a folder is a run or a series, never both; pass --output DIR for the series")
+    owner = series_of(root)
+    if owner is not None:
+        raise MmptError(f"{root} lies inside the series folder {owner[0]}; pass --output DIR outside it")
+    record = read_series(root) if root.is_dir() else None
+    members = {}
+    if record is not None:
+        # the datasets are an axis too: an individual series restricted by --datasets shares the folder
+        diffs = config_differences(_recorded_config(record["recipe"], root / SERIES_FILE), base,
+                                   RESULT_NEUTRAL | {"data.datasets"})
+        if diffs and not overwrite:
+            key, text = _first_difference(diffs)
+            raise MmptError(f"the series in {root} was trained with {text} as asked now; {key} is part of the "
+                            "recipe: pass --overwrite to train the series again with it, or --output DIR for a "
+                            "new series")
+        if not diffs:
+            members = dict(record["members"])
+    for variant in variants:
+        check_member(variant, overwrite=overwrite)
+        members[variant.path] = to_dict(variant.cfg)
+    return {"recipe": to_dict(base), "members": members}
+
+
+def check_member(variant: Variant, *, overwrite: bool) -> str:
+    """What a rerun does with one member: "finished", "resume" or "start"; MmptError when that would mix recipes.
+
+    A finished member must have been trained with the recipe asked for (RESULT_NEUTRAL keys aside); an
+    unfinished one with last.pt follows --resume's rule (mmpt.train.RESUME_MAY_CHANGE may differ).
+    """
+    from mmpt import checkpoint as ckpt
+    from mmpt.config import RESUME_MAY_CHANGE
+
+    run_dir = variant.cfg.run_dir
+    if (run_dir / SERIES_FILE).is_file():
+        raise MmptError(f"{run_dir} is a series folder, where this series trains its run {variant.path}; "
+                        "pass --output DIR for the series")
+    if overwrite:
+        return "start"
+    advice = "pass --overwrite to train it again with the recipe asked for, or --output DIR for a new series"
+    if (run_dir / "summary.json").is_file():
+        diffs = config_differences(read_run_config(run_dir), variant.cfg, RESULT_NEUTRAL)
+        if diffs:
+            _, text = _first_difference(diffs)
+            raise MmptError(f"finished run {run_dir} was trained with {text} as this series asks; {advice}")
+        return "finished"
+    last = run_dir / "checkpoints" / ckpt.LAST
+    if last.is_file():
+        saved = ckpt.load(last).get(ckpt.CONFIG)
+        diffs = config_differences(_recorded_config(saved, last), variant.cfg, RESUME_MAY_CHANGE)
+        if diffs:
+            key, text = _first_difference(diffs)
+            raise MmptError(f"interrupted run {run_dir} was trained with {text} as this series asks; {key} cannot "
+                            f"change mid-run: {advice}")
+        return "resume"
+    return "start"
+
+
+def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config | None = None) -> None:
+    """Check every member (see check_series_folder), record series.json, then train each variant in turn,
+    skipping finished runs and continuing interrupted ones.
+
+    Raises MmptError before anything runs when a member would mix recipes; mmpt.train.Stopped when a run was
+    stopped by SIGINT/SIGTERM (its last.pt written).
+    """
+    from mmpt.io import json_text, write_json
+
+    if base is None:
+        return _train_variants(variants, overwrite=overwrite)
+    root = base.run_dir
+    record = check_series_folder(root, base, variants, overwrite=overwrite)
+    path = root / SERIES_FILE
+    root_existed = root.is_dir()
+    previous = path.read_bytes() if path.is_file() else None
+    times = path.stat() if previous is not None else None
+    absent = [v.cfg.run_dir for v in variants if not v.cfg.run_dir.exists()]
+    if previous is None or previous != json_text(record).encode():
+        write_json(path, record)
+    try:
+        _train_variants(variants, overwrite=overwrite)
+    except MmptError:
+        # refused before any new run folder was made (e.g. a missing data file): leave the folder as it was
+        if not any(folder.exists() for folder in absent):
+            if previous is None:
+                path.unlink(missing_ok=True)
+                if not root_existed and not any(root.iterdir()):
+                    root.rmdir()
+            elif path.read_bytes() != previous:
+                from mmpt.io import write_bytes
+
+                write_bytes(path, previous)
+                os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        raise
+
+
+def _train_variants(variants: list[Variant], *, overwrite: bool) -> None:
     from mmpt.train import run
 
     for i, variant in enumerate(variants, 1):
@@ -151,21 +384,84 @@ def run_series(variants: list[Variant], *, overwrite: bool = False) -> None:
         run(variant.cfg, resume=resume, overwrite=overwrite or not resume)
 
 
-# ---------------------------------------------------------------- summary of a series
+# ---------------------------------------------------------------- what a series holds
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Finished runs (folders with summary.json and metrics.json) at or under `root`, sorted."""
+def member_status(folder: Path) -> str | None:
+    """None when the training run in `folder` counts in statistics, else why not (a phrase for the output).
+
+    A run counts once finished (summary.json and metrics.json), and, inside a series folder, only as a member
+    that series.json records and only when trained with the recipe recorded for it (RESULT_NEUTRAL aside).
+    """
+    folder = Path(folder)
+    if not (folder / "summary.json").is_file() or not (folder / "metrics.json").is_file():
+        return "unfinished"
+    owner = series_of(folder)
+    if owner is None:
+        return None
+    root, member = owner
+    record = read_series(root)
+    if member not in record["members"]:
+        return f"not a run of the series recorded in {root / SERIES_FILE}"
+    diffs = config_differences(_recorded_config(record["members"][member], root / SERIES_FILE),
+                               read_run_config(folder), RESULT_NEUTRAL)
+    if diffs:
+        key, old, new = sorted(diffs, key=lambda d: d[0])[0]
+        return f"trained with {key}={_show(new)}, the series asks for {_show(old)}"
+    return None
+
+
+def _skipped(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root).parts
+    return any(part in NOT_RUNS or part.startswith("probe-") for part in rel)
+
+
+def series_runs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(finished runs, [(run, why left out)]) at or under `root`, each sorted: the one definition of what a
+    series holds, for summarize, compare and probe. Members that series.json records but that never started
+    are left out as "not started"."""
     root = Path(root)
-    found = []
-    for summary in sorted(root.rglob("summary.json")):
-        folder = summary.parent
-        rel = folder.relative_to(root).parts
-        if any(part in NOT_RUNS or part.startswith("probe-") for part in rel):
+    found = {p.parent for name in ("config.yaml", "summary.json") for p in root.rglob(name)
+             if not _skipped(p.parent, root)}
+    found |= {p.parent.parent for p in root.rglob("checkpoints/last.pt") if not _skipped(p.parent.parent, root)}
+    series_root = root if (root / SERIES_FILE).is_file() else (series_of(root) or (None,))[0]
+    if series_root is not None:
+        for member in read_series(series_root)["members"]:
+            folder = series_root / member
+            if folder == root or root in folder.parents:
+                found.add(folder)
+    finished, left_out = [], []
+    for folder in sorted(found):
+        if not folder.exists():
+            left_out.append((folder, "not started"))
             continue
-        if (folder / "metrics.json").is_file():
-            found.append(folder)
-    return found
+        why = member_status(folder)
+        if why is None:
+            finished.append(folder)
+        else:
+            left_out.append((folder, why))
+    return finished, left_out
+
+
+def left_out_error(left_out: list[tuple[Path, str]], what: str) -> MmptError:
+    """The --require-complete error: names the first run left out and how many there are."""
+    folder, why = left_out[0]
+    more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
+    return MmptError(f"{what}: {folder} is {why}{more}; finish the series (run its command again), or drop "
+                     "--require-complete to use the finished runs only")
+
+
+def left_out_line(left_out: list[tuple[Path, str]], root: Path | None = None) -> str:
+    """One line naming the runs left out of the statistics, and why."""
+    def name(p: Path) -> str:
+        try:
+            return p.relative_to(root).as_posix() if root is not None else str(p)
+        except ValueError:
+            return str(p)
+    return "left out of the statistics: " + "; ".join(f"{name(p)} ({why})" for p, why in left_out)
+
+
+# ---------------------------------------------------------------- summary of a series
 
 
 def group_runs(root: Path, runs: list[Path]) -> dict[str, dict[int | None, dict[str, dict[str, float]]]]:
@@ -197,20 +493,28 @@ def _stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "values": finite}
 
 
-def summarize(root: Path, quiet: bool = False) -> dict:
+def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -> dict:
     """Write sweep.{json,csv,md,png} for the finished runs under `root`; return the sweep.json content.
 
     Per variant: per dataset each metric's mean ± std over seeds, and the mean over datasets (per seed,
-    then over seeds). Raises MmptError when `root` holds no finished run.
+    then over seeds). Only runs that `series_runs` counts enter; the others are named (sweep.json's
+    "left_out", a line of sweep.md). Raises MmptError when `root` holds no finished run, or with
+    `require_complete` when a run is left out.
     """
     from mmpt.metrics import mean_metrics
     from mmpt.plots import plot_grouped_bars
     from mmpt.io import write_json, write_text
 
     root = Path(root)
-    runs = find_runs(root)
+    if not root.is_dir():
+        raise MmptError(f"series folder {root} not found; pass the folder a series command wrote (runs/<name>)")
+    runs, left_out = series_runs(root)
+    if left_out and require_complete:
+        raise left_out_error(left_out, f"the series in {root} is not complete")
     if not runs:
-        raise MmptError(f"no finished run (with summary.json) under {root}; train the series first (train.py ... )")
+        raise MmptError(f"no finished run (with summary.json) under {root}"
+                        + (f" ({left_out_line(left_out, root)})" if left_out else "")
+                        + "; train the series first (train.py ... )")
     groups = group_runs(root, runs)
     summary = {}
     for variant, per_seed in groups.items():
@@ -227,9 +531,10 @@ def summarize(root: Path, quiet: bool = False) -> dict:
             if any(m in means for means in seed_means):
                 entry["mean"][m] = _stats([means.get(m) for means in seed_means])
         summary[variant] = entry
-    write_json(root / "sweep.json", {"variants": summary})
+    skipped = {p.relative_to(root).as_posix() or ".": why for p, why in left_out}
+    write_json(root / "sweep.json", {"variants": summary, "left_out": skipped})
     _write_sweep_csv(root / "sweep.csv", summary)
-    markdown = format_sweep(summary)
+    markdown = format_sweep(summary) + (f"\n{left_out_line(left_out, root)}\n" if left_out else "")
     write_text(root / "sweep.md", markdown)
     bars = {
         variant: {f: _interval(s["auc"]) for f, s in entry["datasets"].items() if "auc" in s}
@@ -239,7 +544,7 @@ def summarize(root: Path, quiet: bool = False) -> dict:
     if not quiet:
         print(markdown)
         print(f"written: {root / 'sweep.md'}, sweep.csv, sweep.json, sweep.png")
-    return {"variants": summary}
+    return {"variants": summary, "left_out": skipped}
 
 
 def _interval(stats: dict) -> tuple[float, float, float]:

@@ -18,7 +18,7 @@ import yaml
 
 from mmpt.errors import MmptError
 from mmpt.tasks import FLAGS, RESOLUTIONS, resolve_tasks
-from mmpt.weighting import METHODS, method_problems
+from mmpt.mtl import METHODS, method_problems
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class LossConfig:
     ordinal: str = "coral"  # ce | coral | corn: the loss of the ordinal-regression task (RetinaMNIST)
-    weighting: str = "none"  # a name of mmpt.weighting.METHODS (README: Multi-task optimization)
+    weighting: str = "none"  # a name of mmpt.mtl.METHODS (README: Multi-task optimization)
     weighting_args: dict[str, float] = field(default_factory=dict)  # the method's options, e.g. {temperature: 2}
     weights: dict[str, float] = field(default_factory=dict)  # weighting: manual: one weight per dataset
 
@@ -286,7 +286,8 @@ def from_dict(raw: dict) -> Config:
     """Validate a nested dict against Config; raise one MmptError naming every problem."""
     problems: list[str] = []
     cfg = _build(Config, raw, "", problems)
-    problems += _cross_checks(cfg)
+    # loss.weights that failed to parse are reported once, not again as missing
+    problems += _cross_checks(cfg, weights_valid=not any(p.startswith("loss.weights ") for p in problems))
     if problems:
         raise MmptError("invalid config: " + "; ".join(problems))
     # datasets are stored as medmnist flags in medmnist order, whatever spelling the user chose
@@ -399,7 +400,7 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     raise AssertionError(f"config field type {hint} has no coercion rule")
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def _cross_checks(cfg: Config, weights_valid: bool = True) -> list[str]:
     """Checks that involve more than one field or the task registry."""
     problems = []
     # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
@@ -424,11 +425,11 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
-    problems += _multi_task_checks(cfg)
+    problems += _multi_task_checks(cfg, weights_valid)
     return problems
 
 
-def _multi_task_checks(cfg: Config) -> list[str]:
+def _multi_task_checks(cfg: Config, weights_valid: bool = True) -> list[str]:
     """sampler.tasks_per_step against the datasets, and the weighting method against both."""
     try:
         flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
@@ -444,8 +445,8 @@ def _multi_task_checks(cfg: Config) -> list[str]:
         return []  # reported with the choices
     weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
     return method_problems(
-        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k, num_datasets=len(flags),
-        weights=weights, datasets=flags,
+        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k,
+        weights=weights if weights_valid else None, datasets=flags,
     )
 
 

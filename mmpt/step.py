@@ -26,7 +26,7 @@ from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
 from mmpt.optim import Optimizers, build_optimizers
 from mmpt.runtime import autocast
-from mmpt.weighting import Weighting, build_weighting
+from mmpt.mtl import MethodState, build_weighting
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""
@@ -45,7 +45,7 @@ class TrainStep:
         model: MultiTaskNet,
         losses: dict[str, TaskLoss],
         optimizers: Optimizers,
-        weighting: Weighting,
+        weighting: MethodState,
         transform: DeviceTransform,
         *,
         device: torch.device,

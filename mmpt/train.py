@@ -38,7 +38,7 @@ from mmpt.runtime import (
 )
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
-from mmpt.weighting import check_weighting
+from mmpt.mtl import check_weighting
 
 # Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and
 # the learning rate and clipping (the fixes the NaN message suggests; the LR schedules follow the new values).

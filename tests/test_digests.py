@@ -15,10 +15,7 @@ from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS
 from mmpt.train import run
 
-try:
-    from mmpt.mtl import METHODS, missing_solvers
-except ImportError:  # before the mtl package existed
-    from mmpt.weighting import METHODS, missing_solvers
+from mmpt.mtl import METHODS, missing_solvers
 
 # unequal train sizes, so that size, inverse_size and sqrt_size give different weights
 SIZES = {"pneumoniamnist": 24, "retinamnist": 40, "breastmnist": 56}

@@ -12,7 +12,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
 from mmpt.errors import MmptError
 from mmpt.train import run
-from mmpt.weighting import ALL, METHODS, STATIC, missing_solvers
+from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method of the issue this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and

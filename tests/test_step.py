@@ -17,7 +17,7 @@ from mmpt.model import build_model, build_transform
 from mmpt.optim import build_optimizers
 from mmpt.step import TrainStep
 from mmpt.tasks import resolve_tasks
-from mmpt.weighting import build_weighting
+from mmpt.mtl import build_weighting
 
 MMPT_DIR = str(Path(mmpt.__file__).parent)
 

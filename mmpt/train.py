@@ -21,7 +21,7 @@ from mmpt import checkpoint as ckpt
 from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import TaskData, cache_location, data_changes, open_data
 from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
@@ -166,7 +166,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
     model.to(device)
-    step = build_step(cfg, model, losses, sizes, device, world)
+    sampler = Sampler.from_config(sizes, cfg)
+    step = build_step(cfg, model, losses, sampler, device, world)
     optimizers, weighting = step.optimizers, step.weighting
     progress = Progress(world_size=world.world_size)
     if state is not None:
@@ -193,7 +194,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
         write_json(run_dir / "env.json", {**environment(device, cfg.determinism), "world_size": world.world_size},
                    keep_previous_as=keep)
-        print(describe(cfg, model, sizes, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
+        print(describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
         if state is not None:
             print(resumed_line(state[ckpt.PROGRESS], world))
 
@@ -207,7 +208,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:
                 break
-            plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_options(cfg.sampler))
+            plan = sampler.plan(epoch)
             loader = plan_loader(
                 {f: d.splits["train"] for f, d in data.items()}, plan, start=progress.position,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
@@ -429,15 +430,14 @@ def test_report(
     return table
 
 
-def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, world: World, data_cache: Path) -> str:
+def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: World, data_cache: Path) -> str:
     """The run's opening lines: what will be trained, on what input, where and how."""
-    batches = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
-    steps = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
+    sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
     lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
     per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
-    per_step = "" if cfg.sampler.tasks_per_step == 1 else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
+    per_step = "" if not sampler.grouped else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
     lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
                  f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
     lines.append(f"loss weighting: {cfg.loss.weighting}"

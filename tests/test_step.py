@@ -11,7 +11,7 @@ import torch
 import mmpt
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
 from mmpt.model import build_model, build_transform
 from mmpt.optim import build_optimizers
@@ -36,11 +36,11 @@ def make_step(root: Path, precision: str = "fp32"):
     torch.manual_seed(0)
     model, losses = build_model(cfg, tasks)
     sizes = {f: len(d.splits["train"]) for f, d in data.items()}
-    optimizers = build_optimizers(model.backbone, dict(model.heads), expected_updates_per_epoch(sizes, 16), epochs=1,
+    optimizers = build_optimizers(model.backbone, dict(model.heads), Sampler(sizes, 16).updates_per_task, epochs=1,
                                   lr=0.003, clip_grad_norm=1.0)
     step = TrainStep(model, losses, optimizers, build_weighting("size", sizes), build_transform(cfg, model),
                      device=torch.device("cpu"), precision=precision)
-    loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, epoch_plan(sizes, 16, 0, 0), num_workers=0)
+    loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, Sampler(sizes, 16).plan(0), num_workers=0)
     return step, model, loader
 
 

@@ -41,7 +41,7 @@ from mmpt.bench.common import (
     work_folder, write_result, write_synthetic_files, yes,
 )
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import SplitData, open_task
 from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from mmpt.errors import MmptError
@@ -136,7 +136,7 @@ def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, worke
 def mmpt_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, seed: int = 0):
     """mmpt's loader over the store's memory-mapped train split of `task`: each step a list of one `Part`."""
     split = open_task(root, TASKS[task], resolution).splits["train"]
-    plan = epoch_plan({task: len(split)}, batch_size, seed=seed, epoch=0)
+    plan = Sampler({task: len(split)}, batch_size, seed).plan(0)
     return plan_loader({task: split}, plan, num_workers=workers, seed=seed)
 
 
@@ -223,7 +223,7 @@ def memory_scenario(
     with RssAnon + RssShmem), batches and samples. Meant to run in a fresh process (see measure_memory).
     """
     shape = np.load(path, mmap_mode="r").shape
-    plan = epoch_plan({MEMORY_TASK: shape[0]}, batch_size, seed=0, epoch=0)
+    plan = Sampler({MEMORY_TASK: shape[0]}, batch_size).plan(0)
     gc.collect()
     baseline, baseline_rss = pss_anon_shmem(os.getpid()), rss_anon_shmem(os.getpid())
     batches = 0
@@ -286,7 +286,7 @@ def measure_data_wait(
 
     split = _memory_split(path, in_ram=False)
     steps = warmup_steps + timed_steps
-    plan = epoch_plan({MEMORY_TASK: len(split)}, batch_size, seed=0, epoch=0)
+    plan = Sampler({MEMORY_TASK: len(split)}, batch_size).plan(0)
     assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
     cfg = load_config(overrides=[{
         "data": {"datasets": [MEMORY_TASK]}, "model": {"backbone": backbone, "img_size": input_size},

@@ -11,7 +11,9 @@ averaged explicitly in one all-reduce; the heads not in the step take no part at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -25,8 +27,17 @@ from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
 from mmpt.optim import Optimizers, build_optimizers
-from mmpt.runtime import autocast
 from mmpt.mtl import MethodState, build_weighting
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16 or fp16 when asked for, else a no-op context."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
+
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""

@@ -21,16 +21,15 @@ from mmpt.data.sampler import Sampler
 from mmpt.data.store import cache_location, open_data
 from mmpt.distributed import World, agree_on_errors, broadcast_buffers
 from mmpt.errors import MmptError
-from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
+from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
 from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial_weights, resolve_backbone
 from mmpt.mtl import check_weighting
 from mmpt.optim import check_optimizer_name
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
-from mmpt.runtime import (
-    Interrupted, StopSignal, configure_determinism, environment, lock_run_dir, prepare_run_dir,
-)
+from mmpt.rundir import lock_run_dir, prepare_run_dir
+from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
 from mmpt.trainlog import Log, describe, resumed_line

@@ -39,7 +39,8 @@ from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.runtime import autocast, configure_determinism
+from mmpt.runtime import configure_determinism
+from mmpt.step import autocast
 from mmpt.tasks import FLAGS, resolve_tasks
 
 BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
@@ -56,7 +57,7 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 
 @dataclass(frozen=True)
 class Target:
-    """A target of the issue: `key` must reach `least` when the run's settings match `applies`."""
+    """A performance target: `key` must reach `least` when the run's settings match `applies`."""
 
     key: str
     least: float
@@ -395,7 +396,7 @@ def _check_settings(
 
 
 def format_table(result: dict) -> str:
-    """The figures and the issue's targets as a Markdown table: measurement | value | target | met?"""
+    """The figures and their targets as a Markdown table: measurement | value | target | met?"""
     s = result["settings"]
     rows = [("measurement", "value", "target", "met?")]
     medians = result["img_s_median_over_turns"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import tiny_config
+from conftest import tiny_config
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS

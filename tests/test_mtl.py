@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import summary, tiny_config
+from conftest import summary, tiny_config
 
 import mmpt.step
 from mmpt import checkpoint as ckpt

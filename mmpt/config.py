@@ -22,7 +22,7 @@ from mmpt.distributed import DEVICE_NAMES, device_problem
 from mmpt.errors import MmptError
 from mmpt.settings import Key, check, declared, section, setting
 from mmpt.tasks import FLAGS, RESOLUTIONS, TASKS, resolve_tasks
-from mmpt.weighting import METHODS, check_weighting, method_problems
+from mmpt.mtl import METHODS, check_weighting, method_problems
 
 # A run name: one safe path component (no separators, not '.' or '..').
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -403,7 +403,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         ]
     weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
     return problems + method_problems(
-        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k, num_datasets=len(flags),
+        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k,
         weights=weights, datasets=flags,
     )
 
@@ -425,7 +425,7 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
             f"train.batch_size {cfg.train.batch_size} is the global batch, split over {world_size} processes; "
             f"it must be at least {4 * world_size}: raise --batch-size or start fewer processes"
         )
-    for check in (
+    for run_check in (
         lambda: resolve_backbone(cfg.model.backbone),
         lambda: check_optimizer_name(cfg.optim.name),
         lambda: check_weighting(  # e.g. an aggregator under DDP, or a missing solver
@@ -434,7 +434,7 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
         ),
     ):
         try:
-            check()
+            run_check()
         except MmptError as exc:
             problems.append(str(exc))
     if problems:

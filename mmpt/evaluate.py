@@ -10,7 +10,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.config import from_dict
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.errors import MmptError
-from mmpt.evaluation import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
+from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.model import build_model, build_transform
 from mmpt.plots import plot_loss_curves
 from mmpt.report import format_table, read_history, write_metrics

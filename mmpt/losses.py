@@ -1,9 +1,9 @@
-"""One loss per task type, and the head each loss needs.
+"""One loss per task type.
 
-A loss knows how many logits its head must produce (`num_outputs`), which head module to build
-(`head`), how to turn logits into the N×K class scores medmnist's metrics expect (`scores`), and,
-for single-label tasks, into the predicted class or grade (`grades`, used for MAE and kappa of the
-ordinal task).
+A loss knows how many logits its head must produce (`num_outputs`), which head module the model builds for it
+(`head`, a key of `model.HEADS`), how to turn logits into the N×K class scores medmnist's metrics expect
+(`scores`), and by which rule the ordinal task's grade follows from those scores (`grade_rule`, read by
+`metrics.predicted_grades` for MAE and kappa).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmpt.errors import lookup
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskSpec
@@ -23,7 +23,7 @@ class TaskLoss(Protocol):
     """What the training loop and evaluation need from a task's loss."""
 
     num_outputs: int  # logits the head must produce
-    head: str  # a key of HEADS: which head module the model must build
+    head: str  # a key of model.HEADS: which head module the model must build
     grade_rule: str  # how a predicted grade follows from the K scores (metrics.predicted_grades)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -34,9 +34,6 @@ class TaskLoss(Protocol):
         """N×K class scores in medmnist's convention (softmax, sigmoid or class probabilities)."""
         ...
 
-    def grades(self, logits: Tensor) -> Tensor:
-        """N int64 predicted classes (single-label tasks): argmax for CE, the rank rule for CORAL/CORN."""
-        ...
 
 
 class CrossEntropyLoss:
@@ -55,8 +52,6 @@ class CrossEntropyLoss:
     def scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)
 
-    def grades(self, logits: Tensor) -> Tensor:
-        return logits.argmax(dim=-1)
 
 
 class MultiLabelBCELoss:
@@ -74,8 +69,6 @@ class MultiLabelBCELoss:
     def scores(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()
 
-    def grades(self, logits: Tensor) -> Tensor:
-        raise AssertionError("a multi-label task has no single predicted class; use scores")
 
 
 class CoralLoss:
@@ -99,9 +92,6 @@ class CoralLoss:
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid())
 
-    def grades(self, logits: Tensor) -> Tensor:
-        """Cao et al.'s rule: the number of thresholds k with P(y > k) > 0.5."""
-        return (logits.sigmoid() > 0.5).sum(dim=1)
 
 
 class CornLoss:
@@ -132,9 +122,6 @@ class CornLoss:
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid().cumprod(dim=1))
 
-    def grades(self, logits: Tensor) -> Tensor:
-        """Shi et al.'s rule: the number of thresholds k with P(y > k) > 0.5 (P from the chained conditionals)."""
-        return (logits.sigmoid().cumprod(dim=1) > 0.5).sum(dim=1)
 
 
 def class_probabilities(above: Tensor) -> Tensor:
@@ -174,39 +161,3 @@ def build_loss(task: TaskSpec, ordinal: str = "coral") -> TaskLoss:
     else:
         factory = lookup("task type", LOSSES, task.task_type)
     return factory(task.num_classes)
-
-
-class CoralHead(nn.Module):
-    """CORAL's rank-consistent head: one shared weight vector and K−1 ordered biases; N×(K−1) logits."""
-
-    def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_features, 1, bias=False)
-        # descending biases start the cumulative probabilities P(y > k) ordered, as in coral-pytorch
-        self.bias = nn.Parameter(torch.arange(num_classes - 1, 0, -1).float() / (num_classes - 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x) + self.bias  # N×1 + (K−1) -> N×(K−1)
-
-
-def _linear_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
-    return nn.Linear(in_features, num_outputs)
-
-
-def _coral_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
-    assert num_outputs == num_classes - 1, f"a CORAL head has K-1={num_classes - 1} outputs, not {num_outputs}"
-    return CoralHead(in_features, num_classes)
-
-
-HEADS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "linear": _linear_head,
-    "coral": _coral_head,
-}
-
-
-def build_head(kind: str, in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
-    """Return the head module `kind` ("linear" or "coral") mapping in_features to num_outputs logits.
-
-    Raises MmptError for an unknown kind, listing the valid names.
-    """
-    return lookup("head", HEADS, kind)(in_features, num_outputs, num_classes)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mmpt.config import Config
 from mmpt.data.transforms import DeviceTransform
-from mmpt.errors import MmptError, unknown_name
-from mmpt.losses import TaskLoss, build_head, build_loss
+from mmpt.errors import MmptError, lookup, unknown_name
+from mmpt.losses import TaskLoss, build_loss
 from mmpt.tasks import TaskSpec
 
 # Short names researchers use; any other timm model name works as it is.
@@ -73,6 +74,42 @@ def create_backbone(
             f"could not load pretrained weights for {timm_name} ({str(exc).splitlines()[0][:160]}); "
             "put them in the Hugging Face cache (HF_HOME) or set model.pretrained: false"
         ) from None
+
+
+class CoralHead(nn.Module):
+    """CORAL's rank-consistent head: one shared weight vector and K−1 ordered biases; N×(K−1) logits."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 1, bias=False)
+        # descending biases start the cumulative probabilities P(y > k) ordered, as in coral-pytorch
+        self.bias = nn.Parameter(torch.arange(num_classes - 1, 0, -1).float() / (num_classes - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + self.bias  # N×1 + (K−1) -> N×(K−1)
+
+
+def _linear_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    return nn.Linear(in_features, num_outputs)
+
+
+def _coral_head(in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    assert num_outputs == num_classes - 1, f"a CORAL head has K-1={num_classes - 1} outputs, not {num_outputs}"
+    return CoralHead(in_features, num_classes)
+
+
+HEADS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "linear": _linear_head,
+    "coral": _coral_head,
+}
+
+
+def build_head(kind: str, in_features: int, num_outputs: int, num_classes: int) -> nn.Module:
+    """Return the head module `kind` ("linear" or "coral") mapping in_features to num_outputs logits.
+
+    Raises MmptError for an unknown kind, listing the valid names.
+    """
+    return lookup("head", HEADS, kind)(in_features, num_outputs, num_classes)
 
 
 class MultiTaskNet(nn.Module):

@@ -11,7 +11,9 @@ averaged explicitly in one all-reduce; the heads not in the step take no part at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -19,14 +21,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmpt.config import Config
 from mmpt.data.loader import Part
-from mmpt.data.sampler import expected_updates_per_epoch, sampler_options, steps_in_epoch
+from mmpt.data.sampler import Sampler
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
 from mmpt.optim import Optimizers, build_optimizers
-from mmpt.runtime import autocast
-from mmpt.weighting import Weighting, build_weighting
+from mmpt.mtl import MethodState, build_weighting
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16 or fp16 when asked for, else a no-op context."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
+
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""
@@ -45,7 +56,7 @@ class TrainStep:
         model: MultiTaskNet,
         losses: dict[str, TaskLoss],
         optimizers: Optimizers,
-        weighting: Weighting,
+        weighting: MethodState,
         transform: DeviceTransform,
         *,
         device: torch.device,
@@ -147,7 +158,7 @@ class TrainStep:
 
 
 def build_step(
-    cfg: Config, model: MultiTaskNet, losses: dict[str, TaskLoss], sizes: dict[str, int], device: torch.device,
+    cfg: Config, model: MultiTaskNet, losses: dict[str, TaskLoss], sampler: Sampler, device: torch.device,
     world: World = SINGLE,
 ) -> TrainStep:
     """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
@@ -155,15 +166,13 @@ def build_step(
 
     The one place the recipe and the benchmarks assemble a step. Raises MmptError for a bad optimizer or weighting.
     """
-    options = sampler_options(cfg.sampler)
-    updates_per_epoch = expected_updates_per_epoch(sizes, cfg.train.batch_size, **options)
-    steps_per_epoch = steps_in_epoch(sizes, cfg.train.batch_size, **options)
+    updates_per_epoch, steps_per_epoch = sampler.updates_per_task, sampler.steps
     optimizers = build_optimizers(
         model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
         fused=device.type == "cuda", steps_per_epoch=steps_per_epoch, **dataclasses.asdict(cfg.optim),
     )
     weighting = build_weighting(
-        cfg.loss.weighting, sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
+        cfg.loss.weighting, sampler.sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
         world_size=world.world_size, device=device, lr=cfg.optim.lr, seed=cfg.train.seed,
         steps_per_epoch=steps_per_epoch, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
     )

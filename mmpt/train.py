@@ -3,100 +3,36 @@
 Each step takes one dataset (or several) from the epoch plan, runs the shared backbone and the heads of
 the step's datasets, weights their losses, and steps the backbone's optimizer and those heads' only.
 Under torchrun every rank follows the same plan on its shard of the global batch; rank 0 writes files.
+The training state (progress, checkpoints and their cadence, early stopping, resume checks) is
+`mmpt.trainstate.TrainingState`; what the run prints and logs is `mmpt.trainlog`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mmpt import checkpoint as ckpt
 from mmpt import distributed
-from mmpt.config import Config, check_run, config_yaml, from_dict, recipe_changes, to_dict
+from mmpt.config import Config, check_run, config_yaml
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch
-from mmpt.data.store import TaskData, cache_location, data_changes, open_data
-from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
-from mmpt.errors import MmptError
-from mmpt.evaluation import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
+from mmpt.data.sampler import Sampler
+from mmpt.data.store import cache_location, open_data
+from mmpt.distributed import agree_on_errors, broadcast_buffers
+from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
 from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial_weights
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
-from mmpt.runtime import (
-    Interrupted, StopSignal, configure_determinism, environment, lock_run_dir, prepare_run_dir,
-)
+from mmpt.rundir import lock_run_dir, prepare_run_dir
+from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
+from mmpt.trainlog import Log, describe, resumed_line
+from mmpt.trainstate import Progress, Stopped, TrainingState, check_resume_data, load_resume_checkpoint
 
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
-
-    epoch: int = 0  # epochs completed
-    position: int = 0  # steps of the current epoch's plan already taken
-    step: int = 0  # optimizer steps in total
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0  # epochs since the monitored metric last improved
-    done: bool = False  # training ended (all epochs, or early stopping); only the test report may remain
-    world_size: int = 1  # processes that trained the last steps (the global batch is the same for any)
-    history: list = field(default_factory=list)  # per-epoch train losses, validation tables and weights
-
-
-class Stopped(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing what it needs to continue."""
-
-
-def load_resume_checkpoint(cfg: Config) -> dict:
-    """Read last.pt of the run and check that its config matches `cfg` where it must."""
-    path = cfg.run_dir / "checkpoints" / ckpt.LAST
-    if not path.is_file():
-        raise MmptError(f"cannot resume {cfg.run_dir}: it has no checkpoints/{ckpt.LAST}; start it without --resume")
-    state = ckpt.load(path)
-    missing = [k for k in (ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.PROGRESS, ckpt.RNG) if k not in state]
-    if missing:
-        raise MmptError(
-            f"checkpoint {path} has no {', '.join(missing)} state, so training cannot continue from it (a copy of "
-            f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
-        )
-    try:
-        saved = from_dict(state[ckpt.CONFIG])
-    except MmptError as exc:
-        raise MmptError(
-            f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output"
-        ) from None
-    changed = recipe_changes(saved, cfg)  # every key but config.RESUME_MAY_CHANGE, whole values
-    if changed:
-        key, before, after = changed[0]
-        raise MmptError(
-            f"checkpoint {path} was trained with {key}={before}, not {after}"
-            + (f" (also {', '.join(k for k, _, _ in changed[1:])} differ)" if changed[1:] else "")
-            + f"; {key} cannot change mid-run: resume with the run's own config or start a new run with --output"
-        )
-    return state
-
-
-def check_resume_data(state: dict, data: dict[str, TaskData], allow_changed: bool) -> None:
-    """Refuse to resume on data files other than those the checkpoint was trained on, unless `allow_changed`."""
-    changes = data_changes(state.get(ckpt.DATA, {}), data_identity(data))
-    if changes and not allow_changed:
-        raise MmptError(
-            f"the data changed since the checkpoint was written: {'; '.join(changes)}; resume on the files it was "
-            "trained on, or pass --set data.allow_changed=true to continue on the new data"
-        )
-
-
-def data_identity(data: dict[str, TaskData]) -> dict[str, dict]:
-    """Each task's data-file identity, as a checkpoint records it."""
-    return {flag: dict(task_data.identity) for flag, task_data in data.items()}
+__all__ = ["Stopped", "run"]
 
 
 def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, dict[str, float]]:
@@ -110,12 +46,12 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     run_dir = cfg.run_dir
     # everything that can fail on bad input is checked, on every rank, before the run folder is touched
     with agree_on_errors(world):
-        state = load_resume_checkpoint(cfg) if resume else None
+        saved = load_resume_checkpoint(cfg) if resume else None
         tasks = resolve_tasks(cfg.data.datasets)
         check_run(cfg, world.world_size)  # backbone, optimizer, world size, weighting and its solvers
         data = open_data(cfg.data, tasks)
-        if state is not None:
-            check_resume_data(state, data, cfg.data.allow_changed)
+        if saved is not None:
+            check_resume_data(saved, data, cfg.data.allow_changed)
         model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed
         check_batch_size(model, cfg.train.batch_size)
         if cfg.model.init_from and not resume:
@@ -123,52 +59,34 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         if world.is_main:
             lock_run_dir(run_dir)  # one writer per run folder, until this process ends
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    sizes = {t.flag: len(data[t.flag].splits["train"]) for t in tasks}
+    sampler = Sampler.from_config({t.flag: len(data[t.flag].splits["train"]) for t in tasks}, cfg)
     model.to(device)
-    step = build_step(cfg, model, losses, sizes, device, world)
-    optimizers, weighting = step.optimizers, step.weighting
-    progress = Progress(world_size=world.world_size)
-    if state is not None:
-        model.load_state_dict(state[ckpt.MODEL])
-        optimizers.load_state_dict(state[ckpt.OPTIMIZERS])
-        weighting.load_state_dict(state[ckpt.WEIGHTING])
-        step.load_state_dict(state.get(ckpt.STEP, {}))
-        progress = Progress(**{**state[ckpt.PROGRESS], "world_size": world.world_size})
-        ckpt.set_rng_state(state[ckpt.RNG])
-
-    def training_state() -> dict:
-        return {
-            ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZERS: optimizers.state_dict(),
-            ckpt.WEIGHTING: weighting.state_dict(), ckpt.STEP: step.state_dict(),
-            ckpt.PROGRESS: dataclasses.asdict(progress), ckpt.RNG: ckpt.rng_state(), ckpt.CONFIG: to_dict(cfg),
-            ckpt.DATA: data_identity(data),
-        }
-
-    checkpoints = run_dir / "checkpoints"
-    saver = Saver(checkpoints / ckpt.LAST, training_state, world, cfg.checkpoint.every_minutes)
+    step = build_step(cfg, model, losses, sampler, device, world)
+    state = TrainingState(cfg, world, model, step, data)
+    if saved is not None:
+        state.load_state_dict(saved)
+    progress = state.progress
     if world.is_main:
         # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
-        keep = f"before-resume-at-step{progress.step}" if state is not None else None
+        keep = f"before-resume-at-step{progress.step}" if saved is not None else None
         write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
         write_json(run_dir / "env.json", {**environment(device, cfg.determinism), "world_size": world.world_size},
                    keep_previous_as=keep)
-        print(describe(cfg, model, sizes, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
-        if state is not None:
-            print(resumed_line(state[ckpt.PROGRESS], world))
+        print(describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
+        if saved is not None:
+            print(resumed_line(saved[ckpt.PROGRESS], world))
 
     log = Log(run_dir, world, steps_done=progress.step)
     specs = {flag: task_data.task for flag, task_data in data.items()}
     loader_kwargs = dict(batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                          pin_memory=cfg.data.pin_memory, world=world)
     val_loader = split_loader(data, "val", device, **loader_kwargs)  # built once: its workers persist
-    resume_hint = distributed.resume_command(run_dir)
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:
                 break
-            plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, epoch, **sampler_options(cfg.sampler))
             loader = plan_loader(
-                {f: d.splits["train"] for f, d in data.items()}, plan, start=progress.position,
+                {f: d.splits["train"] for f, d in data.items()}, sampler.plan(epoch), start=progress.position,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
                 prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=epoch,
                 rank=world.rank, world_size=world.world_size,
@@ -178,27 +96,19 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                        disable=not (cfg.train.progress and world.is_main), dynamic_ncols=True)
             for parts in bar:
                 step(parts, progress.step)
-                progress.position += 1
-                progress.step += 1
+                state.advance()
                 log.images(sum(p.global_size for p in parts))
-                logging = progress.step % cfg.train.log_every_steps == 0
-                every_steps = cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0
-                # across ranks, stop and time are agreed at logging intervals (one small all-reduce)
-                stopping, time_due = (
-                    any_rank(world, stop.received is not None, saver.due()) if logging
-                    else (False, False) if world.distributed else (stop.received is not None, saver.due())
-                )
-                if logging or every_steps or stopping or time_due:
-                    log.losses(step, progress.step, checkpoints)  # raises on a non-finite loss: nothing is saved
-                if logging:
-                    log.train(progress.step, optimizers.learning_rates(), weighting.weights(), bar)
-                if every_steps or stopping or time_due:
-                    saver.save()
-                if stopping:
-                    raise Stopped(f"{stop.received or 'a stop on another rank'}: stopped at step {progress.step} "
-                                  f"with {checkpoints / ckpt.LAST} written; {resume_hint}")
+                due = state.due(stop.received is not None)
+                if due.log or due.save:
+                    log.losses(step, progress.step, state.last)  # raises on a non-finite loss: nothing is saved
+                if due.log:
+                    log.train(progress.step, step.optimizers.learning_rates(), step.weighting.weights(), bar)
+                if due.save:
+                    state.save()
+                if due.stop:
+                    raise state.stopped(stop.received, "training")
             bar.close()
-            log.losses(step, progress.step, checkpoints)
+            log.losses(step, progress.step, state.last)
 
             # validation on every dataset, then early stopping on the monitored metric
             try:
@@ -206,14 +116,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 val = metrics_table(evaluate_all(model, val_loader, specs, losses, step.transform, device,
                                                  precision=cfg.train.precision, world=world, stop=stop))
             except Interrupted:
-                saver.save()  # the epoch's steps are kept; its validation runs again on resume
-                raise Stopped(f"{stop.received or 'a stop on another rank'} during validation: "
-                              f"{checkpoints / ckpt.LAST} written at step {progress.step}; {resume_hint}") from None
-            improved = update_progress(progress, cfg, epoch, val, log.epoch_losses(), weighting.mean_weights())
-            if improved and world.is_main:
-                ckpt.save(checkpoints / ckpt.BEST, {ckpt.MODEL: model.state_dict(), ckpt.CONFIG: to_dict(cfg),
-                                                    ckpt.PROGRESS: dataclasses.asdict(progress)})
-            saver.save()
+                state.save()  # the epoch's steps are kept; its validation runs again on resume
+                raise state.stopped(stop.received, "validation") from None
+            improved = state.end_epoch(epoch, val, log.epoch_losses(), step.weighting.mean_weights())
             log.validation(epoch + 1, val, improved)
             if world.is_main:
                 write_json(run_dir / "val_history.json", {"history": progress.history})
@@ -227,120 +132,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             test_loader = split_loader(data, "test", device, **loader_kwargs)
             table = test_report(cfg, model, test_loader, specs, losses, step, device, progress, stop, started)
         except Interrupted:
-            raise Stopped(f"{stop.received or 'a stop on another rank'} during the test evaluation: training is "
-                          f"complete and saved; to write the test report, {resume_hint}") from None
+            raise state.stopped(stop.received, "test") from None
     return table
-
-
-class Saver:
-    """Writes last.pt (rank 0 only) and tells when checkpoint.every_minutes have passed since the last write."""
-
-    def __init__(self, path: Path, state, world: World, every_minutes: float) -> None:
-        self.path, self.state, self.world = path, state, world
-        self.every_s = every_minutes * 60
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        return self.every_s > 0 and time.monotonic() - self.last >= self.every_s
-
-    def save(self) -> None:
-        if self.world.is_main:
-            ckpt.save(self.path, self.state())
-        self.last = time.monotonic()
-
-
-class Log:
-    """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
-
-    def __init__(self, run_dir: Path, world: World, steps_done: int) -> None:
-        self.world = world
-        self.writer = SummaryWriter(str(run_dir / "tb")) if world.is_main else None
-        self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
-        self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
-        self.first_unchecked_step = steps_done + 1
-        self.tick, self.images_seen = time.time(), 0
-
-    def images(self, count: int) -> None:
-        self.images_seen += count
-
-    def losses(self, step: TrainStep, global_step: int, checkpoints: Path) -> None:
-        """Read the step's loss sums; raise MmptError if any was non-finite (then nothing more is saved)."""
-        sums, nonfinite = step.read_losses()
-        if nonfinite:
-            bad = [t for t, (s, _) in sums.items() if not math.isfinite(s)]
-            last = checkpoints / ckpt.LAST
-            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
-            raise MmptError(
-                f"the loss of {', '.join(bad) or 'a dataset'} became NaN or infinite between steps "
-                f"{self.first_unchecked_step} and {global_step}; training stopped without saving them, {kept}; "
-                "lower optim.lr or set optim.clip_grad_norm"
-            )
-        self.first_unchecked_step = global_step + 1
-        for table in (self.interval, self.epoch):
-            for task, (total, count) in sums.items():
-                entry = table.setdefault(task, [0.0, 0])
-                entry[0] += total
-                entry[1] += count
-
-    def train(self, global_step: int, learning_rates: dict[str, float], weights: dict, bar) -> None:
-        rate = self.images_seen / max(time.time() - self.tick, 1e-9)
-        means = {task: total / count for task, (total, count) in self.interval.items()}
-        if means:
-            bar.set_postfix(loss=f"{sum(means.values()) / len(means):.3f}", img_s=f"{rate:.0f}")
-        if self.writer is not None:
-            for task, loss in means.items():
-                self.writer.add_scalar(f"train/loss/{task}", loss, global_step)
-            self.writer.add_scalar("train/images_per_s", rate, global_step)
-            for name, lr in learning_rates.items():
-                self.writer.add_scalar(f"lr/{name}", lr, global_step)
-            for task, weight in weights.items():
-                self.writer.add_scalar(f"weight/{task}", float(weight), global_step)
-        self.interval = {}
-        self.tick, self.images_seen = time.time(), 0
-
-    def epoch_losses(self) -> dict[str, float]:
-        """Each dataset's mean train loss over the epoch; starts the next epoch's sums."""
-        means = {task: total / count for task, (total, count) in self.epoch.items()}
-        self.epoch = {}
-        return means
-
-    def validation(self, epoch: int, val: dict[str, dict[str, float]], improved: bool) -> None:
-        if not self.world.is_main:
-            return
-        for name, row in val.items():
-            for metric, value in row.items():
-                self.writer.add_scalar(f"val/{name}/{metric}", value, epoch)
-        print(f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
-              + ("  (best)" if improved else ""))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def update_progress(
-    progress: Progress, cfg: Config, epoch: int, val: dict, train_loss: dict[str, float], weights: dict
-) -> bool:
-    """Record a finished epoch and its validation; return whether the monitored metric improved.
-
-    The monitored loss is the unweighted mean over datasets, so a weighting cannot pick best.pt by
-    changing its own weights. Sets `progress.done` when early stopping's patience has run out.
-    """
-    higher_is_better = cfg.train.monitor == "val_auc"
-    monitored = val["mean"]["auc" if higher_is_better else "loss"]
-    best = progress.best_metric
-    improved = best is None or (monitored > best if higher_is_better else monitored < best)
-    progress.epoch, progress.position = epoch + 1, 0
-    progress.history.append({
-        "epoch": epoch + 1, "step": progress.step, "train_loss": train_loss, "val": val,
-        "weights": {task: float(w) for task, w in weights.items()},
-    })
-    if improved:
-        progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
-    else:
-        progress.bad_epochs += 1
-    progress.done = cfg.train.patience is not None and progress.bad_epochs >= cfg.train.patience
-    return improved
 
 
 def test_report(
@@ -378,38 +171,3 @@ def test_report(
     return table
 
 
-def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, world: World, data_cache: Path) -> str:
-    """The run's opening lines: what will be trained, on what input, where and how."""
-    batches = expected_updates_per_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
-    steps = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
-    width = max(len(t) for t in sizes)
-    lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
-    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
-    per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
-    per_step = "" if cfg.sampler.tasks_per_step == 1 else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
-    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
-                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
-    lines.append(f"loss weighting: {cfg.loss.weighting}"
-                 + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
-    lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
-    lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
-                 + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
-    return "\n".join(lines)
-
-
-def input_description(cfg: Config, model: MultiTaskNet) -> str:
-    """What the model sees, e.g. `28 px zero-padded to 224 px (input.mode pad)`."""
-    source, size, mode = cfg.data.resolution, model.input_size, cfg.input.mode
-    if mode == "native" or source == size:
-        return f"{source} px as stored (input.mode {mode})"
-    how = "zero-padded" if mode == "pad" and source < size else "resized"
-    return f"{source} px {how} to {size} px (input.mode {mode}; {(size / source) ** 2:.1f}x the pixels)"
-
-
-def resumed_line(saved: dict, world: World) -> str:
-    line = f"resumed at epoch {saved['epoch']}, step {saved['step']}"
-    before = saved.get("world_size", 1)
-    if before != world.world_size:
-        line += (f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
-                 "unchanged, so the run continues with the same plan (results differ only by rounding)")
-    return line

@@ -652,7 +652,7 @@ def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
 
 def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(env, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmpt.runtime import lock_run_dir; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmpt.rundir import lock_run_dir; "
          "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(env.run)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
     )
@@ -672,7 +672,7 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
 
 
 def test_train_script_into_a_folder_this_process_holds_is_refused(env):
-    from mmpt.runtime import lock_run_dir
+    from mmpt.rundir import lock_run_dir
 
     lock_run_dir(env.run)  # held by the test process until it ends
     before = snapshot(env.run)

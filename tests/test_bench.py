@@ -9,7 +9,8 @@ import pytest
 
 from mmpt.bench.__main__ import main
 from mmpt.bench.common import MemorySampler, descendants, pss_anon_shmem, rss_anon_shmem
-from mmpt.bench.data import format_table, measure_memory, write_memory_set
+from mmpt.bench.data import format_table, measure_memory
+from mmpt.bench.datafiles import write_memory_set
 from mmpt.bench.train import format_table as format_train_table
 
 MB = 1 << 20

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import summary
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
@@ -67,10 +68,6 @@ def descendants(pid: int) -> list[int]:
     for tasks in Path(f"/proc/{pid}/task").iterdir():
         children += [int(c) for c in (tasks / "children").read_text().split()]
     return [c for child in children for c in (child, *descendants(child))]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -371,7 +371,7 @@ def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
 
 
 def test_confusion_matrices_per_label_for_multi_label_tasks():
-    from mmpt.evaluation import confusion_matrices
+    from mmpt.predict import confusion_matrices
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, (50, 14))

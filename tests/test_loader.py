@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmpt.data.loader import PlanDataset, eval_loader, plan_loader
-from mmpt.data.sampler import epoch_plan
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import SplitData
 from mmpt.errors import MmptError
 
@@ -31,7 +31,7 @@ def splits(tmp_path) -> dict[str, SplitData]:
 
 @pytest.fixture
 def plan(splits):
-    return epoch_plan({t: len(s) for t, s in splits.items()}, 16, seed=0, epoch=0)
+    return Sampler({t: len(s) for t, s in splits.items()}, 16).plan(0)
 
 
 def _pairs(images: np.ndarray, labels: np.ndarray) -> set:
@@ -44,7 +44,7 @@ def _as_lists(batches) -> list:
 
 def test_batch_holds_the_same_image_label_pairs_as_the_unsorted_gather(splits, plan):
     dataset = PlanDataset(splits, plan)
-    for i, (task, idx) in enumerate(plan):
+    for i, [(task, idx)] in enumerate(plan):
         [(_, images, labels, size)] = dataset[i]
         assert size == len(idx)
         assert images.dtype == torch.uint8 and labels.dtype == torch.int64
@@ -55,8 +55,8 @@ def test_batch_holds_the_same_image_label_pairs_as_the_unsorted_gather(splits, p
 
 def test_batches_come_in_plan_order_with_the_plans_tasks(splits, plan):
     batches = list(plan_loader(splits, plan, num_workers=0))
-    assert [parts[0].task for parts in batches] == [task for task, _ in plan]
-    for [(_, _, labels, _)], (_, idx) in zip(batches, plan):
+    assert [parts[0].task for parts in batches] == [task for [(task, _)] in plan]
+    for [(_, _, labels, _)], [(_, idx)] in zip(batches, plan):
         assert labels[:, 0].tolist() == np.sort(idx).tolist()
 
 
@@ -102,7 +102,7 @@ def test_eval_loader_covers_a_split_once_in_order(splits, num_workers):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_rank_shards_cover_every_step_and_split_exactly_once(splits, plan, world_size):
     ranks = [PlanDataset(splits, plan, rank=r, world_size=world_size) for r in range(world_size)]
-    for i, (task, idx) in enumerate(plan):
+    for i, [(task, idx)] in enumerate(plan):
         shards = [ds[i][0] for ds in ranks]
         assert {s.global_size for s in shards} == {len(idx)}
         assert max(len(s.labels) for s in shards) - min(len(s.labels) for s in shards) <= 1

@@ -19,7 +19,7 @@ import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
 from mmpt.train import run
-from test_train import summary, tiny_config
+from conftest import summary, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}

@@ -13,7 +13,8 @@ import torch
 
 from mmpt.errors import MmptError
 from mmpt.io import write_text
-from mmpt.runtime import configure_determinism, prepare_run_dir
+from mmpt.rundir import prepare_run_dir
+from mmpt.runtime import configure_determinism
 
 # The switches are global, so they are set in a fresh interpreter (off first: on sets an env variable for good).
 PROBE = textwrap.dedent(

@@ -11,13 +11,11 @@ import torch
 import mmpt
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
-from mmpt.model import build_model, build_transform
-from mmpt.optim import build_optimizers
-from mmpt.step import TrainStep
+from mmpt.model import build_model
+from mmpt.step import build_step
 from mmpt.tasks import resolve_tasks
-from mmpt.weighting import build_weighting
 
 MMPT_DIR = str(Path(mmpt.__file__).parent)
 
@@ -29,18 +27,15 @@ def make_step(root: Path, precision: str = "fp32"):
         "input": {"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0, "random_resized_crop": True}},
         "optim": {"lr": 0.003, "clip_grad_norm": 1.0},
         "loss": {"weighting": "size"},
-        "train": {"batch_size": 16, "device": "cpu", "precision": precision},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "precision": precision},
     }])
     tasks = resolve_tasks(cfg.data.datasets)
     data = open_data(cfg.data, tasks)
     torch.manual_seed(0)
     model, losses = build_model(cfg, tasks)
-    sizes = {f: len(d.splits["train"]) for f, d in data.items()}
-    optimizers = build_optimizers(model.backbone, dict(model.heads), expected_updates_per_epoch(sizes, 16), epochs=1,
-                                  lr=0.003, clip_grad_norm=1.0)
-    step = TrainStep(model, losses, optimizers, build_weighting("size", sizes), build_transform(cfg, model),
-                     device=torch.device("cpu"), precision=precision)
-    loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, epoch_plan(sizes, 16, 0, 0), num_workers=0)
+    sampler = Sampler.from_config({f: len(d.splits["train"]) for f, d in data.items()}, cfg)
+    step = build_step(cfg, model, losses, sampler, torch.device("cpu"))
+    loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, sampler.plan(0), num_workers=0)
     return step, model, loader
 
 

@@ -9,30 +9,12 @@ import pytest
 import torch
 from medmnist import Evaluator
 
+from conftest import summary, tiny_config
+
 from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, to_dict
 from mmpt.tasks import FLAGS
-
-
-def tiny_config(root, output, **sections):
-    """A small, fast config on the synthetic files in `root`; `sections` override (section -> dict)."""
-    raw = {
-        "name": "tiny",
-        "output": str(output),
-        "data": {"root": str(root), "num_workers": 0, "eval_batch_size": 128},
-        "model": {"backbone": "test_resnet"},
-        "input": {"mode": "native"},
-        "optim": {"lr": 0.003},
-        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 5},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return load_config(overrides=[raw])
-
-
-def summary(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

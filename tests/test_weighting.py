@@ -10,7 +10,7 @@ from torch import nn
 from torchjd import scalarization
 
 from mmpt.errors import MmptError
-from mmpt.weighting import METHODS, build_weighting, method_problems, missing_solvers
+from mmpt.mtl import METHODS, build_weighting, method_problems, missing_solvers
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
 HAS_SOLVERS = importlib.util.find_spec("cvxpy") is not None
@@ -248,12 +248,12 @@ def test_gradient_methods_refuse_distributed_training_and_scalarizers_accept_it(
 
 
 def test_weighting_args_are_checked_against_the_method():
-    assert method_problems("dwa", {"temperature": 1.0}, tasks_per_step="all", num_datasets=3) == []
-    (problem,) = method_problems("dwa", {"temp": 1.0}, tasks_per_step="all", num_datasets=3)
+    assert method_problems("dwa", {"temperature": 1.0}, tasks_per_step="all") == []
+    (problem,) = method_problems("dwa", {"temp": 1.0}, tasks_per_step="all")
     assert "temp" in problem and "temperature" in problem
-    (problem,) = method_problems("mgda", {"max_iters": 2.5}, tasks_per_step="all", num_datasets=3)
+    (problem,) = method_problems("mgda", {"max_iters": 2.5}, tasks_per_step="all")
     assert "whole number" in problem
-    (problem,) = method_problems("famo", {"lr": -1.0}, tasks_per_step="all", num_datasets=3)
+    (problem,) = method_problems("famo", {"lr": -1.0}, tasks_per_step="all")
     assert "> 0" in problem
 
 
@@ -282,3 +282,21 @@ def test_unknown_weighting_lists_the_valid_names():
     with pytest.raises(MmptError) as info:
         build_weighting("uncertainty", SIZES)
     assert "uw" in str(info.value) and "upgrad" in str(info.value)
+
+
+def test_manual_weight_that_is_not_a_number_is_reported_once(tmp_path):
+    from mmpt.config import load_config
+
+    with pytest.raises(MmptError) as info:
+        load_config(overrides=[{"data": {"datasets": ["pathmnist"]},
+                                "loss": {"weighting": "manual", "weights": {"pathmnist": "abc"}}}])
+    assert "pathmnist must be a number" in str(info.value)
+    assert "missing" not in str(info.value)
+
+
+def test_all_zero_manual_weights_are_refused():
+    """A zero loss would train nothing, silently."""
+    zero = {t: 0.0 for t in SIZES}
+    (problem,) = method_problems("manual", {}, tasks_per_step=1, weights=zero, datasets=list(SIZES))
+    assert problem.startswith("loss.weights are all 0")
+    assert method_problems("manual", {}, tasks_per_step=1, weights={**zero, "pathmnist": 0.5}, datasets=list(SIZES)) == []

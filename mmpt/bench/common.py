@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmpt.data.sampler import Sampler
 from mmpt.data.synthetic import write_synthetic
 from mmpt.io import write_json
 from mmpt.tasks import TaskSpec
@@ -186,7 +187,7 @@ def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], d
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()
-    return build_step(cfg, model, losses, sizes, device)
+    return build_step(cfg, model, losses, Sampler.from_config(sizes, cfg), device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,28 +30,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmpt.bench.datafiles import (
+    INPUT_SIZE, THROUGHPUT_TASK, memory_split, write_memory_set, write_throughput_files,
+)
 from mmpt.bench.common import (
     MEMORY_INTERVAL_S, MemorySampler, engine_step, machine, markdown_table, pss_anon_shmem, rss_anon_shmem,
-    work_folder, write_result, write_synthetic_files, yes,
+    work_folder, write_result, yes,
 )
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan
-from mmpt.data.store import SplitData, open_task
+from mmpt.data.sampler import Sampler
+from mmpt.data.store import open_task
 from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from mmpt.errors import MmptError
 from mmpt.tasks import TASKS
 
-INPUT_SIZE = 224
 PIPELINES = ("loader", "loader+transform", "pil")
-THROUGHPUT_TASK = "breastmnist"  # grey, as most MedMNIST+ datasets; as_rgb turns it into 3 channels for PIL
 MEMORY_TASK = "pathmnist"  # the memory set is RGB 224 px, the largest images MedMNIST+ has
-WRITE_CHUNK_BYTES = 64 << 20
 
 # name -> (target, "min" when the figure must reach it, "max" when it must stay below it)
 TARGETS: dict[str, tuple[float, str]] = {
@@ -60,55 +59,6 @@ TARGETS: dict[str, tuple[float, str]] = {
     "rss_fraction": (0.15, "max"),
     "data_wait_fraction": (0.05, "max"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass(frozen=True, eq=False)
-class InMemorySplit(SplitData):
-    """A split whose images were read into RAM with np.load (no mmap), as earlier mm-PT code holds them.
-
-    DataLoader workers are forked, so they inherit the array (shared until written) instead of a copy.
-    """
-
-    images: np.ndarray | None = None
-
-    def open_images(self) -> np.ndarray:
-        return self.images
-
-
-def write_throughput_files(root: Path, images: int, resolutions: tuple[int, ...] = (28, INPUT_SIZE)) -> None:
-    """Write synthetic THROUGHPUT_TASK files with `images` train images at each resolution into `root`."""
-    for resolution in resolutions:
-        write_synthetic_files(root, resolution, [TASKS[THROUGHPUT_TASK]], train_samples=images)
-
-
-def write_memory_set(path: Path, images: int, resolution: int = INPUT_SIZE) -> int:
-    """Write an images × R × R × 3 uint8 .npy of random pixels (the store's unpacked format); return its bytes."""
-    shape = (images, resolution, resolution, 3)
-    image_bytes = math.prod(shape[1:])
-    per_chunk = max(1, min(images, WRITE_CHUNK_BYTES // image_bytes))
-    # one random block, xor-ed with the chunk number, is fast to make and leaves no all-zero page
-    block = np.random.default_rng(0).integers(0, 256, size=(per_chunk, *shape[1:]), dtype=np.uint8)
-    chunk = np.empty_like(block)
-    with open(path, "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_1_0(f, header)
-        for number, start in enumerate(range(0, images, per_chunk)):
-            count = min(per_chunk, images - start)
-            np.bitwise_xor(block[:count], np.uint8(number % 256), out=chunk[:count])
-            f.write(chunk[:count].data)
-    return images * image_bytes
-
-
-def _memory_split(path: Path, in_ram: bool) -> SplitData:
-    shape = np.load(path, mmap_mode="r").shape
-    labels = np.zeros((shape[0], 1), np.int64)
-    if in_ram:
-        return InMemorySplit(path, labels, shape, images=np.load(path))
-    return SplitData(path, labels, shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +86,7 @@ def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, worke
 def mmpt_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, seed: int = 0):
     """mmpt's loader over the store's memory-mapped train split of `task`: each step a list of one `Part`."""
     split = open_task(root, TASKS[task], resolution).splits["train"]
-    plan = epoch_plan({task: len(split)}, batch_size, seed=seed, epoch=0)
+    plan = Sampler({task: len(split)}, batch_size, seed).plan(0)
     return plan_loader({task: split}, plan, num_workers=workers, seed=seed)
 
 
@@ -223,12 +173,12 @@ def memory_scenario(
     with RssAnon + RssShmem), batches and samples. Meant to run in a fresh process (see measure_memory).
     """
     shape = np.load(path, mmap_mode="r").shape
-    plan = epoch_plan({MEMORY_TASK: shape[0]}, batch_size, seed=0, epoch=0)
+    plan = Sampler({MEMORY_TASK: shape[0]}, batch_size).plan(0)
     gc.collect()
     baseline, baseline_rss = pss_anon_shmem(os.getpid()), rss_anon_shmem(os.getpid())
     batches = 0
     with MemorySampler(os.getpid(), interval_s) as sampler:
-        split = _memory_split(path, in_ram)
+        split = memory_split(path, in_ram)
         for _ in plan_loader({MEMORY_TASK: split}, plan, num_workers=workers, seed=0):
             batches += 1
     return {
@@ -284,9 +234,9 @@ def measure_data_wait(
     # seconds and memory to every memory-scenario process
     from mmpt.config import load_config
 
-    split = _memory_split(path, in_ram=False)
+    split = memory_split(path, in_ram=False)
     steps = warmup_steps + timed_steps
-    plan = epoch_plan({MEMORY_TASK: len(split)}, batch_size, seed=0, epoch=0)
+    plan = Sampler({MEMORY_TASK: len(split)}, batch_size).plan(0)
     assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
     cfg = load_config(overrides=[{
         "data": {"datasets": [MEMORY_TASK]}, "model": {"backbone": backbone, "img_size": input_size},

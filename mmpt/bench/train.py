@@ -7,7 +7,7 @@
     (`mmpt.optim.build_optimizers`, one optimizer over both), on one float S×S batch already on the device:
     forward under autocast, cross-entropy, backward, optimizer step, zero-grad. Nothing else.
 (b) engine: `mmpt.step.TrainStep` with all 12 datasets' heads and their optimizers, fed by the real
-    sampler (`epoch_plan`), loader (`plan_loader`, workers as configured) and `DeviceTransform`, over
+    sampler (`Sampler.plan`), loader (`plan_loader`, workers as configured) and `DeviceTransform`, over
     synthetic files the benchmark writes; the loss sums are read at every logging interval, as in training.
 
 Both see the same S×S input (`--input-size`, default the resolution: nothing is padded). They run in
@@ -35,11 +35,12 @@ from mmpt.bench.common import (
 )
 from mmpt.config import DataConfig, load_config
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan
+from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
 from mmpt.distributed import DEVICE_NAMES, select_device
 from mmpt.errors import MmptError
-from mmpt.runtime import autocast, configure_determinism
+from mmpt.runtime import configure_determinism
+from mmpt.step import autocast
 from mmpt.tasks import FLAGS, resolve_tasks
 
 BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
@@ -56,7 +57,7 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 
 @dataclass(frozen=True)
 class Target:
-    """A target of the issue: `key` must reach `least` when the run's settings match `applies`."""
+    """A performance target: `key` must reach `least` when the run's settings match `applies`."""
 
     key: str
     least: float
@@ -259,7 +260,7 @@ def run_train_benchmark(
         step = engine_step(cfg, tasks, sizes, torch_device)
 
         total_steps = warmup_steps + repeats * steps
-        plan = epoch_plan(sizes, batch_size, cfg.train.seed, 0, steps_per_epoch=total_steps, last_batch="drop")
+        plan = Sampler(sizes, batch_size, cfg.train.seed, steps_per_epoch=total_steps, last_batch="drop").plan(0)
         loader = plan_loader(
             splits, plan, num_workers=workers, pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
             prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=0,
@@ -344,8 +345,8 @@ def measure_mtl_steps(
         )
         torch.manual_seed(cfg.train.seed)
         step = engine_step(mcfg, tasks, sizes, device)
-        plan = epoch_plan(sizes, cfg.train.batch_size, cfg.train.seed, 0, steps_per_epoch=total, last_batch="drop",
-                          tasks_per_step=k)
+        plan = Sampler(sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop",
+                       tasks_per_step=k).plan(0)
         loops[method] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
         for _ in range(warmup_steps):
             loops[method]()
@@ -395,7 +396,7 @@ def _check_settings(
 
 
 def format_table(result: dict) -> str:
-    """The figures and the issue's targets as a Markdown table: measurement | value | target | met?"""
+    """The figures and their targets as a Markdown table: measurement | value | target | met?"""
     s = result["settings"]
     rows = [("measurement", "value", "target", "met?")]
     medians = result["img_s_median_over_turns"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import TYPE_CHECKING, NamedTuple, Union
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmpt.errors import MmptError
 
 if TYPE_CHECKING:
+    from mmpt.data.sampler import Step
     from mmpt.data.store import SplitData
 
 
@@ -46,9 +47,6 @@ class Part(NamedTuple):
     global_size: int  # the dataset's batch size over all ranks
 
 
-PlanItem = Union[tuple[str, np.ndarray], list[tuple[str, np.ndarray]]]
-
-
 def shard(n: int, rank: int, world_size: int) -> slice:
     """Rank `rank`'s contiguous share of n items; shares differ by at most one item and cover all n once."""
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
@@ -57,13 +55,13 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 class PlanDataset(Dataset):
     """Item i is step `start + i` of an epoch plan: a list of `Part`s, one per dataset of the step.
 
-    A plan item is (task, indices) for one dataset per step, or a list of them. Each dataset's indices are
+    A plan item (`sampler.Step`) is a list of (task, indices), one per dataset of the step. Each dataset's indices are
     sorted, and this rank gathers only its contiguous shard of them (`shard`), so the ranks together
     read every index of the step exactly once. Raises MmptError when `start` lies outside the plan.
     """
 
     def __init__(
-        self, splits: dict[str, SplitData], plan: list[PlanItem], start: int = 0, rank: int = 0, world_size: int = 1
+        self, splits: dict[str, SplitData], plan: list[Step], start: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:
         if not 0 <= start <= len(plan):
             raise MmptError(
@@ -71,7 +69,7 @@ class PlanDataset(Dataset):
                 "was written with other datasets, batch size or sampler settings: resume with its config"
             )
         # steps before `start` were trained before a resume; drop them so workers don't receive them
-        self.plan = [[item] if isinstance(item[0], str) else list(item) for item in plan[start:]]
+        self.plan = plan[start:]
         missing = sorted({task for parts in self.plan for task, _ in parts} - splits.keys())
         assert not missing, f"plan names tasks without a split: {missing}"
         self.splits = splits
@@ -139,7 +137,7 @@ def _private_generator(seed: int, epoch: int) -> torch.Generator:
 
 def plan_loader(
     splits: dict[str, SplitData],
-    plan: list[PlanItem],
+    plan: list[Step],
     start: int = 0,
     num_workers: int = 2,
     pin_memory: bool = False,

@@ -1,7 +1,8 @@
-"""The mm-PT batch sampler (Algorithm 1): a seeded epoch plan of (task, index batch) pairs.
+"""The mm-PT batch sampler (Algorithm 1): a seeded epoch plan of steps, each a list of (task, index batch) pairs.
 
-With several datasets per step (`tasks_per_step` k >= 2 or "all") a plan item is a list of (task, index batch)
-pairs, one per dataset of the step, in task-name order; with k = 1 items stay (task, index batch) pairs.
+`Sampler` is built once from the train sizes, the batch size, the sampler settings and the seed; `plan(epoch)`
+returns one epoch's steps, `steps` their number and `updates_per_task` each head's updates per epoch. A step
+holds one (task, indices) pair (tasks_per_step 1, Algorithm 1) or one per dataset of the step, in task order.
 
 The plan is a pure function of its arguments, so a run can resume mid-epoch by rebuilding the plan
 and skipping the steps already taken, and every DDP rank builds the same plan.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
-from mmpt.config import CHOICES, SamplerConfig
+from mmpt.config import CHOICES, Config
 from mmpt.errors import MmptError
 
 LAST_BATCH = CHOICES["sampler.last_batch"]
@@ -195,65 +197,6 @@ def task_probabilities(sizes: dict[str, int], alpha: float = 1.0) -> dict[str, f
     return {t: w / total for t, w in weights.items()}
 
 
-def epoch_plan(
-    sizes: dict[str, int],
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    *,
-    replacement: bool = False,
-    alpha: float = 1.0,
-    steps_per_epoch: int | None = None,
-    last_batch: str = "keep",
-    tasks_per_step: int | str = 1,
-) -> list:
-    """Return one epoch's plan: a list of (task, int64 train indices), one item per step.
-
-    Without replacement (default) each task's train split is permuted and cut into batches
-    (a last partial batch kept or dropped per `last_batch`; a kept remainder smaller than
-    `min_batch(batch_size)` is folded into the split's previous batch, so every batch can train
-    BatchNorm), and all batches of all tasks are interleaved at random: every index of every task
-    appears exactly once, and each task gets exactly `batches_per_task` steps. With `steps_per_epoch`, the plan is
-    the first `steps_per_epoch` items of that sequence; when more are asked than one pass holds,
-    further passes follow, each freshly permuted and interleaved. A truncated epoch is still a
-    random, size-proportional prefix, and the next epoch starts a new permutation (indices left
-    out in one epoch are not carried over).
-
-    With replacement each step picks a task with p ∝ |D|^alpha and draws `batch_size` distinct
-    indices of it (all of them if the split is smaller), independently of the other steps; the
-    step count is `steps_per_epoch`, or the number of batches of the plan without replacement.
-
-    With `tasks_per_step` k >= 2 or "all", each item is a list of (task, indices) pairs, one per dataset of
-    the step (each a batch of `batch_size`), in task-name order. Without replacement, k >= 2 places every
-    batch of a pass exactly once in max(ceil(B / k), max_t b_t) steps of at most k distinct datasets, each
-    dataset spread evenly over the pass (see _group_steps: the few steps with fewer than k datasets are the
-    leftover policy; nothing is dropped or repeated). "all" puts every dataset in every step for max_t b_t
-    steps; a smaller dataset cycles through fresh permutations, so its images are seen more than once.
-    With replacement, each step draws min(k, T) distinct datasets with p ∝ |D|^alpha (successively, without
-    replacement among datasets; "all": every dataset), each a batch of distinct indices.
-
-    Index arrays are not sorted (the loader sorts them). Same arguments give an identical plan.
-    Raises MmptError for an empty `sizes` or split, `batch_size < 1`, an unknown `last_batch`,
-    a negative `alpha`, `steps_per_epoch < 1`, a plan without any step (every split smaller
-    than `batch_size` with last_batch="drop"), or a `tasks_per_step` that is not 1..T or "all".
-    """
-    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
-    _validate_tasks_per_step(sizes, tasks_per_step)
-    if tasks_per_step != 1:
-        return _grouped_plan(
-            sizes, batch_size, seed, epoch, replacement, alpha, steps_per_epoch, last_batch, tasks_per_step
-        )
-    steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
-    if replacement:
-        return _plan_with_replacement(sizes, batch_size, seed, epoch, alpha, steps)
-    plan: list[tuple[str, np.ndarray]] = []
-    cycle = 0
-    while len(plan) < steps:
-        plan += _one_pass(sizes, batch_size, seed, epoch, cycle, last_batch)
-        cycle += 1
-    return plan[:steps]
-
-
 def _validate_tasks_per_step(sizes: dict[str, int], tasks_per_step: int | str) -> None:
     valid = tasks_per_step == "all" or (
         isinstance(tasks_per_step, int) and not isinstance(tasks_per_step, bool) and 1 <= tasks_per_step <= len(sizes)
@@ -265,8 +208,8 @@ def _validate_tasks_per_step(sizes: dict[str, int], tasks_per_step: int | str) -
         )
 
 
-def grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, tasks_per_step: int | str) -> int:
-    """Steps of one pass without replacement with k >= 2 or "all" datasets per step (see epoch_plan)."""
+def _grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, tasks_per_step: int | str) -> int:
+    """Steps of one pass without replacement with k >= 2 or "all" datasets per step (see Sampler)."""
     _steps_per_epoch(sizes, batch_size, False, None, last_batch)  # raises when no step exists at all
     per_task = batches_per_task(sizes, batch_size, last_batch)
     if tasks_per_step == "all":
@@ -281,32 +224,10 @@ def grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, 
     return max(math.ceil(sum(per_task.values()) / tasks_per_step), max(per_task.values()))
 
 
-def steps_in_epoch(
-    sizes: dict[str, int],
-    batch_size: int,
-    *,
-    replacement: bool = False,
-    alpha: float = 1.0,
-    steps_per_epoch: int | None = None,
-    last_batch: str = "keep",
-    tasks_per_step: int | str = 1,
-) -> int:
-    """Return the number of steps (backbone updates) of one epoch of `epoch_plan` with these arguments.
-
-    Raises MmptError like `epoch_plan`.
-    """
-    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
-    _validate_tasks_per_step(sizes, tasks_per_step)
-    if tasks_per_step == 1:
-        return _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
-    return steps_per_epoch or grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
-
-
 def _grouped_plan(
     sizes: dict[str, int], batch_size: int, seed: int, epoch: int, replacement: bool, alpha: float,
-    steps_per_epoch: int | None, last_batch: str, tasks_per_step: int | str,
+    steps_per_epoch: int | None, last_batch: str, tasks_per_step: int | str, pass_steps: int,
 ) -> list[list[tuple[str, np.ndarray]]]:
-    pass_steps = grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
     if replacement:
         return _grouped_plan_with_replacement(
             sizes, batch_size, seed, epoch, alpha, steps_per_epoch or pass_steps, tasks_per_step
@@ -355,63 +276,121 @@ def _plan_with_replacement(
     return plan
 
 
-def step_tasks(item) -> list[str]:
-    """The datasets of one plan item: [task] for a (task, indices) pair, every task of a grouped step."""
-    return [item[0]] if isinstance(item, tuple) else [task for task, _ in item]
-
-
-def plan_batches_per_task(plan: list) -> dict[str, int]:
+def task_counts(plan: list[Step]) -> dict[str, int]:
     """Return the number of steps each task has in `plan` (tasks without a step are absent), sorted by task."""
-    counts = Counter(task for item in plan for task in step_tasks(item))
+    counts = Counter(task for step in plan for task, _ in step)
     return {t: counts[t] for t in sorted(counts)}
 
 
-def expected_updates_per_epoch(
-    sizes: dict[str, int],
-    batch_size: int,
-    replacement: bool = False,
-    alpha: float = 1.0,
-    steps_per_epoch: int | None = None,
-    last_batch: str = "keep",
-    tasks_per_step: int | str = 1,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Return each task's head updates per epoch of `epoch_plan` with these arguments, sorted by task.
+Step = list[tuple[str, np.ndarray]]  # one plan item: each dataset of the step with its batch of train indices
 
-    Exact without replacement and without `steps_per_epoch` (or with a multiple of a full pass);
-    otherwise the expectation (a truncated pass is a random prefix; with replacement each step
-    picks the task with p ∝ |D|^alpha). The optimizer sizes each head's LR schedule from this.
-    With tasks_per_step != 1: exact without replacement (per pass, b_t; "all": max_t b_t), and the counts
-    of epoch 0's plan of `seed` with replacement.
-    Raises MmptError like `epoch_plan`.
+
+@dataclass(frozen=True)
+class Sampler:
+    """The epoch plans of one run: built once, validated once; `plan(epoch)` is a pure function of (seed, epoch).
+
+    Without replacement (default) each task's train split is permuted and cut into batches (a last partial
+    batch kept or dropped per `last_batch`; a kept remainder smaller than `min_batch(batch_size)` is folded into
+    the split's previous batch, so every batch can train BatchNorm), and all batches of all tasks are interleaved
+    at random: every index of every task appears exactly once, and each task gets exactly `batches_per_task`
+    steps. With `steps_per_epoch`, the plan is the first `steps_per_epoch` steps of that sequence; when more are
+    asked than one pass holds, further passes follow, each freshly permuted and interleaved. A truncated epoch
+    is still a random, size-proportional prefix, and the next epoch starts a new permutation.
+
+    With replacement each step picks a task with p ∝ |D|^alpha and draws `batch_size` distinct indices of it
+    (all of them if the split is smaller), independently of the other steps; the step count is
+    `steps_per_epoch`, or the number of batches of the plan without replacement.
+
+    With `tasks_per_step` k >= 2 or "all", each step holds one (task, indices) pair per dataset of the step
+    (each a batch of `batch_size`), in task-name order. Without replacement, k >= 2 places every batch of a pass
+    exactly once in max(ceil(B / k), max_t b_t) steps of at most k distinct datasets, each dataset spread evenly
+    over the pass (see _group_steps). "all" puts every dataset in every step for max_t b_t steps; a smaller
+    dataset cycles through fresh permutations, so its images are seen more than once. With replacement, each
+    step draws min(k, T) distinct datasets with p ∝ |D|^alpha ("all": every dataset).
+
+    Index arrays are not sorted (the loader sorts them). Building raises MmptError for an empty `sizes` or
+    split, `batch_size < 1`, an unknown `last_batch`, a negative `alpha`, `steps_per_epoch < 1`, a plan without
+    any step (every split smaller than `batch_size` with last_batch="drop"), or a `tasks_per_step` that is not
+    1..T or "all".
     """
-    _validate(sizes, batch_size, alpha, steps_per_epoch, last_batch)
-    if tasks_per_step != 1:
-        if replacement:
-            plan = epoch_plan(
-                sizes, batch_size, seed, 0, replacement=True, alpha=alpha, steps_per_epoch=steps_per_epoch,
-                last_batch=last_batch, tasks_per_step=tasks_per_step,
-            )
-            counts = plan_batches_per_task(plan)
-            return {t: float(counts.get(t, 0)) for t in sorted(sizes)}
-        pass_steps = grouped_pass_steps(sizes, batch_size, last_batch, tasks_per_step)
-        per_task = batches_per_task(sizes, batch_size, last_batch)
-        one_pass = {t: pass_steps if tasks_per_step == "all" else b for t, b in per_task.items()}
-        full_passes, rest = divmod(steps_per_epoch or pass_steps, pass_steps)
-        return {t: float(full_passes * b + rest * b / pass_steps) for t, b in one_pass.items()}
-    steps = _steps_per_epoch(sizes, batch_size, replacement, steps_per_epoch, last_batch)
-    if replacement:
-        return {t: steps * p for t, p in task_probabilities(sizes, alpha).items()}
-    per_pass = batches_per_task(sizes, batch_size, last_batch)
-    pass_steps = sum(per_pass.values())
-    full_passes, rest = divmod(steps, pass_steps)
-    # the remainder is a uniformly random prefix of a pass: each task gets its share in expectation
-    return {t: float(full_passes * b + rest * b / pass_steps) for t, b in per_pass.items()}
 
+    sizes: dict[str, int]
+    batch_size: int
+    seed: int = 0
+    replacement: bool = False
+    alpha: float = 1.0
+    steps_per_epoch: int | None = None
+    last_batch: str = "keep"
+    tasks_per_step: int | str = 1
 
-def sampler_options(sampler: SamplerConfig) -> dict:
-    """The sampler config as the keyword arguments of `epoch_plan`, `steps_in_epoch` and the rest."""
-    return dict(
-        replacement=sampler.replacement, alpha=sampler.alpha, steps_per_epoch=sampler.steps_per_epoch,
-        last_batch=sampler.last_batch, tasks_per_step=sampler.tasks_per_step,
-    )
+    def __post_init__(self) -> None:
+        _validate(self.sizes, self.batch_size, self.alpha, self.steps_per_epoch, self.last_batch)
+        _validate_tasks_per_step(self.sizes, self.tasks_per_step)
+        object.__setattr__(self, "sizes", dict(self.sizes))
+        object.__setattr__(self, "_pass_steps", self._count_pass_steps())
+        self.steps  # raises when an epoch would have no step
+
+    @classmethod
+    def from_config(cls, sizes: dict[str, int], cfg: Config) -> Sampler:
+        s = cfg.sampler
+        return cls(sizes, cfg.train.batch_size, cfg.train.seed, replacement=s.replacement, alpha=s.alpha,
+                   steps_per_epoch=s.steps_per_epoch, last_batch=s.last_batch, tasks_per_step=s.tasks_per_step)
+
+    @property
+    def every_task(self) -> bool:
+        """Whether every dataset is in every step (tasks_per_step: all)."""
+        return self.tasks_per_step == "all"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether a step may hold several datasets."""
+        return self.every_task or self.tasks_per_step != 1
+
+    def _count_pass_steps(self) -> int:
+        if not self.grouped:
+            return sum(batches_per_task(self.sizes, self.batch_size, self.last_batch).values())
+        return _grouped_pass_steps(self.sizes, self.batch_size, self.last_batch, self.tasks_per_step)
+
+    @property
+    def steps(self) -> int:
+        """Steps (backbone updates) per epoch."""
+        if not self.grouped:
+            return _steps_per_epoch(self.sizes, self.batch_size, self.replacement, self.steps_per_epoch,
+                                    self.last_batch)
+        return self.steps_per_epoch or self._pass_steps
+
+    def plan(self, epoch: int) -> list[Step]:
+        """One epoch's steps; the same (seed, epoch) give an identical plan."""
+        sizes, batch, seed = self.sizes, self.batch_size, self.seed
+        if self.grouped:
+            return _grouped_plan(sizes, batch, seed, epoch, self.replacement, self.alpha, self.steps_per_epoch,
+                                 self.last_batch, self.tasks_per_step, self._pass_steps)
+        if self.replacement:
+            return [[pair] for pair in _plan_with_replacement(sizes, batch, seed, epoch, self.alpha, self.steps)]
+        plan: list[Step] = []
+        cycle = 0
+        while len(plan) < self.steps:
+            plan += [[pair] for pair in _one_pass(sizes, batch, seed, epoch, cycle, self.last_batch)]
+            cycle += 1
+        return plan[: self.steps]
+
+    @property
+    def updates_per_task(self) -> dict[str, float]:
+        """Each task's head updates per epoch, sorted by task: the optimizer sizes each head's LR schedule by it.
+
+        Exact without replacement and without `steps_per_epoch` (or with a multiple of a full pass); otherwise
+        the expectation (a truncated pass is a random prefix; with replacement each step picks the task with
+        p ∝ |D|^alpha). With several datasets per step: exact without replacement (per pass, b_t; "all":
+        max_t b_t), and the counts of epoch 0's plan with replacement.
+        """
+        per_pass = batches_per_task(self.sizes, self.batch_size, self.last_batch)
+        if self.grouped and self.replacement:
+            counts = task_counts(self.plan(0))
+            return {t: float(counts.get(t, 0)) for t in sorted(self.sizes)}
+        if self.replacement:
+            return {t: self.steps * p for t, p in task_probabilities(self.sizes, self.alpha).items()}
+        if self.every_task:
+            per_pass = dict.fromkeys(per_pass, self._pass_steps)
+        full_passes, rest = divmod(self.steps, self._pass_steps)
+        # the remainder is a uniformly random prefix of a pass: each task gets its share in expectation
+        return {t: float(full_passes * b + rest * b / self._pass_steps) for t, b in per_pass.items()}

@@ -25,7 +25,8 @@ import yaml
 from scipy import stats
 
 from mmpt.errors import MmptError
-from mmpt.evaluation import DATA_RECORD, labels_digest
+from mmpt.predict import labels_digest
+from mmpt.rundir import DATA_RECORD, PREDICTION_FILE
 from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.tasks import FLAGS, TASKS
@@ -34,7 +35,6 @@ METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 LOWER_IS_BETTER = {"mae"}
 BOOTSTRAP_BATCH = 20  # resamples per statistic call: bounds memory (batch × images × classes floats)
 CONFIDENCE = 0.95
-PREDICTION_FILE = re.compile(r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].*@.*\.csv")
 SEED_DIR = re.compile(r"seed(\d+)")
 
 

@@ -26,7 +26,7 @@ from mmpt.config import Config
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.evaluation import TaskResult, metrics_table, write_predictions
+from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.io import atomic_write, write_json
 from mmpt.metrics import compute_metrics
 from mmpt.model import MultiTaskNet, build_transform, load_backbone

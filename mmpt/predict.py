@@ -1,4 +1,4 @@
-"""Per-dataset evaluation: predictions, losses and metrics of a model on a split of every task."""
+"""Predictions and metrics: evaluate a model on a split of every task, write medmnist-named prediction files."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from mmpt.io import write_json, write_text
 from mmpt.losses import TaskLoss
 from mmpt.metrics import THRESHOLD, compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
-from mmpt.runtime import Interrupted, StopSignal, autocast
+from mmpt.rundir import DATA_RECORD, prediction_filename
+from mmpt.runtime import Interrupted, StopSignal
+from mmpt.step import autocast
 from mmpt.tasks import BINARY, MULTI_LABEL, TaskSpec
 
 
@@ -103,15 +105,6 @@ def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]
     table = {flag: dict(result.metrics) for flag, result in results.items()}
     table["mean"] = mean_metrics({flag: m for flag, m in table.items()})
     return table
-
-
-def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[str, float], run: str) -> str:
-    """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
-    size_flag = "" if resolution == 28 else f"_{resolution}"
-    return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
-
-
-DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
 
 
 def labels_digest(labels: np.ndarray) -> str:

@@ -1,0 +1,63 @@
+"""The files and splits the data benchmark (mmpt.bench.data) reads: synthetic throughput files and a large
+random 224 px RGB set, memory-mapped or read into RAM."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmpt.bench.common import write_synthetic_files
+from mmpt.data.store import SplitData
+from mmpt.tasks import TASKS
+
+INPUT_SIZE = 224
+THROUGHPUT_TASK = "breastmnist"  # grey, as most MedMNIST+ datasets; as_rgb turns it into 3 channels for PIL
+WRITE_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class InMemorySplit(SplitData):
+    """A split whose images were read into RAM with np.load (no mmap), as earlier mm-PT code holds them.
+
+    DataLoader workers are forked, so they inherit the array (shared until written) instead of a copy.
+    """
+
+    images: np.ndarray | None = None
+
+    def open_images(self) -> np.ndarray:
+        return self.images
+
+
+def write_throughput_files(root: Path, images: int, resolutions: tuple[int, ...] = (28, INPUT_SIZE)) -> None:
+    """Write synthetic THROUGHPUT_TASK files with `images` train images at each resolution into `root`."""
+    for resolution in resolutions:
+        write_synthetic_files(root, resolution, [TASKS[THROUGHPUT_TASK]], train_samples=images)
+
+
+def write_memory_set(path: Path, images: int, resolution: int = INPUT_SIZE) -> int:
+    """Write an images × R × R × 3 uint8 .npy of random pixels (the store's unpacked format); return its bytes."""
+    shape = (images, resolution, resolution, 3)
+    image_bytes = math.prod(shape[1:])
+    per_chunk = max(1, min(images, WRITE_CHUNK_BYTES // image_bytes))
+    # one random block, xor-ed with the chunk number, is fast to make and leaves no all-zero page
+    block = np.random.default_rng(0).integers(0, 256, size=(per_chunk, *shape[1:]), dtype=np.uint8)
+    chunk = np.empty_like(block)
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for number, start in enumerate(range(0, images, per_chunk)):
+            count = min(per_chunk, images - start)
+            np.bitwise_xor(block[:count], np.uint8(number % 256), out=chunk[:count])
+            f.write(chunk[:count].data)
+    return images * image_bytes
+
+
+def memory_split(path: Path, in_ram: bool) -> SplitData:
+    shape = np.load(path, mmap_mode="r").shape
+    labels = np.zeros((shape[0], 1), np.int64)
+    if in_ram:
+        return InMemorySplit(path, labels, shape, images=np.load(path))
+    return SplitData(path, labels, shape)

@@ -1,0 +1,59 @@
+"""Static weights: a fixed multiplier per dataset, so the step's loss is sum_t w_t * L_t."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mmpt.mtl.base import STATIC, Context, Method, Weighting
+
+
+class StaticWeighting:
+    """A fixed multiplier per dataset: the step's loss is sum_t w_t * L_t."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        self._weights = dict(weights)
+        self._as_tensors = {t: torch.tensor(w) for t, w in weights.items()}  # made once, not per step
+        self._last: dict[str, Tensor] = {}
+
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+        total = sum(self._weights[t] * loss for t, loss in losses.items())
+        scale(total).backward()
+        self._last = {t: self._as_tensors[t] for t in losses}
+
+    def weights(self) -> dict[str, Tensor]:
+        return self._last
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def by_size(rule: Callable[[int, int, int], float]) -> Callable[[list[str], dict, Context], Weighting]:
+    """Weights from each dataset's train size: rule(|D_t|, min |D|, max |D|)."""
+
+    def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
+        sizes = ctx.train_sizes
+        assert sizes and min(sizes.values()) > 0, f"train sizes must be positive, got {sizes}"
+        smallest, largest = min(sizes.values()), max(sizes.values())
+        return StaticWeighting({t: rule(sizes[t], smallest, largest) for t in flags})
+
+    return build
+
+
+def manual(flags: list[str], args: dict, ctx: Context) -> Weighting:
+    return StaticWeighting({t: float(ctx.weights[t]) for t in flags})
+
+
+STATIC_METHODS: dict[str, Method] = {
+    "none": Method(STATIC, by_size(lambda n, lo, hi: 1.0), reference="every loss counts 1 (mm-PT default)"),
+    "size": Method(STATIC, by_size(lambda n, lo, hi: lo / n), reference="min|D| / |D_t| (Bachmeier 2024)"),
+    "inverse_size": Method(STATIC, by_size(lambda n, lo, hi: hi / n), reference="max|D| / |D_t|"),
+    "sqrt_size": Method(STATIC, by_size(lambda n, lo, hi: math.sqrt(lo / n)), reference="sqrt(min|D| / |D_t|)"),
+    "manual": Method(STATIC, manual, reads_weights=True, reference="loss.weights: one weight per dataset"),
+}

@@ -1,0 +1,121 @@
+"""What a training run tells its user: the opening lines, the train losses (TensorBoard, progress bar), the
+non-finite-loss check and the per-epoch validation line."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from mmpt.config import Config
+from mmpt.data.sampler import Sampler
+from mmpt.distributed import World
+from mmpt.errors import MmptError
+from mmpt.model import MultiTaskNet
+from mmpt.step import TrainStep
+
+
+class Log:
+    """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
+
+    def __init__(self, run_dir: Path, world: World, steps_done: int) -> None:
+        self.world = world
+        self.writer = SummaryWriter(str(run_dir / "tb")) if world.is_main else None
+        self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
+        self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
+        self.first_unchecked_step = steps_done + 1
+        self.tick, self.images_seen = time.time(), 0
+
+    def images(self, count: int) -> None:
+        self.images_seen += count
+
+    def losses(self, step: TrainStep, global_step: int, last: Path) -> None:
+        """Read the step's loss sums; raise MmptError if any was non-finite (then nothing more is saved)."""
+        sums, nonfinite = step.read_losses()
+        if nonfinite:
+            bad = [t for t, (s, _) in sums.items() if not math.isfinite(s)]
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
+            raise MmptError(
+                f"the loss of {', '.join(bad) or 'a dataset'} became NaN or infinite between steps "
+                f"{self.first_unchecked_step} and {global_step}; training stopped without saving them, {kept}; "
+                "lower optim.lr or set optim.clip_grad_norm"
+            )
+        self.first_unchecked_step = global_step + 1
+        for table in (self.interval, self.epoch):
+            for task, (total, count) in sums.items():
+                entry = table.setdefault(task, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+
+    def train(self, global_step: int, learning_rates: dict[str, float], weights: dict, bar) -> None:
+        rate = self.images_seen / max(time.time() - self.tick, 1e-9)
+        means = {task: total / count for task, (total, count) in self.interval.items()}
+        if means:
+            bar.set_postfix(loss=f"{sum(means.values()) / len(means):.3f}", img_s=f"{rate:.0f}")
+        if self.writer is not None:
+            for task, loss in means.items():
+                self.writer.add_scalar(f"train/loss/{task}", loss, global_step)
+            self.writer.add_scalar("train/images_per_s", rate, global_step)
+            for name, lr in learning_rates.items():
+                self.writer.add_scalar(f"lr/{name}", lr, global_step)
+            for task, weight in weights.items():
+                self.writer.add_scalar(f"weight/{task}", float(weight), global_step)
+        self.interval = {}
+        self.tick, self.images_seen = time.time(), 0
+
+    def epoch_losses(self) -> dict[str, float]:
+        """Each dataset's mean train loss over the epoch; starts the next epoch's sums."""
+        means = {task: total / count for task, (total, count) in self.epoch.items()}
+        self.epoch = {}
+        return means
+
+    def validation(self, epoch: int, val: dict[str, dict[str, float]], improved: bool) -> None:
+        if not self.world.is_main:
+            return
+        for name, row in val.items():
+            for metric, value in row.items():
+                self.writer.add_scalar(f"val/{name}/{metric}", value, epoch)
+        print(f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
+              + ("  (best)" if improved else ""))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: World, data_cache: Path) -> str:
+    """The run's opening lines: what will be trained, on what input, where and how."""
+    sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
+    width = max(len(t) for t in sizes)
+    lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
+    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
+    per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
+    per_step = "" if not sampler.grouped else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
+    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
+                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
+    lines.append(f"loss weighting: {cfg.loss.weighting}"
+                 + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
+    lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
+                 + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
+    return "\n".join(lines)
+
+
+def input_description(cfg: Config, model: MultiTaskNet) -> str:
+    """What the model sees, e.g. `28 px zero-padded to 224 px (input.mode pad)`."""
+    source, size, mode = cfg.data.resolution, model.input_size, cfg.input.mode
+    if mode == "native" or source == size:
+        return f"{source} px as stored (input.mode {mode})"
+    how = "zero-padded" if mode == "pad" and source < size else "resized"
+    return f"{source} px {how} to {size} px (input.mode {mode}; {(size / source) ** 2:.1f}x the pixels)"
+
+
+def resumed_line(saved: dict, world: World) -> str:
+    line = f"resumed at epoch {saved['epoch']}, step {saved['step']}"
+    before = saved.get("world_size", 1)
+    if before != world.world_size:
+        line += (f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
+                 "unchanged, so the run continues with the same plan (results differ only by rounding)")
+    return line

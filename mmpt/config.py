@@ -62,6 +62,9 @@ class ModelConfig:
     img_size: int | None = None  # input side for pad/resize (ViTs are built for it); None = pretrained_cfg
     drop_rate: float = 0.0
     init_from: str | None = None  # run folder or .pt: start from its backbone (and heads of shared datasets)
+    # BatchNorm statistics: shared (one set for all datasets) | per_dataset_stats (each dataset its own running
+    # mean and variance, shared affine weights) | per_dataset (also its own affine weights); needs a BatchNorm backbone
+    norm: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input.mode": ("pad", "resize", "native"),
     "input.pad_value": ("normalized_zero", "black"),
     "input.interpolation": ("bilinear", "bicubic"),
+    "model.norm": ("shared", "per_dataset_stats", "per_dataset"),
     "sampler.last_batch": ("keep", "drop"),
     "loss.ordinal": ("ce", "coral", "corn"),
     "loss.weighting": tuple(METHODS),

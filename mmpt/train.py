@@ -30,6 +30,7 @@ from mmpt.io import write_json, write_text
 from mmpt.model import (
     MultiTaskNet, build_model, check_batch_size, load_initial_weights, resolve_backbone,
 )
+from mmpt.norm import check_norm_weighting, describe_norm, has_batchnorm
 from mmpt.optim import check_optimizer_name
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.report import format_table, write_metrics
@@ -153,6 +154,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
             world_size=world.world_size, datasets=[t.flag for t in tasks], weights=cfg.loss.weights,
         )
+        check_norm_weighting(cfg.model.norm, cfg.loss.weighting)
         data = open_data(cfg.data, tasks)
         if state is not None:
             check_resume_data(state, data, cfg.data.allow_changed)
@@ -443,6 +445,8 @@ def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, wo
     lines.append(f"loss weighting: {cfg.loss.weighting}"
                  + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    if has_batchnorm(model.backbone):
+        lines.append(describe_norm(cfg.model.norm, list(sizes)))
     lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
                  + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
     return "\n".join(lines)

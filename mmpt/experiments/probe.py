@@ -89,15 +89,18 @@ def fit_probe(
 
 
 @torch.no_grad()
-def extract_features(model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int) -> np.ndarray:
-    """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed)."""
+def extract_features(
+    model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int, task: str | None = None,
+) -> np.ndarray:
+    """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed);
+    with per-dataset norm (model.norm), through `task`'s statistics."""
     from mmpt.data.loader import eval_loader
 
     model.eval()
     transform = build_transform(cfg, model)
     out = []
     for _, images, _ in eval_loader({"split": split_data}, batch_size, num_workers=cfg.data.num_workers):
-        out.append(model.features(transform(images.to(device))).float().cpu().numpy())
+        out.append(model.features(transform(images.to(device)), task).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -132,7 +135,7 @@ def cached_features(
             if manifest["files"].get(name) == len(task_data.splits[split]) and path.is_file():
                 out[flag][split] = np.load(path)
                 continue
-            feats = extract_features(model, cfg, task_data.splits[split], device, batch_size)
+            feats = extract_features(model, cfg, task_data.splits[split], device, batch_size, task=flag)
             atomic_write(path, lambda f, feats=feats: np.save(f, feats))
             manifest["files"][name] = len(feats)
             write_json(manifest_path, manifest)

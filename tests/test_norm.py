@@ -1,0 +1,262 @@
+"""Per-dataset normalization (model.norm): each dataset's own BatchNorm statistics, in training and evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import mmpt.step
+from mmpt import checkpoint as ckpt
+from mmpt.errors import MmptError
+from mmpt.model import build_model
+from mmpt.norm import NormLayout, TaskBatchNorm, convert_norms, task_norms
+from mmpt.tasks import resolve_tasks
+from mmpt.train import run
+from test_resume import crash_at_step
+from test_train import summary, tiny_config
+
+TWO = resolve_tasks("breast,retina")
+
+
+def model_with(norm: str, backbone: str = "test_resnet", tasks=TWO):
+    cfg = tiny_config("/nonexistent", "/nonexistent", model={"backbone": backbone, "norm": norm})
+    torch.manual_seed(0)
+    return build_model(cfg, tasks)[0]
+
+
+def batch(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+@pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
+def test_training_on_one_dataset_leaves_the_others_statistics_unchanged(norm):
+    model = model_with(norm)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    model(batch(8, 0, shift=2.0), "breastmnist")
+    after = model.state_dict()
+    layers = task_norms(model.backbone)
+    assert len(layers) == 15  # every BatchNorm of test_resnet
+    breast, retina = model.norm_tasks.index("breastmnist"), model.norm_tasks.index("retinamnist")
+    for name, _ in layers:
+        key = f"backbone.{name}.running_mean"
+        assert torch.equal(after[key][retina], before[key][retina])  # untouched
+        assert not torch.equal(after[key][breast], before[key][breast])  # moved
+        assert after[f"backbone.{name}.num_batches_tracked"][[breast, retina]].tolist() == [1, 0]
+
+
+def test_a_dataset_is_evaluated_with_its_own_statistics_and_weights():
+    """The per-dataset model on retina equals the plain timm backbone holding retina's statistics and weights."""
+    model = model_with("per_dataset").eval()
+    state = model.backbone.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    for key in state:
+        if "running_" in key or "task_" in key:  # distinct values per dataset
+            state[key] = torch.rand(state[key].shape, generator=generator) + 0.5
+    model.backbone.load_state_dict(state)
+    plain = timm.create_model("test_resnet", num_classes=0).eval()
+    row = model.norm_tasks.index("retinamnist")
+    oracle = {}
+    for key in plain.state_dict():
+        layer, _, leaf = key.rpartition(".")
+        if f"{layer}.task_weight.1" in state and leaf in ("weight", "bias"):
+            oracle[key] = state[f"{layer}.task_{leaf}.{row}"]
+        elif leaf in ("running_mean", "running_var", "num_batches_tracked") and state[key].dim() >= 1 and \
+                f"{layer}.running_mean" in state and state[f"{layer}.running_mean"].dim() == 2:
+            oracle[key] = state[key][row]
+        else:
+            oracle[key] = state[key]
+    plain.load_state_dict(oracle)
+    x = batch(4, 2)
+    with torch.no_grad():
+        expected = plain(x)
+        assert torch.allclose(model.features(x, "retinamnist"), expected, atol=1e-6)
+        assert not torch.allclose(model.features(x, "breastmnist"), expected, atol=1e-3)
+        assert torch.allclose(model(x, "retinamnist"), model.heads["retinamnist"](expected), atol=1e-6)
+
+
+def test_a_layer_normalises_with_the_datasets_running_statistics_by_hand():
+    layer = nn.BatchNorm2d(3)
+    layout = NormLayout()
+    wrapped = convert_norms(nn.Sequential(layer), 2, "per_dataset_stats", layout)[0]
+    wrapped.running_mean.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0]]))
+    wrapped.running_var.copy_(torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.25, 9.0]]))
+    wrapped.eval()
+    layout.segments = ((1, 5),)
+    x = batch(5, 3)[:, :3, :4, :4]
+    by_hand = (x - torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1)) / torch.sqrt(
+        torch.tensor([4.0, 0.25, 9.0]).view(1, 3, 1, 1) + layer.eps)
+    assert torch.allclose(wrapped(x), by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "timm_batchnorm_act"])
+@pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
+def test_each_slice_of_a_several_dataset_batch_is_normalised_on_its_own(kind, norm):
+    """k >= 2: one pass over the concatenated batch equals each slice through its own BatchNorm (the oracle)."""
+    if kind == "batchnorm":
+        source = nn.BatchNorm2d(4)
+    else:
+        source = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
+    with torch.no_grad():
+        source.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        source.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    oracles = [copy.deepcopy(source).train() for _ in range(3)]
+    layout = NormLayout()
+    wrapped = convert_norms(nn.Sequential(copy.deepcopy(source)), 3, norm, layout)[0].train()
+    slices = [batch(5, 10)[:, :3].repeat(1, 2, 1, 1)[:, :4], batch(3, 11, 4.0)[:, :3].repeat(1, 2, 1, 1)[:, :4]]
+    layout.segments = ((2, 5), (0, 3))  # dataset 2's slice first, then dataset 0's; dataset 1 not in the step
+    out = wrapped(torch.cat(slices))
+    expected = torch.cat([oracles[2](slices[0]), oracles[0](slices[1])])
+    assert torch.allclose(out, expected, atol=1e-5)
+    for row, oracle in ((2, oracles[2]), (0, oracles[0]), (1, oracles[1])):
+        assert torch.allclose(wrapped.running_mean[row], oracle.running_mean, atol=1e-6)
+        assert torch.allclose(wrapped.running_var[row], oracle.running_var, atol=1e-6)
+    assert wrapped.num_batches_tracked.tolist() == [1, 0, 1]
+    assert torch.equal(wrapped.running_mean[1], torch.zeros(4))  # untouched: its initial value
+
+
+def test_a_backbone_without_batchnorm_refuses_a_per_dataset_norm():
+    with pytest.raises(MmptError, match="test_vit has no BatchNorm.*LayerNorm"):
+        model_with("per_dataset_stats", backbone="test_vit")
+    assert model_with("shared", backbone="test_vit") is not None
+
+
+def test_per_dataset_affine_with_a_gradient_based_weighting_is_refused(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "run", data={"datasets": ["breast", "retina"]},
+                      model={"norm": "per_dataset"}, sampler={"tasks_per_step": 2}, loss={"weighting": "upgrad"})
+    with pytest.raises(MmptError, match="per_dataset_stats"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def norm_config(root, output, norm, **sections):
+    """test_resume's config (three tiny tasks, 3 epochs, dropout and augmentation) with `norm`."""
+    return tiny_config(
+        root, output, data={"datasets": ["breast", "retina", "chest"], "num_workers": 0},
+        model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32, "norm": norm},
+        input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
+        train={"epochs": 3, "batch_size": 16}, **sections,
+    )
+
+
+@pytest.fixture(scope="module", params=["per_dataset_stats", "per_dataset"])
+def norm_reference(request, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"reference-{request.param}") / "run"
+    run(norm_config(synthetic_root, out, request.param, sampler={"tasks_per_step": 2}))
+    return request.param, summary(out), out
+
+
+def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(synthetic_root, tmp_path, monkeypatch,
+                                                                      norm_reference):
+    norm, reference, _ = norm_reference
+    out = tmp_path / "crashed"
+    cfg = norm_config(synthetic_root, out, norm, sampler={"tasks_per_step": 2}, checkpoint={"every_steps": 4})
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 9)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(cfg)
+    run(cfg, resume=True)
+    assert summary(out)["final_digest"] == reference["final_digest"]
+    assert summary(out)["best_digest"] == reference["best_digest"]
+
+
+def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
+    norm, reference, out = norm_reference
+    assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
+    state = ckpt.load(out / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    assert state["backbone.bn1.running_mean"].shape[0] == 3  # one row per dataset
+    assert ("backbone.bn1.task_weight.2" in state) == (norm == "per_dataset")
+
+
+def test_model_norm_cannot_change_on_resume(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 3)
+        with pytest.raises(RuntimeError):
+            run(norm_config(synthetic_root, out, "shared", checkpoint={"every_steps": 2}))
+    with pytest.raises(MmptError, match="model.norm=shared, not per_dataset_stats"):
+        run(norm_config(synthetic_root, out, "per_dataset_stats"), resume=True)
+
+
+def test_shared_and_per_dataset_runs_of_one_seed_see_the_same_plan(synthetic_root, tmp_path, monkeypatch):
+    seen: dict[str, list] = {}
+    real_step = mmpt.step.TrainStep.__call__
+
+    def record(self, parts, step):
+        seen.setdefault(self.model.norm, []).append(
+            [(p.task, p.images.sum().item(), p.labels.sum().item()) for p in parts])
+        return real_step(self, parts, step)
+
+    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", record)
+    for norm in ("shared", "per_dataset_stats"):
+        run(tiny_config(synthetic_root, tmp_path / norm, data={"datasets": ["breast", "retina", "chest"]},
+                        model={"norm": norm}, sampler={"tasks_per_step": 2}, train={"batch_size": 16}))
+    assert len(seen["shared"]) == 12 and seen["shared"] == seen["per_dataset_stats"]
+    assert summary(tmp_path / "shared")["final_digest"] != summary(tmp_path / "per_dataset_stats")["final_digest"]
+
+
+def saved_model(tmp_path, norm: str, datasets: str):
+    """A checkpoint file of a freshly built model with distinct per-dataset statistics and weights."""
+    from mmpt.config import to_dict
+
+    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
+                      model={"backbone": "test_resnet", "norm": norm})
+    model = build_model(cfg, resolve_tasks(datasets))[0]
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(5)
+    for key in state:
+        if "running_" in key or ".task_" in key or key.endswith("bn1.weight"):
+            state[key] = torch.rand(state[key].shape, generator=generator) + 0.5
+    path = tmp_path / f"{norm}.pt"
+    ckpt.save(path, {ckpt.MODEL: state, ckpt.CONFIG: to_dict(cfg)})
+    return path, state, model.norm_tasks
+
+
+def target_model(norm: str, datasets: str, source):
+    from mmpt.model import load_initial_weights
+
+    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
+                      model={"backbone": "test_resnet", "norm": norm})
+    model = build_model(cfg, resolve_tasks(datasets))[0]
+    load_initial_weights(model, source, cfg)
+    return model, model.backbone.state_dict()
+
+
+def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the_size_weighted_mixture(tmp_path, capsys):
+    source, theirs, source_tasks = saved_model(tmp_path, "per_dataset", "breast,retina,chest")
+    model, ours = target_model("per_dataset", "breast,pneumonia", source)
+    assert "pneumoniamnist, not in the source, from the train-size-weighted mixture" in capsys.readouterr().out
+    b_src, b_dst = source_tasks.index("breastmnist"), model.norm_tasks.index("breastmnist")
+    p_dst = model.norm_tasks.index("pneumoniamnist")
+    sizes = {t.flag: t.split_size("train") for t in resolve_tasks("breast,retina,chest")}
+    share = torch.tensor([sizes[t] for t in source_tasks], dtype=torch.float64)
+    share /= share.sum()
+    for layer in ("bn1", "layer1.0.bn1"):
+        mean, var = theirs[f"backbone.{layer}.running_mean"], theirs[f"backbone.{layer}.running_var"]
+        assert torch.equal(ours[f"{layer}.running_mean"][b_dst], mean[b_src])
+        assert torch.equal(ours[f"{layer}.task_weight.{b_dst}"], theirs[f"backbone.{layer}.task_weight.{b_src}"])
+        mixed_mean = (share[:, None] * mean.double()).sum(0)
+        mixed_var = (share[:, None] * (var.double() + (mean.double() - mixed_mean) ** 2)).sum(0)
+        assert torch.allclose(ours[f"{layer}.running_mean"][p_dst].double(), mixed_mean, atol=1e-5)
+        assert torch.allclose(ours[f"{layer}.running_var"][p_dst].double(), mixed_var, atol=1e-5)
+    # a single-dataset fine-tune with shared norm takes that dataset's own statistics and weights
+    _, single = target_model("shared", "retina", source)
+    r_src = source_tasks.index("retinamnist")
+    assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][r_src])
+    assert torch.equal(single["bn1.weight"], theirs[f"backbone.bn1.task_weight.{r_src}"])
+    assert torch.equal(single["conv1.0.weight"], theirs["backbone.conv1.0.weight"])
+
+
+def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_path):
+    source, theirs, _ = saved_model(tmp_path, "shared", "breast,retina")
+    model, ours = target_model("per_dataset", "breast,retina,chest", source)
+    for row in range(3):
+        assert torch.equal(ours["bn1.running_mean"][row], theirs["backbone.bn1.running_mean"])
+        assert torch.equal(ours[f"bn1.task_weight.{row}"], theirs["backbone.bn1.weight"])
+    _, stats_only = target_model("per_dataset_stats", "breast", source)
+    assert torch.equal(stats_only["bn1.weight"], theirs["backbone.bn1.weight"])
+    assert torch.equal(stats_only["bn1.running_var"][0], theirs["backbone.bn1.running_var"])

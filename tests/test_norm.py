@@ -260,3 +260,20 @@ def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_
     _, stats_only = target_model("per_dataset_stats", "breast", source)
     assert torch.equal(stats_only["bn1.weight"], theirs["backbone.bn1.weight"])
     assert torch.equal(stats_only["bn1.running_var"][0], theirs["backbone.bn1.running_var"])
+
+
+def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
+    """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
+    (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
+    from test_distributed import finish, summary as ddp_summary, torchrun, write_config
+
+    raw = {
+        "name": "ddp", "output": str(tmp_path / "run"),
+        "data": {"root": str(synthetic_root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
+        "model": {"backbone": "test_resnet", "norm": "per_dataset"}, "input": {"mode": "native"},
+        "sampler": {"tasks_per_step": 2}, "optim": {"lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
+    }
+    finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
+    digests = ddp_summary(tmp_path / "run")["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

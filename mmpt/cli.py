@@ -181,6 +181,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--recalibrate-norm", action="store_true",
+                   help="first re-estimate each dataset's BatchNorm statistics on its own train images (in memory; "
+                        "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated")
+    p.add_argument("--recalibrate-images", type=int, metavar="N",
+                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
     p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
     p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
@@ -299,9 +304,17 @@ def _evaluate(argv: list[str]) -> int:
 
     run_dir = Path(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
-    output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
+    folder = args.split + ("-recalibrated" if args.recalibrate_norm else "")
+    output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / folder
     if args.batch_size is not None and args.batch_size < 1:
         raise MmptError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.recalibrate_images is not None and not args.recalibrate_norm:
+        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
+    if args.recalibrate_images is not None and args.recalibrate_images < 2:
+        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {args.recalibrate_images}")
+    from mmpt.norm import RECALIBRATION_IMAGES
+
+    recalibrate_images = (args.recalibrate_images or RECALIBRATION_IMAGES) if args.recalibrate_norm else None
     from mmpt.runtime import Interrupted, interrupt_on_signals
 
     try:
@@ -309,6 +322,7 @@ def _evaluate(argv: list[str]) -> int:
             evaluate_checkpoint(
                 checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
                 cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+                recalibrate_images=recalibrate_images,
             )
     except Interrupted as exc:
         # evaluation keeps no state worth saving: stop at once; files already written are whole (atomic writes)

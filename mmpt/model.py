@@ -102,6 +102,13 @@ class MultiTaskNet(nn.Module):
             convert_norms(backbone, len(self.norm_tasks), norm, self.norm_layout)
         self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
 
+    def split_norm_statistics(self) -> None:
+        """Turn shared BatchNorm statistics into per-dataset ones (model.norm per_dataset_stats), each dataset
+        starting from the shared values; no-op when they are per dataset already (recalibration)."""
+        if not self.per_dataset_norm:
+            convert_norms(self.backbone, len(self.norm_tasks), "per_dataset_stats", self.norm_layout)
+            self.norm = "per_dataset_stats"
+
     @property
     def per_dataset_norm(self) -> bool:
         return self.norm != "shared"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -253,3 +254,57 @@ def describe_norm(norm: str, tasks: Sequence[str]) -> str:
         return "normalization: shared BatchNorm statistics (model.norm shared)"
     what = "running statistics" if norm == "per_dataset_stats" else "running statistics and affine weights"
     return f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} (model.norm {norm})"
+
+
+# --- recalibration: each dataset's statistics re-estimated on its own training images -----------------------------
+
+RECALIBRATION_IMAGES = 2048  # default images per dataset (or its whole train split, if smaller)
+RECALIBRATION_SEED = 0  # which images: a fixed draw, so two recalibrations agree
+
+
+def recalibration_indices(train_size: int, images: int) -> np.ndarray:
+    """The sorted train indices a recalibration reads: all of them, or a seeded draw of `images` without replacement."""
+    if images >= train_size:
+        return np.arange(train_size)
+    return np.sort(np.random.default_rng(RECALIBRATION_SEED).choice(train_size, size=images, replace=False))
+
+
+@torch.no_grad()
+def recalibrate(model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES,
+                batch_size: int = 256) -> dict[str, int]:
+    """Re-estimate, for each dataset of `splits` (flag -> its train SplitData), every BatchNorm layer's statistics of
+    `model` from that dataset's own training images; return the images used per dataset.
+
+    A shared-norm model first gets per-dataset statistics (model.split_norm_statistics). The statistics are the
+    cumulative average (BatchNorm's momentum=None) over near-equal batches of at most `batch_size` images, each
+    normalised with its own batch statistics as in training; without gradients, with dropout off (only the norm
+    layers in train mode) and the images in a fixed order (`recalibration_indices`), so it is deterministic.
+    Affine weights and every other weight stay as they are.
+    """
+    model.split_norm_statistics()
+    layers = [m for _, m in task_norms(model.backbone)]
+    model.eval()
+    used: dict[str, int] = {}
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = None
+            layer.train()
+        for flag, split in splits.items():
+            row = model.norm_tasks.index(flag)
+            for layer in layers:
+                layer.running_mean[row].zero_()
+                layer.running_var[row].fill_(1.0)
+                layer.num_batches_tracked[row].zero_()
+            indices = recalibration_indices(len(split), images)
+            mapped = split.open_images()
+            # near-equal batches (sizes differ by at most one; none of a single image, which BatchNorm cannot train on)
+            for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+                x = transform(torch.from_numpy(np.array(mapped[chunk])).to(device))
+                model.features(x, flag)
+            used[flag] = len(indices)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    return used

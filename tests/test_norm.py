@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -277,3 +278,61 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
     finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
     digests = ddp_summary(tmp_path / "run")["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.fixture(scope="module")
+def shared_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "run"
+    run(tiny_config(synthetic_root, out, data={"datasets": ["breast", "retina", "chest"]}, train={"batch_size": 16}))
+    return out
+
+
+def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(shared_run, tmp_path):
+    import hashlib
+    import json
+
+    from mmpt.cli import evaluate_main
+
+    best = shared_run / "checkpoints" / ckpt.BEST
+    before = hashlib.sha256(best.read_bytes()).hexdigest()
+    assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100"]) == 0
+    assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100",
+                          "--output", str(tmp_path / "again")]) == 0
+    assert evaluate_main([str(shared_run)]) == 0
+    assert hashlib.sha256(best.read_bytes()).hexdigest() == before
+    first = json.loads((shared_run / "eval" / "test-recalibrated" / "metrics.json").read_text())
+    assert first == json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert first != json.loads((shared_run / "eval" / "test" / "metrics.json").read_text())  # the statistics moved
+    record = json.loads((shared_run / "eval" / "test-recalibrated" / "recalibration.json").read_text())
+    assert record["from"] == "shared" and record["images_per_dataset"] == {
+        "breastmnist": 100, "retinamnist": 100, "chestmnist": 100}
+
+
+def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
+    """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
+    from mmpt.data.store import open_data
+    from mmpt.model import build_transform
+    from mmpt.norm import recalibrate
+
+    state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
+    from mmpt.config import from_dict
+
+    cfg = from_dict(state[ckpt.CONFIG])
+    tasks = resolve_tasks(cfg.data.datasets)
+    model = build_model(cfg, tasks)[0]
+    model.load_state_dict(state[ckpt.MODEL])
+    transform = build_transform(cfg, model)
+    data = open_data(cfg.data, tasks)
+    splits = {flag: d.splits["train"] for flag, d in data.items()}
+    used = recalibrate(model, splits, transform, torch.device("cpu"), images=10_000, batch_size=1024)
+    assert used == {flag: 128 for flag in splits}  # the whole split (smaller than the request)
+    assert model.norm == "per_dataset_stats" and not model.training
+    layer = model.backbone.conv1[1]
+    for flag, split in splits.items():
+        x = transform(torch.from_numpy(np.array(split.open_images())))
+        with torch.no_grad():
+            z = model.backbone.conv1[0](x)
+        row = model.norm_tasks.index(flag)
+        assert torch.allclose(layer.running_mean[row], z.mean(dim=(0, 2, 3)), atol=1e-5)
+        assert torch.allclose(layer.running_var[row], z.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert torch.equal(layer.weight, state[ckpt.MODEL]["backbone.conv1.1.weight"])  # affine untouched

@@ -241,6 +241,11 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
     p.add_argument("--cache-dir", help="folder for the unpacked .npy cache")
     p.add_argument("--output", help="results folder (default RUN/probe-<method>, or runs/backbone-.../probe-<method>)")
+    p.add_argument("--recalibrate-norm", action="store_true",
+                   help="first re-estimate each dataset's BatchNorm statistics on its own train images, so each "
+                        "dataset's features come through its own statistics (default output RUN/probe-<method>-recalibrated)")
+    p.add_argument("--recalibrate-images", type=int, metavar="N",
+                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -275,7 +280,8 @@ def _subcommand(argv: list[str]) -> int:
     from mmpt.experiments.probe import probe_runs
 
     common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
-                  device=a.device, batch_size=a.batch_size)
+                  device=a.device, batch_size=a.batch_size,
+                  recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images))
     if a.backbone:
         if a.run:
             raise MmptError("probe a run or a bare --backbone, not both")
@@ -308,13 +314,7 @@ def _evaluate(argv: list[str]) -> int:
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / folder
     if args.batch_size is not None and args.batch_size < 1:
         raise MmptError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.recalibrate_images is not None and not args.recalibrate_norm:
-        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
-    if args.recalibrate_images is not None and args.recalibrate_images < 2:
-        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {args.recalibrate_images}")
-    from mmpt.norm import RECALIBRATION_IMAGES
-
-    recalibrate_images = (args.recalibrate_images or RECALIBRATION_IMAGES) if args.recalibrate_norm else None
+    recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
     from mmpt.runtime import Interrupted, interrupt_on_signals
 
     try:
@@ -329,6 +329,17 @@ def _evaluate(argv: list[str]) -> int:
         print(f"{exc} received: evaluation stopped; run the same command again to evaluate", file=sys.stderr)
         return 130
     return 0
+
+
+def _recalibrate_images(recalibrate_norm: bool, images: int | None) -> int | None:
+    """Train images per dataset for --recalibrate-norm (None: no recalibration); raises MmptError for a bad pair."""
+    from mmpt.norm import RECALIBRATION_IMAGES
+
+    if images is not None and not recalibrate_norm:
+        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
+    if images is not None and images < 2:
+        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {images}")
+    return (images or RECALIBRATION_IMAGES) if recalibrate_norm else None
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -102,10 +102,12 @@ class MultiTaskNet(nn.Module):
             convert_norms(backbone, len(self.norm_tasks), norm, self.norm_layout)
         self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
 
-    def split_norm_statistics(self) -> None:
-        """Turn shared BatchNorm statistics into per-dataset ones (model.norm per_dataset_stats), each dataset
-        starting from the shared values; no-op when they are per dataset already (recalibration)."""
+    def split_norm_statistics(self, tasks: tuple[str, ...] = ()) -> None:
+        """Turn shared BatchNorm statistics into per-dataset ones (model.norm per_dataset_stats) for the model's
+        datasets and `tasks`, each starting from the shared values; no-op when they are per dataset already."""
         if not self.per_dataset_norm:
+            self.norm_tasks += tuple(t for t in tasks if t not in self.norm_tasks)
+            self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
             convert_norms(self.backbone, len(self.norm_tasks), "per_dataset_stats", self.norm_layout)
             self.norm = "per_dataset_stats"
 

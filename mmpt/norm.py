@@ -281,7 +281,7 @@ def recalibrate(model, splits: dict, transform, device: torch.device, *, images:
     layers in train mode) and the images in a fixed order (`recalibration_indices`), so it is deterministic.
     Affine weights and every other weight stay as they are.
     """
-    model.split_norm_statistics()
+    model.split_norm_statistics(tuple(splits))
     layers = [m for _, m in task_norms(model.backbone)]
     model.eval()
     used: dict[str, int] = {}

@@ -336,3 +336,22 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
         assert torch.allclose(layer.running_mean[row], z.mean(dim=(0, 2, 3)), atol=1e-5)
         assert torch.allclose(layer.running_var[row], z.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
     assert torch.equal(layer.weight, state[ckpt.MODEL]["backbone.conv1.1.weight"])  # affine untouched
+
+
+def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run, tmp_path):
+    from mmpt.cli import evaluate_main
+    from mmpt.data.store import open_data
+    from mmpt.experiments.probe import extract_features
+    from mmpt.model import load_backbone
+
+    model, cfg = load_backbone(shared_run)
+    model.split_norm_statistics()
+    layer = model.backbone.conv1[1]
+    layer.running_mean[model.norm_tasks.index("retinamnist")] += 3.0  # retina's statistics differ from breast's
+    split = open_data(cfg.data, resolve_tasks("breast"))["breastmnist"].splits["test"]
+    breast = extract_features(model, cfg, split, torch.device("cpu"), 64, task="breastmnist")
+    retina = extract_features(model, cfg, split, torch.device("cpu"), 64, task="retinamnist")
+    assert breast.shape == retina.shape and not np.allclose(breast, retina, atol=1e-3)
+    assert evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm",
+                          "--recalibrate-images", "64"]) == 0
+    assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()

@@ -163,8 +163,12 @@ def probe(
     device: str = "auto",
     batch_size: int | None = None,
     name: str | None = None,
+    recalibrate_images: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table."""
+    """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table.
+
+    `recalibrate_images`: first re-estimate each dataset's BatchNorm statistics on that many of its own train
+    images (mmpt.norm.recalibrate), so each dataset's features come through its own statistics."""
     if method not in METHODS:
         raise MmptError(f"unknown probe method '{method}'; choose linear or knn")
     if k < 1:
@@ -172,6 +176,16 @@ def probe(
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
     configure_determinism(cfg.train.seed, cfg.determinism)
+    if recalibrate_images is not None:
+        from mmpt.norm import has_batchnorm, recalibrate
+
+        if not has_batchnorm(model.backbone):
+            raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
+                            "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); probe without it")
+        torch_device = select_device(device)
+        model.to(torch_device)
+        recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, build_transform(cfg, model), torch_device,
+                    images=recalibrate_images, batch_size=batch_size or cfg.data.eval_batch_size)
     features = cached_features(model, cfg, data, features_dir, select_device(device),
                                batch_size or cfg.data.eval_batch_size)
     results, chosen = {}, {}
@@ -197,7 +211,8 @@ def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwarg
     it reads the runs. Raises MmptError when `source` holds no checkpoints/best.pt.
     """
     source = Path(source)
-    output = Path(output) if output else source / f"probe-{method}"
+    recalibrated = "-recalibrated" if kwargs.get("recalibrate_images") is not None else ""
+    output = Path(output) if output else source / f"probe-{method}{recalibrated}"
     leaves = sorted(
         p.parent.parent for p in source.rglob("checkpoints/best.pt")
         if not any(part.startswith("probe-") for part in p.relative_to(source).parts)
@@ -209,7 +224,7 @@ def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwarg
     for leaf in leaves:
         model, cfg = load_backbone(leaf)
         out = output / leaf.relative_to(source)
-        probe(model, cfg, out, method=method, features_dir=leaf / FEATURES, **kwargs)
+        probe(model, cfg, out, method=method, features_dir=leaf / (FEATURES + recalibrated), **kwargs)
         written.append(out)
     return written
 

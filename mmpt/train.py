@@ -21,7 +21,9 @@ from mmpt import checkpoint as ckpt
 from mmpt import distributed
 from mmpt.config import Config, config_yaml, from_dict, to_dict
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch
+from mmpt.data.sampler import (
+    dataset_exposure, epoch_plan, expected_updates_per_epoch, sampler_options, steps_in_epoch,
+)
 from mmpt.data.store import TaskData, cache_location, data_changes, open_data
 from mmpt.distributed import World, agree_on_errors, any_rank, broadcast_buffers
 from mmpt.errors import MmptError
@@ -437,7 +439,16 @@ def describe(cfg: Config, model: MultiTaskNet, sizes: dict[str, int], device, wo
     steps = steps_in_epoch(sizes, cfg.train.batch_size, **sampler_options(cfg.sampler))
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
-    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
+    exposure = dataset_exposure(sizes, cfg.train.batch_size, cfg.train.epochs, seed=cfg.train.seed,
+                                **sampler_options(cfg.sampler))
+    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch  "
+              f"{exposure[t][0]:>6.1%} of steps  {exposure[t][1]:>7.2f} passes over its images in the run"
+              for t in sorted(sizes)]
+    if cfg.sampler.replacement or cfg.sampler.steps_per_epoch:
+        lines.append("  (batches, shares and passes are expected values: "
+                     + ("sampling with replacement" + (f", alpha {cfg.sampler.alpha:g}" if cfg.sampler.alpha != 1 else "")
+                        + ("; with several datasets per step, epoch 0's plan" if cfg.sampler.tasks_per_step != 1 else "")
+                        if cfg.sampler.replacement else "a truncated or repeated pass (sampler.steps_per_epoch)") + ")")
     per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
     per_step = "" if cfg.sampler.tasks_per_step == 1 else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
     lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "

@@ -355,3 +355,59 @@ def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run,
     assert evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm",
                           "--recalibrate-images", "64"]) == 0
     assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"last_batch": "drop"}, {"tasks_per_step": 3}, {"tasks_per_step": "all"}, {"steps_per_epoch": 5000},
+    {"replacement": True, "alpha": 0.5}, {"replacement": True, "alpha": 0.3, "tasks_per_step": 2},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_images(options):
+    """dataset_exposure against the realised epoch plans, with every train split size in medmnist.INFO."""
+    import medmnist
+
+    from mmpt.data.sampler import dataset_exposure, epoch_plan
+
+    sizes = {flag: medmnist.INFO[flag]["n_samples"]["train"] for flag in (t.flag for t in resolve_tasks("all"))}
+    epochs, batch_size = 2, 64
+    exposure = dataset_exposure(sizes, batch_size, epochs, **options)
+    images = dict.fromkeys(sizes, 0)
+    steps_with = dict.fromkeys(sizes, 0)
+    total_steps = 0
+    for epoch in range(epochs):
+        plan = epoch_plan(sizes, batch_size, seed=0, epoch=epoch, **options)
+        total_steps += len(plan)
+        for item in plan:
+            for task, idx in ([item] if isinstance(item, tuple) else item):
+                images[task] += len(idx)
+                steps_with[task] += 1
+    exact = not options.get("replacement") and "steps_per_epoch" not in options and options.get("tasks_per_step") != "all"
+    for task, n in sizes.items():
+        share, passes = exposure[task]
+        realised_share, realised_passes = steps_with[task] / total_steps, images[task] / n
+        tolerance = 1e-9 if exact else 0.1 * passes + 0.02
+        if options.get("tasks_per_step") == "all":  # a smaller split's last pass of an epoch is a prefix
+            tolerance = epochs * batch_size / n
+        exact_share = exact or options.get("tasks_per_step") == "all"
+        assert abs(share - realised_share) <= (1e-9 if exact_share else 0.1 * share + 0.005), (task, share, realised_share)
+        assert abs(passes - realised_passes) <= tolerance, (task, passes, realised_passes)
+    if options.get("tasks_per_step", 1) == 1:
+        assert sum(s for s, _ in exposure.values()) == pytest.approx(1.0)
+    if not options:
+        assert all(passes == pytest.approx(epochs) for _, passes in exposure.values())  # Algorithm 1: every image once
+
+
+def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
+    from pathlib import Path
+
+    from mmpt.distributed import SINGLE
+    from mmpt.train import describe
+
+    cfg = tiny_config("/nonexistent", tmp_path, model={"norm": "per_dataset_stats"},
+                      sampler={"replacement": True, "alpha": 0.5}, train={"epochs": 4, "batch_size": 50})
+    sizes = {"breastmnist": 546, "retinamnist": 1080}
+    text = describe(cfg, model_with("per_dataset_stats"), sizes, torch.device("cpu"), SINGLE, Path("cache"))
+    # p ∝ sqrt(n): 23.37 and 32.86 -> 41.6% and 58.4% of 11 + 22 = 33 steps per epoch
+    assert "41.6% of steps" in text and "58.4% of steps" in text
+    assert f"{4 * 33 * 0.41562 * 50 / 546:.2f} passes" in text.replace("  ", " ").replace("  ", " ")
+    assert "expected values: sampling with replacement, alpha 0.5" in text
+    assert "each of the 2 datasets has its own BatchNorm running statistics (model.norm per_dataset_stats)" in text

@@ -415,3 +415,40 @@ def sampler_options(sampler: SamplerConfig) -> dict:
         replacement=sampler.replacement, alpha=sampler.alpha, steps_per_epoch=sampler.steps_per_epoch,
         last_batch=sampler.last_batch, tasks_per_step=sampler.tasks_per_step,
     )
+
+
+def dataset_exposure(
+    sizes: dict[str, int],
+    batch_size: int,
+    epochs: int,
+    *,
+    replacement: bool = False,
+    alpha: float = 1.0,
+    steps_per_epoch: int | None = None,
+    last_batch: str = "keep",
+    tasks_per_step: int | str = 1,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Per task, sorted: (share of the steps it takes part in, passes over its train images in `epochs` epochs).
+
+    From `expected_updates_per_epoch` and `steps_in_epoch`: a batch without replacement holds n / b_t images on
+    average with last_batch keep (every image once per pass) and batch_size with drop; with replacement
+    min(n, batch_size) distinct images. Exact where `expected_updates_per_epoch` is, else expected values (with
+    replacement and k >= 2: the counts of epoch 0's plan); with "all", a smaller split's last pass in an epoch is a
+    prefix, so its passes are exact to one batch. With k >= 2 the shares add up to about k.
+    """
+    options = dict(replacement=replacement, alpha=alpha, steps_per_epoch=steps_per_epoch, last_batch=last_batch,
+                   tasks_per_step=tasks_per_step)
+    updates = expected_updates_per_epoch(sizes, batch_size, seed=seed, **options)
+    steps = steps_in_epoch(sizes, batch_size, **options)
+    per_pass = batches_per_task(sizes, batch_size, last_batch)
+    exposure = {}
+    for task, n in sorted(sizes.items()):
+        if replacement:
+            images_per_batch = min(n, batch_size)
+        elif per_pass[task] == 0:
+            images_per_batch = 0.0
+        else:
+            images_per_batch = n / per_pass[task] if last_batch == "keep" else batch_size
+        exposure[task] = (updates[task] / steps, epochs * updates[task] * images_per_batch / n)
+    return exposure

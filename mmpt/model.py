@@ -13,7 +13,8 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.errors import MmptError, unknown_name
 from mmpt.losses import TaskLoss, build_head, build_loss
 from mmpt.norm import (
-    NormLayout, check_norm, convert_norms, describe_init_rule, norm_layer_prefixes, task_norms, transfer_norm_state,
+    NormLayout, check_norm, convert_norms, describe_init_rule, has_batchnorm, norm_layer_prefixes, task_norms,
+    transfer_norm_state,
 )
 from mmpt.tasks import TaskSpec, resolve_tasks
 
@@ -285,7 +286,7 @@ def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per channel."""
-    if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if batch_size < 2 and has_batchnorm(model):  # per-dataset BatchNorm layers (model.norm) included
         raise MmptError(
             "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "
             "use --batch-size 2 or more"

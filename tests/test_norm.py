@@ -411,3 +411,10 @@ def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
     assert f"{4 * 33 * 0.41562 * 50 / 546:.2f} passes" in text.replace("  ", " ").replace("  ", " ")
     assert "expected values: sampling with replacement, alpha 0.5" in text
     assert "each of the 2 datasets has its own BatchNorm running statistics (model.norm per_dataset_stats)" in text
+
+
+def test_a_batch_of_one_is_refused_with_per_dataset_batchnorm_too():
+    from mmpt.model import check_batch_size
+
+    with pytest.raises(MmptError, match="cannot train on one image"):
+        check_batch_size(model_with("per_dataset"), 1)

@@ -308,3 +308,22 @@ def recalibrate(model, splits: dict, transform, device: torch.device, *, images:
             layer.momentum = momentum
         model.eval()
     return used
+
+
+def plain_state_dict(backbone: nn.Module, row: int) -> dict[str, Tensor]:
+    """The state dict of the plain timm backbone that normalises as dataset `row` of `backbone` does: each
+    per-dataset layer's row `row` of statistics (and its weights), under timm's own keys. For exporting or
+    comparing a per-dataset backbone as an ordinary model of one dataset."""
+    out = {}
+    for key, value in backbone.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        owner = backbone.get_submodule(layer) if layer else backbone
+        if isinstance(owner, nn.ParameterList):  # task_weight.i / task_bias.i of a per_dataset layer
+            norm_layer, _, kind = layer.rpartition(".")
+            if int(leaf) == row:
+                out[f"{norm_layer}.{kind.removeprefix('task_')}"] = value
+        elif isinstance(owner, TaskBatchNorm) and leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            out[key] = value[row]
+        else:
+            out[key] = value
+    return out

@@ -418,3 +418,20 @@ def test_a_batch_of_one_is_refused_with_per_dataset_batchnorm_too():
 
     with pytest.raises(MmptError, match="cannot train on one image"):
         check_batch_size(model_with("per_dataset"), 1)
+
+
+def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
+    from mmpt.norm import plain_state_dict
+
+    model = model_with("per_dataset").eval()
+    with torch.no_grad():
+        for _, layer in task_norms(model.backbone):
+            for row in range(2):
+                layer.running_mean[row].uniform_(-1, 1)
+                layer.task_weight[row].uniform_(0.5, 1.5)
+    plain = timm.create_model("test_resnet", num_classes=0).eval()
+    row = model.norm_tasks.index("breastmnist")
+    plain.load_state_dict(plain_state_dict(model.backbone, row))  # strict: every timm key, nothing else
+    x = batch(3, 7)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model.features(x, "breastmnist"), atol=1e-6)

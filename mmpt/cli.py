@@ -189,6 +189,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
+    p.add_argument("--recalibrate-norm", action="store_true",
+                   help="first re-estimate each dataset's BatchNorm statistics on its own train images (in memory; "
+                        "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated")
+    p.add_argument("--recalibrate-images", type=int, metavar="N",
+                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
     p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
     p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
@@ -248,6 +253,11 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
     p.add_argument("--cache-dir", help="folder for the unpacked .npy cache")
     p.add_argument("--output", help="results folder (default RUN/probe-<method>, or runs/backbone-.../probe-<method>)")
+    p.add_argument("--recalibrate-norm", action="store_true",
+                   help="first re-estimate each dataset's BatchNorm statistics on its own train images, so each "
+                        "dataset's features come through its own statistics (default output RUN/probe-<method>-recalibrated)")
+    p.add_argument("--recalibrate-images", type=int, metavar="N",
+                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
     p.add_argument("--require-complete", action="store_true",
@@ -323,7 +333,8 @@ def _subcommand(argv: list[str]) -> int:
 
     _check_flags(k=a.k, batch_size=a.batch_size, datasets=a.datasets, output=a.output)
     common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
-                  device=a.device, batch_size=a.batch_size)
+                  device=a.device, batch_size=a.batch_size,
+                  recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images))
     if a.backbone:
         if a.run:
             raise MmptError("probe a run or a bare --backbone, not both")
@@ -353,8 +364,10 @@ def _evaluate(argv: list[str]) -> int:
 
     run_dir = Path(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
-    output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / args.split
+    folder = args.split + ("-recalibrated" if args.recalibrate_norm else "")
+    output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / folder
     _check_flags(batch_size=args.batch_size, datasets=args.datasets, output=args.output)
+    recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
     from mmpt.runtime import Interrupted, interrupt_on_signals
 
     try:
@@ -362,12 +375,24 @@ def _evaluate(argv: list[str]) -> int:
             evaluate_checkpoint(
                 checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
                 cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+                recalibrate_images=recalibrate_images,
             )
     except Interrupted as exc:
         # evaluation keeps no state worth saving: stop at once; files already written are whole (atomic writes)
         print(f"{exc} received: evaluation stopped; run the same command again to evaluate", file=sys.stderr)
         return 130
     return 0
+
+
+def _recalibrate_images(recalibrate_norm: bool, images: int | None) -> int | None:
+    """Train images per dataset for --recalibrate-norm (None: no recalibration); raises MmptError for a bad pair."""
+    from mmpt.norm import RECALIBRATION_IMAGES
+
+    if images is not None and not recalibrate_norm:
+        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
+    if images is not None and images < 2:
+        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {images}")
+    return (images or RECALIBRATION_IMAGES) if recalibrate_norm else None
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -100,6 +100,10 @@ class ModelConfig:
     drop_rate: float = setting(0.0, "dropout before the heads", ge=0, lt=1)
     init_from: str | None = setting(
         None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
+    norm: str = setting(
+        "shared", "BatchNorm: one set of statistics for all datasets (shared), each dataset its own running mean "
+        "and variance (per_dataset_stats), or also its own affine weights (per_dataset); needs a BatchNorm backbone",
+        choices=("shared", "per_dataset_stats", "per_dataset"))
 
 
 @dataclass(frozen=True)
@@ -416,6 +420,7 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
     Raises one MmptError naming every problem and what to do.
     """
     from mmpt.model import resolve_backbone
+    from mmpt.norm import check_norm_weighting
     from mmpt.optim import check_optimizer_name
 
     problems = []
@@ -428,6 +433,7 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
     for run_check in (
         lambda: resolve_backbone(cfg.model.backbone),
         lambda: check_optimizer_name(cfg.optim.name),
+        lambda: check_norm_weighting(cfg.model.norm, cfg.loss.weighting),
         lambda: check_weighting(  # e.g. an aggregator under DDP, or a missing solver
             cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
             world_size=world_size, datasets=list(cfg.data.datasets), weights=cfg.loss.weights,

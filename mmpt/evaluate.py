@@ -11,7 +11,9 @@ from mmpt.config import from_dict
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.errors import MmptError
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
+from mmpt.io import write_json
 from mmpt.model import build_model, build_transform
+from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
 from mmpt.plots import plot_loss_curves
 from mmpt.report import format_table, read_history, write_metrics
 from mmpt.distributed import select_device
@@ -39,6 +41,7 @@ def evaluate_checkpoint(
     cache_dir: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    recalibrate_images: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate `checkpoint` per dataset; write metrics.{json,csv,md} and medmnist-format predictions to `output`.
 
@@ -48,6 +51,10 @@ def evaluate_checkpoint(
     data files. Returns the metrics table (dataset -> metric -> value, with "mean"). Raises MmptError for
     an unreadable or damaged checkpoint (its digest is verified), datasets the checkpoint has no head for,
     missing data, or an `output` that is not (and cannot become) a writable folder.
+
+    `recalibrate_images` (--recalibrate-norm): first re-estimate each evaluated dataset's BatchNorm statistics on
+    up to that many of its own training images (norm.recalibrate; a shared-norm model gets per-dataset statistics),
+    in memory only: the checkpoint file is never written. recalibration.json in `output` records what was done.
     """
     check_output_folder(output)
     state = ckpt.load(checkpoint)
@@ -72,6 +79,21 @@ def evaluate_checkpoint(
     model.load_state_dict(state[ckpt.MODEL])
     model.to(torch_device)
     transform = build_transform(cfg, model)
+    recalibrated = None
+    if recalibrate_images is not None:
+        if not has_batchnorm(model.backbone):
+            raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
+                            "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); evaluate without it")
+        used = recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, transform, torch_device,
+                           images=recalibrate_images, batch_size=cfg.data.eval_batch_size)
+        recalibrated = {
+            "from": cfg.model.norm, "images_per_dataset": used, "images_requested": recalibrate_images,
+            "batch_size": cfg.data.eval_batch_size, "seed": RECALIBRATION_SEED, "split": "train",
+            "rule": "cumulative average (BatchNorm momentum=None) over near-equal batches, each normalised with its "
+                    "own statistics; no gradient, dropout off; affine weights unchanged",
+        }
+        print("recalibrated BatchNorm statistics per dataset on its own train images: "
+              + ", ".join(f"{flag} {n:,}" for flag, n in used.items()))
     loader = split_loader(data, split, torch_device, batch_size=cfg.data.eval_batch_size,
                           num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
     results = evaluate_all(model, loader, {f: d.task for f, d in data.items()}, losses, transform, torch_device,
@@ -79,6 +101,8 @@ def evaluate_checkpoint(
     table = metrics_table(results)
     try:
         write_metrics(output, table)
+        if recalibrated is not None:
+            write_json(output / "recalibration.json", recalibrated)
         write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name,
                           data_root=str(cfg.data.root))
         plot_confusions({t.flag: t for t in tasks}, results, output)

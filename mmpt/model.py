@@ -13,7 +13,11 @@ from mmpt.config import Config
 from mmpt.data.transforms import DeviceTransform
 from mmpt.errors import MmptError, lookup, unknown_name
 from mmpt.losses import TaskLoss, build_loss
-from mmpt.tasks import TaskSpec
+from mmpt.norm import (
+    NormLayout, check_norm, convert_norms, describe_init_rule, has_batchnorm, norm_layer_prefixes, task_norms,
+    transfer_norm_state,
+)
+from mmpt.tasks import TaskSpec, resolve_tasks
 
 # Short names researchers use; any other timm model name works as it is.
 BACKBONES: dict[str, str] = {
@@ -115,22 +119,71 @@ def build_head(kind: str, in_features: int, num_outputs: int, num_classes: int) 
 class MultiTaskNet(nn.Module):
     """A shared backbone and a `ModuleDict` of heads keyed by task (medmnist flag).
 
-    `forward(x, task)` returns the logits of `task`'s head for the N×3×S×S input `x`.
+    `forward(x, task)` returns the logits of `task`'s head for the N×3×S×S input `x`. With a per-dataset
+    `norm` (model.norm) every BatchNorm layer of the backbone keeps one set of statistics per dataset of
+    `norm_tasks` (default: the heads' datasets, in their order), and each backbone pass first sets which.
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], input_size: int | None = None):
+    def __init__(
+        self, backbone: nn.Module, heads: dict[str, nn.Module], input_size: int | None = None,
+        norm: str = "shared", norm_tasks: tuple[str, ...] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         # the side pad/resize bring images to: as configured, else the backbone's pretrained_cfg
         self.input_size = input_size or int(backbone.pretrained_cfg["input_size"][-1])
+        self.norm = norm
+        self.norm_tasks = tuple(norm_tasks if norm_tasks is not None else heads)
+        self.norm_layout = NormLayout()
+        if norm != "shared":
+            convert_norms(backbone, len(self.norm_tasks), norm, self.norm_layout)
+        self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
+
+    def split_norm_statistics(self, tasks: tuple[str, ...] = ()) -> None:
+        """Turn shared BatchNorm statistics into per-dataset ones (model.norm per_dataset_stats) for the model's
+        datasets and `tasks`, each starting from the shared values; no-op when they are per dataset already."""
+        if not self.per_dataset_norm:
+            self.norm_tasks += tuple(t for t in tasks if t not in self.norm_tasks)
+            self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
+            convert_norms(self.backbone, len(self.norm_tasks), "per_dataset_stats", self.norm_layout)
+            self.norm = "per_dataset_stats"
+
+    @property
+    def per_dataset_norm(self) -> bool:
+        return self.norm != "shared"
+
+    def set_norm_layout(self, segments: list[tuple[str, int]]) -> None:
+        """Tell the per-dataset norm layers which dataset each slice of the next backbone batch belongs to:
+        [(task, images), ...] in batch order (sizes known on the host, so no device sync). No-op for shared norm."""
+        if self.per_dataset_norm:
+            unknown = [task for task, _ in segments if task not in self._norm_index]
+            if unknown:
+                raise MmptError(
+                    f"this model keeps BatchNorm statistics for {', '.join(self.norm_tasks)} only (model.norm "
+                    f"{self.norm}), not {', '.join(unknown)}; evaluate it on its own datasets"
+                )
+            self.norm_layout.segments = tuple((self._norm_index[task], n) for task, n in segments)
+
+    def norm_parameters(self, tasks: tuple[str, ...]) -> list[nn.Parameter]:
+        """The per-dataset affine parameters of `tasks` (model.norm per_dataset; else none)."""
+        if self.norm != "per_dataset":
+            return []
+        return [p for task in tasks for _, m in task_norms(self.backbone)
+                for p in m.task_parameters(self._norm_index[task])]
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        self.set_norm_layout([(task, len(x))])
         features = self.backbone(x)  # N×F
         return self.heads[task](features)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's pooled N×F features of the N×3×S×S input `x` (what every head reads)."""
+    def features(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """The backbone's pooled N×F features of the N×3×S×S input `x` (what every head reads); with per-dataset
+        norm, through `task`'s statistics (and affine weights)."""
+        if self.per_dataset_norm:
+            if task is None:
+                raise MmptError("this backbone normalises each dataset with its own statistics: features need a dataset")
+            self.set_norm_layout([(task, len(x))])
         return self.backbone(x)
 
     @property
@@ -150,8 +203,12 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
         t.flag: build_head(losses[t.flag].head, backbone.num_features, losses[t.flag].num_outputs, t.num_classes)
         for t in tasks
     }
+    check_norm(cfg.model.norm, backbone, cfg.model.backbone)
     model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
     check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg.model.backbone)
+    # converted after the size check, which runs the plain backbone: the per-dataset layers start from its values
+    model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size, norm=cfg.model.norm,
+                         norm_tasks=tuple(t.flag for t in tasks))
     return model, losses
 
 
@@ -220,13 +277,22 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
         )
     weights = state[ckpt.MODEL]
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-    mismatched = [k for k, v in model.backbone.state_dict().items() if k not in backbone or backbone[k].shape != v.shape]
-    if mismatched or len(backbone) != len(model.backbone.state_dict()):
+    norm_state: dict[str, torch.Tensor] = {}
+    if saved.model.norm != "shared" or model.per_dataset_norm:
+        # BatchNorm entries differ in shape between norm settings: every norm layer is filled by the transfer rule
+        sizes = {t.flag: t.split_size("train") for t in resolve_tasks(tuple(saved.data.datasets) + model.norm_tasks)}
+        norm_state = transfer_norm_state(model.backbone, backbone, saved.data.datasets, model.norm_tasks, sizes)
+        prefixes = norm_layer_prefixes(model.backbone)
+        backbone = {k: v for k, v in backbone.items() if not k.startswith(tuple(prefixes))}
+    own = {k: v for k, v in model.backbone.state_dict().items() if k not in norm_state}
+    mismatched = [k for k, v in own.items() if k not in backbone or backbone[k].shape != v.shape]
+    if mismatched or len(backbone) != len(own):
         raise MmptError(
             f"model.init_from {path}: its backbone weights do not fit this run's {ours} "
-            f"(first difference: {(mismatched or sorted(backbone))[0]}); initialise from a run with the same backbone"
+            f"(first difference: {(mismatched or sorted(set(backbone) - set(own)))[0]}); initialise from a run with "
+            "the same backbone"
         )
-    model.backbone.load_state_dict(backbone)
+    model.backbone.load_state_dict({**backbone, **norm_state})
     copied = []
     for flag, head in model.heads.items():
         prefix = f"heads.{flag}."
@@ -237,6 +303,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
             head.load_state_dict(theirs_head)
             copied.append(flag)
     print(f"initialised from {path}: backbone and heads of {', '.join(copied) or 'no dataset'}")
+    if norm_state:
+        print(describe_init_rule(saved.data.datasets, model.norm_tasks, saved.model.norm, model.norm))
     return copied
 
 
@@ -251,13 +319,15 @@ def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
         cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",
     )
     weights = {k.removeprefix("backbone."): v for k, v in state[ckpt.MODEL].items() if k.startswith("backbone.")}
+    model = MultiTaskNet(backbone, {}, input_size=cfg.model.img_size, norm=cfg.model.norm,
+                         norm_tasks=tuple(cfg.data.datasets))
     backbone.load_state_dict(weights)
-    return MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg
+    return model, cfg
 
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per channel."""
-    if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if batch_size < 2 and has_batchnorm(model):  # per-dataset BatchNorm layers (model.norm) included
         raise MmptError(
             "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "
             "use --batch-size 2 or more"

@@ -26,6 +26,7 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
+from mmpt.norm import task_parameter_names
 from mmpt.optim import Optimizers, build_optimizers
 from mmpt.mtl import MethodState, build_weighting
 
@@ -76,7 +77,13 @@ class TrainStep:
         # (model.backbone stays the plain module, so state_dict keys never carry wrapper prefixes)
         self.backbone: nn.Module = model.backbone
         if world.distributed:
-            # DDP's default keeps rank 0's buffers (BatchNorm statistics) on every rank at each forward
+            # per-dataset affine weights (model.norm per_dataset) sit out the steps of other datasets: DDP leaves
+            # them out and the step averages their gradients with the heads'
+            ignored = task_parameter_names(model.backbone)
+            if ignored:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model.backbone, ignored)
+            # DDP's default keeps rank 0's buffers (BatchNorm statistics, per dataset ones too) on every rank at each
+            # forward, so every rank holds the same per-dataset statistics
             self.backbone = DistributedDataParallel(model.backbone, device_ids=[device] if device.type == "cuda" else None)
         if compile:
             self.backbone = torch.compile(self.backbone)
@@ -99,6 +106,8 @@ class TrainStep:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # N_total×3×S×S
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # per-dataset norm: which slice of x is which dataset's (sizes are host-side, no sync)
+        self.model.set_norm_layout([(p.task, len(y)) for p, y in zip(parts, labels)])
         with autocast(self.device, self.precision):
             features = self.backbone(x)  # N_total×F
             logits = [self.model.heads[p.task](f) for p, f in zip(parts, features.split([len(y) for y in labels]))]
@@ -135,6 +144,7 @@ class TrainStep:
     def _heads_of(self, tasks: tuple[str, ...]) -> list[nn.Parameter]:
         if tasks not in self._head_params:
             self._head_params[tasks] = [p for t in tasks for p in self.model.heads[t].parameters()]
+            self._head_params[tasks] += self.model.norm_parameters(tasks)
         return self._head_params[tasks]
 
     def read_losses(self) -> tuple[dict[str, tuple[float, int]], bool]:

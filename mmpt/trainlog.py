@@ -14,6 +14,7 @@ from mmpt.data.sampler import Sampler
 from mmpt.distributed import World
 from mmpt.errors import MmptError
 from mmpt.model import MultiTaskNet
+from mmpt.norm import describe_norm, has_batchnorm
 from mmpt.step import TrainStep
 
 
@@ -90,7 +91,15 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
     sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
-    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch" for t in sorted(sizes)]
+    exposure = sampler.exposure(cfg.train.epochs)
+    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch  "
+              f"{exposure[t][0]:>6.1%} of steps  {exposure[t][1]:>7.2f} passes over its images in the run"
+              for t in sorted(sizes)]
+    if cfg.sampler.replacement or cfg.sampler.steps_per_epoch:
+        why = ("sampling with replacement" + (f", alpha {cfg.sampler.alpha:g}" if cfg.sampler.alpha != 1 else "")
+               + ("; with several datasets per step, epoch 0's plan" if sampler.grouped else "")
+               if cfg.sampler.replacement else "a truncated or repeated pass (sampler.steps_per_epoch)")
+        lines.append(f"  (batches, shares and passes are expected values: {why})")
     per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
     per_step = "" if not sampler.grouped else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
     lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
@@ -98,6 +107,8 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
     lines.append(f"loss weighting: {cfg.loss.weighting}"
                  + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    if has_batchnorm(model.backbone):
+        lines.append(describe_norm(cfg.model.norm, list(sizes)))
     lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
                  + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
     return "\n".join(lines)

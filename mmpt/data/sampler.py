@@ -394,3 +394,25 @@ class Sampler:
         full_passes, rest = divmod(self.steps, self._pass_steps)
         # the remainder is a uniformly random prefix of a pass: each task gets its share in expectation
         return {t: float(full_passes * b + rest * b / self._pass_steps) for t, b in per_pass.items()}
+
+    def exposure(self, epochs: int) -> dict[str, tuple[float, float]]:
+        """Per task, sorted: (share of the steps it takes part in, passes over its train images in `epochs` epochs).
+
+        From `updates_per_task` and `steps`: a batch without replacement holds n / b_t images on average with
+        last_batch keep (every image once per pass) and batch_size with drop; with replacement min(n, batch_size)
+        distinct images. Exact where `updates_per_task` is, else expected values (with replacement and k >= 2: the
+        counts of epoch 0's plan); with "all", a smaller split's last pass in an epoch is a prefix, so its passes
+        are exact to one batch. With k >= 2 the shares add up to about k.
+        """
+        updates, steps = self.updates_per_task, self.steps
+        per_pass = batches_per_task(self.sizes, self.batch_size, self.last_batch)
+        exposure = {}
+        for task, n in sorted(self.sizes.items()):
+            if self.replacement:
+                images_per_batch = min(n, self.batch_size)
+            elif per_pass[task] == 0:
+                images_per_batch = 0.0
+            else:
+                images_per_batch = n / per_pass[task] if self.last_batch == "keep" else self.batch_size
+            exposure[task] = (updates[task] / steps, epochs * updates[task] * images_per_batch / n)
+        return exposure

@@ -93,15 +93,18 @@ def fit_probe(
 
 
 @torch.no_grad()
-def extract_features(model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int) -> np.ndarray:
-    """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed)."""
+def extract_features(
+    model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int, task: str | None = None,
+) -> np.ndarray:
+    """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed);
+    with per-dataset norm (model.norm), through `task`'s statistics."""
     from mmpt.data.loader import eval_loader
 
     model.eval()
     transform = build_transform(cfg, model)
     out = []
     for _, images, _ in eval_loader({"split": split_data}, batch_size, num_workers=cfg.data.num_workers):
-        out.append(model.features(transform(images.to(device))).float().cpu().numpy())
+        out.append(model.features(transform(images.to(device)), task).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -136,7 +139,7 @@ def cached_features(
             if manifest["files"].get(name) == len(task_data.splits[split]) and path.is_file():
                 out[flag][split] = np.load(path)
                 continue
-            feats = extract_features(model, cfg, task_data.splits[split], device, batch_size)
+            feats = extract_features(model, cfg, task_data.splits[split], device, batch_size, task=flag)
             atomic_write(path, lambda f, feats=feats: np.save(f, feats))
             manifest["files"][name] = len(feats)
             write_json(manifest_path, manifest)
@@ -164,8 +167,12 @@ def probe(
     device: str = "auto",
     batch_size: int | None = None,
     name: str | None = None,
+    recalibrate_images: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table."""
+    """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table.
+
+    `recalibrate_images`: first re-estimate each dataset's BatchNorm statistics on that many of its own train
+    images (mmpt.norm.recalibrate), so each dataset's features come through its own statistics."""
     if method not in METHODS:
         raise MmptError(f"unknown probe method '{method}'; choose linear or knn")
     if k < 1:
@@ -175,6 +182,16 @@ def probe(
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
     configure_determinism(cfg.train.seed, cfg.determinism)
+    if recalibrate_images is not None:
+        from mmpt.norm import has_batchnorm, recalibrate
+
+        if not has_batchnorm(model.backbone):
+            raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
+                            "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); probe without it")
+        torch_device = select_device(device)
+        model.to(torch_device)
+        recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, build_transform(cfg, model), torch_device,
+                    images=recalibrate_images, batch_size=batch_size or cfg.data.eval_batch_size)
     features = cached_features(model, cfg, data, features_dir, select_device(device),
                                batch_size or cfg.data.eval_batch_size)
     results, chosen = {}, {}
@@ -208,7 +225,8 @@ def probe_runs(
     source = Path(source)
     if not source.is_dir():
         raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
-    output = Path(output) if output else source / f"probe-{method}"
+    recalibrated = "-recalibrated" if kwargs.get("recalibrate_images") is not None else ""
+    output = Path(output) if output else source / f"probe-{method}{recalibrated}"
     finished, left_out = series_runs(source)
     if left_out and require_complete:
         raise left_out_error(left_out, f"the runs in {source} are not all finished")
@@ -223,7 +241,7 @@ def probe_runs(
     for leaf in leaves:
         model, cfg = load_backbone(leaf)
         out = output / leaf.relative_to(source)
-        probe(model, cfg, out, method=method, features_dir=leaf / FEATURES, **kwargs)
+        probe(model, cfg, out, method=method, features_dir=leaf / (FEATURES + recalibrated), **kwargs)
         written.append(out)
     return written
 

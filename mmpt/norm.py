@@ -1,0 +1,329 @@
+"""Per-dataset normalization (model.norm): each dataset's own BatchNorm statistics, optionally its own affine weights.
+
+Domain-specific BatchNorm (Bilen & Vedaldi 2017; Chang et al. 2019, DSBN; Li et al. 2021, FedBN): with one
+dataset per step a batch is normalised with its own statistics during training, but shared running averages
+blend every dataset at evaluation. `convert_norms` replaces every BatchNorm layer of a backbone (torch's and
+timm's BatchNormAct2d, which adds a dropout and an activation) by a `TaskBatchNorm` that keeps one row of
+running statistics per dataset. The model sets the current layout (which dataset each slice of the batch
+belongs to) before every backbone pass; a batch of several datasets (sampler.tasks_per_step >= 2) is
+normalised slice by slice, each with its own batch statistics, updating only its own running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmpt.errors import MmptError
+
+NORMS = ("shared", "per_dataset_stats", "per_dataset")
+
+
+class NormLayout:
+    """Which dataset each slice of the backbone's batch belongs to: [(dataset index, images), ...] in batch order.
+
+    One object shared by every TaskBatchNorm of a model; the model sets it before each backbone pass.
+    """
+
+    def __init__(self) -> None:
+        self.segments: tuple[tuple[int, int], ...] = ()
+
+
+class TaskBatchNorm(nn.Module):
+    """A BatchNorm layer with one set of running statistics (T×C buffers) per dataset, and per-dataset affine
+    weights (`per_task_affine`, one C-vector Parameter per dataset, so a dataset not in a step has no gradient
+    and its optimizer state does not move) or the original layer's shared ones.
+
+    Forward normalises each slice of the layout with F.batch_norm on its dataset's row, as nn.BatchNorm2d does
+    for one dataset, then applies the original layer's dropout and activation (timm's BatchNormAct2d).
+    """
+
+    def __init__(self, source: _BatchNorm, num_tasks: int, layout: NormLayout, per_task_affine: bool) -> None:
+        super().__init__()
+        assert source.track_running_stats, "TaskBatchNorm converts BatchNorm layers that track running statistics"
+        self.num_features, self.eps, self.momentum = source.num_features, source.eps, source.momentum
+        self.layout = layout
+        self.register_buffer("running_mean", source.running_mean.detach().clone().repeat(num_tasks, 1))  # T×C
+        self.register_buffer("running_var", source.running_var.detach().clone().repeat(num_tasks, 1))  # T×C
+        self.register_buffer("num_batches_tracked", source.num_batches_tracked.detach().clone().repeat(num_tasks))
+        self.per_task_affine = per_task_affine and source.affine
+        if self.per_task_affine:
+            self.task_weight = nn.ParameterList(
+                [nn.Parameter(source.weight.detach().clone()) for _ in range(num_tasks)])
+            self.task_bias = nn.ParameterList([nn.Parameter(source.bias.detach().clone()) for _ in range(num_tasks)])
+            self.weight, self.bias = None, None
+        else:
+            self.weight, self.bias = source.weight, source.bias  # shared (or None without affine)
+        self.drop = getattr(source, "drop", nn.Identity())
+        self.act = getattr(source, "act", nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        segments = self.layout.segments
+        assert segments, "TaskBatchNorm needs the model's norm layout (MultiTaskNet sets it before the backbone)"
+        if len(segments) == 1:
+            out = self._norm(x, segments[0][0])
+        else:
+            chunks = x.split([n for _, n in segments])
+            out = torch.cat([self._norm(chunk, t) for chunk, (t, _) in zip(chunks, segments)])
+        return self.act(self.drop(out))
+
+    def _norm(self, x: Tensor, t: int) -> Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked[t].add_(1)
+            if self.momentum is None:  # cumulative average (recalibration only: it reads the count, a host sync)
+                factor = 1.0 / float(self.num_batches_tracked[t])
+        weight = self.task_weight[t] if self.per_task_affine else self.weight
+        bias = self.task_bias[t] if self.per_task_affine else self.bias
+        # rows of the T×C buffers are contiguous views: batch_norm's in-place update lands in dataset t's row
+        return F.batch_norm(x, self.running_mean[t], self.running_var[t], weight, bias, self.training, factor, self.eps)
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        return [self.task_weight[t], self.task_bias[t]] if self.per_task_affine else []
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, tasks={self.running_mean.shape[0]}, eps={self.eps}, momentum={self.momentum}, "
+                f"per_task_affine={self.per_task_affine}")
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, (_BatchNorm, TaskBatchNorm)) for m in module.modules())
+
+
+def check_norm(norm: str, backbone: nn.Module, backbone_name: str) -> None:
+    """Raise MmptError for a per-dataset model.norm on a backbone without BatchNorm layers."""
+    if norm != "shared" and not has_batchnorm(backbone):
+        raise MmptError(
+            f"model.norm {norm} keeps per-dataset BatchNorm statistics, but backbone {backbone_name} has no BatchNorm "
+            "layer (ViTs and ConvNeXt use LayerNorm, which keeps no running statistics); use model.norm shared or a "
+            "BatchNorm backbone (resnet18, resnet50, densenet121, efficientnet_b0)"
+        )
+
+
+def convert_norms(backbone: nn.Module, num_tasks: int, norm: str, layout: NormLayout) -> nn.Module:
+    """Replace, in place, every BatchNorm layer of `backbone` by a TaskBatchNorm for `num_tasks` datasets; return it.
+
+    `norm` per_dataset_stats keeps the affine weights shared, per_dataset gives each dataset its own copy.
+    """
+    assert norm in NORMS[1:], f"convert_norms takes a per-dataset norm, got {norm}"
+    for name, child in list(backbone.named_children()):
+        if isinstance(child, _BatchNorm) and child.track_running_stats:
+            setattr(backbone, name, TaskBatchNorm(child, num_tasks, layout, per_task_affine=norm == "per_dataset"))
+        else:
+            convert_norms(child, num_tasks, norm, layout)
+    return backbone
+
+
+def task_norms(module: nn.Module) -> list[tuple[str, TaskBatchNorm]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, TaskBatchNorm)]
+
+
+def task_parameter_names(module: nn.Module) -> list[str]:
+    """Names (within `module`) of the per-dataset affine parameters: DDP leaves them out (not every dataset is in
+    every step) and the step averages their gradients itself, as it does the heads'."""
+    return [f"{name}.{kind}.{i}" for name, m in task_norms(module) if m.per_task_affine
+            for kind in ("task_weight", "task_bias") for i in range(len(m.task_weight))]
+
+
+# --- moving statistics between checkpoints of different norm settings (--init-from) -----------------------------
+
+def _layer_rows(weights: dict[str, Tensor], prefix: str, num_source: int) -> list[dict[str, Tensor]]:
+    """One {mean, var, weight, bias} per source dataset of the norm layer at `prefix` (a shared layer: one row,
+    repeated)."""
+    mean, var = weights[prefix + "running_mean"], weights[prefix + "running_var"]
+    rows = []
+    for s in range(num_source):
+        row = {"mean": mean[s] if mean.dim() == 2 else mean, "var": var[s] if var.dim() == 2 else var}
+        if prefix + "task_weight.0" in weights:
+            row["weight"], row["bias"] = weights[f"{prefix}task_weight.{s}"], weights[f"{prefix}task_bias.{s}"]
+        elif prefix + "weight" in weights:
+            row["weight"], row["bias"] = weights[prefix + "weight"], weights[prefix + "bias"]
+        rows.append(row)
+    return rows
+
+
+def _mixture(rows: list[dict[str, Tensor]], shares: list[float]) -> dict[str, Tensor]:
+    """The statistics of the mixture of datasets with these shares (mean of means; mean of variances plus the
+    spread of the means), and the share-weighted mean of the affine weights."""
+    total = sum(shares)
+    w = [s / total for s in shares]
+    mean = sum(wi * r["mean"] for wi, r in zip(w, rows))
+    var = sum(wi * (r["var"] + (r["mean"] - mean) ** 2) for wi, r in zip(w, rows))
+    out = {"mean": mean, "var": var}
+    if "weight" in rows[0]:
+        out["weight"] = sum(wi * r["weight"] for wi, r in zip(w, rows))
+        out["bias"] = sum(wi * r["bias"] for wi, r in zip(w, rows))
+    return out
+
+
+def norm_layer_prefixes(backbone: nn.Module) -> list[str]:
+    return [f"{name}." for name, m in backbone.named_modules() if isinstance(m, (_BatchNorm, TaskBatchNorm))]
+
+
+def transfer_norm_state(
+    backbone: nn.Module, weights: dict[str, Tensor], source_tasks: Sequence[str], target_tasks: Sequence[str],
+    train_sizes: dict[str, int],
+) -> dict[str, Tensor]:
+    """The norm entries of `backbone`'s state dict, filled from a source backbone's `weights` whose norm layers may
+    be shared or per dataset (`source_tasks` in its row order).
+
+    Rule: a target dataset (for a shared target: the set of its datasets) takes the mixture of the statistics of
+    the source datasets among them, weighted by their train split sizes; a dataset the source never saw takes the
+    size-weighted mixture of all the source's datasets, which is what a shared layer estimates under proportional
+    sampling. A shared source gives its one set of statistics (and weights) to every dataset.
+    """
+    own = backbone.state_dict()
+    out: dict[str, Tensor] = {}
+    modules = dict(backbone.named_modules())
+    for prefix in norm_layer_prefixes(backbone):
+        module = modules[prefix[:-1]]
+        mean = weights.get(prefix + "running_mean")
+        num_source = mean.shape[0] if mean is not None and mean.dim() == 2 else 1
+        if mean is None or (num_source > 1 and num_source != len(source_tasks)):
+            raise MmptError(f"the source checkpoint has no BatchNorm statistics at {prefix}running_mean that fit")
+        rows = _layer_rows(weights, prefix, num_source)
+        source = list(source_tasks) if num_source > 1 else ["*"]
+
+        def pick(group: Sequence[str]) -> dict[str, Tensor]:
+            if source == ["*"]:
+                return rows[0]
+            seen = [s for s in group if s in source] or source
+            return _mixture([rows[source.index(s)] for s in seen], [train_sizes[s] for s in seen])
+
+        count = weights.get(prefix + "num_batches_tracked")
+        count = count.max() if count is not None else torch.zeros((), dtype=torch.long)
+        if isinstance(module, TaskBatchNorm):
+            picked = [pick([t]) for t in target_tasks]
+            out[prefix + "running_mean"] = torch.stack([p["mean"] for p in picked]).to(own[prefix + "running_mean"])
+            out[prefix + "running_var"] = torch.stack([p["var"] for p in picked]).to(own[prefix + "running_var"])
+            out[prefix + "num_batches_tracked"] = count.repeat(len(target_tasks))
+            for i, p in enumerate(picked):
+                if module.per_task_affine:
+                    out[f"{prefix}task_weight.{i}"], out[f"{prefix}task_bias.{i}"] = p["weight"], p["bias"]
+            if not module.per_task_affine and module.weight is not None:
+                shared = pick(list(target_tasks))
+                out[prefix + "weight"], out[prefix + "bias"] = shared["weight"], shared["bias"]
+        else:
+            p = pick(list(target_tasks))
+            out[prefix + "running_mean"], out[prefix + "running_var"] = p["mean"], p["var"]
+            out[prefix + "num_batches_tracked"] = count
+            if module.affine:
+                out[prefix + "weight"], out[prefix + "bias"] = p["weight"], p["bias"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str], source_norm: str, norm: str) -> str:
+    """One line for the start of a run initialised from another: where each dataset's statistics come from."""
+    source_tasks, target_tasks = list(source_tasks), list(target_tasks)
+    if source_norm == "shared":
+        return (f"normalization: the source's shared BatchNorm statistics{' and weights' if norm != 'shared' else ''}"
+                f"{' copied to every dataset' if norm != 'shared' else ''}")
+    unseen = [t for t in target_tasks if t not in source_tasks]
+    if norm == "shared":
+        seen = [t for t in target_tasks if t in source_tasks]
+        named = ", ".join(seen) if seen else f"{len(source_tasks)} datasets (it has none of this run's)"
+        return f"normalization: shared statistics from the train-size-weighted mixture of the source's {named}"
+    line = "normalization: each dataset starts from its own statistics in the source"
+    if unseen:
+        line += (f"; {', '.join(unseen)}, not in the source, from the train-size-weighted mixture of all "
+                 f"{len(source_tasks)} source datasets")
+    return line
+
+
+def check_norm_weighting(norm: str, weighting: str) -> None:
+    """Raise MmptError for model.norm per_dataset with a gradient-based weighting: its per-dataset affine weights
+    sit inside the backbone but outside the Jacobian that the method aggregates, so they would never train."""
+    from mmpt.mtl import GRADIENT, METHODS
+
+    if norm == "per_dataset" and weighting in METHODS and METHODS[weighting].kind == GRADIENT:
+        raise MmptError(
+            f"model.norm per_dataset gives each dataset its own BatchNorm weights, which loss.weighting={weighting} "
+            "(a gradient-based method, aggregating the Jacobian of the shared backbone) does not train; use "
+            "model.norm per_dataset_stats or a static or loss-based weighting"
+        )
+
+
+def describe_norm(norm: str, tasks: Sequence[str]) -> str:
+    """The start line on normalization."""
+    if norm == "shared":
+        return "normalization: shared BatchNorm statistics (model.norm shared)"
+    what = "running statistics" if norm == "per_dataset_stats" else "running statistics and affine weights"
+    return f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} (model.norm {norm})"
+
+
+# --- recalibration: each dataset's statistics re-estimated on its own training images -----------------------------
+
+RECALIBRATION_IMAGES = 2048  # default images per dataset (or its whole train split, if smaller)
+RECALIBRATION_SEED = 0  # which images: a fixed draw, so two recalibrations agree
+
+
+def recalibration_indices(train_size: int, images: int) -> np.ndarray:
+    """The sorted train indices a recalibration reads: all of them, or a seeded draw of `images` without replacement."""
+    if images >= train_size:
+        return np.arange(train_size)
+    return np.sort(np.random.default_rng(RECALIBRATION_SEED).choice(train_size, size=images, replace=False))
+
+
+@torch.no_grad()
+def recalibrate(model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES,
+                batch_size: int = 256) -> dict[str, int]:
+    """Re-estimate, for each dataset of `splits` (flag -> its train SplitData), every BatchNorm layer's statistics of
+    `model` from that dataset's own training images; return the images used per dataset.
+
+    A shared-norm model first gets per-dataset statistics (model.split_norm_statistics). The statistics are the
+    cumulative average (BatchNorm's momentum=None) over near-equal batches of at most `batch_size` images, each
+    normalised with its own batch statistics as in training; without gradients, with dropout off (only the norm
+    layers in train mode) and the images in a fixed order (`recalibration_indices`), so it is deterministic.
+    Affine weights and every other weight stay as they are.
+    """
+    model.split_norm_statistics(tuple(splits))
+    layers = [m for _, m in task_norms(model.backbone)]
+    model.eval()
+    used: dict[str, int] = {}
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = None
+            layer.train()
+        for flag, split in splits.items():
+            row = model.norm_tasks.index(flag)
+            for layer in layers:
+                layer.running_mean[row].zero_()
+                layer.running_var[row].fill_(1.0)
+                layer.num_batches_tracked[row].zero_()
+            indices = recalibration_indices(len(split), images)
+            mapped = split.open_images()
+            # near-equal batches (sizes differ by at most one; none of a single image, which BatchNorm cannot train on)
+            for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+                x = transform(torch.from_numpy(np.array(mapped[chunk])).to(device))
+                model.features(x, flag)
+            used[flag] = len(indices)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    return used
+
+
+def plain_state_dict(backbone: nn.Module, row: int) -> dict[str, Tensor]:
+    """The state dict of the plain timm backbone that normalises as dataset `row` of `backbone` does: each
+    per-dataset layer's row `row` of statistics (and its weights), under timm's own keys. For exporting or
+    comparing a per-dataset backbone as an ordinary model of one dataset."""
+    out = {}
+    for key, value in backbone.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        owner = backbone.get_submodule(layer) if layer else backbone
+        if isinstance(owner, nn.ParameterList):  # task_weight.i / task_bias.i of a per_dataset layer
+            norm_layer, _, kind = layer.rpartition(".")
+            if int(leaf) == row:
+                out[f"{norm_layer}.{kind.removeprefix('task_')}"] = value
+        elif isinstance(owner, TaskBatchNorm) and leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            out[key] = value[row]
+        else:
+            out[key] = value
+    return out

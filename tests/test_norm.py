@@ -1,0 +1,440 @@
+"""Per-dataset normalization (model.norm): each dataset's own BatchNorm statistics, in training and evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import mmpt.step
+from mmpt import checkpoint as ckpt
+from mmpt.errors import MmptError
+from mmpt.model import build_model
+from mmpt.norm import NormLayout, convert_norms, task_norms
+from mmpt.tasks import resolve_tasks
+from mmpt.train import run
+from test_resume import crash_at_step
+from conftest import summary, tiny_config
+
+TWO = resolve_tasks("breast,retina")
+
+
+def model_with(norm: str, backbone: str = "test_resnet", tasks=TWO):
+    cfg = tiny_config("/nonexistent", "/nonexistent", model={"backbone": backbone, "norm": norm})
+    torch.manual_seed(0)
+    return build_model(cfg, tasks)[0]
+
+
+def batch(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+@pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
+def test_training_on_one_dataset_leaves_the_others_statistics_unchanged(norm):
+    model = model_with(norm)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    model(batch(8, 0, shift=2.0), "breastmnist")
+    after = model.state_dict()
+    layers = task_norms(model.backbone)
+    assert len(layers) == 15  # every BatchNorm of test_resnet
+    breast, retina = model.norm_tasks.index("breastmnist"), model.norm_tasks.index("retinamnist")
+    for name, _ in layers:
+        key = f"backbone.{name}.running_mean"
+        assert torch.equal(after[key][retina], before[key][retina])  # untouched
+        assert not torch.equal(after[key][breast], before[key][breast])  # moved
+        assert after[f"backbone.{name}.num_batches_tracked"][[breast, retina]].tolist() == [1, 0]
+
+
+def test_a_dataset_is_evaluated_with_its_own_statistics_and_weights():
+    """The per-dataset model on retina equals the plain timm backbone holding retina's statistics and weights."""
+    model = model_with("per_dataset").eval()
+    state = model.backbone.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    for key in state:
+        if "running_" in key or "task_" in key:  # distinct values per dataset
+            state[key] = torch.rand(state[key].shape, generator=generator) + 0.5
+    model.backbone.load_state_dict(state)
+    plain = timm.create_model("test_resnet", num_classes=0).eval()
+    row = model.norm_tasks.index("retinamnist")
+    oracle = {}
+    for key in plain.state_dict():
+        layer, _, leaf = key.rpartition(".")
+        if f"{layer}.task_weight.1" in state and leaf in ("weight", "bias"):
+            oracle[key] = state[f"{layer}.task_{leaf}.{row}"]
+        elif leaf in ("running_mean", "running_var", "num_batches_tracked") and state[key].dim() >= 1 and \
+                f"{layer}.running_mean" in state and state[f"{layer}.running_mean"].dim() == 2:
+            oracle[key] = state[key][row]
+        else:
+            oracle[key] = state[key]
+    plain.load_state_dict(oracle)
+    x = batch(4, 2)
+    with torch.no_grad():
+        expected = plain(x)
+        assert torch.allclose(model.features(x, "retinamnist"), expected, atol=1e-6)
+        assert not torch.allclose(model.features(x, "breastmnist"), expected, atol=1e-3)
+        assert torch.allclose(model(x, "retinamnist"), model.heads["retinamnist"](expected), atol=1e-6)
+
+
+def test_a_layer_normalises_with_the_datasets_running_statistics_by_hand():
+    layer = nn.BatchNorm2d(3)
+    layout = NormLayout()
+    wrapped = convert_norms(nn.Sequential(layer), 2, "per_dataset_stats", layout)[0]
+    wrapped.running_mean.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0]]))
+    wrapped.running_var.copy_(torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.25, 9.0]]))
+    wrapped.eval()
+    layout.segments = ((1, 5),)
+    x = batch(5, 3)[:, :3, :4, :4]
+    by_hand = (x - torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1)) / torch.sqrt(
+        torch.tensor([4.0, 0.25, 9.0]).view(1, 3, 1, 1) + layer.eps)
+    assert torch.allclose(wrapped(x), by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "timm_batchnorm_act"])
+@pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
+def test_each_slice_of_a_several_dataset_batch_is_normalised_on_its_own(kind, norm):
+    """k >= 2: one pass over the concatenated batch equals each slice through its own BatchNorm (the oracle)."""
+    if kind == "batchnorm":
+        source = nn.BatchNorm2d(4)
+    else:
+        source = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
+    with torch.no_grad():
+        source.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        source.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    oracles = [copy.deepcopy(source).train() for _ in range(3)]
+    layout = NormLayout()
+    wrapped = convert_norms(nn.Sequential(copy.deepcopy(source)), 3, norm, layout)[0].train()
+    slices = [batch(5, 10)[:, :3].repeat(1, 2, 1, 1)[:, :4], batch(3, 11, 4.0)[:, :3].repeat(1, 2, 1, 1)[:, :4]]
+    layout.segments = ((2, 5), (0, 3))  # dataset 2's slice first, then dataset 0's; dataset 1 not in the step
+    out = wrapped(torch.cat(slices))
+    expected = torch.cat([oracles[2](slices[0]), oracles[0](slices[1])])
+    assert torch.allclose(out, expected, atol=1e-5)
+    for row, oracle in ((2, oracles[2]), (0, oracles[0]), (1, oracles[1])):
+        assert torch.allclose(wrapped.running_mean[row], oracle.running_mean, atol=1e-6)
+        assert torch.allclose(wrapped.running_var[row], oracle.running_var, atol=1e-6)
+    assert wrapped.num_batches_tracked.tolist() == [1, 0, 1]
+    assert torch.equal(wrapped.running_mean[1], torch.zeros(4))  # untouched: its initial value
+
+
+def test_a_backbone_without_batchnorm_refuses_a_per_dataset_norm():
+    with pytest.raises(MmptError, match="test_vit has no BatchNorm.*LayerNorm"):
+        model_with("per_dataset_stats", backbone="test_vit")
+    assert model_with("shared", backbone="test_vit") is not None
+
+
+def test_per_dataset_affine_with_a_gradient_based_weighting_is_refused(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "run", data={"datasets": ["breast", "retina"]},
+                      model={"norm": "per_dataset"}, sampler={"tasks_per_step": 2}, loss={"weighting": "upgrad"})
+    with pytest.raises(MmptError, match="per_dataset_stats"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def norm_config(root, output, norm, **sections):
+    """test_resume's config (three tiny tasks, 3 epochs, dropout and augmentation) with `norm`."""
+    return tiny_config(
+        root, output, data={"datasets": ["breast", "retina", "chest"], "num_workers": 0},
+        model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32, "norm": norm},
+        input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
+        train={"epochs": 3, "batch_size": 16}, **sections,
+    )
+
+
+@pytest.fixture(scope="module", params=["per_dataset_stats", "per_dataset"])
+def norm_reference(request, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"reference-{request.param}") / "run"
+    run(norm_config(synthetic_root, out, request.param, sampler={"tasks_per_step": 2}))
+    return request.param, summary(out), out
+
+
+def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(synthetic_root, tmp_path, monkeypatch,
+                                                                      norm_reference):
+    norm, reference, _ = norm_reference
+    out = tmp_path / "crashed"
+    cfg = norm_config(synthetic_root, out, norm, sampler={"tasks_per_step": 2}, checkpoint={"every_steps": 4})
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 9)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(cfg)
+    run(cfg, resume=True)
+    assert summary(out)["final_digest"] == reference["final_digest"]
+    assert summary(out)["best_digest"] == reference["best_digest"]
+
+
+def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
+    norm, reference, out = norm_reference
+    assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
+    state = ckpt.load(out / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    assert state["backbone.bn1.running_mean"].shape[0] == 3  # one row per dataset
+    assert ("backbone.bn1.task_weight.2" in state) == (norm == "per_dataset")
+
+
+def test_model_norm_cannot_change_on_resume(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 3)
+        with pytest.raises(RuntimeError):
+            run(norm_config(synthetic_root, out, "shared", checkpoint={"every_steps": 2}))
+    with pytest.raises(MmptError, match="model.norm=shared, not per_dataset_stats"):
+        run(norm_config(synthetic_root, out, "per_dataset_stats"), resume=True)
+
+
+def test_shared_and_per_dataset_runs_of_one_seed_see_the_same_plan(synthetic_root, tmp_path, monkeypatch):
+    seen: dict[str, list] = {}
+    real_step = mmpt.step.TrainStep.__call__
+
+    def record(self, parts, step):
+        seen.setdefault(self.model.norm, []).append(
+            [(p.task, p.images.sum().item(), p.labels.sum().item()) for p in parts])
+        return real_step(self, parts, step)
+
+    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", record)
+    for norm in ("shared", "per_dataset_stats"):
+        run(tiny_config(synthetic_root, tmp_path / norm, data={"datasets": ["breast", "retina", "chest"]},
+                        model={"norm": norm}, sampler={"tasks_per_step": 2}, train={"batch_size": 16}))
+    assert len(seen["shared"]) == 12 and seen["shared"] == seen["per_dataset_stats"]
+    assert summary(tmp_path / "shared")["final_digest"] != summary(tmp_path / "per_dataset_stats")["final_digest"]
+
+
+def saved_model(tmp_path, norm: str, datasets: str):
+    """A checkpoint file of a freshly built model with distinct per-dataset statistics and weights."""
+    from mmpt.config import to_dict
+
+    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
+                      model={"backbone": "test_resnet", "norm": norm})
+    model = build_model(cfg, resolve_tasks(datasets))[0]
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(5)
+    for key in state:
+        if "running_" in key or ".task_" in key or key.endswith("bn1.weight"):
+            state[key] = torch.rand(state[key].shape, generator=generator) + 0.5
+    path = tmp_path / f"{norm}.pt"
+    ckpt.save(path, {ckpt.MODEL: state, ckpt.CONFIG: to_dict(cfg)})
+    return path, state, model.norm_tasks
+
+
+def target_model(norm: str, datasets: str, source):
+    from mmpt.model import load_initial_weights
+
+    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
+                      model={"backbone": "test_resnet", "norm": norm})
+    model = build_model(cfg, resolve_tasks(datasets))[0]
+    load_initial_weights(model, source, cfg)
+    return model, model.backbone.state_dict()
+
+
+def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the_size_weighted_mixture(tmp_path, capsys):
+    source, theirs, source_tasks = saved_model(tmp_path, "per_dataset", "breast,retina,chest")
+    model, ours = target_model("per_dataset", "breast,pneumonia", source)
+    assert "pneumoniamnist, not in the source, from the train-size-weighted mixture" in capsys.readouterr().out
+    b_src, b_dst = source_tasks.index("breastmnist"), model.norm_tasks.index("breastmnist")
+    p_dst = model.norm_tasks.index("pneumoniamnist")
+    sizes = {t.flag: t.split_size("train") for t in resolve_tasks("breast,retina,chest")}
+    share = torch.tensor([sizes[t] for t in source_tasks], dtype=torch.float64)
+    share /= share.sum()
+    for layer in ("bn1", "layer1.0.bn1"):
+        mean, var = theirs[f"backbone.{layer}.running_mean"], theirs[f"backbone.{layer}.running_var"]
+        assert torch.equal(ours[f"{layer}.running_mean"][b_dst], mean[b_src])
+        assert torch.equal(ours[f"{layer}.task_weight.{b_dst}"], theirs[f"backbone.{layer}.task_weight.{b_src}"])
+        mixed_mean = (share[:, None] * mean.double()).sum(0)
+        mixed_var = (share[:, None] * (var.double() + (mean.double() - mixed_mean) ** 2)).sum(0)
+        assert torch.allclose(ours[f"{layer}.running_mean"][p_dst].double(), mixed_mean, atol=1e-5)
+        assert torch.allclose(ours[f"{layer}.running_var"][p_dst].double(), mixed_var, atol=1e-5)
+    # a single-dataset fine-tune with shared norm takes that dataset's own statistics and weights
+    _, single = target_model("shared", "retina", source)
+    r_src = source_tasks.index("retinamnist")
+    assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][r_src])
+    assert torch.equal(single["bn1.weight"], theirs[f"backbone.bn1.task_weight.{r_src}"])
+    assert torch.equal(single["conv1.0.weight"], theirs["backbone.conv1.0.weight"])
+
+
+def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_path):
+    source, theirs, _ = saved_model(tmp_path, "shared", "breast,retina")
+    model, ours = target_model("per_dataset", "breast,retina,chest", source)
+    for row in range(3):
+        assert torch.equal(ours["bn1.running_mean"][row], theirs["backbone.bn1.running_mean"])
+        assert torch.equal(ours[f"bn1.task_weight.{row}"], theirs["backbone.bn1.weight"])
+    _, stats_only = target_model("per_dataset_stats", "breast", source)
+    assert torch.equal(stats_only["bn1.weight"], theirs["backbone.bn1.weight"])
+    assert torch.equal(stats_only["bn1.running_var"][0], theirs["backbone.bn1.running_var"])
+
+
+def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
+    """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
+    (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
+    from test_distributed import finish, summary as ddp_summary, torchrun, write_config
+
+    raw = {
+        "name": "ddp", "output": str(tmp_path / "run"),
+        "data": {"root": str(synthetic_root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
+        "model": {"backbone": "test_resnet", "norm": "per_dataset"}, "input": {"mode": "native"},
+        "sampler": {"tasks_per_step": 2}, "optim": {"lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
+    }
+    finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
+    digests = ddp_summary(tmp_path / "run")["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.fixture(scope="module")
+def shared_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "run"
+    run(tiny_config(synthetic_root, out, data={"datasets": ["breast", "retina", "chest"]}, train={"batch_size": 16}))
+    return out
+
+
+def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(shared_run, tmp_path):
+    import hashlib
+    import json
+
+    from mmpt.cli import evaluate_main
+
+    best = shared_run / "checkpoints" / ckpt.BEST
+    before = hashlib.sha256(best.read_bytes()).hexdigest()
+    assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100"]) == 0
+    assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100",
+                          "--output", str(tmp_path / "again")]) == 0
+    assert evaluate_main([str(shared_run)]) == 0
+    assert hashlib.sha256(best.read_bytes()).hexdigest() == before
+    first = json.loads((shared_run / "eval" / "test-recalibrated" / "metrics.json").read_text())
+    assert first == json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert first != json.loads((shared_run / "eval" / "test" / "metrics.json").read_text())  # the statistics moved
+    record = json.loads((shared_run / "eval" / "test-recalibrated" / "recalibration.json").read_text())
+    assert record["from"] == "shared" and record["images_per_dataset"] == {
+        "breastmnist": 100, "retinamnist": 100, "chestmnist": 100}
+
+
+def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
+    """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
+    from mmpt.data.store import open_data
+    from mmpt.model import build_transform
+    from mmpt.norm import recalibrate
+
+    state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
+    from mmpt.config import from_dict
+
+    cfg = from_dict(state[ckpt.CONFIG])
+    tasks = resolve_tasks(cfg.data.datasets)
+    model = build_model(cfg, tasks)[0]
+    model.load_state_dict(state[ckpt.MODEL])
+    transform = build_transform(cfg, model)
+    data = open_data(cfg.data, tasks)
+    splits = {flag: d.splits["train"] for flag, d in data.items()}
+    used = recalibrate(model, splits, transform, torch.device("cpu"), images=10_000, batch_size=1024)
+    assert used == {flag: 128 for flag in splits}  # the whole split (smaller than the request)
+    assert model.norm == "per_dataset_stats" and not model.training
+    layer = model.backbone.conv1[1]
+    for flag, split in splits.items():
+        x = transform(torch.from_numpy(np.array(split.open_images())))
+        with torch.no_grad():
+            z = model.backbone.conv1[0](x)
+        row = model.norm_tasks.index(flag)
+        assert torch.allclose(layer.running_mean[row], z.mean(dim=(0, 2, 3)), atol=1e-5)
+        assert torch.allclose(layer.running_var[row], z.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert torch.equal(layer.weight, state[ckpt.MODEL]["backbone.conv1.1.weight"])  # affine untouched
+
+
+def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run, tmp_path):
+    from mmpt.cli import evaluate_main
+    from mmpt.data.store import open_data
+    from mmpt.experiments.probe import extract_features
+    from mmpt.model import load_backbone
+
+    model, cfg = load_backbone(shared_run)
+    model.split_norm_statistics()
+    layer = model.backbone.conv1[1]
+    layer.running_mean[model.norm_tasks.index("retinamnist")] += 3.0  # retina's statistics differ from breast's
+    split = open_data(cfg.data, resolve_tasks("breast"))["breastmnist"].splits["test"]
+    breast = extract_features(model, cfg, split, torch.device("cpu"), 64, task="breastmnist")
+    retina = extract_features(model, cfg, split, torch.device("cpu"), 64, task="retinamnist")
+    assert breast.shape == retina.shape and not np.allclose(breast, retina, atol=1e-3)
+    assert evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm",
+                          "--recalibrate-images", "64"]) == 0
+    assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"last_batch": "drop"}, {"tasks_per_step": 3}, {"tasks_per_step": "all"}, {"steps_per_epoch": 5000},
+    {"replacement": True, "alpha": 0.5}, {"replacement": True, "alpha": 0.3, "tasks_per_step": 2},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_images(options):
+    """dataset_exposure against the realised epoch plans, with every train split size in medmnist.INFO."""
+    import medmnist
+
+    from mmpt.data.sampler import Sampler
+
+    sizes = {flag: medmnist.INFO[flag]["n_samples"]["train"] for flag in (t.flag for t in resolve_tasks("all"))}
+    epochs, batch_size = 2, 64
+    sampler = Sampler(sizes, batch_size, 0, **options)
+    exposure = sampler.exposure(epochs)
+    images = dict.fromkeys(sizes, 0)
+    steps_with = dict.fromkeys(sizes, 0)
+    total_steps = 0
+    for epoch in range(epochs):
+        plan = sampler.plan(epoch)
+        total_steps += len(plan)
+        for item in plan:
+            for task, idx in item:
+                images[task] += len(idx)
+                steps_with[task] += 1
+    exact = not options.get("replacement") and "steps_per_epoch" not in options and options.get("tasks_per_step") != "all"
+    for task, n in sizes.items():
+        share, passes = exposure[task]
+        realised_share, realised_passes = steps_with[task] / total_steps, images[task] / n
+        tolerance = 1e-9 if exact else 0.1 * passes + 0.02
+        if options.get("tasks_per_step") == "all":  # a smaller split's last pass of an epoch is a prefix
+            tolerance = epochs * batch_size / n
+        exact_share = exact or options.get("tasks_per_step") == "all"
+        assert abs(share - realised_share) <= (1e-9 if exact_share else 0.1 * share + 0.005), (task, share, realised_share)
+        assert abs(passes - realised_passes) <= tolerance, (task, passes, realised_passes)
+    if options.get("tasks_per_step", 1) == 1:
+        assert sum(s for s, _ in exposure.values()) == pytest.approx(1.0)
+    if not options:
+        assert all(passes == pytest.approx(epochs) for _, passes in exposure.values())  # Algorithm 1: every image once
+
+
+def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
+    from pathlib import Path
+
+    from mmpt.distributed import SINGLE
+    from mmpt.data.sampler import Sampler
+    from mmpt.trainlog import describe
+
+    cfg = tiny_config("/nonexistent", tmp_path, model={"norm": "per_dataset_stats"},
+                      sampler={"replacement": True, "alpha": 0.5}, train={"epochs": 4, "batch_size": 50})
+    sizes = {"breastmnist": 546, "retinamnist": 1080}
+    sampler = Sampler.from_config(sizes, cfg)
+    text = describe(cfg, model_with("per_dataset_stats"), sampler, torch.device("cpu"), SINGLE, Path("cache"))
+    # p ∝ sqrt(n): 23.37 and 32.86 -> 41.6% and 58.4% of 11 + 22 = 33 steps per epoch
+    assert "41.6% of steps" in text and "58.4% of steps" in text
+    assert f"{4 * 33 * 0.41562 * 50 / 546:.2f} passes" in text.replace("  ", " ").replace("  ", " ")
+    assert "expected values: sampling with replacement, alpha 0.5" in text
+    assert "each of the 2 datasets has its own BatchNorm running statistics (model.norm per_dataset_stats)" in text
+
+
+def test_a_batch_of_one_is_refused_with_per_dataset_batchnorm_too():
+    from mmpt.model import check_batch_size
+
+    with pytest.raises(MmptError, match="cannot train on one image"):
+        check_batch_size(model_with("per_dataset"), 1)
+
+
+def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
+    from mmpt.norm import plain_state_dict
+
+    model = model_with("per_dataset").eval()
+    with torch.no_grad():
+        for _, layer in task_norms(model.backbone):
+            for row in range(2):
+                layer.running_mean[row].uniform_(-1, 1)
+                layer.task_weight[row].uniform_(0.5, 1.5)
+    plain = timm.create_model("test_resnet", num_classes=0).eval()
+    row = model.norm_tasks.index("breastmnist")
+    plain.load_state_dict(plain_state_dict(model.backbone, row))  # strict: every timm key, nothing else
+    x = batch(3, 7)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model.features(x, "breastmnist"), atol=1e-6)

@@ -101,9 +101,10 @@ class ModelConfig:
     init_from: str | None = setting(
         None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
     norm: str = setting(
-        "shared", "BatchNorm: one set of statistics for all datasets (shared), each dataset its own running mean "
-        "and variance (per_dataset_stats), or also its own affine weights (per_dataset); needs a BatchNorm backbone",
-        choices=("shared", "per_dataset_stats", "per_dataset"))
+        "shared", "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
+        "variance (per_dataset_stats), also its own affine weights (per_dataset), or auto (per_dataset_stats for a "
+        "BatchNorm backbone trained on 2+ datasets, else shared); the per-dataset settings need a BatchNorm backbone",
+        choices=("auto", "shared", "per_dataset_stats", "per_dataset"))
 
 
 @dataclass(frozen=True)

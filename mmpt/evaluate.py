@@ -84,10 +84,11 @@ def evaluate_checkpoint(
         if not has_batchnorm(model.backbone):
             raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
                             "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); evaluate without it")
+        trained_norm = model.norm  # as applied (model.norm auto resolved), before recalibration splits it
         used = recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, transform, torch_device,
                            images=recalibrate_images, batch_size=cfg.data.eval_batch_size)
         recalibrated = {
-            "from": cfg.model.norm, "images_per_dataset": used, "images_requested": recalibrate_images,
+            "from": trained_norm, "images_per_dataset": used, "images_requested": recalibrate_images,
             "batch_size": cfg.data.eval_batch_size, "seed": RECALIBRATION_SEED, "split": "train",
             "rule": "cumulative average (BatchNorm momentum=None) over near-equal batches, each normalised with its "
                     "own statistics; no gradient, dropout off; affine weights unchanged",

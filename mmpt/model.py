@@ -14,8 +14,8 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.errors import MmptError, lookup, unknown_name
 from mmpt.losses import TaskLoss, build_loss
 from mmpt.norm import (
-    NormLayout, check_norm, convert_norms, describe_init_rule, has_batchnorm, norm_layer_prefixes, task_norms,
-    transfer_norm_state,
+    NormLayout, check_norm, convert_norms, describe_init_rule, has_batchnorm, norm_layer_prefixes, resolve_norm,
+    saved_norm, task_norms, transfer_norm_state,
 )
 from mmpt.tasks import TaskSpec, resolve_tasks
 
@@ -133,8 +133,8 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict(heads)
         # the side pad/resize bring images to: as configured, else the backbone's pretrained_cfg
         self.input_size = input_size or int(backbone.pretrained_cfg["input_size"][-1])
-        self.norm = norm
         self.norm_tasks = tuple(norm_tasks if norm_tasks is not None else heads)
+        self.norm = norm = resolve_norm(norm, backbone, len(self.norm_tasks))  # model.norm auto decided here
         self.norm_layout = NormLayout()
         if norm != "shared":
             convert_norms(backbone, len(self.norm_tasks), norm, self.norm_layout)
@@ -278,7 +278,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     weights = state[ckpt.MODEL]
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
     norm_state: dict[str, torch.Tensor] = {}
-    if saved.model.norm != "shared" or model.per_dataset_norm:
+    source_norm = saved_norm(backbone)  # model.norm auto: what the source's weights hold
+    if source_norm != "shared" or model.per_dataset_norm:
         # BatchNorm entries differ in shape between norm settings: every norm layer is filled by the transfer rule
         sizes = {t.flag: t.split_size("train") for t in resolve_tasks(tuple(saved.data.datasets) + model.norm_tasks)}
         norm_state = transfer_norm_state(model.backbone, backbone, saved.data.datasets, model.norm_tasks, sizes)
@@ -304,7 +305,7 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
             copied.append(flag)
     print(f"initialised from {path}: backbone and heads of {', '.join(copied) or 'no dataset'}")
     if norm_state:
-        print(describe_init_rule(saved.data.datasets, model.norm_tasks, saved.model.norm, model.norm))
+        print(describe_init_rule(saved.data.datasets, model.norm_tasks, source_norm, model.norm))
     return copied
 
 

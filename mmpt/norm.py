@@ -22,6 +22,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmpt.errors import MmptError
 
 NORMS = ("shared", "per_dataset_stats", "per_dataset")
+AUTO = "auto"  # per_dataset_stats for a BatchNorm backbone trained on 2+ datasets, else shared
+
+
+def resolve_norm(norm: str, backbone: nn.Module, num_tasks: int) -> str:
+    """model.norm as the model applies it: `auto` becomes per_dataset_stats where there is something to keep
+    apart (BatchNorm layers and two or more datasets), else shared; the other settings stay as they are."""
+    if norm != AUTO:
+        return norm
+    return "per_dataset_stats" if num_tasks >= 2 and has_batchnorm(backbone) else "shared"
+
+
+def saved_norm(backbone_weights: dict[str, Tensor]) -> str:
+    """The norm setting a saved backbone was trained with, read from its weights (per-dataset layers keep T×C
+    statistics and, for per_dataset, task_weight entries), so a checkpoint of model.norm auto says what it holds."""
+    if any(k.endswith("task_weight.0") for k in backbone_weights):
+        return "per_dataset"
+    if any(k.endswith("running_mean") and v.dim() == 2 for k, v in backbone_weights.items()):
+        return "per_dataset_stats"
+    return "shared"
 
 
 class NormLayout:
@@ -97,7 +116,7 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 def check_norm(norm: str, backbone: nn.Module, backbone_name: str) -> None:
     """Raise MmptError for a per-dataset model.norm on a backbone without BatchNorm layers."""
-    if norm != "shared" and not has_batchnorm(backbone):
+    if norm not in ("shared", AUTO) and not has_batchnorm(backbone):
         raise MmptError(
             f"model.norm {norm} keeps per-dataset BatchNorm statistics, but backbone {backbone_name} has no BatchNorm "
             "layer (ViTs and ConvNeXt use LayerNorm, which keeps no running statistics); use model.norm shared or a "
@@ -248,12 +267,13 @@ def check_norm_weighting(norm: str, weighting: str) -> None:
         )
 
 
-def describe_norm(norm: str, tasks: Sequence[str]) -> str:
-    """The start line on normalization."""
+def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False) -> str:
+    """The start line on normalization (`norm` as applied; `auto`: chosen by model.norm auto)."""
+    how = f"model.norm {'auto: ' if auto else ''}{norm}"
     if norm == "shared":
-        return "normalization: shared BatchNorm statistics (model.norm shared)"
+        return f"normalization: shared BatchNorm statistics ({how})"
     what = "running statistics" if norm == "per_dataset_stats" else "running statistics and affine weights"
-    return f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} (model.norm {norm})"
+    return f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} ({how})"
 
 
 # --- recalibration: each dataset's statistics re-estimated on its own training images -----------------------------

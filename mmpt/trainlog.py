@@ -108,7 +108,7 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
                  + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
     if has_batchnorm(model.backbone):
-        lines.append(describe_norm(cfg.model.norm, list(sizes)))
+        lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
     lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
                  + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
     return "\n".join(lines)

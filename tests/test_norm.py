@@ -438,3 +438,33 @@ def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
     x = batch(3, 7)
     with torch.no_grad():
         assert torch.allclose(plain(x), model.features(x, "breastmnist"), atol=1e-6)
+
+
+@pytest.mark.parametrize(("backbone", "datasets", "expected"), [
+    ("test_resnet", "breast,retina", "per_dataset_stats"), ("test_resnet", "breast", "shared"),
+    ("test_vit", "breast,retina", "shared"),
+])
+def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than_one_dataset(backbone, datasets,
+                                                                                               expected):
+    model = model_with("auto", backbone, resolve_tasks(datasets))
+    assert model.norm == expected
+    assert (len(task_norms(model.backbone)) > 0) == (expected == "per_dataset_stats")
+
+
+def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(synthetic_root, tmp_path, norm_reference,
+                                                                            capsys):
+    from mmpt.norm import saved_norm
+
+    norm, reference, out = norm_reference
+    if norm != "per_dataset_stats":
+        pytest.skip("auto resolves to per_dataset_stats")
+    auto = tmp_path / "auto"
+    run(norm_config(synthetic_root, auto, "auto", sampler={"tasks_per_step": 2}))
+    assert "(model.norm auto: per_dataset_stats)" in capsys.readouterr().out
+    assert summary(auto)["final_digest"] == reference["final_digest"]
+    weights = ckpt.load(auto / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    assert saved_norm({k.removeprefix("backbone."): v for k, v in weights.items()}) == "per_dataset_stats"
+    # a single-dataset fine-tune from it (auto -> shared) starts from that dataset's own statistics
+    source, theirs, source_tasks = saved_model(tmp_path, "per_dataset_stats", "breast,retina")
+    _, single = target_model("auto", "retina", source)
+    assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][source_tasks.index("retinamnist")])

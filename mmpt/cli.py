@@ -114,7 +114,7 @@ def build_train_config(args: argparse.Namespace):
         if not (run_dir / "config.yaml").is_file():
             raise MmptError(f"cannot resume {run_dir}: it has no config.yaml; pass a run folder written by train.py")
         overrides.append({"output": str(run_dir)})
-        return load_config(run_dir / "config.yaml", overrides)
+        return load_config(run_dir / "config.yaml", overrides, recorded=True)
     return load_config(args.config, overrides)
 
 

@@ -104,7 +104,7 @@ class ModelConfig:
         "shared", "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
         "variance (per_dataset_stats), also its own affine weights (per_dataset), or auto (per_dataset_stats for a "
         "BatchNorm backbone trained on 2+ datasets, else shared); the per-dataset settings need a BatchNorm backbone",
-        choices=("auto", "shared", "per_dataset_stats", "per_dataset"))
+        choices=("auto", "shared", "per_dataset_stats", "per_dataset"), recorded="shared")
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,25 @@ def recipe_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return config_differences(old, new, RESUME_MAY_CHANGE)
 
 
+def recorded_config(raw: Any) -> Config:
+    """A config that a run recorded (config.yaml, a checkpoint, series.json) as that run trained it: a key
+    declared after it was written takes the value its declaration gives for such records (`recorded`), not
+    today's default, so e.g. a run from before model.norm reads as model.norm shared. MmptError when invalid."""
+    return from_dict(_as_recorded(raw))
+
+
+def _as_recorded(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    raw = {**raw}
+    for key, k in SETTINGS.items():
+        section, _, leaf = key.rpartition(".")
+        node = raw.get(section, {}) if section else raw
+        if k.spec.recorded is not None and isinstance(node, dict) and leaf not in node:
+            raw[section] = {**node, leaf: k.spec.recorded}
+    return raw
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Return `base` with `override` merged in; nested dicts merge, everything else replaces."""
     out = dict(base)
@@ -302,14 +321,17 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[dict] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[dict] | None = None, *,
+                recorded: bool = False) -> Config:
     """Build a Config from defaults, an optional YAML file (with `base:` chaining) and override dicts.
 
+    `recorded`: the file is a run's own config.yaml (--resume), read as `recorded_config` reads it.
     Raises MmptError listing every unknown key, wrong type and out-of-range value.
     """
     raw: dict = {}
     if path is not None:
         raw = _read_with_base(Path(path), seen=())
+        raw = _as_recorded(raw) if recorded else raw
     for override in overrides or []:
         raw = deep_merge(raw, override)
     return from_dict(raw)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from mmpt import checkpoint as ckpt
-from mmpt.config import from_dict
+from mmpt.config import recorded_config
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.errors import MmptError
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
@@ -58,7 +58,7 @@ def evaluate_checkpoint(
     """
     check_output_folder(output)
     state = ckpt.load(checkpoint)
-    cfg = from_dict(state[ckpt.CONFIG])
+    cfg = recorded_config(state[ckpt.CONFIG])
     trained = resolve_tasks(cfg.data.datasets)
     tasks = trained if datasets is None else resolve_tasks(datasets)
     missing = [t.flag for t in tasks if t not in trained]

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mmpt.config import Config
+from mmpt.config import Config, recorded_config
 from mmpt.data.transforms import DeviceTransform
 from mmpt.errors import MmptError, lookup, unknown_name
 from mmpt.losses import TaskLoss, build_loss
@@ -259,11 +259,11 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
     """
     from mmpt import checkpoint as ckpt
-    from mmpt.config import from_dict
+
 
     path = checkpoint_path(source)
     state = ckpt.load(path)
-    saved = from_dict(state[ckpt.CONFIG])
+    saved = recorded_config(state[ckpt.CONFIG])
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
     # another resolution or input.mode is refused even where the weights would fit (a padded or native
     # backbone): fine-tuning on other input is another experiment, not mm-PFT as the recipe states it
@@ -312,10 +312,10 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
 def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     """The trained backbone of a run folder or checkpoint, without its heads, and that run's config."""
     from mmpt import checkpoint as ckpt
-    from mmpt.config import from_dict
+
 
     state = ckpt.load(checkpoint_path(source))
-    cfg = from_dict(state[ckpt.CONFIG])
+    cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(
         cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",
     )

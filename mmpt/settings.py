@@ -31,6 +31,9 @@ class Setting:
     check: Callable[[Any], str | None] | None = None  # value -> "must be ..., got ..." or None
     allowed: str = ""  # what it accepts in words, where type, choices and bounds do not say it
     resume: bool = False  # a resume may change it (where, how fast, how long or how loudly the run goes)
+    # for a key added after runs were recorded without it: the value that reproduces what those runs did
+    # (a recorded config lacking the key is read with it, not with today's default)
+    recorded: Any = None
 
 
 def setting(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,

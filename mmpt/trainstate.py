@@ -16,7 +16,7 @@ from torch import nn
 
 from mmpt import checkpoint as ckpt
 from mmpt import distributed
-from mmpt.config import Config, from_dict, recipe_changes, to_dict
+from mmpt.config import Config, recipe_changes, recorded_config, to_dict
 from mmpt.data.store import TaskData, data_changes
 from mmpt.distributed import World, any_rank
 from mmpt.errors import MmptError
@@ -165,7 +165,7 @@ def load_resume_checkpoint(cfg: Config) -> dict:
             f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
         )
     try:
-        saved = from_dict(state[ckpt.CONFIG])
+        saved = recorded_config(state[ckpt.CONFIG])
     except MmptError as exc:
         raise MmptError(
             f"checkpoint {path} holds a config this mmpt cannot read ({exc}); start a new run with --output"

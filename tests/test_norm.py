@@ -468,3 +468,19 @@ def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(syn
     source, theirs, source_tasks = saved_model(tmp_path, "per_dataset_stats", "breast,retina")
     _, single = target_model("auto", "retina", source)
     assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][source_tasks.index("retinamnist")])
+
+
+def test_a_run_recorded_before_model_norm_reads_as_shared_whatever_the_default(tmp_path):
+    """Configs recorded without model.norm (config.yaml, checkpoints, series.json of earlier releases) are read
+    with model.norm shared, the setting they trained with; a new recipe without it gets the default."""
+    import yaml
+
+    from mmpt.config import Config, load_config, recorded_config, to_dict
+
+    old = to_dict(Config())
+    del old["model"]["norm"]
+    assert recorded_config(old).model.norm == "shared"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(tmp_path / "config.yaml", recorded=True).model.norm == "shared"
+    assert load_config(tmp_path / "config.yaml").model.norm == Config().model.norm
+    assert recorded_config({**old, "model": {**old["model"], "norm": "per_dataset"}}).model.norm == "per_dataset"

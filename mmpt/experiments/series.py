@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmpt.config import SETTINGS, Config, config_differences, deep_merge, from_dict, to_dict
+from mmpt.config import SETTINGS, Config, config_differences, deep_merge, from_dict, recorded_config, to_dict
 from mmpt.errors import MmptError
 from mmpt.report import COLUMNS
 from mmpt.tasks import FLAGS
@@ -205,7 +205,7 @@ def read_run_config(folder: Path) -> Config:
     """The resolved config a run folder records (config.yaml); MmptError when it is missing or unreadable."""
     path = Path(folder) / "config.yaml"
     try:
-        return from_dict(yaml.safe_load(path.read_text()) or {})
+        return recorded_config(yaml.safe_load(path.read_text()) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError, MmptError, AttributeError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MmptError(f"{path} is not a config written by train.py ({reason}); pass --overwrite to train the run "
@@ -214,7 +214,7 @@ def read_run_config(folder: Path) -> Config:
 
 def _recorded_config(raw: object, where: Path) -> Config:
     try:
-        return from_dict(raw)
+        return recorded_config(raw)
     except (MmptError, AttributeError, TypeError):
         raise MmptError(f"{where} holds a config this mmpt cannot read; pass --overwrite to start the series "
                         "again, or --output DIR for a new one") from None

@@ -206,6 +206,8 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
     p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
+    p.add_argument("--ci", choices=("bootstrap", "delong"), default="bootstrap",
+                   help="AUC interval: paired bootstrap (default) or DeLong's analytic variance")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -243,13 +245,13 @@ def probe_parser() -> argparse.ArgumentParser:
 
 
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
-                  data_root: str | None, jobs: int = 1) -> int:
+                  data_root: str | None, jobs: int = 1, ci: str = "bootstrap") -> int:
     from mmpt.experiments.compare import compare_runs, format_compare, write_compare
 
     if bootstrap < 1:
         raise MmptError(f"--bootstrap must be at least 1, got {bootstrap}")
     result = compare_runs([Path(r) for r in runs], metrics=[m.strip() for m in metrics.split(",") if m.strip()],
-                          n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs)
+                          n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs, ci=ci)
     paths = write_compare(result, Path(output) if output else Path(runs[0]))
     print(format_compare(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
@@ -260,7 +262,7 @@ def _subcommand(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name == "compare":
         a = compare_parser().parse_args(rest)
-        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs)
+        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs, a.ci)
     if name == "summarize":
         from mmpt.experiments.series import summarize
 

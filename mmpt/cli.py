@@ -188,7 +188,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = ("compare", "summarize", "probe")
+SUBCOMMANDS = ("compare", "summarize", "probe", "export")
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -244,6 +244,18 @@ def probe_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py export",
+                description="Write a run's backbone as a timm model (model.safetensors + config.json, as timm "
+                            "saves for the Hugging Face hub), its heads (heads.safetensors) and a model card.")
+    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
+    p.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty DIR")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
                   data_root: str | None, jobs: int = 1, ci: str = "bootstrap") -> int:
     from mmpt.experiments.compare import compare_runs, format_compare, write_compare
@@ -263,6 +275,13 @@ def _subcommand(argv: list[str]) -> int:
     if name == "compare":
         a = compare_parser().parse_args(rest)
         return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs, a.ci)
+    if name == "export":
+        from mmpt.experiments.export import export_run
+
+        a = export_parser().parse_args(rest)
+        paths = export_run(Path(a.run), Path(a.output), checkpoint=a.checkpoint, overwrite=a.overwrite)
+        print(f"written: {', '.join(str(p) for p in paths)}")
+        return 0
     if name == "summarize":
         from mmpt.experiments.series import summarize
 

@@ -199,6 +199,10 @@ def probe_runs(source: Path, *, method: str, output: Path | None = None, **kwarg
         p.parent.parent for p in source.rglob("checkpoints/best.pt")
         if not any(part.startswith("probe-") for part in p.relative_to(source).parts)
     )
+    from mmpt.experiments.export import is_export
+
+    if is_export(source):
+        leaves = [source]  # a backbone written by evaluate.py export
     if not leaves:
         raise MmptError(f"{source} holds no trained run (checkpoints/best.pt); pass a run folder, "
                         "or --backbone NAME for an untrained or ImageNet reference")

@@ -160,7 +160,8 @@ def model_input_size(cfg: Config) -> int | str:
 def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -> list[str]:
     """Copy another run's backbone, and its heads for datasets both runs have, into `model` (weights only).
 
-    `source` is a run folder (its best.pt), a checkpoint file or a folder written by `evaluate.py export`. Optimizer, schedule and progress are not
+    `source` is a run folder (its best.pt), a checkpoint file or a folder written by `evaluate.py export`.
+    Optimizer, schedule and progress are not
     taken: the new run starts fresh from these weights (mm-PT as pre-training, then fine-tuning). Raises
     MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
     """

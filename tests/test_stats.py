@@ -41,9 +41,9 @@ def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
     rng = np.random.default_rng(n)
     task, labels, scores = _data(flag, n, 2, rng)
     metrics = _metrics(task)
-    indices = rng.integers(0, n, (25, n))
+    indices = rng.integers(0, n, (15, n))
     counts = np.stack([np.bincount(i, minlength=n) for i in indices])
-    for rule in ("argmax", "median"):
+    for rule in ("argmax", "median") if task.task_type == ORDINAL else ("argmax",):
         got = weighted_metrics(task, labels, [(scores, rule)], metrics, counts)[0]
         for b, i in enumerate(indices):
             per_seed = [compute_metrics(task, labels[i], s[i], metrics, rule) for s in scores]
@@ -57,15 +57,15 @@ def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
 @pytest.mark.parametrize("flag", FLAGS)
 def test_vectorised_bootstrap_gives_the_intervals_of_the_per_resample_loop(flag):
     rng = np.random.default_rng(5)
-    task, labels, scores = _data(flag, 40, 4, rng)
+    task, labels, scores = _data(flag, 40, 3, rng)
     metrics = _metrics(task)
     reference, other = scores[:2], scores[2:]
     rules = ("argmax", "median") if task.task_type == ORDINAL else ("argmax", "argmax")
     # a small chunk: several chunks of resamples, as at full size
     vectorised = bootstrap_dataset(task, labels, [(reference, rules[0]), (other, rules[1])], metrics,
-                                   n_resamples=60, seed=7, chunk_values=40 * 16)
-    loop = [paired_bootstrap(task, labels, reference, None, metrics, n_resamples=60, seed=7, grade_rules=rules),
-            paired_bootstrap(task, labels, reference, other, metrics, n_resamples=60, seed=7, grade_rules=rules)]
+                                   n_resamples=30, seed=7, chunk_values=40 * 8)
+    loop = [paired_bootstrap(task, labels, reference, None, metrics, n_resamples=30, seed=7, grade_rules=rules),
+            paired_bootstrap(task, labels, reference, other, metrics, n_resamples=30, seed=7, grade_rules=rules)]
     for (low, high), (old_low, old_high) in zip(vectorised, loop):
         assert len(low) == len(old_low)
         np.testing.assert_allclose(low, old_low, rtol=0, atol=1e-9, equal_nan=True)
@@ -83,8 +83,8 @@ def series(tmp_path_factory):
 
 def test_compare_gives_the_same_intervals_on_either_path(series):
     metrics = ["auc", "acc", "balanced_acc", "kappa", "qwk", "mae"]
-    loop = compare_runs(series, metrics=metrics, n_resamples=25, seed=2, resampling="loop")
-    vectorised = compare_runs(series, metrics=metrics, n_resamples=25, seed=2)
+    loop = compare_runs(series, metrics=metrics, n_resamples=10, seed=2, resampling="loop")
+    vectorised = compare_runs(series, metrics=metrics, n_resamples=10, seed=2)
     checked = 0
     for old, new in zip(loop["runs"], vectorised["runs"]):
         for flag, cells in old["datasets"].items():

@@ -120,7 +120,8 @@ def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dic
         f"- datasets: {', '.join(heads)}",
         f"- backbone {cfg.model.backbone} (pretrained start: {cfg.model.pretrained}), "
         f"loss weighting {cfg.loss.weighting}, ordinal loss {cfg.loss.ordinal}",
-        f"- optimizer {cfg.optim.name}, lr {cfg.optim.lr}, schedule {cfg.optim.schedule}, batch {cfg.train.batch_size}, "
+        f"- optimizer {cfg.optim.name}, lr {cfg.optim.lr}, schedule {cfg.optim.schedule}, "
+        f"batch {cfg.train.batch_size}, "
         f"epochs {cfg.train.epochs}, seed {cfg.train.seed}, precision {cfg.train.precision}",
         f"- the whole recipe: `{RUN_CONFIG}`; it retrains with `python train.py --config {RUN_CONFIG}` "
         "(data.root as on the training machine)", "",

@@ -135,7 +135,7 @@ class _Dataset:
         ) if rows else None
 
     def metric_values(self, counts: np.ndarray) -> list[np.ndarray]:
-        """Per run: resamples × metrics, the seed mean of each metric on each resample (counts: images × resamples)."""
+        """Per run: resamples × metrics, the seed mean of each metric per resample (counts: images × resamples)."""
         cells = np.asarray((self.cells.T @ counts).T) if self.cells is not None else None  # resamples × cells
         # the other side of a class depends on the labels only: its counts are gathered once for every model
         others: dict[int, np.ndarray] = {}
@@ -155,7 +155,8 @@ class _Dataset:
                     others[k] = counts[column.other]
             # sum then divide, in class order, as medmnist does
             total = counts.sum(axis=0)
-            values["auc"] = sum(_weighted_auc(c, counts, others[k], total) for k, c in enumerate(model.auc)) / len(model.auc)
+            aucs = [_weighted_auc(c, counts, others[k], total) for k, c in enumerate(model.auc)]
+            values["auc"] = sum(aucs) / len(aucs)
         if model.confusions:
             per_problem = [_confusion_metrics(cells[:, s:s + k * k].reshape(b, k, k)) for s, k in model.confusions]
             for name in ("acc", "balanced_acc", "kappa"):
@@ -190,7 +191,7 @@ def _weighted_auc(column: _AucColumn, counts: np.ndarray, other: np.ndarray, tot
 
 
 def _kappa(confusion: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Cohen's kappa of each resample's confusion (resamples × K × K) as scikit-learn computes it; NaN if undefined."""
+    """Cohen's kappa of each resample's confusion (resamples × K × K), as scikit-learn; NaN where undefined."""
     total = confusion.sum(axis=(1, 2))
     # outer(predicted totals, true totals) / total, as scikit-learn (the weights are symmetric)
     expected = confusion.sum(axis=1)[:, :, None] * confusion.sum(axis=2)[:, None, :] / total[:, None, None]

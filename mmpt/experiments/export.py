@@ -72,6 +72,10 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
     mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
 
+    # the weights are this run's: drop what describes timm's pretrained ones (their tag, license, hub id)
+    backbone.pretrained_cfg = {k: v for k, v in backbone.pretrained_cfg.items()
+                               if k not in ("tag", "license", "hf_hub_id", "url", "paper_ids", "origin_url")}
+    backbone.pretrained_cfg["crop_pct"] = 1.0  # MedMNIST images are padded or resized whole, never cropped
     output.mkdir(parents=True, exist_ok=True)
     save_for_hf(backbone, str(output), safe_serialization=True,
                 data_config={"input_size": (3, size, size), "mean": mean, "std": std})
@@ -124,7 +128,7 @@ def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dic
         f"batch {cfg.train.batch_size}, "
         f"epochs {cfg.train.epochs}, seed {cfg.train.seed}, precision {cfg.train.precision}",
         f"- the whole recipe: `{RUN_CONFIG}`; it retrains with `python train.py --config {RUN_CONFIG}` "
-        "(data.root as on the training machine)", "",
+        "(data.root and output as on the training machine: set them with --data-root and --output)", "",
     ]
     lines += test_metrics_lines(run) + [
         "", "## Heads", "",

@@ -4,10 +4,11 @@ Bootstrap. One call of scipy.stats.bootstrap per dataset (`paired=True`, percent
 draws each resample of test images once, as index rows; every model of every run is evaluated on it. A
 resample is turned into counts (how often each image was drawn), and every metric is a function of
 weighted counts, computed for a chunk of resamples at once:
-- AUC (Mann–Whitney form, ties counted half): per score column, one sort of the negatives and, per
-  positive, how many negatives lie below / at its score; a resample's AUC is then one cumulative sum of
-  the negatives' counts and one weighted sum over the positives. One-vs-rest per class for multi-class and
-  ordinal (the mean over classes, as medmnist), per label for multi-label, the last column for binary.
+- AUC (Mann–Whitney form, ties counted half): per score column, one sort of the smaller side (positives
+  or negatives) and, for each image of the other side, how many of those lie below it (ties half); a
+  resample's AUC is then one cumulative sum of the smaller side's counts and one sparse product that sums
+  the other side's counts by that number. One-vs-rest per class for multi-class and ordinal (the mean
+  over classes, as medmnist), per label for multi-label, the positive column for binary.
 - acc, balanced_acc, kappa, qwk, mae: from each resample's weighted confusion matrix, one sparse product.
 The draws are scipy's, so the intervals equal those of the per-resample loop (mmpt.experiments.compare.
 paired_bootstrap, kept for the test that checks this and for the benchmark) to rounding.
@@ -46,26 +47,28 @@ METRIC_NAMES = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 @dataclass
 class _AucColumn:
     """One binary AUC problem of one model, prepared once. The smaller side (positives or negatives) is
-    `cumulated`, sorted by score; for each image of the other side, `below` and `through` count the
-    cumulated images scoring below it and at most as high as it."""
+    `cumulated`, sorted by score; `slots` maps every image of the other side to the number of cumulated
+    images scoring below it (a tie counts half: half a 1 at `below`, half at `at most as high`)."""
 
     cumulated: np.ndarray  # indices of the smaller side, sorted by score
-    other: np.ndarray  # indices of the other side
-    below: np.ndarray
-    through: np.ndarray
-    ties: bool  # some image ties one of the other side: `through` differs from `below`
+    slots: scipy.sparse.csr_matrix  # (cumulated + 1) × images
     cumulated_positives: bool
 
 
 def _auc_column(positive: np.ndarray, score: np.ndarray) -> _AucColumn:
-    # the cumulative sum is the costly pass: run it over the smaller side (a class is a small share of images)
-    cumulated_positives = positive.sum() < len(positive) / 2
+    # the cumulative sum runs over the smaller side (a class is a small share of the images)
+    cumulated_positives = bool(positive.sum() < len(positive) / 2)
     cumulated = np.flatnonzero(positive if cumulated_positives else ~positive)
     cumulated = cumulated[np.argsort(score[cumulated], kind="stable")]
     other = np.flatnonzero(~positive if cumulated_positives else positive)
     below = np.searchsorted(score[cumulated], score[other], side="left")
     through = np.searchsorted(score[cumulated], score[other], side="right")
-    return _AucColumn(cumulated, other, below, through, bool(np.any(below != through)), bool(cumulated_positives))
+    # duplicate entries add up: an image without ties gets 0.5 + 0.5 at one slot
+    slots = scipy.sparse.csr_matrix(
+        (np.full(2 * len(other), 0.5), (np.concatenate([below, through]), np.concatenate([other, other]))),
+        shape=(len(cumulated) + 1, len(positive)),
+    )
+    return _AucColumn(cumulated, slots, cumulated_positives)
 
 
 def _auc_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -137,25 +140,19 @@ class _Dataset:
     def metric_values(self, counts: np.ndarray) -> list[np.ndarray]:
         """Per run: resamples × metrics, the seed mean of each metric per resample (counts: images × resamples)."""
         cells = np.asarray((self.cells.T @ counts).T) if self.cells is not None else None  # resamples × cells
-        # the other side of a class depends on the labels only: its counts are gathered once for every model
-        others: dict[int, np.ndarray] = {}
         out = []
         for models in self.runs:
-            per_seed = [self._model_metrics(model, counts, cells, others) for model in models]
+            per_seed = [self._model_metrics(model, counts, cells) for model in models]
             out.append(np.mean(np.stack(per_seed), axis=0))
         return out
 
-    def _model_metrics(self, model: _Model, counts: np.ndarray, cells: np.ndarray | None,
-                       others: dict[int, np.ndarray]) -> np.ndarray:
+    def _model_metrics(self, model: _Model, counts: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
         b = counts.shape[1]
         values = {}
         if model.auc:
-            for k, column in enumerate(model.auc):
-                if k not in others:
-                    others[k] = counts[column.other]
             # sum then divide, in class order, as medmnist does
             total = counts.sum(axis=0)
-            aucs = [_weighted_auc(c, counts, others[k], total) for k, c in enumerate(model.auc)]
+            aucs = [_weighted_auc(c, counts, total) for c in model.auc]
             values["auc"] = sum(aucs) / len(aucs)
         if model.confusions:
             per_problem = [_confusion_metrics(cells[:, s:s + k * k].reshape(b, k, k)) for s, k in model.confusions]
@@ -171,18 +168,16 @@ class _Dataset:
         return np.stack([values[m] for m in self.metrics], axis=1)  # resamples × metrics
 
 
-def _weighted_auc(column: _AucColumn, counts: np.ndarray, other: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Mann–Whitney AUC (ties half) of each resample (counts: images × resamples; other: its rows of the
-    other side; total: the images of each resample); NaN where a side is empty."""
-    # image rows are contiguous: gathers copy rows, the cumulative sum adds rows
+def _weighted_auc(column: _AucColumn, counts: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Mann–Whitney AUC (ties half) of each resample (counts: images × resamples; total: the images of each
+    resample); NaN where a side is empty."""
+    # image rows are contiguous: the gather copies rows, the cumulative sum adds rows
     cumulated = counts[column.cumulated]  # smaller side × resamples, in score order
     cumulative = np.zeros((cumulated.shape[0] + 1, counts.shape[1]))
     np.cumsum(cumulated, axis=0, out=cumulative[1:])
-    lower = cumulative[column.below]
-    if column.ties:
-        lower = 0.5 * (lower + cumulative[column.through])
-    # Σ over the other side of its count × the cumulated images below it (ties half)
-    below_pairs = np.einsum("ij,ij->j", other, lower)
+    # other-side counts by how many cumulated images lie below them: (cumulated + 1) × resamples
+    by_slot = column.slots @ counts
+    below_pairs = np.einsum("ij,ij->j", cumulative, by_slot)  # (other, cumulated) pairs, cumulated below
     pairs = (total - cumulative[-1]) * cumulative[-1]
     # positives cumulated: a positive beats a negative unless it lies below it
     beaten = pairs - below_pairs if column.cumulated_positives else below_pairs

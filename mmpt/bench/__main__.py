@@ -13,7 +13,8 @@ from mmpt.errors import MmptError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the data, train or compare benchmark; return the exit code (2 with one `error:` line for bad settings)."""
+    """Dispatch to the data, train or compare benchmark; return the exit code (2 with one `error:` line for bad
+    settings)."""
     parser = argparse.ArgumentParser(prog="python -m mmpt.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data.add_parser(commands)

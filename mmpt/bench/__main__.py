@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(commands)
     args = parser.parse_args(argv)
     try:
-        commands = {"train": train.run_command, "data": data.run_command, "compare": compare.run_command}
-        return commands[args.command](args)
+        # data also runs its hidden memory-scenario commands
+        run = {"train": train.run_command, "compare": compare.run_command}.get(args.command, data.run_command)
+        return run(args)
     except MmptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -201,7 +201,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = ("compare", "summarize", "probe")
+SUBCOMMANDS = ("compare", "summarize", "probe", "export")
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -221,6 +221,8 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
     p.add_argument("--require-complete", action="store_true",
                    help="refuse a series with an unfinished run (default: name it and leave it out)")
+    p.add_argument("--ci", choices=("bootstrap", "delong"), default="bootstrap",
+                   help="AUC interval: paired bootstrap (default) or DeLong's analytic variance")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -266,6 +268,18 @@ def probe_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py export",
+                description="Write a run's backbone as a timm model (model.safetensors + config.json, as timm "
+                            "saves for the Hugging Face hub), its heads (heads.safetensors) and a model card.")
+    p.add_argument("run", metavar="RUN", help="the run folder")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
+    p.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty DIR")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
 def _check_evaluation_flags(args: argparse.Namespace) -> argparse.Namespace:
     """The flags of EVALUATION_FLAGS as checked values of their config keys (one `error:` line naming the flag)."""
     from mmpt.config import parse_flag
@@ -303,13 +317,14 @@ def _check_flags(**values) -> None:
 
 
 def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
-                  data_root: str | None, jobs: int = 1, require_complete: bool = False) -> int:
+                  data_root: str | None, jobs: int = 1, require_complete: bool = False,
+                  ci: str = "bootstrap") -> int:
     from mmpt.experiments.compare import compare_runs, format_compare, write_compare
 
     _check_flags(bootstrap=bootstrap, seed=seed, jobs=jobs, metrics=metrics, output=output)
     result = compare_runs([Path(r) for r in runs], metrics=[m.strip() for m in metrics.split(",") if m.strip()],
                           n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs,
-                          require_complete=require_complete)
+                          require_complete=require_complete, ci=ci)
     paths = write_compare(result, Path(output) if output else Path(runs[0]))
     print(format_compare(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
@@ -321,7 +336,14 @@ def _subcommand(argv: list[str]) -> int:
     if name == "compare":
         a = compare_parser().parse_args(rest)
         return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs,
-                             a.require_complete)
+                             a.require_complete, a.ci)
+    if name == "export":
+        from mmpt.experiments.export import export_run
+
+        a = export_parser().parse_args(rest)
+        paths = export_run(Path(a.run), Path(a.output), checkpoint=a.checkpoint, overwrite=a.overwrite)
+        print(f"written: {', '.join(str(p) for p in paths)}")
+        return 0
     if name == "summarize":
         from mmpt.experiments.series import summarize
 

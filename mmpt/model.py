@@ -254,15 +254,17 @@ def model_input_size(cfg: Config) -> int | str:
 def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -> list[str]:
     """Copy another run's backbone, and its heads for datasets both runs have, into `model` (weights only).
 
-    `source` is a run folder (its best.pt) or a checkpoint file. Optimizer, schedule and progress are not
+    `source` is a run folder (its best.pt), a checkpoint file or a folder written by `evaluate.py export`.
+    Optimizer, schedule and progress are not
     taken: the new run starts fresh from these weights (mm-PT as pre-training, then fine-tuning). Raises
     MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
     """
     from mmpt import checkpoint as ckpt
+    from mmpt.experiments.export import export_state, is_export
 
-
-    path = checkpoint_path(source)
-    state = ckpt.load(path)
+    # an export (evaluate.py export) is read as the checkpoint it came from
+    path = Path(source) if is_export(source) else checkpoint_path(source)
+    state = export_state(path) if is_export(source) else ckpt.load(path)
     saved = recorded_config(state[ckpt.CONFIG])
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
     # another resolution or input.mode is refused even where the weights would fit (a padded or native
@@ -312,9 +314,9 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
 def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     """The trained backbone of a run folder or checkpoint, without its heads, and that run's config."""
     from mmpt import checkpoint as ckpt
+    from mmpt.experiments.export import export_state, is_export
 
-
-    state = ckpt.load(checkpoint_path(source))
+    state = export_state(source) if is_export(source) else ckpt.load(checkpoint_path(source))
     cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(
         cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",

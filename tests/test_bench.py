@@ -181,3 +181,18 @@ def test_train_benchmark_refuses_an_input_smaller_than_the_images(capsys):
     assert main(["train", "--resolution", "28", "--input-size", "16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --input-size 16 is smaller than --resolution 28") and len(err.splitlines()) == 1
+
+
+def test_compare_benchmark_times_both_paths_and_finds_them_equal(tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    code = main(["compare", "--datasets", "breast,retina,chest", "--seeds", "2", "--max-images", "40",
+                 "--resamples", "20", "--old-resamples", "4", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["test_images"] == {"breastmnist": 40, "retinamnist": 40, "chestmnist": 40}
+    assert result["new_s"] > 0 and result["old_s"] == pytest.approx(result["old_measured_s"] * 5)
+    assert result["ratio"] == pytest.approx(result["old_s"] / result["new_s"])
+    # both paths ran on the same 4 resamples: the intervals agree
+    assert result["max_interval_difference"] < 1e-9
+    printed = capsys.readouterr().out
+    assert "extrapolated linearly from 4 resamples" in printed and "load average" in printed

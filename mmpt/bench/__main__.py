@@ -1,4 +1,4 @@
-"""Benchmarks of mmpt: `python -m mmpt.bench data|train [options]` (`--help` on each for its options).
+"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare [options]` (`--help` on each for its options).
 
 A benchmark, not a test: figures are printed beside their targets and written to --json, never asserted.
 """
@@ -8,19 +8,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpt.bench import data, train
+from mmpt.bench import compare, data, train
 from mmpt.errors import MmptError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the data or train benchmark; return the exit code (2 with one `error:` line for bad settings)."""
+    """Dispatch to the data, train or compare benchmark; return the exit code (2 with one `error:` line for bad
+    settings)."""
     parser = argparse.ArgumentParser(prog="python -m mmpt.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data.add_parser(commands)
     train.add_parser(commands)
+    compare.add_parser(commands)
     args = parser.parse_args(argv)
     try:
-        return train.run_command(args) if args.command == "train" else data.run_command(args)
+        # data also runs its hidden memory-scenario commands
+        run = {"train": train.run_command, "compare": compare.run_command}.get(args.command, data.run_command)
+        return run(args)
     except MmptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -278,6 +278,60 @@ def paired_bootstrap(
     return low, high
 
 
+CI_METHODS = ("bootstrap", "delong")
+
+
+def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, seed, jobs, ci, resampling) -> dict:
+    """(low, high) per (run index, dataset), laid out as paired_bootstrap returns them."""
+    from joblib import Parallel, delayed
+
+    from mmpt.experiments.stats import bootstrap_dataset, delong_intervals
+
+    delong = ci == "delong"
+    booted = {f: [m for m in present[f] if not (delong and m == "auc")] for f in datasets}
+    if resampling == "loop":
+        pairs = [(i, f) for i in range(len(runs)) for f in datasets if booted[f]]
+        found = Parallel(n_jobs=jobs)(
+            delayed(paired_bootstrap)(
+                TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], booted[f],
+                n_resamples=n_resamples, seed=seed, grade_rules=(rules[0][f], rules[i][f]),
+            )
+            for i, f in pairs
+        )
+        booted_interval = dict(zip(pairs, found))
+    else:
+        # one resampling per dataset, every run evaluated on it
+        shown = [f for f in datasets if booted[f]]
+        found = Parallel(n_jobs=jobs)(
+            delayed(bootstrap_dataset)(
+                TASKS[f], labels[f], [(scores[i][f], rules[i][f]) for i in range(len(runs))], booted[f],
+                n_resamples=n_resamples, seed=seed,
+            )
+            for f in shown
+        )
+        booted_interval = {(i, f): per_run[i] for f, per_run in zip(shown, found) for i in range(len(runs))}
+    if not delong:
+        return booted_interval
+    interval = {}
+    for f in datasets:
+        analytic = (delong_intervals(TASKS[f], labels[f], [scores[i][f] for i in range(len(runs))])
+                    if "auc" in present[f] else None)
+        width, kept = len(present[f]), len(booted[f])
+        for i in range(len(runs)):
+            sides = 1 if i == 0 else 2  # the run's values, then its differences to the reference
+            low, high = np.full(sides * width, np.nan), np.full(sides * width, np.nan)
+            for side in range(sides):
+                for j, m in enumerate(present[f]):
+                    if m == "auc":
+                        low[side * width + j], high[side * width + j] = analytic[i][2 * side:2 * side + 2]
+                    else:
+                        k = side * kept + booted[f].index(m)
+                        low[side * width + j], high[side * width + j] = (booted_interval[(i, f)][0][k],
+                                                                         booted_interval[(i, f)][1][k])
+            interval[(i, f)] = (low, high)
+    return interval
+
+
 def delta_m(reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]) -> float:
     """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref."""
     terms = []
@@ -310,15 +364,18 @@ def compare_runs(
     data_root: str | None = None,
     jobs: int = 1,
     require_complete: bool = False,
+    ci: str = "bootstrap",
+    resampling: str = "vectorised",
 ) -> dict:
     """Everything compare.json holds (see the module docstring); raises MmptError for unusable input.
 
-    `jobs` processes run the bootstrap of (run, dataset) pairs in parallel (joblib); the result is the same.
+    `jobs` processes run the bootstrap of datasets in parallel (joblib); the result is the same.
+    `ci`: "bootstrap" (every metric), or "delong" (AUC from DeLong's variance, the others bootstrapped).
+    `resampling`: "vectorised" (mmpt.experiments.stats, one resampling per dataset for every run) or "loop"
+    (paired_bootstrap per run and dataset, the earlier path: the same intervals, kept for tests and benchmarks).
     Runs left out (unfinished, or of another recipe than their series asks) are named in "left_out_runs";
     with `require_complete` they are an MmptError.
     """
-    from joblib import Parallel, delayed
-
     metrics = list(metrics)
     if len(paths) < 2:
         raise MmptError("compare needs at least two runs: the reference first, then the others")
@@ -353,21 +410,17 @@ def compare_runs(
     values = [{f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets}
               for i in range(len(runs))]
     present = {f: [m for m in metrics if m in values[0][f]] for f in datasets}
-    pairs = [(i, f) for i in range(len(runs)) for f in datasets]
-    intervals = Parallel(n_jobs=jobs)(
-        delayed(paired_bootstrap)(
-            TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], present[f],
-            n_resamples=n_resamples, seed=seed, grade_rules=(rules[0][f], rules[i][f]),
-        )
-        for i, f in pairs
-    )
-    interval = dict(zip(pairs, intervals))
+    if ci not in CI_METHODS:
+        raise MmptError(f"unknown interval '{ci}' in --ci; choose from {', '.join(CI_METHODS)}")
+    interval = _intervals(runs, datasets, labels, scores, rules, present, n_resamples=n_resamples, seed=seed,
+                          jobs=jobs, ci=ci, resampling=resampling)
 
     out = {"reference": names[0], "metrics": metrics, "datasets": datasets,
            "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
            "left_out_runs": {str(folder): why for folder, why in left_out_runs},
            "bootstrap": {"n_resamples": n_resamples, "confidence_level": CONFIDENCE, "method": "percentile",
                          "paired": True, "seed": seed},
+           "auc_interval": "delong" if ci == "delong" and "auc" in metrics else "bootstrap",
            "runs": []}
     for i, run in enumerate(runs):
         entry = {"name": run.name, "path": str(run.path), "seeds": len(run.seeds), "datasets": {}, "mean": {}}
@@ -418,6 +471,8 @@ def format_compare(result: dict) -> str:
              f"Values with {int(b['confidence_level'] * 100)}% bootstrap intervals over test images "
              f"({b['n_resamples']} paired resamples, percentile, seed {b['seed']}); Δ: difference to the "
              "reference with its paired interval; ± std over seeds where a run has several.", ""]
+    if result.get("auc_interval") == "delong":
+        lines[-2] += " AUC intervals: DeLong's (normal, paired for Δ), not the bootstrap."
     if result["left_out"]:
         lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
     if result.get("left_out_runs"):

@@ -223,14 +223,19 @@ def probe_runs(
     from mmpt.experiments.series import left_out_error, left_out_line, series_runs
 
     source = Path(source)
+    from mmpt.experiments.export import is_export
+
     if not source.is_dir():
         raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
     recalibrated = "-recalibrated" if kwargs.get("recalibrate_images") is not None else ""
     output = Path(output) if output else source / f"probe-{method}{recalibrated}"
-    finished, left_out = series_runs(source)
+    if is_export(source):
+        finished, left_out = [source], []  # a backbone written by evaluate.py export
+    else:
+        finished, left_out = series_runs(source)
     if left_out and require_complete:
         raise left_out_error(left_out, f"the runs in {source} are not all finished")
-    leaves = [p for p in finished if (p / "checkpoints" / "best.pt").is_file()]
+    leaves = [p for p in finished if is_export(p) or (p / "checkpoints" / "best.pt").is_file()]
     if not leaves:
         raise MmptError(f"{source} holds no finished run (summary.json, checkpoints/best.pt)"
                         + (f" ({left_out_line(left_out, source)})" if left_out else "")

@@ -1,0 +1,240 @@
+"""Export a run's backbone as a timm model, as timm writes one for the Hugging Face hub.
+
+    python evaluate.py export runs/NAME --output exported/NAME
+
+The folder holds
+- model.safetensors, config.json: timm's own `save_for_hf` of the backbone (num_classes 0, so the model
+  returns pooled features), with the input size and the mean/std the engine normalises with in
+  pretrained_cfg. `timm.create_model("local-dir:DIR", pretrained=True)` builds it, no mmpt needed;
+- heads.safetensors: one classification head per dataset (keys `<flag>.<parameter>`); its metadata holds,
+  per dataset, the task type, the loss, the label names from medmnist.INFO and the head's outputs;
+- mmpt-config.yaml: the run's resolved recipe (for `--init-from DIR` and `evaluate.py probe DIR`);
+- README.md: a model card generated from the run (datasets, resolution, recipe, test metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mmpt.errors import MmptError
+
+WEIGHTS = "model.safetensors"
+TIMM_CONFIG = "config.json"
+HEADS = "heads.safetensors"
+RUN_CONFIG = "mmpt-config.yaml"
+CARD = "README.md"
+HEADS_METADATA_KEY = "mmpt_heads"
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `export_run`."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in (WEIGHTS, TIMM_CONFIG, RUN_CONFIG))
+
+
+def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: bool = False) -> list[Path]:
+    """Write the export of `run`'s `checkpoint` (best or last) into `output`; return the files written.
+
+    Raises MmptError when the checkpoint is missing or unreadable, or `output` is a non-empty folder and
+    `overwrite` is false (nothing is written then).
+    """
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    from mmpt import checkpoint as ckpt
+    from mmpt.config import from_dict, to_dict
+    from mmpt.losses import build_loss
+    from mmpt.model import create_backbone
+    from mmpt.tasks import TASKS
+
+    run, output = Path(run), Path(output)
+    if checkpoint not in ("best", "last"):
+        raise MmptError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise MmptError(f"{output} exists and is not empty; pass another --output, or --overwrite to replace its files")
+    state = ckpt.load(run / "checkpoints" / f"{checkpoint}.pt")
+    cfg = from_dict(state[ckpt.CONFIG])
+    backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size,
+                               dynamic_img_size=cfg.input.mode == "native")
+    weights = state[ckpt.MODEL]
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")})
+    extra = sorted(k for k in weights if not k.startswith(("backbone.", "heads.")))
+    if extra:
+        # per-dataset normalization or another addition this export does not know how to carry: refuse, never drop
+        raise MmptError(f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); "
+                        "this mmpt cannot export them")
+    size = cfg.data.resolution if cfg.input.mode == "native" else int(
+        cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
+    mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
+
+    # the weights are this run's: drop what describes timm's pretrained ones (their tag, license, hub id)
+    backbone.pretrained_cfg = {k: v for k, v in backbone.pretrained_cfg.items()
+                               if k not in ("tag", "license", "hf_hub_id", "url", "paper_ids", "origin_url")}
+    backbone.pretrained_cfg["crop_pct"] = 1.0  # MedMNIST images are padded or resized whole, never cropped
+    output.mkdir(parents=True, exist_ok=True)
+    save_for_hf(backbone, str(output), safe_serialization=True,
+                data_config={"input_size": (3, size, size), "mean": mean, "std": std})
+    heads, described = {}, {}
+    flags = sorted({k.split(".")[1] for k in weights if k.startswith("heads.")})
+    for flag in flags:
+        prefix = f"heads.{flag}."
+        heads.update({f"{flag}.{k.removeprefix(prefix)}": v.contiguous()
+                      for k, v in weights.items() if k.startswith(prefix)})
+        task = TASKS[flag]
+        loss = build_loss(task, ordinal=cfg.loss.ordinal)
+        described[flag] = {"task": task.task_type, "loss": type(loss).__name__, "head": loss.head,
+                           "outputs": loss.num_outputs, "labels": list(task.class_names)}
+    save_file(heads, str(output / HEADS), metadata={HEADS_METADATA_KEY: json.dumps(described)})
+    (output / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (output / CARD).write_text(model_card(run, cfg, checkpoint, size, mean, std, described, state))
+    return [output / name for name in (WEIGHTS, TIMM_CONFIG, HEADS, RUN_CONFIG, CARD)]
+
+
+def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict) -> str:
+    """The README.md of an export: what the backbone was trained on and how, its test metrics, how to load it."""
+    from mmpt import checkpoint as ckpt
+    from mmpt.model import resolve_backbone
+
+    progress = state.get(ckpt.PROGRESS, {}) if isinstance(state.get(ckpt.PROGRESS), dict) else {}
+    lines = [
+        "---", "library_name: timm", "tags: [image-feature-extraction, timm, medmnist, mmpt]", "---", "",
+        f"# {cfg.name}: {resolve_backbone(cfg.model.backbone)} pre-trained on MedMNIST+ by mmpt", "",
+        f"A {resolve_backbone(cfg.model.backbone)} backbone trained with one head per dataset "
+        f"({'multi-domain multi-task pre-training' if len(heads) > 1 else 'one dataset'}), "
+        f"exported from `{run}` ({checkpoint} checkpoint"
+        + (f", epoch {progress['best_epoch' if checkpoint == 'best' else 'epoch']}" if progress.get("epoch") else "")
+        + ").", "",
+        "## Use", "", "```python", "import timm, torch", "",
+        'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
+        "config = timm.data.resolve_data_config({}, model=model)  # input size, mean, std below",
+        f"features = model(torch.randn(1, 3, {size}, {size}))  # 1 × {state_features(state)} pooled features", "```",
+        "", "Fine-tune or probe it with mmpt: `python train.py --set model.init_from=THIS_FOLDER ...`, "
+        "`python evaluate.py probe THIS_FOLDER --method linear`.", "",
+        "## Input", "",
+        f"- images: MedMNIST+ at {cfg.data.resolution} px, grey images repeated to 3 channels, scaled to [0, 1]",
+        f"- {input_line(cfg, size)}",
+        f"- normalised with mean {tuple(round(m, 4) for m in mean)} and std {tuple(round(s, 4) for s in std)} "
+        "(config.json, pretrained_cfg)", "",
+        "## Training recipe", "",
+        f"- datasets: {', '.join(heads)}",
+        f"- backbone {cfg.model.backbone} (pretrained start: {cfg.model.pretrained}), "
+        f"loss weighting {cfg.loss.weighting}, ordinal loss {cfg.loss.ordinal}",
+        f"- optimizer {cfg.optim.name}, lr {cfg.optim.lr}, schedule {cfg.optim.schedule}, "
+        f"batch {cfg.train.batch_size}, "
+        f"epochs {cfg.train.epochs}, seed {cfg.train.seed}, precision {cfg.train.precision}",
+        f"- the whole recipe: `{RUN_CONFIG}`; it retrains with `python train.py --config {RUN_CONFIG}` "
+        "(data.root and output as on the training machine: set them with --data-root and --output)", "",
+    ]
+    lines += test_metrics_lines(run) + [
+        "", "## Heads", "",
+        f"`{HEADS}` holds one head per dataset (keys `<dataset>.<parameter>`); its metadata "
+        f"(`{HEADS_METADATA_KEY}`) gives each head's task type, loss, outputs and label names (medmnist.INFO).", "",
+        f"Exported by mmpt on {time.strftime('%Y-%m-%d', time.gmtime())}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def state_features(state: dict) -> str:
+    from mmpt import checkpoint as ckpt
+
+    head_weights = [v for k, v in state[ckpt.MODEL].items() if k.startswith("heads.") and v.ndim == 2]
+    return str(head_weights[0].shape[1]) if head_weights else "F"
+
+
+def input_line(cfg, size: int) -> str:
+    if cfg.input.mode == "native" or cfg.data.resolution == size:
+        return f"input {size} px as stored"
+    how = "zero-padded" if cfg.input.mode == "pad" and cfg.data.resolution < size else "resized"
+    return f"{how} to {size} px (input.mode {cfg.input.mode})"
+
+
+def test_metrics_lines(run: Path) -> list[str]:
+    """The run's test metrics (metrics.json), with the intervals of compare.json in the run folder where it has them."""
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        return ["## Test metrics", "", "The run has no metrics.json (training did not reach its test report)."]
+    table = json.loads(metrics_path.read_text())
+    intervals = {}
+    compare_path = run / "compare.json"
+    if compare_path.is_file():
+        try:
+            compared = json.loads(compare_path.read_text())
+            mine = [r for r in compared["runs"] if Path(r["path"]).resolve() == run.resolve()]
+            intervals = mine[0]["datasets"] if mine else {}
+        except (ValueError, KeyError, TypeError):
+            intervals = {}
+    names = [m for m in ("auc", "acc", "balanced_acc", "kappa") if any(m in row for row in table.values())]
+    out = ["## Test metrics", "", "Best checkpoint on each test split"
+           + (" with 95% intervals from `evaluate.py compare` (compare.json)" if intervals else "") + ".", "",
+           "| dataset | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for flag, row in table.items():
+        cells = []
+        for m in names:
+            value = row.get(m)
+            cell = "-" if value is None else f"{value:.4f}"
+            ci = intervals.get(flag, {}).get(m)
+            if ci and value is not None:
+                cell += f" [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
+            cells.append(cell)
+        out.append(f"| {flag} | " + " | ".join(cells) + " |")
+    return out
+
+
+# ---------------------------------------------------------------- reading an export back
+
+
+def load_export_config(path: Path):
+    """The recipe of the run an export came from."""
+    from mmpt.config import from_dict
+
+    return from_dict(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
+
+
+def load_export_backbone(path: Path) -> tuple[torch.nn.Module, object]:
+    """The exported backbone, built by timm from the folder, and the run's config."""
+    import timm
+
+    backbone = timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True)
+    return backbone, load_export_config(path)
+
+
+def load_export_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The exported heads: per dataset, its state dict."""
+    from safetensors.torch import load_file
+
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    file = Path(path) / HEADS
+    if file.is_file():
+        for key, value in load_file(str(file)).items():
+            flag, _, name = key.partition(".")
+            heads.setdefault(flag, {})[name] = value
+    return heads
+
+
+def export_state(path: Path) -> dict:
+    """An export read as a checkpoint's model and config (what --init-from and probe read from a run).
+
+    Raises MmptError when a file of the export cannot be read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mmpt import checkpoint as ckpt
+    from mmpt.config import to_dict
+
+    path = Path(path)
+    try:
+        backbone = load_file(str(path / WEIGHTS))
+        heads = load_export_heads(path)
+        cfg = load_export_config(path)
+    except (OSError, SafetensorError, yaml.YAMLError, ValueError) as exc:
+        raise MmptError(f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); "
+                        "export the run again") from None
+    model = {f"backbone.{k}": v for k, v in backbone.items()}
+    model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
+    return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}

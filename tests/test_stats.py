@@ -1,0 +1,179 @@
+import math
+
+import numpy as np
+import pytest
+
+from mmpt.experiments.compare import compare_runs, paired_bootstrap
+from mmpt.experiments.stats import bootstrap_dataset, delong_components, delong_intervals, weighted_metrics
+from mmpt.metrics import compute_metrics
+from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
+
+# one dataset of each task type
+FLAGS = {"breastmnist": BINARY, "bloodmnist": "multi-class", "chestmnist": MULTI_LABEL, "retinamnist": ORDINAL}
+
+
+def _data(flag: str, n: int, seeds: int, rng: np.random.Generator):
+    """Random labels (every class present) and `seeds` score arrays rounded to one decimal: many ties."""
+    task = TASKS[flag]
+    if task.task_type == MULTI_LABEL:
+        labels = (rng.random((n, task.num_classes)) < 0.3).astype(np.int64)
+    else:
+        labels = rng.integers(0, task.num_classes, (n, 1))
+        labels[: task.num_classes, 0] = np.arange(task.num_classes)
+    width = 2 if task.task_type == BINARY else task.num_classes
+    scores = []
+    for _ in range(seeds):
+        s = np.round(rng.random((n, width)), 1)
+        if task.task_type != MULTI_LABEL:
+            s = (s + 0.05) / (s + 0.05).sum(axis=1, keepdims=True)
+            s = np.round(s, 2)  # probabilities with ties, and ties at the 0.5 threshold
+        scores.append(s)
+    return task, labels, scores
+
+
+def _metrics(task) -> list[str]:
+    return ["auc", "acc", "balanced_acc", "kappa"] + (["qwk", "mae"] if task.task_type == ORDINAL else [])
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+@pytest.mark.parametrize("n", [12, 90])
+def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
+    rng = np.random.default_rng(n)
+    task, labels, scores = _data(flag, n, 2, rng)
+    metrics = _metrics(task)
+    indices = rng.integers(0, n, (15, n))
+    counts = np.stack([np.bincount(i, minlength=n) for i in indices])
+    for rule in ("argmax", "median") if task.task_type == ORDINAL else ("argmax",):
+        got = weighted_metrics(task, labels, [(scores, rule)], metrics, counts)[0]
+        for b, i in enumerate(indices):
+            per_seed = [compute_metrics(task, labels[i], s[i], metrics, rule) for s in scores]
+            expected = [np.mean([v[m] for v in per_seed]) for m in metrics]
+            # n=12 leaves classes out of some resamples: AUC (and kappa) NaN exactly where scikit-learn's is
+            np.testing.assert_allclose(got[b], expected, rtol=0, atol=1e-9, equal_nan=True)
+    if n == 12 and task.task_type != BINARY:
+        assert np.isnan(got[:, 0]).any()  # the undefined case was exercised
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_vectorised_bootstrap_gives_the_intervals_of_the_per_resample_loop(flag):
+    rng = np.random.default_rng(5)
+    task, labels, scores = _data(flag, 40, 3, rng)
+    metrics = _metrics(task)
+    reference, other = scores[:2], scores[2:]
+    rules = ("argmax", "median") if task.task_type == ORDINAL else ("argmax", "argmax")
+    # a small chunk: several chunks of resamples, as at full size
+    vectorised = bootstrap_dataset(task, labels, [(reference, rules[0]), (other, rules[1])], metrics,
+                                   n_resamples=30, seed=7, chunk_values=40 * 8)
+    loop = [paired_bootstrap(task, labels, reference, None, metrics, n_resamples=30, seed=7, grade_rules=rules),
+            paired_bootstrap(task, labels, reference, other, metrics, n_resamples=30, seed=7, grade_rules=rules)]
+    for (low, high), (old_low, old_high) in zip(vectorised, loop):
+        assert len(low) == len(old_low)
+        np.testing.assert_allclose(low, old_low, rtol=0, atol=1e-9, equal_nan=True)
+        np.testing.assert_allclose(high, old_high, rtol=0, atol=1e-9, equal_nan=True)
+    assert np.all(vectorised[1][0] < vectorised[1][1])  # intervals with width: the comparison compared something
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    from mmpt.bench.compare import write_series
+
+    root = tmp_path_factory.mktemp("series")
+    return write_series(root, list(FLAGS), seeds=2, max_images=70, seed=3)
+
+
+def test_compare_gives_the_same_intervals_on_either_path(series):
+    metrics = ["auc", "acc", "balanced_acc", "kappa", "qwk", "mae"]
+    loop = compare_runs(series, metrics=metrics, n_resamples=10, seed=2, resampling="loop")
+    vectorised = compare_runs(series, metrics=metrics, n_resamples=10, seed=2)
+    checked = 0
+    for old, new in zip(loop["runs"], vectorised["runs"]):
+        for flag, cells in old["datasets"].items():
+            for m, cell in cells.items():
+                for key, value in cell.items():
+                    assert new["datasets"][flag][m][key] == pytest.approx(value, abs=1e-9, nan_ok=True), (flag, m, key)
+                    checked += 1
+    assert checked > 50
+
+
+def test_compare_delong_replaces_only_the_auc_intervals(series):
+    boot = compare_runs(series, metrics=["auc", "acc"], n_resamples=25, seed=2)
+    delong = compare_runs(series, metrics=["auc", "acc"], n_resamples=25, seed=2, ci="delong")
+    assert delong["auc_interval"] == "delong" and boot["auc_interval"] == "bootstrap"
+    labels = np.load(series[0].parent / "data" / "breastmnist.npz")["test_labels"]
+    from mmpt.experiments.compare import load_run, read_scores
+
+    scores = [[read_scores(m["breastmnist"]) for m in load_run(s).seeds] for s in series]
+    expected = delong_intervals(TASKS["breastmnist"], labels, scores)
+    cell = delong["runs"][1]["datasets"]["breastmnist"]["auc"]
+    assert (cell["ci_low"], cell["ci_high"], cell["diff_ci_low"], cell["diff_ci_high"]) == pytest.approx(expected[1])
+    assert cell["ci_low"] < cell["value"] < cell["ci_high"]
+    assert cell["ci_low"] != pytest.approx(boot["runs"][1]["datasets"]["breastmnist"]["auc"]["ci_low"])
+    assert delong["runs"][1]["datasets"]["breastmnist"]["acc"] == boot["runs"][1]["datasets"]["breastmnist"]["acc"]
+
+
+# ---------------------------------------------------------------- DeLong
+
+
+def _brute_force_delong(positive, score_a, score_b):
+    """DeLong et al. 1988 by definition, O(n²): AUCs, and var(A), var(B), cov(A, B) from V10 / V01."""
+    def psi(x, y):
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    m, n = len(pos), len(neg)
+    v10 = np.array([[np.mean([psi(s[i], s[j]) for j in neg]) for i in pos] for s in (score_a, score_b)])
+    v01 = np.array([[np.mean([psi(s[i], s[j]) for i in pos]) for j in neg] for s in (score_a, score_b)])
+    auc = v10.mean(axis=1)
+    s10, s01 = np.cov(v10), np.cov(v01)  # 2×2, divisor m−1 and n−1
+    cov = s10 / m + s01 / n
+    return auc, cov
+
+
+def test_delong_variance_and_paired_covariance_match_the_definition():
+    rng = np.random.default_rng(0)
+    positive = rng.random(70) < 0.4
+    score_a = np.round(positive * 0.6 + rng.random(70), 1)  # ties within and across classes
+    score_b = np.round(positive * 0.3 + rng.random(70), 1)
+    auc, cov = _brute_force_delong(positive, score_a, score_b)
+    a, psi_a = delong_components(positive, score_a)
+    b, psi_b = delong_components(positive, score_b)
+    assert (a, b) == pytest.approx(tuple(auc), abs=1e-12)
+    assert psi_a @ psi_a == pytest.approx(cov[0, 0], rel=1e-10)
+    assert psi_a @ psi_b == pytest.approx(cov[0, 1], rel=1e-10)
+    # the paired difference's interval uses var(A − B) = var A + var B − 2 cov
+    task = TASKS["breastmnist"]
+    labels = positive.astype(np.int64)[:, None]
+    as_scores = [np.stack([1 - s, s], axis=1) for s in (score_a, score_b)]
+    (low, high), (_, _, diff_low, diff_high) = delong_intervals(task, labels, [[as_scores[0]], [as_scores[1]]])
+    z = 1.959963984540054
+    assert (low, high) == pytest.approx((auc[0] - z * math.sqrt(cov[0, 0]), min(1, auc[0] + z * math.sqrt(cov[0, 0]))))
+    se = math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    assert (diff_low, diff_high) == pytest.approx((auc[1] - auc[0] - z * se, auc[1] - auc[0] + z * se))
+
+
+def test_delong_on_hanley_and_mcneil_rating_data():
+    # Hanley & McNeil 1982, Radiology 143:29, table 1: 109 CT images rated 1-5 (58 normal, 51 abnormal);
+    # the paper's area is 0.893 with standard error 0.032 (its exponential approximation)
+    normal, abnormal = [33, 6, 6, 11, 2], [3, 2, 2, 11, 33]
+    score = np.concatenate([np.repeat(np.arange(1, 6), normal), np.repeat(np.arange(1, 6), abnormal)]).astype(float)
+    positive = np.r_[np.zeros(58, bool), np.ones(51, bool)]
+    auc, psi = delong_components(positive, score)
+    assert auc == pytest.approx(0.893, abs=5e-4)
+    assert math.sqrt(psi @ psi) == pytest.approx(0.032, abs=0.004)
+
+
+def test_delong_interval_of_a_multi_class_mean_auc_matches_the_bootstrap_spread():
+    # medmnist's multi-class AUC is the mean of one-vs-rest AUCs whose splits differ: its DeLong variance
+    # (and that of a paired difference) agrees with the spread of the bootstrap distribution
+    rng = np.random.default_rng(1)
+    task, n = TASKS["bloodmnist"], 1500
+    labels = rng.integers(0, task.num_classes, (n, 1))
+    onehot = np.eye(task.num_classes)[labels[:, 0]]
+    runs = [[rng.random((n, task.num_classes)) + strength * onehot] for strength in (0.3, 0.5)]
+    (low, high), (_, _, diff_low, diff_high) = delong_intervals(task, labels, runs)
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=1500)
+    values = weighted_metrics(task, labels, [(r, "argmax") for r in runs], ["auc"], counts)
+    z = 1.959963984540054
+    boot_se, boot_diff_se = values[0][:, 0].std(ddof=1), (values[1] - values[0])[:, 0].std(ddof=1)
+    assert (high - low) / (2 * z) == pytest.approx(boot_se, rel=0.12)
+    assert (diff_high - diff_low) / (2 * z) == pytest.approx(boot_diff_se, rel=0.12)

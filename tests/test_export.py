@@ -121,3 +121,40 @@ def test_init_from_and_probe_accept_an_export(run, tmp_path):
                                            "--output", str(tmp_path / "probe")])
     assert code == 0, err
     assert len(list((tmp_path / "probe" / "predictions").glob("*_test_*.csv"))) == 2
+
+
+@pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
+def test_a_per_dataset_norm_export_carries_each_datasets_statistics(tmp_path, norm):
+    """model.safetensors holds the size-weighted mixture; norm.safetensors each dataset's statistics (and weights),
+    which make plain timm normalise as that dataset; --init-from/probe read the export back per dataset."""
+    import timm
+    from safetensors.torch import load_file
+
+    write_synthetic(tmp_path / "data", 28, resolve_tasks(DATASETS), train_samples=32, seed=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "bn", "data": {"root": str(tmp_path / "data"), "datasets": DATASETS, "num_workers": 0},
+        "model": {"backbone": "test_resnet", "norm": norm}, "input": {"mode": "native"},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
+    }))
+    code, _, err = quiet(train_main, ["--config", str(recipe), "--output", str(tmp_path / "run")])
+    assert code == 0, err
+    code, _, err = quiet(evaluate_main, ["export", str(tmp_path / "run"), "--output", str(tmp_path / "export")])
+    assert code == 0, err
+    export = tmp_path / "export"
+    assert f"model.norm {norm}" in (export / "README.md").read_text()
+    engine, _ = load_backbone(tmp_path / "run")
+    back, _ = load_backbone(export)
+    plain = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    per_dataset = load_file(str(export / "norm.safetensors"))
+    x = torch.randn(3, 3, 28, 28)
+    outputs = {}
+    with torch.no_grad():
+        for flag in DATASETS:
+            expected = engine.eval().features(x, flag)
+            torch.testing.assert_close(back.eval().features(x, flag), expected, rtol=0, atol=1e-6)
+            own = {k.partition(".")[2]: v for k, v in per_dataset.items() if k.startswith(flag + ".")}
+            plain.load_state_dict(own, strict=False)
+            outputs[flag] = plain(x)
+            torch.testing.assert_close(outputs[flag], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[DATASETS[0]], outputs[DATASETS[1]], atol=1e-4)  # really per dataset

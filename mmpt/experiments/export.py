@@ -8,6 +8,10 @@ The folder holds
   pretrained_cfg. `timm.create_model("local-dir:DIR", pretrained=True)` builds it, no mmpt needed;
 - heads.safetensors: one classification head per dataset (keys `<flag>.<parameter>`); its metadata holds,
   per dataset, the task type, the loss, the label names from medmnist.INFO and the head's outputs;
+- norm.safetensors, only for a run with per-dataset BatchNorm (model.norm): each dataset's statistics (and, for
+  per_dataset, affine weights) under timm's keys, `<flag>.<key>`; model.safetensors then holds the
+  train-size-weighted mixture of the datasets' statistics (what --init-from gives a dataset it never saw), and
+  `model.load_state_dict(dataset's entries, strict=False)` makes the timm model normalise as that dataset;
 - mmpt-config.yaml: the run's resolved recipe (for `--init-from DIR` and `evaluate.py probe DIR`);
 - README.md: a model card generated from the run (datasets, resolution, recipe, test metrics).
 """
@@ -26,6 +30,7 @@ from mmpt.errors import MmptError
 WEIGHTS = "model.safetensors"
 TIMM_CONFIG = "config.json"
 HEADS = "heads.safetensors"
+NORM = "norm.safetensors"
 RUN_CONFIG = "mmpt-config.yaml"
 CARD = "README.md"
 HEADS_METADATA_KEY = "mmpt_heads"
@@ -47,9 +52,10 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
     from timm.models import save_for_hf
 
     from mmpt import checkpoint as ckpt
-    from mmpt.config import from_dict, to_dict
+    from mmpt.config import recorded_config, to_dict
     from mmpt.losses import build_loss
     from mmpt.model import create_backbone
+    from mmpt.norm import saved_norm
     from mmpt.tasks import TASKS
 
     run, output = Path(run), Path(output)
@@ -58,11 +64,22 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise MmptError(f"{output} exists and is not empty; pass another --output, or --overwrite to replace its files")
     state = ckpt.load(run / "checkpoints" / f"{checkpoint}.pt")
-    cfg = from_dict(state[ckpt.CONFIG])
+    cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size,
                                dynamic_img_size=cfg.input.mode == "native")
     weights = state[ckpt.MODEL]
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")})
+    trained = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    norm = saved_norm(trained)
+    per_dataset = per_dataset_norm_entries(backbone, trained, cfg) if norm != "shared" else {}
+    if norm != "shared":  # the plain backbone gets the mixture of the datasets' statistics
+        from mmpt.norm import norm_layer_prefixes, transfer_norm_state
+        from mmpt.tasks import resolve_tasks
+
+        sizes = {t.flag: t.split_size("train") for t in resolve_tasks(cfg.data.datasets)}
+        mixture = transfer_norm_state(backbone, trained, cfg.data.datasets, cfg.data.datasets, sizes)
+        prefixes = tuple(norm_layer_prefixes(backbone))
+        trained = {**{k: v for k, v in trained.items() if not k.startswith(prefixes)}, **mixture}
+    backbone.load_state_dict(trained)
     extra = sorted(k for k in weights if not k.startswith(("backbone.", "heads.")))
     if extra:
         # per-dataset normalization or another addition this export does not know how to carry: refuse, never drop
@@ -90,12 +107,36 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         described[flag] = {"task": task.task_type, "loss": type(loss).__name__, "head": loss.head,
                            "outputs": loss.num_outputs, "labels": list(task.class_names)}
     save_file(heads, str(output / HEADS), metadata={HEADS_METADATA_KEY: json.dumps(described)})
+    written = [WEIGHTS, TIMM_CONFIG, HEADS]
+    if per_dataset:
+        save_file(per_dataset, str(output / NORM), metadata={"model.norm": norm})
+        written.append(NORM)
+    elif (output / NORM).is_file():
+        (output / NORM).unlink()  # an --overwrite of an earlier per-dataset export
     (output / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (output / CARD).write_text(model_card(run, cfg, checkpoint, size, mean, std, described, state))
-    return [output / name for name in (WEIGHTS, TIMM_CONFIG, HEADS, RUN_CONFIG, CARD)]
+    (output / CARD).write_text(model_card(run, cfg, checkpoint, size, mean, std, described, state, norm))
+    return [output / name for name in (*written, RUN_CONFIG, CARD)]
 
 
-def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict) -> str:
+def per_dataset_norm_entries(plain: torch.nn.Module, trained: dict, cfg) -> dict[str, torch.Tensor]:
+    """`<flag>.<timm key>` -> tensor: each dataset's BatchNorm statistics (and affine weights) of a per-dataset
+    backbone (`trained`, model.norm rows in cfg.data.datasets order), under the plain timm model's keys."""
+    from mmpt.norm import norm_layer_prefixes
+
+    out = {}
+    for prefix in norm_layer_prefixes(plain):
+        for row, flag in enumerate(cfg.data.datasets):
+            for leaf in ("running_mean", "running_var", "num_batches_tracked"):
+                out[f"{flag}.{prefix}{leaf}"] = trained[prefix + leaf][row].contiguous()
+            for leaf in ("weight", "bias"):
+                own = trained.get(f"{prefix}task_{leaf}.{row}")
+                if own is not None:
+                    out[f"{flag}.{prefix}{leaf}"] = own.contiguous()
+    return out
+
+
+def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict,
+               norm: str = "shared") -> str:
     """The README.md of an export: what the backbone was trained on and how, its test metrics, how to load it."""
     from mmpt import checkpoint as ckpt
     from mmpt.model import resolve_backbone
@@ -120,6 +161,7 @@ def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dic
         f"- {input_line(cfg, size)}",
         f"- normalised with mean {tuple(round(m, 4) for m in mean)} and std {tuple(round(s, 4) for s in std)} "
         "(config.json, pretrained_cfg)", "",
+        *norm_card_lines(norm),
         "## Training recipe", "",
         f"- datasets: {', '.join(heads)}",
         f"- backbone {cfg.model.backbone} (pretrained start: {cfg.model.pretrained}), "
@@ -137,6 +179,21 @@ def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dic
         f"Exported by mmpt on {time.strftime('%Y-%m-%d', time.gmtime())}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def norm_card_lines(norm: str) -> list[str]:
+    """What the BatchNorm statistics of model.safetensors are (a per-dataset run: which ones, and where the rest are)."""
+    if norm == "shared":
+        return []
+    return [
+        "## Normalization", "",
+        f"The run kept each dataset's own BatchNorm statistics (model.norm {norm}). `{WEIGHTS}` holds their "
+        "train-size-weighted mixture (mean of means, variance with the spread of the means), the statistics mmpt's "
+        f"--init-from gives a dataset the run never saw. `{NORM}` holds each dataset's own, keyed `<dataset>.<key>`; "
+        "to normalise as one dataset does:", "", "```python", "from safetensors.torch import load_file", "",
+        f'own = {{k.partition(".")[2]: v for k, v in load_file("{NORM}").items() if k.startswith("breastmnist.")}}',
+        "model.load_state_dict(own, strict=False)", "```", "",
+    ]
 
 
 def state_features(state: dict) -> str:
@@ -190,9 +247,9 @@ def test_metrics_lines(run: Path) -> list[str]:
 
 def load_export_config(path: Path):
     """The recipe of the run an export came from."""
-    from mmpt.config import from_dict
+    from mmpt.config import recorded_config
 
-    return from_dict(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
+    return recorded_config(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
 
 
 def load_export_backbone(path: Path) -> tuple[torch.nn.Module, object]:
@@ -235,6 +292,31 @@ def export_state(path: Path) -> dict:
     except (OSError, SafetensorError, yaml.YAMLError, ValueError) as exc:
         raise MmptError(f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); "
                         "export the run again") from None
+    norm_file = path / NORM
+    if norm_file.is_file():  # per-dataset statistics back into the engine's layout: T×C rows, task_* weights
+        try:
+            backbone = per_dataset_backbone(backbone, load_file(str(norm_file)), cfg.data.datasets)
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise MmptError(f"{norm_file} is not readable as this export's per-dataset statistics "
+                            f"({str(exc).splitlines()[0][:160]}); export the run again") from None
     model = {f"backbone.{k}": v for k, v in backbone.items()}
     model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
     return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}
+
+
+def per_dataset_backbone(plain: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], datasets) -> dict:
+    """A plain backbone state dict with the per-dataset entries of norm.safetensors, as the engine stores a
+    per-dataset backbone: each layer's statistics stacked per dataset (in `datasets` order), and for per_dataset
+    its affine weights as task_weight.i / task_bias.i."""
+    out = dict(plain)
+    first = f"{datasets[0]}."
+    layers = sorted({k.removeprefix(first).rpartition(".")[0] for k in norm if k.startswith(first)})
+    for layer in layers:
+        for leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            out[f"{layer}.{leaf}"] = torch.stack([norm[f"{flag}.{layer}.{leaf}"] for flag in datasets])
+        if f"{first}{layer}.weight" in norm:
+            for leaf in ("weight", "bias"):
+                out.pop(f"{layer}.{leaf}", None)
+                for i, flag in enumerate(datasets):
+                    out[f"{layer}.task_{leaf}.{i}"] = norm[f"{flag}.{layer}.{leaf}"]
+    return out

@@ -101,7 +101,7 @@ class ModelConfig:
     init_from: str | None = setting(
         None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
     norm: str = setting(
-        "shared", "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
+        "auto", "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
         "variance (per_dataset_stats), also its own affine weights (per_dataset), or auto (per_dataset_stats for a "
         "BatchNorm backbone trained on 2+ datasets, else shared); the per-dataset settings need a BatchNorm backbone",
         choices=("auto", "shared", "per_dataset_stats", "per_dataset"), recorded="shared")

@@ -271,7 +271,9 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     split = np.load(study.data / "breastmnist.npz")
     test_features = np.load(run_dir / "features" / "breastmnist_28_test.npy")
     with torch.no_grad():
-        expected = model.features(build_transform(cfg, model)(torch.from_numpy(split["test_images"]))).numpy()
+        # through breast's own BatchNorm statistics (model.norm auto keeps them per dataset)
+        expected = model.features(build_transform(cfg, model)(torch.from_numpy(split["test_images"])),
+                                  "breastmnist").numpy()
     np.testing.assert_allclose(test_features, expected, rtol=1e-4, atol=1e-5)
     # the scores are those of a cosine 5-NN on the training features
     train_features = np.load(run_dir / "features" / "breastmnist_28_train.npy")
@@ -331,8 +333,14 @@ def test_init_from_copies_backbone_and_matching_heads_only(study):
     chest_before = {k: v.clone() for k, v in model.heads["chestmnist"].state_dict().items()}
     assert load_initial_weights(model, source, cfg) == ["breastmnist"]
     saved = ckpt.load(source / "checkpoints" / "best.pt")[ckpt.MODEL]
+    # model.norm auto: both keep per-dataset statistics; breast's row is copied (chest's comes from the mixture)
+    ours, theirs = model.norm_tasks.index("breastmnist"), ["pneumoniamnist", "breastmnist"].index("breastmnist")
     for name, value in model.state_dict().items():
-        if name.startswith(("backbone.", "heads.breastmnist.")):
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.startswith("backbone.") and name.endswith(("running_mean", "running_var")):
+            assert value.dim() == 2 and torch.equal(value[ours], saved[name][theirs]), name
+        elif name.startswith(("backbone.", "heads.breastmnist.")):
             assert torch.equal(value, saved[name]), name
     for name, value in model.heads["chestmnist"].state_dict().items():
         assert torch.equal(value, chest_before[name])

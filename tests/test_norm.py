@@ -283,7 +283,8 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
 @pytest.fixture(scope="module")
 def shared_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "run"
-    run(tiny_config(synthetic_root, out, data={"datasets": ["breast", "retina", "chest"]}, train={"batch_size": 16}))
+    run(tiny_config(synthetic_root, out, data={"datasets": ["breast", "retina", "chest"]}, model={"norm": "shared"},
+                    train={"batch_size": 16}))
     return out
 
 

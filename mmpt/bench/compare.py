@@ -27,7 +27,7 @@ import numpy as np
 
 from mmpt.bench.common import machine, markdown_table, work_folder, write_result, yes
 from mmpt.errors import MmptError
-from mmpt.evaluation import TaskResult, write_predictions
+from mmpt.predict import TaskResult, write_predictions
 from mmpt.tasks import BINARY, MULTI_LABEL, TASKS, resolve_tasks
 
 TARGET_NEW_S = 60.0  # two 3-seed series, all 12 datasets at full test size, 1,000 resamples, 2 CPU cores

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +27,12 @@ from mmpt.errors import MmptError
 from mmpt.predict import labels_digest
 from mmpt.rundir import DATA_RECORD, PREDICTION_FILE
 from mmpt.io import read_json
+from mmpt.experiments.stats import CONFIDENCE, paired_bootstrap  # noqa: F401  (the loop path, re-exported)
 from mmpt.metrics import compute_metrics
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 LOWER_IS_BETTER = {"mae"}
-BOOTSTRAP_BATCH = 20  # resamples per statistic call: bounds memory (batch × images × classes floats)
-CONFIDENCE = 0.95
 SEED_DIR = re.compile(r"seed(\d+)")
 
 
@@ -109,8 +107,8 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
 
 def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
     """Whether a folder's predictions count: a training run only once finished with its series' recipe
-    (mmpt.experiments.series.member_status); evaluate.py and probe outputs always. Else noted in `left_out`."""
-    from mmpt.experiments.series import is_run_folder, member_status
+    (mmpt.experiments.members.member_status); evaluate.py and probe outputs always. Else noted in `left_out`."""
+    from mmpt.experiments.members import is_run_folder, member_status
 
     if not is_run_folder(folder):
         return True
@@ -122,7 +120,7 @@ def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
 
 def _member(folder: Path, left_out: list[tuple[Path, str]]) -> dict[str, Prediction]:
     """One model's predictions: a run folder, or an individual folder joining its datasets' runs."""
-    from mmpt.experiments.series import is_run_folder
+    from mmpt.experiments.members import is_run_folder
 
     if (folder / "predictions").is_dir() or is_run_folder(folder):
         if not _counts(folder, left_out) or not (folder / "predictions").is_dir():
@@ -220,62 +218,6 @@ def read_scores(pred: Prediction) -> np.ndarray:
         raise MmptError(f"{pred.path} line {line} (image {index[row]}) holds the score {float(scores[row, column])!r}, "
                         "not a probability in [0, 1]; evaluate the run again (python evaluate.py RUN)")
     return scores
-
-
-def _metric_vector(
-    task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str], grade_rule: str = "argmax"
-) -> np.ndarray:
-    """Mean over the models (seeds) of each metric: len(metrics) values."""
-    values = [compute_metrics(task, labels, s, metrics, grade_rule) for s in scores]
-    return np.array([np.mean([v[m] for v in values]) for m in metrics])
-
-
-def paired_bootstrap(
-    task, labels: np.ndarray, reference: list[np.ndarray], other: list[np.ndarray] | None, metrics: list[str],
-    *, n_resamples: int, seed: int, grade_rules: tuple[str, str] = ("argmax", "argmax"),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
-
-    Outputs: the seed-mean of each metric of `reference` when `other` is None; else that of `other`
-    followed by each difference (other − reference) on the same resampled images. Returns (low, high).
-    Resamples in which a metric is undefined (AUC when a class is absent) are left out of its interval.
-    """
-    samples = [labels, *reference, *(other or [])]
-    width = labels.shape[1]
-    n_ref = len(reference)
-
-    def statistic(*arrays, axis=-1):
-        # each array: columns × resamples × images (scipy moved the image axis last and indexed it)
-        out = []
-        for b in range(arrays[0].shape[1]):
-            y = arrays[0][:, b, :].T[:, :width]
-            s = [a[:, b, :].T for a in arrays[1:]]
-            ref = _metric_vector(task, y, s[:n_ref], metrics, grade_rules[0])
-            if other is None:
-                out.append(ref)
-            else:
-                mine = _metric_vector(task, y, s[n_ref:], metrics, grade_rules[1])
-                out.append(np.concatenate([mine, mine - ref]))
-        return np.stack(out, axis=-1)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
-        result = stats.bootstrap(
-            samples, statistic, n_resamples=n_resamples, batch=BOOTSTRAP_BATCH, vectorized=True, paired=True,
-            axis=0, confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
-        )
-    low = np.atleast_1d(result.confidence_interval.low).astype(float)
-    high = np.atleast_1d(result.confidence_interval.high).astype(float)
-    undefined = np.isnan(low) | np.isnan(high)
-    if undefined.any():
-        # resamples that miss a class leave AUC undefined: such resamples are left out of that interval
-        distribution = np.atleast_2d(result.bootstrap_distribution)
-        alpha = (1 - CONFIDENCE) / 2
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # all-NaN rows stay NaN
-            q = np.nanquantile(distribution, [alpha, 1 - alpha], axis=-1)
-        low, high = np.where(undefined, q[0], low), np.where(undefined, q[1], high)
-    return low, high
 
 
 CI_METHODS = ("bootstrap", "delong")
@@ -385,7 +327,7 @@ def compare_runs(
     runs = [load_run(p) for p in paths]
     left_out_runs = [(folder, why) for r in runs for folder, why in r.left_out]
     if left_out_runs and require_complete:
-        from mmpt.experiments.series import left_out_error
+        from mmpt.experiments.members import left_out_error
 
         raise left_out_error(left_out_runs, "a compared series is not complete")
     names = [r.name for r in runs]

@@ -215,12 +215,12 @@ def probe_runs(
 ) -> list[Path]:
     """Probe every finished run at or under `source` (a run, an individual folder, a folder of seeds).
 
-    Runs count as in `summarize` and `compare` (mmpt.experiments.series.series_runs): an unfinished run, or
+    Runs count as in `summarize` and `compare` (mmpt.experiments.members.series_runs): an unfinished run, or
     one of another recipe than its series asks, is named and left out (an MmptError with `require_complete`).
     Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as
     it reads the runs. Raises MmptError when `source` holds no finished run with checkpoints/best.pt.
     """
-    from mmpt.experiments.series import left_out_error, left_out_line, series_runs
+    from mmpt.experiments.members import left_out_error, left_out_line, series_runs
 
     source = Path(source)
     from mmpt.experiments.export import is_export

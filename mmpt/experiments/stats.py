@@ -33,10 +33,11 @@ import numpy as np
 import scipy.sparse
 from scipy import stats
 
-from mmpt.metrics import predicted_grades
+from mmpt.metrics import compute_metrics, predicted_grades
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 
 CONFIDENCE = 0.95
+BOOTSTRAP_BATCH = 20  # resamples per statistic call of the loop path: bounds memory (batch × images × classes)
 CHUNK_VALUES = 1 << 22  # resamples × images per chunk: bounds memory (a few float64 arrays of this size)
 METRIC_NAMES = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 
@@ -250,7 +251,7 @@ def bootstrap_dataset(
     `runs`: per run, its seeds' score arrays and its grade rule; the first run is the reference. Returns per
     run (low, high): for the reference len(metrics) values (its seed-mean metrics); for every other run
     2 × len(metrics): its metrics, then each difference (run − reference) on the same resamples. The same
-    output as compare.paired_bootstrap per (run, dataset) pair, for every pair at once.
+    output as paired_bootstrap (below) per (run, dataset) pair, for every pair at once.
     """
     labels = np.asarray(labels).reshape(len(labels), -1)
     n, width = len(labels), len(metrics)
@@ -342,3 +343,51 @@ def delong_intervals(
     for value, psi in zip(values[1:], components[1:]):
         out.append(interval(value, psi, 0.0) + interval(value - values[0], psi - components[0], -1.0))
     return out
+
+
+# ---------------------------------------------------------------- the loop path (earlier versions), for tests and benchmarks
+
+
+def _metric_vector(
+    task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str], grade_rule: str = "argmax"
+) -> np.ndarray:
+    """Mean over the models (seeds) of each metric: len(metrics) values."""
+    values = [compute_metrics(task, labels, s, metrics, grade_rule) for s in scores]
+    return np.array([np.mean([v[m] for v in values]) for m in metrics])
+
+
+def paired_bootstrap(
+    task, labels: np.ndarray, reference: list[np.ndarray], other: list[np.ndarray] | None, metrics: list[str],
+    *, n_resamples: int, seed: int, grade_rules: tuple[str, str] = ("argmax", "argmax"),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
+
+    Outputs: the seed-mean of each metric of `reference` when `other` is None; else that of `other`
+    followed by each difference (other − reference) on the same resampled images. Returns (low, high).
+    Resamples in which a metric is undefined (AUC when a class is absent) are left out of its interval.
+    """
+    samples = [labels, *reference, *(other or [])]
+    width = labels.shape[1]
+    n_ref = len(reference)
+
+    def statistic(*arrays, axis=-1):
+        # each array: columns × resamples × images (scipy moved the image axis last and indexed it)
+        out = []
+        for b in range(arrays[0].shape[1]):
+            y = arrays[0][:, b, :].T[:, :width]
+            s = [a[:, b, :].T for a in arrays[1:]]
+            ref = _metric_vector(task, y, s[:n_ref], metrics, grade_rules[0])
+            if other is None:
+                out.append(ref)
+            else:
+                mine = _metric_vector(task, y, s[n_ref:], metrics, grade_rules[1])
+                out.append(np.concatenate([mine, mine - ref]))
+        return np.stack(out, axis=-1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
+        result = stats.bootstrap(
+            samples, statistic, n_resamples=n_resamples, batch=BOOTSTRAP_BATCH, vectorized=True, paired=True,
+            axis=0, confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
+        )
+    return percentile_interval(result)  # resamples that miss a class are left out of that AUC's interval

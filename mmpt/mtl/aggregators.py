@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from mmpt.mtl.base import ALL, ANY, GRADIENT, SEVERAL, Arg, Context, Method, Weighting
+from mmpt.mtl.base import ALL, ANY, GRADIENT, SEVERAL, Arg, Context, Method, Stateless, Weighting
 
 
-class AggregatorWeighting:
+class AggregatorWeighting(Stateless):
     """torchjd.autojac.mtl_backward + jac_to_grad: each head gets its own loss's gradient; the backbone gets the
     aggregation of the step's per-dataset gradients (the rows of the Jacobian).
 
@@ -39,15 +39,6 @@ class AggregatorWeighting:
         if weights is None:
             weights = torch.full((len(losses),), math.nan, device=features.device)
         self._last = dict(zip(losses, weights.detach().unbind()))
-
-    def weights(self) -> dict[str, Tensor]:
-        return self._last
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class NashMTLWeighting(AggregatorWeighting):

@@ -40,6 +40,21 @@ class Weighting(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Stateless:
+    """For methods that keep nothing between steps but the last step's weights (`_last`): an empty state."""
+
+    _last: dict[str, Tensor]
+
+    def weights(self) -> dict[str, Tensor]:
+        return self._last
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Arg:
     """One option of a method (a key of loss.weighting_args): its default and the values it accepts."""

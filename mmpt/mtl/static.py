@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mmpt.mtl.base import STATIC, Context, Method, Weighting
+from mmpt.mtl.base import STATIC, Context, Method, Stateless, Weighting
 
 
-class StaticWeighting:
+class StaticWeighting(Stateless):
     """A fixed multiplier per dataset: the step's loss is sum_t w_t * L_t."""
 
     def __init__(self, weights: dict[str, float]) -> None:
@@ -24,14 +24,6 @@ class StaticWeighting:
         scale(total).backward()
         self._last = {t: self._as_tensors[t] for t in losses}
 
-    def weights(self) -> dict[str, Tensor]:
-        return self._last
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def by_size(rule: Callable[[int, int, int], float]) -> Callable[[list[str], dict, Context], Weighting]:

@@ -13,10 +13,10 @@ from medmnist import INFO
 from mmpt.config import load_config
 from mmpt.train import run
 
-# Test AUC each dataset must reach after 300 steps of mm-PT from scratch (chance is 0.5; this run gives
-# about 0.82, 0.96 and 0.70 on torch 2.14 with
-# model.norm auto; 0.72, 0.95 and 0.65 with shared BatchNorm statistics). MedMNIST v2's ResNet-18 (28), trained for 100 epochs on each
-# dataset alone: breast 0.901, pneumonia 0.944, retina 0.717; RetinaMNIST is hard for every model.
+# Test AUC each dataset must reach after 300 steps of mm-PT from scratch (chance is 0.5). This run gives about
+# 0.82, 0.96 and 0.70 on torch 2.14 with model.norm auto (0.72, 0.95 and 0.65 with shared BatchNorm statistics).
+# MedMNIST v2's ResNet-18 (28), trained for 100 epochs on each dataset alone: breast 0.901, pneumonia 0.944,
+# retina 0.717; RetinaMNIST is hard for every model.
 FLOORS = {"breastmnist": 0.68, "pneumoniamnist": 0.90, "retinamnist": 0.62}
 
 

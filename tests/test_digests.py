@@ -2,6 +2,8 @@
 
 The digests were recorded with the code at commit e7abe77; a refactor that changes any of them changed what
 training computes (the plan, the step, a method's weights or its state), not only how the code is arranged.
+They were recorded with one CPU thread: the thread count changes the order of floating-point sums inside
+torch's kernels, so the tests run with one thread whatever the machine has.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from mmpt.data.synthetic import write_synthetic
@@ -20,6 +23,14 @@ from mmpt.mtl import METHODS, missing_solvers
 # unequal train sizes, so that size, inverse_size and sqrt_size give different weights
 SIZES = {"pneumoniamnist": 24, "retinamnist": 40, "breastmnist": 56}
 MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0, "breastmnist": 0.5}
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 QUICKSTART = "quickstart"
 # final_digest of summary.json at e7abe77 (cagrad and nash_mtl: not recorded, their solvers were not installed;

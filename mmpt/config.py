@@ -252,12 +252,15 @@ def recorded_config(raw: Any) -> Config:
 def _as_recorded(raw: Any) -> Any:
     if not isinstance(raw, dict):
         return raw
-    raw = {**raw}
     for key, k in SETTINGS.items():
-        section, _, leaf = key.rpartition(".")
-        node = raw.get(section, {}) if section else raw
-        if k.spec.recorded is not None and isinstance(node, dict) and leaf not in node:
-            raw[section] = {**node, leaf: k.spec.recorded}
+        if k.spec.recorded is None:
+            continue
+        *sections, leaf = key.split(".")
+        node = raw
+        for part in sections:
+            node = node.get(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            raw = deep_merge(raw, nested(key, k.spec.recorded))
     return raw
 
 
@@ -284,14 +287,7 @@ def parse_override(text: str) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-    node: dict = {}
-    cursor = node
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cursor[part] = {}
-        cursor = cursor[part]
-    cursor[parts[-1]] = value
-    return node
+    return nested(key.strip(), value)
 
 
 def nested(key: str, value: Any) -> dict:

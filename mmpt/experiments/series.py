@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmpt.config import Config, config_differences, deep_merge, from_dict, to_dict
+from mmpt.config import Config, config_differences, deep_merge, from_dict, nested, to_dict
 from mmpt.experiments.members import (
     RESULT_NEUTRAL, SERIES_FILE, _first_difference, _recorded_config, is_run_folder, left_out_error, left_out_line,
     read_run_config, read_series, series_of, series_runs,
@@ -167,14 +167,7 @@ def plan_series(
 
 def _set(raw: dict, key: str, value) -> dict:
     """`raw` with the dotted `key` set to `value` (a YAML-parsed sweep value)."""
-    node: dict = {}
-    cursor = node
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor[part] = {}
-        cursor = cursor[part]
-    cursor[parts[-1]] = value
-    return deep_merge(raw, node)
+    return deep_merge(raw, nested(key, value))
 
 
 def check_single_run_folder(run_dir: Path, *, resume: bool) -> None:

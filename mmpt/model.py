@@ -251,6 +251,18 @@ def model_input_size(cfg: Config) -> int | str:
     return cfg.data.resolution if cfg.input.mode == "native" else (cfg.model.img_size or "default")
 
 
+def load_weights_source(source: str | Path) -> tuple[Path, dict]:
+    """(path, checkpoint dict) of a run folder (its best.pt), a checkpoint file, or a folder written by
+    `evaluate.py export` (read as the checkpoint it came from: model weights and config)."""
+    from mmpt import checkpoint as ckpt
+    from mmpt.experiments.export import export_state, is_export
+
+    if is_export(source):
+        return Path(source), export_state(source)
+    path = checkpoint_path(source)
+    return path, ckpt.load(path)
+
+
 def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -> list[str]:
     """Copy another run's backbone, and its heads for datasets both runs have, into `model` (weights only).
 
@@ -260,11 +272,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
     """
     from mmpt import checkpoint as ckpt
-    from mmpt.experiments.export import export_state, is_export
 
-    # an export (evaluate.py export) is read as the checkpoint it came from
-    path = Path(source) if is_export(source) else checkpoint_path(source)
-    state = export_state(path) if is_export(source) else ckpt.load(path)
+    path, state = load_weights_source(source)
     saved = recorded_config(state[ckpt.CONFIG])
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
     # another resolution or input.mode is refused even where the weights would fit (a padded or native
@@ -314,9 +323,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
 def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     """The trained backbone of a run folder or checkpoint, without its heads, and that run's config."""
     from mmpt import checkpoint as ckpt
-    from mmpt.experiments.export import export_state, is_export
 
-    state = export_state(source) if is_export(source) else ckpt.load(checkpoint_path(source))
+    _, state = load_weights_source(source)
     cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(
         cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",

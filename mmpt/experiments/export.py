@@ -63,14 +63,19 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         raise MmptError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise MmptError(f"{output} exists and is not empty; pass another --output, or --overwrite to replace its files")
-    state = ckpt.load(run / "checkpoints" / f"{checkpoint}.pt")
+    checkpoint_file = run / "checkpoints" / f"{checkpoint}.pt"
+    state = ckpt.load(checkpoint_file)
     cfg = recorded_config(state[ckpt.CONFIG])
+    weights = state[ckpt.MODEL]
+    extra = sorted(k for k in weights if not k.startswith(("backbone.", "heads.")))
+    if extra:  # an addition this export does not know how to carry: refuse, never drop
+        raise MmptError(f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); "
+                        "this mmpt cannot export them")
     backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size,
                                dynamic_img_size=cfg.input.mode == "native")
-    weights = state[ckpt.MODEL]
     trained = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
     norm = saved_norm(trained)
-    per_dataset = per_dataset_norm_entries(backbone, trained, cfg) if norm != "shared" else {}
+    per_dataset = per_dataset_norm_entries(checkpoint_file, backbone) if norm != "shared" else {}
     if norm != "shared":  # the plain backbone gets the mixture of the datasets' statistics
         from mmpt.norm import norm_layer_prefixes, transfer_norm_state
         from mmpt.tasks import resolve_tasks
@@ -80,11 +85,6 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         prefixes = tuple(norm_layer_prefixes(backbone))
         trained = {**{k: v for k, v in trained.items() if not k.startswith(prefixes)}, **mixture}
     backbone.load_state_dict(trained)
-    extra = sorted(k for k in weights if not k.startswith(("backbone.", "heads.")))
-    if extra:
-        # per-dataset normalization or another addition this export does not know how to carry: refuse, never drop
-        raise MmptError(f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); "
-                        "this mmpt cannot export them")
     size = cfg.data.resolution if cfg.input.mode == "native" else int(
         cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
     mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
@@ -118,20 +118,20 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
     return [output / name for name in (*written, RUN_CONFIG, CARD)]
 
 
-def per_dataset_norm_entries(plain: torch.nn.Module, trained: dict, cfg) -> dict[str, torch.Tensor]:
-    """`<flag>.<timm key>` -> tensor: each dataset's BatchNorm statistics (and affine weights) of a per-dataset
-    backbone (`trained`, model.norm rows in cfg.data.datasets order), under the plain timm model's keys."""
-    from mmpt.norm import norm_layer_prefixes
+def per_dataset_norm_entries(checkpoint: Path, plain: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`<flag>.<timm key>` -> tensor: each dataset's BatchNorm statistics (and, for per_dataset, affine weights)
+    of the per-dataset backbone in `checkpoint`, under the plain timm model's (`plain`) keys."""
+    from mmpt.model import load_backbone
+    from mmpt.norm import norm_layer_prefixes, plain_state_dict
 
+    engine, _ = load_backbone(checkpoint)
+    leaves = ("running_mean", "running_var", "num_batches_tracked")
+    leaves += ("weight", "bias") if engine.norm == "per_dataset" else ()
+    prefixes = norm_layer_prefixes(plain)
     out = {}
-    for prefix in norm_layer_prefixes(plain):
-        for row, flag in enumerate(cfg.data.datasets):
-            for leaf in ("running_mean", "running_var", "num_batches_tracked"):
-                out[f"{flag}.{prefix}{leaf}"] = trained[prefix + leaf][row].contiguous()
-            for leaf in ("weight", "bias"):
-                own = trained.get(f"{prefix}task_{leaf}.{row}")
-                if own is not None:
-                    out[f"{flag}.{prefix}{leaf}"] = own.contiguous()
+    for row, flag in enumerate(engine.norm_tasks):
+        view = plain_state_dict(engine.backbone, row)  # what plain timm holds to normalise as this dataset
+        out.update({f"{flag}.{prefix}{leaf}": view[prefix + leaf].contiguous() for prefix in prefixes for leaf in leaves})
     return out
 
 
@@ -250,14 +250,6 @@ def load_export_config(path: Path):
     from mmpt.config import recorded_config
 
     return recorded_config(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
-
-
-def load_export_backbone(path: Path) -> tuple[torch.nn.Module, object]:
-    """The exported backbone, built by timm from the folder, and the run's config."""
-    import timm
-
-    backbone = timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True)
-    return backbone, load_export_config(path)
 
 
 def load_export_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:

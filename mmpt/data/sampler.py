@@ -14,6 +14,7 @@ or on which other tasks are trained, and the plan does not depend on the order o
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections import Counter
@@ -374,7 +375,7 @@ class Sampler:
             cycle += 1
         return plan[: self.steps]
 
-    @property
+    @functools.cached_property  # a pure function of the fields; with replacement and k >= 2 it plans epoch 0
     def updates_per_task(self) -> dict[str, float]:
         """Each task's head updates per epoch, sorted by task: the optimizer sizes each head's LR schedule by it.
 

@@ -308,7 +308,7 @@ def _check_flags(**values) -> None:
             raise MmptError(f"{name} must be an integer 0..4294967295, got {value}")
         if flag == "jobs" and not (value >= 1 or value == -1):
             raise MmptError(f"{name} must be a number of processes >= 1, or -1 for every core, got {value}")
-        if flag in ("k", "batch_size") and value < 1:
+        if flag == "k" and value < 1:
             raise MmptError(f"{name} must be >= 1, got {value}")
         if flag in ("metrics", "datasets") and any(not item.strip() for item in value.split(",")):
             raise MmptError(f"{name} '{value}' has an empty item; give names separated by single commas")
@@ -353,7 +353,7 @@ def _subcommand(argv: list[str]) -> int:
     a = _check_evaluation_flags(probe_parser().parse_args(rest))
     from mmpt.experiments.probe import probe_runs
 
-    _check_flags(k=a.k, batch_size=a.batch_size, datasets=a.datasets, output=a.output)
+    _check_flags(k=a.k, datasets=a.datasets, output=a.output)  # --batch-size: checked as data.eval_batch_size
     common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
                   device=a.device, batch_size=a.batch_size,
                   recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images))
@@ -388,7 +388,7 @@ def _evaluate(argv: list[str]) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
     folder = args.split + ("-recalibrated" if args.recalibrate_norm else "")
     output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / folder
-    _check_flags(batch_size=args.batch_size, datasets=args.datasets, output=args.output)
+    _check_flags(datasets=args.datasets, output=args.output)  # --batch-size: checked as data.eval_batch_size
     recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
     from mmpt.runtime import Interrupted, interrupt_on_signals
 
@@ -421,7 +421,6 @@ def _compare(args: argparse.Namespace) -> int:
     """`--compare` is the old spelling of `evaluate.py compare` (with --metric for --metrics)."""
     if len(args.runs) < 2:
         raise MmptError("--compare needs at least two run folders")
-    _check_flags(bootstrap=args.bootstrap)
     return _compare_runs(args.runs, args.output, args.metric, args.bootstrap, 0, args.data_root)
 
 

@@ -14,7 +14,6 @@ sides, so a difference's interval is paired; a fixed seed gives the same resampl
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import yaml
 from scipy import stats
 
 from mmpt.errors import MmptError
+from mmpt.experiments.members import SEED_DIR
 from mmpt.predict import labels_digest
 from mmpt.rundir import DATA_RECORD, PREDICTION_FILE
 from mmpt.io import read_json
@@ -33,7 +33,6 @@ from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 LOWER_IS_BETTER = {"mae"}
-SEED_DIR = re.compile(r"seed(\d+)")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and only when trained with the recipe recorded for it; the others are named with
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,7 @@ import yaml
 from mmpt.config import SETTINGS, Config, config_differences, recorded_config
 from mmpt.errors import MmptError
 
+SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
 NOT_RUNS = ("checkpoints", "tb", "predictions", "eval", "features")
 SERIES_FILE = "series.json"
 

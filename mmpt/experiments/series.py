@@ -30,14 +30,13 @@ import yaml
 
 from mmpt.config import Config, config_differences, deep_merge, from_dict, nested, to_dict
 from mmpt.experiments.members import (
-    RESULT_NEUTRAL, SERIES_FILE, _first_difference, _recorded_config, is_run_folder, left_out_error, left_out_line,
-    read_run_config, read_series, series_of, series_runs,
+    RESULT_NEUTRAL, SEED_DIR, SERIES_FILE, _first_difference, _recorded_config, is_run_folder, left_out_error,
+    left_out_line, read_run_config, read_series, series_of, series_runs,
 )
 from mmpt.errors import MmptError
 from mmpt.report import COLUMNS
 from mmpt.tasks import FLAGS
 
-SEED_DIR = re.compile(r"seed(\d+)")
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 # folders inside a series that hold no runs of it
 @dataclass(frozen=True)

@@ -452,13 +452,13 @@ def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than
     assert (len(task_norms(model.backbone)) > 0) == (expected == "per_dataset_stats")
 
 
+@pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)  # what auto resolves to
 def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(synthetic_root, tmp_path, norm_reference,
                                                                             capsys):
     from mmpt.norm import saved_norm
 
     norm, reference, out = norm_reference
-    if norm != "per_dataset_stats":
-        pytest.skip("auto resolves to per_dataset_stats")
+    assert norm == "per_dataset_stats"
     auto = tmp_path / "auto"
     run(norm_config(synthetic_root, auto, "auto", sampler={"tasks_per_step": 2}))
     assert "(model.norm auto: per_dataset_stats)" in capsys.readouterr().out

@@ -38,15 +38,26 @@ class _Parser(argparse.ArgumentParser):
 
 # Named flags of train.py and the config key each sets; their values go through that key's validation.
 NAMED_FLAGS = {
-    "--backbone": "model.backbone", "--resolution": "data.resolution", "--datasets": "data.datasets",
-    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--lr": "optim.lr", "--seed": "train.seed",
-    "--data-root": "data.root", "--output": "output", "--device": "train.device", "--init-from": "model.init_from",
+    "--backbone": "model.backbone",
+    "--resolution": "data.resolution",
+    "--datasets": "data.datasets",
+    "--epochs": "train.epochs",
+    "--batch-size": "train.batch_size",
+    "--lr": "optim.lr",
+    "--seed": "train.seed",
+    "--data-root": "data.root",
+    "--output": "output",
+    "--device": "train.device",
+    "--init-from": "model.init_from",
 }
 # evaluate.py and probe flags that stand for a config key, checked as that key is
 EVALUATION_FLAGS = {
-    "batch_size": ("--batch-size", "data.eval_batch_size"), "device": ("--device", "train.device"),
-    "resolution": ("--resolution", "data.resolution"), "data_root": ("--data-root", "data.root"),
-    "cache_dir": ("--cache-dir", "data.cache_dir"), "output": ("--output", "output"),
+    "batch_size": ("--batch-size", "data.eval_batch_size"),
+    "device": ("--device", "train.device"),
+    "resolution": ("--resolution", "data.resolution"),
+    "data_root": ("--data-root", "data.root"),
+    "cache_dir": ("--cache-dir", "data.cache_dir"),
+    "output": ("--output", "output"),
 }
 
 
@@ -65,15 +76,28 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
     series = p.add_argument_group(
-        "series", "several runs with one recipe under runs/<name>/[individual/][<variant>/][seed<k>/][<dataset>/]; "
-        "run the same command again to continue a stopped series")
-    series.add_argument("--individual", action="store_true",
-                        help="one single-dataset model per dataset of the config (--datasets restricts them)")
-    series.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="one variant per value; repeat for a grid (e.g. --sweep loss.weighting=none,size)")
+        "series",
+        "several runs with one recipe under runs/<name>/[individual/][<variant>/][seed<k>/][<dataset>/]; "
+        "run the same command again to continue a stopped series",
+    )
+    series.add_argument(
+        "--individual",
+        action="store_true",
+        help="one single-dataset model per dataset of the config (--datasets restricts them)",
+    )
+    series.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one variant per value; repeat for a grid (e.g. --sweep loss.weighting=none,size)",
+    )
     series.add_argument("--seeds", metavar="0,1,2", help="repeat each variant with these train.seed values")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML, each key's allowed values as a comment, and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML, each key's allowed values as a comment, and exit",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -144,7 +168,12 @@ def _train(argv: list[str]) -> int:
 
 def _train_series(args: argparse.Namespace, cfg) -> int:
     from mmpt.experiments.series import (
-        check_sweep_keys, parse_seeds, parse_sweep, plan_series, run_series, summarize,
+        check_sweep_keys,
+        parse_seeds,
+        parse_sweep,
+        plan_series,
+        run_series,
+        summarize,
     )
     from mmpt.train import Stopped
 
@@ -152,8 +181,9 @@ def _train_series(args: argparse.Namespace, cfg) -> int:
         raise MmptError("--resume continues one run; to continue a series, run the same series command again")
     sweeps = [parse_sweep(s) for s in args.sweep]
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    if seeds is not None and (args.seed is not None or any(
-            o.partition("=")[0].strip() == "train.seed" for o in args.set)):
+    if seeds is not None and (
+        args.seed is not None or any(o.partition("=")[0].strip() == "train.seed" for o in args.set)
+    ):
         raise MmptError("--seed and --seeds both set the seed; give the seeds once, with --seeds")
     check_sweep_keys(sweeps, individual=args.individual, seeds=seeds)
     variants = plan_series(cfg, individual=args.individual, sweeps=sweeps, seeds=seeds)
@@ -173,27 +203,36 @@ def train_main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------- evaluate
 
+
 def evaluate_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="evaluate.py",
         description="Evaluate a run's best checkpoint per dataset. Subcommands: evaluate.py compare RUN_A RUN_B ... "
-                    "(statistics), evaluate.py summarize SERIES_DIR, evaluate.py probe RUN --method linear|knn.",
+        "(statistics), evaluate.py summarize SERIES_DIR, evaluate.py probe RUN --method linear|knn.",
     )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folder(s); several with --compare")
     p.add_argument("--checkpoint", help="a checkpoint file instead of RUN_DIR/checkpoints/best.pt")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--datasets", help="comma-separated subset of the run's datasets")
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
-    p.add_argument("--cache-dir",
-                   help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)")
+    p.add_argument(
+        "--cache-dir", help="folder for the unpacked .npy cache (default: the run's, or DATA_ROOT/.mmpt-cache)"
+    )
     p.add_argument("--output", help="where to write metrics and predictions (default RUN_DIR/eval/<split>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
-    p.add_argument("--recalibrate-norm", action="store_true",
-                   help="first re-estimate each dataset's BatchNorm statistics on its own train images (in memory; "
-                        "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated")
-    p.add_argument("--recalibrate-images", type=int, metavar="N",
-                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
+    p.add_argument(
+        "--recalibrate-norm",
+        action="store_true",
+        help="first re-estimate each dataset's BatchNorm statistics on its own train images (in memory; "
+        "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated",
+    )
+    p.add_argument(
+        "--recalibrate-images",
+        type=int,
+        metavar="N",
+        help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)",
+    )
     p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
     p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
@@ -208,31 +247,47 @@ def compare_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="evaluate.py compare",
         description="Compare runs on their test predictions: bootstrap intervals, paired differences to the first "
-                    "run, Δm, and a Wilcoxon test over datasets when both sides have seeds.",
+        "run, Δm, and a Wilcoxon test over datasets when both sides have seeds.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN",
-                   help="runs (single, individual/ folder, folder of seed<k>/ runs, or probe-<method>/ results); "
-                        "the first is the reference")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="runs (single, individual/ folder, folder of seed<k>/ runs, or probe-<method>/ results); "
+        "the first is the reference",
+    )
     p.add_argument("--output", help="where to write compare.{md,csv,json,png} (default: the first run's folder)")
     p.add_argument("--metrics", default="auc,acc", help="comma-separated metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
     p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
-    p.add_argument("--require-complete", action="store_true",
-                   help="refuse a series with an unfinished run (default: name it and leave it out)")
-    p.add_argument("--ci", choices=("bootstrap", "delong"), default="bootstrap",
-                   help="AUC interval: paired bootstrap (default) or DeLong's analytic variance")
+    p.add_argument(
+        "--require-complete",
+        action="store_true",
+        help="refuse a series with an unfinished run (default: name it and leave it out)",
+    )
+    p.add_argument(
+        "--ci",
+        choices=("bootstrap", "delong"),
+        default="bootstrap",
+        help="AUC interval: paired bootstrap (default) or DeLong's analytic variance",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def summarize_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py summarize",
-                description="Write sweep.{md,csv,json,png} for the finished runs of a series folder.")
+    p = _Parser(
+        prog="evaluate.py summarize",
+        description="Write sweep.{md,csv,json,png} for the finished runs of a series folder.",
+    )
     p.add_argument("series", metavar="SERIES_DIR", help="the series folder, runs/<name>")
-    p.add_argument("--require-complete", action="store_true",
-                   help="refuse a series with an unfinished run (default: name it and leave it out)")
+    p.add_argument(
+        "--require-complete",
+        action="store_true",
+        help="refuse a series with an unfinished run (default: name it and leave it out)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -241,10 +296,14 @@ def probe_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="evaluate.py probe",
         description="Frozen-backbone probe: a linear (logistic regression, C chosen on val) or k-NN (cosine) "
-                    "classifier per dataset on cached backbone features; writes evaluate.py's files.",
+        "classifier per dataset on cached backbone features; writes evaluate.py's files.",
     )
-    p.add_argument("run", nargs="?", metavar="RUN",
-                   help="a run, an individual/ folder or a folder of seeds (every trained run under it)")
+    p.add_argument(
+        "run",
+        nargs="?",
+        metavar="RUN",
+        help="a run, an individual/ folder or a folder of seeds (every trained run under it)",
+    )
     p.add_argument("--method", choices=("linear", "knn"), required=True)
     p.add_argument("--k", type=int, default=11, help="neighbours of the k-NN probe (default 11)")
     p.add_argument("--backbone", help="probe a bare timm backbone instead of a run (untrained, or --pretrained)")
@@ -255,23 +314,35 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the npz files (default: the run's data.root)")
     p.add_argument("--cache-dir", help="folder for the unpacked .npy cache")
     p.add_argument("--output", help="results folder (default RUN/probe-<method>, or runs/backbone-.../probe-<method>)")
-    p.add_argument("--recalibrate-norm", action="store_true",
-                   help="first re-estimate each dataset's BatchNorm statistics on its own train images, so each "
-                        "dataset's features come through its own statistics (default output RUN/probe-<method>-recalibrated)")
-    p.add_argument("--recalibrate-images", type=int, metavar="N",
-                   help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)")
+    p.add_argument(
+        "--recalibrate-norm",
+        action="store_true",
+        help="first re-estimate each dataset's BatchNorm statistics on its own train images, so each "
+        "dataset's features come through its own statistics (default output RUN/probe-<method>-recalibrated)",
+    )
+    p.add_argument(
+        "--recalibrate-images",
+        type=int,
+        metavar="N",
+        help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
-    p.add_argument("--require-complete", action="store_true",
-                   help="refuse a series with an unfinished run (default: name it and leave it out)")
+    p.add_argument(
+        "--require-complete",
+        action="store_true",
+        help="refuse a series with an unfinished run (default: name it and leave it out)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py export",
-                description="Write a run's backbone as a timm model (model.safetensors + config.json, as timm "
-                            "saves for the Hugging Face hub), its heads (heads.safetensors) and a model card.")
+    p = _Parser(
+        prog="evaluate.py export",
+        description="Write a run's backbone as a timm model (model.safetensors + config.json, as timm "
+        "saves for the Hugging Face hub), its heads (heads.safetensors) and a model card.",
+    )
     p.add_argument("run", metavar="RUN", help="the run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
     p.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
@@ -302,8 +373,10 @@ def _check_flags(**values) -> None:
             continue
         name = "--" + flag.replace("_", "-")
         if flag == "bootstrap" and not 1 <= value <= MAX_BOOTSTRAP:
-            raise MmptError(f"{name} must be 1..{MAX_BOOTSTRAP:,} resamples, got {value}; 1000 gives intervals "
-                            "precise to about 0.01")
+            raise MmptError(
+                f"{name} must be 1..{MAX_BOOTSTRAP:,} resamples, got {value}; 1000 gives intervals "
+                "precise to about 0.01"
+            )
         if flag == "seed" and not 0 <= value <= 2**32 - 1:
             raise MmptError(f"{name} must be an integer 0..4294967295, got {value}")
         if flag == "jobs" and not (value >= 1 or value == -1):
@@ -316,15 +389,30 @@ def _check_flags(**values) -> None:
             raise MmptError(f"{name} {value} is a file, not a folder; pass --output DIR with a folder for the results")
 
 
-def _compare_runs(runs: list[str], output: str | None, metrics: str, bootstrap: int, seed: int,
-                  data_root: str | None, jobs: int = 1, require_complete: bool = False,
-                  ci: str = "bootstrap") -> int:
+def _compare_runs(
+    runs: list[str],
+    output: str | None,
+    metrics: str,
+    bootstrap: int,
+    seed: int,
+    data_root: str | None,
+    jobs: int = 1,
+    require_complete: bool = False,
+    ci: str = "bootstrap",
+) -> int:
     from mmpt.experiments.compare import compare_runs, format_compare, write_compare
 
     _check_flags(bootstrap=bootstrap, seed=seed, jobs=jobs, metrics=metrics, output=output)
-    result = compare_runs([Path(r) for r in runs], metrics=[m.strip() for m in metrics.split(",") if m.strip()],
-                          n_resamples=bootstrap, seed=seed, data_root=data_root, jobs=jobs,
-                          require_complete=require_complete, ci=ci)
+    result = compare_runs(
+        [Path(r) for r in runs],
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+        n_resamples=bootstrap,
+        seed=seed,
+        data_root=data_root,
+        jobs=jobs,
+        require_complete=require_complete,
+        ci=ci,
+    )
     paths = write_compare(result, Path(output) if output else Path(runs[0]))
     print(format_compare(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
@@ -335,8 +423,9 @@ def _subcommand(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name == "compare":
         a = compare_parser().parse_args(rest)
-        return _compare_runs(a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs,
-                             a.require_complete, a.ci)
+        return _compare_runs(
+            a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs, a.require_complete, a.ci
+        )
     if name == "export":
         from mmpt.experiments.export import export_run
 
@@ -354,21 +443,33 @@ def _subcommand(argv: list[str]) -> int:
     from mmpt.experiments.probe import probe_runs
 
     _check_flags(k=a.k, datasets=a.datasets, output=a.output)  # --batch-size: checked as data.eval_batch_size
-    common = dict(method=a.method, k=a.k, datasets=a.datasets, data_root=a.data_root, cache_dir=a.cache_dir,
-                  device=a.device, batch_size=a.batch_size,
-                  recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images))
+    common = dict(
+        method=a.method,
+        k=a.k,
+        datasets=a.datasets,
+        data_root=a.data_root,
+        cache_dir=a.cache_dir,
+        device=a.device,
+        batch_size=a.batch_size,
+        recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images),
+    )
     if a.backbone:
         if a.run:
             raise MmptError("probe a run or a bare --backbone, not both")
         from mmpt.experiments.probe import probe_backbone
 
-        probe_backbone(a.backbone, pretrained=a.pretrained, config=a.config, resolution=a.resolution,
-                       output=Path(a.output) if a.output else None, **common)
+        probe_backbone(
+            a.backbone,
+            pretrained=a.pretrained,
+            config=a.config,
+            resolution=a.resolution,
+            output=Path(a.output) if a.output else None,
+            **common,
+        )
         return 0
     if not a.run:
         raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")
-    probe_runs(Path(a.run), output=Path(a.output) if a.output else None, require_complete=a.require_complete,
-               **common)
+    probe_runs(Path(a.run), output=Path(a.output) if a.output else None, require_complete=a.require_complete, **common)
     return 0
 
 
@@ -395,8 +496,14 @@ def _evaluate(argv: list[str]) -> int:
     try:
         with interrupt_on_signals():
             evaluate_checkpoint(
-                checkpoint, output, split=args.split, datasets=args.datasets, data_root=args.data_root,
-                cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+                checkpoint,
+                output,
+                split=args.split,
+                datasets=args.datasets,
+                data_root=args.data_root,
+                cache_dir=args.cache_dir,
+                device=args.device,
+                batch_size=args.batch_size,
                 recalibrate_images=recalibrate_images,
             )
     except Interrupted as exc:

@@ -20,9 +20,9 @@ import yaml
 
 from mmpt.distributed import DEVICE_NAMES, device_problem
 from mmpt.errors import MmptError
+from mmpt.mtl import METHODS, check_weighting, method_problems
 from mmpt.settings import Key, check, declared, section, setting
 from mmpt.tasks import FLAGS, RESOLUTIONS, TASKS, resolve_tasks
-from mmpt.mtl import METHODS, check_weighting, method_problems
 
 # A run name: one safe path component (no separators, not '.' or '..').
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -32,8 +32,10 @@ def _run_name_problem(name: str) -> str | None:
     # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
     if RUN_NAME.fullmatch(name) and name not in (".", ".."):
         return None
-    return (f"must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
-            f"got {name!r}; to write elsewhere, set output (--output DIR)")
+    return (
+        f"must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
+        f"got {name!r}; to write elsewhere, set output (--output DIR)"
+    )
 
 
 def _datasets_problem(names: tuple[str, ...]) -> str | None:
@@ -55,7 +57,9 @@ class DataConfig:
     root: str = setting("~/.medmnist", "folder with medmnist's npz files (medmnist's own default)", resume=True)
     cache_dir: str | None = setting(None, "unpacked .npy cache; null = {root}/.mmpt-cache", resume=True)
     datasets: tuple[str, ...] = setting(
-        FLAGS, "the datasets trained together (one: individual training)", check=_datasets_problem,
+        FLAGS,
+        "the datasets trained together (one: individual training)",
+        check=_datasets_problem,
         allowed="all, or a list of: " + ", ".join(t.short for t in TASKS.values()),
     )
     resolution: int = setting(28, "MedMNIST+ image size", choices=RESOLUTIONS)
@@ -68,7 +72,8 @@ class DataConfig:
     prefetch_factor: int = setting(4, "batches each loader worker prepares ahead", ge=1, resume=True)
     eval_batch_size: int = setting(256, "batch size of validation and test (per rank)", ge=1, resume=True)
     allow_changed: bool = setting(
-        False, "resume even if a data file differs from the one the checkpoint was trained on", resume=True)
+        False, "resume even if a data file differs from the one the checkpoint was trained on", resume=True
+    )
 
 
 @dataclass(frozen=True)
@@ -82,69 +87,90 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    mode: str = setting("pad", "pad: zero-pad to the model input (Doerrich/Bachmeier protocol); resize; native: "
-                        "the stored size", choices=("pad", "resize", "native"))
-    pad_value: str = setting("normalized_zero", "what input.mode pad pads with",
-                             choices=("normalized_zero", "black"))
+    mode: str = setting(
+        "pad",
+        "pad: zero-pad to the model input (Doerrich/Bachmeier protocol); resize; native: the stored size",
+        choices=("pad", "resize", "native"),
+    )
+    pad_value: str = setting("normalized_zero", "what input.mode pad pads with", choices=("normalized_zero", "black"))
     interpolation: str = setting("bilinear", "how input.mode resize resamples", choices=("bilinear", "bicubic"))
     augment: AugmentConfig = section(AugmentConfig, "batch augmentations on the training device, off by default")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = setting("resnet18", "the shared backbone",
-                            allowed="an alias (see mmpt.model.BACKBONES: vit_b16, resnet18, ...) or any timm model name")
+    backbone: str = setting(
+        "resnet18",
+        "the shared backbone",
+        allowed="an alias (see mmpt.model.BACKBONES: vit_b16, resnet18, ...) or any timm model name",
+    )
     pretrained: bool = setting(False, "start from timm's pretrained weights (opt-in; needs them locally or network)")
     img_size: int | None = setting(
-        None, "input side for pad/resize (ViTs are built for it); null = the backbone's pretrained size", ge=8)
+        None, "input side for pad/resize (ViTs are built for it); null = the backbone's pretrained size", ge=8
+    )
     drop_rate: float = setting(0.0, "dropout before the heads", ge=0, lt=1)
-    init_from: str | None = setting(
-        None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
+    init_from: str | None = setting(None, "run folder or .pt: start from its backbone (and heads of shared datasets)")
     norm: str = setting(
-        "auto", "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
+        "auto",
+        "BatchNorm statistics: one set for all datasets (shared), each dataset its own running mean and "
         "variance (per_dataset_stats), also its own affine weights (per_dataset), or auto (per_dataset_stats for a "
         "BatchNorm backbone trained on 2+ datasets, else shared); the per-dataset settings need a BatchNorm backbone",
-        choices=("auto", "shared", "per_dataset_stats", "per_dataset"), recorded="shared")
+        choices=("auto", "shared", "per_dataset_stats", "per_dataset"),
+        recorded="shared",
+    )
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     replacement: bool = setting(
-        False, "false: every batch of every train split once per epoch (Algorithm 1); true: draw a task per step")
+        False, "false: every batch of every train split once per epoch (Algorithm 1); true: draw a task per step"
+    )
     alpha: float = setting(1.0, "with replacement: p(task) ~ |D|^alpha (1 proportional, 0 uniform)", ge=0, le=50)
     steps_per_epoch: int | None = setting(None, "null = the number of batches in all train splits", ge=1)
     last_batch: str = setting("keep", "the policy for a split's last partial batch", choices=("keep", "drop"))
     tasks_per_step: int | str = setting(
-        1, "datasets per step, each with a batch of train.batch_size: 1 (Algorithm 1), k distinct, or all",
-        check=_tasks_per_step_problem, allowed="1 to the number of datasets, or all")
+        1,
+        "datasets per step, each with a batch of train.batch_size: 1 (Algorithm 1), k distinct, or all",
+        check=_tasks_per_step_problem,
+        allowed="1 to the number of datasets, or all",
+    )
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    ordinal: str = setting("coral", "the loss of the ordinal-regression task (RetinaMNIST)",
-                           choices=("ce", "coral", "corn"))
-    weighting: str = setting("none", "how a step's losses become one backward pass (docs/multi-task-optimization.md)",
-                             choices=tuple(METHODS))
+    ordinal: str = setting(
+        "coral", "the loss of the ordinal-regression task (RetinaMNIST)", choices=("ce", "coral", "corn")
+    )
+    weighting: str = setting(
+        "none", "how a step's losses become one backward pass (docs/multi-task-optimization.md)", choices=tuple(METHODS)
+    )
     weighting_args: dict[str, float] = setting(
-        {}, "the weighting method's options, e.g. {temperature: 2}", allowed="a mapping of the method's options")
+        {}, "the weighting method's options, e.g. {temperature: 2}", allowed="a mapping of the method's options"
+    )
     weights: dict[str, float] = setting(
-        {}, "loss.weighting manual: one weight per trained dataset", allowed="a mapping of dataset to weight >= 0")
+        {}, "loss.weighting manual: one weight per trained dataset", allowed="a mapping of dataset to weight >= 0"
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = setting("adamw", "the optimizer of the backbone and of every head",
-                        allowed="any timm optimizer name (adamw, sgd, lamb, ...)")
+    name: str = setting(
+        "adamw",
+        "the optimizer of the backbone and of every head",
+        allowed="any timm optimizer name (adamw, sgd, lamb, ...)",
+    )
     lr: float = setting(1e-4, "backbone learning rate", gt=0, resume=True)
     head_lr: float | None = setting(None, "learning rate of the heads; null = optim.lr", gt=0, resume=True)
     weight_decay: float = setting(0.05, "weight decay (not on 1-D parameters)", ge=0)
     per_head: bool = setting(True, "false: one shared optimizer and schedule (thesis code, for ablation)")
-    schedule: str = setting("cosine", "learning-rate schedule, with linear warmup", choices=("cosine", "constant"),
-                            resume=True)
+    schedule: str = setting(
+        "cosine", "learning-rate schedule, with linear warmup", choices=("cosine", "constant"), resume=True
+    )
     warmup_epochs: float = setting(0.0, "in each parameter group's own updates per epoch", ge=0, resume=True)
     min_lr_ratio: float = setting(0.0, "the cosine schedule's final learning rate over its peak", ge=0, resume=True)
-    clip_grad_norm: float | None = setting(None, "clip the gradient norm to this; null = no clipping", gt=0,
-                                           resume=True)
+    clip_grad_norm: float | None = setting(
+        None, "clip the gradient norm to this; null = no clipping", gt=0, resume=True
+    )
 
 
 @dataclass(frozen=True)
@@ -152,17 +178,29 @@ class TrainConfig:
     epochs: int = setting(10, "passes of the epoch plan", ge=1, resume=True)
     batch_size: int = setting(64, "images per dataset in a step, over all processes (the global batch)", ge=1)
     seed: int = setting(0, "seed of every random choice (np.random.seed takes 0..2**32-1)", ge=0, le=2**32 - 1)
-    device: str = setting("auto", "auto: CUDA when present, else CPU", check=device_problem,
-                          allowed=DEVICE_NAMES.replace(", ", " | ").replace(" or ", " | "), resume=True)
-    precision: str = setting("fp32", "autocast precision; fp16 with a gradient scaler", choices=("fp32", "bf16", "fp16"))
+    device: str = setting(
+        "auto",
+        "auto: CUDA when present, else CPU",
+        check=device_problem,
+        allowed=DEVICE_NAMES.replace(", ", " | ").replace(" or ", " | "),
+        resume=True,
+    )
+    precision: str = setting(
+        "fp32", "autocast precision; fp16 with a gradient scaler", choices=("fp32", "bf16", "fp16")
+    )
     channels_last: bool = setting(False, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone")
-    patience: int | None = setting(None, "early stopping after this many epochs without improvement; null = off",
-                                   ge=1, resume=True)
-    monitor: str = setting("val_loss", "val_loss (unweighted mean over datasets, lower is better) or val_auc "
-                           "(mean, higher)", choices=("val_loss", "val_auc"))
-    log_every_steps: int = setting(20, "steps between loss reads, log lines and the non-finite check", ge=1,
-                                   resume=True)
+    patience: int | None = setting(
+        None, "early stopping after this many epochs without improvement; null = off", ge=1, resume=True
+    )
+    monitor: str = setting(
+        "val_loss",
+        "val_loss (unweighted mean over datasets, lower is better) or val_auc (mean, higher)",
+        choices=("val_loss", "val_auc"),
+    )
+    log_every_steps: int = setting(
+        20, "steps between loss reads, log lines and the non-finite check", ge=1, resume=True
+    )
     progress: bool = setting(True, "tqdm progress bar", resume=True)
 
 
@@ -171,16 +209,17 @@ class CheckpointConfig:
     every_steps: int = setting(0, "also write last.pt every N steps (0 = only at epoch end)", ge=0, resume=True)
     # a ViT-B/16 checkpoint with its AdamW state takes seconds to write, under 1% of 10 minutes
     every_minutes: float = setting(
-        10.0, "also write last.pt when this many minutes have passed since the last write (0 = off)", ge=0,
-        resume=True)
+        10.0, "also write last.pt when this many minutes have passed since the last write (0 = off)", ge=0, resume=True
+    )
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = setting("mmpt", "the run's name", check=_run_name_problem, resume=True)
     output: str | None = setting(None, "run folder; null = runs/{name}", resume=True)
-    determinism: bool = setting(True, "deterministic kernels and no TF32 (false: faster, not bitwise reproducible)",
-                                resume=True)
+    determinism: bool = setting(
+        True, "deterministic kernels and no TF32 (false: faster, not bitwise reproducible)", resume=True
+    )
     data: DataConfig = section(DataConfig, "where the data is and how it is read")
     input: InputConfig = section(InputConfig, "how a stored image becomes the model's input")
     model: ModelConfig = section(ModelConfig, "the backbone (the heads follow the datasets)")
@@ -222,7 +261,9 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def config_differences(old: Config, new: Config, may_differ: frozenset | set = frozenset()) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    old: Config, new: Config, may_differ: frozenset | set = frozenset()
+) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) for every declared key outside `may_differ` whose whole value differs.
 
     Mappings (loss.weighting_args, loss.weights) and lists are compared whole, as plain values.
@@ -317,8 +358,9 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[dict] | None = None, *,
-                recorded: bool = False) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[dict] | None = None, *, recorded: bool = False
+) -> Config:
     """Build a Config from defaults, an optional YAML file (with `base:` chaining) and override dicts.
 
     `recorded`: the file is a run's own config.yaml (--resume), read as `recorded_config` reads it.
@@ -343,7 +385,7 @@ def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise MmptError(f"config {path} has a cycle of 'base:' references; remove one")
-    return deep_merge(_read_with_base(base_path, seen + (base_path,)), data)
+    return deep_merge(_read_with_base(base_path, (*seen, base_path)), data)
 
 
 def from_dict(raw: dict) -> Config:
@@ -420,14 +462,18 @@ def _cross_checks(cfg: Config) -> list[str]:
     flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
     k = cfg.sampler.tasks_per_step
     if k != "all" and k > len(flags):
-        return problems + [
+        return [
+            *problems,
             f"sampler.tasks_per_step must be a whole number from 1 to the number of datasets ({len(flags)}) or all, "
-            f"got {k!r}"
+            f"got {k!r}",
         ]
     weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
     return problems + method_problems(
-        cfg.loss.weighting, dict(cfg.loss.weighting_args), tasks_per_step=k,
-        weights=weights, datasets=flags,
+        cfg.loss.weighting,
+        dict(cfg.loss.weighting_args),
+        tasks_per_step=k,
+        weights=weights,
+        datasets=flags,
     )
 
 
@@ -454,8 +500,12 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
         lambda: check_optimizer_name(cfg.optim.name),
         lambda: check_norm_weighting(cfg.model.norm, cfg.loss.weighting),
         lambda: check_weighting(  # e.g. an aggregator under DDP, or a missing solver
-            cfg.loss.weighting, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
-            world_size=world_size, datasets=list(cfg.data.datasets), weights=cfg.loss.weights,
+            cfg.loss.weighting,
+            cfg.loss.weighting_args,
+            tasks_per_step=cfg.sampler.tasks_per_step,
+            world_size=world_size,
+            datasets=list(cfg.data.datasets),
+            weights=cfg.loss.weights,
         ),
     ):
         try:

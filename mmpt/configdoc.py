@@ -89,8 +89,13 @@ def settings_markdown() -> str:
         "|---|---|---|---|---|",
     ]
     for key, k in SETTINGS.items():
-        cells = [f"`{key}`", allowed_text(key), f"`{_scalar(k.default)}`", "may change" if k.spec.resume else "fixed",
-                 k.spec.doc]
+        cells = [
+            f"`{key}`",
+            allowed_text(key),
+            f"`{_scalar(k.default)}`",
+            "may change" if k.spec.resume else "fixed",
+            k.spec.doc,
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -72,8 +72,10 @@ def resume_command(run_dir) -> str:
     launcher = f"torchrun --nproc-per-node {per_node} {target}"
     if nodes > 1:
         launcher = f"{launcher} on each of the {nodes} nodes, with the --nnodes and rendezvous options of this start"
-    return (f"continue with the same launcher: {launcher}; torchrun's own failure report that follows is "
-            "expected: this run stopped cleanly and is saved")
+    return (
+        f"continue with the same launcher: {launcher}; torchrun's own failure report that follows is "
+        "expected: this run stopped cleanly and is saved"
+    )
 
 
 def init(device_name: str) -> tuple[World, torch.device]:
@@ -112,8 +114,9 @@ def select_device(name: str) -> torch.device:
         raise MmptError(f"device is {name} but no CUDA device is visible; use cpu (--device cpu)")
     device = torch.device(name)
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise MmptError(f"device is {name} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                        "use cuda:0 or cuda")
+        raise MmptError(
+            f"device is {name} but only {torch.cuda.device_count()} CUDA device(s) are visible; use cuda:0 or cuda"
+        )
     return device
 
 

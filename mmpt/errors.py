@@ -26,8 +26,10 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> MmptError:
         hint = f"choose one of: {', '.join(known)}"
     else:
         # a long registry (timm's ~1,000 models) is not a line to read: point to a search of it instead
-        hint = (f"no close match among {len(known):,} names; search them, e.g. python -c \"import timm; "
-                f"print(timm.list_models('*{name[:4].lower()}*'))\"")
+        hint = (
+            f'no close match among {len(known):,} names; search them, e.g. python -c "import timm; '
+            f"print(timm.list_models('*{name[:4].lower()}*'))\""
+        )
     return MmptError(f"unknown {kind} '{name}'; {hint}")
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from mmpt import checkpoint as ckpt
 from mmpt.config import recorded_config
 from mmpt.data.store import evaluation_data, open_data
+from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.io import write_json
 from mmpt.model import build_model, build_transform
 from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
 from mmpt.plots import plot_loss_curves
+from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.report import format_table, read_history, write_metrics
-from mmpt.distributed import select_device
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import resolve_tasks
 
@@ -82,36 +82,65 @@ def evaluate_checkpoint(
     recalibrated = None
     if recalibrate_images is not None:
         if not has_batchnorm(model.backbone):
-            raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
-                            "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); evaluate without it")
+            raise MmptError(
+                f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
+                "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); evaluate without it"
+            )
         trained_norm = model.norm  # as applied (model.norm auto resolved), before recalibration splits it
-        used = recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, transform, torch_device,
-                           images=recalibrate_images, batch_size=cfg.data.eval_batch_size)
+        used = recalibrate(
+            model,
+            {f: d.splits["train"] for f, d in data.items()},
+            transform,
+            torch_device,
+            images=recalibrate_images,
+            batch_size=cfg.data.eval_batch_size,
+        )
         recalibrated = {
-            "from": trained_norm, "images_per_dataset": used, "images_requested": recalibrate_images,
-            "batch_size": cfg.data.eval_batch_size, "seed": RECALIBRATION_SEED, "split": "train",
+            "from": trained_norm,
+            "images_per_dataset": used,
+            "images_requested": recalibrate_images,
+            "batch_size": cfg.data.eval_batch_size,
+            "seed": RECALIBRATION_SEED,
+            "split": "train",
             "rule": "cumulative average (BatchNorm momentum=None) over near-equal batches, each normalised with its "
-                    "own statistics; no gradient, dropout off; affine weights unchanged",
+            "own statistics; no gradient, dropout off; affine weights unchanged",
         }
-        print("recalibrated BatchNorm statistics per dataset on its own train images: "
-              + ", ".join(f"{flag} {n:,}" for flag, n in used.items()))
-    loader = split_loader(data, split, torch_device, batch_size=cfg.data.eval_batch_size,
-                          num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
-    results = evaluate_all(model, loader, {f: d.task for f, d in data.items()}, losses, transform, torch_device,
-                           precision=cfg.train.precision)
+        print(
+            "recalibrated BatchNorm statistics per dataset on its own train images: "
+            + ", ".join(f"{flag} {n:,}" for flag, n in used.items())
+        )
+    loader = split_loader(
+        data,
+        split,
+        torch_device,
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+    )
+    results = evaluate_all(
+        model,
+        loader,
+        {f: d.task for f, d in data.items()},
+        losses,
+        transform,
+        torch_device,
+        precision=cfg.train.precision,
+    )
     table = metrics_table(results)
     try:
         write_metrics(output, table)
         if recalibrated is not None:
             write_json(output / "recalibration.json", recalibrated)
-        write_predictions(output / "predictions", results, cfg.data.resolution, split, run=cfg.name,
-                          data_root=str(cfg.data.root))
+        write_predictions(
+            output / "predictions", results, cfg.data.resolution, split, run=cfg.name, data_root=str(cfg.data.root)
+        )
         plot_confusions({t.flag: t for t in tasks}, results, output)
         history = checkpoint.parent.parent / "val_history.json"  # RUN/checkpoints/best.pt -> RUN/val_history.json
         if history.is_file():
             plot_loss_curves(read_history(history), output / "loss_curves.png")
     except OSError as exc:
-        raise MmptError(f"cannot write the results into {output} ({exc.strerror or exc}); pass --output DIR with a "
-                        "writable folder") from None
+        raise MmptError(
+            f"cannot write the results into {output} ({exc.strerror or exc}); pass --output DIR with a writable folder"
+        ) from None
     print(f"{split} metrics of {checkpoint}:\n{format_table(table)}\nwritten to {output}")
     return table

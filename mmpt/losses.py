@@ -35,7 +35,6 @@ class TaskLoss(Protocol):
         ...
 
 
-
 class CrossEntropyLoss:
     """Softmax cross-entropy over K logits (multi-class, binary with 2 logits, or ordinal as classes)."""
 
@@ -53,7 +52,6 @@ class CrossEntropyLoss:
         return logits.softmax(dim=-1)
 
 
-
 class MultiLabelBCELoss:
     """Binary cross-entropy with logits, averaged over the batch and all labels (ChestMNIST's 14)."""
 
@@ -68,7 +66,6 @@ class MultiLabelBCELoss:
 
     def scores(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()
-
 
 
 class CoralLoss:
@@ -91,7 +88,6 @@ class CoralLoss:
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid())
-
 
 
 class CornLoss:
@@ -121,7 +117,6 @@ class CornLoss:
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid().cumprod(dim=1))
-
 
 
 def class_probabilities(above: Tensor) -> Tensor:

@@ -48,9 +48,7 @@ def compute_metrics(
     """
     labels = np.asarray(labels).reshape(len(labels), -1)  # N×L
     scores = np.asarray(scores)
-    assert scores.ndim == 2 and len(scores) == len(labels), (
-        f"scores {scores.shape} do not match labels {labels.shape}"
-    )
+    assert scores.ndim == 2 and len(scores) == len(labels), f"scores {scores.shape} do not match labels {labels.shape}"
     with warnings.catch_warnings():
         # undefined values become NaN, as documented above, not console noise
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -64,9 +62,7 @@ def compute_metrics(
             return {name: sum(m[name] for m in per_label) / task.num_classes for name in per_label[0]}
         if task.task_type == BINARY:
             return _binary_metrics(labels[:, 0], scores[:, -1], names)
-        assert scores.shape[1] == task.num_classes, (
-            f"{task.flag} needs N×{task.num_classes} scores, got {scores.shape}"
-        )
+        assert scores.shape[1] == task.num_classes, f"{task.flag} needs N×{task.num_classes} scores, got {scores.shape}"
         metrics = _class_metrics(labels[:, 0], scores, names)
         if task.task_type == ORDINAL and (names is None or {"qwk", "mae"} & set(names)):
             true = labels[:, 0]

@@ -14,8 +14,16 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.errors import MmptError, lookup, unknown_name
 from mmpt.losses import TaskLoss, build_loss
 from mmpt.norm import (
-    NormLayout, check_norm, convert_norms, describe_init_rule, has_batchnorm, norm_layer_prefixes, resolve_norm,
-    saved_norm, task_norms, transfer_norm_state,
+    NormLayout,
+    check_norm,
+    convert_norms,
+    describe_init_rule,
+    has_batchnorm,
+    norm_layer_prefixes,
+    resolve_norm,
+    saved_norm,
+    task_norms,
+    transfer_norm_state,
 )
 from mmpt.tasks import TaskSpec, resolve_tasks
 
@@ -125,8 +133,12 @@ class MultiTaskNet(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, heads: dict[str, nn.Module], input_size: int | None = None,
-        norm: str = "shared", norm_tasks: tuple[str, ...] | None = None,
+        self,
+        backbone: nn.Module,
+        heads: dict[str, nn.Module],
+        input_size: int | None = None,
+        norm: str = "shared",
+        norm_tasks: tuple[str, ...] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -169,8 +181,9 @@ class MultiTaskNet(nn.Module):
         """The per-dataset affine parameters of `tasks` (model.norm per_dataset; else none)."""
         if self.norm != "per_dataset":
             return []
-        return [p for task in tasks for _, m in task_norms(self.backbone)
-                for p in m.task_parameters(self._norm_index[task])]
+        return [
+            p for task in tasks for _, m in task_norms(self.backbone) for p in m.task_parameters(self._norm_index[task])
+        ]
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         self.set_norm_layout([(task, len(x))])
@@ -182,7 +195,9 @@ class MultiTaskNet(nn.Module):
         norm, through `task`'s statistics (and affine weights)."""
         if self.per_dataset_norm:
             if task is None:
-                raise MmptError("this backbone normalises each dataset with its own statistics: features need a dataset")
+                raise MmptError(
+                    "this backbone normalises each dataset with its own statistics: features need a dataset"
+                )
             self.set_norm_layout([(task, len(x))])
         return self.backbone(x)
 
@@ -196,8 +211,11 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
     """The backbone with one head per task, each head sized by its task's loss; and those losses."""
     losses = {t.flag: build_loss(t, ordinal=cfg.loss.ordinal) for t in tasks}
     backbone = create_backbone(
-        cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
-        drop_rate=cfg.model.drop_rate, dynamic_img_size=cfg.input.mode == "native",
+        cfg.model.backbone,
+        pretrained=cfg.model.pretrained,
+        img_size=cfg.model.img_size,
+        drop_rate=cfg.model.drop_rate,
+        dynamic_img_size=cfg.input.mode == "native",
     )
     heads = {
         t.flag: build_head(losses[t.flag].head, backbone.num_features, losses[t.flag].num_outputs, t.num_classes)
@@ -207,8 +225,9 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
     model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
     check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg.model.backbone)
     # converted after the size check, which runs the plain backbone: the per-dataset layers start from its values
-    model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size, norm=cfg.model.norm,
-                         norm_tasks=tuple(t.flag for t in tasks))
+    model = MultiTaskNet(
+        backbone, heads, input_size=cfg.model.img_size, norm=cfg.model.norm, norm_tasks=tuple(t.flag for t in tasks)
+    )
     return model, losses
 
 
@@ -235,8 +254,13 @@ def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:
     """On-device preprocessing to the model's input size with the backbone's mean/std."""
     mean, std = model.mean_std
     return DeviceTransform(
-        input_size=model.input_size, mode=cfg.input.mode, mean=mean, std=std, pad_value=cfg.input.pad_value,
-        interpolation=cfg.input.interpolation, augment=cfg.input.augment,
+        input_size=model.input_size,
+        mode=cfg.input.mode,
+        mean=mean,
+        std=std,
+        pad_value=cfg.input.pad_value,
+        interpolation=cfg.input.interpolation,
+        augment=cfg.input.augment,
     )
 
 
@@ -278,8 +302,11 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
     # another resolution or input.mode is refused even where the weights would fit (a padded or native
     # backbone): fine-tuning on other input is another experiment, not mm-PFT as the recipe states it
-    if theirs != ours or model_input_size(saved) != model_input_size(cfg) or (
-        saved.data.resolution, saved.input.mode) != (cfg.data.resolution, cfg.input.mode):
+    if (
+        theirs != ours
+        or model_input_size(saved) != model_input_size(cfg)
+        or (saved.data.resolution, saved.input.mode) != (cfg.data.resolution, cfg.input.mode)
+    ):
         raise MmptError(
             f"model.init_from {path} holds a {theirs} backbone trained on {saved.data.resolution} px images "
             f"(input.mode {saved.input.mode}, model input {model_input_size(saved)}), but this run builds {ours} for "
@@ -327,17 +354,21 @@ def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     _, state = load_weights_source(source)
     cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(
-        cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native",
+        cfg.model.backbone,
+        img_size=cfg.model.img_size,
+        dynamic_img_size=cfg.input.mode == "native",
     )
     weights = {k.removeprefix("backbone."): v for k, v in state[ckpt.MODEL].items() if k.startswith("backbone.")}
-    model = MultiTaskNet(backbone, {}, input_size=cfg.model.img_size, norm=cfg.model.norm,
-                         norm_tasks=tuple(cfg.data.datasets))
+    model = MultiTaskNet(
+        backbone, {}, input_size=cfg.model.img_size, norm=cfg.model.norm, norm_tasks=tuple(cfg.data.datasets)
+    )
     backbone.load_state_dict(weights)
     return model, cfg
 
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
-    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per channel."""
+    """Raise MmptError if `model` has BatchNorm layers and `batch_size` is 1: BatchNorm trains on 2+ values per
+    channel."""
     if batch_size < 2 and has_batchnorm(model):  # per-dataset BatchNorm layers (model.norm) included
         raise MmptError(
             "train.batch_size is 1, but the backbone has BatchNorm layers, which cannot train on one image; "

@@ -73,7 +73,8 @@ class TaskBatchNorm(nn.Module):
         self.per_task_affine = per_task_affine and source.affine
         if self.per_task_affine:
             self.task_weight = nn.ParameterList(
-                [nn.Parameter(source.weight.detach().clone()) for _ in range(num_tasks)])
+                [nn.Parameter(source.weight.detach().clone()) for _ in range(num_tasks)]
+            )
             self.task_bias = nn.ParameterList([nn.Parameter(source.bias.detach().clone()) for _ in range(num_tasks)])
             self.weight, self.bias = None, None
         else:
@@ -106,8 +107,10 @@ class TaskBatchNorm(nn.Module):
         return [self.task_weight[t], self.task_bias[t]] if self.per_task_affine else []
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, tasks={self.running_mean.shape[0]}, eps={self.eps}, momentum={self.momentum}, "
-                f"per_task_affine={self.per_task_affine}")
+        return (
+            f"{self.num_features}, tasks={self.running_mean.shape[0]}, eps={self.eps}, momentum={self.momentum}, "
+            f"per_task_affine={self.per_task_affine}"
+        )
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -145,11 +148,17 @@ def task_norms(module: nn.Module) -> list[tuple[str, TaskBatchNorm]]:
 def task_parameter_names(module: nn.Module) -> list[str]:
     """Names (within `module`) of the per-dataset affine parameters: DDP leaves them out (not every dataset is in
     every step) and the step averages their gradients itself, as it does the heads'."""
-    return [f"{name}.{kind}.{i}" for name, m in task_norms(module) if m.per_task_affine
-            for kind in ("task_weight", "task_bias") for i in range(len(m.task_weight))]
+    return [
+        f"{name}.{kind}.{i}"
+        for name, m in task_norms(module)
+        if m.per_task_affine
+        for kind in ("task_weight", "task_bias")
+        for i in range(len(m.task_weight))
+    ]
 
 
 # --- moving statistics between checkpoints of different norm settings (--init-from) -----------------------------
+
 
 def _layer_rows(weights: dict[str, Tensor], prefix: str, num_source: int) -> list[dict[str, Tensor]]:
     """One {mean, var, weight, bias} per source dataset of the norm layer at `prefix` (a shared layer: one row,
@@ -185,7 +194,10 @@ def norm_layer_prefixes(backbone: nn.Module) -> list[str]:
 
 
 def transfer_norm_state(
-    backbone: nn.Module, weights: dict[str, Tensor], source_tasks: Sequence[str], target_tasks: Sequence[str],
+    backbone: nn.Module,
+    weights: dict[str, Tensor],
+    source_tasks: Sequence[str],
+    target_tasks: Sequence[str],
     train_sizes: dict[str, int],
 ) -> dict[str, Tensor]:
     """The norm entries of `backbone`'s state dict, filled from a source backbone's `weights` whose norm layers may
@@ -206,10 +218,10 @@ def transfer_norm_state(
         if mean is None or (num_source > 1 and num_source != len(source_tasks)):
             raise MmptError(f"the source checkpoint has no BatchNorm statistics at {prefix}running_mean that fit")
         rows = _layer_rows(weights, prefix, num_source)
-        source = list(source_tasks) if num_source > 1 else ["*"]
+        source = list(source_tasks) if num_source > 1 else None
 
-        def pick(group: Sequence[str]) -> dict[str, Tensor]:
-            if source == ["*"]:
+        def pick(group: Sequence[str], rows=rows, source=source) -> dict[str, Tensor]:
+            if source is None:  # a shared source layer: its one set for every group
                 return rows[0]
             seen = [s for s in group if s in source] or source
             return _mixture([rows[source.index(s)] for s in seen], [train_sizes[s] for s in seen])
@@ -240,8 +252,10 @@ def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str],
     """One line for the start of a run initialised from another: where each dataset's statistics come from."""
     source_tasks, target_tasks = list(source_tasks), list(target_tasks)
     if source_norm == "shared":
-        return (f"normalization: the source's shared BatchNorm statistics{' and weights' if norm != 'shared' else ''}"
-                f"{' copied to every dataset' if norm != 'shared' else ''}")
+        return (
+            f"normalization: the source's shared BatchNorm statistics{' and weights' if norm != 'shared' else ''}"
+            f"{' copied to every dataset' if norm != 'shared' else ''}"
+        )
     unseen = [t for t in target_tasks if t not in source_tasks]
     if norm == "shared":
         seen = [t for t in target_tasks if t in source_tasks]
@@ -249,8 +263,10 @@ def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str],
         return f"normalization: shared statistics from the train-size-weighted mixture of the source's {named}"
     line = "normalization: each dataset starts from its own statistics in the source"
     if unseen:
-        line += (f"; {', '.join(unseen)}, not in the source, from the train-size-weighted mixture of all "
-                 f"{len(source_tasks)} source datasets")
+        line += (
+            f"; {', '.join(unseen)}, not in the source, from the train-size-weighted mixture of all "
+            f"{len(source_tasks)} source datasets"
+        )
     return line
 
 
@@ -290,8 +306,9 @@ def recalibration_indices(train_size: int, images: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def recalibrate(model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES,
-                batch_size: int = 256) -> dict[str, int]:
+def recalibrate(
+    model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES, batch_size: int = 256
+) -> dict[str, int]:
     """Re-estimate, for each dataset of `splits` (flag -> its train SplitData), every BatchNorm layer's statistics of
     `model` from that dataset's own training images; return the images used per dataset.
 

@@ -75,9 +75,7 @@ class Optimizers:
     def _params(self, names: tuple[str, ...]) -> list[torch.Tensor]:
         # built once per set of optimizers, not per step
         if names not in self._param_cache:
-            self._param_cache[names] = [
-                p for n in names for g in self.optimizers[n].param_groups for p in g["params"]
-            ]
+            self._param_cache[names] = [p for n in names for g in self.optimizers[n].param_groups for p in g["params"]]
         return self._param_cache[names]
 
     def zero_grad(self, tasks: tuple[str, ...] | None = None) -> None:

@@ -84,7 +84,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(flags):]:
+    for ax in list(axes.flat)[len(flags) :]:
         ax.axis("off")
     return _save(fig, path)
 
@@ -111,9 +111,16 @@ def plot_confusion(matrices: dict[str, np.ndarray], names: dict[str, list[str]],
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
-                        color="white" if matrix[i, j] > threshold else "black")
-    for ax in list(axes.flat)[len(matrices):]:
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if matrix[i, j] > threshold else "black",
+                )
+    for ax in list(axes.flat)[len(matrices) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
@@ -135,8 +142,7 @@ def plot_grouped_bars(
     for i, run in enumerate(runs):
         v = np.array([values[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
         errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, v[:, 0], width, yerr=np.nan_to_num(errors),
-               capsize=2, label=run)
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, v[:, 0], width, yerr=np.nan_to_num(errors), capsize=2, label=run)
     finite = [val for per in values.values() for t in per.values() for val in t if np.isfinite(val)]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05) if max(finite) <= 1 else None)
@@ -164,8 +170,9 @@ def plot_differences(
     for i, run in enumerate(runs):
         v = np.array([diffs[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
         errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
-        ax.errorbar(v[:, 0], y + (i - (len(runs) - 1) / 2) * step, xerr=np.nan_to_num(errors), fmt="o",
-                    capsize=3, label=run)
+        ax.errorbar(
+            v[:, 0], y + (i - (len(runs) - 1) / 2) * step, xerr=np.nan_to_num(errors), fmt="o", capsize=3, label=run
+        )
     ax.axvline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(y, [d.removesuffix("mnist") for d in datasets], fontsize=8)
     ax.invert_yaxis()

@@ -34,13 +34,23 @@ class TaskResult:
 
 
 def split_loader(
-    data: dict[str, TaskData], split: str, device: torch.device, *, batch_size: int = 256, num_workers: int = 0,
-    pin_memory: bool = True, world: World = SINGLE,
+    data: dict[str, TaskData],
+    split: str,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    pin_memory: bool = True,
+    world: World = SINGLE,
 ):
     """The `eval_loader` over one split of every task in `data`, this rank's shards."""
     return eval_loader(
-        {flag: task_data.splits[split] for flag, task_data in data.items()}, batch_size, num_workers=num_workers,
-        pin_memory=pin_memory and device.type == "cuda", rank=world.rank, world_size=world.world_size,
+        {flag: task_data.splits[split] for flag, task_data in data.items()},
+        batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory and device.type == "cuda",
+        rank=world.rank,
+        world_size=world.world_size,
     )
 
 
@@ -103,7 +113,7 @@ def _result(
 def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:
     """dataset -> metric -> value, plus a "mean" entry (the unweighted mean over datasets)."""
     table = {flag: dict(result.metrics) for flag, result in results.items()}
-    table["mean"] = mean_metrics({flag: m for flag, m in table.items()})
+    table["mean"] = mean_metrics(dict(table.items()))
     return table
 
 
@@ -114,7 +124,11 @@ def labels_digest(labels: np.ndarray) -> str:
 
 
 def write_predictions(
-    folder: Path, results: dict[str, TaskResult], resolution: int, split: str, run: str,
+    folder: Path,
+    results: dict[str, TaskResult],
+    resolution: int,
+    split: str,
+    run: str,
     data_root: str | None = None,
 ) -> list[Path]:
     """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
@@ -130,10 +144,16 @@ def write_predictions(
         write_text(path, pd.DataFrame(result.scores).to_csv(header=None))
         paths.append(path)
     record = {
-        "resolution": resolution, "split": split, "run": run, "data_root": data_root,
+        "resolution": resolution,
+        "split": split,
+        "run": run,
+        "data_root": data_root,
         "datasets": {
-            flag: {"images": len(result.labels), "labels_sha256": labels_digest(result.labels),
-                   "grade_rule": result.grade_rule}
+            flag: {
+                "images": len(result.labels),
+                "labels_sha256": labels_digest(result.labels),
+                "grade_rule": result.grade_rule,
+            }
             for flag, result in results.items()
         },
     }
@@ -141,7 +161,9 @@ def write_predictions(
     return paths
 
 
-def confusion_matrices(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> dict[str, tuple[np.ndarray, list[str]]]:
+def confusion_matrices(
+    task: TaskSpec, labels: np.ndarray, scores: np.ndarray
+) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Panel -> (K×K counts, class names), on the predictions the metrics use (threshold 0.5 or argmax).
 
     One panel per dataset; one 2×2 panel per label for multi-label tasks (ChestMNIST).
@@ -167,6 +189,12 @@ def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResu
     paths = []
     for flag, result in results.items():
         panels = confusion_matrices(data_tasks[flag], result.labels, result.scores)
-        paths.append(plot_confusion({p: m for p, (m, _) in panels.items()}, {p: n for p, (_, n) in panels.items()},
-                                    folder / f"confusion_{flag}.png", f"{flag}: confusion matrix"))
+        paths.append(
+            plot_confusion(
+                {p: m for p, (m, _) in panels.items()},
+                {p: n for p, (_, n) in panels.items()},
+                folder / f"confusion_{flag}.png",
+                f"{flag}: confusion matrix",
+            )
+        )
     return paths

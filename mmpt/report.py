@@ -47,7 +47,9 @@ def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = 
     json_path, csv_path, md_path = (folder / f"{stem}.{ext}" for ext in ("json", "csv", "md"))
     write_json(json_path, table)
     columns = _columns(table)
-    write_csv(csv_path, [["dataset", *columns], *([name, *(row.get(c, "") for c in columns)] for name, row in table.items())])
+    write_csv(
+        csv_path, [["dataset", *columns], *([name, *(row.get(c, "") for c in columns)] for name, row in table.items())]
+    )
     write_text(md_path, format_markdown(table))
     return [json_path, csv_path, md_path]
 

@@ -23,8 +23,19 @@ DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluat
 
 # What mmpt writes in a run folder, by name: --overwrite removes these and nothing else.
 OUTPUT_FILES = (
-    "config.yaml", "env.json", "summary.json", "val_history.json", "metrics.json", "metrics.csv", "metrics.md",
-    "val_auc.png", "loss_curves.png", "compare.json", "compare.csv", "compare.md", "compare_auc.png",
+    "config.yaml",
+    "env.json",
+    "summary.json",
+    "val_history.json",
+    "metrics.json",
+    "metrics.csv",
+    "metrics.md",
+    "val_auc.png",
+    "loss_curves.png",
+    "compare.json",
+    "compare.csv",
+    "compare.md",
+    "compare_auc.png",
     "compare_diff.png",
 )
 OUTPUT_PATTERNS = (
@@ -165,8 +176,9 @@ def _remove_outputs(run_dir: Path) -> list[str]:
                     kept.append(str(split.relative_to(run_dir) / "predictions"))
             if not any(path.iterdir()):
                 path.rmdir()
-        elif (name in OUTPUT_FILES or any(p.fullmatch(name) for p in OUTPUT_PATTERNS)) and (
-            path.is_symlink() or not path.is_dir()
+        elif (
+            (name in OUTPUT_FILES or any(p.fullmatch(name) for p in OUTPUT_PATTERNS))
+            and (path.is_symlink() or not path.is_dir())
         ) or (name == "eval" and path.is_symlink()):
             path.unlink()
         else:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 CUBLAS_WORKSPACE = ":4096:8"
 
 
@@ -27,7 +26,10 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
     """
     if deterministic:
         if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") is None:
-            warnings.warn("CUDA was initialised before mmpt set CUBLAS_WORKSPACE_CONFIG; cuBLAS may not be deterministic")
+            warnings.warn(
+                "CUDA was initialised before mmpt set CUBLAS_WORKSPACE_CONFIG; cuBLAS may not be deterministic",
+                stacklevel=2,
+            )
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
@@ -105,7 +107,7 @@ class StopSignal:
         self.received: str | None = None
         self._previous = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -36,11 +36,25 @@ class Setting:
     recorded: Any = None
 
 
-def setting(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            lt: float | None = None, **spec: Any) -> Any:
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    **spec: Any,
+) -> Any:
     """A dataclass field with its declaration (see Setting); ge/gt/le/lt are inclusive/exclusive bounds."""
-    meta = Setting(doc, low=gt if gt is not None else ge, low_open=gt is not None,
-                   high=lt if lt is not None else le, high_open=lt is not None, **spec)
+    meta = Setting(
+        doc,
+        low=gt if gt is not None else ge,
+        low_open=gt is not None,
+        high=lt if lt is not None else le,
+        high_open=lt is not None,
+        **spec,
+    )
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"setting": meta})
     return field(default=default, metadata={"setting": meta})

@@ -26,9 +26,9 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
+from mmpt.mtl import MethodState, build_weighting
 from mmpt.norm import task_parameter_names
 from mmpt.optim import Optimizers, build_optimizers
-from mmpt.mtl import MethodState, build_weighting
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,7 +84,9 @@ class TrainStep:
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model.backbone, ignored)
             # DDP's default keeps rank 0's buffers (BatchNorm statistics, per dataset ones too) on every rank at each
             # forward, so every rank holds the same per-dataset statistics
-            self.backbone = DistributedDataParallel(model.backbone, device_ids=[device] if device.type == "cuda" else None)
+            self.backbone = DistributedDataParallel(
+                model.backbone, device_ids=[device] if device.type == "cuda" else None
+            )
         if compile:
             self.backbone = torch.compile(self.backbone)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -168,7 +170,11 @@ class TrainStep:
 
 
 def build_step(
-    cfg: Config, model: MultiTaskNet, losses: dict[str, TaskLoss], sampler: Sampler, device: torch.device,
+    cfg: Config,
+    model: MultiTaskNet,
+    losses: dict[str, TaskLoss],
+    sampler: Sampler,
+    device: torch.device,
     world: World = SINGLE,
 ) -> TrainStep:
     """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
@@ -178,16 +184,37 @@ def build_step(
     """
     updates_per_epoch, steps_per_epoch = sampler.updates_per_task, sampler.steps
     optimizers = build_optimizers(
-        model.backbone, dict(model.heads), updates_per_epoch, epochs=cfg.train.epochs,
-        fused=device.type == "cuda", steps_per_epoch=steps_per_epoch, **dataclasses.asdict(cfg.optim),
+        model.backbone,
+        dict(model.heads),
+        updates_per_epoch,
+        epochs=cfg.train.epochs,
+        fused=device.type == "cuda",
+        steps_per_epoch=steps_per_epoch,
+        **dataclasses.asdict(cfg.optim),
     )
     weighting = build_weighting(
-        cfg.loss.weighting, sampler.sizes, cfg.loss.weighting_args, tasks_per_step=cfg.sampler.tasks_per_step,
-        world_size=world.world_size, device=device, lr=cfg.optim.lr, seed=cfg.train.seed,
-        steps_per_epoch=steps_per_epoch, shared_params=model.backbone.parameters(), weights=cfg.loss.weights,
+        cfg.loss.weighting,
+        sampler.sizes,
+        cfg.loss.weighting_args,
+        tasks_per_step=cfg.sampler.tasks_per_step,
+        world_size=world.world_size,
+        device=device,
+        lr=cfg.optim.lr,
+        seed=cfg.train.seed,
+        steps_per_epoch=steps_per_epoch,
+        shared_params=model.backbone.parameters(),
+        weights=cfg.loss.weights,
     )
     return TrainStep(
-        model, losses, optimizers, weighting, build_transform(cfg, model), device=device, world=world,
-        precision=cfg.train.precision, seed=cfg.train.seed, channels_last=cfg.train.channels_last,
+        model,
+        losses,
+        optimizers,
+        weighting,
+        build_transform(cfg, model),
+        device=device,
+        world=world,
+        precision=cfg.train.precision,
+        seed=cfg.train.seed,
+        channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
     )

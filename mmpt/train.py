@@ -20,10 +20,10 @@ from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
 from mmpt.data.store import cache_location, open_data
 from mmpt.distributed import agree_on_errors, broadcast_buffers
-from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.io import write_json, write_text
 from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial_weights
 from mmpt.plots import plot_history, plot_loss_curves
+from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.report import format_table, write_metrics
 from mmpt.rundir import lock_run_dir, prepare_run_dir
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
@@ -70,30 +70,50 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
         keep = f"before-resume-at-step{progress.step}" if saved is not None else None
         write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
-        write_json(run_dir / "env.json", {**environment(device, cfg.determinism), "world_size": world.world_size},
-                   keep_previous_as=keep)
-        print(describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir)))
+        write_json(
+            run_dir / "env.json",
+            {**environment(device, cfg.determinism), "world_size": world.world_size},
+            keep_previous_as=keep,
+        )
+        print(
+            describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir))
+        )
         if saved is not None:
             print(resumed_line(saved[ckpt.PROGRESS], world))
 
     log = Log(run_dir, world, steps_done=progress.step)
     specs = {flag: task_data.task for flag, task_data in data.items()}
-    loader_kwargs = dict(batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                         pin_memory=cfg.data.pin_memory, world=world)
+    loader_kwargs = dict(
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        world=world,
+    )
     val_loader = split_loader(data, "val", device, **loader_kwargs)  # built once: its workers persist
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:
                 break
             loader = plan_loader(
-                {f: d.splits["train"] for f, d in data.items()}, sampler.plan(epoch), start=progress.position,
-                num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=epoch,
-                rank=world.rank, world_size=world.world_size,
+                {f: d.splits["train"] for f, d in data.items()},
+                sampler.plan(epoch),
+                start=progress.position,
+                num_workers=cfg.data.num_workers,
+                pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                prefetch_factor=cfg.data.prefetch_factor,
+                seed=cfg.train.seed,
+                epoch=epoch,
+                rank=world.rank,
+                world_size=world.world_size,
             )
             model.train()
-            bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       disable=not (cfg.train.progress and world.is_main), dynamic_ncols=True)
+            bar = tqdm(
+                loader,
+                total=len(loader),
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                disable=not (cfg.train.progress and world.is_main),
+                dynamic_ncols=True,
+            )
             for parts in bar:
                 step(parts, progress.step)
                 state.advance()
@@ -113,8 +133,19 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             # validation on every dataset, then early stopping on the monitored metric
             try:
                 broadcast_buffers(world, model)
-                val = metrics_table(evaluate_all(model, val_loader, specs, losses, step.transform, device,
-                                                 precision=cfg.train.precision, world=world, stop=stop))
+                val = metrics_table(
+                    evaluate_all(
+                        model,
+                        val_loader,
+                        specs,
+                        losses,
+                        step.transform,
+                        device,
+                        precision=cfg.train.precision,
+                        world=world,
+                        stop=stop,
+                    )
+                )
             except Interrupted:
                 state.save()  # the epoch's steps are kept; its validation runs again on resume
                 raise state.stopped(stop.received, "validation") from None
@@ -137,8 +168,16 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
 
 
 def test_report(
-    cfg: Config, model: MultiTaskNet, loader, specs: dict, losses: dict, step: TrainStep,
-    device, progress: Progress, stop: StopSignal, started: float,
+    cfg: Config,
+    model: MultiTaskNet,
+    loader,
+    specs: dict,
+    losses: dict,
+    step: TrainStep,
+    device,
+    progress: Progress,
+    stop: StopSignal,
+    started: float,
 ) -> dict[str, dict[str, float]]:
     """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
     world = step.world
@@ -147,27 +186,40 @@ def test_report(
     # every rank's digest: a check, recorded in summary.json, that the replicas ended identical
     rank_digests = distributed.gather_objects(world, final_digest)
     # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
-    best = distributed.broadcast_object(world, ckpt.load(run_dir / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
-                                        if world.is_main else None)
+    best = distributed.broadcast_object(
+        world, ckpt.load(run_dir / "checkpoints" / ckpt.BEST)[ckpt.MODEL] if world.is_main else None
+    )
     model.load_state_dict(best)
-    results: dict[str, TaskResult] = evaluate_all(model, loader, specs, losses, step.transform, device,
-                                                  precision=cfg.train.precision, world=world, stop=stop)
+    results: dict[str, TaskResult] = evaluate_all(
+        model, loader, specs, losses, step.transform, device, precision=cfg.train.precision, world=world, stop=stop
+    )
     table = metrics_table(results)
     if world.is_main:
         write_metrics(run_dir, table)
-        write_predictions(run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name,
-                          data_root=str(cfg.data.root))
+        write_predictions(
+            run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name, data_root=str(cfg.data.root)
+        )
         plot_history(progress.history, run_dir / "val_auc.png")
         plot_loss_curves(progress.history, run_dir / "loss_curves.png")
-        write_json(run_dir / "summary.json", {
-            "final_digest": final_digest, "best_digest": ckpt.state_digest(best),
-            "best_epoch": progress.best_epoch, "epochs": progress.epoch, "steps": progress.step,
-            "monitor": cfg.train.monitor, "best_metric": progress.best_metric, "weighting": cfg.loss.weighting,
-            "weighting_args": dict(cfg.loss.weighting_args), "tasks_per_step": cfg.sampler.tasks_per_step,
-            "world_size": world.world_size, "rank_digests": rank_digests, "precision": cfg.train.precision,
-            "test_mean": table["mean"], "wall_time_s": round(time.time() - started, 1),
-        })
+        write_json(
+            run_dir / "summary.json",
+            {
+                "final_digest": final_digest,
+                "best_digest": ckpt.state_digest(best),
+                "best_epoch": progress.best_epoch,
+                "epochs": progress.epoch,
+                "steps": progress.step,
+                "monitor": cfg.train.monitor,
+                "best_metric": progress.best_metric,
+                "weighting": cfg.loss.weighting,
+                "weighting_args": dict(cfg.loss.weighting_args),
+                "tasks_per_step": cfg.sampler.tasks_per_step,
+                "world_size": world.world_size,
+                "rank_digests": rank_digests,
+                "precision": cfg.train.precision,
+                "test_mean": table["mean"],
+                "wall_time_s": round(time.time() - started, 1),
+            },
+        )
         print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")
     return table
-
-

@@ -78,8 +78,10 @@ class Log:
         for name, row in val.items():
             for metric, value in row.items():
                 self.writer.add_scalar(f"val/{name}/{metric}", value, epoch)
-        print(f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
-              + ("  (best)" if improved else ""))
+        print(
+            f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
+            + ("  (best)" if improved else "")
+        )
 
     def close(self) -> None:
         if self.writer is not None:
@@ -92,25 +94,38 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
     exposure = sampler.exposure(cfg.train.epochs)
-    lines += [f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch  "
-              f"{exposure[t][0]:>6.1%} of steps  {exposure[t][1]:>7.2f} passes over its images in the run"
-              for t in sorted(sizes)]
+    lines += [
+        f"  {t:<{width}} {sizes[t]:>9,} train images  {batches[t]:>8,.0f} batches/epoch  "
+        f"{exposure[t][0]:>6.1%} of steps  {exposure[t][1]:>7.2f} passes over its images in the run"
+        for t in sorted(sizes)
+    ]
     if cfg.sampler.replacement or cfg.sampler.steps_per_epoch:
-        why = ("sampling with replacement" + (f", alpha {cfg.sampler.alpha:g}" if cfg.sampler.alpha != 1 else "")
-               + ("; with several datasets per step, epoch 0's plan" if sampler.grouped else "")
-               if cfg.sampler.replacement else "a truncated or repeated pass (sampler.steps_per_epoch)")
+        why = (
+            "sampling with replacement"
+            + (f", alpha {cfg.sampler.alpha:g}" if cfg.sampler.alpha != 1 else "")
+            + ("; with several datasets per step, epoch 0's plan" if sampler.grouped else "")
+            if cfg.sampler.replacement
+            else "a truncated or repeated pass (sampler.steps_per_epoch)"
+        )
         lines.append(f"  (batches, shares and passes are expected values: {why})")
     per_rank = f", about {cfg.train.batch_size / world.world_size:g} per process" if world.distributed else ""
     per_step = "" if not sampler.grouped else f" per dataset, {cfg.sampler.tasks_per_step} datasets per step"
-    lines.append(f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
-                 f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs")
-    lines.append(f"loss weighting: {cfg.loss.weighting}"
-                 + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else ""))
+    lines.append(
+        f"{len(sizes)} datasets, {sum(sizes.values()):,} train images, {steps:,} "
+        f"steps per epoch, batch {cfg.train.batch_size} (global{per_rank}){per_step}, {cfg.train.epochs} epochs"
+    )
+    lines.append(
+        f"loss weighting: {cfg.loss.weighting}"
+        + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else "")
+    )
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
     if has_batchnorm(model.backbone):
         lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
-    lines.append(f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
-                 + ("   channels_last" if cfg.train.channels_last else "") + ("   compiled" if cfg.train.compile else ""))
+    lines.append(
+        f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
+        + ("   channels_last" if cfg.train.channels_last else "")
+        + ("   compiled" if cfg.train.compile else "")
+    )
     return "\n".join(lines)
 
 
@@ -127,6 +142,8 @@ def resumed_line(saved: dict, world: World) -> str:
     line = f"resumed at epoch {saved['epoch']}, step {saved['step']}"
     before = saved.get("world_size", 1)
     if before != world.world_size:
-        line += (f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
-                 "unchanged, so the run continues with the same plan (results differ only by rounding)")
+        line += (
+            f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
+            "unchanged, so the run continues with the same plan (results differ only by rounding)"
+        )
     return line

@@ -22,6 +22,7 @@ from mmpt.distributed import World, any_rank
 from mmpt.errors import MmptError
 from mmpt.step import TrainStep
 
+
 @dataclass
 class Progress:
     """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
@@ -53,9 +54,7 @@ class Due:
 class TrainingState:
     """Progress, early stopping, the checkpoint's layout and cadence of one run (rank 0 writes the files)."""
 
-    def __init__(
-        self, cfg: Config, world: World, model: nn.Module, step: TrainStep, data: dict[str, TaskData]
-    ) -> None:
+    def __init__(self, cfg: Config, world: World, model: nn.Module, step: TrainStep, data: dict[str, TaskData]) -> None:
         self.cfg, self.world, self.model, self.step = cfg, world, model, step
         self.data_identity = data_identity(data)
         self.progress = Progress(world_size=world.world_size)
@@ -68,10 +67,14 @@ class TrainingState:
     def state_dict(self) -> dict:
         """The checkpoint's layout: every key a resumed run reads back."""
         return {
-            ckpt.MODEL: self.model.state_dict(), ckpt.OPTIMIZERS: self.step.optimizers.state_dict(),
-            ckpt.WEIGHTING: self.step.weighting.state_dict(), ckpt.STEP: self.step.state_dict(),
-            ckpt.PROGRESS: dataclasses.asdict(self.progress), ckpt.RNG: ckpt.rng_state(),
-            ckpt.CONFIG: to_dict(self.cfg), ckpt.DATA: self.data_identity,
+            ckpt.MODEL: self.model.state_dict(),
+            ckpt.OPTIMIZERS: self.step.optimizers.state_dict(),
+            ckpt.WEIGHTING: self.step.weighting.state_dict(),
+            ckpt.STEP: self.step.state_dict(),
+            ckpt.PROGRESS: dataclasses.asdict(self.progress),
+            ckpt.RNG: ckpt.rng_state(),
+            ckpt.CONFIG: to_dict(self.cfg),
+            ckpt.DATA: self.data_identity,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -124,18 +127,29 @@ class TrainingState:
         best = progress.best_metric
         improved = best is None or (monitored > best if higher_is_better else monitored < best)
         progress.epoch, progress.position = epoch + 1, 0
-        progress.history.append({
-            "epoch": epoch + 1, "step": progress.step, "train_loss": train_loss, "val": val,
-            "weights": {task: float(w) for task, w in weights.items()},
-        })
+        progress.history.append(
+            {
+                "epoch": epoch + 1,
+                "step": progress.step,
+                "train_loss": train_loss,
+                "val": val,
+                "weights": {task: float(w) for task, w in weights.items()},
+            }
+        )
         if improved:
             progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
         else:
             progress.bad_epochs += 1
         progress.done = cfg.train.patience is not None and progress.bad_epochs >= cfg.train.patience
         if improved and self.world.is_main:
-            ckpt.save(self.best, {ckpt.MODEL: self.model.state_dict(), ckpt.CONFIG: to_dict(cfg),
-                                  ckpt.PROGRESS: dataclasses.asdict(progress)})
+            ckpt.save(
+                self.best,
+                {
+                    ckpt.MODEL: self.model.state_dict(),
+                    ckpt.CONFIG: to_dict(cfg),
+                    ckpt.PROGRESS: dataclasses.asdict(progress),
+                },
+            )
         self.save()
         return improved
 
@@ -143,13 +157,18 @@ class TrainingState:
         """The Stopped error of a stop `during` "training", "validation" or "test" (signal: None for another rank's)."""
         reason = signal or "a stop on another rank"
         if during == "training":
-            return Stopped(f"{reason}: stopped at step {self.progress.step} with {self.last} written; {self.resume_hint}")
+            return Stopped(
+                f"{reason}: stopped at step {self.progress.step} with {self.last} written; {self.resume_hint}"
+            )
         if during == "validation":
-            return Stopped(f"{reason} during validation: {self.last} written at step {self.progress.step}; "
-                           f"{self.resume_hint}")
+            return Stopped(
+                f"{reason} during validation: {self.last} written at step {self.progress.step}; {self.resume_hint}"
+            )
         assert during == "test", f"unknown stage {during!r}"
-        return Stopped(f"{reason} during the test evaluation: training is complete and saved; to write the test "
-                       f"report, {self.resume_hint}")
+        return Stopped(
+            f"{reason} during the test evaluation: training is complete and saved; to write the test "
+            f"report, {self.resume_hint}"
+        )
 
 
 def load_resume_checkpoint(cfg: Config) -> dict:

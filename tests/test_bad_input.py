@@ -29,9 +29,24 @@ from mmpt.errors import MmptError
 from mmpt.tasks import resolve_tasks
 
 # A tiny, fast training command (the data root and the output folder are added per case).
-TINY = ["--backbone", "test_resnet", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-        "--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false",
-        "--set", "data.eval_batch_size=64"]
+TINY = [
+    "--backbone",
+    "test_resnet",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--set",
+    "input.mode=native",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "data.eval_batch_size=64",
+]
 SAMPLES = 32  # train images per synthetic dataset
 
 
@@ -64,8 +79,17 @@ class Env:
 
     def train(self, *extra: str, root: Path | None = None) -> tuple:
         """A fresh training command into the copied run folder with --overwrite, so bad input is the only obstacle."""
-        return train_main, ["--data-root", str(root or self.root), "--output", str(self.run), "--overwrite",
-                            *TINY, "--datasets", "breast,retina", *extra]
+        return train_main, [
+            "--data-root",
+            str(root or self.root),
+            "--output",
+            str(self.run),
+            "--overwrite",
+            *TINY,
+            "--datasets",
+            "breast,retina",
+            *extra,
+        ]
 
     def bad_file(self, dataset: str, change, marker: bool = True) -> Path:
         """A data root holding `dataset`'s synthetic file after `change(arrays)`; returns the root."""
@@ -82,10 +106,15 @@ class Env:
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns)."""
-    return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    } if folder.exists() else {}
+    return (
+        {
+            str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+        if folder.exists()
+        else {}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +141,7 @@ def env(finished_runs, tmp_path, monkeypatch) -> Env:
 # ---------------------------------------------------------------- the cases
 # Each builder prepares the bad input and returns (main, argv); `words` must all appear in the error line:
 # what is wrong and what to do.
+
 
 def missing_data_file(e: Env):
     (e.tmp / "empty").mkdir()
@@ -154,30 +184,35 @@ def missing_key(e: Env):
 def wrong_image_shape(e: Env):
     def crop(a):
         a["train_images"] = np.ascontiguousarray(a["train_images"][:, :27, :27])
+
     return e.train("--datasets", "breast", "--no-verify", root=e.bad_file("breast", crop, marker=False))
 
 
 def wrong_image_dtype(e: Env):
     def to_float(a):
         a["test_images"] = a["test_images"].astype(np.float32)
+
     return e.train("--datasets", "breast", root=e.bad_file("breast", to_float))
 
 
 def label_out_of_range(e: Env):
     def bad_label(a):
         a["train_labels"][3] = 2  # breast is binary: classes 0..1
+
     return e.train("--datasets", "breast", root=e.bad_file("breast", bad_label))
 
 
 def multi_label_not_binary(e: Env):
     def bad_label(a):
         a["val_labels"][0, 5] = 2
+
     return e.train("--datasets", "chest", root=e.bad_file("chest", bad_label))
 
 
 def labels_count_mismatch(e: Env):
     def drop_one(a):
         a["train_labels"] = a["train_labels"][:-1]
+
     return e.train("--datasets", "breast", root=e.bad_file("breast", drop_one))
 
 
@@ -329,202 +364,400 @@ RESUME_REFUSALS = [
 
 CASES = [
     # resume: a setting that cannot change mid-run
-    *[pytest.param(lambda e, flags=flags: e.resume(*flags), [f"was trained with {key}=", "cannot change mid-run",
-                                                             "start a new run with --output"],
-                   id=f"resume-changes-{key}") for key, flags in RESUME_REFUSALS],
-    pytest.param(changed_data, ["the data changed since the checkpoint was written", "breastmnist.npz",
-                                "--set data.allow_changed=true"], id="resume-on-changed-data"),
+    *[
+        pytest.param(
+            lambda e, flags=flags: e.resume(*flags),
+            [f"was trained with {key}=", "cannot change mid-run", "start a new run with --output"],
+            id=f"resume-changes-{key}",
+        )
+        for key, flags in RESUME_REFUSALS
+    ],
+    pytest.param(
+        changed_data,
+        ["the data changed since the checkpoint was written", "breastmnist.npz", "--set data.allow_changed=true"],
+        id="resume-on-changed-data",
+    ),
     # checkpoints are verified before they are trusted
-    pytest.param(tampered_last, ["last.pt fails its integrity check", "restore it from a backup",
-                                 "evaluate.py --checkpoint", "best.pt"], id="resume-tampered-last"),
-    pytest.param(tampered_best, ["best.pt fails its integrity check", "evaluate.py --checkpoint", "last.pt"],
-                 id="eval-tampered-best"),
-    pytest.param(non_finite_best, ["best.pt fails its integrity check", "non-finite weights"],
-                 id="eval-non-finite-best"),
+    pytest.param(
+        tampered_last,
+        ["last.pt fails its integrity check", "restore it from a backup", "evaluate.py --checkpoint", "best.pt"],
+        id="resume-tampered-last",
+    ),
+    pytest.param(
+        tampered_best,
+        ["best.pt fails its integrity check", "evaluate.py --checkpoint", "last.pt"],
+        id="eval-tampered-best",
+    ),
+    pytest.param(
+        non_finite_best, ["best.pt fails its integrity check", "non-finite weights"], id="eval-non-finite-best"
+    ),
     pytest.param(old_format_last, ["last.pt has format 1", "this mmpt reads format 2"], id="resume-old-format"),
     # filesystem: paths that exist as the wrong kind, parents that are files, a full disk
-    pytest.param(lambda e: (train_main, [*e.train()[1], "--output", str(e.file() / "run")]),
-                 ["cannot create or open the run folder", "Not a directory", "--output DIR"],
-                 id="output-parent-is-a-file"),
-    pytest.param(lambda e: (train_main, [*e.train()[1], "--output", str(e.file())]),
-                 ["cannot create or open the run folder", "--output DIR"], id="output-is-a-file"),
-    pytest.param(lambda e: item_in_run(e, "checkpoints", "file"),
-                 ["has a file named checkpoints where mmpt writes a folder", "move it away"],
-                 id="checkpoints-is-a-file"),
-    pytest.param(lambda e: item_in_run(e, "tb", "file"), ["has a file named tb where mmpt writes a folder"],
-                 id="tb-is-a-file"),
-    pytest.param(lambda e: item_in_run(e, "config.yaml", "folder"),
-                 ["has a folder named config.yaml where mmpt writes a file"], id="config-yaml-is-a-folder"),
-    pytest.param(lambda e: e.train("--set", f"data.cache_dir={e.file() / 'cache'}"),
-                 ["cannot create the cache folder", "Not a directory", "data.cache_dir"], id="cache-parent-is-a-file"),
-    pytest.param(lambda e: e.evaluate("--cache-dir", str(e.file() / "cache")),
-                 ["cannot create the cache folder", "data.cache_dir"], id="eval-cache-parent-is-a-file"),
-    pytest.param(lambda e: e.evaluate("--output", str(e.file())), ["is a file", "--output DIR"],
-                 id="eval-output-is-a-file"),
-    pytest.param(lambda e: e.evaluate("--output", str(e.file() / "eval")), ["which is a file", "--output DIR"],
-                 id="eval-output-parent-is-a-file"),
-    pytest.param(disk_full_unpacking, ["cannot unpack retinamnist.npz", "No space left on device", "data.cache_dir"],
-                 id="disk-full-unpacking-into-the-cache"),
-    pytest.param(lambda e: e.train("--data-root", str(e.file())), ["retinamnist.npz not found", "--data-root DIR"],
-                 id="data-root-is-a-file"),
-    pytest.param(lambda e: e.evaluate("--data-root", str(e.file())), ["not found", "--data-root DIR"],
-                 id="eval-data-root-is-a-file"),
-    pytest.param(disk_full_on_resume, ["cannot write", "config.yaml", "No space left on device", "free disk space"],
-                 id="disk-full-writing-config"),
-    pytest.param(disk_full_at_checkpoint, ["cannot write checkpoint", "No space left on device",
-                                           "the previous one is intact"], id="disk-full-writing-checkpoint"),
+    pytest.param(
+        lambda e: (train_main, [*e.train()[1], "--output", str(e.file() / "run")]),
+        ["cannot create or open the run folder", "Not a directory", "--output DIR"],
+        id="output-parent-is-a-file",
+    ),
+    pytest.param(
+        lambda e: (train_main, [*e.train()[1], "--output", str(e.file())]),
+        ["cannot create or open the run folder", "--output DIR"],
+        id="output-is-a-file",
+    ),
+    pytest.param(
+        lambda e: item_in_run(e, "checkpoints", "file"),
+        ["has a file named checkpoints where mmpt writes a folder", "move it away"],
+        id="checkpoints-is-a-file",
+    ),
+    pytest.param(
+        lambda e: item_in_run(e, "tb", "file"), ["has a file named tb where mmpt writes a folder"], id="tb-is-a-file"
+    ),
+    pytest.param(
+        lambda e: item_in_run(e, "config.yaml", "folder"),
+        ["has a folder named config.yaml where mmpt writes a file"],
+        id="config-yaml-is-a-folder",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", f"data.cache_dir={e.file() / 'cache'}"),
+        ["cannot create the cache folder", "Not a directory", "data.cache_dir"],
+        id="cache-parent-is-a-file",
+    ),
+    pytest.param(
+        lambda e: e.evaluate("--cache-dir", str(e.file() / "cache")),
+        ["cannot create the cache folder", "data.cache_dir"],
+        id="eval-cache-parent-is-a-file",
+    ),
+    pytest.param(
+        lambda e: e.evaluate("--output", str(e.file())), ["is a file", "--output DIR"], id="eval-output-is-a-file"
+    ),
+    pytest.param(
+        lambda e: e.evaluate("--output", str(e.file() / "eval")),
+        ["which is a file", "--output DIR"],
+        id="eval-output-parent-is-a-file",
+    ),
+    pytest.param(
+        disk_full_unpacking,
+        ["cannot unpack retinamnist.npz", "No space left on device", "data.cache_dir"],
+        id="disk-full-unpacking-into-the-cache",
+    ),
+    pytest.param(
+        lambda e: e.train("--data-root", str(e.file())),
+        ["retinamnist.npz not found", "--data-root DIR"],
+        id="data-root-is-a-file",
+    ),
+    pytest.param(
+        lambda e: e.evaluate("--data-root", str(e.file())),
+        ["not found", "--data-root DIR"],
+        id="eval-data-root-is-a-file",
+    ),
+    pytest.param(
+        disk_full_on_resume,
+        ["cannot write", "config.yaml", "No space left on device", "free disk space"],
+        id="disk-full-writing-config",
+    ),
+    pytest.param(
+        disk_full_at_checkpoint,
+        ["cannot write checkpoint", "No space left on device", "the previous one is intact"],
+        id="disk-full-writing-checkpoint",
+    ),
     # files read back that are malformed
-    pytest.param(lambda e: malformed(e, "predictions/data.json", b"{not json"),
-                 ["data.json is not readable JSON", "evaluate the run again"], id="compare-malformed-data-json"),
-    pytest.param(lambda e: malformed(e, "predictions/data.json", b'{"breastmnist": [1, 2]}'),
-                 ["is not a record of evaluated data"], id="compare-data-json-of-another-shape"),
-    pytest.param(lambda e: malformed(e, "predictions/data.json", b"\xff\xfe{}"), ["data.json is not readable JSON"],
-                 id="compare-data-json-not-utf8"),
-    pytest.param(lambda e: malformed(e, "config.yaml", b"train: {epochs: 2\n"), ["config.yaml is not valid YAML"],
-                 id="resume-malformed-config-yaml"),
-    pytest.param(lambda e: malformed(e, "config.yaml", b"train:\n  epochs: \xff\n"), ["config.yaml is not UTF-8 text"],
-                 id="resume-config-yaml-not-utf8"),
-    pytest.param(lambda e: malformed(e, "config.yaml", b"- a list\n"), ["must hold a mapping"],
-                 id="resume-config-yaml-a-list"),
-    pytest.param(lambda e: malformed(e, "config.yaml", b"train: {epochs: many}\n"),
-                 ["train.epochs must be an integer"], id="resume-config-yaml-bad-value"),
+    pytest.param(
+        lambda e: malformed(e, "predictions/data.json", b"{not json"),
+        ["data.json is not readable JSON", "evaluate the run again"],
+        id="compare-malformed-data-json",
+    ),
+    pytest.param(
+        lambda e: malformed(e, "predictions/data.json", b'{"breastmnist": [1, 2]}'),
+        ["is not a record of evaluated data"],
+        id="compare-data-json-of-another-shape",
+    ),
+    pytest.param(
+        lambda e: malformed(e, "predictions/data.json", b"\xff\xfe{}"),
+        ["data.json is not readable JSON"],
+        id="compare-data-json-not-utf8",
+    ),
+    pytest.param(
+        lambda e: malformed(e, "config.yaml", b"train: {epochs: 2\n"),
+        ["config.yaml is not valid YAML"],
+        id="resume-malformed-config-yaml",
+    ),
+    pytest.param(
+        lambda e: malformed(e, "config.yaml", b"train:\n  epochs: \xff\n"),
+        ["config.yaml is not UTF-8 text"],
+        id="resume-config-yaml-not-utf8",
+    ),
+    pytest.param(
+        lambda e: malformed(e, "config.yaml", b"- a list\n"), ["must hold a mapping"], id="resume-config-yaml-a-list"
+    ),
+    pytest.param(
+        lambda e: malformed(e, "config.yaml", b"train: {epochs: many}\n"),
+        ["train.epochs must be an integer"],
+        id="resume-config-yaml-bad-value",
+    ),
     # YAML shapes
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: 5\n"))),
-                 ["base must be the path of another YAML file", "got 5"], id="yaml-base-a-number"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: [a.yaml]\n"))),
-                 ["base must be the path of another YAML file", "['a.yaml']"], id="yaml-base-a-list"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: {file: a.yaml}\n"))),
-                 ["base must be the path of another YAML file"], id="yaml-base-a-mapping"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "base: missing.yaml\n"))),
-                 ["missing.yaml not found"], id="yaml-base-missing"),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "base: 5\n"))),
+        ["base must be the path of another YAML file", "got 5"],
+        id="yaml-base-a-number",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "base: [a.yaml]\n"))),
+        ["base must be the path of another YAML file", "['a.yaml']"],
+        id="yaml-base-a-list",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "base: {file: a.yaml}\n"))),
+        ["base must be the path of another YAML file"],
+        id="yaml-base-a-mapping",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "base: missing.yaml\n"))),
+        ["missing.yaml not found"],
+        id="yaml-base-missing",
+    ),
     pytest.param(lambda e: e.train("--config", str(e.tmp)), ["not found", "--config"], id="config-is-a-folder"),
-    pytest.param(lambda e: e.train("--config", str(e.bytes_file("latin1.yaml", b"name: caf\xe9\n"))),
-                 ["latin1.yaml is not UTF-8 text", "save it as UTF-8"], id="yaml-not-utf8"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "loss: [1, 2]\n"))),
-                 ["loss must be a mapping"], id="yaml-section-a-list"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "optim:\n  weight_decay: [1]\n"))),
-                 ["optim.weight_decay must be a number"], id="yaml-value-a-list"),
+    pytest.param(
+        lambda e: e.train("--config", str(e.bytes_file("latin1.yaml", b"name: caf\xe9\n"))),
+        ["latin1.yaml is not UTF-8 text", "save it as UTF-8"],
+        id="yaml-not-utf8",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "loss: [1, 2]\n"))),
+        ["loss must be a mapping"],
+        id="yaml-section-a-list",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "optim:\n  weight_decay: [1]\n"))),
+        ["optim.weight_decay must be a number"],
+        id="yaml-value-a-list",
+    ),
     # config keys against the range their consumer accepts
     pytest.param(lambda e: e.train("--set", "model.drop_rate=1"), ["model.drop_rate must be < 1"], id="drop-rate-1"),
-    pytest.param(lambda e: e.train("--set", "input.augment.crop_scale_min=1.5"),
-                 ["input.augment.crop_scale_min must be <= 1"], id="crop-scale-above-1"),
-    pytest.param(lambda e: e.train("--set", "sampler.alpha=1000"), ["sampler.alpha must be <= 50"],
-                 id="alpha-overflows"),
+    pytest.param(
+        lambda e: e.train("--set", "input.augment.crop_scale_min=1.5"),
+        ["input.augment.crop_scale_min must be <= 1"],
+        id="crop-scale-above-1",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "sampler.alpha=1000"), ["sampler.alpha must be <= 50"], id="alpha-overflows"
+    ),
     pytest.param(lambda e: e.train("--seed", str(2**32)), ["train.seed must be <= 4294967295"], id="seed-above-2-32"),
-    pytest.param(lambda e: e.train("--epochs", str(2**64)), ["train.epochs must be an integer within"],
-                 id="int-beyond-64-bits"),
-    pytest.param(lambda e: e.train("--set", "name=a\x00b"), ["name must not contain a NUL character"],
-                 id="nul-in-a-string"),
-    pytest.param(lambda e: e.train("--device", "cuda:x"), ["train.device must be auto, cpu, cuda or cuda:N"],
-                 id="device-not-a-device"),
-    pytest.param(lambda e: e.train("--batch-size", "1"), ["train.batch_size is 1", "BatchNorm", "--batch-size 2"],
-                 id="batch-size-1-with-batchnorm"),
-    pytest.param(lambda e: e.train("--set", "optim.name=bnbadamw"),
-                 ["optimizer bnbadamw cannot be created here", "choose another optim.name"],
-                 id="optimizer-not-available-here"),
+    pytest.param(
+        lambda e: e.train("--epochs", str(2**64)), ["train.epochs must be an integer within"], id="int-beyond-64-bits"
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "name=a\x00b"), ["name must not contain a NUL character"], id="nul-in-a-string"
+    ),
+    pytest.param(
+        lambda e: e.train("--device", "cuda:x"),
+        ["train.device must be auto, cpu, cuda or cuda:N"],
+        id="device-not-a-device",
+    ),
+    pytest.param(
+        lambda e: e.train("--batch-size", "1"),
+        ["train.batch_size is 1", "BatchNorm", "--batch-size 2"],
+        id="batch-size-1-with-batchnorm",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "optim.name=bnbadamw"),
+        ["optimizer bnbadamw cannot be created here", "choose another optim.name"],
+        id="optimizer-not-available-here",
+    ),
     # evaluate.py flags
-    pytest.param(lambda e: e.train("--set", "optim.lr"), ["--set expects key.sub=value", "'optim.lr'"],
-                 id="set-without-a-value"),
-    pytest.param(lambda e: e.evaluate("--batch-size", "0"), ["--batch-size must be >= 1", "got 0"],
-                 id="eval-batch-size-0"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "gpu"]),
-                 ["device must be auto, cpu, cuda or cuda:N", "'gpu'"], id="eval-device-not-a-device"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--device", "cuda:7"]), ["device is cuda:7", "cuda"],
-                 id="eval-device-not-present"),
-    pytest.param(lambda e: (evaluate_main, ["--compare", str(e.run), str(e.other_run), "--metric", "f1"]),
-                 ["unknown metric 'f1'", "choose from auc"], id="compare-unknown-metric"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), str(e.other_run)]), ["evaluate one run at a time", "--compare"],
-                 id="eval-two-runs-without-compare"),
+    pytest.param(
+        lambda e: e.train("--set", "optim.lr"), ["--set expects key.sub=value", "'optim.lr'"], id="set-without-a-value"
+    ),
+    pytest.param(
+        lambda e: e.evaluate("--batch-size", "0"), ["--batch-size must be >= 1", "got 0"], id="eval-batch-size-0"
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), "--device", "gpu"]),
+        ["device must be auto, cpu, cuda or cuda:N", "'gpu'"],
+        id="eval-device-not-a-device",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), "--device", "cuda:7"]),
+        ["device is cuda:7", "cuda"],
+        id="eval-device-not-present",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["--compare", str(e.run), str(e.other_run), "--metric", "f1"]),
+        ["unknown metric 'f1'", "choose from auc"],
+        id="compare-unknown-metric",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), str(e.other_run)]),
+        ["evaluate one run at a time", "--compare"],
+        id="eval-two-runs-without-compare",
+    ),
     # data
-    pytest.param(missing_data_file, ["breastmnist.npz not found", "--data-root", "--download", "data.synthetic"],
-                 id="missing-data-file"),
+    pytest.param(
+        missing_data_file,
+        ["breastmnist.npz not found", "--data-root", "--download", "data.synthetic"],
+        id="missing-data-file",
+    ),
     pytest.param(truncated_npz, ["breastmnist.npz is corrupt or truncated", "re-download"], id="truncated-npz"),
     pytest.param(garbage_npz, ["breastmnist.npz is corrupt or truncated", "re-download"], id="garbage-npz"),
-    pytest.param(corrupt_npz_data, ["breastmnist.npz is corrupt or truncated", "CRC", "re-download"],
-                 id="corrupt-npz-crc"),
+    pytest.param(
+        corrupt_npz_data, ["breastmnist.npz is corrupt or truncated", "CRC", "re-download"], id="corrupt-npz-crc"
+    ),
     pytest.param(md5_mismatch, ["has MD5", "not the official one", "re-download", "--no-verify"], id="md5-mismatch"),
     pytest.param(missing_key, ["no 'val_labels' array", "re-download it or regenerate it"], id="missing-key"),
-    pytest.param(wrong_image_shape, ["train_images have shape (32, 27, 27)", "N×28×28", "--resolution"],
-                 id="wrong-image-shape"),
-    pytest.param(wrong_image_dtype, ["test_images have dtype float32", "store the images as uint8"],
-                 id="wrong-image-dtype"),
-    pytest.param(label_out_of_range, ["range over 0..2", "classes 0..1", "fix the labels"],
-                 id="label-out-of-range"),
-    pytest.param(multi_label_not_binary, ["multi-label chestmnist must be 0 or 1", "found [0, 1, 2]", "fix the labels"],
-                 id="multi-label-not-0-1"),
+    pytest.param(
+        wrong_image_shape, ["train_images have shape (32, 27, 27)", "N×28×28", "--resolution"], id="wrong-image-shape"
+    ),
+    pytest.param(
+        wrong_image_dtype, ["test_images have dtype float32", "store the images as uint8"], id="wrong-image-dtype"
+    ),
+    pytest.param(label_out_of_range, ["range over 0..2", "classes 0..1", "fix the labels"], id="label-out-of-range"),
+    pytest.param(
+        multi_label_not_binary,
+        ["multi-label chestmnist must be 0 or 1", "found [0, 1, 2]", "fix the labels"],
+        id="multi-label-not-0-1",
+    ),
     pytest.param(labels_count_mismatch, ["32 images and 31 labels", "re-download"], id="labels-count-mismatch"),
     # config
-    pytest.param(lambda e: e.train("--datasets", "bloood"), ["unknown dataset 'bloood'", "did you mean blood"],
-                 id="unknown-dataset"),
-    pytest.param(lambda e: e.train("--backbone", "resnet_9000"),
-                 ["unknown backbone 'resnet_9000'", "did you mean", "resnet200"], id="unknown-backbone"),
-    pytest.param(lambda e: e.train("--backbone", "test_convnext", "--set", "input.mode=native"),
-                 ["backbone test_convnext cannot take 28x28 inputs", "use input.mode pad or resize"],
-                 id="input-too-small-for-backbone"),
-    pytest.param(lambda e: e.train("--set", "train.lrr=1"), ["unknown key 'train.lrr'", "valid keys: batch_size"],
-                 id="unknown-config-key"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "optim:\n  lrr: 0.1\n"))),
-                 ["unknown key 'optim.lrr'", "valid keys:", "head_lr"], id="unknown-key-in-yaml"),
-    pytest.param(lambda e: e.train("--set", "optim.weight_decay=lots"),
-                 ["optim.weight_decay must be a number", "'lots'"], id="bad-value-type"),
-    pytest.param(lambda e: e.train("--batch-size", "abc"), ["train.batch_size must be an integer", "'abc'"],
-                 id="bad-flag-type"),
+    pytest.param(
+        lambda e: e.train("--datasets", "bloood"),
+        ["unknown dataset 'bloood'", "did you mean blood"],
+        id="unknown-dataset",
+    ),
+    pytest.param(
+        lambda e: e.train("--backbone", "resnet_9000"),
+        ["unknown backbone 'resnet_9000'", "did you mean", "resnet200"],
+        id="unknown-backbone",
+    ),
+    pytest.param(
+        lambda e: e.train("--backbone", "test_convnext", "--set", "input.mode=native"),
+        ["backbone test_convnext cannot take 28x28 inputs", "use input.mode pad or resize"],
+        id="input-too-small-for-backbone",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "train.lrr=1"),
+        ["unknown key 'train.lrr'", "valid keys: batch_size"],
+        id="unknown-config-key",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "optim:\n  lrr: 0.1\n"))),
+        ["unknown key 'optim.lrr'", "valid keys:", "head_lr"],
+        id="unknown-key-in-yaml",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "optim.weight_decay=lots"),
+        ["optim.weight_decay must be a number", "'lots'"],
+        id="bad-value-type",
+    ),
+    pytest.param(
+        lambda e: e.train("--batch-size", "abc"), ["train.batch_size must be an integer", "'abc'"], id="bad-flag-type"
+    ),
     pytest.param(lambda e: e.train("--lr", "-0.1"), ["optim.lr must be > 0", "-0.1"], id="negative-lr"),
     pytest.param(lambda e: e.train("--lr", "inf"), ["optim.lr must be a finite number", "inf"], id="infinite-lr"),
     pytest.param(lambda e: e.train("--batch-size", "0"), ["train.batch_size must be >= 1", "got 0"], id="batch-size-0"),
-    pytest.param(lambda e: e.train("--resolution", "100"),
-                 ["data.resolution must be one of 28, 64, 128, 224", "got 100"], id="resolution-100"),
-    pytest.param(lambda e: e.train("--set", "input.mode=stretch"), ["input.mode must be one of pad, resize, native"],
-                 id="bad-choice"),
-    pytest.param(lambda e: e.train("--set", "name=../escape"), ["name must be letters, digits", "--output DIR"],
-                 id="run-name-with-path"),
-    pytest.param(lambda e: e.train("--config", str(yaml_file(e, "train: {epochs: 2\n"))),
-                 ["recipe.yaml is not valid YAML", "fix its syntax"], id="malformed-yaml"),
-    pytest.param(lambda e: e.train("--config", str(e.tmp / "nope.yaml")), ["nope.yaml not found", "--config"],
-                 id="config-file-missing"),
+    pytest.param(
+        lambda e: e.train("--resolution", "100"),
+        ["data.resolution must be one of 28, 64, 128, 224", "got 100"],
+        id="resolution-100",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "input.mode=stretch"),
+        ["input.mode must be one of pad, resize, native"],
+        id="bad-choice",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "name=../escape"),
+        ["name must be letters, digits", "--output DIR"],
+        id="run-name-with-path",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "train: {epochs: 2\n"))),
+        ["recipe.yaml is not valid YAML", "fix its syntax"],
+        id="malformed-yaml",
+    ),
+    pytest.param(
+        lambda e: e.train("--config", str(e.tmp / "nope.yaml")),
+        ["nope.yaml not found", "--config"],
+        id="config-file-missing",
+    ),
     # run folder
-    pytest.param(lambda e: (train_main, [a for a in e.train()[1] if a != "--overwrite"]),
-                 ["already has outputs", "--resume", "--overwrite", "--output DIR"], id="output-exists"),
-    pytest.param(resume_without_checkpoint,
-                 ["has no checkpoints/last.pt", "start it without --resume"], id="resume-without-checkpoint"),
-    pytest.param(lambda e: (train_main, ["--resume", str(e.tmp / "never_ran")]),
-                 ["never_ran: it has no config.yaml", "pass a run folder written by train.py"],
-                 id="resume-missing-folder"),
-    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--datasets", "pneumonia"]),
-                 ["data.datasets=['retinamnist', 'breastmnist'], not ['pneumoniamnist']",
-                  "start a new run with --output"],
-                 id="resume-other-datasets"),
-    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--backbone", "resnet18"]),
-                 ["model.backbone=test_resnet, not resnet18", "resume with the run's own config"],
-                 id="resume-other-backbone"),
-    pytest.param(resume_checkpoint_of_another_run,
-                 ["data.datasets=['pneumoniamnist'], not ['retinamnist', 'breastmnist']",
-                  "start a new run with --output"],
-                 id="resume-checkpoint-of-another-run"),
-    pytest.param(resume_from_a_copy_of_best,
-                 ["last.pt has no optimizers, weighting, rng state", "a copy of best.pt?",
-                  "restore the last.pt that train.py wrote"], id="resume-from-a-copy-of-best"),
-    pytest.param(lambda e: (train_main, ["--resume", str(e.run), "--config", "configs/quickstart.yaml"]),
-                 ["--resume takes the run's own config.yaml", "drop --config"], id="resume-with-config"),
+    pytest.param(
+        lambda e: (train_main, [a for a in e.train()[1] if a != "--overwrite"]),
+        ["already has outputs", "--resume", "--overwrite", "--output DIR"],
+        id="output-exists",
+    ),
+    pytest.param(
+        resume_without_checkpoint,
+        ["has no checkpoints/last.pt", "start it without --resume"],
+        id="resume-without-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (train_main, ["--resume", str(e.tmp / "never_ran")]),
+        ["never_ran: it has no config.yaml", "pass a run folder written by train.py"],
+        id="resume-missing-folder",
+    ),
+    pytest.param(
+        lambda e: (train_main, ["--resume", str(e.run), "--datasets", "pneumonia"]),
+        ["data.datasets=['retinamnist', 'breastmnist'], not ['pneumoniamnist']", "start a new run with --output"],
+        id="resume-other-datasets",
+    ),
+    pytest.param(
+        lambda e: (train_main, ["--resume", str(e.run), "--backbone", "resnet18"]),
+        ["model.backbone=test_resnet, not resnet18", "resume with the run's own config"],
+        id="resume-other-backbone",
+    ),
+    pytest.param(
+        resume_checkpoint_of_another_run,
+        ["data.datasets=['pneumoniamnist'], not ['retinamnist', 'breastmnist']", "start a new run with --output"],
+        id="resume-checkpoint-of-another-run",
+    ),
+    pytest.param(
+        resume_from_a_copy_of_best,
+        [
+            "last.pt has no optimizers, weighting, rng state",
+            "a copy of best.pt?",
+            "restore the last.pt that train.py wrote",
+        ],
+        id="resume-from-a-copy-of-best",
+    ),
+    pytest.param(
+        lambda e: (train_main, ["--resume", str(e.run), "--config", "configs/quickstart.yaml"]),
+        ["--resume takes the run's own config.yaml", "drop --config"],
+        id="resume-with-config",
+    ),
     # evaluate.py
-    pytest.param(eval_garbage_checkpoint,
-                 ["best.pt is not plain tensor data", "refused", "use a checkpoint written by mmpt"],
-                 id="eval-garbage-checkpoint"),
-    pytest.param(eval_truncated_checkpoint,
-                 ["best.pt is unreadable or truncated", "use another checkpoint"], id="eval-truncated-checkpoint"),
-    pytest.param(eval_not_an_mmpt_checkpoint,
-                 ["other.pt is not an mmpt checkpoint", "pass a checkpoint written by mmpt"],
-                 id="eval-not-an-mmpt-checkpoint"),
-    pytest.param(lambda e: (evaluate_main, ["--checkpoint", str(e.tmp / "nope.pt"), "--output", str(e.run / "eval")]),
-                 ["nope.pt not found", "pass a run folder with checkpoints/ or a .pt file"],
-                 id="eval-checkpoint-missing"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
-                 ["has no head for pneumoniamnist", "choose among retina, breast"],
-                 id="eval-dataset-not-in-checkpoint"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "foo", "--device", "cpu"]),
-                 ["unknown dataset 'foo'"], id="eval-unknown-dataset"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--split", "train"]),
-                 ["--split: invalid choice: 'train'", "--help"], id="eval-bad-split"),
+    pytest.param(
+        eval_garbage_checkpoint,
+        ["best.pt is not plain tensor data", "refused", "use a checkpoint written by mmpt"],
+        id="eval-garbage-checkpoint",
+    ),
+    pytest.param(
+        eval_truncated_checkpoint,
+        ["best.pt is unreadable or truncated", "use another checkpoint"],
+        id="eval-truncated-checkpoint",
+    ),
+    pytest.param(
+        eval_not_an_mmpt_checkpoint,
+        ["other.pt is not an mmpt checkpoint", "pass a checkpoint written by mmpt"],
+        id="eval-not-an-mmpt-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["--checkpoint", str(e.tmp / "nope.pt"), "--output", str(e.run / "eval")]),
+        ["nope.pt not found", "pass a run folder with checkpoints/ or a .pt file"],
+        id="eval-checkpoint-missing",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
+        ["has no head for pneumoniamnist", "choose among retina, breast"],
+        id="eval-dataset-not-in-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), "--datasets", "foo", "--device", "cpu"]),
+        ["unknown dataset 'foo'"],
+        id="eval-unknown-dataset",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, [str(e.run), "--split", "train"]),
+        ["--split: invalid choice: 'train'", "--help"],
+        id="eval-bad-split",
+    ),
 ]
 
 
@@ -551,12 +784,17 @@ def test_bad_input_prints_one_line_exits_2_and_keeps_the_run_folder(case, words,
     assert not (env.tmp / "never_ran").exists()  # a refused --resume creates no folder
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(missing_data_file, id="missing-data-file"),
-    pytest.param(lambda e: e.train("--set", "train.lrr=1"), id="unknown-config-key"),
-    pytest.param(lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
-                 id="eval-dataset-not-in-checkpoint"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(missing_data_file, id="missing-data-file"),
+        pytest.param(lambda e: e.train("--set", "train.lrr=1"), id="unknown-config-key"),
+        pytest.param(
+            lambda e: (evaluate_main, [str(e.run), "--datasets", "pneumonia", "--device", "cpu"]),
+            id="eval-dataset-not-in-checkpoint",
+        ),
+    ],
+)
 def test_debug_raises_the_error_with_its_traceback(case, env):
     main, argv = case(env)
     before = snapshot(env.run)
@@ -570,7 +808,9 @@ def test_train_script_exits_2_with_one_line_and_debug_shows_the_traceback():
     plain = subprocess.run([sys.executable, str(script), "--datasets", "foo"], capture_output=True, text=True)
     assert plain.returncode == 2
     assert "unknown dataset 'foo'" in one_error_line(plain.stderr)
-    debug = subprocess.run([sys.executable, str(script), "--datasets", "foo", "--debug"], capture_output=True, text=True)
+    debug = subprocess.run(
+        [sys.executable, str(script), "--datasets", "foo", "--debug"], capture_output=True, text=True
+    )
     assert debug.returncode != 2
     assert "Traceback (most recent call last)" in debug.stderr and "MmptError: invalid config" in debug.stderr
 
@@ -579,7 +819,9 @@ def test_train_script_exits_2_with_one_line_and_debug_shows_the_traceback():
 
 # the loss is read from the device once per logging interval (and before a checkpoint): the message names
 # the dataset and the interval of steps, which were not saved
-NAN_MESSAGE = re.compile(r"loss of (breastmnist|retinamnist)(, \w+)* became NaN or infinite between steps (\d+) and (\d+)")
+NAN_MESSAGE = re.compile(
+    r"loss of (breastmnist|retinamnist)(, \w+)* became NaN or infinite between steps (\d+) and (\d+)"
+)
 
 
 def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_good_checkpoint(env, capsys):
@@ -600,16 +842,30 @@ def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_goo
     # a TensorBoard file is added; every other earlier output stays as it was
     kept = f"config.before-resume-at-step{resumed_at}.yaml"
     assert after[kept][0] == before["config.yaml"][0]
-    assert {k: v for k, v in after.items() if k in before and k != "config.yaml"} == \
-        {k: v for k, v in before.items() if k != "config.yaml"}
+    assert {k: v for k, v in after.items() if k in before and k != "config.yaml"} == {
+        k: v for k, v in before.items() if k != "config.yaml"
+    }
     assert all(k.startswith("tb/") for k in set(after) - set(before) - {kept}), set(after) - set(before)
     assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["step"] == resumed_at
 
 
 def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
     out = env.tmp / "fresh"
-    code = train_main(["--data-root", str(env.root), "--output", str(out), *TINY, "--datasets", "breast,retina",
-                       "--lr", "1e30", "--set", "checkpoint.every_steps=1"])
+    code = train_main(
+        [
+            "--data-root",
+            str(env.root),
+            "--output",
+            str(out),
+            *TINY,
+            "--datasets",
+            "breast,retina",
+            "--lr",
+            "1e30",
+            "--set",
+            "checkpoint.every_steps=1",
+        ]
+    )
     match = NAN_MESSAGE.search(one_error_line(capsys.readouterr().err))
     assert code == 2 and match
     # with a checkpoint every step, the loss is checked every step: the interval is one step
@@ -620,8 +876,8 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
     assert not (out / "metrics.json").exists()
 
 
-
 # ---------------------------------------------------------------- a refused resume leaves the run resumable
+
 
 def test_a_refused_resume_leaves_the_run_resumable(env, capsys):
     before = snapshot(env.run)
@@ -636,8 +892,12 @@ def test_resume_on_changed_data_goes_on_with_allow_changed(env, capsys):
     root = env.tmp / "moved_data"
     shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))
     os.utime(root / "breastmnist.npz", ns=(1_000_000_000, 1_000_000_000))
-    assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2",
-                       "--set", "data.allow_changed=true"]) == 0
+    assert (
+        train_main(
+            ["--resume", str(env.run), "--data-root", str(root), "--epochs", "2", "--set", "data.allow_changed=true"]
+        )
+        == 0
+    )
     # the new checkpoint records the data it now trains on
     assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.DATA]["breastmnist"]["mtime_ns"] == 1_000_000_000
 
@@ -650,11 +910,19 @@ def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
 
 # ---------------------------------------------------------------- one run folder, one writer
 
+
 def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(env, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmpt.rundir import lock_run_dir; "
-         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(env.run)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from mmpt.rundir import lock_run_dir; "
+            "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+            str(env.run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -676,14 +944,25 @@ def test_train_script_into_a_folder_this_process_holds_is_refused(env):
 
     lock_run_dir(env.run)  # held by the test process until it ends
     before = snapshot(env.run)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--resume",
-                           str(env.run), "--epochs", "2"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "train.py"),
+            "--resume",
+            str(env.run),
+            "--epochs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "is in use by another mmpt process" in one_error_line(proc.stderr)
     assert snapshot(env.run) == before
 
 
 # ---------------------------------------------------------------- evaluate.py stops cleanly on a signal
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys, monkeypatch, sig):

@@ -87,8 +87,25 @@ def test_sampler_counts_pages_shared_by_forked_workers_once():
 def test_tiny_benchmark_writes_every_figure_and_its_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = [
-        "data", "--images", "64", "--workers", "1", "--batch-size", "8", "--timed-batches", "2", "--repeats", "1",
-        "--wait-batch-size", "8", "--wait-steps", "2", "--workdir", str(tmp_path / "work"), "--json", str(out),
+        "data",
+        "--images",
+        "64",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        "--timed-batches",
+        "2",
+        "--repeats",
+        "1",
+        "--wait-batch-size",
+        "8",
+        "--wait-steps",
+        "2",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
     ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -138,9 +155,29 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     # test_resnet as in the quickstart (28 px padded to 32), batches of 8 over all 12 synthetic datasets
     out = tmp_path / "train.json"
     argv = [
-        "train", "--backbone", "test_resnet", "--resolution", "28", "--input-size", "32", "--batch-size", "8",
-        "--steps", "2", "--warmup-steps", "1", "--repeats", "2", "--workers", "0", "--device", "cpu",
-        "--workdir", str(tmp_path / "work"), "--json", str(out),
+        "train",
+        "--backbone",
+        "test_resnet",
+        "--resolution",
+        "28",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--repeats",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
     ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -171,8 +208,9 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     assert all(t["met"] is None for t in result["targets"] if not t["applies"])
     # step time at 4 datasets per step: the reference (the static sum) is 1, the Jacobian methods positive
     assert result["mtl"]["tasks_per_step"] == 4 and result["mtl_step_ratio.none"] == 1.0
-    assert all(math.isfinite(result[f"mtl_step_ratio.{m}"]) and result[f"mtl_step_ratio.{m}"] > 0
-               for m in ("upgrad", "pcgrad"))
+    assert all(
+        math.isfinite(result[f"mtl_step_ratio.{m}"]) and result[f"mtl_step_ratio.{m}"] > 0 for m in ("upgrad", "pcgrad")
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("| measurement") and format_train_table(result).splitlines()[2] in printed
 
@@ -185,8 +223,23 @@ def test_train_benchmark_refuses_an_input_smaller_than_the_images(capsys):
 
 def test_compare_benchmark_times_both_paths_and_finds_them_equal(tmp_path, capsys):
     out = tmp_path / "compare.json"
-    code = main(["compare", "--datasets", "breast,retina,chest", "--seeds", "2", "--max-images", "40",
-                 "--resamples", "20", "--old-resamples", "4", "--json", str(out)])
+    code = main(
+        [
+            "compare",
+            "--datasets",
+            "breast,retina,chest",
+            "--seeds",
+            "2",
+            "--max-images",
+            "40",
+            "--resamples",
+            "20",
+            "--old-resamples",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["test_images"] == {"breastmnist": 40, "retinamnist": 40, "chestmnist": 40}

@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from mmpt.config import (
-    RESUME_MAY_CHANGE, SETTINGS, check_run, check_value, config_yaml, load_config, parse_flag, parse_override,
-    recipe_changes, to_dict, value_of,
+    RESUME_MAY_CHANGE,
+    SETTINGS,
+    check_run,
+    check_value,
+    config_yaml,
+    load_config,
+    parse_flag,
+    parse_override,
+    recipe_changes,
+    to_dict,
+    value_of,
 )
 from mmpt.errors import MmptError
 from mmpt.tasks import FLAGS
@@ -58,12 +67,18 @@ def test_a_base_cycle_is_an_error(tmp_path):
 
 
 def test_every_problem_is_named_in_one_error():
-    overrides = [parse_override(s) for s in ("train.epochs=0", "optim.lrr=1", "loss.weighting=magic", "data.resolution=100")]
+    overrides = [
+        parse_override(s) for s in ("train.epochs=0", "optim.lrr=1", "loss.weighting=magic", "data.resolution=100")
+    ]
     with pytest.raises(MmptError) as info:
         load_config(None, overrides)
     message = str(info.value)
-    for part in ("train.epochs must be >= 1", "unknown key 'optim.lrr'", "loss.weighting must be one of none, size",
-                 "data.resolution must be one of 28, 64, 128, 224"):
+    for part in (
+        "train.epochs must be >= 1",
+        "unknown key 'optim.lrr'",
+        "loss.weighting must be one of none, size",
+        "data.resolution must be one of 28, 64, 128, 224",
+    ):
         assert part in message, message
 
 
@@ -75,6 +90,7 @@ def test_datasets_are_stored_as_medmnist_flags_in_medmnist_order():
 
 
 # ---------------------------------------------------------------- one declaration per setting
+
 
 def test_the_docs_settings_table_matches_the_declarations():
     from mmpt.configdoc import REGENERATE, settings_markdown
@@ -96,15 +112,18 @@ def test_every_setting_is_documented_with_its_bounds_in_print_config():
     assert "crop_scale_min: 0.8  # number > 0 and <= 1; " in text
 
 
-@pytest.mark.parametrize("setting, value, message", [
-    ("model.drop_rate=1", None, "model.drop_rate must be < 1, got 1.0"),
-    ("train.seed=4294967296", None, "train.seed must be <= 4294967295, got 4294967296"),
-    ("output=''", None, "output must not be empty"),
-    ("data.root='  '", None, "data.root must not be empty"),
-    ("model.init_from=''", None, "model.init_from must not be empty"),
-    ("train.device=gpu", None, "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    ("train.seed=010", 10, None),  # YAML 1.1 would read octal 8
-])
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("model.drop_rate=1", None, "model.drop_rate must be < 1, got 1.0"),
+        ("train.seed=4294967296", None, "train.seed must be <= 4294967295, got 4294967296"),
+        ("output=''", None, "output must not be empty"),
+        ("data.root='  '", None, "data.root must not be empty"),
+        ("model.init_from=''", None, "model.init_from must not be empty"),
+        ("train.device=gpu", None, "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("train.seed=010", 10, None),  # YAML 1.1 would read octal 8
+    ],
+)
 def test_set_values_are_checked_against_their_declaration(setting, value, message):
     if message is None:
         assert load_config(None, [parse_override(setting)]).train.seed == value
@@ -113,18 +132,21 @@ def test_set_values_are_checked_against_their_declaration(setting, value, messag
         load_config(None, [parse_override(setting)])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "abc"], "train.batch_size must be an integer, got 'abc'"),
-    (["--epochs", "0"], "train.epochs must be >= 1, got 0"),
-    (["--lr", "-1"], "optim.lr must be > 0, got -1.0"),
-    (["--output", ""], "output must not be empty"),
-    (["--data-root", ""], "data.root must not be empty"),
-    (["--init-from", ""], "model.init_from must not be empty"),
-    (["--backbone", " "], "model.backbone must not be empty"),
-    (["--datasets", ""], "data.datasets must name MedMNIST+ datasets: no dataset selected"),
-    (["--resolution", "27"], "data.resolution must be one of 28, 64, 128, 224, got 27"),
-    (["--device", "gpu"], "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "abc"], "train.batch_size must be an integer, got 'abc'"),
+        (["--epochs", "0"], "train.epochs must be >= 1, got 0"),
+        (["--lr", "-1"], "optim.lr must be > 0, got -1.0"),
+        (["--output", ""], "output must not be empty"),
+        (["--data-root", ""], "data.root must not be empty"),
+        (["--init-from", ""], "model.init_from must not be empty"),
+        (["--backbone", " "], "model.backbone must not be empty"),
+        (["--datasets", ""], "data.datasets must name MedMNIST+ datasets: no dataset selected"),
+        (["--resolution", "27"], "data.resolution must be one of 28, 64, 128, 224, got 27"),
+        (["--device", "gpu"], "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ],
+)
 def test_named_flags_are_checked_as_the_keys_they_set(flags, message):
     from mmpt.cli import build_train_config, train_parser
 
@@ -135,20 +157,38 @@ def test_named_flags_are_checked_as_the_keys_they_set(flags, message):
 def test_named_flags_set_their_keys():
     from mmpt.cli import build_train_config, train_parser
 
-    cfg = build_train_config(train_parser().parse_args(
-        ["--epochs", "3", "--lr", "1e-3", "--seed", "010", "--datasets", "retina,breast", "--device", "cuda:1",
-         "--set", "train.epochs=9"]))
+    cfg = build_train_config(
+        train_parser().parse_args(
+            [
+                "--epochs",
+                "3",
+                "--lr",
+                "1e-3",
+                "--seed",
+                "010",
+                "--datasets",
+                "retina,breast",
+                "--device",
+                "cuda:1",
+                "--set",
+                "train.epochs=9",
+            ]
+        )
+    )
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.seed, cfg.train.device) == (3, 1e-3, 10, "cuda:1")
     assert cfg.data.datasets == ("retinamnist", "breastmnist")
 
 
-@pytest.mark.parametrize("flag, key, text, message", [
-    ("--batch-size", "data.eval_batch_size", "0", "--batch-size must be >= 1, got 0"),
-    ("--batch-size", "data.eval_batch_size", "many", "--batch-size must be an integer, got 'many'"),
-    ("--resolution", "data.resolution", "100", "--resolution must be one of 28, 64, 128, 224, got 100"),
-    ("--device", "train.device", "tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    ("--data-root", "data.root", "", "--data-root must not be empty"),
-])
+@pytest.mark.parametrize(
+    "flag, key, text, message",
+    [
+        ("--batch-size", "data.eval_batch_size", "0", "--batch-size must be >= 1, got 0"),
+        ("--batch-size", "data.eval_batch_size", "many", "--batch-size must be an integer, got 'many'"),
+        ("--resolution", "data.resolution", "100", "--resolution must be one of 28, 64, 128, 224, got 100"),
+        ("--device", "train.device", "tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("--data-root", "data.root", "", "--data-root must not be empty"),
+    ],
+)
 def test_evaluation_flags_are_checked_as_their_config_keys(flag, key, text, message):
     with pytest.raises(MmptError, match=re.escape(message)):
         parse_flag(flag, key, text)
@@ -162,26 +202,47 @@ def test_evaluate_refuses_an_empty_data_root_in_one_line(tmp_path, capsys):
 
 
 def test_check_run_names_every_environment_problem_at_once():
-    cfg = load_config(None, [parse_override(s) for s in
-                             ("model.backbone=resnet_9000", "optim.name=nope", "train.batch_size=4",
-                              "sampler.tasks_per_step=2", "loss.weighting=upgrad")])
+    cfg = load_config(
+        None,
+        [
+            parse_override(s)
+            for s in (
+                "model.backbone=resnet_9000",
+                "optim.name=nope",
+                "train.batch_size=4",
+                "sampler.tasks_per_step=2",
+                "loss.weighting=upgrad",
+            )
+        ],
+    )
     with pytest.raises(MmptError) as info:
         check_run(cfg, world_size=2)
     message = str(info.value)
-    for part in ("train.batch_size 4 is the global batch, split over 2 processes", "unknown backbone 'resnet_9000'",
-                 "unknown optimizer 'nope'", "loss.weighting=upgrad", "does not support distributed training"):
+    for part in (
+        "train.batch_size 4 is the global batch, split over 2 processes",
+        "unknown backbone 'resnet_9000'",
+        "unknown optimizer 'nope'",
+        "loss.weighting=upgrad",
+        "does not support distributed training",
+    ):
         assert part in message, message
     check_run(load_config(), world_size=1)  # the defaults run here
 
 
 def test_importing_the_cli_leaves_the_cublas_setting_to_determinism():
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
-    out = subprocess.run([sys.executable, "-c", "import os, mmpt.cli; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"],
-                         capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, mmpt.cli; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     assert out.stdout.strip() == "None"
 
 
 # ---------------------------------------------------------------- resume refuses every recipe change
+
 
 def _another_value(key: str, current):
     """A valid value of `key` other than `current`, derived from its declaration (so a new key needs no new case)."""
@@ -245,12 +306,13 @@ def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_recipe_cha
 
     uw = cfg("loss.weighting=uw", "loss.weighting_args={lr: 0.01}")
     assert recipe_changes(uw, cfg("loss.weighting=uw", "loss.weighting_args={lr: 0.02}")) == [
-        ("loss.weighting_args", {"lr": 0.01}, {"lr": 0.02})]
+        ("loss.weighting_args", {"lr": 0.01}, {"lr": 0.02})
+    ]
     assert [c[0] for c in recipe_changes(uw, cfg("loss.weighting=uw"))] == ["loss.weighting_args"]
     manual = ("loss.weighting=manual", "data.datasets=breast,retina")
-    assert recipe_changes(cfg(*manual, "loss.weights={breast: 1, retina: 2}"),
-                          cfg(*manual, "loss.weights={breast: 1, retina: 3}")) == [
-        ("loss.weights", {"breastmnist": 1.0, "retinamnist": 2.0}, {"breastmnist": 1.0, "retinamnist": 3.0})]
+    assert recipe_changes(
+        cfg(*manual, "loss.weights={breast: 1, retina: 2}"), cfg(*manual, "loss.weights={breast: 1, retina: 3}")
+    ) == [("loss.weights", {"breastmnist": 1.0, "retinamnist": 2.0}, {"breastmnist": 1.0, "retinamnist": 3.0})]
 
 
 @pytest.fixture(scope="module")
@@ -259,22 +321,55 @@ def uw_run(synthetic_root, tmp_path_factory) -> Path:
     from mmpt.cli import train_main
 
     run = tmp_path_factory.mktemp("uw") / "run"
-    assert train_main(["--data-root", str(synthetic_root), "--output", str(run), "--backbone", "test_resnet",
-                       "--datasets", "breast,retina", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                       "--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false",
-                       "--set", "loss.weighting=uw", "--set", "loss.weighting_args={lr: 0.01}"]) == 0
+    assert (
+        train_main(
+            [
+                "--data-root",
+                str(synthetic_root),
+                "--output",
+                str(run),
+                "--backbone",
+                "test_resnet",
+                "--datasets",
+                "breast,retina",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--set",
+                "input.mode=native",
+                "--set",
+                "data.num_workers=0",
+                "--set",
+                "train.progress=false",
+                "--set",
+                "loss.weighting=uw",
+                "--set",
+                "loss.weighting_args={lr: 0.01}",
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("flags, key", [
-    (["--set", "loss.weighting_args={lr: 0.5}"], "loss.weighting_args"),
-    (["--set", "input.augment.hflip=true"], "input.augment.hflip"),
-])
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--set", "loss.weighting_args={lr: 0.5}"], "loss.weighting_args"),
+        (["--set", "input.augment.hflip=true"], "input.augment.hflip"),
+    ],
+)
 def test_train_resume_refuses_a_recipe_change_in_one_line_and_leaves_the_run_as_it_was(uw_run, capsys, flags, key):
     from mmpt.cli import train_main
 
@@ -290,13 +385,22 @@ def test_train_resume_refuses_a_recipe_change_in_one_line_and_leaves_the_run_as_
 # ---------------------------------------------------------------- the README and docs/
 
 REPO = CONFIGS.parent
-DOC_PAGES = ("training-and-settings", "multi-task-optimization", "experiments-and-statistics",
-             "reproducibility-and-errors", "scaling", "benchmarks", "settings")
+DOC_PAGES = (
+    "training-and-settings",
+    "multi-task-optimization",
+    "experiments-and-statistics",
+    "reproducibility-and-errors",
+    "scaling",
+    "benchmarks",
+    "settings",
+)
 
 
 def _documents() -> dict[str, str]:
-    return {"README.md": (REPO / "README.md").read_text(encoding="utf-8"),
-            **{f"docs/{name}.md": (REPO / "docs" / f"{name}.md").read_text(encoding="utf-8") for name in DOC_PAGES}}
+    return {
+        "README.md": (REPO / "README.md").read_text(encoding="utf-8"),
+        **{f"docs/{name}.md": (REPO / "docs" / f"{name}.md").read_text(encoding="utf-8") for name in DOC_PAGES},
+    }
 
 
 def test_the_readme_is_short_and_links_every_docs_page_and_each_page_opens_with_an_example():
@@ -326,7 +430,7 @@ def test_every_documented_train_command_parses_and_its_config_is_valid(monkeypat
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
                 if "train.py" in words and "--resume" not in words:
-                    commands.append((path, words[words.index("train.py") + 1:]))
+                    commands.append((path, words[words.index("train.py") + 1 :]))
     assert len(commands) >= 15
     for path, argv in commands:
         try:

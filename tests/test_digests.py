@@ -15,14 +15,14 @@ import torch
 from conftest import tiny_config
 
 from mmpt.data.synthetic import write_synthetic
+from mmpt.mtl import METHODS, missing_solvers
 from mmpt.tasks import TASKS
 from mmpt.train import run
-
-from mmpt.mtl import METHODS, missing_solvers
 
 # unequal train sizes, so that size, inverse_size and sqrt_size give different weights
 SIZES = {"pneumoniamnist": 24, "retinamnist": 40, "breastmnist": 56}
 MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0, "breastmnist": 0.5}
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -77,8 +77,13 @@ def quickstart_config(root, output):
     """configs/quickstart.yaml in small: all 12 datasets, padded to 32 px, warm-up, a few steps per epoch."""
     return tiny_config(
         # model.norm shared: the engine as it was at e7abe77 (the default became auto after the real-data study)
-        root, output, data={"datasets": "all"}, model={"backbone": "test_resnet", "img_size": 32, "norm": "shared"},
-        input={"mode": "pad"}, optim={"lr": 0.003, "warmup_epochs": 0.5}, sampler={"steps_per_epoch": 6},
+        root,
+        output,
+        data={"datasets": "all"},
+        model={"backbone": "test_resnet", "img_size": 32, "norm": "shared"},
+        input={"mode": "pad"},
+        optim={"lr": 0.003, "warmup_epochs": 0.5},
+        sampler={"steps_per_epoch": 6},
         train={"epochs": 2, "batch_size": 8, "log_every_steps": 4},
     )
 
@@ -87,9 +92,14 @@ def method_config(root, output, method):
     tasks_per_step = "all" if METHODS[method].tasks == "all" else 2
     loss = {"weighting": method, "weights": MANUAL if method == "manual" else {}}
     return tiny_config(
-        root, output, data={"datasets": list(SIZES)}, sampler={"tasks_per_step": tasks_per_step, "steps_per_epoch": 3},
+        root,
+        output,
+        data={"datasets": list(SIZES)},
+        sampler={"tasks_per_step": tasks_per_step, "steps_per_epoch": 3},
         model={"norm": "shared"},  # as at e7abe77
-        loss=loss, optim={"lr": 0.01}, train={"epochs": 2, "batch_size": 8, "log_every_steps": 2},
+        loss=loss,
+        optim={"lr": 0.01},
+        train={"epochs": 2, "batch_size": 8, "log_every_steps": 2},
     )
 
 

@@ -34,7 +34,8 @@ def ddp_config(root: Path, output: Path, **train) -> dict:
     # test_vit has no BatchNorm: its forward does not depend on how the batch is split, so a 2-process run
     # differs from the single-process one only by floating-point summation order
     return {
-        "name": "ddp", "output": str(output),
+        "name": "ddp",
+        "output": str(output),
         "data": {"root": str(root), "datasets": DATASETS, "num_workers": 0, "eval_batch_size": 64},
         "model": {"backbone": "test_vit", "img_size": 32},
         "input": {"mode": "pad"},
@@ -52,8 +53,13 @@ def write_config(path: Path, raw: dict) -> Path:
 def torchrun(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [*TORCHRUN, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        [*TORCHRUN, "train.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 

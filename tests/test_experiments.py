@@ -39,15 +39,23 @@ STOP_AT = 2 * STEPS_PER_RUN + 3  # in the third run of the sweep, after its thir
 
 
 def write_recipe(path: Path, data_root: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "name": "study",
-        "data": {"root": str(data_root), "datasets": ["breast", "pneumonia"], "num_workers": 0,
-                 "eval_batch_size": 128},
-        "model": {"backbone": "test_resnet"},
-        "input": {"mode": "native"},
-        "optim": {"lr": 0.003},
-        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 4},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "study",
+                "data": {
+                    "root": str(data_root),
+                    "datasets": ["breast", "pneumonia"],
+                    "num_workers": 0,
+                    "eval_batch_size": 128,
+                },
+                "model": {"backbone": "test_resnet"},
+                "input": {"mode": "native"},
+                "optim": {"lr": 0.003},
+                "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 4},
+            }
+        )
+    )
     return path
 
 
@@ -103,8 +111,15 @@ def study(tmp_path_factory):
     }
     resumed = quiet(train_main, sweep)
     individual = quiet(train_main, ["--config", str(recipe), "--output", str(out), "--individual", "--seeds", "0,1"])
-    return SimpleNamespace(out=out, recipe=recipe, data=data_root, stopped=stopped, resumed=resumed,
-                           individual=individual, state_after_stop=state_after_stop)
+    return SimpleNamespace(
+        out=out,
+        recipe=recipe,
+        data=data_root,
+        stopped=stopped,
+        resumed=resumed,
+        individual=individual,
+        state_after_stop=state_after_stop,
+    )
 
 
 def assert_png(path: Path) -> None:
@@ -119,7 +134,8 @@ def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     code, out, err = study.stopped
     assert code == 130 and "run the same command again" in err
     assert study.state_after_stop == {
-        "weighting-none/seed0": (True, True), "weighting-none/seed1": (True, True),
+        "weighting-none/seed0": (True, True),
+        "weighting-none/seed1": (True, True),
         "weighting-size/seed0": (False, True),  # stopped after its third step, last.pt written
     }
     code, out, _ = study.resumed
@@ -196,13 +212,22 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
     y, s_a, s_b = labels["breastmnist"], _scores(a, "breastmnist"), _scores(b, "breastmnist")
 
     def interval(statistic):
-        res = scipy.stats.bootstrap((np.arange(len(y)),), statistic, vectorized=False, n_resamples=100,
-                                    method="percentile", rng=np.random.default_rng(0))
+        res = scipy.stats.bootstrap(
+            (np.arange(len(y)),),
+            statistic,
+            vectorized=False,
+            n_resamples=100,
+            method="percentile",
+            rng=np.random.default_rng(0),
+        )
         return res.confidence_interval.low, res.confidence_interval.high
 
     cell = result["runs"][1]["datasets"]["breastmnist"]["auc"]
     low, high = interval(lambda i: getAUC(y[i], s_b[i], "binary-class") - getAUC(y[i], s_a[i], "binary-class"))
-    assert (cell["diff_ci_low"], cell["diff_ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert (cell["diff_ci_low"], cell["diff_ci_high"]) == (
+        pytest.approx(low, abs=1e-12),
+        pytest.approx(high, abs=1e-12),
+    )
     assert cell["diff"] == pytest.approx(getAUC(y, s_b, "binary-class") - getAUC(y, s_a, "binary-class"), abs=1e-12)
     low, high = interval(lambda i: getAUC(y[i], s_b[i], "binary-class"))
     assert (cell["ci_low"], cell["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
@@ -216,8 +241,9 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
 def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
     mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
     # --compare is kept as an alias of the compare subcommand
-    code, _, _ = quiet(evaluate_main, ["--compare", str(mmpt_side), str(individual), "--bootstrap", "20",
-                                       "--output", str(tmp_path)])
+    code, _, _ = quiet(
+        evaluate_main, ["--compare", str(mmpt_side), str(individual), "--bootstrap", "20", "--output", str(tmp_path)]
+    )
     assert code == 0
     result = json.loads((tmp_path / "compare.json").read_text())
     ref, other = result["runs"]
@@ -272,15 +298,17 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     test_features = np.load(run_dir / "features" / "breastmnist_28_test.npy")
     with torch.no_grad():
         # through breast's own BatchNorm statistics (model.norm auto keeps them per dataset)
-        expected = model.features(build_transform(cfg, model)(torch.from_numpy(split["test_images"])),
-                                  "breastmnist").numpy()
+        expected = model.features(
+            build_transform(cfg, model)(torch.from_numpy(split["test_images"])), "breastmnist"
+        ).numpy()
     np.testing.assert_allclose(test_features, expected, rtol=1e-4, atol=1e-5)
     # the scores are those of a cosine 5-NN on the training features
     train_features = np.load(run_dir / "features" / "breastmnist_28_train.npy")
     knn = KNeighborsClassifier(5, metric="cosine").fit(train_features, split["train_labels"][:, 0])
     np.testing.assert_allclose(_scores(result_dir, "breastmnist"), knn.predict_proba(test_features), atol=1e-6)
     assert table["breastmnist"]["auc"] == pytest.approx(
-        getAUC(split["test_labels"], knn.predict_proba(test_features), "binary-class"), abs=1e-12)
+        getAUC(split["test_labels"], knn.predict_proba(test_features), "binary-class"), abs=1e-12
+    )
     # a second probe reads the cached features instead of running the backbone again
     monkeypatch.setattr(probe_module, "extract_features", lambda *a, **k: pytest.fail("features were re-extracted"))
     out = tmp_path / "again"
@@ -311,16 +339,32 @@ def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_resu
     knn = study.out / "weighting-none" / "probe-knn"
     if not knn.exists():
         assert quiet(evaluate_main, ["probe", str(study.out / "weighting-none"), "--method", "knn"])[0] == 0
-    code, _, _ = quiet(evaluate_main, ["compare", str(knn), str(individual / "probe-linear"), "--bootstrap", "20",
-                                       "--output", str(tmp_path)])
+    code, _, _ = quiet(
+        evaluate_main,
+        ["compare", str(knn), str(individual / "probe-linear"), "--bootstrap", "20", "--output", str(tmp_path)],
+    )
     assert code == 0
     assert json.loads((tmp_path / "compare.json").read_text())["datasets"] == DATASETS
 
 
 def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
     out = tmp_path / "bare"
-    code, _, _ = quiet(evaluate_main, ["probe", "--backbone", "test_resnet", "--config", str(study.recipe),
-                                       "--method", "knn", "--output", str(out), "--device", "cpu"])
+    code, _, _ = quiet(
+        evaluate_main,
+        [
+            "probe",
+            "--backbone",
+            "test_resnet",
+            "--config",
+            str(study.recipe),
+            "--method",
+            "knn",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert code == 0
     assert set(json.loads((out / "metrics.json").read_text())) == {*DATASETS, "mean"}
     assert (out / "predictions" / "data.json").is_file() and list((out / "features").glob("*.npy"))
@@ -354,13 +398,17 @@ def test_init_from_copies_backbone_and_matching_heads_only(study):
 def test_init_from_on_the_command_line(study, tmp_path):
     source = study.out / "weighting-none" / "seed0"
     refused = tmp_path / "vit"
-    code, _, err = quiet(train_main, ["--config", str(study.recipe), "--init-from", str(source), "--backbone",
-                                      "test_vit", "--output", str(refused)])
+    code, _, err = quiet(
+        train_main,
+        ["--config", str(study.recipe), "--init-from", str(source), "--backbone", "test_vit", "--output", str(refused)],
+    )
     assert code == 2 and err.startswith("error: model.init_from") and err.count("\n") == 1
     assert not refused.exists()
     tuned = tmp_path / "tuned"
-    code, out, _ = quiet(train_main, ["--config", str(study.recipe), "--datasets", "breast", "--init-from",
-                                      str(source), "--output", str(tuned)])
+    code, out, _ = quiet(
+        train_main,
+        ["--config", str(study.recipe), "--datasets", "breast", "--init-from", str(source), "--output", str(tuned)],
+    )
     assert code == 0 and "backbone and heads of breastmnist" in out
     assert load_config(tuned / "config.yaml").model.init_from == str(source)
     # mm-PFT: each seed of an individual series starts from the same seed of the mm-PT series
@@ -389,7 +437,7 @@ def test_confusion_matrices_per_label_for_multi_label_tasks():
     matrix, names = panels["chest: " + TASKS["chestmnist"].class_names[3]]
     assert names == ["no", "yes"] and matrix.sum() == 50
     assert matrix[1, 1] == np.sum((labels[:, 3] == 1) & (scores[:, 3] > 0.5))
-    (matrix, names), = confusion_matrices(TASKS["retinamnist"], labels[:, :1] * 4, scores[:, :5]).values()
+    ((matrix, names),) = confusion_matrices(TASKS["retinamnist"], labels[:, :1] * 4, scores[:, :5]).values()
     assert matrix.shape == (5, 5) and matrix[4].sum() == np.sum(labels[:, 0] == 1)
 
 
@@ -397,8 +445,11 @@ def test_loss_curves_plot_train_and_val_losses_and_tolerate_a_history_without_tr
     from mmpt.plots import plot_loss_curves
 
     history = [
-        {"epoch": e, "val": {"breastmnist": {"loss": 1 / e}, "retinamnist": {"loss": 2 / e}, "mean": {"loss": 1.5 / e}},
-         "train_loss": {"breastmnist": 1.2 / e, "retinamnist": 2.5 / e}}
+        {
+            "epoch": e,
+            "val": {"breastmnist": {"loss": 1 / e}, "retinamnist": {"loss": 2 / e}, "mean": {"loss": 1.5 / e}},
+            "train_loss": {"breastmnist": 1.2 / e, "retinamnist": 2.5 / e},
+        }
         for e in (1, 2, 3)
     ]
     assert_png(plot_loss_curves(history, tmp_path / "both.png"))
@@ -410,8 +461,18 @@ def test_loss_curves_plot_train_and_val_losses_and_tolerate_a_history_without_tr
 
 def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = quiet(train_main, ["--print-config", "--config", str(REPO / "configs" / "quickstart.yaml"),
-                                      "--epochs", "7", "--set", "loss.weighting=size"])
+    code, out, _ = quiet(
+        train_main,
+        [
+            "--print-config",
+            "--config",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--epochs",
+            "7",
+            "--set",
+            "loss.weighting=size",
+        ],
+    )
     assert code == 0 and not (tmp_path / "runs").exists()
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [{"train": {"epochs": 7}, "loss": {"weighting": "size"}}])
     assert to_dict(load_config(overrides=[yaml.safe_load(out)])) == to_dict(cfg)
@@ -422,9 +483,11 @@ def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypa
 
 
 def test_series_flags_with_bad_values_are_one_line_errors(study, tmp_path):
-    for flags, message in ((["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
-                           (["--sweep", "loss.weighting=none,heavy"], "loss.weighting must be one of"),
-                           (["--seeds", "0,x"], "--seeds expects")):
+    for flags, message in (
+        (["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
+        (["--sweep", "loss.weighting=none,heavy"], "loss.weighting must be one of"),
+        (["--seeds", "0,x"], "--seeds expects"),
+    ):
         output = tmp_path / "never"
         code, _, err = quiet(train_main, ["--config", str(study.recipe), "--output", str(output), *flags])
         assert code == 2 and message in err and err.count("\n") == 1, err
@@ -459,8 +522,14 @@ def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores
     kind = task.task_type
 
     def interval(statistic):
-        res = scipy.stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=30,
-                                    method="percentile", rng=np.random.default_rng(3))
+        res = scipy.stats.bootstrap(
+            (np.arange(n),),
+            statistic,
+            vectorized=False,
+            n_resamples=30,
+            method="percentile",
+            rng=np.random.default_rng(3),
+        )
         return res.confidence_interval.low, res.confidence_interval.high
 
     expected_value = interval(lambda i: getAUC(labels[i], scores_b[i], kind))

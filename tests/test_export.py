@@ -26,6 +26,7 @@ def quiet(fn, *args):
         code = fn(*args)
     return code, out.getvalue(), err.getvalue()
 
+
 DATASETS = ["breastmnist", "retinamnist"]
 
 
@@ -35,14 +36,20 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     write_synthetic(base / "data", 28, resolve_tasks(DATASETS), train_samples=32, seed=0)
     recipe = base / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny", "data": {"root": str(base / "data"), "datasets": DATASETS, "num_workers": 0},
-        "model": {"backbone": "test_vit", "img_size": 32}, "input": {"mode": "pad"},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "data": {"root": str(base / "data"), "datasets": DATASETS, "num_workers": 0},
+                "model": {"backbone": "test_vit", "img_size": 32},
+                "input": {"mode": "pad"},
+                "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
+            }
+        )
+    )
     code, _, err = quiet(train_main, ["--config", str(recipe), "--output", str(base / "run")])
     assert code == 0, err
-    code, out, err = quiet(evaluate_main, ["export", str(base / "run"), "--output", str(base / "export")])
+    code, _out, err = quiet(evaluate_main, ["export", str(base / "run"), "--output", str(base / "export")])
     assert code == 0, err
     return base / "run", base / "export"
 
@@ -64,9 +71,14 @@ def test_export_loads_in_plain_timm_with_the_engines_features(run, tmp_path):
     run_dir, export = run
     x = torch.randn(3, 3, 32, 32)
     np.save(tmp_path / "x.npy", x.numpy())
-    done = subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM, str(export), str(tmp_path / "x.npy"),
-                           str(tmp_path / "y.npy")], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_TIMM, str(export), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     model, _ = load_backbone(run_dir)
@@ -76,7 +88,8 @@ def test_export_loads_in_plain_timm_with_the_engines_features(run, tmp_path):
     assert not loaded["mmpt_imported"]
     assert loaded["input_size"] == [3, 32, 32]
     assert loaded["mean"] == pytest.approx(list(model.mean_std[0])) and loaded["std"] == pytest.approx(
-        list(model.mean_std[1]))
+        list(model.mean_std[1])
+    )
     config = json.loads((export / "config.json").read_text())
     assert config["architecture"] == "test_vit" and config["num_classes"] == 0
 
@@ -104,8 +117,9 @@ def test_export_refuses_a_non_empty_folder_without_overwrite(run, tmp_path):
     code, _, err = quiet(evaluate_main, ["export", str(run_dir), "--output", str(tmp_path)])
     assert code == 2 and err.startswith("error:") and "--overwrite" in err and err.count("\n") == 1
     assert not (tmp_path / "model.safetensors").exists() and (tmp_path / "notes.txt").read_text() == "mine"
-    code, _, err = quiet(evaluate_main, ["export", str(run_dir), "--output", str(tmp_path), "--overwrite",
-                                         "--checkpoint", "last"])
+    code, _, err = quiet(
+        evaluate_main, ["export", str(run_dir), "--output", str(tmp_path), "--overwrite", "--checkpoint", "last"]
+    )
     assert code == 0 and (tmp_path / "model.safetensors").is_file()
 
 
@@ -117,8 +131,9 @@ def test_init_from_and_probe_accept_an_export(run, tmp_path):
     state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
-    code, out, err = quiet(evaluate_main, ["probe", str(export), "--method", "knn", "--k", "3",
-                                           "--output", str(tmp_path / "probe")])
+    code, _out, err = quiet(
+        evaluate_main, ["probe", str(export), "--method", "knn", "--k", "3", "--output", str(tmp_path / "probe")]
+    )
     assert code == 0, err
     assert len(list((tmp_path / "probe" / "predictions").glob("*_test_*.csv"))) == 2
 
@@ -132,11 +147,17 @@ def test_a_per_dataset_norm_export_carries_each_datasets_statistics(tmp_path, no
 
     write_synthetic(tmp_path / "data", 28, resolve_tasks(DATASETS), train_samples=32, seed=0)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "bn", "data": {"root": str(tmp_path / "data"), "datasets": DATASETS, "num_workers": 0},
-        "model": {"backbone": "test_resnet", "norm": norm}, "input": {"mode": "native"},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bn",
+                "data": {"root": str(tmp_path / "data"), "datasets": DATASETS, "num_workers": 0},
+                "model": {"backbone": "test_resnet", "norm": norm},
+                "input": {"mode": "native"},
+                "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
+            }
+        )
+    )
     code, _, err = quiet(train_main, ["--config", str(recipe), "--output", str(tmp_path / "run")])
     assert code == 0, err
     code, _, err = quiet(evaluate_main, ["export", str(tmp_path / "run"), "--output", str(tmp_path / "export")])

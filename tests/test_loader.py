@@ -90,7 +90,11 @@ def test_eval_loader_covers_a_split_once_in_order(splits, num_workers):
     split = splits["chestmnist"]
     batches = list(eval_loader({"chestmnist": split, "pathmnist": splits["pathmnist"]}, 64, num_workers=num_workers))
     assert [(task, len(labels)) for task, _, labels in batches] == [
-        ("chestmnist", 64), ("chestmnist", 64), ("chestmnist", 64), ("chestmnist", 8), ("pathmnist", 64),
+        ("chestmnist", 64),
+        ("chestmnist", 64),
+        ("chestmnist", 64),
+        ("chestmnist", 8),
+        ("pathmnist", 64),
         ("pathmnist", 26),
     ]
     chest = [(images, labels) for task, images, labels in batches if task == "chestmnist"]
@@ -98,11 +102,10 @@ def test_eval_loader_covers_a_split_once_in_order(splits, num_workers):
     assert np.array_equal(torch.cat([labels for _, labels in chest]).numpy(), split.labels)
 
 
-
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_rank_shards_cover_every_step_and_split_exactly_once(splits, plan, world_size):
     ranks = [PlanDataset(splits, plan, rank=r, world_size=world_size) for r in range(world_size)]
-    for i, [(task, idx)] in enumerate(plan):
+    for i, [(_task, idx)] in enumerate(plan):
         shards = [ds[i][0] for ds in ranks]
         assert {s.global_size for s in shards} == {len(idx)}
         assert max(len(s.labels) for s in shards) - min(len(s.labels) for s in shards) <= 1
@@ -110,7 +113,9 @@ def test_rank_shards_cover_every_step_and_split_exactly_once(splits, plan, world
         assert torch.cat([s.labels[:, 0] for s in shards]).tolist() == np.sort(idx).tolist()
     split = splits["chestmnist"]
     gathered = [
-        torch.cat([y for _, _, y in eval_loader({"chestmnist": split}, 50, num_workers=0, rank=r, world_size=world_size)])
+        torch.cat(
+            [y for _, _, y in eval_loader({"chestmnist": split}, 50, num_workers=0, rank=r, world_size=world_size)]
+        )
         for r in range(world_size)
     ]
     assert np.array_equal(torch.cat(gathered).numpy(), split.labels)

@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn
@@ -13,10 +12,16 @@ from mmpt.model import CoralHead, build_head
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
 
 # the first dataset of each task type: pathmnist, pneumoniamnist, chestmnist, retinamnist
-SPEC = {kind: next(t for t in TASKS.values() if t.task_type == kind) for kind in (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)}
+SPEC = {
+    kind: next(t for t in TASKS.values() if t.task_type == kind) for kind in (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
+}
 # (task type, ordinal loss) pairs covering every loss
 CASES = [
-    (MULTI_CLASS, "coral"), (BINARY, "coral"), (MULTI_LABEL, "coral"), (ORDINAL, "ce"), (ORDINAL, "coral"),
+    (MULTI_CLASS, "coral"),
+    (BINARY, "coral"),
+    (MULTI_LABEL, "coral"),
+    (ORDINAL, "ce"),
+    (ORDINAL, "coral"),
     (ORDINAL, "corn"),
 ]
 
@@ -59,15 +64,21 @@ def test_zero_logits_give_the_uninformed_loss(task_type, ordinal):
     labels = _labels(task, 16, torch.Generator().manual_seed(1))
     value = loss(torch.zeros(16, loss.num_outputs), labels)
     # CE: log K over K uniform classes; BCE, CORAL and CORN: log 2 per (mean over) label or threshold
-    binary_terms = ordinal in ("coral", "corn") and task_type == ORDINAL or task_type == MULTI_LABEL
+    binary_terms = (ordinal in ("coral", "corn") and task_type == ORDINAL) or task_type == MULTI_LABEL
     expected = math.log(2) if binary_terms else math.log(task.num_classes)
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize(
     "task_type,ordinal,outputs,head",
-    [(MULTI_CLASS, "coral", 9, "linear"), (BINARY, "coral", 2, "linear"), (MULTI_LABEL, "coral", 14, "linear"),
-     (ORDINAL, "ce", 5, "linear"), (ORDINAL, "coral", 4, "coral"), (ORDINAL, "corn", 4, "linear")],
+    [
+        (MULTI_CLASS, "coral", 9, "linear"),
+        (BINARY, "coral", 2, "linear"),
+        (MULTI_LABEL, "coral", 14, "linear"),
+        (ORDINAL, "ce", 5, "linear"),
+        (ORDINAL, "coral", 4, "coral"),
+        (ORDINAL, "corn", 4, "linear"),
+    ],
 )
 def test_each_task_type_gets_its_head_size(task_type, ordinal, outputs, head):
     task = SPEC[task_type]
@@ -157,7 +168,7 @@ def test_coral_head_learns_a_one_dimensional_ordinal_problem():
 
 
 def test_unknown_ordinal_loss_lists_the_valid_ones():
-    with pytest.raises(MmptError, match="coral.*corn"):
+    with pytest.raises(MmptError, match=r"coral.*corn"):
         build_loss(TASKS["retinamnist"], ordinal="cumulative")
 
 

@@ -41,7 +41,8 @@ def test_one_head_per_task_sized_by_task_type():
         logits = model(x, flag)
         # multi-label: one logit per label; CORAL: K-1 thresholds; otherwise one logit per class (binary: 2)
         expected = {"multi-label, binary-class": 14, "ordinal-regression": task.num_classes - 1}.get(
-            task.task_type, task.num_classes)
+            task.task_type, task.num_classes
+        )
         assert logits.shape == (4, expected), flag
         assert losses[flag].scores(logits).shape == (4, task.num_classes)
 

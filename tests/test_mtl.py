@@ -17,18 +17,20 @@ from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
 from mmpt.errors import MmptError
 from mmpt.model import build_model
+from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 from mmpt.step import build_step
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
-from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method of the issue this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
 # and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
 TRAINED = [
-    n for n in METHODS
-    if not missing_solvers(n) and (METHODS[n].kind != STATIC or n in ("none", "manual"))
+    n
+    for n in METHODS
+    if not missing_solvers(n)
+    and (METHODS[n].kind != STATIC or n in ("none", "manual"))
     and n not in ("config", "fairgrad", "jd_mean")
 ]
 MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0}
@@ -41,8 +43,14 @@ def mtl_config(root, output, method, **sections):
     tasks_per_step = "all" if METHODS[method].tasks == ALL else 2
     loss = {"weighting": method, "weights": MANUAL if method == "manual" else {}}
     return tiny_config(
-        root, output, data={"datasets": DATASETS, "num_workers": 0}, sampler={"tasks_per_step": tasks_per_step},
-        loss=loss, optim={"lr": 0.01}, train={"epochs": 1, "batch_size": 16}, **sections,
+        root,
+        output,
+        data={"datasets": DATASETS, "num_workers": 0},
+        sampler={"tasks_per_step": tasks_per_step},
+        loss=loss,
+        optim={"lr": 0.01},
+        train={"epochs": 1, "batch_size": 16},
+        **sections,
     )
 
 
@@ -135,7 +143,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tm
 
 
 def test_a_method_that_needs_every_dataset_per_step_is_a_config_error(synthetic_root, tmp_path):
-    with pytest.raises(MmptError, match="sampler.tasks_per_step=all"):
+    with pytest.raises(MmptError, match=r"sampler.tasks_per_step=all"):
         tiny_config(synthetic_root, tmp_path / "famo", loss={"weighting": "famo"})
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import summary, tiny_config
+from test_resume import crash_at_step
 from torch import nn
 
 import mmpt.step
@@ -17,8 +19,6 @@ from mmpt.model import build_model
 from mmpt.norm import NormLayout, convert_norms, task_norms
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
-from test_resume import crash_at_step
-from conftest import summary, tiny_config
 
 TWO = resolve_tasks("breast,retina")
 
@@ -66,8 +66,12 @@ def test_a_dataset_is_evaluated_with_its_own_statistics_and_weights():
         layer, _, leaf = key.rpartition(".")
         if f"{layer}.task_weight.1" in state and leaf in ("weight", "bias"):
             oracle[key] = state[f"{layer}.task_{leaf}.{row}"]
-        elif leaf in ("running_mean", "running_var", "num_batches_tracked") and state[key].dim() >= 1 and \
-                f"{layer}.running_mean" in state and state[f"{layer}.running_mean"].dim() == 2:
+        elif (
+            leaf in ("running_mean", "running_var", "num_batches_tracked")
+            and state[key].dim() >= 1
+            and f"{layer}.running_mean" in state
+            and state[f"{layer}.running_mean"].dim() == 2
+        ):
             oracle[key] = state[key][row]
         else:
             oracle[key] = state[key]
@@ -90,7 +94,8 @@ def test_a_layer_normalises_with_the_datasets_running_statistics_by_hand():
     layout.segments = ((1, 5),)
     x = batch(5, 3)[:, :3, :4, :4]
     by_hand = (x - torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1)) / torch.sqrt(
-        torch.tensor([4.0, 0.25, 9.0]).view(1, 3, 1, 1) + layer.eps)
+        torch.tensor([4.0, 0.25, 9.0]).view(1, 3, 1, 1) + layer.eps
+    )
     assert torch.allclose(wrapped(x), by_hand, atol=1e-6)
 
 
@@ -121,14 +126,20 @@ def test_each_slice_of_a_several_dataset_batch_is_normalised_on_its_own(kind, no
 
 
 def test_a_backbone_without_batchnorm_refuses_a_per_dataset_norm():
-    with pytest.raises(MmptError, match="test_vit has no BatchNorm.*LayerNorm"):
+    with pytest.raises(MmptError, match=r"test_vit has no BatchNorm.*LayerNorm"):
         model_with("per_dataset_stats", backbone="test_vit")
     assert model_with("shared", backbone="test_vit") is not None
 
 
 def test_per_dataset_affine_with_a_gradient_based_weighting_is_refused(synthetic_root, tmp_path):
-    cfg = tiny_config(synthetic_root, tmp_path / "run", data={"datasets": ["breast", "retina"]},
-                      model={"norm": "per_dataset"}, sampler={"tasks_per_step": 2}, loss={"weighting": "upgrad"})
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "run",
+        data={"datasets": ["breast", "retina"]},
+        model={"norm": "per_dataset"},
+        sampler={"tasks_per_step": 2},
+        loss={"weighting": "upgrad"},
+    )
     with pytest.raises(MmptError, match="per_dataset_stats"):
         run(cfg)
     assert not (tmp_path / "run").exists()
@@ -137,10 +148,13 @@ def test_per_dataset_affine_with_a_gradient_based_weighting_is_refused(synthetic
 def norm_config(root, output, norm, **sections):
     """test_resume's config (three tiny tasks, 3 epochs, dropout and augmentation) with `norm`."""
     return tiny_config(
-        root, output, data={"datasets": ["breast", "retina", "chest"], "num_workers": 0},
+        root,
+        output,
+        data={"datasets": ["breast", "retina", "chest"], "num_workers": 0},
         model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32, "norm": norm},
         input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
-        train={"epochs": 3, "batch_size": 16}, **sections,
+        train={"epochs": 3, "batch_size": 16},
+        **sections,
     )
 
 
@@ -151,8 +165,9 @@ def norm_reference(request, synthetic_root, tmp_path_factory):
     return request.param, summary(out), out
 
 
-def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(synthetic_root, tmp_path, monkeypatch,
-                                                                      norm_reference):
+def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
+    synthetic_root, tmp_path, monkeypatch, norm_reference
+):
     norm, reference, _ = norm_reference
     out = tmp_path / "crashed"
     cfg = norm_config(synthetic_root, out, norm, sampler={"tasks_per_step": 2}, checkpoint={"every_steps": 4})
@@ -179,7 +194,7 @@ def test_model_norm_cannot_change_on_resume(synthetic_root, tmp_path, monkeypatc
         crash_at_step(patch, 3)
         with pytest.raises(RuntimeError):
             run(norm_config(synthetic_root, out, "shared", checkpoint={"every_steps": 2}))
-    with pytest.raises(MmptError, match="model.norm=shared, not per_dataset_stats"):
+    with pytest.raises(MmptError, match=r"model.norm=shared, not per_dataset_stats"):
         run(norm_config(synthetic_root, out, "per_dataset_stats"), resume=True)
 
 
@@ -189,13 +204,22 @@ def test_shared_and_per_dataset_runs_of_one_seed_see_the_same_plan(synthetic_roo
 
     def record(self, parts, step):
         seen.setdefault(self.model.norm, []).append(
-            [(p.task, p.images.sum().item(), p.labels.sum().item()) for p in parts])
+            [(p.task, p.images.sum().item(), p.labels.sum().item()) for p in parts]
+        )
         return real_step(self, parts, step)
 
     monkeypatch.setattr(mmpt.step.TrainStep, "__call__", record)
     for norm in ("shared", "per_dataset_stats"):
-        run(tiny_config(synthetic_root, tmp_path / norm, data={"datasets": ["breast", "retina", "chest"]},
-                        model={"norm": norm}, sampler={"tasks_per_step": 2}, train={"batch_size": 16}))
+        run(
+            tiny_config(
+                synthetic_root,
+                tmp_path / norm,
+                data={"datasets": ["breast", "retina", "chest"]},
+                model={"norm": norm},
+                sampler={"tasks_per_step": 2},
+                train={"batch_size": 16},
+            )
+        )
     assert len(seen["shared"]) == 12 and seen["shared"] == seen["per_dataset_stats"]
     assert summary(tmp_path / "shared")["final_digest"] != summary(tmp_path / "per_dataset_stats")["final_digest"]
 
@@ -204,8 +228,12 @@ def saved_model(tmp_path, norm: str, datasets: str):
     """A checkpoint file of a freshly built model with distinct per-dataset statistics and weights."""
     from mmpt.config import to_dict
 
-    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
-                      model={"backbone": "test_resnet", "norm": norm})
+    cfg = tiny_config(
+        "/nonexistent",
+        "/nonexistent",
+        data={"datasets": datasets.split(",")},
+        model={"backbone": "test_resnet", "norm": norm},
+    )
     model = build_model(cfg, resolve_tasks(datasets))[0]
     state = model.state_dict()
     generator = torch.Generator().manual_seed(5)
@@ -220,14 +248,20 @@ def saved_model(tmp_path, norm: str, datasets: str):
 def target_model(norm: str, datasets: str, source):
     from mmpt.model import load_initial_weights
 
-    cfg = tiny_config("/nonexistent", "/nonexistent", data={"datasets": datasets.split(",")},
-                      model={"backbone": "test_resnet", "norm": norm})
+    cfg = tiny_config(
+        "/nonexistent",
+        "/nonexistent",
+        data={"datasets": datasets.split(",")},
+        model={"backbone": "test_resnet", "norm": norm},
+    )
     model = build_model(cfg, resolve_tasks(datasets))[0]
     load_initial_weights(model, source, cfg)
     return model, model.backbone.state_dict()
 
 
-def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the_size_weighted_mixture(tmp_path, capsys):
+def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the_size_weighted_mixture(
+    tmp_path, capsys
+):
     source, theirs, source_tasks = saved_model(tmp_path, "per_dataset", "breast,retina,chest")
     model, ours = target_model("per_dataset", "breast,pneumonia", source)
     assert "pneumoniamnist, not in the source, from the train-size-weighted mixture" in capsys.readouterr().out
@@ -254,7 +288,7 @@ def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the
 
 def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_path):
     source, theirs, _ = saved_model(tmp_path, "shared", "breast,retina")
-    model, ours = target_model("per_dataset", "breast,retina,chest", source)
+    _model, ours = target_model("per_dataset", "breast,retina,chest", source)
     for row in range(3):
         assert torch.equal(ours["bn1.running_mean"][row], theirs["backbone.bn1.running_mean"])
         assert torch.equal(ours[f"bn1.task_weight.{row}"], theirs["backbone.bn1.weight"])
@@ -266,13 +300,17 @@ def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_
 def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
     """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
     (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
-    from test_distributed import finish, summary as ddp_summary, torchrun, write_config
+    from test_distributed import finish, torchrun, write_config
+    from test_distributed import summary as ddp_summary
 
     raw = {
-        "name": "ddp", "output": str(tmp_path / "run"),
+        "name": "ddp",
+        "output": str(tmp_path / "run"),
         "data": {"root": str(synthetic_root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
-        "model": {"backbone": "test_resnet", "norm": "per_dataset"}, "input": {"mode": "native"},
-        "sampler": {"tasks_per_step": 2}, "optim": {"lr": 0.003},
+        "model": {"backbone": "test_resnet", "norm": "per_dataset"},
+        "input": {"mode": "native"},
+        "sampler": {"tasks_per_step": 2},
+        "optim": {"lr": 0.003},
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
     }
     finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
@@ -283,8 +321,15 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
 @pytest.fixture(scope="module")
 def shared_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "run"
-    run(tiny_config(synthetic_root, out, data={"datasets": ["breast", "retina", "chest"]}, model={"norm": "shared"},
-                    train={"batch_size": 16}))
+    run(
+        tiny_config(
+            synthetic_root,
+            out,
+            data={"datasets": ["breast", "retina", "chest"]},
+            model={"norm": "shared"},
+            train={"batch_size": 16},
+        )
+    )
     return out
 
 
@@ -297,8 +342,12 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
     best = shared_run / "checkpoints" / ckpt.BEST
     before = hashlib.sha256(best.read_bytes()).hexdigest()
     assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100"]) == 0
-    assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100",
-                          "--output", str(tmp_path / "again")]) == 0
+    assert (
+        evaluate_main(
+            [str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100", "--output", str(tmp_path / "again")]
+        )
+        == 0
+    )
     assert evaluate_main([str(shared_run)]) == 0
     assert hashlib.sha256(best.read_bytes()).hexdigest() == before
     first = json.loads((shared_run / "eval" / "test-recalibrated" / "metrics.json").read_text())
@@ -306,7 +355,10 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
     assert first != json.loads((shared_run / "eval" / "test" / "metrics.json").read_text())  # the statistics moved
     record = json.loads((shared_run / "eval" / "test-recalibrated" / "recalibration.json").read_text())
     assert record["from"] == "shared" and record["images_per_dataset"] == {
-        "breastmnist": 100, "retinamnist": 100, "chestmnist": 100}
+        "breastmnist": 100,
+        "retinamnist": 100,
+        "chestmnist": 100,
+    }
 
 
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
@@ -326,7 +378,7 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
     data = open_data(cfg.data, tasks)
     splits = {flag: d.splits["train"] for flag, d in data.items()}
     used = recalibrate(model, splits, transform, torch.device("cpu"), images=10_000, batch_size=1024)
-    assert used == {flag: 128 for flag in splits}  # the whole split (smaller than the request)
+    assert used == dict.fromkeys(splits, 128)  # the whole split (smaller than the request)
     assert model.norm == "per_dataset_stats" and not model.training
     layer = model.backbone.conv1[1]
     for flag, split in splits.items():
@@ -353,15 +405,26 @@ def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run,
     breast = extract_features(model, cfg, split, torch.device("cpu"), 64, task="breastmnist")
     retina = extract_features(model, cfg, split, torch.device("cpu"), 64, task="retinamnist")
     assert breast.shape == retina.shape and not np.allclose(breast, retina, atol=1e-3)
-    assert evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm",
-                          "--recalibrate-images", "64"]) == 0
+    assert (
+        evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm", "--recalibrate-images", "64"])
+        == 0
+    )
     assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"last_batch": "drop"}, {"tasks_per_step": 3}, {"tasks_per_step": "all"}, {"steps_per_epoch": 5000},
-    {"replacement": True, "alpha": 0.5}, {"replacement": True, "alpha": 0.3, "tasks_per_step": 2},
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"last_batch": "drop"},
+        {"tasks_per_step": 3},
+        {"tasks_per_step": "all"},
+        {"steps_per_epoch": 5000},
+        {"replacement": True, "alpha": 0.5},
+        {"replacement": True, "alpha": 0.3, "tasks_per_step": 2},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
 def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_images(options):
     """dataset_exposure against the realised epoch plans, with every train split size in medmnist.INFO."""
     import medmnist
@@ -382,7 +445,9 @@ def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_imag
             for task, idx in item:
                 images[task] += len(idx)
                 steps_with[task] += 1
-    exact = not options.get("replacement") and "steps_per_epoch" not in options and options.get("tasks_per_step") != "all"
+    exact = (
+        not options.get("replacement") and "steps_per_epoch" not in options and options.get("tasks_per_step") != "all"
+    )
     for task, n in sizes.items():
         share, passes = exposure[task]
         realised_share, realised_passes = steps_with[task] / total_steps, images[task] / n
@@ -390,7 +455,11 @@ def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_imag
         if options.get("tasks_per_step") == "all":  # a smaller split's last pass of an epoch is a prefix
             tolerance = epochs * batch_size / n
         exact_share = exact or options.get("tasks_per_step") == "all"
-        assert abs(share - realised_share) <= (1e-9 if exact_share else 0.1 * share + 0.005), (task, share, realised_share)
+        assert abs(share - realised_share) <= (1e-9 if exact_share else 0.1 * share + 0.005), (
+            task,
+            share,
+            realised_share,
+        )
         assert abs(passes - realised_passes) <= tolerance, (task, passes, realised_passes)
     if options.get("tasks_per_step", 1) == 1:
         assert sum(s for s, _ in exposure.values()) == pytest.approx(1.0)
@@ -401,12 +470,17 @@ def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_imag
 def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
     from pathlib import Path
 
-    from mmpt.distributed import SINGLE
     from mmpt.data.sampler import Sampler
+    from mmpt.distributed import SINGLE
     from mmpt.trainlog import describe
 
-    cfg = tiny_config("/nonexistent", tmp_path, model={"norm": "per_dataset_stats"},
-                      sampler={"replacement": True, "alpha": 0.5}, train={"epochs": 4, "batch_size": 50})
+    cfg = tiny_config(
+        "/nonexistent",
+        tmp_path,
+        model={"norm": "per_dataset_stats"},
+        sampler={"replacement": True, "alpha": 0.5},
+        train={"epochs": 4, "batch_size": 50},
+    )
     sizes = {"breastmnist": 546, "retinamnist": 1080}
     sampler = Sampler.from_config(sizes, cfg)
     text = describe(cfg, model_with("per_dataset_stats"), sampler, torch.device("cpu"), SINGLE, Path("cache"))
@@ -441,23 +515,29 @@ def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
         assert torch.allclose(plain(x), model.features(x, "breastmnist"), atol=1e-6)
 
 
-@pytest.mark.parametrize(("backbone", "datasets", "expected"), [
-    ("test_resnet", "breast,retina", "per_dataset_stats"), ("test_resnet", "breast", "shared"),
-    ("test_vit", "breast,retina", "shared"),
-])
-def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than_one_dataset(backbone, datasets,
-                                                                                               expected):
+@pytest.mark.parametrize(
+    ("backbone", "datasets", "expected"),
+    [
+        ("test_resnet", "breast,retina", "per_dataset_stats"),
+        ("test_resnet", "breast", "shared"),
+        ("test_vit", "breast,retina", "shared"),
+    ],
+)
+def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than_one_dataset(
+    backbone, datasets, expected
+):
     model = model_with("auto", backbone, resolve_tasks(datasets))
     assert model.norm == expected
     assert (len(task_norms(model.backbone)) > 0) == (expected == "per_dataset_stats")
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)  # what auto resolves to
-def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(synthetic_root, tmp_path, norm_reference,
-                                                                            capsys):
+def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
+    synthetic_root, tmp_path, norm_reference, capsys
+):
     from mmpt.norm import saved_norm
 
-    norm, reference, out = norm_reference
+    norm, reference, _out = norm_reference
     assert norm == "per_dataset_stats"
     auto = tmp_path / "auto"
     run(norm_config(synthetic_root, auto, "auto", sampler={"tasks_per_step": 2}))

@@ -38,8 +38,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("per_head", [True, False])
 def test_a_step_updates_the_backbone_and_the_sampled_head_only(per_head):
     backbone, heads = tiny_net()
-    optimizers = build_optimizers(backbone, heads, {t: 10 for t in TASKS}, epochs=1, lr=0.1, weight_decay=0.05,
-                                  per_head=per_head)
+    optimizers = build_optimizers(
+        backbone, heads, dict.fromkeys(TASKS, 10), epochs=1, lr=0.1, weight_decay=0.05, per_head=per_head
+    )
     before = {"backbone": snapshot(backbone), **{t: snapshot(h) for t, h in heads.items()}}
     train_step(backbone, heads, optimizers, "b")
     assert not same(snapshot(backbone), before["backbone"])
@@ -74,17 +75,28 @@ def test_a_heads_schedule_reaches_its_end_after_its_own_updates_not_global_steps
 
 def test_shared_optimizer_is_one_schedule_over_global_steps():
     backbone, heads = tiny_net()
-    optimizers = build_optimizers(backbone, heads, {t: 4 for t in TASKS}, epochs=1, lr=0.1, per_head=False)
+    optimizers = build_optimizers(backbone, heads, dict.fromkeys(TASKS, 4), epochs=1, lr=0.1, per_head=False)
     assert set(optimizers.optimizers) == {SHARED}
     for task in ("a", "b", "c"):
         train_step(backbone, heads, optimizers, task)
-    assert optimizers.learning_rates()[SHARED] == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 12)).item()))
+    assert optimizers.learning_rates()[SHARED] == pytest.approx(
+        0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 12)).item())
+    )
 
 
 def test_constant_schedule_keeps_each_group_at_its_own_lr_after_warmup():
     backbone, heads = tiny_net()
-    optimizers = build_optimizers(backbone, heads, {t: 4 for t in TASKS}, epochs=2, lr=0.1, head_lr=0.3,
-                                  per_head=False, schedule="constant", warmup_epochs=0.25)
+    optimizers = build_optimizers(
+        backbone,
+        heads,
+        dict.fromkeys(TASKS, 4),
+        epochs=2,
+        lr=0.1,
+        head_lr=0.3,
+        per_head=False,
+        schedule="constant",
+        warmup_epochs=0.25,
+    )
     for task in ("a", "b", "c", "a", "b"):
         train_step(backbone, heads, optimizers, task)
     group_lrs = sorted({round(g["lr"], 12) for g in optimizers.optimizers[SHARED].param_groups})
@@ -93,7 +105,7 @@ def test_constant_schedule_keeps_each_group_at_its_own_lr_after_warmup():
 
 def test_state_dict_restores_moments_update_counts_and_learning_rates():
     backbone, heads = tiny_net()
-    optimizers = build_optimizers(backbone, heads, {t: 5 for t in TASKS}, epochs=1, lr=0.1)
+    optimizers = build_optimizers(backbone, heads, dict.fromkeys(TASKS, 5), epochs=1, lr=0.1)
     for task in ("a", "b", "a"):
         train_step(backbone, heads, optimizers, task)
     state = copy.deepcopy(optimizers.state_dict())  # as through a checkpoint file: no shared tensors
@@ -101,7 +113,7 @@ def test_state_dict_restores_moments_update_counts_and_learning_rates():
     backbone2.load_state_dict(backbone.state_dict())
     for t in TASKS:
         heads2[t].load_state_dict(heads[t].state_dict())
-    restored = build_optimizers(backbone2, heads2, {t: 5 for t in TASKS}, epochs=1, lr=0.1)
+    restored = build_optimizers(backbone2, heads2, dict.fromkeys(TASKS, 5), epochs=1, lr=0.1)
     restored.load_state_dict(state)
     assert restored.learning_rates() == optimizers.learning_rates()
     torch.manual_seed(1)

@@ -23,17 +23,26 @@ FLOORS = {"breastmnist": 0.68, "pneumoniamnist": 0.90, "retinamnist": 0.62}
 @pytest.fixture(scope="module")
 def real_run(real_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("real")
-    cfg = load_config(overrides=[{
-        "name": "real",
-        "output": str(base / "run"),
-        # the shared folder must stay untouched: the unpacked cache goes to tmp
-        "data": {"root": str(real_root), "cache_dir": str(base / "cache"), "datasets": list(FLOORS),
-                 "num_workers": 0, "eval_batch_size": 256},
-        "model": {"backbone": "resnet18"},
-        "input": {"mode": "native"},
-        "optim": {"lr": 0.001},
-        "train": {"epochs": 3, "batch_size": 64, "device": "cpu", "progress": False},
-    }])
+    cfg = load_config(
+        overrides=[
+            {
+                "name": "real",
+                "output": str(base / "run"),
+                # the shared folder must stay untouched: the unpacked cache goes to tmp
+                "data": {
+                    "root": str(real_root),
+                    "cache_dir": str(base / "cache"),
+                    "datasets": list(FLOORS),
+                    "num_workers": 0,
+                    "eval_batch_size": 256,
+                },
+                "model": {"backbone": "resnet18"},
+                "input": {"mode": "native"},
+                "optim": {"lr": 0.001},
+                "train": {"epochs": 3, "batch_size": 64, "device": "cpu", "progress": False},
+            }
+        ]
+    )
     table = run(cfg)
     return cfg, table, base / "cache"
 

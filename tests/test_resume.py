@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import summary, tiny_config
 
 import mmpt.step
 import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
 from mmpt.train import run
-from conftest import summary, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
@@ -30,8 +30,12 @@ def resume_config(root, output, **sections):
     sections.setdefault("train", {})
     sections["train"] = {"epochs": 3, "batch_size": 16, **sections["train"]}
     return tiny_config(
-        root, output, data=SMALL, model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32},
-        input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}}, **sections,
+        root,
+        output,
+        data=SMALL,
+        model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32},
+        input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
+        **sections,
     )
 
 
@@ -83,7 +87,11 @@ def _start_training(config_path: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "--config", str(config_path), *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

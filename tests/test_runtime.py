@@ -54,7 +54,9 @@ def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_
     assert on["env"]["determinism"] is True and on["env"]["tf32"] is False and on["env"]["cudnn_benchmark"] is False
     assert on["env"]["torch"] == torch.__version__ and on["env"]["device"] == "cpu"
     assert on["env"]["timm"] and on["env"]["medmnist"]
-    assert on["first_draw"] == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # torch seeded from seed 0
+    assert (
+        on["first_draw"] == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
+    )  # torch seeded from seed 0
 
 
 def test_determinism_off_allows_tf32_and_cudnn_benchmark_and_env_json_says_so(probe):
@@ -74,14 +76,41 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
 def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_path, capsys):
     run = tmp_path / "run"
     prediction = "breastmnist_test_[AUC]0.812_[ACC]0.750@tiny.csv"
-    mmpt_files = ["checkpoints/last.pt", "checkpoints/best.pt", "tb/events.out.tfevents.1700000000.host.1.0",
-                  f"predictions/{prediction}", "eval/test/metrics.json", f"eval/val/predictions/{prediction}",
-                  "summary.json", "env.json", "val_history.json", "config.yaml", "config.before-resume-at-step5.yaml",
-                  "metrics.md", "metrics.csv", "metrics.json", "val_auc.png", ".config.yaml.tmp",
-                  "loss_curves.png", "features/breastmnist_28_test.npy", "features/manifest.json", "compare.md",
-                  "compare_auc.png", "predictions/data.json", "eval/test/confusion_breastmnist.png"]
-    user_files = ["notes.txt", "results.json", "my_analysis/plot.py", "checkpoints/epoch3-copy.pt", "tb/README",
-                  "predictions/mine.csv", "eval/test/my_table.csv", "eval/ablation/metrics.json"]
+    mmpt_files = [
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "tb/events.out.tfevents.1700000000.host.1.0",
+        f"predictions/{prediction}",
+        "eval/test/metrics.json",
+        f"eval/val/predictions/{prediction}",
+        "summary.json",
+        "env.json",
+        "val_history.json",
+        "config.yaml",
+        "config.before-resume-at-step5.yaml",
+        "metrics.md",
+        "metrics.csv",
+        "metrics.json",
+        "val_auc.png",
+        ".config.yaml.tmp",
+        "loss_curves.png",
+        "features/breastmnist_28_test.npy",
+        "features/manifest.json",
+        "compare.md",
+        "compare_auc.png",
+        "predictions/data.json",
+        "eval/test/confusion_breastmnist.png",
+    ]
+    user_files = [
+        "notes.txt",
+        "results.json",
+        "my_analysis/plot.py",
+        "checkpoints/epoch3-copy.pt",
+        "tb/README",
+        "predictions/mine.csv",
+        "eval/test/my_table.csv",
+        "eval/ablation/metrics.json",
+    ]
     for name in mmpt_files + user_files:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
@@ -91,8 +120,18 @@ def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_pat
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert left == sorted(user_files)
     # a folder mmpt does not write is kept whole and named once
-    assert kept == sorted(["notes.txt", "results.json", "my_analysis", "checkpoints/epoch3-copy.pt", "tb/README",
-                           "predictions/mine.csv", "eval/test/my_table.csv", "eval/ablation"])
+    assert kept == sorted(
+        [
+            "notes.txt",
+            "results.json",
+            "my_analysis",
+            "checkpoints/epoch3-copy.pt",
+            "tb/README",
+            "predictions/mine.csv",
+            "eval/test/my_table.csv",
+            "eval/ablation",
+        ]
+    )
     assert "--overwrite kept what mmpt did not write" in capsys.readouterr().out
 
 
@@ -112,8 +151,10 @@ def test_overwrite_unlinks_symbolic_links_and_never_touches_what_they_point_to(t
     assert not any(run.iterdir())
 
 
-@pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tb", "file"), ("config.yaml", "folder"),
-                                        ("checkpoints/last.pt", "folder")])
+@pytest.mark.parametrize(
+    "name, kind",
+    [("checkpoints", "file"), ("tb", "file"), ("config.yaml", "folder"), ("checkpoints/last.pt", "folder")],
+)
 def test_a_file_where_mmpt_writes_a_folder_or_the_reverse_is_one_error(tmp_path, name, kind):
     run = tmp_path / "run"
     (run / name).parent.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,26 @@ from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.tasks import resolve_tasks
 
-TINY = ["--backbone", "test_resnet", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-        "--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false",
-        "--set", "data.eval_batch_size=64", "--datasets", "breast"]
+TINY = [
+    "--backbone",
+    "test_resnet",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--set",
+    "input.mode=native",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "data.eval_batch_size=64",
+    "--datasets",
+    "breast",
+]
 
 
 class CreatesFile:
@@ -67,6 +84,7 @@ def one_error_line(err: str) -> str:
 
 
 # ---------------------------------------------------------------- a checkpoint is data, never code
+
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])
 def test_crafted_checkpoint_really_runs_code_when_unpickled_unsafely(tmp_path, writer):
@@ -138,6 +156,7 @@ def test_checkpoint_load_uses_weights_only(monkeypatch, run_copy):
 
 # ---------------------------------------------------------------- paths from a config or a checkpoint
 
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "/tmp/abs", "run@x"])
 def test_run_name_that_is_not_one_plain_folder_name_is_rejected(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -185,8 +204,9 @@ def test_evaluate_never_writes_data_where_a_foreign_checkpoint_says(finished_run
     planted_root, planted_cache = tmp_path / "planted_root", tmp_path / "planted_cache"
     best = run_copy / "checkpoints" / "best.pt"
     state = ckpt.load(best)
-    state[ckpt.CONFIG]["data"].update(root=str(planted_root), cache_dir=str(planted_cache), synthetic=True,
-                                      download=True)
+    state[ckpt.CONFIG]["data"].update(
+        root=str(planted_root), cache_dir=str(planted_cache), synthetic=True, download=True
+    )
     ckpt.save(best, state)
     out, cache = tmp_path / "out", tmp_path / "my_cache"
     argv = ["--checkpoint", str(best), "--output", str(out), "--device", "cpu"]

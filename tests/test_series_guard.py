@@ -40,11 +40,16 @@ def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns); every folder -> ("dir", 0)."""
-    return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        if p.is_file() else ("dir", 0)
-        for p in sorted(folder.rglob("*"))
-    } if folder.exists() else {}
+    return (
+        {
+            str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            if p.is_file()
+            else ("dir", 0)
+            for p in sorted(folder.rglob("*"))
+        }
+        if folder.exists()
+        else {}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +60,17 @@ def study(tmp_path_factory):
     write_synthetic(data, 28, resolve_tasks(DATASETS), train_samples=32, seed=0)
     write_synthetic(data, 64, resolve_tasks("breast"), train_samples=32, seed=0)
     recipe = base / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "guard",
-        "data": {"root": str(data), "datasets": DATASETS.split(","), "num_workers": 0, "eval_batch_size": 128},
-        "model": {"backbone": "test_resnet"}, "input": {"mode": "native"},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "guard",
+                "data": {"root": str(data), "datasets": DATASETS.split(","), "num_workers": 0, "eval_batch_size": 128},
+                "model": {"backbone": "test_resnet"},
+                "input": {"mode": "native"},
+                "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False},
+            }
+        )
+    )
     series = base / "series"
     code, _, err = quiet(train_main, ["--config", str(recipe), "--output", str(series), "--seeds", "0,1,2"])
     assert code == 0, err
@@ -85,9 +95,13 @@ def make_unfinished(folder: Path) -> None:
 
 # ---------------------------------------------------------------- refused: one line, exit 2, folder untouched
 
+
 def changed_recipe(study, s):  # a finished member trained with another weight decay
-    return train_main, series_cmd(study, s, "--set", "optim.weight_decay=0.5"), ["optim.weight_decay", "0.5",
-                                                                                  "--overwrite", "--output"]
+    return (
+        train_main,
+        series_cmd(study, s, "--set", "optim.weight_decay=0.5"),
+        ["optim.weight_decay", "0.5", "--overwrite", "--output"],
+    )
 
 
 def changed_lr(study, s):  # a key a resume may change still changes a finished run's result
@@ -96,41 +110,67 @@ def changed_lr(study, s):  # a key a resume may change still changes a finished 
 
 def changed_member_without_record(study, s):  # series.json lost: each finished member still checks its recipe
     (s / "series.json").unlink()
-    return train_main, series_cmd(study, s, "--set", "optim.weight_decay=0.3"), [
-        "finished run", "seed0", "optim.weight_decay", "0.3"]
+    return (
+        train_main,
+        series_cmd(study, s, "--set", "optim.weight_decay=0.3"),
+        ["finished run", "seed0", "optim.weight_decay", "0.3"],
+    )
 
 
 def unfinished_member_changed(study, s):  # an unfinished member follows --resume's rule
     (s / "series.json").unlink()
     make_unfinished(s / "seed0")
-    return train_main, series_cmd(study, s, "--set", "optim.weight_decay=0.5"), [
-        "interrupted run", "seed0", "optim.weight_decay", "cannot change mid-run"]
+    return (
+        train_main,
+        series_cmd(study, s, "--set", "optim.weight_decay=0.5"),
+        ["interrupted run", "seed0", "optim.weight_decay", "cannot change mid-run"],
+    )
 
 
 def single_run_in_series(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s), "--overwrite"], ["series folder",
-                                                                                          "--output"]
+    return train_main, ["--config", str(study[1]), "--output", str(s), "--overwrite"], ["series folder", "--output"]
 
 
 def single_run_over_member(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s / "seed1"), "--overwrite"], [
-        "run seed1 of the series", "--output"]
+    return (
+        train_main,
+        ["--config", str(study[1]), "--output", str(s / "seed1"), "--overwrite"],
+        ["run seed1 of the series", "--output"],
+    )
 
 
 def series_in_run_folder(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s / "seed1"), "--seeds", "5"], [
-        "single run's folder", "--output"]
+    return (
+        train_main,
+        ["--config", str(study[1]), "--output", str(s / "seed1"), "--seeds", "5"],
+        ["single run's folder", "--output"],
+    )
 
 
 def series_missing_data(study, s):  # refused by the first run's checks: no series folder is left behind
     (s.parent / "empty").mkdir()
-    return train_main, ["--config", str(study[1]), "--output", str(s.parent / "new"), "--seeds", "0",
-                        "--data-root", str(s.parent / "empty")], ["not found"]
+    return (
+        train_main,
+        [
+            "--config",
+            str(study[1]),
+            "--output",
+            str(s.parent / "new"),
+            "--seeds",
+            "0",
+            "--data-root",
+            str(s.parent / "empty"),
+        ],
+        ["not found"],
+    )
 
 
 def rerun_missing_data(study, s):  # a new member refused by its checks: series.json is as it was
-    return train_main, series_cmd(study, s, "--seeds", "0,1,2,3", "--data-root", str(s.parent / "nowhere")), [
-        "not found"]
+    return (
+        train_main,
+        series_cmd(study, s, "--seeds", "0,1,2,3", "--data-root", str(s.parent / "nowhere")),
+        ["not found"],
+    )
 
 
 def sweep_seed_with_seeds(study, s):
@@ -150,8 +190,7 @@ def sweep_name(study, s):
 
 
 def sweep_neutral_key(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "data.num_workers=0,1"), ["data.num_workers",
-                                                                                  "does not change"]
+    return train_main, series_cmd(study, s, "--sweep", "data.num_workers=0,1"), ["data.num_workers", "does not change"]
 
 
 def sweep_empty_item(study, s):
@@ -171,14 +210,31 @@ def seeds_empty_item(study, s):
 
 
 def sweep_datasets_individual(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s), "--individual", "--sweep",
-                        "data.datasets=breast,pneumonia"], ["--individual", "--datasets"]
+    return (
+        train_main,
+        ["--config", str(study[1]), "--output", str(s), "--individual", "--sweep", "data.datasets=breast,pneumonia"],
+        ["--individual", "--datasets"],
+    )
 
 
 def init_from_other_size(study, s):
     out = s.parent / "fine"
-    return train_main, ["--config", str(study[1]), "--output", str(out), "--datasets", "breast", "--resolution",
-                        "64", "--init-from", str(s / "seed0")], ["28 px", "64 px", "same backbone, resolution"]
+    return (
+        train_main,
+        [
+            "--config",
+            str(study[1]),
+            "--output",
+            str(out),
+            "--datasets",
+            "breast",
+            "--resolution",
+            "64",
+            "--init-from",
+            str(s / "seed0"),
+        ],
+        ["28 px", "64 px", "same backbone, resolution"],
+    )
 
 
 def compare(s, *extra):
@@ -256,18 +312,49 @@ def probe_batch_zero(study, s):
 
 
 def probe_unknown_backbone(study, s):
-    return evaluate_main, ["probe", "--backbone", "zzqqxx", "--method", "knn", "--output", str(s / "p")], [
-        "unknown backbone", "timm.list_models"]
+    return (
+        evaluate_main,
+        ["probe", "--backbone", "zzqqxx", "--method", "knn", "--output", str(s / "p")],
+        ["unknown backbone", "timm.list_models"],
+    )
 
 
-CASES = [changed_recipe, changed_lr, changed_member_without_record, unfinished_member_changed,
-         single_run_in_series, single_run_over_member, series_in_run_folder, series_missing_data,
-         rerun_missing_data, sweep_seed_with_seeds,
-         seed_with_seeds, sweep_output, sweep_name, sweep_neutral_key, sweep_empty_item, sweep_value_twice,
-         seeds_empty, seeds_empty_item, sweep_datasets_individual, init_from_other_size, compare_jobs_zero,
-         compare_negative_seed, compare_huge_bootstrap, compare_zero_bootstrap, compare_empty_metric,
-         compare_output_is_file, nonfinite_score, out_of_range_score, summarize_require_complete,
-         compare_require_complete, probe_require_complete, probe_k_zero, probe_batch_zero, probe_unknown_backbone]
+CASES = [
+    changed_recipe,
+    changed_lr,
+    changed_member_without_record,
+    unfinished_member_changed,
+    single_run_in_series,
+    single_run_over_member,
+    series_in_run_folder,
+    series_missing_data,
+    rerun_missing_data,
+    sweep_seed_with_seeds,
+    seed_with_seeds,
+    sweep_output,
+    sweep_name,
+    sweep_neutral_key,
+    sweep_empty_item,
+    sweep_value_twice,
+    seeds_empty,
+    seeds_empty_item,
+    sweep_datasets_individual,
+    init_from_other_size,
+    compare_jobs_zero,
+    compare_negative_seed,
+    compare_huge_bootstrap,
+    compare_zero_bootstrap,
+    compare_empty_metric,
+    compare_output_is_file,
+    nonfinite_score,
+    out_of_range_score,
+    summarize_require_complete,
+    compare_require_complete,
+    probe_require_complete,
+    probe_k_zero,
+    probe_batch_zero,
+    probe_unknown_backbone,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -284,6 +371,7 @@ def test_refused_in_one_line_with_the_folder_untouched(study, copy, case):
 
 # ---------------------------------------------------------------- the silent cases: the result itself
 
+
 def _test_auc(run: Path) -> dict[str, float]:
     table = json.loads((run / "metrics.json").read_text())
     return {f: table[f]["auc"] for f in table if f != "mean"}
@@ -292,7 +380,7 @@ def _test_auc(run: Path) -> dict[str, float]:
 def test_partial_series_counts_finished_members_only_in_summarize_compare_and_probe(copy, tmp_path):
     make_unfinished(copy / "seed2")
     finished = [_test_auc(copy / f"seed{k}") for k in (0, 1)]
-    every = finished + [_test_auc(copy / "seed2")]
+    every = [*finished, _test_auc(copy / "seed2")]
     expected = {f: np.mean([t[f] for t in finished]) for f in finished[0]}
     assert any(abs(np.mean([t[f] for t in every]) - expected[f]) > 1e-6 for f in expected)  # seed2 would show
 
@@ -305,8 +393,10 @@ def test_partial_series_counts_finished_members_only_in_summarize_compare_and_pr
         assert entry["datasets"][flag]["auc"]["mean"] == pytest.approx(value, abs=1e-9)
     assert "seed2 (unfinished)" in out and "seed2 (unfinished)" in (copy / "sweep.md").read_text()
 
-    code, out, err = quiet(evaluate_main, ["compare", str(copy), str(copy / "seed0"), "--bootstrap", "20",
-                                           "--output", str(tmp_path / "cmp")])
+    code, out, err = quiet(
+        evaluate_main,
+        ["compare", str(copy), str(copy / "seed0"), "--bootstrap", "20", "--output", str(tmp_path / "cmp")],
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     series = result["runs"][0]
@@ -315,8 +405,9 @@ def test_partial_series_counts_finished_members_only_in_summarize_compare_and_pr
         assert series["datasets"][flag]["auc"]["value"] == pytest.approx(value, abs=1e-6)
     assert "seed2" in out
 
-    code, out, err = quiet(evaluate_main, ["probe", str(copy), "--method", "knn", "--k", "3",
-                                           "--output", str(tmp_path / "knn")])
+    code, out, err = quiet(
+        evaluate_main, ["probe", str(copy), "--method", "knn", "--k", "3", "--output", str(tmp_path / "knn")]
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["seed0", "seed1"]
     assert "seed2 (unfinished)" in out
@@ -328,7 +419,7 @@ def test_member_of_another_recipe_never_enters_the_summary(copy):
     raw = yaml.safe_load(config.read_text())
     raw["optim"]["weight_decay"] = 0.5
     config.write_text(yaml.safe_dump(raw))
-    code, out, err = quiet(evaluate_main, ["summarize", str(copy)])
+    code, _out, err = quiet(evaluate_main, ["summarize", str(copy)])
     assert code == 0, err
     sweep = json.loads((copy / "sweep.json").read_text())
     (entry,) = sweep["variants"].values()
@@ -345,8 +436,10 @@ def test_rerun_of_a_finished_series_skips_its_runs_and_keeps_its_summary(study, 
 
 
 def test_knn_probe_says_when_k_exceeds_the_training_images(study, tmp_path):
-    code, out, err = quiet(evaluate_main, ["probe", str(study[2] / "seed0"), "--method", "knn", "--k", "1000",
-                                           "--output", str(tmp_path / "knn")])
+    code, out, err = quiet(
+        evaluate_main,
+        ["probe", str(study[2] / "seed0"), "--method", "knn", "--k", "1000", "--output", str(tmp_path / "knn")],
+    )
     assert code == 0, err
     assert "fewer than --k 1000" in out
     chosen = json.loads((tmp_path / "knn" / "probe.json").read_text())["chosen"]

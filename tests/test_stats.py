@@ -62,10 +62,13 @@ def test_vectorised_bootstrap_gives_the_intervals_of_the_per_resample_loop(flag)
     reference, other = scores[:2], scores[2:]
     rules = ("argmax", "median") if task.task_type == ORDINAL else ("argmax", "argmax")
     # a small chunk: several chunks of resamples, as at full size
-    vectorised = bootstrap_dataset(task, labels, [(reference, rules[0]), (other, rules[1])], metrics,
-                                   n_resamples=30, seed=7, chunk_values=40 * 8)
-    loop = [paired_bootstrap(task, labels, reference, None, metrics, n_resamples=30, seed=7, grade_rules=rules),
-            paired_bootstrap(task, labels, reference, other, metrics, n_resamples=30, seed=7, grade_rules=rules)]
+    vectorised = bootstrap_dataset(
+        task, labels, [(reference, rules[0]), (other, rules[1])], metrics, n_resamples=30, seed=7, chunk_values=40 * 8
+    )
+    loop = [
+        paired_bootstrap(task, labels, reference, None, metrics, n_resamples=30, seed=7, grade_rules=rules),
+        paired_bootstrap(task, labels, reference, other, metrics, n_resamples=30, seed=7, grade_rules=rules),
+    ]
     for (low, high), (old_low, old_high) in zip(vectorised, loop):
         assert len(low) == len(old_low)
         np.testing.assert_allclose(low, old_low, rtol=0, atol=1e-9, equal_nan=True)
@@ -116,6 +119,7 @@ def test_compare_delong_replaces_only_the_auc_intervals(series):
 
 def _brute_force_delong(positive, score_a, score_b):
     """DeLong et al. 1988 by definition, O(n²): AUCs, and var(A), var(B), cov(A, B) from V10 / V01."""
+
     def psi(x, y):
         return 1.0 if x > y else 0.5 if x == y else 0.0
 

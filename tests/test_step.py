@@ -21,14 +21,21 @@ MMPT_DIR = str(Path(mmpt.__file__).parent)
 
 
 def make_step(root: Path, precision: str = "fp32"):
-    cfg = load_config(overrides=[{
-        "data": {"root": str(root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
-        "model": {"backbone": "test_resnet", "img_size": 32},
-        "input": {"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0, "random_resized_crop": True}},
-        "optim": {"lr": 0.003, "clip_grad_norm": 1.0},
-        "loss": {"weighting": "size"},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "precision": precision},
-    }])
+    cfg = load_config(
+        overrides=[
+            {
+                "data": {"root": str(root), "datasets": ["breast", "chest", "retina"], "num_workers": 0},
+                "model": {"backbone": "test_resnet", "img_size": 32},
+                "input": {
+                    "mode": "pad",
+                    "augment": {"hflip": True, "rotate_degrees": 10.0, "random_resized_crop": True},
+                },
+                "optim": {"lr": 0.003, "clip_grad_norm": 1.0},
+                "loss": {"weighting": "size"},
+                "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "precision": precision},
+            }
+        ]
+    )
     tasks = resolve_tasks(cfg.data.datasets)
     data = open_data(cfg.data, tasks)
     torch.manual_seed(0)
@@ -86,5 +93,14 @@ def test_augmentation_differs_across_ranks_and_replays_from_seed_step_and_rank()
     from mmpt.step import augmentation_seed
 
     assert augmentation_seed(0, 5, 0) == augmentation_seed(0, 5, 0)
-    assert len({augmentation_seed(0, 5, 0), augmentation_seed(0, 5, 1), augmentation_seed(0, 6, 0),
-                augmentation_seed(1, 5, 0)}) == 4
+    assert (
+        len(
+            {
+                augmentation_seed(0, 5, 0),
+                augmentation_seed(0, 5, 1),
+                augmentation_seed(0, 6, 0),
+                augmentation_seed(1, 5, 0),
+            }
+        )
+        == 4
+    )

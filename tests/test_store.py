@@ -181,7 +181,7 @@ def test_failed_download_is_an_mmpt_error_and_leaves_no_file(tmp_path, monkeypat
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
-    with pytest.raises(MmptError, match="downloading breastmnist.npz .* failed"):
+    with pytest.raises(MmptError, match=r"downloading breastmnist.npz .* failed"):
         open_task(tmp_path, BREAST, 28, cache_dir=tmp_path / "cache", download=True)
     assert not (tmp_path / "breastmnist.npz").exists()
 
@@ -213,7 +213,7 @@ def test_corrupt_npz_is_rejected_with_advice_to_redownload(tmp_path, damage):
         # the middle of an uncompressed npz is train image data: only the zip CRC can catch this
         content[len(content) // 3] ^= 0xFF
     path.write_bytes(bytes(content))
-    with pytest.raises(MmptError, match="corrupt.*re-download"):
+    with pytest.raises(MmptError, match=r"corrupt.*re-download"):
         open_task(tmp_path, BREAST, 28, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("manifest.json"))
 
@@ -275,7 +275,7 @@ def test_image_and_label_counts_must_agree(tmp_path):
 def test_unwritable_cache_folder_is_an_mmpt_error(synthetic_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(MmptError, match="cannot create the cache folder.*data.cache_dir"):
+    with pytest.raises(MmptError, match=r"cannot create the cache folder.*data.cache_dir"):
         open_task(synthetic_root, BREAST, 28, cache_dir=blocker / "cache")
 
 
@@ -336,5 +336,5 @@ def test_incomplete_cache_in_a_read_only_data_folder_is_one_error_with_the_fix(t
     entry = _entries(root / ".mmpt-cache")[0]
     (entry / "manifest.json").unlink()
     ro_root = read_only(root)
-    with pytest.raises(MmptError, match="cannot unpack breastmnist.npz into .*data.cache_dir"):
+    with pytest.raises(MmptError, match=r"cannot unpack breastmnist.npz into .*data.cache_dir"):
         open_task(ro_root, BREAST, 28, verify_md5=False)

@@ -7,9 +7,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from medmnist import Evaluator
-
 from conftest import summary, tiny_config
+from medmnist import Evaluator
 
 from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
@@ -29,7 +28,7 @@ def mmpt_run(synthetic_root, tmp_path_factory):
 
 
 def test_mmpt_run_learns_every_task_type(mmpt_run):
-    cfg, table = mmpt_run
+    _cfg, table = mmpt_run
     assert set(table) == set(FLAGS) | {"mean"}
     # AUC is 0.5 at chance for every task type; the 14-label chest task learns slowest
     for flag in FLAGS:
@@ -40,8 +39,18 @@ def test_mmpt_run_learns_every_task_type(mmpt_run):
 def test_run_folder_has_every_output(mmpt_run):
     cfg, _ = mmpt_run
     run_dir = cfg.run_dir
-    for name in ("config.yaml", "env.json", "summary.json", "metrics.json", "metrics.csv", "metrics.md",
-                 "val_history.json", "val_auc.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in (
+        "config.yaml",
+        "env.json",
+        "summary.json",
+        "metrics.json",
+        "metrics.csv",
+        "metrics.md",
+        "val_history.json",
+        "val_auc.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert len(list((run_dir / "predictions").glob("*_test_*.csv"))) == 12
@@ -81,8 +90,9 @@ def test_evaluate_cli_reproduces_training_test_metrics(mmpt_run, tmp_path, capsy
 def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
     cfg, _ = mmpt_run
     out = tmp_path / "eval_val"
-    code = evaluate_main([str(cfg.run_dir), "--split", "val", "--datasets", "breast,retina",
-                          "--output", str(out), "--device", "cpu"])
+    code = evaluate_main(
+        [str(cfg.run_dir), "--split", "val", "--datasets", "breast,retina", "--output", str(out), "--device", "cpu"]
+    )
     assert code == 0
     evaluated = json.loads((out / "metrics.json").read_text())
     assert set(evaluated) == {"breastmnist", "retinamnist", "mean"}
@@ -92,10 +102,32 @@ def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
 
 def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
     out = tmp_path / "breast"
-    code = train_main(["--datasets", "breast", "--data-root", str(synthetic_root), "--output", str(out),
-                       "--backbone", "test_resnet", "--epochs", "2", "--device", "cpu",
-                       "--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false",
-                       "--set", "optim.lr=0.003", "--batch-size", "16"])
+    code = train_main(
+        [
+            "--datasets",
+            "breast",
+            "--data-root",
+            str(synthetic_root),
+            "--output",
+            str(out),
+            "--backbone",
+            "test_resnet",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--set",
+            "input.mode=native",
+            "--set",
+            "data.num_workers=0",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "optim.lr=0.003",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert code == 0
     state = ckpt.load(out / "checkpoints" / "best.pt")
     assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {"breastmnist"}
@@ -108,9 +140,14 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_r
     small = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
     digests = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        cfg = tiny_config(synthetic_root, tmp_path / name, data=small, train={"seed": seed, "epochs": 2},
-                          model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32},
-                          input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}})
+        cfg = tiny_config(
+            synthetic_root,
+            tmp_path / name,
+            data=small,
+            train={"seed": seed, "epochs": 2},
+            model={"backbone": "test_resnet", "drop_rate": 0.2, "img_size": 32},
+            input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
+        )
         run(cfg)
         digests.append(summary(tmp_path / name))
     assert digests[0]["final_digest"] == digests[1]["final_digest"]
@@ -123,9 +160,14 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
 
     # an LR far below float32 resolution leaves the weights as they are, so validation never improves after
     # epoch 1; test_vit has no BatchNorm statistics that would move anyway (and runs in native mode at 28 px)
-    cfg = tiny_config(synthetic_root, tmp_path / "stop", data={"datasets": ["breast", "retina"]},
-                      model={"backbone": "test_vit"}, optim={"lr": 1e-30},
-                      train={"epochs": 6, "patience": 2, "monitor": "val_loss"})
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "stop",
+        data={"datasets": ["breast", "retina"]},
+        model={"backbone": "test_vit"},
+        optim={"lr": 1e-30},
+        train={"epochs": 6, "patience": 2, "monitor": "val_loss"},
+    )
     run(cfg)
     result = summary(cfg.run_dir)
     assert (result["epochs"], result["best_epoch"]) == (3, 1)
@@ -142,6 +184,8 @@ def test_tensorboard_has_per_dataset_losses_validation_metrics_learning_rates_an
     events = EventAccumulator(str(cfg.run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     for flag in FLAGS:
-        assert {f"train/loss/{flag}", f"val/{flag}/auc", f"val/{flag}/acc", f"val/{flag}/loss", f"lr/{flag}"} <= tags, flag
+        assert {f"train/loss/{flag}", f"val/{flag}/auc", f"val/{flag}/acc", f"val/{flag}/loss", f"lr/{flag}"} <= tags, (
+            flag
+        )
     assert {"val/mean/auc", "val/mean/loss", "lr/backbone", "train/images_per_s"} <= tags
     assert [e.step for e in events.Scalars("val/mean/auc")] == list(range(1, 9))  # one point per epoch

@@ -63,9 +63,15 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
     # the backbone is one shared vector w; the features are w itself, and head t's loss is a_t · w, so the
     # Jacobian's rows are g1 = a_1 = [1, 0] and g2 = a_2 = [-1, 1] (g1 · g2 = -1: they conflict)
     w = nn.Parameter(torch.tensor([0.3, -0.7]))
-    heads = {"pathmnist": nn.Parameter(torch.tensor([1.0, 0.0])), "breastmnist": nn.Parameter(torch.tensor([-1.0, 1.0]))}
+    heads = {
+        "pathmnist": nn.Parameter(torch.tensor([1.0, 0.0])),
+        "breastmnist": nn.Parameter(torch.tensor([-1.0, 1.0])),
+    }
     weighting = build_weighting(
-        "pcgrad", {"pathmnist": 10, "breastmnist": 10}, tasks_per_step=2, shared_params=[w],
+        "pcgrad",
+        {"pathmnist": 10, "breastmnist": 10},
+        tasks_per_step=2,
+        shared_params=[w],
     )
     features = (w * 1.0).unsqueeze(0)  # 1×2
     losses = {t: (features @ a).sum() for t, a in heads.items()}
@@ -82,7 +88,7 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
 def test_static_weights_follow_the_train_sizes():
     model = Toy(SIZES)
     expected = {
-        "none": {t: 1.0 for t in SIZES},
+        "none": dict.fromkeys(SIZES, 1.0),
         "size": {t: 546 / n for t, n in SIZES.items()},
         "inverse_size": {t: 89996 / n for t, n in SIZES.items()},
         "sqrt_size": {t: math.sqrt(546 / n) for t, n in SIZES.items()},
@@ -221,7 +227,7 @@ def test_rlw_draws_new_weights_with_mean_one():
     weighting = _build("rlw", model, tasks_per_step=1)
     draws = []
     losses, features = model.losses(["pathmnist"], seed=0)
-    for step in range(200):
+    for _ in range(200):
         losses = {"pathmnist": losses["pathmnist"].detach().requires_grad_()}
         weighting.backward(losses, features, lambda loss: loss)
         draws.append(weighting.weights()["pathmnist"].item())
@@ -231,8 +237,13 @@ def test_rlw_draws_new_weights_with_mean_one():
 
 @pytest.mark.parametrize(
     "name,tasks_per_step,setting",
-    [("famo", 1, "tasks_per_step=all"), ("dwa", 3, "tasks_per_step=all"), ("pcgrad", 1, "tasks_per_step to 2"),
-     ("stch", 1, "tasks_per_step to 2"), ("nash_mtl", 2, "tasks_per_step=all")],
+    [
+        ("famo", 1, "tasks_per_step=all"),
+        ("dwa", 3, "tasks_per_step=all"),
+        ("pcgrad", 1, "tasks_per_step to 2"),
+        ("stch", 1, "tasks_per_step to 2"),
+        ("nash_mtl", 2, "tasks_per_step=all"),
+    ],
 )
 def test_a_method_that_cannot_run_with_tasks_per_step_names_the_setting(name, tasks_per_step, setting):
     with pytest.raises(MmptError, match=setting):
@@ -258,7 +269,7 @@ def test_weighting_args_are_checked_against_the_method():
 
 
 def test_manual_weights_must_name_every_trained_dataset():
-    with pytest.raises(MmptError, match="missing retinamnist.*not trained: bloodmnist"):
+    with pytest.raises(MmptError, match=r"missing retinamnist.*not trained: bloodmnist"):
         build_weighting("manual", SIZES, weights={"pathmnist": 1.0, "breastmnist": 1.0, "bloodmnist": 1.0})
 
 
@@ -272,10 +283,10 @@ def test_a_method_without_its_solver_says_which_extra_to_install(name):
 def test_resuming_with_another_method_is_an_error():
     model = Toy(SIZES)
     state = _build("uw", model).state_dict()
-    with pytest.raises(MmptError, match="loss.weighting=uw"):
+    with pytest.raises(MmptError, match=r"loss.weighting=uw"):
         _build("famo", model).load_state_dict(state)
     # a checkpoint of an earlier mmpt (static weights, no method recorded) still loads
-    _build("size", model).load_state_dict({"weights": {t: 1.0 for t in SIZES}})
+    _build("size", model).load_state_dict({"weights": dict.fromkeys(SIZES, 1.0)})
 
 
 def test_unknown_weighting_lists_the_valid_names():
@@ -288,15 +299,20 @@ def test_manual_weight_that_is_not_a_number_is_reported_once(tmp_path):
     from mmpt.config import load_config
 
     with pytest.raises(MmptError) as info:
-        load_config(overrides=[{"data": {"datasets": ["pathmnist"]},
-                                "loss": {"weighting": "manual", "weights": {"pathmnist": "abc"}}}])
+        load_config(
+            overrides=[
+                {"data": {"datasets": ["pathmnist"]}, "loss": {"weighting": "manual", "weights": {"pathmnist": "abc"}}}
+            ]
+        )
     assert "pathmnist must be a number" in str(info.value)
     assert "missing" not in str(info.value)
 
 
 def test_all_zero_manual_weights_are_refused():
     """A zero loss would train nothing, silently."""
-    zero = {t: 0.0 for t in SIZES}
+    zero = dict.fromkeys(SIZES, 0.0)
     (problem,) = method_problems("manual", {}, tasks_per_step=1, weights=zero, datasets=list(SIZES))
     assert problem.startswith("loss.weights are all 0")
-    assert method_problems("manual", {}, tasks_per_step=1, weights={**zero, "pathmnist": 0.5}, datasets=list(SIZES)) == []
+    assert (
+        method_problems("manual", {}, tasks_per_step=1, weights={**zero, "pathmnist": 0.5}, datasets=list(SIZES)) == []
+    )

@@ -197,8 +197,12 @@ def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], d
 def machine(device: torch.device | None = None) -> dict:
     """The machine the figures came from: CPUs, load, versions, and the device's name."""
     info = {
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
     }
     if device is not None:
         info["device"] = str(device)

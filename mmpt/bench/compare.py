@@ -64,15 +64,23 @@ def write_series(root: Path, flags: list[str], seeds: int, max_images: int | Non
                 if task.task_type != MULTI_LABEL:
                     scores /= scores.sum(axis=1, keepdims=True)  # class probabilities, as the heads give them
                 results[flag] = TaskResult(y, scores, {"auc": math.nan, "acc": math.nan})
-            write_predictions(root / side / f"seed{k}" / "predictions", results, 28, "test", f"{side}{k}",
-                              data_root=str(data))
+            write_predictions(
+                root / side / f"seed{k}" / "predictions", results, 28, "test", f"{side}{k}", data_root=str(data)
+            )
         series.append(root / side)
     return series
 
 
 def run_compare_benchmark(
-    *, datasets: str = "all", seeds: int = 3, resamples: int = 1000, old_resamples: int = 20, jobs: int = 1,
-    max_images: int | None = None, workdir: str | None = None, log: Callable[[str], None] = lambda _: None,
+    *,
+    datasets: str = "all",
+    seeds: int = 3,
+    resamples: int = 1000,
+    old_resamples: int = 20,
+    jobs: int = 1,
+    max_images: int | None = None,
+    workdir: str | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Time compare's vectorised path and its per-resample loop (extrapolated); return the figures."""
     from mmpt.experiments.compare import compare_runs
@@ -82,10 +90,19 @@ def run_compare_benchmark(
     if max_images is not None and max_images < 16:
         raise MmptError(f"--max-images must be at least 16 (every class present), got {max_images}")
     flags = [t.flag for t in resolve_tasks(datasets)]
-    result = {"machine": machine(), "datasets": flags, "seeds_per_side": seeds, "resamples": resamples,
-              "metrics": list(METRICS), "jobs": jobs, "max_images": max_images,
-              "test_images": {f: (TASKS[f].split_size("test") if max_images is None
-                                  else min(max_images, TASKS[f].split_size("test"))) for f in flags}}
+    result = {
+        "machine": machine(),
+        "datasets": flags,
+        "seeds_per_side": seeds,
+        "resamples": resamples,
+        "metrics": list(METRICS),
+        "jobs": jobs,
+        "max_images": max_images,
+        "test_images": {
+            f: (TASKS[f].split_size("test") if max_images is None else min(max_images, TASKS[f].split_size("test")))
+            for f in flags
+        },
+    }
     with work_folder(workdir, "mmpt-bench-compare-") as work:
         log(f"writing labels and 2 × {seeds} prediction folders of {len(flags)} datasets in {work}")
         series = write_series(work, flags, seeds, max_images)
@@ -108,9 +125,14 @@ def run_compare_benchmark(
             result["old_extrapolated"] = old_resamples != resamples
             result["ratio"] = result["old_s"] / result["new_s"]
             result["max_interval_difference"] = max(
-                abs(a[k] - b[k]) for ra, rb in zip(old["runs"], new["runs"]) for f in ra["datasets"]
-                for m in ra["datasets"][f] for a, b in [(ra["datasets"][f][m], rb["datasets"][f][m])]
-                for k in ("ci_low", "ci_high", "diff_ci_low", "diff_ci_high") if k in a)
+                abs(a[k] - b[k])
+                for ra, rb in zip(old["runs"], new["runs"])
+                for f in ra["datasets"]
+                for m in ra["datasets"][f]
+                for a, b in [(ra["datasets"][f][m], rb["datasets"][f][m])]
+                for k in ("ci_low", "ci_high", "diff_ci_low", "diff_ci_high")
+                if k in a
+            )
             log(f"  {old_s:.1f} s measured, {result['old_s']:.0f} s extrapolated")
     result["load_avg_at_end"] = os.getloadavg()
     result["target_new_s"] = TARGET_NEW_S
@@ -120,24 +142,35 @@ def run_compare_benchmark(
 def format_table(result: dict) -> str:
     """The figures as a Markdown table, with the target and how the old figure was obtained."""
     full = result["max_images"] is None and len(result["datasets"]) == len(TASKS)
-    rows = [["path", "wall s", "note"],
-            ["vectorised", f"{result['new_s']:.1f}", f"{result['resamples']} resamples"]]
+    rows = [["path", "wall s", "note"], ["vectorised", f"{result['new_s']:.1f}", f"{result['resamples']} resamples"]]
     if "old_s" in result:
-        note = (f"extrapolated linearly from {result['old_measured_resamples']} resamples "
-                f"({result['old_measured_s']:.1f} s)" if result["old_extrapolated"] else "measured")
+        note = (
+            f"extrapolated linearly from {result['old_measured_resamples']} resamples "
+            f"({result['old_measured_s']:.1f} s)"
+            if result["old_extrapolated"]
+            else "measured"
+        )
         rows.append(["loop (earlier)", f"{result['old_s']:.0f}", note])
         rows.append(["ratio", f"{result['ratio']:.0f}×", "loop / vectorised"])
     sizes = "full test sizes" if result["max_images"] is None else f"at most {result['max_images']} images"
-    lines = [f"compare of 2 × {result['seeds_per_side']} seeds, {len(result['datasets'])} datasets, "
-             f"metrics {','.join(result['metrics'])}, jobs {result['jobs']}, {sizes}; "
-             f"load average {result['machine']['load_avg_at_start'][0]:.1f} at start, "
-             f"{result['load_avg_at_end'][0]:.1f} at end", "", markdown_table(rows), ""]
+    lines = [
+        f"compare of 2 × {result['seeds_per_side']} seeds, {len(result['datasets'])} datasets, "
+        f"metrics {','.join(result['metrics'])}, jobs {result['jobs']}, {sizes}; "
+        f"load average {result['machine']['load_avg_at_start'][0]:.1f} at start, "
+        f"{result['load_avg_at_end'][0]:.1f} at end",
+        "",
+        markdown_table(rows),
+        "",
+    ]
     if "max_interval_difference" in result:
-        lines.append(f"largest interval difference, both paths on the same {result['old_measured_resamples']} "
-                     f"resamples: {result['max_interval_difference']:.1e}")
+        lines.append(
+            f"largest interval difference, both paths on the same {result['old_measured_resamples']} "
+            f"resamples: {result['max_interval_difference']:.1e}"
+        )
     if full and result["resamples"] == 1000:
-        lines.append(f"target: vectorised at most {TARGET_NEW_S:.0f} s on 2 CPU cores: "
-                     f"{yes(result['new_s'] <= TARGET_NEW_S)}")
+        lines.append(
+            f"target: vectorised at most {TARGET_NEW_S:.0f} s on 2 CPU cores: {yes(result['new_s'] <= TARGET_NEW_S)}"
+        )
     return "\n".join(lines)
 
 
@@ -147,8 +180,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", default="all", help="comma-separated datasets (default all 12)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per side (default 3)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--old-resamples", type=int, default=20,
-                   help="resamples the loop is timed at, extrapolated to --resamples (default 20; 0 skips it)")
+    p.add_argument(
+        "--old-resamples",
+        type=int,
+        default=20,
+        help="resamples the loop is timed at, extrapolated to --resamples (default 20; 0 skips it)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="compare's --jobs (default 1; 2 uses both cores of 2)")
     p.add_argument("--max-images", type=int, help="cap each test set at this many images (default: full size)")
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -158,8 +195,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark (table on stdout, progress on stderr); return the exit code. Raises MmptError."""
     result = run_compare_benchmark(
-        datasets=args.datasets, seeds=args.seeds, resamples=args.resamples, old_resamples=args.old_resamples,
-        jobs=args.jobs, max_images=args.max_images, workdir=args.workdir,
+        datasets=args.datasets,
+        seeds=args.seeds,
+        resamples=args.resamples,
+        old_resamples=args.old_resamples,
+        jobs=args.jobs,
+        max_images=args.max_images,
+        workdir=args.workdir,
         log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))

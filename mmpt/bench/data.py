@@ -35,12 +35,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmpt.bench.datafiles import (
-    INPUT_SIZE, THROUGHPUT_TASK, memory_split, write_memory_set, write_throughput_files,
-)
 from mmpt.bench.common import (
-    MEMORY_INTERVAL_S, MemorySampler, engine_step, machine, markdown_table, pss_anon_shmem, rss_anon_shmem,
-    work_folder, write_result, yes,
+    MEMORY_INTERVAL_S,
+    MemorySampler,
+    engine_step,
+    machine,
+    markdown_table,
+    pss_anon_shmem,
+    rss_anon_shmem,
+    work_folder,
+    write_result,
+    yes,
+)
+from mmpt.bench.datafiles import (
+    INPUT_SIZE,
+    THROUGHPUT_TASK,
+    memory_split,
+    write_memory_set,
+    write_throughput_files,
 )
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
@@ -182,9 +194,13 @@ def memory_scenario(
         for _ in plan_loader({MEMORY_TASK: split}, plan, num_workers=workers, seed=0):
             batches += 1
     return {
-        "baseline_bytes": baseline, "peak_bytes": sampler.peak_bytes,
-        "baseline_rss_bytes": baseline_rss, "peak_rss_bytes": sampler.peak_rss_bytes,
-        "processes": sampler.peak_processes, "batches": batches, "samples": sampler.samples,
+        "baseline_bytes": baseline,
+        "peak_bytes": sampler.peak_bytes,
+        "baseline_rss_bytes": baseline_rss,
+        "peak_rss_bytes": sampler.peak_rss_bytes,
+        "processes": sampler.peak_processes,
+        "batches": batches,
+        "samples": sampler.samples,
     }
 
 
@@ -195,8 +211,17 @@ def measure_memory(path: Path, *, in_ram: bool, workers: int, batch_size: int) -
     Raises RuntimeError when the subprocess fails.
     """
     command = [
-        sys.executable, "-m", "mmpt.bench", "_memory", "--path", str(path),
-        "--workers", str(workers), "--batch-size", str(batch_size), *(["--in-ram"] if in_ram else []),
+        sys.executable,
+        "-m",
+        "mmpt.bench",
+        "_memory",
+        "--path",
+        str(path),
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(batch_size),
+        *(["--in-ram"] if in_ram else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -238,10 +263,16 @@ def measure_data_wait(
     steps = warmup_steps + timed_steps
     plan = Sampler({MEMORY_TASK: len(split)}, batch_size).plan(0)
     assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
-    cfg = load_config(overrides=[{
-        "data": {"datasets": [MEMORY_TASK]}, "model": {"backbone": backbone, "img_size": input_size},
-        "input": {"mode": "pad"}, "train": {"batch_size": batch_size, "epochs": 1, "device": "cpu"},
-    }])
+    cfg = load_config(
+        overrides=[
+            {
+                "data": {"datasets": [MEMORY_TASK]},
+                "model": {"backbone": backbone, "img_size": input_size},
+                "input": {"mode": "pad"},
+                "train": {"batch_size": batch_size, "epochs": 1, "device": "cpu"},
+            }
+        ]
+    )
     torch.manual_seed(0)
     step = engine_step(cfg, [TASKS[MEMORY_TASK]], {MEMORY_TASK: len(split)}, torch.device("cpu"))
     batches = iter(plan_loader({MEMORY_TASK: split}, plan[:steps], num_workers=workers, seed=0))
@@ -258,8 +289,13 @@ def measure_data_wait(
     del batches
     step.read_losses()  # as the training loop does at each logging interval
     return {
-        "backbone": backbone, "batch_size": batch_size, "steps": timed_steps, "wait_s": wait_s,
-        "step_s": step_s, "seconds_per_step": step_s / timed_steps, "fraction": wait_s / step_s,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "steps": timed_steps,
+        "wait_s": wait_s,
+        "step_s": step_s,
+        "seconds_per_step": step_s / timed_steps,
+        "fraction": wait_s / step_s,
     }
 
 
@@ -310,17 +346,28 @@ def run_data_benchmark(
             # pipelines take turns, so a change in the machine's load falls on all of them alike
             for _ in range(repeats):
                 for pipeline in PIPELINES:
-                    repeats_of[pipeline].append(measure_throughput(
-                        root, resolution, pipeline=pipeline, workers=workers, batch_size=batch_size,
-                        warmup_batches=warmup_batches, timed_batches=timed_batches,
-                    ))
+                    repeats_of[pipeline].append(
+                        measure_throughput(
+                            root,
+                            resolution,
+                            pipeline=pipeline,
+                            workers=workers,
+                            batch_size=batch_size,
+                            warmup_batches=warmup_batches,
+                            timed_batches=timed_batches,
+                        )
+                    )
             runs = {pipeline: _median_run(repeats_of[pipeline]) for pipeline in PIPELINES}
             for pipeline, run in runs.items():
-                log(f"throughput {resolution} -> {INPUT_SIZE} {pipeline}: {run['img_s']:.0f} img/s "
-                    f"(median of {[round(r['img_s']) for r in run['repeats']]})")
+                log(
+                    f"throughput {resolution} -> {INPUT_SIZE} {pipeline}: {run['img_s']:.0f} img/s "
+                    f"(median of {[round(r['img_s']) for r in run['repeats']]})"
+                )
             pil = runs["pil"]["img_s_per_worker"]
             throughput[name] = {
-                "resolution": resolution, "input_size": INPUT_SIZE, "runs": runs,
+                "resolution": resolution,
+                "input_size": INPUT_SIZE,
+                "runs": runs,
                 "loader_vs_pil": runs["loader"]["img_s_per_worker"] / pil,
                 "loader_transform_vs_pil": runs["loader+transform"]["img_s_per_worker"] / pil,
             }
@@ -335,15 +382,21 @@ def run_data_benchmark(
         tick = time.perf_counter()
         for name, in_ram in (("mmap", False), ("ram", True)):
             memory[name] = measure_memory(memory_path, in_ram=in_ram, workers=workers, batch_size=batch_size)
-            log(f"memory {name}: peak {memory[name]['peak_bytes'] / 2**20:.0f} MiB, baseline "
-                f"{memory[name]['baseline_bytes'] / 2**20:.0f} MiB, {memory[name]['fraction']:.1%} of the data")
+            log(
+                f"memory {name}: peak {memory[name]['peak_bytes'] / 2**20:.0f} MiB, baseline "
+                f"{memory[name]['baseline_bytes'] / 2**20:.0f} MiB, {memory[name]['fraction']:.1%} of the data"
+            )
         phase_s["memory"] = time.perf_counter() - tick
         tick = time.perf_counter()
 
         log(f"data wait: {backbone}, batch {wait_batch_size}, {wait_steps} steps")
         data_wait = measure_data_wait(
-            memory_path, backbone=backbone, workers=workers, batch_size=wait_batch_size,
-            warmup_steps=2, timed_steps=wait_steps,
+            memory_path,
+            backbone=backbone,
+            workers=workers,
+            batch_size=wait_batch_size,
+            warmup_steps=2,
+            timed_steps=wait_steps,
         )
         phase_s["data_wait"] = time.perf_counter() - tick
 
@@ -356,9 +409,13 @@ def run_data_benchmark(
         "memory": memory,
         "data_wait": data_wait,
         "settings": {
-            "workers": workers, "batch_size": batch_size, "warmup_batches": warmup_batches,
-            "timed_batches": timed_batches, "repeats": repeats,
-            "throughput_task": THROUGHPUT_TASK, "memory_task": MEMORY_TASK,
+            "workers": workers,
+            "batch_size": batch_size,
+            "warmup_batches": warmup_batches,
+            "timed_batches": timed_batches,
+            "repeats": repeats,
+            "throughput_task": THROUGHPUT_TASK,
+            "memory_task": MEMORY_TASK,
             "memory_meter": "Pss_Anon + Pss_Shmem (/proc/<pid>/smaps_rollup), main process + workers",
         },
         "machine": machine_info,
@@ -376,8 +433,12 @@ def _check_settings(
     problems = [
         f"{name} must be >= {least}, got {value}"
         for name, value, least in (
-            ("--workers", workers, 0), ("--batch-size", batch_size, 1), ("--timed-batches", timed_batches, 1),
-            ("--repeats", repeats, 1), ("--wait-batch-size", wait_batch_size, 1), ("--wait-steps", wait_steps, 1),
+            ("--workers", workers, 0),
+            ("--batch-size", batch_size, 1),
+            ("--timed-batches", timed_batches, 1),
+            ("--repeats", repeats, 1),
+            ("--wait-batch-size", wait_batch_size, 1),
+            ("--wait-steps", wait_steps, 1),
         )
         if value < least
     ]
@@ -403,30 +464,86 @@ def format_table(result: dict) -> str:
         loader, transformed, pil = (t["runs"][p]["img_s_per_worker"] for p in ("loader", "loader+transform", "pil"))
         key = f"loader_vs_pil_{name}"
         target = f">= {TARGETS[key][0]:.0f}x"
-        rows.append((f"img/s per worker, {label}, uint8 out (vs PIL)", f"{loader:,.0f}", f"{pil:,.0f}",
-                     f"{t['loader_vs_pil']:.1f}x", target, yes(result["met"][key])))
-        rows.append((f"img/s per worker, {label}, + transform on CPU", f"{transformed:,.0f}", f"{pil:,.0f}",
-                     f"{t['loader_transform_vs_pil']:.1f}x", "-", "-"))
+        rows.append(
+            (
+                f"img/s per worker, {label}, uint8 out (vs PIL)",
+                f"{loader:,.0f}",
+                f"{pil:,.0f}",
+                f"{t['loader_vs_pil']:.1f}x",
+                target,
+                yes(result["met"][key]),
+            )
+        )
+        rows.append(
+            (
+                f"img/s per worker, {label}, + transform on CPU",
+                f"{transformed:,.0f}",
+                f"{pil:,.0f}",
+                f"{t['loader_transform_vs_pil']:.1f}x",
+                "-",
+                "-",
+            )
+        )
     memory = result["memory"]
     mmap, ram = memory["mmap"], memory["ram"]
-    rows.append((f"peak memory above baseline, {memory['images']:,} imgs ({memory['data_bytes'] / 2**30:.2f} GiB)",
-                 f"{mmap['above_baseline_bytes'] / 2**20:,.0f} MiB", f"{ram['above_baseline_bytes'] / 2**20:,.0f} MiB",
-                 f"{mmap['above_baseline_bytes'] / ram['above_baseline_bytes']:.3f}", "-", "-"))
-    rows.append(("  as a fraction of the data's bytes", f"{mmap['fraction']:.1%}", f"{ram['fraction']:.1%}", "-",
-                 f"<= {TARGETS['rss_fraction'][0]:.0%}", yes(result["met"]["rss_fraction"])))
+    rows.append(
+        (
+            f"peak memory above baseline, {memory['images']:,} imgs ({memory['data_bytes'] / 2**30:.2f} GiB)",
+            f"{mmap['above_baseline_bytes'] / 2**20:,.0f} MiB",
+            f"{ram['above_baseline_bytes'] / 2**20:,.0f} MiB",
+            f"{mmap['above_baseline_bytes'] / ram['above_baseline_bytes']:.3f}",
+            "-",
+            "-",
+        )
+    )
+    rows.append(
+        (
+            "  as a fraction of the data's bytes",
+            f"{mmap['fraction']:.1%}",
+            f"{ram['fraction']:.1%}",
+            "-",
+            f"<= {TARGETS['rss_fraction'][0]:.0%}",
+            yes(result["met"]["rss_fraction"]),
+        )
+    )
     rss_fraction = [(m["peak_rss_bytes"] - m["baseline_rss_bytes"]) / m["data_bytes"] for m in (mmap, ram)]
-    rows.append(("  same from RssAnon+RssShmem (counts fork-shared pages per process)", f"{rss_fraction[0]:.1%}",
-                 f"{rss_fraction[1]:.1%}", "-", "-", "-"))
-    rows.append(("  interpreter/torch baseline (not counted)", f"{mmap['baseline_bytes'] / 2**20:,.0f} MiB",
-                 f"{ram['baseline_bytes'] / 2**20:,.0f} MiB", "-", "-", "-"))
+    rows.append(
+        (
+            "  same from RssAnon+RssShmem (counts fork-shared pages per process)",
+            f"{rss_fraction[0]:.1%}",
+            f"{rss_fraction[1]:.1%}",
+            "-",
+            "-",
+            "-",
+        )
+    )
+    rows.append(
+        (
+            "  interpreter/torch baseline (not counted)",
+            f"{mmap['baseline_bytes'] / 2**20:,.0f} MiB",
+            f"{ram['baseline_bytes'] / 2**20:,.0f} MiB",
+            "-",
+            "-",
+            "-",
+        )
+    )
     wait = result["data_wait"]
-    rows.append((f"data wait, {wait['backbone']} batch {wait['batch_size']}, {wait['seconds_per_step']:.2f} s/step",
-                 f"{wait['fraction']:.1%}", "-", "-", f"<= {TARGETS['data_wait_fraction'][0]:.0%}",
-                 yes(result["met"]["data_wait_fraction"])))
+    rows.append(
+        (
+            f"data wait, {wait['backbone']} batch {wait['batch_size']}, {wait['seconds_per_step']:.2f} s/step",
+            f"{wait['fraction']:.1%}",
+            "-",
+            "-",
+            f"<= {TARGETS['data_wait_fraction'][0]:.0%}",
+            yes(result["met"]["data_wait_fraction"]),
+        )
+    )
     lines = [markdown_table(rows)]
     load = result["machine"]["load_avg_at_start"][0]
-    lines.append(f"\n{result['machine']['cpus']} CPUs, {workers} workers, batch {result['settings']['batch_size']}, "
-                 f"load average {load:.1f} at start, wall time {result['wall_s']:.0f} s")
+    lines.append(
+        f"\n{result['machine']['cpus']} CPUs, {workers} workers, batch {result['settings']['batch_size']}, "
+        f"load average {load:.1f} at start, wall time {result['wall_s']:.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -460,9 +577,15 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
         return 0
     result = run_data_benchmark(
-        images=args.images, workers=args.workers, batch_size=args.batch_size, workdir=args.workdir,
-        timed_batches=args.timed_batches, repeats=args.repeats, backbone=args.backbone,
-        wait_batch_size=args.wait_batch_size, wait_steps=args.wait_steps,
+        images=args.images,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        workdir=args.workdir,
+        timed_batches=args.timed_batches,
+        repeats=args.repeats,
+        backbone=args.backbone,
+        wait_batch_size=args.wait_batch_size,
+        wait_steps=args.wait_steps,
         log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))

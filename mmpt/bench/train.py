@@ -12,7 +12,8 @@
 
 Both see the same S×S input (`--input-size`, default the resolution: nothing is padded). They run in
 short turns (2 bare steps, 2 engine steps, ... 25 times by default) and the turn with the median
-engine/bare ratio gives the figures, so load on a shared machine falls on both alike; warm-up steps are not timed, and on CUDA the benchmark
+engine/bare ratio gives the figures, so load on a shared machine falls on both alike; warm-up steps are not timed,
+and on CUDA the benchmark
 synchronises before reading a clock (on a GPU, use longer turns: `--steps 10 --repeats 5`).
 """
 
@@ -30,8 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.bench.common import (
-    engine_step, machine, markdown_table, median, peak_rss_bytes, synchronize, work_folder, write_result,
-    write_synthetic_files, yes,
+    engine_step,
+    machine,
+    markdown_table,
+    median,
+    peak_rss_bytes,
+    synchronize,
+    work_folder,
+    write_result,
+    write_synthetic_files,
+    yes,
 )
 from mmpt.config import DataConfig, load_config
 from mmpt.data.loader import plan_loader
@@ -66,13 +75,21 @@ class Target:
 
 
 def _vit_b16_224_bf16(s: dict) -> bool:
-    return (s["device_type"] == "cuda" and s["timm_name"] == "vit_base_patch16_224" and s["input_size"] == 224
-            and s["precision"] == "bf16")
+    return (
+        s["device_type"] == "cuda"
+        and s["timm_name"] == "vit_base_patch16_224"
+        and s["input_size"] == 224
+        and s["precision"] == "bf16"
+    )
 
 
 TARGETS = (
-    Target("engine_vs_bare", 0.97, "CPU, resnet18, 28 px",
-           lambda s: s["device_type"] == "cpu" and s["timm_name"] == "resnet18" and s["resolution"] == 28),
+    Target(
+        "engine_vs_bare",
+        0.97,
+        "CPU, resnet18, 28 px",
+        lambda s: s["device_type"] == "cpu" and s["timm_name"] == "resnet18" and s["resolution"] == 28,
+    ),
     Target("engine_vs_bare", 0.90, "quickstart model test_resnet", lambda s: s["timm_name"] == "test_resnet"),
     Target("engine_vs_bare", 0.95, "GPU, ViT-B/16, 224 px, bf16", _vit_b16_224_bf16),
     Target("mfu", 0.40, "H100, ViT-B/16, 224 px, bf16", lambda s: _vit_b16_224_bf16(s) and "H100" in s["device_name"]),
@@ -100,8 +117,12 @@ class BareLoop:
         optim = {**dataclasses.asdict(cfg.optim), "per_head": False, "schedule": "constant"}
         # one optimizer over backbone and head (per_head off), with the engine's name, LR and weight decay
         self.optimizer = build_optimizers(
-            self.backbone, {"head": self.head}, {"head": 1.0}, epochs=1,
-            fused=device.type == "cuda", **optim,
+            self.backbone,
+            {"head": self.head},
+            {"head": 1.0},
+            epochs=1,
+            fused=device.type == "cuda",
+            **optim,
         ).optimizers[SHARED]
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         size, batch = cfg.model.img_size, cfg.train.batch_size
@@ -218,32 +239,61 @@ def run_train_benchmark(
     _check_settings(batch_size, steps, warmup_steps, repeats, workers, input_size, resolution)
     started = time.perf_counter()
     tasks = resolve_tasks(list(FLAGS))
-    cfg = load_config(overrides=[{
-        "name": "bench", "determinism": deterministic,
-        "data": {"datasets": list(FLAGS), "resolution": resolution, "num_workers": workers},
-        "model": {"backbone": backbone, "img_size": input_size},
-        "input": {"mode": "pad"},
-        # every step a full batch; one epoch of warm-up plus all timed steps (passes repeat as needed)
-        "sampler": {"steps_per_epoch": warmup_steps + repeats * steps, "last_batch": "drop"},
-        # epochs only size the LR schedules (long ones, as in training); the benchmark runs part of one
-        "train": {"batch_size": batch_size, "epochs": 1000, "precision": precision, "compile": compile,
-                  "channels_last": channels_last, "device": device},
-    }])
+    cfg = load_config(
+        overrides=[
+            {
+                "name": "bench",
+                "determinism": deterministic,
+                "data": {"datasets": list(FLAGS), "resolution": resolution, "num_workers": workers},
+                "model": {"backbone": backbone, "img_size": input_size},
+                "input": {"mode": "pad"},
+                # every step a full batch; one epoch of warm-up plus all timed steps (passes repeat as needed)
+                "sampler": {"steps_per_epoch": warmup_steps + repeats * steps, "last_batch": "drop"},
+                # epochs only size the LR schedules (long ones, as in training); the benchmark runs part of one
+                "train": {
+                    "batch_size": batch_size,
+                    "epochs": 1000,
+                    "precision": precision,
+                    "compile": compile,
+                    "channels_last": channels_last,
+                    "device": device,
+                },
+            }
+        ]
+    )
     torch_device = select_device(cfg.train.device)
     machine_info = machine(torch_device)
     from mmpt.model import resolve_backbone  # imported here: timm is slow to import for the `data` command
 
     settings = {
-        "backbone": backbone, "timm_name": resolve_backbone(backbone), "resolution": resolution,
-        "input_size": input_size, "input": _input_description(resolution, input_size), "batch_size": batch_size,
-        "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats, "precision": precision, "compile": compile,
-        "channels_last": channels_last, "device": str(torch_device), "device_type": torch_device.type,
-        "device_name": machine_info["device_name"], "workers": workers, "deterministic": deterministic,
-        "datasets": len(tasks), "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
+        "backbone": backbone,
+        "timm_name": resolve_backbone(backbone),
+        "resolution": resolution,
+        "input_size": input_size,
+        "input": _input_description(resolution, input_size),
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "repeats": repeats,
+        "precision": precision,
+        "compile": compile,
+        "channels_last": channels_last,
+        "device": str(torch_device),
+        "device_type": torch_device.type,
+        "device_name": machine_info["device_name"],
+        "workers": workers,
+        "deterministic": deterministic,
+        "datasets": len(tasks),
+        "optimizer": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
         "log_every_steps": cfg.train.log_every_steps,
     }
-    log(f"{settings['timm_name']}, input {settings['input']}, batch {batch_size}, {precision}, {torch_device}"
-        + (" compiled" if compile else "") + (" channels_last" if channels_last else ""))
+    log(
+        f"{settings['timm_name']}, input {settings['input']}, batch {batch_size}, {precision}, {torch_device}"
+        + (" compiled" if compile else "")
+        + (" channels_last" if channels_last else "")
+    )
     with work_folder(workdir, "mmpt-bench-train-") as work:
         root = work / "medmnist"
         log(f"writing synthetic files of {len(tasks)} datasets at {resolution} px into {root}")
@@ -262,8 +312,13 @@ def run_train_benchmark(
         total_steps = warmup_steps + repeats * steps
         plan = Sampler(sizes, batch_size, cfg.train.seed, steps_per_epoch=total_steps, last_batch="drop").plan(0)
         loader = plan_loader(
-            splits, plan, num_workers=workers, pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed, epoch=0,
+            splits,
+            plan,
+            num_workers=workers,
+            pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor,
+            seed=cfg.train.seed,
+            epoch=0,
         )
         loops = {"bare": bare, "engine": EngineLoop(step, loader, cfg.train.log_every_steps)}
         for loop in loops.values():
@@ -280,13 +335,26 @@ def run_train_benchmark(
                 if torch_device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(torch_device))
             if (repeat + 1) % max(1, repeats // 5) == 0 or repeat + 1 == repeats:
-                log(f"turn {repeat + 1}/{repeats}: bare {runs['bare'][-1]['img_s']:,.1f} img/s, "
-                    f"engine {runs['engine'][-1]['img_s']:,.1f} img/s")
+                log(
+                    f"turn {repeat + 1}/{repeats}: bare {runs['bare'][-1]['img_s']:,.1f} img/s, "
+                    f"engine {runs['engine'][-1]['img_s']:,.1f} img/s"
+                )
         wait_s = loops["engine"].wait_s
         del loops, loader  # stops the loader's workers
         bare_runs, engine_runs = runs["bare"], runs["engine"]
-        mtl = measure_mtl_steps(cfg, tasks, sizes, splits, torch_device, mtl_methods, mtl_tasks_per_step,
-                                steps=steps, warmup_steps=warmup_steps, repeats=max(3, repeats // 5), log=log)
+        mtl = measure_mtl_steps(
+            cfg,
+            tasks,
+            sizes,
+            splits,
+            torch_device,
+            mtl_methods,
+            mtl_tasks_per_step,
+            steps=steps,
+            warmup_steps=warmup_steps,
+            repeats=max(3, repeats // 5),
+            log=log,
+        )
 
     # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
     # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
@@ -300,8 +368,10 @@ def run_train_benchmark(
         "engine_img_s": engine_img_s,
         "engine_vs_bare": engine_img_s / bare_img_s,
         "median_turn": middle,
-        "img_s_median_over_turns": {"bare": median([r["img_s"] for r in bare_runs]),
-                                    "engine": median([r["img_s"] for r in engine_runs])},
+        "img_s_median_over_turns": {
+            "bare": median([r["img_s"] for r in bare_runs]),
+            "engine": median([r["img_s"] for r in engine_runs]),
+        },
         "peak_memory_bytes": max(peaks.values()) if torch_device.type == "cuda" else peak_rss_bytes(),
         "mfu": engine_img_s * flops_per_image / peak if peak else None,
         "bare_mfu": bare_img_s * flops_per_image / peak if peak else None,
@@ -309,10 +379,16 @@ def run_train_benchmark(
         "engine_tflop_s": engine_img_s * flops_per_image / 1e12,
         "peak_flop_s": peak,
         "engine_loader_wait_fraction": wait_s / sum(r["seconds"] for r in engine_runs),
-        "memory_meter": ("torch.cuda.max_memory_allocated, the larger of the two loops" if torch_device.type == "cuda"
-                         else "peak resident set of the benchmark process (ru_maxrss), both loops, workers excluded"),
-        **({"bare_peak_memory_bytes": peaks["bare"], "engine_peak_memory_bytes": peaks["engine"]}
-           if torch_device.type == "cuda" else {}),
+        "memory_meter": (
+            "torch.cuda.max_memory_allocated, the larger of the two loops"
+            if torch_device.type == "cuda"
+            else "peak resident set of the benchmark process (ru_maxrss), both loops, workers excluded"
+        ),
+        **(
+            {"bare_peak_memory_bytes": peaks["bare"], "engine_peak_memory_bytes": peaks["engine"]}
+            if torch_device.type == "cuda"
+            else {}
+        ),
         **{f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()},
         "mtl": mtl,
         "repeats": {"bare": bare_runs, "engine": engine_runs},
@@ -320,8 +396,13 @@ def run_train_benchmark(
         "machine": machine_info,
     }
     result["targets"] = [
-        {"key": t.key, "target": t.least, "label": t.label, "applies": t.applies(settings),
-         "met": (result[t.key] is not None and result[t.key] >= t.least) if t.applies(settings) else None}
+        {
+            "key": t.key,
+            "target": t.least,
+            "label": t.label,
+            "applies": t.applies(settings),
+            "met": (result[t.key] is not None and result[t.key] >= t.least) if t.applies(settings) else None,
+        }
         for t in TARGETS
     ]
     result["wall_s"] = time.perf_counter() - started
@@ -329,8 +410,18 @@ def run_train_benchmark(
 
 
 def measure_mtl_steps(
-    cfg, tasks, sizes: dict[str, int], splits: dict, device: torch.device, methods: tuple[str, ...], k: int, *,
-    steps: int, warmup_steps: int, repeats: int, log: Callable[[str], None] = print,
+    cfg,
+    tasks,
+    sizes: dict[str, int],
+    splits: dict,
+    device: torch.device,
+    methods: tuple[str, ...],
+    k: int,
+    *,
+    steps: int,
+    warmup_steps: int,
+    repeats: int,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Step time of the engine with `k` datasets per step under each loss weighting `methods` (the first is the
     reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}."""
@@ -340,13 +431,15 @@ def measure_mtl_steps(
     loops = {}
     for method in methods:
         mcfg = dataclasses.replace(
-            cfg, sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+            cfg,
+            sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
             loss=dataclasses.replace(cfg.loss, weighting=method),
         )
         torch.manual_seed(cfg.train.seed)
         step = engine_step(mcfg, tasks, sizes, device)
-        plan = Sampler(sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop",
-                       tasks_per_step=k).plan(0)
+        plan = Sampler(
+            sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
+        ).plan(0)
         loops[method] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
         for _ in range(warmup_steps):
             loops[method]()
@@ -357,8 +450,13 @@ def measure_mtl_steps(
     per_step = {method: median(values) for method, values in seconds.items()}
     ratios = {method: per_step[method] / per_step[methods[0]] for method in methods}
     log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in methods))
-    return {"ratios": ratios, "seconds_per_step": per_step, "tasks_per_step": k, "reference": methods[0],
-            "turns": repeats}
+    return {
+        "ratios": ratios,
+        "seconds_per_step": per_step,
+        "tasks_per_step": k,
+        "reference": methods[0],
+        "turns": repeats,
+    }
 
 
 def _input_description(resolution: int, input_size: int) -> str:
@@ -383,14 +481,20 @@ def _check_settings(
     problems = [
         f"{name} must be >= {least}, got {value}"
         for name, value, least in (
-            ("--batch-size", batch_size, 2), ("--steps", steps, 1), ("--warmup-steps", warmup_steps, 1),
-            ("--repeats", repeats, 1), ("--workers", workers, 0), ("--input-size", input_size, 8),
+            ("--batch-size", batch_size, 2),
+            ("--steps", steps, 1),
+            ("--warmup-steps", warmup_steps, 1),
+            ("--repeats", repeats, 1),
+            ("--workers", workers, 0),
+            ("--input-size", input_size, 8),
         )
         if value < least
     ]
     if not problems and input_size < resolution:
-        problems.append(f"--input-size {input_size} is smaller than --resolution {resolution}; the engine pads up "
-                        "to the input size: give an input size of at least the resolution")
+        problems.append(
+            f"--input-size {input_size} is smaller than --resolution {resolution}; the engine pads up "
+            "to the input size: give an input size of at least the resolution"
+        )
     if problems:
         raise MmptError("; ".join(problems))
 
@@ -402,8 +506,9 @@ def format_table(result: dict) -> str:
     medians = result["img_s_median_over_turns"]
     rows.append(("bare loop, img/s (median turn)", f"{result['bare_img_s']:,.1f}", "-", "-"))
     rows.append(("engine step, img/s (median turn)", f"{result['engine_img_s']:,.1f}", "-", "-"))
-    rows.append(("img/s, median over turns: bare, engine", f"{medians['bare']:,.1f}, {medians['engine']:,.1f}",
-                 "-", "-"))
+    rows.append(
+        ("img/s, median over turns: bare, engine", f"{medians['bare']:,.1f}, {medians['engine']:,.1f}", "-", "-")
+    )
     for key, label, value in (
         ("engine_vs_bare", "engine / bare", f"{result['engine_vs_bare']:.3f}"),
         ("mfu", "MFU (engine)", "-" if result["mfu"] is None else f"{result['mfu']:.1%}"),
@@ -420,17 +525,25 @@ def format_table(result: dict) -> str:
     rows.append(("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"))
     mtl = result["mtl"]
     for method, ratio in mtl["ratios"].items():
-        rows.append((f"step time, {mtl['tasks_per_step']} datasets per step: {method} / {mtl['reference']}",
-                     f"{ratio:.2f}x ({mtl['seconds_per_step'][method] * 1e3:,.0f} ms)", "-", "-"))
+        rows.append(
+            (
+                f"step time, {mtl['tasks_per_step']} datasets per step: {method} / {mtl['reference']}",
+                f"{ratio:.2f}x ({mtl['seconds_per_step'][method] * 1e3:,.0f} ms)",
+                "-",
+                "-",
+            )
+        )
     lines = [markdown_table(rows)]
     others = [t for t in result["targets"] if not t["applies"]]
     if others:
-        lines.append("targets for other settings: " + "; ".join(
-            f"{t['key']} >= {t['target']:g} ({t['label']})" for t in others))
+        lines.append(
+            "targets for other settings: " + "; ".join(f"{t['key']} >= {t['target']:g} ({t['label']})" for t in others)
+        )
     m = result["machine"]
     lines.append(
         f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
-        + (", compiled" if s["compile"] else "") + (", channels_last" if s["channels_last"] else "")
+        + (", compiled" if s["compile"] else "")
+        + (", channels_last" if s["channels_last"] else "")
         + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
         f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
         f"at start, wall time {result['wall_s']:.0f} s"
@@ -443,23 +556,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="the engine's training step against a bare PyTorch loop")
     train.add_argument("--backbone", default="resnet18", help="an alias (vit_b16, resnet18, ...) or a timm name")
     train.add_argument("--resolution", type=int, default=28, help="stored image size: 28, 64, 128 or 224")
-    train.add_argument("--input-size", type=int, help="model input side; images are zero-padded to it "
-                       "(default: the resolution, nothing padded)")
+    train.add_argument(
+        "--input-size",
+        type=int,
+        help="model input side; images are zero-padded to it (default: the resolution, nothing padded)",
+    )
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--steps", type=int, default=2, help="timed steps per turn and loop")
     train.add_argument("--warmup-steps", type=int, default=3, help="untimed steps of each loop before the turns")
-    train.add_argument("--repeats", type=int, default=25, help="turns: timed runs per loop, alternating "
-                       "(the turn with the median ratio counts)")
+    train.add_argument(
+        "--repeats",
+        type=int,
+        default=25,
+        help="turns: timed runs per loop, alternating (the turn with the median ratio counts)",
+    )
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")
     train.add_argument("--device", default="auto", help=DEVICE_NAMES)
     train.add_argument("--workers", type=int, default=DataConfig.num_workers, help="the engine's loader workers")
-    train.add_argument("--deterministic", action="store_true",
-                       help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)")
-    train.add_argument("--mtl-methods", default=",".join(MTL_METHODS),
-                       help="loss weightings to time at several datasets per step, the first the reference "
-                            "(JSON mtl_step_ratio.<method>; empty to skip)")
+    train.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)",
+    )
+    train.add_argument(
+        "--mtl-methods",
+        default=",".join(MTL_METHODS),
+        help="loss weightings to time at several datasets per step, the first the reference "
+        "(JSON mtl_step_ratio.<method>; empty to skip)",
+    )
     train.add_argument("--mtl-tasks-per-step", type=int, default=4, help="datasets per step of that comparison")
     train.add_argument("--json", help="write the figures to this JSON file")
     train.add_argument("--workdir", help="folder for the synthetic files (kept); default a temporary one (deleted)")
@@ -468,11 +594,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark (table on stdout, progress on stderr); return the exit code. Raises MmptError."""
     result = run_train_benchmark(
-        backbone=args.backbone, resolution=args.resolution, input_size=args.input_size, batch_size=args.batch_size,
-        steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats, precision=args.precision,
-        compile=args.compile, channels_last=args.channels_last, device=args.device, workers=args.workers,
-        deterministic=args.deterministic, workdir=args.workdir,
-        mtl_methods=tuple(m for m in args.mtl_methods.split(",") if m), mtl_tasks_per_step=args.mtl_tasks_per_step,
+        backbone=args.backbone,
+        resolution=args.resolution,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        repeats=args.repeats,
+        precision=args.precision,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        device=args.device,
+        workers=args.workers,
+        deterministic=args.deterministic,
+        workdir=args.workdir,
+        mtl_methods=tuple(m for m in args.mtl_methods.split(",") if m),
+        mtl_tasks_per_step=args.mtl_tasks_per_step,
         log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))

@@ -34,7 +34,6 @@ _TASK = 1
 _GROUP = 2  # which datasets share a step (tasks_per_step >= 2)
 
 
-
 def _rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=key))
 
@@ -109,7 +108,7 @@ def _task_batches(n: int, batch_size: int, last_batch: str, rng: np.random.Gener
     count = _batch_count(n, batch_size, last_batch)
     starts = [i * batch_size for i in range(count)]
     # with "keep" the last batch runs to the end of the split, so a small remainder is folded into it
-    ends = starts[1:] + [n if last_batch == "keep" else count * batch_size]
+    ends = [*starts[1:], n if last_batch == "keep" else count * batch_size]
     return [perm[start:end] for start, end in zip(starts, ends)]
 
 
@@ -161,7 +160,12 @@ def _group_steps(counts: dict[str, int], k: int, rng: np.random.Generator) -> li
 
 
 def _one_pass_grouped(
-    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, cycle: int, last_batch: str,
+    sizes: dict[str, int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    cycle: int,
+    last_batch: str,
     tasks_per_step: int | str,
 ) -> list[list[tuple[str, np.ndarray]]]:
     tasks = sorted(sizes)
@@ -226,8 +230,16 @@ def _grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str,
 
 
 def _grouped_plan(
-    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, replacement: bool, alpha: float,
-    steps_per_epoch: int | None, last_batch: str, tasks_per_step: int | str, pass_steps: int,
+    sizes: dict[str, int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    replacement: bool,
+    alpha: float,
+    steps_per_epoch: int | None,
+    last_batch: str,
+    tasks_per_step: int | str,
+    pass_steps: int,
 ) -> list[list[tuple[str, np.ndarray]]]:
     if replacement:
         return _grouped_plan_with_replacement(
@@ -243,7 +255,12 @@ def _grouped_plan(
 
 
 def _grouped_plan_with_replacement(
-    sizes: dict[str, int], batch_size: int, seed: int, epoch: int, alpha: float, steps: int,
+    sizes: dict[str, int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    alpha: float,
+    steps: int,
     tasks_per_step: int | str,
 ) -> list[list[tuple[str, np.ndarray]]]:
     probabilities = task_probabilities(sizes, alpha)
@@ -254,10 +271,12 @@ def _grouped_plan_with_replacement(
     plan = []
     for _ in range(steps):
         chosen = sorted(tasks[i] for i in rng.choice(len(tasks), size=k, replace=False, p=list(probabilities.values())))
-        plan.append([
-            (t, task_rngs[t].choice(sizes[t], size=min(sizes[t], batch_size), replace=False).astype(np.int64))
-            for t in chosen
-        ])
+        plan.append(
+            [
+                (t, task_rngs[t].choice(sizes[t], size=min(sizes[t], batch_size), replace=False).astype(np.int64))
+                for t in chosen
+            ]
+        )
     return plan
 
 
@@ -329,13 +348,21 @@ class Sampler:
         _validate_tasks_per_step(self.sizes, self.tasks_per_step)
         object.__setattr__(self, "sizes", dict(self.sizes))
         object.__setattr__(self, "_pass_steps", self._count_pass_steps())
-        self.steps  # raises when an epoch would have no step
+        _ = self.steps  # raises when an epoch would have no step
 
     @classmethod
     def from_config(cls, sizes: dict[str, int], cfg: Config) -> Sampler:
         s = cfg.sampler
-        return cls(sizes, cfg.train.batch_size, cfg.train.seed, replacement=s.replacement, alpha=s.alpha,
-                   steps_per_epoch=s.steps_per_epoch, last_batch=s.last_batch, tasks_per_step=s.tasks_per_step)
+        return cls(
+            sizes,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            replacement=s.replacement,
+            alpha=s.alpha,
+            steps_per_epoch=s.steps_per_epoch,
+            last_batch=s.last_batch,
+            tasks_per_step=s.tasks_per_step,
+        )
 
     @property
     def every_task(self) -> bool:
@@ -356,16 +383,27 @@ class Sampler:
     def steps(self) -> int:
         """Steps (backbone updates) per epoch."""
         if not self.grouped:
-            return _steps_per_epoch(self.sizes, self.batch_size, self.replacement, self.steps_per_epoch,
-                                    self.last_batch)
+            return _steps_per_epoch(
+                self.sizes, self.batch_size, self.replacement, self.steps_per_epoch, self.last_batch
+            )
         return self.steps_per_epoch or self._pass_steps
 
     def plan(self, epoch: int) -> list[Step]:
         """One epoch's steps; the same (seed, epoch) give an identical plan."""
         sizes, batch, seed = self.sizes, self.batch_size, self.seed
         if self.grouped:
-            return _grouped_plan(sizes, batch, seed, epoch, self.replacement, self.alpha, self.steps_per_epoch,
-                                 self.last_batch, self.tasks_per_step, self._pass_steps)
+            return _grouped_plan(
+                sizes,
+                batch,
+                seed,
+                epoch,
+                self.replacement,
+                self.alpha,
+                self.steps_per_epoch,
+                self.last_batch,
+                self.tasks_per_step,
+                self._pass_steps,
+            )
         if self.replacement:
             return [[pair] for pair in _plan_with_replacement(sizes, batch, seed, epoch, self.alpha, self.steps)]
         plan: list[Step] = []

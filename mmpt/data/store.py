@@ -392,8 +392,11 @@ def evaluation_data(data: DataConfig, root: str | None = None, cache_dir: str | 
     `cache_dir`, else the run's own cache when reading the run's own root, else the new root's default. Never
     generated or downloaded, so a foreign checkpoint's data.synthetic or data.download cannot make it write data."""
     return dataclasses.replace(
-        data, root=root or data.root, cache_dir=cache_dir or (data.cache_dir if root is None else None),
-        synthetic=False, download=False,
+        data,
+        root=root or data.root,
+        cache_dir=cache_dir or (data.cache_dir if root is None else None),
+        synthetic=False,
+        download=False,
     )
 
 

@@ -130,7 +130,7 @@ def write_synthetic(
         for task in tasks:
             path = root / task.filename(resolution)
             arrays = synthetic_arrays(task, resolution, train_samples, seed)
-            atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+            atomic_write(path, lambda f, arrays=arrays: np.savez_compressed(f, **arrays))
             paths.append(path)
     except OSError as exc:
         reason = exc.strerror or exc

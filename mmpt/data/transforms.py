@@ -58,7 +58,7 @@ class DeviceTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def to(self, device: torch.device) -> "DeviceTransform":
+    def to(self, device: torch.device) -> DeviceTransform:
         """Move the normalisation constants to `device` once, so no call copies them."""
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
@@ -76,9 +76,7 @@ class DeviceTransform:
         torch.Generator on `images.device` (None = torch's global generator of that device).
         Raises ValueError unless `images` is uint8 N×H×W or N×H×W×3.
         """
-        if images.dtype != torch.uint8 or not (
-            images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)
-        ):
+        if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise ValueError(f"expected uint8 N×H×W or N×H×W×3 images, got {images.dtype} {tuple(images.shape)}")
         if images.ndim == 3:
             x = images.unsqueeze(1)  # N×H×W -> N×1×H×W
@@ -106,9 +104,7 @@ class DeviceTransform:
             canvas[:, :, top : top + height, left : left + width] = x
             return canvas
         shrinking = height > size or width > size
-        return F.interpolate(
-            x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=shrinking
-        )
+        return F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=shrinking)
 
     def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         a = self.augment

@@ -24,11 +24,11 @@ from scipy import stats
 
 from mmpt.errors import MmptError
 from mmpt.experiments.members import SEED_DIR
+from mmpt.experiments.stats import CONFIDENCE, paired_bootstrap
+from mmpt.io import read_json
+from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
 from mmpt.rundir import DATA_RECORD, PREDICTION_FILE
-from mmpt.io import read_json
-from mmpt.experiments.stats import CONFIDENCE, paired_bootstrap  # noqa: F401  (the loop path, re-exported)
-from mmpt.metrics import compute_metrics
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
@@ -77,15 +77,21 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
     """The test prediction files in `folder` (a predictions/ folder with its data.json) by dataset."""
     record_path = folder / DATA_RECORD
     if not record_path.is_file():
-        raise MmptError(f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
-                        f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
-                        f"{folder.parent / 'eval' / 'test'}")
+        raise MmptError(
+            f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
+            f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
+            f"{folder.parent / 'eval' / 'test'}"
+        )
     again = f"evaluate the run again (python evaluate.py {folder.parent}) and compare {folder.parent / 'eval' / 'test'}"
     record = read_json(record_path, again)
     entries = record.get("datasets") if isinstance(record, dict) else None
-    if not isinstance(entries, dict) or not isinstance(record.get("resolution"), int) or not all(
-        isinstance(e, dict) and isinstance(e.get("images"), int) and isinstance(e.get("labels_sha256"), str)
-        for e in entries.values()
+    if (
+        not isinstance(entries, dict)
+        or not isinstance(record.get("resolution"), int)
+        or not all(
+            isinstance(e, dict) and isinstance(e.get("images"), int) and isinstance(e.get("labels_sha256"), str)
+            for e in entries.values()
+        )
     ):
         raise MmptError(f"{record_path} is not a record of evaluated data written by mmpt; {again}")
     root = record.get("data_root") or _nearest_data_root(folder.parent)
@@ -96,11 +102,19 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
             continue
         flag = match["flag"]
         if flag in found:
-            raise MmptError(f"{folder} has several test prediction files of {flag} ({found[flag].path.name}, "
-                            f"{path.name}); keep the one of the evaluated checkpoint and remove the others")
+            raise MmptError(
+                f"{folder} has several test prediction files of {flag} ({found[flag].path.name}, "
+                f"{path.name}); keep the one of the evaluated checkpoint and remove the others"
+            )
         entry = record["datasets"][flag]
-        found[flag] = Prediction(path, int(record["resolution"]), int(entry["images"]), entry["labels_sha256"], root,
-                                 entry.get("grade_rule", "argmax"))
+        found[flag] = Prediction(
+            path,
+            int(record["resolution"]),
+            int(entry["images"]),
+            entry["labels_sha256"],
+            root,
+            entry.get("grade_rule", "argmax"),
+        )
     return found
 
 
@@ -143,15 +157,19 @@ def load_run(path: Path, name: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise MmptError(f"run folder {path} not found; pass folders written by train.py, evaluate.py or probe")
-    seed_dirs = sorted((p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
-                       key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)))
+    seed_dirs = sorted(
+        (p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
+        key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)),
+    )
     left_out: list[tuple[Path, str]] = []
     member = _member(path, left_out)
     seeds = [member] if member or left_out else [m for m in (_member(d, left_out) for d in seed_dirs) if m]
     if not seeds or not any(seeds):
         reason = f" ({left_out[0][0]} is {left_out[0][1]})" if left_out else ""
-        raise MmptError(f"{path} holds no test predictions of a finished run{reason}: pass a finished run, "
-                        "an individual/ folder or a folder of seed<k>/ runs")
+        raise MmptError(
+            f"{path} holds no test predictions of a finished run{reason}: pass a finished run, "
+            "an individual/ folder or a folder of seed<k>/ runs"
+        )
     return Run(name or str(path), path, seeds, left_out)
 
 
@@ -169,12 +187,16 @@ def check_same_data(runs: list[Run], datasets: list[str]) -> None:
                     continue
                 (res, images, digest), other = reference[flag]
                 if pred.resolution != res:
-                    raise MmptError(f"{run.name} was evaluated at {pred.resolution} px and {other} at {res} px; "
-                                    "compare runs evaluated on the same data")
+                    raise MmptError(
+                        f"{run.name} was evaluated at {pred.resolution} px and {other} at {res} px; "
+                        "compare runs evaluated on the same data"
+                    )
                 if (pred.images, pred.labels_sha256) != (images, digest):
-                    raise MmptError(f"{run.name} and {other} were evaluated on different {flag} test sets "
-                                    f"({pred.images} vs {images} images, or other labels); "
-                                    "compare runs evaluated on the same data files")
+                    raise MmptError(
+                        f"{run.name} and {other} were evaluated on different {flag} test sets "
+                        f"({pred.images} vs {images} images, or other labels); "
+                        "compare runs evaluated on the same data files"
+                    )
 
 
 def read_labels(pred: Prediction, flag: str, data_root: str | None = None) -> np.ndarray:
@@ -189,8 +211,10 @@ def read_labels(pred: Prediction, flag: str, data_root: str | None = None) -> np
         labels = np.asarray(npz["test_labels"], dtype=np.int64)
     labels = labels.reshape(len(labels), -1)
     if labels_digest(labels) != pred.labels_sha256:
-        raise MmptError(f"the {flag} test labels in {path} differ from those {pred.path.parent} was evaluated on; "
-                        "pass --data-root DIR with the files the runs were evaluated on")
+        raise MmptError(
+            f"the {flag} test labels in {path} differ from those {pred.path.parent} was evaluated on; "
+            "pass --data-root DIR with the files the runs were evaluated on"
+        )
     return labels
 
 
@@ -214,8 +238,10 @@ def read_scores(pred: Prediction) -> np.ndarray:
     if bad.any():
         row, column = np.argwhere(bad)[0]
         line = int(np.flatnonzero(table.index.to_numpy() == index[row])[0]) + 1
-        raise MmptError(f"{pred.path} line {line} (image {index[row]}) holds the score {float(scores[row, column])!r}, "
-                        "not a probability in [0, 1]; evaluate the run again (python evaluate.py RUN)")
+        raise MmptError(
+            f"{pred.path} line {line} (image {index[row]}) holds the score {float(scores[row, column])!r}, "
+            "not a probability in [0, 1]; evaluate the run again (python evaluate.py RUN)"
+        )
     return scores
 
 
@@ -234,8 +260,14 @@ def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, s
         pairs = [(i, f) for i in range(len(runs)) for f in datasets if booted[f]]
         found = Parallel(n_jobs=jobs)(
             delayed(paired_bootstrap)(
-                TASKS[f], labels[f], scores[0][f], None if i == 0 else scores[i][f], booted[f],
-                n_resamples=n_resamples, seed=seed, grade_rules=(rules[0][f], rules[i][f]),
+                TASKS[f],
+                labels[f],
+                scores[0][f],
+                None if i == 0 else scores[i][f],
+                booted[f],
+                n_resamples=n_resamples,
+                seed=seed,
+                grade_rules=(rules[0][f], rules[i][f]),
             )
             for i, f in pairs
         )
@@ -245,8 +277,12 @@ def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, s
         shown = [f for f in datasets if booted[f]]
         found = Parallel(n_jobs=jobs)(
             delayed(bootstrap_dataset)(
-                TASKS[f], labels[f], [(scores[i][f], rules[i][f]) for i in range(len(runs))], booted[f],
-                n_resamples=n_resamples, seed=seed,
+                TASKS[f],
+                labels[f],
+                [(scores[i][f], rules[i][f]) for i in range(len(runs))],
+                booted[f],
+                n_resamples=n_resamples,
+                seed=seed,
             )
             for f in shown
         )
@@ -255,8 +291,11 @@ def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, s
         return booted_interval
     interval = {}
     for f in datasets:
-        analytic = (delong_intervals(TASKS[f], labels[f], [scores[i][f] for i in range(len(runs))])
-                    if "auc" in present[f] else None)
+        analytic = (
+            delong_intervals(TASKS[f], labels[f], [scores[i][f] for i in range(len(runs))])
+            if "auc" in present[f]
+            else None
+        )
         width, kept = len(present[f]), len(booted[f])
         for i in range(len(runs)):
             sides = 1 if i == 0 else 2  # the run's values, then its differences to the reference
@@ -264,11 +303,13 @@ def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, s
             for side in range(sides):
                 for j, m in enumerate(present[f]):
                     if m == "auc":
-                        low[side * width + j], high[side * width + j] = analytic[i][2 * side:2 * side + 2]
+                        low[side * width + j], high[side * width + j] = analytic[i][2 * side : 2 * side + 2]
                     else:
                         k = side * kept + booted[f].index(m)
-                        low[side * width + j], high[side * width + j] = (booted_interval[(i, f)][0][k],
-                                                                         booted_interval[(i, f)][1][k])
+                        low[side * width + j], high[side * width + j] = (
+                            booted_interval[(i, f)][0][k],
+                            booted_interval[(i, f)][1][k],
+                        )
             interval[(i, f)] = (low, high)
     return interval
 
@@ -292,8 +333,12 @@ def wilcoxon_over_datasets(differences: list[float], lower_is_better: bool) -> d
     p = math.nan
     if np.any(d != 0):
         p = float(stats.wilcoxon(d).pvalue)
-    return {"p_value": p, "better": int(np.sum(sign * d > 0)), "worse": int(np.sum(sign * d < 0)),
-            "datasets": int(len(d))}
+    return {
+        "p_value": p,
+        "better": int(np.sum(sign * d > 0)),
+        "worse": int(np.sum(sign * d < 0)),
+        "datasets": len(d),
+    }
 
 
 def compare_runs(
@@ -348,21 +393,42 @@ def compare_runs(
             for s in scores[i][f]:
                 for m, v in compute_metrics(TASKS[f], labels[f], s, metrics, rules[i][f]).items():
                     per_seed[i][f][m].append(v)
-    values = [{f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets}
-              for i in range(len(runs))]
+    values = [
+        {f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets} for i in range(len(runs))
+    ]
     present = {f: [m for m in metrics if m in values[0][f]] for f in datasets}
     if ci not in CI_METHODS:
         raise MmptError(f"unknown interval '{ci}' in --ci; choose from {', '.join(CI_METHODS)}")
-    interval = _intervals(runs, datasets, labels, scores, rules, present, n_resamples=n_resamples, seed=seed,
-                          jobs=jobs, ci=ci, resampling=resampling)
+    interval = _intervals(
+        runs,
+        datasets,
+        labels,
+        scores,
+        rules,
+        present,
+        n_resamples=n_resamples,
+        seed=seed,
+        jobs=jobs,
+        ci=ci,
+        resampling=resampling,
+    )
 
-    out = {"reference": names[0], "metrics": metrics, "datasets": datasets,
-           "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
-           "left_out_runs": {str(folder): why for folder, why in left_out_runs},
-           "bootstrap": {"n_resamples": n_resamples, "confidence_level": CONFIDENCE, "method": "percentile",
-                         "paired": True, "seed": seed},
-           "auc_interval": "delong" if ci == "delong" and "auc" in metrics else "bootstrap",
-           "runs": []}
+    out = {
+        "reference": names[0],
+        "metrics": metrics,
+        "datasets": datasets,
+        "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
+        "left_out_runs": {str(folder): why for folder, why in left_out_runs},
+        "bootstrap": {
+            "n_resamples": n_resamples,
+            "confidence_level": CONFIDENCE,
+            "method": "percentile",
+            "paired": True,
+            "seed": seed,
+        },
+        "auc_interval": "delong" if ci == "delong" and "auc" in metrics else "bootstrap",
+        "runs": [],
+    }
     for i, run in enumerate(runs):
         entry = {"name": run.name, "path": str(run.path), "seeds": len(run.seeds), "datasets": {}, "mean": {}}
         for f in datasets:
@@ -374,8 +440,9 @@ def compare_runs(
                     cell["std"] = float(np.std(per_seed[i][f][m], ddof=1))
                 if i > 0:
                     k = len(present[f]) + j
-                    cell.update(diff=values[i][f][m] - values[0][f][m], diff_ci_low=float(low[k]),
-                                diff_ci_high=float(high[k]))
+                    cell.update(
+                        diff=values[i][f][m] - values[0][f][m], diff_ci_low=float(low[k]), diff_ci_high=float(high[k])
+                    )
                 cells[m] = cell
             entry["datasets"][f] = cells
         for m in metrics:
@@ -386,9 +453,13 @@ def compare_runs(
                     entry["mean"][m]["diff"] = entry["mean"][m]["value"] - out["runs"][0]["mean"][m]["value"]
         entry["delta_m"] = 0.0 if i == 0 else delta_m(values[0], values[i], metrics)
         if i > 0 and len(run.seeds) > 1 and len(runs[0].seeds) > 1:
-            tests = {m: wilcoxon_over_datasets(
-                [values[i][f][m] - values[0][f][m] for f in datasets if m in values[i][f]], m in LOWER_IS_BETTER)
-                for m in metrics if m in entry["mean"]}
+            tests = {
+                m: wilcoxon_over_datasets(
+                    [values[i][f][m] - values[0][f][m] for f in datasets if m in values[i][f]], m in LOWER_IS_BETTER
+                )
+                for m in metrics
+                if m in entry["mean"]
+            }
             entry["wilcoxon"] = tests
             entry["p_value"] = {m: t["p_value"] for m, t in tests.items()}
         out["runs"].append(entry)
@@ -408,17 +479,24 @@ def format_compare(result: dict) -> str:
     """Markdown tables, one per metric: each run's value [95% CI] (± std over seeds) and Δ to the reference."""
     runs = result["runs"]
     b = result["bootstrap"]
-    lines = [f"# Comparison against {result['reference']}", "",
-             f"Values with {int(b['confidence_level'] * 100)}% bootstrap intervals over test images "
-             f"({b['n_resamples']} paired resamples, percentile, seed {b['seed']}); Δ: difference to the "
-             "reference with its paired interval; ± std over seeds where a run has several.", ""]
+    lines = [
+        f"# Comparison against {result['reference']}",
+        "",
+        f"Values with {int(b['confidence_level'] * 100)}% bootstrap intervals over test images "
+        f"({b['n_resamples']} paired resamples, percentile, seed {b['seed']}); Δ: difference to the "
+        "reference with its paired interval; ± std over seeds where a run has several.",
+        "",
+    ]
     if result.get("auc_interval") == "delong":
         lines[-2] += " AUC intervals: DeLong's (normal, paired for Δ), not the bootstrap."
     if result["left_out"]:
         lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
     if result.get("left_out_runs"):
-        lines += ["Runs left out of the statistics: "
-                  + "; ".join(f"{folder} ({why})" for folder, why in result["left_out_runs"].items()), ""]
+        lines += [
+            "Runs left out of the statistics: "
+            + "; ".join(f"{folder} ({why})" for folder, why in result["left_out_runs"].items()),
+            "",
+        ]
     for m in result["metrics"]:
         header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
         lines += [f"## {m}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -426,12 +504,20 @@ def format_compare(result: dict) -> str:
             cells = [flag]
             for r in runs:
                 c = r["datasets"][flag].get(m)
-                cells.append("-" if c is None else _num(c["value"]) + (f" ± {c['std']:.4f}" if "std" in c else "")
-                             + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]")
+                cells.append(
+                    "-"
+                    if c is None
+                    else _num(c["value"])
+                    + (f" ± {c['std']:.4f}" if "std" in c else "")
+                    + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+                )
             for r in runs[1:]:
                 c = r["datasets"][flag].get(m)
-                cells.append("-" if c is None else
-                             f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]")
+                cells.append(
+                    "-"
+                    if c is None
+                    else f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]"
+                )
             lines.append("| " + " | ".join(cells) + " |")
         mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
         mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
@@ -444,15 +530,17 @@ def format_compare(result: dict) -> str:
         lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
         for r in tested:
             for m, t in r["wilcoxon"].items():
-                lines.append(f"- {r['name']} {m}: p = {_num(t['p_value'])}, better on {t['better']}, "
-                             f"worse on {t['worse']} of {t['datasets']} datasets")
+                lines.append(
+                    f"- {r['name']} {m}: p = {_num(t['p_value'])}, better on {t['better']}, "
+                    f"worse on {t['worse']} of {t['datasets']} datasets"
+                )
     return "\n".join(lines) + "\n"
 
 
 def write_compare(result: dict, output: Path) -> list[Path]:
     """compare.{json,csv,md}, compare_auc.png (values with intervals) and compare_diff.png (paired differences)."""
-    from mmpt.plots import plot_differences, plot_grouped_bars
     from mmpt.io import write_csv, write_json, write_text
+    from mmpt.plots import plot_differences, plot_grouped_bars
 
     output = Path(output)
     write_json(output / "compare.json", result)
@@ -464,18 +552,38 @@ def write_compare(result: dict, output: Path) -> list[Path]:
                 rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
         for m, c in r["mean"].items():
             rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", ""])
-        rows.append([r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"],
-                     *[""] * (len(fields) - 1)])
+        rows.append(
+            [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
+        )
     write_csv(output / "compare.csv", rows)
     write_text(output / "compare.md", format_compare(result))
     metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]
-    bars = {r["name"]: {f: (c[metric]["value"], c[metric]["ci_low"], c[metric]["ci_high"])
-                        for f, c in r["datasets"].items() if metric in c} for r in result["runs"]}
-    diffs = {r["name"]: {f: (c[metric]["diff"], c[metric]["diff_ci_low"], c[metric]["diff_ci_high"])
-                         for f, c in r["datasets"].items() if metric in c} for r in result["runs"][1:]}
+    bars = {
+        r["name"]: {
+            f: (c[metric]["value"], c[metric]["ci_low"], c[metric]["ci_high"])
+            for f, c in r["datasets"].items()
+            if metric in c
+        }
+        for r in result["runs"]
+    }
+    diffs = {
+        r["name"]: {
+            f: (c[metric]["diff"], c[metric]["diff_ci_low"], c[metric]["diff_ci_high"])
+            for f, c in r["datasets"].items()
+            if metric in c
+        }
+        for r in result["runs"][1:]
+    }
     paths = [output / f"compare.{ext}" for ext in ("json", "csv", "md")]
-    paths.append(plot_grouped_bars(bars, output / f"compare_{metric}.png", f"test {metric} (95% CI)",
-                                   f"{metric} per dataset"))
-    paths.append(plot_differences(diffs, output / "compare_diff.png", f"Δ {metric} vs {result['reference']} "
-                                  "(paired 95% CI)", "difference to the reference"))
+    paths.append(
+        plot_grouped_bars(bars, output / f"compare_{metric}.png", f"test {metric} (95% CI)", f"{metric} per dataset")
+    )
+    paths.append(
+        plot_differences(
+            diffs,
+            output / "compare_diff.png",
+            f"Δ {metric} vs {result['reference']} (paired 95% CI)",
+            "difference to the reference",
+        )
+    )
     return paths

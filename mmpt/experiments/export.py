@@ -69,10 +69,12 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
     weights = state[ckpt.MODEL]
     extra = sorted(k for k in weights if not k.startswith(("backbone.", "heads.")))
     if extra:  # an addition this export does not know how to carry: refuse, never drop
-        raise MmptError(f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); "
-                        "this mmpt cannot export them")
-    backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size,
-                               dynamic_img_size=cfg.input.mode == "native")
+        raise MmptError(
+            f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); this mmpt cannot export them"
+        )
+    backbone = create_backbone(
+        cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native"
+    )
     trained = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
     norm = saved_norm(trained)
     per_dataset = per_dataset_norm_entries(checkpoint_file, backbone) if norm != "shared" else {}
@@ -85,27 +87,43 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         prefixes = tuple(norm_layer_prefixes(backbone))
         trained = {**{k: v for k, v in trained.items() if not k.startswith(prefixes)}, **mixture}
     backbone.load_state_dict(trained)
-    size = cfg.data.resolution if cfg.input.mode == "native" else int(
-        cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
+    size = (
+        cfg.data.resolution
+        if cfg.input.mode == "native"
+        else int(cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
+    )
     mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
 
     # the weights are this run's: drop what describes timm's pretrained ones (their tag, license, hub id)
-    backbone.pretrained_cfg = {k: v for k, v in backbone.pretrained_cfg.items()
-                               if k not in ("tag", "license", "hf_hub_id", "url", "paper_ids", "origin_url")}
+    backbone.pretrained_cfg = {
+        k: v
+        for k, v in backbone.pretrained_cfg.items()
+        if k not in ("tag", "license", "hf_hub_id", "url", "paper_ids", "origin_url")
+    }
     backbone.pretrained_cfg["crop_pct"] = 1.0  # MedMNIST images are padded or resized whole, never cropped
     output.mkdir(parents=True, exist_ok=True)
-    save_for_hf(backbone, str(output), safe_serialization=True,
-                data_config={"input_size": (3, size, size), "mean": mean, "std": std})
+    save_for_hf(
+        backbone,
+        str(output),
+        safe_serialization=True,
+        data_config={"input_size": (3, size, size), "mean": mean, "std": std},
+    )
     heads, described = {}, {}
     flags = sorted({k.split(".")[1] for k in weights if k.startswith("heads.")})
     for flag in flags:
         prefix = f"heads.{flag}."
-        heads.update({f"{flag}.{k.removeprefix(prefix)}": v.contiguous()
-                      for k, v in weights.items() if k.startswith(prefix)})
+        heads.update(
+            {f"{flag}.{k.removeprefix(prefix)}": v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
+        )
         task = TASKS[flag]
         loss = build_loss(task, ordinal=cfg.loss.ordinal)
-        described[flag] = {"task": task.task_type, "loss": type(loss).__name__, "head": loss.head,
-                           "outputs": loss.num_outputs, "labels": list(task.class_names)}
+        described[flag] = {
+            "task": task.task_type,
+            "loss": type(loss).__name__,
+            "head": loss.head,
+            "outputs": loss.num_outputs,
+            "labels": list(task.class_names),
+        }
     save_file(heads, str(output / HEADS), metadata={HEADS_METADATA_KEY: json.dumps(described)})
     written = [WEIGHTS, TIMM_CONFIG, HEADS]
     if per_dataset:
@@ -131,38 +149,57 @@ def per_dataset_norm_entries(checkpoint: Path, plain: torch.nn.Module) -> dict[s
     out = {}
     for row, flag in enumerate(engine.norm_tasks):
         view = plain_state_dict(engine.backbone, row)  # what plain timm holds to normalise as this dataset
-        out.update({f"{flag}.{prefix}{leaf}": view[prefix + leaf].contiguous() for prefix in prefixes for leaf in leaves})
+        out.update(
+            {f"{flag}.{prefix}{leaf}": view[prefix + leaf].contiguous() for prefix in prefixes for leaf in leaves}
+        )
     return out
 
 
-def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict,
-               norm: str = "shared") -> str:
+def model_card(
+    run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict, norm: str = "shared"
+) -> str:
     """The README.md of an export: what the backbone was trained on and how, its test metrics, how to load it."""
     from mmpt import checkpoint as ckpt
     from mmpt.model import resolve_backbone
 
     progress = state.get(ckpt.PROGRESS, {}) if isinstance(state.get(ckpt.PROGRESS), dict) else {}
     lines = [
-        "---", "library_name: timm", "tags: [image-feature-extraction, timm, medmnist, mmpt]", "---", "",
-        f"# {cfg.name}: {resolve_backbone(cfg.model.backbone)} pre-trained on MedMNIST+ by mmpt", "",
+        "---",
+        "library_name: timm",
+        "tags: [image-feature-extraction, timm, medmnist, mmpt]",
+        "---",
+        "",
+        f"# {cfg.name}: {resolve_backbone(cfg.model.backbone)} pre-trained on MedMNIST+ by mmpt",
+        "",
         f"A {resolve_backbone(cfg.model.backbone)} backbone trained with one head per dataset "
         f"({'multi-domain multi-task pre-training' if len(heads) > 1 else 'one dataset'}), "
         f"exported from `{run}` ({checkpoint} checkpoint"
         + (f", epoch {progress['best_epoch' if checkpoint == 'best' else 'epoch']}" if progress.get("epoch") else "")
-        + ").", "",
-        "## Use", "", "```python", "import timm, torch", "",
+        + ").",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import timm, torch",
+        "",
         'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
         "config = timm.data.resolve_data_config({}, model=model)  # input size, mean, std below",
-        f"features = model(torch.randn(1, 3, {size}, {size}))  # 1 × {state_features(state)} pooled features", "```",
-        "", "Fine-tune or probe it with mmpt: `python train.py --set model.init_from=THIS_FOLDER ...`, "
-        "`python evaluate.py probe THIS_FOLDER --method linear`.", "",
-        "## Input", "",
+        f"features = model(torch.randn(1, 3, {size}, {size}))  # 1 × {state_features(state)} pooled features",
+        "```",
+        "",
+        "Fine-tune or probe it with mmpt: `python train.py --set model.init_from=THIS_FOLDER ...`, "
+        "`python evaluate.py probe THIS_FOLDER --method linear`.",
+        "",
+        "## Input",
+        "",
         f"- images: MedMNIST+ at {cfg.data.resolution} px, grey images repeated to 3 channels, scaled to [0, 1]",
         f"- {input_line(cfg, size)}",
         f"- normalised with mean {tuple(round(m, 4) for m in mean)} and std {tuple(round(s, 4) for s in std)} "
-        "(config.json, pretrained_cfg)", "",
+        "(config.json, pretrained_cfg)",
+        "",
         *norm_card_lines(norm),
-        "## Training recipe", "",
+        "## Training recipe",
+        "",
         f"- datasets: {', '.join(heads)}",
         f"- backbone {cfg.model.backbone} (pretrained start: {cfg.model.pretrained}), "
         f"loss weighting {cfg.loss.weighting}, ordinal loss {cfg.loss.ordinal}",
@@ -170,29 +207,41 @@ def model_card(run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dic
         f"batch {cfg.train.batch_size}, "
         f"epochs {cfg.train.epochs}, seed {cfg.train.seed}, precision {cfg.train.precision}",
         f"- the whole recipe: `{RUN_CONFIG}`; it retrains with `python train.py --config {RUN_CONFIG}` "
-        "(data.root and output as on the training machine: set them with --data-root and --output)", "",
+        "(data.root and output as on the training machine: set them with --data-root and --output)",
+        "",
     ]
-    lines += test_metrics_lines(run) + [
-        "", "## Heads", "",
+    lines += [
+        *test_metrics_lines(run),
+        "",
+        "## Heads",
+        "",
         f"`{HEADS}` holds one head per dataset (keys `<dataset>.<parameter>`); its metadata "
-        f"(`{HEADS_METADATA_KEY}`) gives each head's task type, loss, outputs and label names (medmnist.INFO).", "",
+        f"(`{HEADS_METADATA_KEY}`) gives each head's task type, loss, outputs and label names (medmnist.INFO).",
+        "",
         f"Exported by mmpt on {time.strftime('%Y-%m-%d', time.gmtime())}.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def norm_card_lines(norm: str) -> list[str]:
-    """What the BatchNorm statistics of model.safetensors are (a per-dataset run: which ones, and where the rest are)."""
+    """What the BatchNorm statistics of model.safetensors are (a per-dataset run: which ones, where the rest are)."""
     if norm == "shared":
         return []
     return [
-        "## Normalization", "",
+        "## Normalization",
+        "",
         f"The run kept each dataset's own BatchNorm statistics (model.norm {norm}). `{WEIGHTS}` holds their "
         "train-size-weighted mixture (mean of means, variance with the spread of the means), the statistics mmpt's "
-        f"--init-from gives a dataset the run never saw. `{NORM}` holds each dataset's own, keyed `<dataset>.<key>`; "
-        "to normalise as one dataset does:", "", "```python", "from safetensors.torch import load_file", "",
+        f"--init-from gives a dataset the run never saw. `{NORM}` holds each dataset's own, keyed "
+        "`<dataset>.<key>`; to normalise as one dataset does:",
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        "",
         f'own = {{k.partition(".")[2]: v for k, v in load_file("{NORM}").items() if k.startswith("breastmnist.")}}',
-        "model.load_state_dict(own, strict=False)", "```", "",
+        "model.load_state_dict(own, strict=False)",
+        "```",
+        "",
     ]
 
 
@@ -226,9 +275,16 @@ def test_metrics_lines(run: Path) -> list[str]:
         except (ValueError, KeyError, TypeError):
             intervals = {}
     names = [m for m in ("auc", "acc", "balanced_acc", "kappa") if any(m in row for row in table.values())]
-    out = ["## Test metrics", "", "Best checkpoint on each test split"
-           + (" with 95% intervals from `evaluate.py compare` (compare.json)" if intervals else "") + ".", "",
-           "| dataset | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    out = [
+        "## Test metrics",
+        "",
+        "Best checkpoint on each test split"
+        + (" with 95% intervals from `evaluate.py compare` (compare.json)" if intervals else "")
+        + ".",
+        "",
+        "| dataset | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for flag, row in table.items():
         cells = []
         for m in names:
@@ -282,15 +338,18 @@ def export_state(path: Path) -> dict:
         heads = load_export_heads(path)
         cfg = load_export_config(path)
     except (OSError, SafetensorError, yaml.YAMLError, ValueError) as exc:
-        raise MmptError(f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); "
-                        "export the run again") from None
+        raise MmptError(
+            f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); export the run again"
+        ) from None
     norm_file = path / NORM
     if norm_file.is_file():  # per-dataset statistics back into the engine's layout: T×C rows, task_* weights
         try:
             backbone = per_dataset_backbone(backbone, load_file(str(norm_file)), cfg.data.datasets)
         except (OSError, SafetensorError, KeyError) as exc:
-            raise MmptError(f"{norm_file} is not readable as this export's per-dataset statistics "
-                            f"({str(exc).splitlines()[0][:160]}); export the run again") from None
+            raise MmptError(
+                f"{norm_file} is not readable as this export's per-dataset statistics "
+                f"({str(exc).splitlines()[0][:160]}); export the run again"
+            ) from None
     model = {f"backbone.{k}": v for k, v in backbone.items()}
     model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
     return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}

@@ -23,12 +23,26 @@ SERIES_FILE = "series.json"
 # Keys that say where and how a run goes but not what it computes: a finished run may differ from the
 # recipe asked for in these alone (checkpoint.* too), and a sweep over them would train identical runs.
 # The resume-may-change keys that do change results (optim.lr, train.epochs, ...) are not among them.
-RESULT_NEUTRAL = frozenset({
-    "name", "output", "determinism",
-    "data.root", "data.cache_dir", "data.synthetic", "data.download", "data.verify", "data.num_workers",
-    "data.pin_memory", "data.prefetch_factor", "data.eval_batch_size", "data.allow_changed",
-    "train.device", "train.log_every_steps", "train.progress",
-}) | {key for key in SETTINGS if key.startswith("checkpoint.")}
+RESULT_NEUTRAL = frozenset(
+    {
+        "name",
+        "output",
+        "determinism",
+        "data.root",
+        "data.cache_dir",
+        "data.synthetic",
+        "data.download",
+        "data.verify",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.prefetch_factor",
+        "data.eval_batch_size",
+        "data.allow_changed",
+        "train.device",
+        "train.log_every_steps",
+        "train.progress",
+    }
+) | {key for key in SETTINGS if key.startswith("checkpoint.")}
 
 
 # ---------------------------------------------------------------- the recipe of a series and of its runs
@@ -52,16 +66,20 @@ def read_run_config(folder: Path) -> Config:
         return recorded_config(yaml.safe_load(path.read_text()) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError, MmptError, AttributeError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MmptError(f"{path} is not a config written by train.py ({reason}); pass --overwrite to train the run "
-                        "again, or --output DIR for a new folder") from None
+        raise MmptError(
+            f"{path} is not a config written by train.py ({reason}); pass --overwrite to train the run "
+            "again, or --output DIR for a new folder"
+        ) from None
 
 
 def _recorded_config(raw: object, where: Path) -> Config:
     try:
         return recorded_config(raw)
     except (MmptError, AttributeError, TypeError):
-        raise MmptError(f"{where} holds a config this mmpt cannot read; pass --overwrite to start the series "
-                        "again, or --output DIR for a new one") from None
+        raise MmptError(
+            f"{where} holds a config this mmpt cannot read; pass --overwrite to start the series "
+            "again, or --output DIR for a new one"
+        ) from None
 
 
 def read_series(root: Path) -> dict | None:
@@ -72,8 +90,9 @@ def read_series(root: Path) -> dict | None:
     if not path.is_file():
         return None
     record = read_json(path, "it was written by train.py's series; restore it, or pass --overwrite to start again")
-    if not (isinstance(record, dict) and isinstance(record.get("members"), dict)
-            and isinstance(record.get("recipe"), dict)):
+    if not (
+        isinstance(record, dict) and isinstance(record.get("members"), dict) and isinstance(record.get("recipe"), dict)
+    ):
         raise MmptError(f"{path} is not a series record written by train.py; restore it, or pass --overwrite")
     return record
 
@@ -112,8 +131,9 @@ def member_status(folder: Path) -> str | None:
     record = read_series(root)
     if member not in record["members"]:
         return f"not a run of the series recorded in {root / SERIES_FILE}"
-    diffs = config_differences(_recorded_config(record["members"][member], root / SERIES_FILE),
-                               read_run_config(folder), RESULT_NEUTRAL)
+    diffs = config_differences(
+        _recorded_config(record["members"][member], root / SERIES_FILE), read_run_config(folder), RESULT_NEUTRAL
+    )
     if diffs:
         key, old, new = sorted(diffs, key=lambda d: d[0])[0]
         return f"trained with {key}={_show(new)}, the series asks for {_show(old)}"
@@ -130,8 +150,9 @@ def series_runs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     series holds, for summarize, compare and probe. Members that series.json records but that never started
     are left out as "not started"."""
     root = Path(root)
-    found = {p.parent for name in ("config.yaml", "summary.json") for p in root.rglob(name)
-             if not _skipped(p.parent, root)}
+    found = {
+        p.parent for name in ("config.yaml", "summary.json") for p in root.rglob(name) if not _skipped(p.parent, root)
+    }
     found |= {p.parent.parent for p in root.rglob("checkpoints/last.pt") if not _skipped(p.parent.parent, root)}
     series_root = root if (root / SERIES_FILE).is_file() else (series_of(root) or (None,))[0]
     if series_root is not None:
@@ -156,15 +177,19 @@ def left_out_error(left_out: list[tuple[Path, str]], what: str) -> MmptError:
     """The --require-complete error: names the first run left out and how many there are."""
     folder, why = left_out[0]
     more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
-    return MmptError(f"{what}: {folder} is {why}{more}; finish the series (run its command again), or drop "
-                     "--require-complete to use the finished runs only")
+    return MmptError(
+        f"{what}: {folder} is {why}{more}; finish the series (run its command again), or drop "
+        "--require-complete to use the finished runs only"
+    )
 
 
 def left_out_line(left_out: list[tuple[Path, str]], root: Path | None = None) -> str:
     """One line naming the runs left out of the statistics, and why."""
+
     def name(p: Path) -> str:
         try:
             return p.relative_to(root).as_posix() if root is not None else str(p)
         except ValueError:
             return str(p)
+
     return "left out of the statistics: " + "; ".join(f"{name(p)} ({why})" for p, why in left_out)

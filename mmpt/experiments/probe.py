@@ -26,10 +26,10 @@ from mmpt.config import Config
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.io import atomic_write, write_json
 from mmpt.metrics import compute_metrics
 from mmpt.model import MultiTaskNet, build_transform, load_backbone
+from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.report import format_table, write_metrics
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
@@ -77,8 +77,10 @@ def fit_probe(
     n_train = len(labels["train"])
     if method == "knn":
         if k > n_train:
-            print(f"note: {task.flag} has {n_train} training images, fewer than --k {k}: its k-NN probe uses "
-                  f"k={n_train} (recorded in probe.json)")
+            print(
+                f"note: {task.flag} has {n_train} training images, fewer than --k {k}: its k-NN probe uses "
+                f"k={n_train} (recorded in probe.json)"
+            )
         (test,) = probe_scores(task, classifier_factory("knn", k=k, n_train=n_train), train, [features["test"]])
         return test, {"k": min(k, n_train)}
     best = None
@@ -94,7 +96,12 @@ def fit_probe(
 
 @torch.no_grad()
 def extract_features(
-    model: MultiTaskNet, cfg: Config, split_data, device: torch.device, batch_size: int, task: str | None = None,
+    model: MultiTaskNet,
+    cfg: Config,
+    split_data,
+    device: torch.device,
+    batch_size: int,
+    task: str | None = None,
 ) -> np.ndarray:
     """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed);
     with per-dataset norm (model.norm), through `task`'s statistics."""
@@ -186,14 +193,23 @@ def probe(
         from mmpt.norm import has_batchnorm, recalibrate
 
         if not has_batchnorm(model.backbone):
-            raise MmptError(f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
-                            "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); probe without it")
+            raise MmptError(
+                f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
+                "BatchNorm layer (ViTs and ConvNeXt use LayerNorm); probe without it"
+            )
         torch_device = select_device(device)
         model.to(torch_device)
-        recalibrate(model, {f: d.splits["train"] for f, d in data.items()}, build_transform(cfg, model), torch_device,
-                    images=recalibrate_images, batch_size=batch_size or cfg.data.eval_batch_size)
-    features = cached_features(model, cfg, data, features_dir, select_device(device),
-                               batch_size or cfg.data.eval_batch_size)
+        recalibrate(
+            model,
+            {f: d.splits["train"] for f, d in data.items()},
+            build_transform(cfg, model),
+            torch_device,
+            images=recalibrate_images,
+            batch_size=batch_size or cfg.data.eval_batch_size,
+        )
+    features = cached_features(
+        model, cfg, data, features_dir, select_device(device), batch_size or cfg.data.eval_batch_size
+    )
     results, chosen = {}, {}
     for flag, task_data in data.items():
         labels = {s: task_data.splits[s].labels for s in SPLITS}
@@ -202,10 +218,18 @@ def probe(
     table = metrics_table(results)
     write_metrics(output, table)
     run_name = name or cfg.name
-    write_predictions(output / "predictions", results, cfg.data.resolution, "test", run=f"{run_name}-{method}",
-                      data_root=str(root))
-    write_json(output / "probe.json", {"method": method, "chosen": chosen, "backbone": cfg.model.backbone,
-                                       "feature_dim": int(next(iter(features.values()))["train"].shape[1])})
+    write_predictions(
+        output / "predictions", results, cfg.data.resolution, "test", run=f"{run_name}-{method}", data_root=str(root)
+    )
+    write_json(
+        output / "probe.json",
+        {
+            "method": method,
+            "chosen": chosen,
+            "backbone": cfg.model.backbone,
+            "feature_dim": int(next(iter(features.values()))["train"].shape[1]),
+        },
+    )
     print(f"{method} probe of {run_name}:\n{format_table(table)}\nwritten to {output}")
     return table
 
@@ -237,9 +261,11 @@ def probe_runs(
         raise left_out_error(left_out, f"the runs in {source} are not all finished")
     leaves = [p for p in finished if is_export(p) or (p / "checkpoints" / "best.pt").is_file()]
     if not leaves:
-        raise MmptError(f"{source} holds no finished run (summary.json, checkpoints/best.pt)"
-                        + (f" ({left_out_line(left_out, source)})" if left_out else "")
-                        + "; pass a finished run folder, or --backbone NAME for an untrained or ImageNet reference")
+        raise MmptError(
+            f"{source} holds no finished run (summary.json, checkpoints/best.pt)"
+            + (f" ({left_out_line(left_out, source)})" if left_out else "")
+            + "; pass a finished run folder, or --backbone NAME for an untrained or ImageNet reference"
+        )
     if left_out:
         print(left_out_line(left_out, source))
     written = []
@@ -266,10 +292,20 @@ def probe_backbone(
         flags["data"] = {"resolution": resolution}
     cfg = load_config(config, [flags])
     configure_determinism(cfg.train.seed, cfg.determinism)  # an untrained backbone's weights follow the seed
-    backbone = create_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained, img_size=cfg.model.img_size,
-                               dynamic_img_size=cfg.input.mode == "native")
+    backbone = create_backbone(
+        cfg.model.backbone,
+        pretrained=cfg.model.pretrained,
+        img_size=cfg.model.img_size,
+        dynamic_img_size=cfg.input.mode == "native",
+    )
     tag = f"backbone-{name}{'-pretrained' if pretrained else ''}-{cfg.data.resolution}px"
     folder = output or Path("runs") / tag / f"probe-{kwargs['method']}"
     features_dir = (folder if output else folder.parent) / "features"
-    return probe(MultiTaskNet(backbone, {}, input_size=cfg.model.img_size), cfg, folder, features_dir=features_dir,
-                 name=tag, **kwargs)
+    return probe(
+        MultiTaskNet(backbone, {}, input_size=cfg.model.img_size),
+        cfg,
+        folder,
+        features_dir=features_dir,
+        name=tag,
+        **kwargs,
+    )

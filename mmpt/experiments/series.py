@@ -29,15 +29,27 @@ import numpy as np
 import yaml
 
 from mmpt.config import Config, config_differences, deep_merge, from_dict, nested, to_dict
-from mmpt.experiments.members import (
-    RESULT_NEUTRAL, SEED_DIR, SERIES_FILE, _first_difference, _recorded_config, is_run_folder, left_out_error,
-    left_out_line, read_run_config, read_series, series_of, series_runs,
-)
 from mmpt.errors import MmptError
+from mmpt.experiments.members import (
+    RESULT_NEUTRAL,
+    SEED_DIR,
+    SERIES_FILE,
+    _first_difference,
+    _recorded_config,
+    is_run_folder,
+    left_out_error,
+    left_out_line,
+    read_run_config,
+    read_series,
+    series_of,
+    series_runs,
+)
 from mmpt.report import COLUMNS
 from mmpt.tasks import FLAGS
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
+
+
 # folders inside a series that hold no runs of it
 @dataclass(frozen=True)
 class Variant:
@@ -57,14 +69,18 @@ def parse_sweep(text: str) -> tuple[str, list]:
     if not sep or not key.strip() or not raw.strip():
         raise MmptError(f"--sweep expects KEY=V1,V2 (e.g. loss.weighting=none,size), got '{text}'")
     if "" in items:
-        raise MmptError(f"--sweep {text} has an empty value; give each value once, separated by single commas "
-                        "(e.g. loss.weighting=none,size)")
+        raise MmptError(
+            f"--sweep {text} has an empty value; give each value once, separated by single commas "
+            "(e.g. loss.weighting=none,size)"
+        )
     values = []
     for item in items:
         try:
             values.append(yaml.safe_load(item))
         except yaml.YAMLError:
-            raise MmptError(f"--sweep {text}: '{item}' is not a value; quote it or give a number, true/false or a word") from None
+            raise MmptError(
+                f"--sweep {text}: '{item}' is not a value; quote it or give a number, true/false or a word"
+            ) from None
     if len(set(items)) != len(items):
         raise MmptError(f"--sweep {text} names a value twice; give each value once")
     return key.strip(), values
@@ -78,8 +94,9 @@ def parse_seeds(text: str) -> list[int]:
     except ValueError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > 2**32 - 1:
-        raise MmptError(f"--seeds expects distinct integers 0..4294967295 separated by single commas, such as "
-                        f"0,1,2, got '{text}'")
+        raise MmptError(
+            f"--seeds expects distinct integers 0..4294967295 separated by single commas, such as 0,1,2, got '{text}'"
+        )
     return seeds
 
 
@@ -87,14 +104,17 @@ def check_sweep_keys(sweeps: list[tuple[str, list]], *, individual: bool, seeds:
     """Raise MmptError for a sweep over a key the series sets itself or that does not change what a run computes."""
     for key, _ in sweeps:
         if key in ("name", "output") or key.startswith("checkpoint.") or key in RESULT_NEUTRAL:
-            raise MmptError(f"--sweep {key}: {key} does not change what a run computes, so every variant would "
-                            "train the same model; sweep a key of the recipe (e.g. loss.weighting, optim.lr)")
+            raise MmptError(
+                f"--sweep {key}: {key} does not change what a run computes, so every variant would "
+                "train the same model; sweep a key of the recipe (e.g. loss.weighting, optim.lr)"
+            )
         if key == "train.seed" and seeds is not None:
             raise MmptError("--sweep train.seed and --seeds both set the seed; give the seeds once, with --seeds")
         if key == "data.datasets" and individual:
-            raise MmptError("--sweep data.datasets with --individual: the individual series sets each run's "
-                            "dataset; restrict them with --datasets instead")
-
+            raise MmptError(
+                "--sweep data.datasets with --individual: the individual series sets each run's "
+                "dataset; restrict them with --datasets instead"
+            )
 
 
 def _slug(text: str) -> str:
@@ -142,11 +162,14 @@ def plan_series(
                     raw = _set(raw, key, value)
                 # a swept model.init_from is the source of that variant (seed<k> of it with --seeds)
                 init_from = raw.get("model", {}).get("init_from") if isinstance(raw.get("model"), dict) else None
-                raw = deep_merge(raw, {
-                    "name": _slug("-".join([cfg.name, *parts])),
-                    "output": str(root.joinpath(*parts)),
-                    "model": {"init_from": _init_source(init_from, seed)},
-                })
+                raw = deep_merge(
+                    raw,
+                    {
+                        "name": _slug("-".join([cfg.name, *parts])),
+                        "output": str(root.joinpath(*parts)),
+                        "model": {"init_from": _init_source(init_from, seed)},
+                    },
+                )
                 if seed is not None:
                     raw = deep_merge(raw, {"train": {"seed": seed}})
                 if flag is not None:
@@ -159,8 +182,10 @@ def plan_series(
     paths = [v.path for v in variants]
     twice = next((p for p in paths if paths.count(p) > 1), None)
     if twice is not None:
-        raise MmptError(f"two variants of the sweep would share the folder {twice}; give values that differ "
-                        "in letters, digits, '.', '_' or '-'")
+        raise MmptError(
+            f"two variants of the sweep would share the folder {twice}; give values that differ "
+            "in letters, digits, '.', '_' or '-'"
+        )
     return variants
 
 
@@ -173,15 +198,19 @@ def check_single_run_folder(run_dir: Path, *, resume: bool) -> None:
     """Refuse to start a single run in a series folder, or in the folder of a series' member (resume is fine)."""
     run_dir = Path(run_dir)
     if (run_dir / SERIES_FILE).is_file():
-        raise MmptError(f"{run_dir} is a series folder ({SERIES_FILE}), and a folder is a run or a series, never "
-                        "both; pass --output DIR for this run, or run the series command again to continue it")
+        raise MmptError(
+            f"{run_dir} is a series folder ({SERIES_FILE}), and a folder is a run or a series, never "
+            "both; pass --output DIR for this run, or run the series command again to continue it"
+        )
     owner = series_of(run_dir)
     if owner is not None and not resume:
         root, member = owner
         record = read_series(root)
         if record is not None and member in record["members"]:
-            raise MmptError(f"{run_dir} is run {member} of the series in {root}; run the series command again to "
-                            "continue it (or --resume an interrupted run), or pass --output DIR for a new run")
+            raise MmptError(
+                f"{run_dir} is run {member} of the series in {root}; run the series command again to "
+                "continue it (or --resume an interrupted run), or pass --output DIR for a new run"
+            )
 
 
 def check_series_folder(root: Path, base: Config, variants: list[Variant], *, overwrite: bool) -> dict:
@@ -194,8 +223,11 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
     """
     root = Path(root)
     if is_run_folder(root) or (root / "config.yaml").is_file():
-        raise MmptError(f"{root} is a single run's folder ({', '.join(n for n in ('config.yaml', 'summary.json', 'checkpoints') if (root / n).exists())}), "
-                        "and a folder is a run or a series, never both; pass --output DIR for the series")
+        present = [n for n in ("config.yaml", "summary.json", "checkpoints") if (root / n).exists()]
+        raise MmptError(
+            f"{root} is a single run's folder ({', '.join(present)}), "
+            "and a folder is a run or a series, never both; pass --output DIR for the series"
+        )
     owner = series_of(root)
     if owner is not None:
         raise MmptError(f"{root} lies inside the series folder {owner[0]}; pass --output DIR outside it")
@@ -203,13 +235,16 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
     members = {}
     if record is not None:
         # the datasets are an axis too: an individual series restricted by --datasets shares the folder
-        diffs = config_differences(_recorded_config(record["recipe"], root / SERIES_FILE), base,
-                                   RESULT_NEUTRAL | {"data.datasets"})
+        diffs = config_differences(
+            _recorded_config(record["recipe"], root / SERIES_FILE), base, RESULT_NEUTRAL | {"data.datasets"}
+        )
         if diffs and not overwrite:
             key, text = _first_difference(diffs)
-            raise MmptError(f"the series in {root} was trained with {text} as asked now; {key} is part of the "
-                            "recipe: pass --overwrite to train the series again with it, or --output DIR for a "
-                            "new series")
+            raise MmptError(
+                f"the series in {root} was trained with {text} as asked now; {key} is part of the "
+                "recipe: pass --overwrite to train the series again with it, or --output DIR for a "
+                "new series"
+            )
         if not diffs:
             members = dict(record["members"])
     for variant in variants:
@@ -229,8 +264,10 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
 
     run_dir = variant.cfg.run_dir
     if (run_dir / SERIES_FILE).is_file():
-        raise MmptError(f"{run_dir} is a series folder, where this series trains its run {variant.path}; "
-                        "pass --output DIR for the series")
+        raise MmptError(
+            f"{run_dir} is a series folder, where this series trains its run {variant.path}; "
+            "pass --output DIR for the series"
+        )
     if overwrite:
         return "start"
     advice = "pass --overwrite to train it again with the recipe asked for, or --output DIR for a new series"
@@ -246,8 +283,10 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
         diffs = config_differences(_recorded_config(saved, last), variant.cfg, RESUME_MAY_CHANGE)
         if diffs:
             key, text = _first_difference(diffs)
-            raise MmptError(f"interrupted run {run_dir} was trained with {text} as this series asks; {key} cannot "
-                            f"change mid-run: {advice}")
+            raise MmptError(
+                f"interrupted run {run_dir} was trained with {text} as this series asks; {key} cannot "
+                f"change mid-run: {advice}"
+            )
         return "resume"
     return "start"
 
@@ -323,8 +362,10 @@ def group_runs(root: Path, runs: list[Path]) -> dict[str, dict[int | None, dict[
         per_seed = groups.setdefault(variant, {}).setdefault(seed, {})
         for name in datasets:
             if name in per_seed:
-                raise MmptError(f"{folder} and another run of variant {variant} both report {name}; "
-                                "keep one run per dataset and seed")
+                raise MmptError(
+                    f"{folder} and another run of variant {variant} both report {name}; "
+                    "keep one run per dataset and seed"
+                )
             per_seed[name] = table[name]
     return groups
 
@@ -344,9 +385,9 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
     "left_out", a line of sweep.md). Raises MmptError when `root` holds no finished run, or with
     `require_complete` when a run is left out.
     """
+    from mmpt.io import write_json, write_text
     from mmpt.metrics import mean_metrics
     from mmpt.plots import plot_grouped_bars
-    from mmpt.io import write_json, write_text
 
     root = Path(root)
     if not root.is_dir():
@@ -355,9 +396,11 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
     if left_out and require_complete:
         raise left_out_error(left_out, f"the series in {root} is not complete")
     if not runs:
-        raise MmptError(f"no finished run (with summary.json) under {root}"
-                        + (f" ({left_out_line(left_out, root)})" if left_out else "")
-                        + "; train the series first (train.py ... )")
+        raise MmptError(
+            f"no finished run (with summary.json) under {root}"
+            + (f" ({left_out_line(left_out, root)})" if left_out else "")
+            + "; train the series first (train.py ... )"
+        )
     groups = group_runs(root, runs)
     summary = {}
     for variant, per_seed in groups.items():
@@ -368,8 +411,10 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
             entry["datasets"][flag] = {
                 m: _stats([t[flag].get(m) for t in per_seed.values() if flag in t]) for m in metrics
             }
-        seed_means = [mean_metrics({f: {m: v for m, v in t[f].items() if m in SUMMARY_METRICS} for f in t})
-                      for t in per_seed.values()]
+        seed_means = [
+            mean_metrics({f: {m: v for m, v in t[f].items() if m in SUMMARY_METRICS} for f in t})
+            for t in per_seed.values()
+        ]
         for m in SUMMARY_METRICS:
             if any(m in means for means in seed_means):
                 entry["mean"][m] = _stats([means.get(m) for means in seed_means])
@@ -406,11 +451,18 @@ def format_sweep(summary: dict) -> str:
     """Markdown: one table per variant, datasets by metrics, `mean ± std` over seeds."""
     blocks = []
     for variant, entry in summary.items():
-        columns = [c for c in COLUMNS if c in SUMMARY_METRICS and (
-            c in entry["mean"] or any(c in s for s in entry["datasets"].values()))]
+        columns = [
+            c
+            for c in COLUMNS
+            if c in SUMMARY_METRICS and (c in entry["mean"] or any(c in s for s in entry["datasets"].values()))
+        ]
         seeds = ", ".join(map(str, entry["seeds"])) or "one run"
-        lines = [f"### {variant} (seeds: {seeds})", "", "| dataset | " + " | ".join(columns) + " |",
-                 "|---|" + "---:|" * len(columns)]
+        lines = [
+            f"### {variant} (seeds: {seeds})",
+            "",
+            "| dataset | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
         for flag, stats in [*entry["datasets"].items(), ("mean", entry["mean"])]:
             lines.append(f"| {flag} | " + " | ".join(_fmt(stats.get(c)) for c in columns) + " |")
         blocks.append("\n".join(lines))
@@ -424,6 +476,15 @@ def _write_sweep_csv(path: Path, summary: dict) -> None:
     for variant, entry in summary.items():
         for flag, stats in [*entry["datasets"].items(), ("mean", entry["mean"])]:
             for metric, s in stats.items():
-                rows.append([variant, flag, metric, s["mean"], "" if s["std"] is None else s["std"],
-                             len(s["values"]), " ".join(f"{v:.6g}" for v in s["values"])])
+                rows.append(
+                    [
+                        variant,
+                        flag,
+                        metric,
+                        s["mean"],
+                        "" if s["std"] is None else s["std"],
+                        len(s["values"]),
+                        " ".join(f"{v:.6g}" for v in s["values"]),
+                    ]
+                )
     write_csv(path, rows)

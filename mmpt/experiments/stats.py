@@ -104,8 +104,9 @@ class _Model:
 class _Dataset:
     """All models of all runs on one dataset's test images, prepared for weighted evaluation."""
 
-    def __init__(self, task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]],
-                 metrics: list[str]):
+    def __init__(
+        self, task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str]
+    ):
         self.task, self.metrics, self.n = task, list(metrics), len(labels)
         labels = np.asarray(labels).reshape(len(labels), -1)
         need_confusion = bool({"acc", "balanced_acc", "kappa"} & set(metrics))
@@ -134,9 +135,14 @@ class _Dataset:
                 models.append(_Model(auc, confusions, grades))
             self.runs.append(models)
         # images × (confusion cells of every problem of every model): one 1 per image and problem
-        self.cells = scipy.sparse.csc_matrix(
-            (np.ones(sum(len(r) for r in rows)), (np.concatenate(rows), np.concatenate(cols))), shape=(self.n, width)
-        ) if rows else None
+        self.cells = (
+            scipy.sparse.csc_matrix(
+                (np.ones(sum(len(r) for r in rows)), (np.concatenate(rows), np.concatenate(cols))),
+                shape=(self.n, width),
+            )
+            if rows
+            else None
+        )
 
     def metric_values(self, counts: np.ndarray) -> list[np.ndarray]:
         """Per run: resamples × metrics, the seed mean of each metric per resample (counts: images × resamples)."""
@@ -156,12 +162,12 @@ class _Dataset:
             aucs = [_weighted_auc(c, counts, total) for c in model.auc]
             values["auc"] = sum(aucs) / len(aucs)
         if model.confusions:
-            per_problem = [_confusion_metrics(cells[:, s:s + k * k].reshape(b, k, k)) for s, k in model.confusions]
+            per_problem = [_confusion_metrics(cells[:, s : s + k * k].reshape(b, k, k)) for s, k in model.confusions]
             for name in ("acc", "balanced_acc", "kappa"):
                 values[name] = sum(p[name] for p in per_problem) / len(per_problem)
         if model.grades is not None:
             s, k = model.grades
-            confusion = cells[:, s:s + k * k].reshape(b, k, k)
+            confusion = cells[:, s : s + k * k].reshape(b, k, k)
             grade = np.arange(k)
             distance = grade[:, None] - grade[None, :]
             values["qwk"] = _kappa(confusion, distance.astype(np.float64) ** 2)
@@ -206,12 +212,16 @@ def _confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
     present = true_totals > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(present, np.diagonal(confusion, axis1=1, axis2=2) / true_totals, 0.0)
-    return {"acc": correct / total, "balanced_acc": recall.sum(axis=1) / present.sum(axis=1),
-            "kappa": _kappa(confusion, 1.0 - np.eye(k))}
+    return {
+        "acc": correct / total,
+        "balanced_acc": recall.sum(axis=1) / present.sum(axis=1),
+        "kappa": _kappa(confusion, 1.0 - np.eye(k)),
+    }
 
 
-def weighted_metrics(task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]],
-                     metrics: list[str], counts: np.ndarray) -> list[np.ndarray]:
+def weighted_metrics(
+    task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str], counts: np.ndarray
+) -> list[np.ndarray]:
     """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric with
     each image counted as often as `counts` (resamples × images) says. Equals mmpt.metrics.compute_metrics
     on the resampled rows."""
@@ -243,8 +253,14 @@ def percentile_interval(result, confidence: float = CONFIDENCE) -> tuple[np.ndar
 
 
 def bootstrap_dataset(
-    task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str], *,
-    n_resamples: int, seed: int, chunk_values: int = CHUNK_VALUES,
+    task: TaskSpec,
+    labels: np.ndarray,
+    runs: list[tuple[list[np.ndarray], str]],
+    metrics: list[str],
+    *,
+    n_resamples: int,
+    seed: int,
+    chunk_values: int = CHUNK_VALUES,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Percentile intervals of every run on one dataset, from one paired resampling of its test images.
 
@@ -269,14 +285,22 @@ def bootstrap_dataset(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an undefined AUC in some resample is left out of its interval below
         result = stats.bootstrap(
-            (np.arange(n),), statistic, n_resamples=n_resamples, batch=batch, vectorized=True, paired=True,
-            axis=0, confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
+            (np.arange(n),),
+            statistic,
+            n_resamples=n_resamples,
+            batch=batch,
+            vectorized=True,
+            paired=True,
+            axis=0,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
         )
     low, high = percentile_interval(result)
     intervals = [(low[:width], high[:width])]
     for r in range(1, len(runs)):
         start = width + (r - 1) * 2 * width
-        intervals.append((low[start:start + 2 * width], high[start:start + 2 * width]))
+        intervals.append((low[start : start + 2 * width], high[start : start + 2 * width]))
     return intervals
 
 
@@ -312,7 +336,10 @@ def _mann_whitney(positive, score, m, k) -> float:
 
 
 def delong_intervals(
-    task: TaskSpec, labels: np.ndarray, runs: list[list[np.ndarray]], confidence: float = CONFIDENCE,
+    task: TaskSpec,
+    labels: np.ndarray,
+    runs: list[list[np.ndarray]],
+    confidence: float = CONFIDENCE,
 ) -> list[tuple[float, float, float, float] | tuple[float, float]]:
     """DeLong intervals of medmnist's AUC (the seed mean) of each run on one dataset's test images.
 
@@ -345,7 +372,7 @@ def delong_intervals(
     return out
 
 
-# ---------------------------------------------------------------- the loop path (earlier versions), for tests and benchmarks
+# ------------------------------------------------ the loop path (earlier versions), for tests and benchmarks
 
 
 def _metric_vector(
@@ -357,8 +384,15 @@ def _metric_vector(
 
 
 def paired_bootstrap(
-    task, labels: np.ndarray, reference: list[np.ndarray], other: list[np.ndarray] | None, metrics: list[str],
-    *, n_resamples: int, seed: int, grade_rules: tuple[str, str] = ("argmax", "argmax"),
+    task,
+    labels: np.ndarray,
+    reference: list[np.ndarray],
+    other: list[np.ndarray] | None,
+    metrics: list[str],
+    *,
+    n_resamples: int,
+    seed: int,
+    grade_rules: tuple[str, str] = ("argmax", "argmax"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
 
@@ -387,7 +421,15 @@ def paired_bootstrap(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
         result = stats.bootstrap(
-            samples, statistic, n_resamples=n_resamples, batch=BOOTSTRAP_BATCH, vectorized=True, paired=True,
-            axis=0, confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed),
+            samples,
+            statistic,
+            n_resamples=n_resamples,
+            batch=BOOTSTRAP_BATCH,
+            vectorized=True,
+            paired=True,
+            axis=0,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
         )
     return percentile_interval(result)  # resamples that miss a class are left out of that AUC's interval

@@ -28,8 +28,22 @@ from mmpt.mtl.scalarizers import SCALARIZERS
 from mmpt.mtl.static import STATIC_METHODS
 
 __all__ = [
-    "ALL", "ANY", "GRADIENT", "LOSS", "METHODS", "SEVERAL", "SOLVERS_EXTRA", "STATIC", "Arg", "Method", "MethodState",
-    "Weighting", "build_weighting", "check_weighting", "method_problems", "missing_solvers",
+    "ALL",
+    "ANY",
+    "GRADIENT",
+    "LOSS",
+    "METHODS",
+    "SEVERAL",
+    "SOLVERS_EXTRA",
+    "STATIC",
+    "Arg",
+    "Method",
+    "MethodState",
+    "Weighting",
+    "build_weighting",
+    "check_weighting",
+    "method_problems",
+    "missing_solvers",
 ]
 
 SOLVERS_EXTRA = 'pip install -e ".[mtl-solvers]"'
@@ -60,7 +74,8 @@ def method_problems(
         valid = f"it takes {', '.join(method.args)}" if method.args else "it takes no options"
         problems.append(f"loss.weighting_args has {', '.join(unknown)}, which {name} does not take ({valid})")
     problems += [
-        problem for key, value in args.items()
+        problem
+        for key, value in args.items()
         if key in method.args and (problem := method.args[key].problem(name, key, value)) is not None
     ]
     several = tasks_per_step == "all" or (isinstance(tasks_per_step, int) and tasks_per_step >= 2)
@@ -128,7 +143,11 @@ def check_weighting(
     when a solver it needs is not installed."""
     lookup("loss weighting", METHODS, name)
     problems = method_problems(
-        name, dict(args), tasks_per_step=tasks_per_step, world_size=world_size, weights=dict(weights or {}),
+        name,
+        dict(args),
+        tasks_per_step=tasks_per_step,
+        world_size=world_size,
+        weights=dict(weights or {}),
         datasets=datasets,
     )
     if problems:
@@ -165,8 +184,12 @@ def build_weighting(
     flags = list(train_sizes)
     check_weighting(name, args, tasks_per_step=tasks_per_step, world_size=world_size, weights=weights, datasets=flags)
     context = Context(
-        train_sizes=dict(train_sizes), device=torch.device(device), lr=lr, seed=seed,
-        steps_per_epoch=max(1, steps_per_epoch), shared_params=tuple(p for p in shared_params if p.requires_grad),
+        train_sizes=dict(train_sizes),
+        device=torch.device(device),
+        lr=lr,
+        seed=seed,
+        steps_per_epoch=max(1, steps_per_epoch),
+        shared_params=tuple(p for p in shared_params if p.requires_grad),
         weights=dict(weights or {}),
     )
     return MethodState(name, method.build(flags, {**method.defaults(), **args}, context), method.kind)

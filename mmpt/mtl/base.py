@@ -68,7 +68,9 @@ class Arg:
         if self.whole and (value != int(value) or value < 1):
             return f"loss.weighting_args.{key} of {method} must be a whole number >= 1, got {value!r}"
         if not self.whole and (value < 0 or (value == 0 and not self.may_be_zero)):
-            return f"loss.weighting_args.{key} of {method} must be {'>= 0' if self.may_be_zero else '> 0'}, got {value!r}"
+            return (
+                f"loss.weighting_args.{key} of {method} must be {'>= 0' if self.may_be_zero else '> 0'}, got {value!r}"
+            )
         return None
 
 
@@ -135,8 +137,10 @@ class MethodState:
 
     def state_dict(self) -> dict:
         return {
-            "method": self.name, "state": self.method.state_dict(),
-            "weight_sums": dict(self._sums), "weight_counts": dict(self._counts),
+            "method": self.name,
+            "state": self.method.state_dict(),
+            "weight_sums": dict(self._sums),
+            "weight_counts": dict(self._counts),
         }
 
     def load_state_dict(self, state: dict) -> None:

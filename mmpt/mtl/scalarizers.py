@@ -255,25 +255,37 @@ def famo(flags: list[str], args: dict, ctx: Context) -> Weighting:
 
 SCALARIZERS: dict[str, Method] = {
     "uw": Method(
-        LOSS, learned_per_dataset(lambda: scalarization.UW(())), {"lr": Arg(None)},
+        LOSS,
+        learned_per_dataset(lambda: scalarization.UW(())),
+        {"lr": Arg(None)},
         reference="Kendall et al. 2018, uncertainty weighting",
     ),
     "imtl_l": Method(
-        LOSS, learned_per_dataset(lambda: scalarization.IMTLL(())), {"lr": Arg(None)},
+        LOSS,
+        learned_per_dataset(lambda: scalarization.IMTLL(())),
+        {"lr": Arg(None)},
         reference="Liu et al. 2021, Towards Impartial MTL (loss balance)",
     ),
     "rlw": Method(LOSS, rlw, reference="Lin et al. 2022, Random Loss Weighting"),
     "dwa": Method(LOSS, dwa, {"temperature": Arg(2.0)}, ALL, reference="Liu et al. 2019, Dynamic Weight Average"),
     "famo": Method(
-        LOSS, famo, {"lr": Arg(0.025), "weight_decay": Arg(0.001, may_be_zero=True)}, ALL,
+        LOSS,
+        famo,
+        {"lr": Arg(0.025), "weight_decay": Arg(0.001, may_be_zero=True)},
+        ALL,
         reference="Liu et al. 2023, FAMO",
     ),
     "geometric_mean": Method(
-        LOSS, stateless(lambda a: scalarization.GeometricMean()), tasks=SEVERAL,
+        LOSS,
+        stateless(lambda a: scalarization.GeometricMean()),
+        tasks=SEVERAL,
         reference="Chennupati et al. 2019, geometric loss strategy",
     ),
     "stch": Method(
-        LOSS, stateless(lambda a: scalarization.STCH(mu=a["mu"])), {"mu": Arg(1.0)}, SEVERAL,
+        LOSS,
+        stateless(lambda a: scalarization.STCH(mu=a["mu"])),
+        {"mu": Arg(1.0)},
+        SEVERAL,
         reference="Lin et al. 2024, Smooth Tchebycheff scalarization",
     ),
 }

@@ -25,7 +25,6 @@ class StaticWeighting(Stateless):
         self._last = {t: self._as_tensors[t] for t in losses}
 
 
-
 def by_size(rule: Callable[[int, int, int], float]) -> Callable[[list[str], dict, Context], Weighting]:
     """Weights from each dataset's train size: rule(|D_t|, min |D|, max |D|)."""
 

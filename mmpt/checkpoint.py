@@ -17,6 +17,7 @@ import torch
 
 from mmpt.errors import MmptError
 from mmpt.io import atomic_write
+from mmpt.rundir import BEST, LAST
 
 # Top-level keys of a training checkpoint.
 MODEL = "model"
@@ -30,9 +31,6 @@ DATA = "data"  # identity of each data file trained on (size and mtime, MD5 when
 FORMAT = "format"
 DIGEST = "digest"  # SHA-256 over every other key: verified on every load
 FORMAT_VERSION = 2  # 2: DIGEST, DATA, the training step's state, progress.done and world_size
-
-LAST = "last.pt"
-BEST = "best.pt"
 
 
 def save(path: Path, state: dict) -> None:

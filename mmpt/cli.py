@@ -129,16 +129,19 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
 def build_train_config(args: argparse.Namespace):
     """Defaults <- YAML (--config, or the run's config.yaml with --resume) <- --set <- named flags."""
     from mmpt.config import load_config, parse_override
+    from mmpt.rundir import RunDir
 
     overrides = [parse_override(s) for s in args.set] + [_flag_overrides(args)]
     if args.resume:
-        run_dir = Path(args.resume)
+        run = RunDir(args.resume)
         if args.config:
-            raise MmptError("--resume takes the run's own config.yaml; drop --config")
-        if not (run_dir / "config.yaml").is_file():
-            raise MmptError(f"cannot resume {run_dir}: it has no config.yaml; pass a run folder written by train.py")
-        overrides.append({"output": str(run_dir)})
-        return load_config(run_dir / "config.yaml", overrides, recorded=True)
+            raise MmptError(f"--resume takes the run's own {run.config.name}; drop --config")
+        if not run.config.is_file():
+            raise MmptError(
+                f"cannot resume {run.path}: it has no {run.config.name}; pass a run folder written by train.py"
+            )
+        overrides.append({"output": str(run.path)})
+        return load_config(run.config, overrides, recorded=True)
     return load_config(args.config, overrides)
 
 
@@ -484,11 +487,13 @@ def _evaluate(argv: list[str]) -> int:
     if len(args.runs) > 1:
         raise MmptError("evaluate one run at a time, or add --compare to compare several")
     from mmpt.evaluate import evaluate_checkpoint
+    from mmpt.rundir import RunDir
 
-    run_dir = Path(args.runs[0]) if args.runs else None
-    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "best.pt"
-    folder = args.split + ("-recalibrated" if args.recalibrate_norm else "")
-    output = Path(args.output) if args.output else (run_dir or checkpoint.parent.parent) / "eval" / folder
+    run = RunDir(args.runs[0]) if args.runs else None
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run.best
+    # default output: eval/<split> of the run folder (of a checkpoint's: two folders up, as RUN/checkpoints/best.pt)
+    run = run or RunDir(checkpoint.parent.parent)
+    output = Path(args.output) if args.output else run.eval(args.split, args.recalibrate_norm).path
     _check_flags(datasets=args.datasets, output=args.output)  # --batch-size: checked as data.eval_batch_size
     recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
     from mmpt.runtime import Interrupted, interrupt_on_signals

@@ -17,6 +17,7 @@ from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
 from mmpt.plots import plot_loss_curves
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.report import format_table, read_history, write_metrics
+from mmpt.rundir import Results, RunDir
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import resolve_tasks
 
@@ -127,17 +128,18 @@ def evaluate_checkpoint(
         precision=cfg.train.precision,
     )
     table = metrics_table(results)
+    written = Results(output)
+    run = RunDir.of_checkpoint(checkpoint)  # a run's own checkpoint: its loss curves go beside the results
     try:
-        write_metrics(output, table)
+        write_metrics(written, table)
         if recalibrated is not None:
-            write_json(output / "recalibration.json", recalibrated)
+            write_json(written.recalibration, recalibrated)
         write_predictions(
-            output / "predictions", results, cfg.data.resolution, split, run=cfg.name, data_root=str(cfg.data.root)
+            written.predictions, results, cfg.data.resolution, split, run=cfg.name, data_root=str(cfg.data.root)
         )
-        plot_confusions({t.flag: t for t in tasks}, results, output)
-        history = checkpoint.parent.parent / "val_history.json"  # RUN/checkpoints/best.pt -> RUN/val_history.json
-        if history.is_file():
-            plot_loss_curves(read_history(history), output / "loss_curves.png")
+        plot_confusions({t.flag: t for t in tasks}, results, written)
+        if run is not None and run.val_history.is_file():
+            plot_loss_curves(read_history(run.val_history), written.loss_curves)
     except OSError as exc:
         raise MmptError(
             f"cannot write the results into {output} ({exc.strerror or exc}); pass --output DIR with a writable folder"

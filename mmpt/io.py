@@ -93,14 +93,14 @@ def write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def write_text(path: Path, text: str, *, keep_previous_as: str | None = None) -> None:
+def write_text(path: Path, text: str, *, keep_previous_as: Path | None = None) -> None:
     """Write `text` to `path` atomically; an OSError (disk full, read-only folder) is an MmptError.
 
-    With `keep_previous_as`, a file that already holds different text is first kept as
-    `{stem}.{keep_previous_as}{suffix}`: a resume that changes the config or the machine loses no record.
+    With `keep_previous_as` (a path), a file that already holds different text is first copied there: a resume
+    that changes the config or the machine loses no record.
     """
     path = Path(path)
-    kept = path.with_name(f"{path.stem}.{keep_previous_as}{path.suffix}") if keep_previous_as else None
+    kept = Path(keep_previous_as) if keep_previous_as is not None else None
     created_kept = False
     try:
         if kept is not None and path.is_file():
@@ -133,7 +133,7 @@ def json_text(data: Any) -> str:
     return json.dumps(finite_json(data), indent=2, allow_nan=False, default=str) + "\n"
 
 
-def write_json(path: Path, data: Any, *, keep_previous_as: str | None = None) -> None:
+def write_json(path: Path, data: Any, *, keep_previous_as: Path | None = None) -> None:
     """Write `data` as strict JSON atomically; see write_text."""
     write_text(path, json_text(data), keep_previous_as=keep_previous_as)
 

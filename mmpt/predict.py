@@ -19,7 +19,7 @@ from mmpt.io import write_json, write_text
 from mmpt.losses import TaskLoss
 from mmpt.metrics import THRESHOLD, compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
-from mmpt.rundir import DATA_RECORD, prediction_filename
+from mmpt.rundir import DATA_RECORD, Results, prediction_filename
 from mmpt.runtime import Interrupted, StopSignal
 from mmpt.step import autocast
 from mmpt.tasks import BINARY, MULTI_LABEL, TaskSpec
@@ -182,8 +182,8 @@ def confusion_matrices(
     return {name: (confusion_matrix(labels[:, 0], predicted, labels=classes), list(task.class_names))}
 
 
-def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], folder: Path) -> list[Path]:
-    """confusion_<flag>.png per dataset in `folder`."""
+def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], output: Results) -> list[Path]:
+    """confusion_<flag>.png per dataset in the `output` folder."""
     from mmpt.plots import plot_confusion
 
     paths = []
@@ -193,7 +193,7 @@ def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResu
             plot_confusion(
                 {p: m for p, (m, _) in panels.items()},
                 {p: n for p, (_, n) in panels.items()},
-                folder / f"confusion_{flag}.png",
+                output.confusion(flag),
                 f"{flag}: confusion matrix",
             )
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mmpt.errors import MmptError
 from mmpt.io import read_json, write_csv, write_json, write_text
+from mmpt.rundir import Results
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
 COLUMNS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "loss")
@@ -41,10 +42,10 @@ def format_markdown(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(folder: Path, table: dict[str, dict[str, float]], stem: str = "metrics") -> list[Path]:
-    """Write `{stem}.json`, `{stem}.csv` and `{stem}.md` into `folder`; return their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path, md_path = (folder / f"{stem}.{ext}" for ext in ("json", "csv", "md"))
+def write_metrics(results: Results, table: dict[str, dict[str, float]]) -> list[Path]:
+    """Write metrics.json, metrics.csv and metrics.md into the `results` folder; return their paths."""
+    results.path.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path, md_path = results.metrics_files
     write_json(json_path, table)
     columns = _columns(table)
     write_csv(

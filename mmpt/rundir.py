@@ -1,14 +1,28 @@
-"""The run folder: its layout and file names, the lock that keeps one writer per folder, and --overwrite.
+"""The run folder as one object: `RunDir` gives every path in it, and this module alone spells their names.
 
-runs/<name>/ holds config.yaml, env.json, summary.json, val_history.json, metrics.{json,csv,md}, plots,
-checkpoints/{last,best}.pt, tb/ (TensorBoard), predictions/ (medmnist-named CSV files and data.json),
-features/ (probe caches) and eval/{val,test}/ (evaluate.py). --overwrite removes these by name and nothing else.
+runs/<name>/
+  config.yaml, env.json                 the resolved config and the environment (train.py)
+  config.before-resume-at-step<N>.yaml  the records a resume replaced (env.json too)
+  checkpoints/{last,best}.pt            the training state; the best weights
+  tb/                                   TensorBoard events
+  val_history.json, val_auc.png         per-epoch validation
+  summary.json                          digests of the final and best weights, steps, the best epoch
+  metrics.{json,csv,md}, predictions/, loss_curves.png   best.pt's test report (a `Results` folder)
+  eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
+  features[-recalibrated]/              the probes' cached features (a `FeatureCache`)
+  compare.{json,csv,md}, compare_<metric>.png, compare_diff.png   evaluate.py compare with this run first
+
+A series folder (`SeriesDir`) holds series.json and sweep.{json,csv,md,png}; a probe writes a `Results` folder
+probe-<method>[-recalibrated]/ beside what it probed. --overwrite removes what these objects name, by name, and
+nothing else; the lock keeps one writer per run folder.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmpt.errors import MmptError
@@ -18,39 +32,279 @@ try:
 except ImportError:  # Windows: no flock; the run folder is then not locked
     fcntl = None
 
+# ---------------------------------------------------------------- names
+
+CONFIG = "config.yaml"
+ENV = "env.json"
+SUMMARY = "summary.json"
+VAL_HISTORY = "val_history.json"
+VAL_AUC_PLOT = "val_auc.png"
+LOSS_CURVES_PLOT = "loss_curves.png"
+METRICS_FILES = ("metrics.json", "metrics.csv", "metrics.md")
+COMPARE_FILES = ("compare.json", "compare.csv", "compare.md")
+COMPARE_DIFF_PLOT = "compare_diff.png"
+RECALIBRATION_RECORD = "recalibration.json"
+PROBE_RECORD = "probe.json"
 DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
+FEATURE_MANIFEST = "manifest.json"
+SERIES_RECORD = "series.json"
+SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.md", "sweep.png")
 
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+TB = "tb"
+PREDICTIONS = "predictions"
+FEATURES = "features"
+EVAL = "eval"
+EVAL_SPLITS = ("val", "test")  # evaluate.py --split
+RECALIBRATED = "-recalibrated"  # suffix of the outputs of --recalibrate-norm
+PROBE_PREFIX = "probe-"
+# folders of a run's outputs, never runs of their own
+SUBFOLDERS = (CHECKPOINTS, TB, PREDICTIONS, EVAL, FEATURES, FEATURES + RECALIBRATED)
 
-# What mmpt writes in a run folder, by name: --overwrite removes these and nothing else.
-OUTPUT_FILES = (
-    "config.yaml",
-    "env.json",
-    "summary.json",
-    "val_history.json",
-    "metrics.json",
-    "metrics.csv",
-    "metrics.md",
-    "val_auc.png",
-    "loss_curves.png",
-    "compare.json",
-    "compare.csv",
-    "compare.md",
-    "compare_auc.png",
-    "compare_diff.png",
-)
-OUTPUT_PATTERNS = (
-    re.compile(r"(config|env)\.before-resume-at-step\d+\.(yaml|json)"),  # records kept by a resume
-    re.compile(r"\..+\.tmp"),  # temp files of an interrupted atomic write
-)
+# temp files of an interrupted atomic write (mmpt.io): .<name>.<random>.tmp
+TEMP_FILE = re.compile(r"\..+\.tmp")
 CHECKPOINT_FILE = re.compile(r"(last|best)\.pt|\.(last|best)\.pt\..+\.tmp")
 EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")
-METRICS_FILE = re.compile(r"metrics\.(json|csv|md)|confusion_[a-z]+mnist\.png|loss_curves\.png|\..+\.tmp")
-# cached backbone features of `evaluate.py probe` (they belong to the weights being replaced)
-FEATURE_FILE = re.compile(r"[a-z]+mnist_\d+_(train|val|test)\.npy|manifest\.json|\..+\.tmp")
+# cached backbone features of `evaluate.py probe`: {flag}_{resolution}_{split}.npy (see FeatureCache.file)
+FEATURE_FILE = re.compile(r"[a-z]+mnist_\d+_(train|val|test)\.npy")
 # medmnist Evaluator names: {flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv (see prediction_filename)
 PREDICTION_FILE = re.compile(
     r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].+_\[ACC\].+@.+\.csv"
 )
+CONFUSION_FILE = re.compile(r"confusion_[a-z]+mnist\.png")  # see Results.confusion
+# what train.py and evaluate.py compare write at the top of a run folder
+RUN_FILES = (
+    CONFIG,
+    ENV,
+    SUMMARY,
+    VAL_HISTORY,
+    *METRICS_FILES,
+    VAL_AUC_PLOT,
+    LOSS_CURVES_PLOT,
+    *COMPARE_FILES,
+    COMPARE_DIFF_PLOT,
+)
+RUN_FILE_PATTERNS = (
+    re.compile(r"(config|env)\.before-resume-at-step\d+\.(yaml|json)"),  # records kept by a resume (before_resume)
+    re.compile(r"compare_[a-z_]+\.png"),  # compare_<metric>.png (Results.compare_plot)
+    TEMP_FILE,
+)
+
+
+def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[str, float], run: str) -> str:
+    """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
+    size_flag = "" if resolution == 28 else f"_{resolution}"
+    return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
+
+
+# ---------------------------------------------------------------- the objects
+
+
+@dataclass(frozen=True)
+class Results:
+    """A folder of one evaluation's results: a run's test report (the run folder itself), evaluate.py's
+    eval/<split>, a probe's output, or the folder compare writes into."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def metrics(self) -> Path:
+        """metrics.json: dataset -> metric -> value, with "mean"."""
+        return self.path / METRICS_FILES[0]
+
+    @property
+    def metrics_files(self) -> tuple[Path, Path, Path]:
+        """metrics.json, metrics.csv and metrics.md."""
+        return tuple(self.path / name for name in METRICS_FILES)
+
+    @property
+    def predictions(self) -> Path:
+        """The folder of medmnist-format prediction files and their data.json."""
+        return self.path / PREDICTIONS
+
+    @property
+    def loss_curves(self) -> Path:
+        return self.path / LOSS_CURVES_PLOT
+
+    def confusion(self, flag: str) -> Path:
+        return self.path / f"confusion_{flag}.png"
+
+    @property
+    def recalibration(self) -> Path:
+        """What --recalibrate-norm did (evaluate.py)."""
+        return self.path / RECALIBRATION_RECORD
+
+    @property
+    def probe_record(self) -> Path:
+        """The probe's method and what it chose per dataset."""
+        return self.path / PROBE_RECORD
+
+    @property
+    def compare_files(self) -> tuple[Path, Path, Path]:
+        """compare.json, compare.csv and compare.md."""
+        return tuple(self.path / name for name in COMPARE_FILES)
+
+    def compare_plot(self, metric: str) -> Path:
+        """compare_<metric>.png: each run's values with their intervals."""
+        return self.path / f"compare_{metric}.png"
+
+    @property
+    def compare_diff_plot(self) -> Path:
+        """compare_diff.png: the paired differences to the first run."""
+        return self.path / COMPARE_DIFF_PLOT
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A folder of cached backbone features (`evaluate.py probe`): one .npy per dataset and split, and a manifest
+    that names the backbone they came from."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / FEATURE_MANIFEST
+
+    def file(self, flag: str, resolution: int, split: str) -> Path:
+        return self.path / f"{flag}_{resolution}_{split}.npy"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run folder: every path in it comes from here."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunDir | None:
+        """The run folder that holds `checkpoint` as its checkpoints/last.pt or best.pt, else None."""
+        checkpoint = Path(checkpoint)
+        if checkpoint.name in (LAST, BEST) and checkpoint.parent.name == CHECKPOINTS:
+            return cls(checkpoint.parent.parent)
+        return None
+
+    @property
+    def config(self) -> Path:
+        """config.yaml: the resolved config the run trains with."""
+        return self.path / CONFIG
+
+    @property
+    def env(self) -> Path:
+        """env.json: versions, device, git commit, world size."""
+        return self.path / ENV
+
+    def before_resume(self, record: Path, step: int) -> Path:
+        """Where a resume at `step` keeps the earlier text of `record` (config.yaml or env.json) when it changes."""
+        return record.with_name(f"{record.stem}.before-resume-at-step{step}{record.suffix}")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        """checkpoints/last.pt: the whole training state, for resume."""
+        return self.checkpoint("last")
+
+    @property
+    def best(self) -> Path:
+        """checkpoints/best.pt: the weights of the best validation epoch."""
+        return self.checkpoint("best")
+
+    def checkpoint(self, which: str) -> Path:
+        """checkpoints/<which>.pt for `which` "last" or "best"."""
+        assert which in ("last", "best"), f"a run has a last and a best checkpoint, not {which!r}"
+        return self.checkpoints / (LAST if which == "last" else BEST)
+
+    @property
+    def tb(self) -> Path:
+        """The TensorBoard event folder."""
+        return self.path / TB
+
+    @property
+    def val_history(self) -> Path:
+        """val_history.json: per-epoch train losses, validation tables and weights."""
+        return self.path / VAL_HISTORY
+
+    @property
+    def val_auc_plot(self) -> Path:
+        return self.path / VAL_AUC_PLOT
+
+    @property
+    def summary(self) -> Path:
+        """summary.json: written last, so a run with it is finished."""
+        return self.path / SUMMARY
+
+    @property
+    def results(self) -> Results:
+        """The test report of best.pt that train.py writes at the top of the folder (and compare, with this run
+        first)."""
+        return Results(self.path)
+
+    def eval(self, split: str, recalibrated: bool = False) -> Results:
+        """evaluate.py's default output: eval/<split>, or eval/<split>-recalibrated with --recalibrate-norm."""
+        assert split in EVAL_SPLITS, f"evaluate.py evaluates {EVAL_SPLITS}, not {split!r}"
+        return Results(self.path / EVAL / (split + (RECALIBRATED if recalibrated else "")))
+
+    def features(self, recalibrated: bool = False) -> FeatureCache:
+        """The probes' feature cache: features/, or features-recalibrated/ with --recalibrate-norm."""
+        return FeatureCache(self.path / (FEATURES + (RECALIBRATED if recalibrated else "")))
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a training run that reached a checkpoint (its checkpoints/, or summary.json)."""
+        return self.summary.exists() or self.checkpoints.exists()
+
+
+@dataclass(frozen=True)
+class SeriesDir:
+    """A series folder: its record (series.json) and the summary over its runs (sweep.*)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def record(self) -> Path:
+        """series.json: the recipe asked for and each member's resolved config."""
+        return self.path / SERIES_RECORD
+
+    @property
+    def sweep_files(self) -> tuple[Path, Path, Path, Path]:
+        """sweep.json, sweep.csv, sweep.md and sweep.png."""
+        return tuple(self.path / name for name in SWEEP_FILES)
+
+
+def probe_output(source: Path, method: str, recalibrated: bool = False) -> Results:
+    """Where a probe of `source` writes by default: probe-<method>[-recalibrated]/ in it."""
+    return Results(Path(source) / f"{PROBE_PREFIX}{method}{RECALIBRATED if recalibrated else ''}")
+
+
+def is_output_folder(name: str) -> bool:
+    """Whether a folder of this name holds a run's outputs or a probe's, never a run of its own."""
+    return name in SUBFOLDERS or name.startswith(PROBE_PREFIX)
+
+
+def run_candidates(root: Path, skip: Callable[[Path], bool]) -> set[Path]:
+    """Folders at or under `root` that hold a run's config.yaml, summary.json or checkpoints/last.pt (`skip`
+    leaves some out)."""
+    found = {p.parent for name in (CONFIG, SUMMARY) for p in Path(root).rglob(name)}
+    found |= {p.parent.parent for p in Path(root).rglob(f"{CHECKPOINTS}/{LAST}")}
+    return {folder for folder in found if not skip(folder)}
+
+
+# ---------------------------------------------------------------- lock, prepare, --overwrite
 
 # the run folders this process holds locked: (st_dev, st_ino) -> open descriptor, kept until the process ends
 _RUN_LOCKS: dict[tuple[int, int], int] = {}
@@ -90,13 +344,14 @@ def lock_run_dir(run_dir: Path) -> None:
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
     """Create the run folder; refuse to reuse one with outputs unless resuming or overwriting.
 
-    Overwrite removes only what mmpt writes, by name (see OUTPUT_FILES), unlinks symbolic links instead of
-    following them, and prints what it kept. Returns the kept entries (relative paths). Raises MmptError for a
-    folder with outputs (without resume or overwrite), or one that cannot be created or cleared.
+    Overwrite removes only what mmpt writes, by name (every output RunDir names, the recalibrated evaluations
+    and feature caches included), unlinks symbolic links instead of following them, and prints what it kept.
+    Returns the kept entries (relative paths). Raises MmptError for a folder with outputs (without resume or
+    overwrite), or one that cannot be created or cleared.
     """
     try:
         has_outputs = run_dir.is_dir() and any(run_dir.iterdir())
-        _check_output_kinds(run_dir)
+        _check_output_kinds(RunDir(run_dir))
         if resume:
             return []
         if has_outputs and not overwrite:
@@ -115,27 +370,56 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str
     return kept
 
 
-def _check_output_kinds(run_dir: Path) -> None:
+def _check_output_kinds(run: RunDir) -> None:
     """Raise MmptError if a folder mmpt writes into is a file there, or a file it writes is a folder."""
-    for name in ("checkpoints", "tb", "predictions", "features"):
-        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+    for folder in (run.checkpoints, run.tb, run.results.predictions, run.features().path):
+        if folder.exists() and not folder.is_dir():
             raise MmptError(
-                f"run folder {run_dir} has a file named {name} where mmpt writes a folder; move it away "
+                f"run folder {run.path} has a file named {folder.name} where mmpt writes a folder; move it away "
                 "or pass --output DIR for another folder"
             )
-    for name in (*OUTPUT_FILES, "checkpoints/last.pt", "checkpoints/best.pt"):
-        if (run_dir / name).is_dir():
+    for path in (*(run.path / name for name in RUN_FILES), run.last, run.best):
+        if path.is_dir():
             raise MmptError(
-                f"run folder {run_dir} has a folder named {name} where mmpt writes a file; move it away "
-                "or pass --output DIR for another folder"
+                f"run folder {run.path} has a folder named {path.relative_to(run.path).as_posix()} where mmpt "
+                "writes a file; move it away or pass --output DIR for another folder"
             )
+
+
+def _is_prediction(name: str) -> bool:
+    return bool(PREDICTION_FILE.fullmatch(name)) or name == DATA_RECORD or bool(TEMP_FILE.fullmatch(name))
+
+
+def _is_feature(name: str) -> bool:
+    return bool(FEATURE_FILE.fullmatch(name)) or name == FEATURE_MANIFEST or bool(TEMP_FILE.fullmatch(name))
+
+
+def _is_result_file(name: str) -> bool:
+    """What an evaluation writes into its Results folder besides predictions/."""
+    names = (*METRICS_FILES, LOSS_CURVES_PLOT, RECALIBRATION_RECORD, PROBE_RECORD)
+    return name in names or bool(CONFUSION_FILE.fullmatch(name) or TEMP_FILE.fullmatch(name))
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or any(p.fullmatch(name) for p in RUN_FILE_PATTERNS)
+
+
+# the output folders of a run folder and which of their files mmpt wrote
+_FOLDER_FILES: dict[str, Callable[[str], bool]] = {
+    CHECKPOINTS: lambda name: bool(CHECKPOINT_FILE.fullmatch(name)),
+    TB: lambda name: bool(EVENT_FILE.fullmatch(name)),
+    PREDICTIONS: _is_prediction,
+    FEATURES: _is_feature,
+    FEATURES + RECALIBRATED: _is_feature,
+}
+_EVAL_FOLDERS = tuple(split + suffix for split in EVAL_SPLITS for suffix in ("", RECALIBRATED))
 
 
 def _remove_outputs(run_dir: Path) -> list[str]:
     """Remove mmpt's outputs from `run_dir` by name; return what was kept (relative paths, sorted)."""
     kept: list[str] = []
 
-    def clear(folder: Path, is_output, handled: tuple[str, ...] = ()) -> None:
+    def clear(folder: Path, is_output: Callable[[str], bool], handled: tuple[str, ...] = ()) -> None:
         """Remove `folder`'s files whose names `is_output` accepts, then the folder if empty; a link is unlinked."""
         if folder.is_symlink():
             folder.unlink()  # a link where mmpt puts a folder: remove the link, never what it points to
@@ -150,47 +434,30 @@ def _remove_outputs(run_dir: Path) -> list[str]:
         if not any(folder.iterdir()):
             folder.rmdir()
 
-    def is_prediction(name: str) -> bool:
-        return bool(PREDICTION_FILE.fullmatch(name)) or name == DATA_RECORD
+    def clear_results(folder: Path) -> None:
+        """An evaluation's Results folder: its files and its predictions/."""
+        predictions = Results(folder).predictions
+        if predictions.is_symlink() or predictions.is_dir():
+            clear(predictions, _is_prediction)
+        clear(folder, _is_result_file, handled=(predictions.name,))
+        if predictions.exists():
+            kept.append(str(predictions.relative_to(run_dir)))
 
     for path in sorted(run_dir.iterdir()):
         name = path.name
-        if name == "checkpoints":
-            clear(path, lambda n: bool(CHECKPOINT_FILE.fullmatch(n)))
-        elif name == "tb":
-            clear(path, lambda n: bool(EVENT_FILE.fullmatch(n)))
-        elif name == "predictions":
-            clear(path, is_prediction)
-        elif name == "features":
-            clear(path, lambda n: bool(FEATURE_FILE.fullmatch(n)))
-        elif name == "eval" and path.is_dir() and not path.is_symlink():
-            # evaluate.py's default output: eval/{val,test}/metrics.* and eval/{split}/predictions/
-            for split in sorted(path.iterdir()):
-                if split.name not in ("val", "test") or split.is_symlink() or not split.is_dir():
-                    kept.append(str(split.relative_to(run_dir)))
-                    continue
-                if (split / "predictions").is_symlink() or (split / "predictions").is_dir():
-                    clear(split / "predictions", is_prediction)
-                clear(split, lambda n: bool(METRICS_FILE.fullmatch(n)), handled=("predictions",))
-                if (split / "predictions").exists():
-                    kept.append(str(split.relative_to(run_dir) / "predictions"))
+        if name in _FOLDER_FILES and (path.is_dir() or path.is_symlink()):
+            clear(path, _FOLDER_FILES[name])
+        elif name == EVAL and path.is_dir() and not path.is_symlink():
+            for results in sorted(path.iterdir()):
+                if results.name in _EVAL_FOLDERS and results.is_dir() and not results.is_symlink():
+                    clear_results(results)
+                else:
+                    kept.append(str(results.relative_to(run_dir)))
             if not any(path.iterdir()):
                 path.rmdir()
-        elif (
-            (name in OUTPUT_FILES or any(p.fullmatch(name) for p in OUTPUT_PATTERNS))
-            and (path.is_symlink() or not path.is_dir())
-        ) or (name == "eval" and path.is_symlink()):
+        elif (_is_run_file(name) and (path.is_symlink() or not path.is_dir())) or (name == EVAL and path.is_symlink()):
             path.unlink()
         else:
             kept.append(name)
     # a kept file inside a kept folder: name the file only
     return sorted(k for k in set(kept) if not any(o.startswith(k + "/") for o in kept))
-
-
-def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[str, float], run: str) -> str:
-    """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
-    size_flag = "" if resolution == 28 else f"_{resolution}"
-    return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
-
-
-DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on

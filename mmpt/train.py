@@ -25,7 +25,7 @@ from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
 from mmpt.report import format_table, write_metrics
-from mmpt.rundir import lock_run_dir, prepare_run_dir
+from mmpt.rundir import RunDir, lock_run_dir, prepare_run_dir
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
@@ -44,6 +44,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     configure_determinism(cfg.train.seed, cfg.determinism)  # before CUDA starts: cuBLAS reads its setting then
     world, device = distributed.init(cfg.train.device)
     run_dir = cfg.run_dir
+    run = RunDir(run_dir)
     # everything that can fail on bad input is checked, on every rank, before the run folder is touched
     with agree_on_errors(world):
         saved = load_resume_checkpoint(cfg) if resume else None
@@ -68,12 +69,16 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     progress = state.progress
     if world.is_main:
         # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
-        keep = f"before-resume-at-step{progress.step}" if saved is not None else None
-        write_text(run_dir / "config.yaml", config_yaml(cfg), keep_previous_as=keep)
+        resumed = saved is not None
+        write_text(
+            run.config,
+            config_yaml(cfg),
+            keep_previous_as=run.before_resume(run.config, progress.step) if resumed else None,
+        )
         write_json(
-            run_dir / "env.json",
+            run.env,
             {**environment(device, cfg.determinism), "world_size": world.world_size},
-            keep_previous_as=keep,
+            keep_previous_as=run.before_resume(run.env, progress.step) if resumed else None,
         )
         print(
             describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir))
@@ -81,7 +86,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         if saved is not None:
             print(resumed_line(saved[ckpt.PROGRESS], world))
 
-    log = Log(run_dir, world, steps_done=progress.step)
+    log = Log(run.tb, world, steps_done=progress.step)
     specs = {flag: task_data.task for flag, task_data in data.items()}
     loader_kwargs = dict(
         batch_size=cfg.data.eval_batch_size,
@@ -152,7 +157,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             improved = state.end_epoch(epoch, val, log.epoch_losses(), step.weighting.mean_weights())
             log.validation(epoch + 1, val, improved)
             if world.is_main:
-                write_json(run_dir / "val_history.json", {"history": progress.history})
+                write_json(run.val_history, {"history": progress.history})
             if progress.done:
                 if world.is_main:
                     print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs")
@@ -181,28 +186,26 @@ def test_report(
 ) -> dict[str, dict[str, float]]:
     """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
     world = step.world
-    run_dir = cfg.run_dir
+    run = RunDir(cfg.run_dir)
     final_digest = ckpt.state_digest(model.state_dict())
     # every rank's digest: a check, recorded in summary.json, that the replicas ended identical
     rank_digests = distributed.gather_objects(world, final_digest)
     # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
-    best = distributed.broadcast_object(
-        world, ckpt.load(run_dir / "checkpoints" / ckpt.BEST)[ckpt.MODEL] if world.is_main else None
-    )
+    best = distributed.broadcast_object(world, ckpt.load(run.best)[ckpt.MODEL] if world.is_main else None)
     model.load_state_dict(best)
     results: dict[str, TaskResult] = evaluate_all(
         model, loader, specs, losses, step.transform, device, precision=cfg.train.precision, world=world, stop=stop
     )
     table = metrics_table(results)
     if world.is_main:
-        write_metrics(run_dir, table)
+        write_metrics(run.results, table)
         write_predictions(
-            run_dir / "predictions", results, cfg.data.resolution, "test", run=cfg.name, data_root=str(cfg.data.root)
+            run.results.predictions, results, cfg.data.resolution, "test", run=cfg.name, data_root=str(cfg.data.root)
         )
-        plot_history(progress.history, run_dir / "val_auc.png")
-        plot_loss_curves(progress.history, run_dir / "loss_curves.png")
+        plot_history(progress.history, run.val_auc_plot)
+        plot_loss_curves(progress.history, run.results.loss_curves)
         write_json(
-            run_dir / "summary.json",
+            run.summary,
             {
                 "final_digest": final_digest,
                 "best_digest": ckpt.state_digest(best),

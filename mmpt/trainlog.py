@@ -21,9 +21,9 @@ from mmpt.step import TrainStep
 class Log:
     """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
 
-    def __init__(self, run_dir: Path, world: World, steps_done: int) -> None:
+    def __init__(self, tb_dir: Path, world: World, steps_done: int) -> None:
         self.world = world
-        self.writer = SummaryWriter(str(run_dir / "tb")) if world.is_main else None
+        self.writer = SummaryWriter(str(tb_dir)) if world.is_main else None
         self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
         self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
         self.first_unchecked_step = steps_done + 1

@@ -20,6 +20,7 @@ from mmpt.config import Config, recipe_changes, recorded_config, to_dict
 from mmpt.data.store import TaskData, data_changes
 from mmpt.distributed import World, any_rank
 from mmpt.errors import MmptError
+from mmpt.rundir import RunDir
 from mmpt.step import TrainStep
 
 
@@ -58,8 +59,8 @@ class TrainingState:
         self.cfg, self.world, self.model, self.step = cfg, world, model, step
         self.data_identity = data_identity(data)
         self.progress = Progress(world_size=world.world_size)
-        self.folder = cfg.run_dir / "checkpoints"
-        self.last, self.best = self.folder / ckpt.LAST, self.folder / ckpt.BEST
+        run = RunDir(cfg.run_dir)
+        self.last, self.best = run.last, run.best
         self.every_s = cfg.checkpoint.every_minutes * 60
         self.saved_at = time.monotonic()
         self.resume_hint = distributed.resume_command(cfg.run_dir)
@@ -173,9 +174,12 @@ class TrainingState:
 
 def load_resume_checkpoint(cfg: Config) -> dict:
     """Read last.pt of the run and check that its config matches `cfg` where it must."""
-    path = cfg.run_dir / "checkpoints" / ckpt.LAST
+    path = RunDir(cfg.run_dir).last
     if not path.is_file():
-        raise MmptError(f"cannot resume {cfg.run_dir}: it has no checkpoints/{ckpt.LAST}; start it without --resume")
+        raise MmptError(
+            f"cannot resume {cfg.run_dir}: it has no {path.relative_to(cfg.run_dir).as_posix()}; start it without "
+            "--resume"
+        )
     state = ckpt.load(path)
     missing = [k for k in (ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.PROGRESS, ckpt.RNG) if k not in state]
     if missing:

@@ -13,7 +13,7 @@ import torch
 
 from mmpt.errors import MmptError
 from mmpt.io import write_text
-from mmpt.rundir import prepare_run_dir
+from mmpt.rundir import RunDir, prepare_run_dir
 from mmpt.runtime import configure_determinism
 
 # The switches are global, so they are set in a fresh interpreter (off first: on sets an env variable for good).
@@ -135,6 +135,30 @@ def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_pat
     assert "--overwrite kept what mmpt did not write" in capsys.readouterr().out
 
 
+def test_overwrite_removes_the_recalibrated_evaluations_and_features_of_the_replaced_weights(tmp_path):
+    run = tmp_path / "run"
+    prediction = "breastmnist_test_[AUC]0.812_[ACC]0.750@tiny.csv"
+    written = [  # what evaluate.py --recalibrate-norm and probe --recalibrate-norm wrote for the old weights
+        "eval/test-recalibrated/metrics.json",
+        "eval/test-recalibrated/metrics.md",
+        "eval/test-recalibrated/recalibration.json",
+        "eval/test-recalibrated/confusion_breastmnist.png",
+        f"eval/test-recalibrated/predictions/{prediction}",
+        "eval/test-recalibrated/predictions/data.json",
+        "eval/val-recalibrated/metrics.csv",
+        "features-recalibrated/breastmnist_28_train.npy",
+        "features-recalibrated/manifest.json",
+        "checkpoints/best.pt",
+    ]
+    mine = ["eval/test-recalibrated/notes.txt", "eval/train-recalibrated/metrics.json", "features-recalibrated/x.csv"]
+    for name in written + mine:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    kept = prepare_run_dir(run, resume=False, overwrite=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == sorted(mine)
+    assert kept == ["eval/test-recalibrated/notes.txt", "eval/train-recalibrated", "features-recalibrated/x.csv"]
+
+
 def test_overwrite_unlinks_symbolic_links_and_never_touches_what_they_point_to(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -165,10 +189,12 @@ def test_a_file_where_mmpt_writes_a_folder_or_the_reverse_is_one_error(tmp_path,
 
 
 def test_a_record_rewritten_on_resume_keeps_its_earlier_text(tmp_path):
-    path = tmp_path / "config.yaml"
+    run = RunDir(tmp_path)
+    path, kept = run.config, run.before_resume(run.config, 3)
+    assert kept == tmp_path / "config.before-resume-at-step3.yaml"
     write_text(path, "lr: 1\n")
-    write_text(path, "lr: 1\n", keep_previous_as="before-resume-at-step3")
-    assert not (tmp_path / "config.before-resume-at-step3.yaml").exists()  # unchanged: nothing to keep
-    write_text(path, "lr: 2\n", keep_previous_as="before-resume-at-step3")
+    write_text(path, "lr: 1\n", keep_previous_as=kept)
+    assert not kept.exists()  # unchanged: nothing to keep
+    write_text(path, "lr: 2\n", keep_previous_as=kept)
     assert path.read_text() == "lr: 2\n"
     assert (tmp_path / "config.before-resume-at-step3.yaml").read_text() == "lr: 1\n"

@@ -28,6 +28,7 @@ import numpy as np
 from mmpt.bench.common import machine, markdown_table, work_folder, write_result, yes
 from mmpt.errors import MmptError
 from mmpt.predict import TaskResult, write_predictions
+from mmpt.rundir import Results
 from mmpt.tasks import BINARY, MULTI_LABEL, TASKS, resolve_tasks
 
 TARGET_NEW_S = 60.0  # two 3-seed series, all 12 datasets at full test size, 1,000 resamples, 2 CPU cores
@@ -64,9 +65,8 @@ def write_series(root: Path, flags: list[str], seeds: int, max_images: int | Non
                 if task.task_type != MULTI_LABEL:
                     scores /= scores.sum(axis=1, keepdims=True)  # class probabilities, as the heads give them
                 results[flag] = TaskResult(y, scores, {"auc": math.nan, "acc": math.nan})
-            write_predictions(
-                root / side / f"seed{k}" / "predictions", results, 28, "test", f"{side}{k}", data_root=str(data)
-            )
+            predictions = Results(root / side / f"seed{k}").predictions
+            write_predictions(predictions, results, 28, "test", f"{side}{k}", data_root=str(data))
         series.append(root / side)
     return series
 

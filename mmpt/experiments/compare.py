@@ -28,7 +28,7 @@ from mmpt.experiments.stats import CONFIDENCE, paired_bootstrap
 from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
-from mmpt.rundir import DATA_RECORD, PREDICTION_FILE
+from mmpt.rundir import DATA_RECORD, PREDICTION_FILE, Results, RunDir
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
@@ -64,7 +64,7 @@ class Run:
 def _nearest_data_root(folder: Path) -> str | None:
     """data.root of the config.yaml in `folder` or the closest folder above it."""
     for parent in [folder, *folder.parents]:
-        path = parent / "config.yaml"
+        path = RunDir(parent).config
         if path.is_file():
             try:
                 return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
@@ -76,13 +76,12 @@ def _nearest_data_root(folder: Path) -> str | None:
 def read_predictions(folder: Path) -> dict[str, Prediction]:
     """The test prediction files in `folder` (a predictions/ folder with its data.json) by dataset."""
     record_path = folder / DATA_RECORD
+    evaluated = RunDir(folder.parent).eval("test").path
+    again = f"evaluate the run again (python evaluate.py {folder.parent}) and compare {evaluated}"
     if not record_path.is_file():
         raise MmptError(
-            f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it "
-            f"lack it): evaluate the run again (python evaluate.py {folder.parent}) and compare "
-            f"{folder.parent / 'eval' / 'test'}"
+            f"{folder} has no {DATA_RECORD} (what the predictions were evaluated on; runs before it lack it): {again}"
         )
-    again = f"evaluate the run again (python evaluate.py {folder.parent}) and compare {folder.parent / 'eval' / 'test'}"
     record = read_json(record_path, again)
     entries = record.get("datasets") if isinstance(record, dict) else None
     if (
@@ -121,9 +120,9 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
 def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
     """Whether a folder's predictions count: a training run only once finished with its series' recipe
     (mmpt.experiments.members.member_status); evaluate.py and probe outputs always. Else noted in `left_out`."""
-    from mmpt.experiments.members import is_run_folder, member_status
+    from mmpt.experiments.members import member_status
 
-    if not is_run_folder(folder):
+    if not RunDir(folder).is_run():
         return True
     why = member_status(folder)
     if why is not None:
@@ -133,16 +132,16 @@ def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
 
 def _member(folder: Path, left_out: list[tuple[Path, str]]) -> dict[str, Prediction]:
     """One model's predictions: a run folder, or an individual folder joining its datasets' runs."""
-    from mmpt.experiments.members import is_run_folder
-
-    if (folder / "predictions").is_dir() or is_run_folder(folder):
-        if not _counts(folder, left_out) or not (folder / "predictions").is_dir():
+    predictions = Results(folder).predictions
+    if predictions.is_dir() or RunDir(folder).is_run():
+        if not _counts(folder, left_out) or not predictions.is_dir():
             return {}
-        return read_predictions(folder / "predictions")
+        return read_predictions(predictions)
     member = {}
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in FLAGS):
-        if ((child / "predictions").is_dir() or is_run_folder(child)) and _counts(child, left_out):
-            own = read_predictions(child / "predictions") if (child / "predictions").is_dir() else {}
+        own_predictions = Results(child).predictions
+        if (own_predictions.is_dir() or RunDir(child).is_run()) and _counts(child, left_out):
+            own = read_predictions(own_predictions) if own_predictions.is_dir() else {}
             if child.name in own:
                 member[child.name] = own[child.name]
     return member
@@ -542,8 +541,9 @@ def write_compare(result: dict, output: Path) -> list[Path]:
     from mmpt.io import write_csv, write_json, write_text
     from mmpt.plots import plot_differences, plot_grouped_bars
 
-    output = Path(output)
-    write_json(output / "compare.json", result)
+    written = Results(output)
+    json_path, csv_path, md_path = written.compare_files
+    write_json(json_path, result)
     fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
     rows = [["run", "dataset", "metric", *fields]]
     for r in result["runs"]:
@@ -555,8 +555,8 @@ def write_compare(result: dict, output: Path) -> list[Path]:
         rows.append(
             [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
         )
-    write_csv(output / "compare.csv", rows)
-    write_text(output / "compare.md", format_compare(result))
+    write_csv(csv_path, rows)
+    write_text(md_path, format_compare(result))
     metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]
     bars = {
         r["name"]: {
@@ -574,14 +574,14 @@ def write_compare(result: dict, output: Path) -> list[Path]:
         }
         for r in result["runs"][1:]
     }
-    paths = [output / f"compare.{ext}" for ext in ("json", "csv", "md")]
+    paths = list(written.compare_files)
     paths.append(
-        plot_grouped_bars(bars, output / f"compare_{metric}.png", f"test {metric} (95% CI)", f"{metric} per dataset")
+        plot_grouped_bars(bars, written.compare_plot(metric), f"test {metric} (95% CI)", f"{metric} per dataset")
     )
     paths.append(
         plot_differences(
             diffs,
-            output / "compare_diff.png",
+            written.compare_diff_plot,
             f"Δ {metric} vs {result['reference']} (paired 95% CI)",
             "difference to the reference",
         )

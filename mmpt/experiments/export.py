@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from mmpt.errors import MmptError
+from mmpt.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 TIMM_CONFIG = "config.json"
@@ -63,7 +64,7 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         raise MmptError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise MmptError(f"{output} exists and is not empty; pass another --output, or --overwrite to replace its files")
-    checkpoint_file = run / "checkpoints" / f"{checkpoint}.pt"
+    checkpoint_file = RunDir(run).checkpoint(checkpoint)
     state = ckpt.load(checkpoint_file)
     cfg = recorded_config(state[ckpt.CONFIG])
     weights = state[ckpt.MODEL]
@@ -174,7 +175,7 @@ def model_card(
         f"A {resolve_backbone(cfg.model.backbone)} backbone trained with one head per dataset "
         f"({'multi-domain multi-task pre-training' if len(heads) > 1 else 'one dataset'}), "
         f"exported from `{run}` ({checkpoint} checkpoint"
-        + (f", epoch {progress['best_epoch' if checkpoint == 'best' else 'epoch']}" if progress.get("epoch") else "")
+        + (f", epoch {progress['epoch']}" if progress.get("epoch") else "")  # best.pt's epoch is the best one
         + ").",
         "",
         "## Use",
@@ -261,12 +262,13 @@ def input_line(cfg, size: int) -> str:
 
 def test_metrics_lines(run: Path) -> list[str]:
     """The run's test metrics (metrics.json), with the intervals of compare.json in the run folder where it has them."""
-    metrics_path = run / "metrics.json"
+    results = RunDir(run).results
+    metrics_path = results.metrics
     if not metrics_path.is_file():
         return ["## Test metrics", "", "The run has no metrics.json (training did not reach its test report)."]
     table = json.loads(metrics_path.read_text())
     intervals = {}
-    compare_path = run / "compare.json"
+    compare_path = results.compare_files[0]
     if compare_path.is_file():
         try:
             compared = json.loads(compare_path.read_text())

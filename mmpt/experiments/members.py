@@ -15,10 +15,9 @@ import yaml
 
 from mmpt.config import SETTINGS, Config, config_differences, recorded_config
 from mmpt.errors import MmptError
+from mmpt.rundir import RunDir, SeriesDir, is_output_folder, run_candidates
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
-NOT_RUNS = ("checkpoints", "tb", "predictions", "eval", "features")
-SERIES_FILE = "series.json"
 
 # Keys that say where and how a run goes but not what it computes: a finished run may differ from the
 # recipe asked for in these alone (checkpoint.* too), and a sweep over them would train identical runs.
@@ -61,7 +60,7 @@ def _first_difference(diffs: list[tuple[str, object, object]]) -> tuple[str, str
 
 def read_run_config(folder: Path) -> Config:
     """The resolved config a run folder records (config.yaml); MmptError when it is missing or unreadable."""
-    path = Path(folder) / "config.yaml"
+    path = RunDir(folder).config
     try:
         return recorded_config(yaml.safe_load(path.read_text()) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError, MmptError, AttributeError, TypeError) as exc:
@@ -86,7 +85,7 @@ def read_series(root: Path) -> dict | None:
     """series.json of a series folder ({"recipe": config, "members": {path: config}}), or None without one."""
     from mmpt.io import read_json
 
-    path = Path(root) / SERIES_FILE
+    path = SeriesDir(root).record
     if not path.is_file():
         return None
     record = read_json(path, "it was written by train.py's series; restore it, or pass --overwrite to start again")
@@ -97,17 +96,11 @@ def read_series(root: Path) -> dict | None:
     return record
 
 
-def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` holds a training run that reached a checkpoint (its checkpoints/, or summary.json)."""
-    folder = Path(folder)
-    return any((folder / name).exists() for name in ("summary.json", "checkpoints"))
-
-
 def series_of(folder: Path) -> tuple[Path, str] | None:
     """(series folder, member path) when `folder` lies in a series folder (series.json above it), else None."""
     folder = Path(folder).absolute()
     for parent in folder.parents:
-        if (parent / SERIES_FILE).is_file():
+        if SeriesDir(parent).record.is_file():
             return parent, folder.relative_to(parent).as_posix()
     return None
 
@@ -121,8 +114,8 @@ def member_status(folder: Path) -> str | None:
     A run counts once finished (summary.json and metrics.json), and, inside a series folder, only as a member
     that series.json records and only when trained with the recipe recorded for it (RESULT_NEUTRAL aside).
     """
-    folder = Path(folder)
-    if not (folder / "summary.json").is_file() or not (folder / "metrics.json").is_file():
+    run = RunDir(folder)
+    if not run.summary.is_file() or not run.results.metrics.is_file():
         return "unfinished"
     owner = series_of(folder)
     if owner is None:
@@ -130,9 +123,9 @@ def member_status(folder: Path) -> str | None:
     root, member = owner
     record = read_series(root)
     if member not in record["members"]:
-        return f"not a run of the series recorded in {root / SERIES_FILE}"
+        return f"not a run of the series recorded in {SeriesDir(root).record}"
     diffs = config_differences(
-        _recorded_config(record["members"][member], root / SERIES_FILE), read_run_config(folder), RESULT_NEUTRAL
+        _recorded_config(record["members"][member], SeriesDir(root).record), read_run_config(folder), RESULT_NEUTRAL
     )
     if diffs:
         key, old, new = sorted(diffs, key=lambda d: d[0])[0]
@@ -141,8 +134,8 @@ def member_status(folder: Path) -> str | None:
 
 
 def _skipped(path: Path, root: Path) -> bool:
-    rel = path.relative_to(root).parts
-    return any(part in NOT_RUNS or part.startswith("probe-") for part in rel)
+    """Whether `path` lies in a folder of outputs (a run's checkpoints/, eval/, ..., a probe's results)."""
+    return any(is_output_folder(part) for part in path.relative_to(root).parts)
 
 
 def series_runs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -150,11 +143,8 @@ def series_runs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     series holds, for summarize, compare and probe. Members that series.json records but that never started
     are left out as "not started"."""
     root = Path(root)
-    found = {
-        p.parent for name in ("config.yaml", "summary.json") for p in root.rglob(name) if not _skipped(p.parent, root)
-    }
-    found |= {p.parent.parent for p in root.rglob("checkpoints/last.pt") if not _skipped(p.parent.parent, root)}
-    series_root = root if (root / SERIES_FILE).is_file() else (series_of(root) or (None,))[0]
+    found = run_candidates(root, skip=lambda folder: _skipped(folder, root))
+    series_root = root if SeriesDir(root).record.is_file() else (series_of(root) or (None,))[0]
     if series_root is not None:
         for member in read_series(series_root)["members"]:
             folder = series_root / member

@@ -31,12 +31,12 @@ from mmpt.metrics import compute_metrics
 from mmpt.model import MultiTaskNet, build_transform, load_backbone
 from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.report import format_table, write_metrics
+from mmpt.rundir import FeatureCache, Results, RunDir, probe_output
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
 
 METHODS = ("linear", "knn")
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # logistic regression's inverse regularisation, chosen on val
-FEATURES = "features"
 
 
 def _fit_scores(make, x_train: np.ndarray, y_train: np.ndarray, x: list[np.ndarray], classes: int) -> list[np.ndarray]:
@@ -125,15 +125,15 @@ def _backbone_key(model: MultiTaskNet, cfg: Config) -> str:
 
 
 def cached_features(
-    model: MultiTaskNet, cfg: Config, data: dict, folder: Path, device: torch.device, batch_size: int
+    model: MultiTaskNet, cfg: Config, data: dict, cache: FeatureCache, device: torch.device, batch_size: int
 ) -> dict[str, dict[str, np.ndarray]]:
-    """dataset -> split -> features, read from `folder` when extracted by this same backbone, else extracted."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """dataset -> split -> features, read from `cache` when extracted by this same backbone, else extracted."""
+    cache.path.mkdir(parents=True, exist_ok=True)
     key = _backbone_key(model, cfg)
-    manifest_path = folder / "manifest.json"
+    manifest_path = cache.manifest
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest.get("backbone") != key:
-        for stale in folder.glob("*.npy"):
+        for stale in cache.path.glob("*.npy"):
             stale.unlink()
         manifest = {"backbone": key, "files": {}}
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -141,8 +141,8 @@ def cached_features(
     for flag, task_data in data.items():
         out[flag] = {}
         for split in SPLITS:
-            name = f"{flag}_{task_data.resolution}_{split}.npy"
-            path = folder / name
+            path = cache.file(flag, task_data.resolution, split)
+            name = path.name
             if manifest["files"].get(name) == len(task_data.splits[split]) and path.is_file():
                 out[flag][split] = np.load(path)
                 continue
@@ -167,7 +167,7 @@ def probe(
     *,
     method: str,
     k: int = 11,
-    features_dir: Path,
+    features: FeatureCache,
     datasets: str | None = None,
     data_root: str | None = None,
     cache_dir: str | None = None,
@@ -207,27 +207,28 @@ def probe(
             images=recalibrate_images,
             batch_size=batch_size or cfg.data.eval_batch_size,
         )
-    features = cached_features(
-        model, cfg, data, features_dir, select_device(device), batch_size or cfg.data.eval_batch_size
+    extracted = cached_features(
+        model, cfg, data, features, select_device(device), batch_size or cfg.data.eval_batch_size
     )
     results, chosen = {}, {}
     for flag, task_data in data.items():
         labels = {s: task_data.splits[s].labels for s in SPLITS}
-        scores, chosen[flag] = fit_probe(task_data.task, features[flag], labels, method, k)
+        scores, chosen[flag] = fit_probe(task_data.task, extracted[flag], labels, method, k)
         results[flag] = TaskResult(labels["test"], scores, compute_metrics(task_data.task, labels["test"], scores))
     table = metrics_table(results)
-    write_metrics(output, table)
+    written = Results(output)
+    write_metrics(written, table)
     run_name = name or cfg.name
     write_predictions(
-        output / "predictions", results, cfg.data.resolution, "test", run=f"{run_name}-{method}", data_root=str(root)
+        written.predictions, results, cfg.data.resolution, "test", run=f"{run_name}-{method}", data_root=str(root)
     )
     write_json(
-        output / "probe.json",
+        written.probe_record,
         {
             "method": method,
             "chosen": chosen,
             "backbone": cfg.model.backbone,
-            "feature_dim": int(next(iter(features.values()))["train"].shape[1]),
+            "feature_dim": int(next(iter(extracted.values()))["train"].shape[1]),
         },
     )
     print(f"{method} probe of {run_name}:\n{format_table(table)}\nwritten to {output}")
@@ -251,15 +252,15 @@ def probe_runs(
 
     if not source.is_dir():
         raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
-    recalibrated = "-recalibrated" if kwargs.get("recalibrate_images") is not None else ""
-    output = Path(output) if output else source / f"probe-{method}{recalibrated}"
+    recalibrated = kwargs.get("recalibrate_images") is not None
+    output = Path(output) if output else probe_output(source, method, recalibrated).path
     if is_export(source):
         finished, left_out = [source], []  # a backbone written by evaluate.py export
     else:
         finished, left_out = series_runs(source)
     if left_out and require_complete:
         raise left_out_error(left_out, f"the runs in {source} are not all finished")
-    leaves = [p for p in finished if is_export(p) or (p / "checkpoints" / "best.pt").is_file()]
+    leaves = [p for p in finished if is_export(p) or RunDir(p).best.is_file()]
     if not leaves:
         raise MmptError(
             f"{source} holds no finished run (summary.json, checkpoints/best.pt)"
@@ -272,7 +273,7 @@ def probe_runs(
     for leaf in leaves:
         model, cfg = load_backbone(leaf)
         out = output / leaf.relative_to(source)
-        probe(model, cfg, out, method=method, features_dir=leaf / (FEATURES + recalibrated), **kwargs)
+        probe(model, cfg, out, method=method, features=RunDir(leaf).features(recalibrated), **kwargs)
         written.append(out)
     return written
 
@@ -299,13 +300,14 @@ def probe_backbone(
         dynamic_img_size=cfg.input.mode == "native",
     )
     tag = f"backbone-{name}{'-pretrained' if pretrained else ''}-{cfg.data.resolution}px"
-    folder = output or Path("runs") / tag / f"probe-{kwargs['method']}"
-    features_dir = (folder if output else folder.parent) / "features"
+    folder = output or probe_output(Path("runs") / tag, kwargs["method"]).path
+    # the features are cached beside the default output (runs/<tag>/features), or in --output
+    features = RunDir(folder if output else folder.parent).features()
     return probe(
         MultiTaskNet(backbone, {}, input_size=cfg.model.img_size),
         cfg,
         folder,
-        features_dir=features_dir,
+        features=features,
         name=tag,
         **kwargs,
     )

@@ -33,10 +33,8 @@ from mmpt.errors import MmptError
 from mmpt.experiments.members import (
     RESULT_NEUTRAL,
     SEED_DIR,
-    SERIES_FILE,
     _first_difference,
     _recorded_config,
-    is_run_folder,
     left_out_error,
     left_out_line,
     read_run_config,
@@ -45,6 +43,7 @@ from mmpt.experiments.members import (
     series_runs,
 )
 from mmpt.report import COLUMNS
+from mmpt.rundir import RunDir, SeriesDir
 from mmpt.tasks import FLAGS
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
@@ -196,10 +195,10 @@ def _set(raw: dict, key: str, value) -> dict:
 
 def check_single_run_folder(run_dir: Path, *, resume: bool) -> None:
     """Refuse to start a single run in a series folder, or in the folder of a series' member (resume is fine)."""
-    run_dir = Path(run_dir)
-    if (run_dir / SERIES_FILE).is_file():
+    run_dir, series_file = Path(run_dir), SeriesDir(run_dir).record
+    if series_file.is_file():
         raise MmptError(
-            f"{run_dir} is a series folder ({SERIES_FILE}), and a folder is a run or a series, never "
+            f"{run_dir} is a series folder ({series_file.name}), and a folder is a run or a series, never "
             "both; pass --output DIR for this run, or run the series command again to continue it"
         )
     owner = series_of(run_dir)
@@ -221,9 +220,9 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
     members. Raises MmptError (one line, the folder untouched) when `root` is a single run's folder, when
     the recorded recipe differs, or when a member's folder holds a run of another recipe (`check_member`).
     """
-    root = Path(root)
-    if is_run_folder(root) or (root / "config.yaml").is_file():
-        present = [n for n in ("config.yaml", "summary.json", "checkpoints") if (root / n).exists()]
+    root, run = Path(root), RunDir(root)
+    if run.is_run() or run.config.is_file():
+        present = [p.name for p in (run.config, run.summary, run.checkpoints) if p.exists()]
         raise MmptError(
             f"{root} is a single run's folder ({', '.join(present)}), "
             "and a folder is a run or a series, never both; pass --output DIR for the series"
@@ -236,7 +235,7 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
     if record is not None:
         # the datasets are an axis too: an individual series restricted by --datasets shares the folder
         diffs = config_differences(
-            _recorded_config(record["recipe"], root / SERIES_FILE), base, RESULT_NEUTRAL | {"data.datasets"}
+            _recorded_config(record["recipe"], SeriesDir(root).record), base, RESULT_NEUTRAL | {"data.datasets"}
         )
         if diffs and not overwrite:
             key, text = _first_difference(diffs)
@@ -262,8 +261,8 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
     from mmpt import checkpoint as ckpt
     from mmpt.config import RESUME_MAY_CHANGE
 
-    run_dir = variant.cfg.run_dir
-    if (run_dir / SERIES_FILE).is_file():
+    run_dir, run = variant.cfg.run_dir, RunDir(variant.cfg.run_dir)
+    if SeriesDir(run_dir).record.is_file():
         raise MmptError(
             f"{run_dir} is a series folder, where this series trains its run {variant.path}; "
             "pass --output DIR for the series"
@@ -271,13 +270,13 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
     if overwrite:
         return "start"
     advice = "pass --overwrite to train it again with the recipe asked for, or --output DIR for a new series"
-    if (run_dir / "summary.json").is_file():
+    if run.summary.is_file():
         diffs = config_differences(read_run_config(run_dir), variant.cfg, RESULT_NEUTRAL)
         if diffs:
             _, text = _first_difference(diffs)
             raise MmptError(f"finished run {run_dir} was trained with {text} as this series asks; {advice}")
         return "finished"
-    last = run_dir / "checkpoints" / ckpt.LAST
+    last = run.last
     if last.is_file():
         saved = ckpt.load(last).get(ckpt.CONFIG)
         diffs = config_differences(_recorded_config(saved, last), variant.cfg, RESUME_MAY_CHANGE)
@@ -304,7 +303,7 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
         return _train_variants(variants, overwrite=overwrite)
     root = base.run_dir
     record = check_series_folder(root, base, variants, overwrite=overwrite)
-    path = root / SERIES_FILE
+    path = SeriesDir(root).record
     root_existed = root.is_dir()
     previous = path.read_bytes() if path.is_file() else None
     times = path.stat() if previous is not None else None
@@ -332,12 +331,12 @@ def _train_variants(variants: list[Variant], *, overwrite: bool) -> None:
     from mmpt.train import run
 
     for i, variant in enumerate(variants, 1):
-        run_dir = variant.cfg.run_dir
-        label = variant.path or str(run_dir)
-        if not overwrite and (run_dir / "summary.json").is_file():
+        folder = RunDir(variant.cfg.run_dir)
+        label = variant.path or str(folder.path)
+        if not overwrite and folder.summary.is_file():
             print(f"[{i}/{len(variants)}] {label}: finished, skipped")
             continue
-        resume = not overwrite and (run_dir / "checkpoints" / "last.pt").is_file()
+        resume = not overwrite and folder.last.is_file()
         print(f"[{i}/{len(variants)}] {label}" + (": continuing from last.pt" if resume else ""))
         # a folder without last.pt holds only the outputs of a start that never reached a checkpoint
         run(variant.cfg, resume=resume, overwrite=overwrite or not resume)
@@ -351,7 +350,7 @@ def group_runs(root: Path, runs: list[Path]) -> dict[str, dict[int | None, dict[
     groups: dict[str, dict] = {}
     for folder in runs:
         parts = list(folder.relative_to(root).parts)
-        table = json.loads((folder / "metrics.json").read_text())
+        table = json.loads(RunDir(folder).results.metrics.read_text())
         datasets = [name for name in table if name != "mean"]
         if parts and parts[-1] in FLAGS and datasets == [parts[-1]]:
             parts.pop()
@@ -420,18 +419,19 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
                 entry["mean"][m] = _stats([means.get(m) for means in seed_means])
         summary[variant] = entry
     skipped = {p.relative_to(root).as_posix() or ".": why for p, why in left_out}
-    write_json(root / "sweep.json", {"variants": summary, "left_out": skipped})
-    _write_sweep_csv(root / "sweep.csv", summary)
+    sweep_json, sweep_csv, sweep_md, sweep_png = SeriesDir(root).sweep_files
+    write_json(sweep_json, {"variants": summary, "left_out": skipped})
+    _write_sweep_csv(sweep_csv, summary)
     markdown = format_sweep(summary) + (f"\n{left_out_line(left_out, root)}\n" if left_out else "")
-    write_text(root / "sweep.md", markdown)
+    write_text(sweep_md, markdown)
     bars = {
         variant: {f: _interval(s["auc"]) for f, s in entry["datasets"].items() if "auc" in s}
         for variant, entry in summary.items()
     }
-    plot_grouped_bars(bars, root / "sweep.png", "test AUC (mean ± std over seeds)", f"{root.name}: AUC by variant")
+    plot_grouped_bars(bars, sweep_png, "test AUC (mean ± std over seeds)", f"{root.name}: AUC by variant")
     if not quiet:
         print(markdown)
-        print(f"written: {root / 'sweep.md'}, sweep.csv, sweep.json, sweep.png")
+        print(f"written: {sweep_md}, {sweep_csv.name}, {sweep_json.name}, {sweep_png.name}")
     return {"variants": summary, "left_out": skipped}
 
 

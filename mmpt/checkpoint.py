@@ -25,12 +25,13 @@ OPTIMIZERS = "optimizers"
 WEIGHTING = "weighting"
 STEP = "step"  # the training step's own state (fp16 gradient scaler)
 PROGRESS = "progress"
+EARLY_STOPPING = "early_stopping"
 RNG = "rng"
 CONFIG = "config"
 DATA = "data"  # identity of each data file trained on (size and mtime, MD5 when verified)
 FORMAT = "format"
 DIGEST = "digest"  # SHA-256 over every other key: verified on every load
-FORMAT_VERSION = 2  # 2: DIGEST, DATA, the training step's state, progress.done and world_size
+FORMAT_VERSION = 3  # 3: early stopping its own part; 2: DIGEST, DATA, the step's state, progress.done and world_size
 
 
 def save(path: Path, state: dict) -> None:

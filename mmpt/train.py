@@ -30,7 +30,7 @@ from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environ
 from mmpt.step import TrainStep, build_step
 from mmpt.tasks import resolve_tasks
 from mmpt.trainlog import Log, describe, resumed_line
-from mmpt.trainstate import Progress, Stopped, TrainingState, check_resume_data, load_resume_checkpoint
+from mmpt.trainstate import Stopped, TrainingState, check_resume_data, load_resume_checkpoint
 
 __all__ = ["Stopped", "run"]
 
@@ -65,7 +65,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     step = build_step(cfg, model, losses, sampler, device, world)
     state = TrainingState(cfg, world, model, step, data)
     if saved is not None:
-        state.load_state_dict(saved)
+        with agree_on_errors(world):
+            state.load_state_dict(saved)  # refuses a checkpoint without every part (a copy of best.pt)
     progress = state.progress
     if world.is_main:
         # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
@@ -160,13 +161,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 write_json(run.val_history, {"history": progress.history})
             if progress.done:
                 if world.is_main:
-                    print(f"early stop: {cfg.train.monitor} did not improve for {progress.bad_epochs} epochs")
+                    bad_epochs = state.early_stopping.bad_epochs
+                    print(f"early stop: {cfg.train.monitor} did not improve for {bad_epochs} epochs")
                 break
         progress.done = True
         log.close()
         try:
             test_loader = split_loader(data, "test", device, **loader_kwargs)
-            table = test_report(cfg, model, test_loader, specs, losses, step, device, progress, stop, started)
+            table = test_report(cfg, model, test_loader, specs, losses, step, device, state, stop, started)
         except Interrupted:
             raise state.stopped(stop.received, "test") from None
     return table
@@ -180,18 +182,19 @@ def test_report(
     losses: dict,
     step: TrainStep,
     device,
-    progress: Progress,
+    state: TrainingState,
     stop: StopSignal,
     started: float,
 ) -> dict[str, dict[str, float]]:
     """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
     world = step.world
     run = RunDir(cfg.run_dir)
+    progress, early_stopping = state.progress, state.early_stopping
     final_digest = ckpt.state_digest(model.state_dict())
     # every rank's digest: a check, recorded in summary.json, that the replicas ended identical
     rank_digests = distributed.gather_objects(world, final_digest)
     # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
-    best = distributed.broadcast_object(world, ckpt.load(run.best)[ckpt.MODEL] if world.is_main else None)
+    best = distributed.broadcast_object(world, ckpt.load(state.best)[ckpt.MODEL] if world.is_main else None)
     model.load_state_dict(best)
     results: dict[str, TaskResult] = evaluate_all(
         model, loader, specs, losses, step.transform, device, precision=cfg.train.precision, world=world, stop=stop
@@ -209,11 +212,11 @@ def test_report(
             {
                 "final_digest": final_digest,
                 "best_digest": ckpt.state_digest(best),
-                "best_epoch": progress.best_epoch,
+                "best_epoch": early_stopping.best_epoch,
                 "epochs": progress.epoch,
                 "steps": progress.step,
                 "monitor": cfg.train.monitor,
-                "best_metric": progress.best_metric,
+                "best_metric": early_stopping.best_metric,
                 "weighting": cfg.loss.weighting,
                 "weighting_args": dict(cfg.loss.weighting_args),
                 "tasks_per_step": cfg.sampler.tasks_per_step,
@@ -224,5 +227,5 @@ def test_report(
                 "wall_time_s": round(time.time() - started, 1),
             },
         )
-        print(f"test metrics of the best checkpoint (epoch {progress.best_epoch}):\n{format_table(table)}")
+        print(f"test metrics of the best checkpoint (epoch {early_stopping.best_epoch}):\n{format_table(table)}")
     return table

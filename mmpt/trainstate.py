@@ -1,16 +1,20 @@
-"""The training state as one component, as torchtitan's CheckpointManager and torchtune's recipe state are.
+"""The training state as a mapping of stateful parts, as torchtitan's CheckpointManager takes `states={...}`.
 
-`TrainingState` owns what a resumed run needs (model, optimizers, weighting method, step, progress, RNG, config,
-data identity) behind `state_dict`/`load_state_dict`; it writes last.pt and best.pt, decides when (`due`: every
-N steps, every M minutes, at epoch ends and on a stop) and keeps early stopping's record (`end_epoch`). Resume
-checks (`load_resume_checkpoint`, `check_resume_data`) refuse a checkpoint the run cannot continue from.
+`TrainingState.parts` maps each checkpoint key to a part with `state_dict()`/`load_state_dict()`: the model, the
+optimizers, the weighting method, the training step (fp16 scaler), progress, early stopping, the RNG states, and
+two records (the config and the data's identity). Saving, loading and the check that a checkpoint holds every part
+iterate that one mapping; best.pt is the subset BEST_PARTS of it. The state also decides when to write last.pt
+(`due`: every N steps, every M minutes, at epoch ends and on a stop). Resume checks (`load_resume_checkpoint`,
+`check_resume_data`) refuse a checkpoint the run cannot continue from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torch import nn
 
@@ -23,6 +27,17 @@ from mmpt.errors import MmptError
 from mmpt.rundir import RunDir
 from mmpt.step import TrainStep
 
+# what best.pt holds: the weights and what their readers (evaluate, export, --init-from, probes) need to know
+BEST_PARTS = (ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING)
+
+
+class Stateful(Protocol):
+    """A part of the training state."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 @dataclass
 class Progress:
@@ -31,12 +46,82 @@ class Progress:
     epoch: int = 0  # epochs completed
     position: int = 0  # steps of the current epoch's plan already taken
     step: int = 0  # optimizer steps in total
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0  # epochs since the monitored metric last improved
     done: bool = False  # training ended (all epochs, or early stopping); only the test report may remain
     world_size: int = 1  # processes that trained the last steps (the global batch is the same for any)
     history: list = field(default_factory=list)  # per-epoch train losses, validation tables and weights
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; world_size stays this run's (the saved one names who trained so far)."""
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "world_size"):
+            setattr(self, name, state[name])
+
+
+@dataclass
+class EarlyStopping:
+    """The best epoch of the monitored validation metric so far and the epochs since (train.monitor, train.patience).
+
+    The patience is the run's current setting (a resume may change it), not part of the state.
+    """
+
+    higher_is_better: bool
+    patience: int | None
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+
+    def update(self, epoch: int, metric: float) -> bool:
+        """Record epoch `epoch`'s (1-based) monitored value; return whether it improved on the best."""
+        best = self.best_metric
+        improved = best is None or (metric > best if self.higher_is_better else metric < best)
+        if improved:
+            self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        """Whether the patience has run out."""
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_metric, self.best_epoch, self.bad_epochs = (
+            state["best_metric"],
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
+
+
+class RNGState:
+    """Python, NumPy and torch (CPU and CUDA) random states."""
+
+    def state_dict(self) -> dict:
+        return ckpt.rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        ckpt.set_rng_state(state)
+
+
+class Record:
+    """A part a checkpoint carries for its readers and for the resume checks (the config, the data's identity).
+
+    Loading restores nothing: `load_resume_checkpoint` and `check_resume_data` compared it with the run before.
+    """
+
+    def __init__(self, value: dict) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return self.value
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class Stopped(Exception):
@@ -53,38 +138,46 @@ class Due:
 
 
 class TrainingState:
-    """Progress, early stopping, the checkpoint's layout and cadence of one run (rank 0 writes the files)."""
+    """Every stateful part of one run, the checkpoints made of them and their cadence (rank 0 writes the files)."""
 
     def __init__(self, cfg: Config, world: World, model: nn.Module, step: TrainStep, data: dict[str, TaskData]) -> None:
-        self.cfg, self.world, self.model, self.step = cfg, world, model, step
-        self.data_identity = data_identity(data)
+        self.cfg, self.world = cfg, world
         self.progress = Progress(world_size=world.world_size)
+        self.early_stopping = EarlyStopping(
+            higher_is_better=cfg.train.monitor == "val_auc", patience=cfg.train.patience
+        )
+        # checkpoint key -> part, in load order (the random states last); a new stateful part is one entry here
+        self.parts: dict[str, Stateful] = {
+            ckpt.MODEL: model,
+            ckpt.OPTIMIZERS: step.optimizers,
+            ckpt.WEIGHTING: step.weighting,
+            ckpt.STEP: step,
+            ckpt.PROGRESS: self.progress,
+            ckpt.EARLY_STOPPING: self.early_stopping,
+            ckpt.CONFIG: Record(to_dict(cfg)),
+            ckpt.DATA: Record(data_identity(data)),
+            ckpt.RNG: RNGState(),
+        }
         run = RunDir(cfg.run_dir)
         self.last, self.best = run.last, run.best
         self.every_s = cfg.checkpoint.every_minutes * 60
         self.saved_at = time.monotonic()
         self.resume_hint = distributed.resume_command(cfg.run_dir)
 
-    def state_dict(self) -> dict:
-        """The checkpoint's layout: every key a resumed run reads back."""
-        return {
-            ckpt.MODEL: self.model.state_dict(),
-            ckpt.OPTIMIZERS: self.step.optimizers.state_dict(),
-            ckpt.WEIGHTING: self.step.weighting.state_dict(),
-            ckpt.STEP: self.step.state_dict(),
-            ckpt.PROGRESS: dataclasses.asdict(self.progress),
-            ckpt.RNG: ckpt.rng_state(),
-            ckpt.CONFIG: to_dict(self.cfg),
-            ckpt.DATA: self.data_identity,
-        }
+    def state_dict(self, parts: Iterable[str] | None = None) -> dict:
+        """The checkpoint of `parts` (default: every part, what a resumed run reads back)."""
+        return {name: self.parts[name].state_dict() for name in (self.parts if parts is None else parts)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state[ckpt.MODEL])
-        self.step.optimizers.load_state_dict(state[ckpt.OPTIMIZERS])
-        self.step.weighting.load_state_dict(state[ckpt.WEIGHTING])
-        self.step.load_state_dict(state.get(ckpt.STEP, {}))
-        self.progress = Progress(**{**state[ckpt.PROGRESS], "world_size": self.world.world_size})
-        ckpt.set_rng_state(state[ckpt.RNG])
+        """Continue from `state` (last.pt). Raises MmptError, before loading anything, when it lacks a part."""
+        missing = [name for name in self.parts if name not in state]
+        if missing:
+            raise MmptError(
+                f"checkpoint {self.last} has no {', '.join(missing)} state, so training cannot continue from it (a "
+                f"copy of best.pt?); restore the {self.last.name} that train.py wrote, or start a new run with --output"
+            )
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
 
     def advance(self) -> None:
         """Count one step taken."""
@@ -122,11 +215,7 @@ class TrainingState:
         The monitored loss is the unweighted mean over datasets, so a weighting cannot pick best.pt by
         changing its own weights. Sets `progress.done` when early stopping's patience has run out.
         """
-        progress, cfg = self.progress, self.cfg
-        higher_is_better = cfg.train.monitor == "val_auc"
-        monitored = val["mean"]["auc" if higher_is_better else "loss"]
-        best = progress.best_metric
-        improved = best is None or (monitored > best if higher_is_better else monitored < best)
+        progress = self.progress
         progress.epoch, progress.position = epoch + 1, 0
         progress.history.append(
             {
@@ -137,20 +226,12 @@ class TrainingState:
                 "weights": {task: float(w) for task, w in weights.items()},
             }
         )
-        if improved:
-            progress.best_metric, progress.best_epoch, progress.bad_epochs = monitored, epoch + 1, 0
-        else:
-            progress.bad_epochs += 1
-        progress.done = cfg.train.patience is not None and progress.bad_epochs >= cfg.train.patience
+        improved = self.early_stopping.update(
+            epoch + 1, val["mean"]["auc" if self.early_stopping.higher_is_better else "loss"]
+        )
+        progress.done = self.early_stopping.stop
         if improved and self.world.is_main:
-            ckpt.save(
-                self.best,
-                {
-                    ckpt.MODEL: self.model.state_dict(),
-                    ckpt.CONFIG: to_dict(cfg),
-                    ckpt.PROGRESS: dataclasses.asdict(progress),
-                },
-            )
+            ckpt.save(self.best, self.state_dict(BEST_PARTS))
         self.save()
         return improved
 
@@ -180,13 +261,7 @@ def load_resume_checkpoint(cfg: Config) -> dict:
             f"cannot resume {cfg.run_dir}: it has no {path.relative_to(cfg.run_dir).as_posix()}; start it without "
             "--resume"
         )
-    state = ckpt.load(path)
-    missing = [k for k in (ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.PROGRESS, ckpt.RNG) if k not in state]
-    if missing:
-        raise MmptError(
-            f"checkpoint {path} has no {', '.join(missing)} state, so training cannot continue from it (a copy of "
-            f"best.pt?); restore the {ckpt.LAST} that train.py wrote, or start a new run with --output"
-        )
+    state = ckpt.load(path)  # its parts are checked when the training state loads them (TrainingState.load_state_dict)
     try:
         saved = recorded_config(state[ckpt.CONFIG])
     except MmptError as exc:

@@ -391,7 +391,7 @@ CASES = [
     pytest.param(
         non_finite_best, ["best.pt fails its integrity check", "non-finite weights"], id="eval-non-finite-best"
     ),
-    pytest.param(old_format_last, ["last.pt has format 1", "this mmpt reads format 2"], id="resume-old-format"),
+    pytest.param(old_format_last, ["last.pt has format 1", "this mmpt reads format 3"], id="resume-old-format"),
     # filesystem: paths that exist as the wrong kind, parents that are files, a full disk
     pytest.param(
         lambda e: (train_main, [*e.train()[1], "--output", str(e.file() / "run")]),
@@ -711,7 +711,7 @@ CASES = [
     pytest.param(
         resume_from_a_copy_of_best,
         [
-            "last.pt has no optimizers, weighting, rng state",
+            "last.pt has no optimizers, weighting, step, data, rng state",
             "a copy of best.pt?",
             "restore the last.pt that train.py wrote",
         ],

@@ -194,3 +194,23 @@ def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
     run(resume_config(synthetic_root, out), resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
     assert summary(out)["best_digest"] == reference["best_digest"]
+
+
+def test_a_last_pt_without_any_part_of_the_training_state_is_refused_and_left_as_it_was(synthetic_root, tmp_path):
+    from mmpt.errors import MmptError
+
+    out = tmp_path / "run"
+    run(resume_config(synthetic_root, out, train={"epochs": 1}))
+    last = out / "checkpoints" / ckpt.LAST
+    full = ckpt.load(last)
+    parts = set(full) - {ckpt.FORMAT}
+    state = {ckpt.MODEL, ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.STEP, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.RNG}
+    assert parts == state | {ckpt.CONFIG, ckpt.DATA}
+    # without the model or the config a file is not a checkpoint at all (ckpt.load says so); every other part is
+    # named by the training state, which iterates the same mapping it saves
+    for part in sorted(set(parts) - {ckpt.MODEL, ckpt.CONFIG}):
+        ckpt.save(last, {k: v for k, v in full.items() if k not in (part, ckpt.FORMAT)})
+        before = (last.read_bytes(), (out / "config.yaml").read_bytes())
+        with pytest.raises(MmptError, match=f"has no {part} state, so training cannot continue from it"):
+            run(resume_config(synthetic_root, out, train={"epochs": 2}), resume=True)
+        assert (last.read_bytes(), (out / "config.yaml").read_bytes()) == before

@@ -174,7 +174,16 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     assert "early stop: val_loss did not improve for 2 epochs" in capsys.readouterr().out
     history = json.loads((cfg.run_dir / "val_history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")[ckpt.PROGRESS]["best_epoch"] == 1
+    best = ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")
+    # best.pt is the subset of the training state its readers need: the weights, the config, progress, early stopping
+    assert set(best) == {ckpt.FORMAT, ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING}
+    assert best[ckpt.EARLY_STOPPING]["best_epoch"] == best[ckpt.PROGRESS]["epoch"] == 1
+    last = ckpt.load(cfg.run_dir / "checkpoints" / "last.pt")
+    assert last[ckpt.EARLY_STOPPING] == {
+        "best_metric": best[ckpt.EARLY_STOPPING]["best_metric"],
+        "best_epoch": 1,
+        "bad_epochs": 2,
+    }
 
 
 def test_tensorboard_has_per_dataset_losses_validation_metrics_learning_rates_and_throughput(mmpt_run):

@@ -3,6 +3,9 @@
 import importlib.util
 import io
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch import nn
 from torchjd import scalarization
 
 from mmpt.errors import MmptError
-from mmpt.mtl import METHODS, build_weighting, method_problems, missing_solvers
+from mmpt.mtl import METHODS, build_weighting, method_problems, missing_solvers, torchjd_state
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
 HAS_SOLVERS = importlib.util.find_spec("cvxpy") is not None
@@ -316,3 +319,39 @@ def test_all_zero_manual_weights_are_refused():
     assert (
         method_problems("manual", {}, tasks_per_step=1, weights={**zero, "pathmnist": 0.5}, datasets=list(SIZES)) == []
     )
+
+
+@pytest.mark.parametrize("installed", ["0.18.0", "0.18.4"])
+def test_torchjd_0_18_releases_are_accepted(installed):
+    torchjd_state.check_version(installed)
+
+
+@pytest.mark.parametrize("installed", ["0.19.0", "0.17.2", "0.180.1", "1.0.0", None])
+def test_another_torchjd_release_is_refused_naming_both_versions(installed):
+    with pytest.raises(MmptError, match=r"mmpt supports TorchJD 0\.18\.x") as refused:
+        torchjd_state.check_version(installed)
+    assert isinstance(refused.value, ImportError)  # raised at import of mmpt.mtl
+    assert (f"TorchJD {installed} is installed" if installed else "has no version") in str(refused.value)
+    assert "pip install 'torchjd[quadprog-projector]~=0.18.0'" in str(refused.value)
+
+
+def test_a_training_command_with_another_torchjd_is_one_error_line_and_writes_nothing(tmp_path):
+    # importlib.metadata reports another TorchJD release; mmpt.mtl refuses it when it is imported
+    script = (
+        "import importlib.metadata as m, sys; real = m.version; "
+        "m.version = lambda name: '0.19.0' if name == 'torchjd' else real(name); "
+        "from mmpt.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
+    )
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--config", "configs/quickstart.yaml", "--output", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(
+        "error: mmpt supports TorchJD 0.18.x"
+    )
+    assert "TorchJD 0.19.0 is installed" in done.stderr
+    assert not out.exists()

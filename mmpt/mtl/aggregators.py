@@ -1,8 +1,8 @@
 """Gradient-based methods: `torchjd.autojac.mtl_backward` computes the Jacobian of the step's losses w.r.t. the
 shared backbone, and a `torchjd.aggregation` Aggregator turns it into one gradient (upgrad, pcgrad, mgda, ...).
 
-Nash-MTL's state between steps is read from TorchJD 0.18's attributes (`prvs_alpha`, ...): setup.cfg pins
-torchjd to 0.18.x.
+Nash-MTL's state between steps lives in TorchJD's own attributes: mmpt.mtl.torchjd_state reads and restores it
+(and checks the TorchJD release).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
+from mmpt.mtl import torchjd_state
 from mmpt.mtl.base import ALL, ANY, GRADIENT, SEVERAL, Arg, Context, Method, Stateless, Weighting
 
 
@@ -45,21 +46,10 @@ class NashMTLWeighting(AggregatorWeighting):
     """Nash-MTL keeps its last weights and Gramian normalisation (NumPy) between steps: saved as tensors."""
 
     def state_dict(self) -> dict:
-        weighting = self.aggregator.weighting
-        return {
-            "step": float(weighting.step),
-            "prvs_alpha": torch.from_numpy(weighting.prvs_alpha.copy()),
-            "normalization_factor": torch.from_numpy(weighting.normalization_factor.copy()),
-        }
+        return torchjd_state.nash_mtl_state(self.aggregator)
 
     def load_state_dict(self, state: dict) -> None:
-        weighting = self.aggregator.weighting
-        weighting.step = state["step"]
-        weighting.prvs_alpha = state["prvs_alpha"].numpy().copy()
-        weighting.normalization_factor = state["normalization_factor"].numpy().copy()
-        if weighting.step > 0:
-            # NashMTL builds its solver problem on its first call only; rebuild it around the restored weights
-            weighting._init_optim_problem()
+        torchjd_state.load_nash_mtl_state(self.aggregator, state)
 
 
 def aggregator(

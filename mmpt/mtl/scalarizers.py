@@ -1,8 +1,8 @@
 """Loss-based methods: a `torchjd.scalarization` Scalarizer turns the step's loss vector into one scalar.
 
 Learned method parameters (UW, IMTL-L) are trained by an optimizer of the method's own. The state that resume
-needs of DWA and FAMO is read from TorchJD 0.18's attributes (`_n_batches`, `_prev_losses`, `_optimizer`, ...):
-setup.cfg pins torchjd to 0.18.x, and tests/test_weighting.py resumes every stateful method exactly.
+needs of DWA and FAMO lives in TorchJD's private attributes: mmpt.mtl.torchjd_state reads and restores it (and
+checks the TorchJD release), and tests/test_weighting.py resumes every stateful method exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchjd import scalarization
 
+from mmpt.mtl import torchjd_state
 from mmpt.mtl.base import ALL, LOSS, SEVERAL, Arg, Context, Method, Weighting
 
 
@@ -197,18 +198,10 @@ class _DWAHooks(ScalarizerHooks):
             weighting.module.step()
 
     def state_dict(self, weighting: ScalarizerWeighting) -> dict:
-        dwa: scalarization.DWA = weighting.module
-        state = {"n_batches": dwa._n_batches, "previous_averages": list(dwa._previous_averages)}
-        if dwa._loss_sum is not None:
-            state["loss_sum"] = dwa._loss_sum
-        return state
+        return torchjd_state.dwa_state(weighting.module)
 
     def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
-        dwa: scalarization.DWA = weighting.module
-        device = self.device
-        dwa._n_batches = state["n_batches"]
-        dwa._previous_averages = [a.to(device) for a in state["previous_averages"]]
-        dwa._loss_sum = state["loss_sum"].to(device) if "loss_sum" in state else None
+        torchjd_state.load_dwa_state(weighting.module, state, self.device)
 
 
 def dwa(flags: list[str], args: dict, ctx: Context) -> Weighting:
@@ -226,26 +219,14 @@ class _FAMOHooks(ScalarizerHooks):
 
     def before(self, weighting: ScalarizerWeighting, losses: dict[str, Tensor]) -> None:
         famo: scalarization.FAMO = weighting.module
-        if famo._prev_losses is not None:
+        if torchjd_state.famo_has_losses(famo):
             famo.update(_stack(losses, weighting.flags).detach())
 
     def state_dict(self, weighting: ScalarizerWeighting) -> dict:
-        famo: scalarization.FAMO = weighting.module
-        state = {}
-        if famo._prev_losses is not None:
-            state["prev_losses"] = famo._prev_losses
-        if famo._optimizer is not None:
-            state["famo_optimizer"] = famo._optimizer.state_dict()
-        return state
+        return torchjd_state.famo_state(weighting.module)
 
     def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
-        famo: scalarization.FAMO = weighting.module
-        famo._prev_losses = state["prev_losses"].to(famo._w.device) if "prev_losses" in state else None
-        famo._optimizer = None
-        if "famo_optimizer" in state:
-            # the optimizer FAMO.update creates on first use, recreated to receive its saved state
-            famo._optimizer = torch.optim.Adam([famo._w], lr=famo.lr, weight_decay=famo.weight_decay)
-            famo._optimizer.load_state_dict(state["famo_optimizer"])
+        torchjd_state.load_famo_state(weighting.module, state)
 
 
 def famo(flags: list[str], args: dict, ctx: Context) -> Weighting:

@@ -10,12 +10,14 @@ import contextlib
 import datetime
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mmpt.errors import MmptError
 
@@ -154,6 +156,27 @@ def agree_on_errors(world: World) -> Iterator[None]:
     error = first_error(world, error)
     if error is not None:
         raise MmptError(error)
+
+
+def data_parallel(
+    module: nn.Module, device: torch.device, leave_out: Sequence[nn.Parameter] = ()
+) -> DistributedDataParallel:
+    """`module` in DDP, which averages over ranks the gradients of its parameters except `leave_out`.
+
+    The caller averages `leave_out`'s gradients itself: those parameters are not in every step, and DDP without
+    its unused-parameter search (a graph walk and a host sync per step) expects a gradient for each of its own.
+    DDP takes as its own the parameters that require a gradient when it is built, and no public API names others
+    to leave out, so `leave_out` stops requiring one for that moment only. DDP's default keeps rank 0's buffers
+    (BatchNorm statistics, per-dataset ones too) on every rank at each forward.
+    """
+    switched = [p for p in leave_out if p.requires_grad]
+    for param in switched:
+        param.requires_grad_(False)
+    try:
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    finally:
+        for param in switched:
+            param.requires_grad_(True)
 
 
 def all_reduce_mean_(world: World, tensors: list[torch.Tensor]) -> None:

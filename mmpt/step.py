@@ -17,13 +17,12 @@ import dataclasses
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from mmpt.config import Config
 from mmpt.data.loader import Part
 from mmpt.data.sampler import Sampler
 from mmpt.data.transforms import DeviceTransform
-from mmpt.distributed import SINGLE, World, all_reduce_mean_, mean_over_ranks
+from mmpt.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet, build_transform
 from mmpt.mtl import MethodState, build_weighting
@@ -78,15 +77,10 @@ class TrainStep:
         self.backbone: nn.Module = model.backbone
         if world.distributed:
             # per-dataset affine weights (model.norm per_dataset) sit out the steps of other datasets: DDP leaves
-            # them out and the step averages their gradients with the heads'
-            ignored = task_parameter_names(model.backbone)
-            if ignored:
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model.backbone, ignored)
-            # DDP's default keeps rank 0's buffers (BatchNorm statistics, per dataset ones too) on every rank at each
-            # forward, so every rank holds the same per-dataset statistics
-            self.backbone = DistributedDataParallel(
-                model.backbone, device_ids=[device] if device.type == "cuda" else None
-            )
+            # them out and the step averages their gradients with the heads'; every rank keeps rank 0's buffers
+            per_dataset = set(task_parameter_names(model.backbone))
+            leave_out = [p for name, p in model.backbone.named_parameters() if name in per_dataset]
+            self.backbone = data_parallel(model.backbone, device, leave_out)
         if compile:
             self.backbone = torch.compile(self.backbone)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

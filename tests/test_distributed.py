@@ -1,9 +1,10 @@
 """torchrun with 2 CPU processes (gloo): the run completes, repeats exactly, resumes exactly after kill -9,
-matches a single-process run with the same global batch, and scores every test image exactly once.
+matches a single-process run with the same global batch, and scores every test image exactly once; per-dataset
+affine weights (model.norm per_dataset) train outside DDP and stay identical on every rank.
 
 The runs are launched as users launch them, `python -m torch.distributed.run --standalone
---nproc_per_node 2 train.py ...`, and share one module-scoped set: two identical runs and one that is
-killed and resumed, started side by side.
+--nproc_per_node 2 train.py ...`, and share one module-scoped set: two identical runs, one that is
+killed and resumed, and one with per-dataset norm, started side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import summary
 
@@ -86,6 +88,10 @@ def ddp_runs(synthetic_root, tmp_path_factory):
     raw = yaml.safe_load(configs["killed"].read_text())
     raw["checkpoint"] = {"every_steps": 3}
     configs["killed"].write_text(yaml.safe_dump(raw))
+    # a BatchNorm backbone with each dataset's own affine weights: parameters that sit out other datasets' steps
+    norm = ddp_config(synthetic_root, base / "norm", epochs=1)
+    norm["model"] = {"backbone": "test_resnet", "img_size": 32, "norm": "per_dataset"}
+    configs["norm"] = write_config(base / "norm.yaml", norm)
     processes = {name: torchrun("--config", str(path)) for name, path in configs.items()}
 
     # kill -9 the whole killed job (torchrun and both workers) once it has written a mid-epoch last.pt
@@ -125,6 +131,19 @@ def test_kill_9_and_resume_equals_the_uninterrupted_distributed_run(ddp_runs):
     assert 0 < killed_at < 48
     assert f"resumed at epoch {killed_at // 24}, step {killed_at}" in outputs["resumed"]
     assert summary(base / "killed")["final_digest"] == summary(base / "a")["final_digest"]
+
+
+def test_per_dataset_affine_weights_train_outside_ddp_and_stay_identical_on_every_rank(ddp_runs):
+    base, _, _ = ddp_runs
+    s = summary(base / "norm")
+    # DDP expects a gradient for each of its parameters every step: had it taken the weights of the datasets not
+    # in a step, the second step would have failed; the step averages them itself, so the replicas agree
+    assert s["world_size"] == 2 and s["steps"] == 3 * 8
+    assert s["rank_digests"] == [s["final_digest"]] * 2
+    weights = ckpt.load(base / "norm" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    rows = [weights[f"backbone.bn1.task_weight.{i}"] for i in range(len(DATASETS))]
+    # every dataset's weights moved its own way from the shared start
+    assert all(not torch.equal(rows[i], rows[j]) for i in range(len(rows)) for j in range(i))
 
 
 def test_every_test_image_is_scored_exactly_once(ddp_runs, synthetic_root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS
 
-REAL_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+# the real MedMNIST files: the folder MMPT_REAL_DATA names, else the project's CI location beside the repository
+REAL_DATA_VARIABLE = "MMPT_REAL_DATA"
+REAL_ROOT = Path(
+    os.environ.get(REAL_DATA_VARIABLE) or Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+).expanduser()
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +31,10 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_root() -> Path:
     """The real MedMNIST 28 px files (breast, pneumonia, retina), or a skip; open them with cache_dir=tmp_path."""
     if not REAL_ROOT.is_dir():
-        pytest.skip(f"real MedMNIST files not found at {REAL_ROOT}")
+        pytest.skip(
+            f"real MedMNIST files not found at {REAL_ROOT}: set {REAL_DATA_VARIABLE} to a folder with "
+            "breastmnist.npz, pneumoniamnist.npz and retinamnist.npz"
+        )
     # the folder is shared and may be writable, so its default cache ({root}/.mmpt-cache) must not be used
     return REAL_ROOT
 

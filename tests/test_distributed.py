@@ -148,7 +148,9 @@ def test_per_dataset_affine_weights_train_outside_ddp_and_stay_identical_on_ever
 
 def test_every_test_image_is_scored_exactly_once(ddp_runs, synthetic_root):
     base, _, _ = ddp_runs
-    for path in (base / "a" / "predictions").glob("*.csv"):
+    files = sorted((base / "a" / "predictions").glob("*.csv"))
+    assert [path.name.split("_")[0] for path in files] == ["breastmnist", "chestmnist", "retinamnist"]
+    for path in files:
         flag = path.name.split("_")[0]
         labels = np.load(synthetic_root / f"{flag}.npz")["test_labels"]
         rows = np.loadtxt(path, delimiter=",", ndmin=2)

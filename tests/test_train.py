@@ -67,7 +67,9 @@ def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_ro
         def __init__(self, flag, split, size=None, root=str(synthetic_root)):
             super().__init__(flag, split, size=size, root=root)
 
-    for path in sorted((cfg.run_dir / "predictions").glob("*.csv")):
+    files = sorted((cfg.run_dir / "predictions").glob("*.csv"))
+    assert sorted(path.name.split("_")[0] for path in files) == sorted(flag for flag in table if flag != "mean")
+    for path in files:
         flag = path.name.split("_")[0]
         scores = pd.read_csv(path, index_col=0, header=None).sort_index().values
         metrics = LocalEvaluator(flag, "test").evaluate(scores)

@@ -191,6 +191,3 @@ def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[st
     """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
     size_flag = "" if resolution == 28 else f"_{resolution}"
     return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
-
-
-DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on

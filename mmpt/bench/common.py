@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmpt.data.sampler import Sampler
 from mmpt.data.synthetic import write_synthetic
 from mmpt.io import write_json
 from mmpt.tasks import TaskSpec
@@ -180,14 +179,14 @@ class MemorySampler:
 
 def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], device: torch.device) -> TrainStep:
     """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
-    assemble for it (`mmpt.step.build_step`, single process), in training mode."""
-    from mmpt.model import build_model
-    from mmpt.step import build_step
+    assemble for it (`mmpt.recipe.build_step`, single process), in training mode."""
+    # imported here: the recipe imports timm, slow to import for the data benchmark, which never calls this
+    from mmpt.recipe import build_model, build_sampler, build_step
 
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()
-    return build_step(cfg, model, losses, Sampler.from_config(sizes, cfg), device)
+    return build_step(cfg, model, losses, build_sampler(cfg, sizes), device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def run_compare_benchmark(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Time compare's vectorised path and its per-resample loop (extrapolated); return the figures."""
+    # imported here: scipy and joblib are slow to import for the other benchmark commands
     from mmpt.experiments.compare import compare_runs
 
     if resamples < 1 or old_resamples < 0 or seeds < 1:

@@ -54,6 +54,7 @@ from mmpt.bench.datafiles import (
     write_memory_set,
     write_throughput_files,
 )
+from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_task
@@ -80,6 +81,7 @@ TARGETS: dict[str, tuple[float, str]] = {
 def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, input_size: int = INPUT_SIZE):
     """The earlier mm-PT pipeline: medmnist's dataset class (the split read into RAM), per-sample PIL
     (fromarray, convert RGB), torchvision ToTensor, Normalize and Pad to `input_size`, shuffled DataLoader."""
+    # imported here: the baseline's own packages, for this measurement only
     import medmnist
     from torchvision import transforms
 
@@ -255,10 +257,6 @@ def measure_data_wait(
     Returns wait_s (time blocked in next(loader)), step_s (whole steps) and fraction = wait_s / step_s
     over `timed_steps` after `warmup_steps`.
     """
-    # imported here: the config pulls in nothing heavy, but the step's model brings timm, which would add
-    # seconds and memory to every memory-scenario process
-    from mmpt.config import load_config
-
     split = memory_split(path, in_ram=False)
     steps = warmup_steps + timed_steps
     plan = Sampler({MEMORY_TASK: len(split)}, batch_size).plan(0)

@@ -3,7 +3,7 @@
     python -m mmpt.bench train [--backbone B] [--resolution R] [--input-size S] [--batch-size N] [--steps S]
         [--precision fp32|bf16|fp16] [--compile] [--channels-last] [--device D] [--json PATH]
 
-(a) bare: the timm backbone (`mmpt.model.create_backbone`), one linear head and the same optimizer
+(a) bare: the timm backbone (`mmpt.backbones.create_backbone`), one linear head and the same optimizer
     (`mmpt.optim.build_optimizers`, one optimizer over both), on one float S×S batch already on the device:
     forward under autocast, cross-entropy, backward, optimizer step, zero-grad. Nothing else.
 (b) engine: `mmpt.step.TrainStep` with all 12 datasets' heads and their optimizers, fed by the real
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmpt.bench.common import (
     engine_step,
@@ -42,14 +43,15 @@ from mmpt.bench.common import (
     write_synthetic_files,
     yes,
 )
+from mmpt.choices import DEVICE_NAMES
 from mmpt.config import DataConfig, load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
-from mmpt.distributed import DEVICE_NAMES, select_device
+from mmpt.distributed import select_device
 from mmpt.errors import MmptError
+from mmpt.precision import autocast, grad_scaler
 from mmpt.runtime import configure_determinism
-from mmpt.step import autocast
 from mmpt.tasks import FLAGS, resolve_tasks
 
 BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
@@ -105,8 +107,10 @@ class BareLoop:
     one fixed batch that already lives on the device: the most a training step of this model can do."""
 
     def __init__(self, cfg, device: torch.device) -> None:
-        from mmpt.model import create_backbone
+        # imported here: timm is slow to import for the `data` command, which never builds a model
+        from mmpt.backbones import create_backbone
         from mmpt.optim import SHARED, build_optimizers
+        from mmpt.recipe import optimizer_arguments
 
         self.device, self.precision = device, cfg.train.precision
         self.backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size, drop_rate=cfg.model.drop_rate)
@@ -114,7 +118,7 @@ class BareLoop:
         self.backbone.to(device)
         self.head.to(device)
         # the schedule is never stepped here: constant keeps timm from warning about a one-update cosine
-        optim = {**dataclasses.asdict(cfg.optim), "per_head": False, "schedule": "constant"}
+        optim = {**optimizer_arguments(cfg.optim), "per_head": False, "schedule": "constant"}
         # one optimizer over backbone and head (per_head off), with the engine's name, LR and weight decay
         self.optimizer = build_optimizers(
             self.backbone,
@@ -124,7 +128,7 @@ class BareLoop:
             fused=device.type == "cuda",
             **optim,
         ).optimizers[SHARED]
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.scaler = grad_scaler(device, self.precision)
         size, batch = cfg.model.img_size, cfg.train.batch_size
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, size, size, generator=generator).to(device)  # B×3×S×S, normalised
@@ -153,8 +157,6 @@ class BareLoop:
 
     def flops(self) -> int:
         """FLOPs of one forward and backward pass of the batch (torch's FlopCounterMode, uncompiled model)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         with FlopCounterMode(display=False) as counter:
             with autocast(self.device, self.precision):
                 logits = self.head(self.backbone(self.x))
@@ -263,7 +265,7 @@ def run_train_benchmark(
     )
     torch_device = select_device(cfg.train.device)
     machine_info = machine(torch_device)
-    from mmpt.model import resolve_backbone  # imported here: timm is slow to import for the `data` command
+    from mmpt.backbones import resolve_backbone  # imported here: timm is slow to import for the `data` command
 
     settings = {
         "backbone": backbone,

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse
 from scipy import stats
 
-from mmpt.metrics import compute_metrics, predicted_grades
+from mmpt.metrics import THRESHOLD, compute_metrics, predicted_grades
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 
 CONFIDENCE = 0.95
@@ -83,8 +83,6 @@ def _auc_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> lis
 
 def _class_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(true class, predicted class, classes) of each problem whose mean acc/balanced_acc/kappa is the task's."""
-    from mmpt.metrics import THRESHOLD
-
     if task.task_type == BINARY:
         return [(labels[:, 0], (scores[:, -1] > THRESHOLD).astype(np.int64), 2)]
     if task.task_type == MULTI_LABEL:

@@ -100,6 +100,30 @@ def test_the_generated_docs_match_the_declarations():
     assert stale == [], f"out of date: {', '.join(stale)}; regenerate with: {REGENERATE}"
 
 
+def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch):
+    """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
+    docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
+    from mmpt import configdoc
+    from mmpt.cli import _flag_overrides, train_parser
+    from mmpt.settings import Key, declaration
+
+    spec = declaration("say more", resume=True, result=False, flag="--verbose")
+    monkeypatch.setitem(SETTINGS, "train.verbose", Key("train.verbose", bool, spec, False))
+    monkeypatch.setitem(configdoc.NAMED_FLAGS, "--verbose", "train.verbose")
+    monkeypatch.setattr(configdoc, "RESUME_MAY_CHANGE", RESUME_MAY_CHANGE | {"train.verbose"})
+    assert _flag_overrides(train_parser().parse_args(["--verbose"])) == {"train": {"verbose": True}}
+    for block in configdoc.BLOCKS:
+        page = tmp_path / block.page
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text((CONFIGS.parent / block.page).read_text(encoding="utf-8"), encoding="utf-8")
+    pages = {str(p.relative_to(tmp_path)): text for p, text in configdoc.generated_pages(tmp_path).items()}
+    assert "| `--verbose` | `train.verbose` |  | sets it to true: say more |" in pages["docs/training-and-settings.md"]
+    assert "`--verbose`<!-- end: flag-list -->" in pages["README.md"]
+    assert ", `train.verbose`<!-- end: resume-keys -->" in pages["docs/reproducibility-and-errors.md"]
+    row = "| `train.verbose` | true \\| false | `false` | may change | no | `--verbose` | say more |"
+    assert row in pages["docs/settings.md"]
+
+
 def test_declared_facts_replace_the_hand_kept_lists():
     from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, RESULT_NEUTRAL
 

@@ -353,7 +353,7 @@ def recipe_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
 def recorded_config(raw: Any) -> Config:
     """A config that a run recorded (config.yaml, a checkpoint, series.json) as that run trained it: a key
     declared after it was written takes the value its declaration gives for such records (`recorded`), not
-    today's default, so e.g. a run from before model.norm reads as model.norm shared. MmptError when invalid."""
+    today's default, so a record without model.norm reads as model.norm shared. MmptError when invalid."""
     return from_dict(_as_recorded(raw))
 
 

@@ -81,6 +81,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.bench.compare",
         "mmpt.bench.data",
         "mmpt.bench.datafiles",
+        "mmpt.bench.loops",
         "mmpt.bench.train",
     },
 }

@@ -21,7 +21,7 @@ from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
-# every method of the issue this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
+# every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
 # and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
 TRAINED = [

@@ -550,8 +550,8 @@ def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][source_tasks.index("retinamnist")])
 
 
-def test_a_run_recorded_before_model_norm_reads_as_shared_whatever_the_default(tmp_path):
-    """Configs recorded without model.norm (config.yaml, checkpoints, series.json of earlier releases) are read
+def test_a_run_recorded_without_model_norm_reads_as_shared_whatever_the_default(tmp_path):
+    """Configs recorded without model.norm (config.yaml, checkpoints, series.json) are read
     with model.norm shared, the setting they trained with; a new recipe without it gets the default."""
     import yaml
 

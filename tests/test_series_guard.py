@@ -1,4 +1,4 @@
-"""A study's results always match the study asked for (issue 15).
+"""A study's results always match the study asked for.
 
 Refused input: one `error:` line, exit code 2, and the series or run folder byte-for-byte as it was.
 Silent cases: a partial series gives statistics over its finished members only, the same in summarize,

@@ -230,7 +230,3 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
-
-
-def yes(met: bool) -> str:
-    return "yes" if met else "NO"

@@ -39,7 +39,6 @@ from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 CONFIDENCE = 0.95
 BOOTSTRAP_BATCH = 20  # resamples per statistic call of the loop path: bounds memory (batch × images × classes)
 CHUNK_VALUES = 1 << 22  # resamples × images per chunk: bounds memory (a few float64 arrays of this size)
-METRIC_NAMES = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 
 
 # ---------------------------------------------------------------- per-model inputs, independent of the resample
@@ -370,7 +369,7 @@ def delong_intervals(
     return out
 
 
-# ------------------------------------------------ the loop path (earlier versions), for tests and benchmarks
+# ------------------------------------------------ the loop path (one resample at a time), for tests and benchmarks
 
 
 def _metric_vector(

@@ -16,17 +16,15 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from mmpt.config import Config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.io import write_json
+from mmpt.recipe import build_model, build_sampler, build_step
+from mmpt.step import TrainStep
 from mmpt.tasks import TaskSpec
-
-if TYPE_CHECKING:
-    from mmpt.config import Config
-    from mmpt.step import TrainStep
 
 MEMORY_INTERVAL_S = 0.02
 
@@ -180,9 +178,6 @@ class MemorySampler:
 def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], device: torch.device) -> TrainStep:
     """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
     assemble for it (`mmpt.recipe.build_step`, single process), in training mode."""
-    # imported here: the recipe imports timm, slow to import for the data benchmark, which never calls this
-    from mmpt.recipe import build_model, build_sampler, build_step
-
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()

@@ -28,6 +28,7 @@ import numpy as np
 
 from mmpt.bench.common import machine, markdown_table, work_folder, write_result
 from mmpt.errors import MmptError
+from mmpt.experiments.compare import compare_runs
 from mmpt.predict import TaskResult, write_predictions
 from mmpt.tasks import BINARY, MULTI_LABEL, TASKS, resolve_tasks
 
@@ -83,9 +84,6 @@ def run_compare_benchmark(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Time compare's vectorised path and its per-resample loop (extrapolated); return the figures."""
-    # imported here: scipy and joblib are slow to import for the other benchmark commands
-    from mmpt.experiments.compare import compare_runs
-
     if resamples < 1 or old_resamples < 0 or seeds < 1:
         raise MmptError("--resamples and --seeds must be at least 1, --old-resamples at least 0")
     if max_images is not None and max_images < 16:

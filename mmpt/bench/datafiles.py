@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import medmnist
 import numpy as np
 import torch
 
@@ -71,8 +72,7 @@ def memory_split(path: Path, in_ram: bool) -> SplitData:
 def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, input_size: int = INPUT_SIZE):
     """The original mm-PT pipeline: medmnist's dataset class (the split read into RAM), per-sample PIL
     (fromarray, convert RGB), torchvision ToTensor, Normalize and Pad to `input_size`, shuffled DataLoader."""
-    # imported here: the baseline's own packages, for this measurement only
-    import medmnist
+    # imported here: torchvision's transforms serve the baseline only
     from torchvision import transforms
 
     steps = [transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]

@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmpt.backbones import create_backbone
 from mmpt.bench.common import synchronize
+from mmpt.optim import SHARED, build_optimizers
 from mmpt.precision import autocast, grad_scaler
+from mmpt.recipe import optimizer_arguments
 
 BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
 
@@ -24,11 +27,6 @@ class BareLoop:
     one fixed batch that already lives on the device: the most a training step of this model can do."""
 
     def __init__(self, cfg, device: torch.device) -> None:
-        # imported here: timm is slow to import for the `data` command, which never builds a model
-        from mmpt.backbones import create_backbone
-        from mmpt.optim import SHARED, build_optimizers
-        from mmpt.recipe import optimizer_arguments
-
         self.device, self.precision = device, cfg.train.precision
         self.backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size, drop_rate=cfg.model.drop_rate)
         self.head = torch.nn.Linear(self.backbone.num_features, BARE_CLASSES)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from mmpt.backbones import resolve_backbone
 from mmpt.bench.common import (
     engine_step,
     machine,
@@ -123,7 +124,6 @@ def run_train_benchmark(
     )
     torch_device = select_device(cfg.train.device)
     machine_info = machine(torch_device)
-    from mmpt.backbones import resolve_backbone  # imported here: timm is slow to import for the `data` command
 
     settings = {
         "backbone": backbone,

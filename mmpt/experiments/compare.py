@@ -351,7 +351,7 @@ def compare_runs(
     `jobs` processes run the bootstrap of datasets in parallel (joblib); the result is the same.
     `ci`: "bootstrap" (every metric), or "delong" (AUC from DeLong's variance, the others bootstrapped).
     `resampling`: "vectorised" (mmpt.experiments.stats, one resampling per dataset for every run) or "loop"
-    (paired_bootstrap per run and dataset, the earlier path: the same intervals, kept for tests and benchmarks).
+    (paired_bootstrap per run and dataset, one resample at a time: the same intervals, for tests and benchmarks).
     Runs left out (unfinished, or of another recipe than their series asks) are named in "left_out_runs";
     with `require_complete` they are an MmptError.
     """

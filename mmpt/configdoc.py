@@ -162,15 +162,15 @@ def _tasks_cell(tasks: str) -> str:
 
 
 def _option_cell(k: Key) -> str:
-    default = "optim.lr" if k.default is None else number_text(k.default)
-    whole = "whole " if k.spec.check is not None else ""
-    return f"`{k.name}` ({default}; {whole}{allowed_text(k)}): {k.spec.doc}"
+    allowed = ("whole " if k.spec.check is not None else "") + allowed_text(k)
+    default = "" if k.default is None else f", default {number_text(k.default)}"  # None: the doc says what counts
+    return f"`{k.name}` ({allowed}{default}): {k.spec.doc}"
 
 
 def methods_table() -> str:
     """The weighting methods as mmpt.mtl.METHODS declares them."""
     lines = [
-        "| `loss.weighting` | kind | `tasks_per_step` | DDP | `loss.weighting_args` (default; allowed) | reference |",
+        "| `loss.weighting` | kind | `tasks_per_step` | DDP | `loss.weighting_args` (allowed, default) | reference |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in METHODS.items():

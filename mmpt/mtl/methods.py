@@ -48,7 +48,7 @@ class Method:
     reference: str = ""
     args: dict[str, Key] = field(default_factory=dict)  # the keys of loss.weighting_args it takes
     tasks: str = ANY  # ANY, SEVERAL (tasks_per_step >= 2) or ALL (tasks_per_step: all)
-    needs: tuple[str, ...] = ()  # Python modules of a solver (all in the mtl-solvers extra)
+    needs: tuple[str, ...] = ()  # Python modules of its solver (CORE_SOLVERS come with mmpt, others with an extra)
     reads_weights: bool = False  # takes one weight per dataset from loss.weights
 
     @property
@@ -60,7 +60,7 @@ class Method:
         return {name: k.default for name, k in self.args.items()}
 
 
-LEARNED_LR = option("lr", None, "Adam learning rate of the learned parameters", gt=0)
+LEARNED_LR = option("lr", None, "Adam learning rate of the learned parameters; default: optim.lr", gt=0)
 # installed with mmpt (torchjd[quadprog-projector]); the other solvers come with the mtl-solvers extra
 CORE_SOLVERS = ("qpsolvers", "quadprog")
 

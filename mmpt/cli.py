@@ -1,6 +1,8 @@
 """Command lines of `train.py` / `mmpt-train` and `evaluate.py` / `mmpt-evaluate`.
 
-A user-caused error prints one line `error: ...` and exits 2; `--debug` shows the traceback instead.
+A user-caused error prints one line `error: ...` and exits 2; `--debug` shows the traceback instead. The named
+flags of train.py, and the flags of evaluate.py and probe that stand for a config key, come from the keys'
+declarations (`flag`, `evaluate_flag` in mmpt.config) and are checked as those keys are.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, SETTINGS, load_config, parse_flag
+from mmpt.configdoc import annotated_yaml, flag_help
 from mmpt.errors import MmptError
+from mmpt.norm import RECALIBRATION_IMAGES
+from mmpt.rundir import RunDir
+from mmpt.runtime import Interrupted, interrupt_on_signals
+from mmpt.settings import deep_merge, nested, parse_override
 
 
 def _guarded(main, argv: list[str] | None) -> int:
@@ -34,31 +42,11 @@ class _Parser(argparse.ArgumentParser):
         raise MmptError(f"{message}; see {self.prog} --help")
 
 
-# ---------------------------------------------------------------- train
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
-# Named flags of train.py and the config key each sets; their values go through that key's validation.
-NAMED_FLAGS = {
-    "--backbone": "model.backbone",
-    "--resolution": "data.resolution",
-    "--datasets": "data.datasets",
-    "--epochs": "train.epochs",
-    "--batch-size": "train.batch_size",
-    "--lr": "optim.lr",
-    "--seed": "train.seed",
-    "--data-root": "data.root",
-    "--output": "output",
-    "--device": "train.device",
-    "--init-from": "model.init_from",
-}
-# evaluate.py and probe flags that stand for a config key, checked as that key is
-EVALUATION_FLAGS = {
-    "batch_size": ("--batch-size", "data.eval_batch_size"),
-    "device": ("--device", "train.device"),
-    "resolution": ("--resolution", "data.resolution"),
-    "data_root": ("--data-root", "data.root"),
-    "cache_dir": ("--cache-dir", "data.cache_dir"),
-    "output": ("--output", "output"),
-}
+
+# ---------------------------------------------------------------- train
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -69,9 +57,11 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML recipe (deep-merged over the defaults), e.g. configs/quickstart.yaml")
     for flag, key in NAMED_FLAGS.items():
-        p.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=_flag_help(key))
-    p.add_argument("--download", action="store_true", help="fetch missing files through medmnist (needs network)")
-    p.add_argument("--no-verify", action="store_true", help="skip the MD5 check of files with official names")
+        help_text = flag_help(key).replace("%", "%%")
+        if SETTINGS[key].hint is bool:  # a switch: sets the key to the value that is not its default
+            p.add_argument(flag, action="store_true", help=help_text)
+        else:
+            p.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
@@ -102,35 +92,20 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_help(key: str) -> str:
-    """A named flag's help: the doc of the config key it sets (one declaration, mmpt.config)."""
-    from mmpt.config import SETTINGS
-    from mmpt.configdoc import allowed_text
-
-    return f"{SETTINGS[key].spec.doc}; {allowed_text(key)} (config key {key})".replace("%", "%%")
-
-
 def _flag_overrides(args: argparse.Namespace) -> dict:
     """The named flags as a nested override dict (only those given); their text is checked as the key's value."""
-    from mmpt.config import deep_merge, nested
-
     out: dict = {}
     for flag, key in NAMED_FLAGS.items():
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        value = getattr(args, _dest(flag))
+        if SETTINGS[key].hint is bool:
+            value = (not SETTINGS[key].default) if value else None
         if value is not None:
             out = deep_merge(out, nested(key, value))
-    if args.download:
-        out = deep_merge(out, nested("data.download", True))
-    if args.no_verify:
-        out = deep_merge(out, nested("data.verify", False))
     return out
 
 
 def build_train_config(args: argparse.Namespace):
     """Defaults <- YAML (--config, or the run's config.yaml with --resume) <- --set <- named flags."""
-    from mmpt.config import load_config, parse_override
-    from mmpt.rundir import RunDir
-
     overrides = [parse_override(s) for s in args.set] + [_flag_overrides(args)]
     if args.resume:
         run = RunDir(args.resume)
@@ -149,12 +124,11 @@ def _train(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = build_train_config(args)
     if args.print_config:
-        from mmpt.configdoc import annotated_yaml
-
         print(annotated_yaml(cfg), end="")
         return 0
     if args.individual or args.sweep or args.seeds is not None:
         return _train_series(args, cfg)
+    # imported here, as in every command below: training imports timm and TorchJD, slow for --help and errors
     from mmpt.experiments.series import check_single_run_folder
     from mmpt.train import Stopped, run
 
@@ -170,14 +144,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _train_series(args: argparse.Namespace, cfg) -> int:
-    from mmpt.experiments.series import (
-        check_sweep_keys,
-        parse_seeds,
-        parse_sweep,
-        plan_series,
-        run_series,
-        summarize,
-    )
+    from mmpt.experiments.series import check_sweep_keys, parse_seeds, parse_sweep, plan_series, run_series, summarize
     from mmpt.train import Stopped
 
     if args.resume:
@@ -206,14 +173,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------- evaluate
 
+REQUIRE_COMPLETE = "refuse a series with an unfinished run (default: name it and leave it out)"
+RECALIBRATE_IMAGES = (
+    f"with --recalibrate-norm: train images per dataset (default {RECALIBRATION_IMAGES}, or the whole split if smaller)"
+)
 
-def evaluate_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py",
-        description="Evaluate a run's best checkpoint per dataset. Subcommands: evaluate.py compare RUN_A RUN_B ... "
-        "(statistics), evaluate.py summarize SERIES_DIR, evaluate.py probe RUN --method linear|knn.",
-    )
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folder(s); several with --compare")
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="the run folder")
     p.add_argument("--checkpoint", help="a checkpoint file instead of RUN_DIR/checkpoints/best.pt")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--datasets", help="comma-separated subset of the run's datasets")
@@ -230,28 +197,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
         help="first re-estimate each dataset's BatchNorm statistics on its own train images (in memory; "
         "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated",
     )
-    p.add_argument(
-        "--recalibrate-images",
-        type=int,
-        metavar="N",
-        help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)",
-    )
-    p.add_argument("--compare", action="store_true", help="same as: evaluate.py compare RUN_A RUN_B ...")
-    p.add_argument("--metric", default="auc,acc", help="with --compare: the metrics (default auc,acc)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="with --compare: resamples (default 1000)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    p.add_argument("--recalibrate-images", type=int, metavar="N", help=RECALIBRATE_IMAGES)
 
 
-SUBCOMMANDS = ("compare", "summarize", "probe", "export")
-
-
-def compare_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py compare",
-        description="Compare runs on their test predictions: bootstrap intervals, paired differences to the first "
-        "run, Δm, and a Wilcoxon test over datasets when both sides have seeds.",
-    )
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "runs",
         nargs="+",
@@ -262,45 +211,24 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write compare.{md,csv,json,png} (default: the first run's folder)")
     p.add_argument("--metrics", default="auc,acc", help="comma-separated metrics (default auc,acc)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    p.add_argument("--seed", default="0", help="seed of the resampling (default 0), checked as train.seed")
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
     p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
-    p.add_argument(
-        "--require-complete",
-        action="store_true",
-        help="refuse a series with an unfinished run (default: name it and leave it out)",
-    )
+    p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
     p.add_argument(
         "--ci",
         choices=("bootstrap", "delong"),
         default="bootstrap",
         help="AUC interval: paired bootstrap (default) or DeLong's analytic variance",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
-def summarize_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py summarize",
-        description="Write sweep.{md,csv,json,png} for the finished runs of a series folder.",
-    )
+def _summarize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("series", metavar="SERIES_DIR", help="the series folder, runs/<name>")
-    p.add_argument(
-        "--require-complete",
-        action="store_true",
-        help="refuse a series with an unfinished run (default: name it and leave it out)",
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
 
 
-def probe_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py probe",
-        description="Frozen-backbone probe: a linear (logistic regression, C chosen on val) or k-NN (cosine) "
-        "classifier per dataset on cached backbone features; writes evaluate.py's files.",
-    )
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run",
         nargs="?",
@@ -323,44 +251,73 @@ def probe_parser() -> argparse.ArgumentParser:
         help="first re-estimate each dataset's BatchNorm statistics on its own train images, so each "
         "dataset's features come through its own statistics (default output RUN/probe-<method>-recalibrated)",
     )
-    p.add_argument(
-        "--recalibrate-images",
-        type=int,
-        metavar="N",
-        help="with --recalibrate-norm: train images per dataset (default 2048, or the whole split if smaller)",
-    )
+    p.add_argument("--recalibrate-images", type=int, metavar="N", help=RECALIBRATE_IMAGES)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
-    p.add_argument(
-        "--require-complete",
-        action="store_true",
-        help="refuse a series with an unfinished run (default: name it and leave it out)",
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
 
 
-def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py export",
-        description="Write a run's backbone as a timm model (model.safetensors + config.json, as timm "
-        "saves for the Hugging Face hub), its heads (heads.safetensors) and a model card.",
-    )
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="the run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
     p.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty DIR")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+# name -> (what it does, its description, its arguments); `run` is the default: evaluate.py RUN = evaluate.py run RUN
+SUBCOMMANDS = {
+    "run": (
+        "evaluate a run's best checkpoint per dataset (the default: evaluate.py RUN_DIR)",
+        "Evaluate a run's best checkpoint (or --checkpoint) on one split of each of its datasets: metrics and "
+        "medmnist-format prediction files.",
+        _run_arguments,
+    ),
+    "compare": (
+        "compare runs on their test predictions (intervals, paired differences, Δm)",
+        "Compare runs on their test predictions: bootstrap intervals, paired differences to the first run, Δm, "
+        "and a Wilcoxon test over datasets when both sides have seeds.",
+        _compare_arguments,
+    ),
+    "summarize": (
+        "write the table and plot of a series",
+        "Write sweep.{md,csv,json,png} for the finished runs of a series folder.",
+        _summarize_arguments,
+    ),
+    "probe": (
+        "frozen-backbone probe (linear or k-NN) of a run or a bare timm backbone",
+        "Frozen-backbone probe: a linear (logistic regression, C chosen on val) or k-NN (cosine) classifier per "
+        "dataset on cached backbone features; writes evaluate.py's files.",
+        _probe_arguments,
+    ),
+    "export": (
+        "write a run's backbone as a timm model, its heads and a model card",
+        "Write a run's backbone as a timm model (model.safetensors + config.json, as timm saves for the Hugging "
+        "Face hub), its heads (heads.safetensors) and a model card.",
+        _export_arguments,
+    ),
+}
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    """evaluate.py with one subparser per subcommand (so --help lists them all)."""
+    p = _Parser(
+        prog="evaluate.py",
+        description="Evaluate runs, compare them, summarize a series, probe and export backbones.",
+        epilog="evaluate.py RUN_DIR [...] is evaluate.py run RUN_DIR [...]; each command has its own --help.",
+    )
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    for name, (summary, description, add_arguments) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=description)
+        add_arguments(sub)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def _check_evaluation_flags(args: argparse.Namespace) -> argparse.Namespace:
-    """The flags of EVALUATION_FLAGS as checked values of their config keys (one `error:` line naming the flag)."""
-    from mmpt.config import parse_flag
-
-    for name, (flag, key) in EVALUATION_FLAGS.items():
-        if getattr(args, name, None) is not None:
-            setattr(args, name, parse_flag(flag, key, getattr(args, name)))
+    """The flags that stand for a config key (mmpt.config.EVALUATE_FLAGS) as checked values of their keys."""
+    for flag, key in EVALUATE_FLAGS.items():
+        if getattr(args, _dest(flag), None) is not None:
+            setattr(args, _dest(flag), parse_flag(flag, key, getattr(args, _dest(flag))))
     return args
 
 
@@ -380,8 +337,6 @@ def _check_flags(**values) -> None:
                 f"{name} must be 1..{MAX_BOOTSTRAP:,} resamples, got {value}; 1000 gives intervals "
                 "precise to about 0.01"
             )
-        if flag == "seed" and not 0 <= value <= 2**32 - 1:
-            raise MmptError(f"{name} must be an integer 0..4294967295, got {value}")
         if flag == "jobs" and not (value >= 1 or value == -1):
             raise MmptError(f"{name} must be a number of processes >= 1, or -1 for every core, got {value}")
         if flag == "k" and value < 1:
@@ -392,112 +347,30 @@ def _check_flags(**values) -> None:
             raise MmptError(f"{name} {value} is a file, not a folder; pass --output DIR with a folder for the results")
 
 
-def _compare_runs(
-    runs: list[str],
-    output: str | None,
-    metrics: str,
-    bootstrap: int,
-    seed: int,
-    data_root: str | None,
-    jobs: int = 1,
-    require_complete: bool = False,
-    ci: str = "bootstrap",
-) -> int:
-    from mmpt.experiments.compare import compare_runs, format_compare, write_compare
-
-    _check_flags(bootstrap=bootstrap, seed=seed, jobs=jobs, metrics=metrics, output=output)
-    result = compare_runs(
-        [Path(r) for r in runs],
-        metrics=[m.strip() for m in metrics.split(",") if m.strip()],
-        n_resamples=bootstrap,
-        seed=seed,
-        data_root=data_root,
-        jobs=jobs,
-        require_complete=require_complete,
-        ci=ci,
-    )
-    paths = write_compare(result, Path(output) if output else Path(runs[0]))
-    print(format_compare(result))
-    print(f"written: {', '.join(str(p) for p in paths)}")
-    return 0
+def _recalibrate_images(recalibrate_norm: bool, images: int | None) -> int | None:
+    """Train images per dataset for --recalibrate-norm (None: no recalibration); raises MmptError for a bad pair."""
+    if images is not None and not recalibrate_norm:
+        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
+    if images is not None and images < 2:
+        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {images}")
+    return (images or RECALIBRATION_IMAGES) if recalibrate_norm else None
 
 
-def _subcommand(argv: list[str]) -> int:
-    name, rest = argv[0], argv[1:]
-    if name == "compare":
-        a = compare_parser().parse_args(rest)
-        return _compare_runs(
-            a.runs, a.output, a.metrics, a.bootstrap, a.seed, a.data_root, a.jobs, a.require_complete, a.ci
-        )
-    if name == "export":
-        from mmpt.experiments.export import export_run
-
-        a = export_parser().parse_args(rest)
-        paths = export_run(Path(a.run), Path(a.output), checkpoint=a.checkpoint, overwrite=a.overwrite)
-        print(f"written: {', '.join(str(p) for p in paths)}")
-        return 0
-    if name == "summarize":
-        from mmpt.experiments.series import summarize
-
-        a = summarize_parser().parse_args(rest)
-        summarize(Path(a.series), require_complete=a.require_complete)
-        return 0
-    a = _check_evaluation_flags(probe_parser().parse_args(rest))
-    from mmpt.experiments.probe import probe_runs
-
-    _check_flags(k=a.k, datasets=a.datasets, output=a.output)  # --batch-size: checked as data.eval_batch_size
-    common = dict(
-        method=a.method,
-        k=a.k,
-        datasets=a.datasets,
-        data_root=a.data_root,
-        cache_dir=a.cache_dir,
-        device=a.device,
-        batch_size=a.batch_size,
-        recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images),
-    )
-    if a.backbone:
-        if a.run:
-            raise MmptError("probe a run or a bare --backbone, not both")
-        from mmpt.experiments.probe import probe_backbone
-
-        probe_backbone(
-            a.backbone,
-            pretrained=a.pretrained,
-            config=a.config,
-            resolution=a.resolution,
-            output=Path(a.output) if a.output else None,
-            **common,
-        )
-        return 0
-    if not a.run:
-        raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")
-    probe_runs(Path(a.run), output=Path(a.output) if a.output else None, require_complete=a.require_complete, **common)
-    return 0
-
-
-def _evaluate(argv: list[str]) -> int:
-    if argv and argv[0] in SUBCOMMANDS:
-        return _subcommand(argv)
-    args = _check_evaluation_flags(evaluate_parser().parse_args(argv))
-    if args.compare:
-        return _compare(args)
+def _evaluate_run(args: argparse.Namespace) -> int:
+    args = _check_evaluation_flags(args)
     if not args.runs and not args.checkpoint:
         raise MmptError("pass a run folder (evaluate.py runs/NAME) or --checkpoint PATH")
     if len(args.runs) > 1:
-        raise MmptError("evaluate one run at a time, or add --compare to compare several")
+        raise MmptError("evaluate one run at a time, or compare several with evaluate.py compare")
+    _check_flags(datasets=args.datasets, output=args.output)
+    recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
     from mmpt.evaluate import evaluate_checkpoint
-    from mmpt.rundir import RunDir
 
     run = RunDir(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run.best
     # default output: eval/<split> of the run folder (of a checkpoint's: two folders up, as RUN/checkpoints/best.pt)
     run = run or RunDir(checkpoint.parent.parent)
     output = Path(args.output) if args.output else run.eval(args.split, args.recalibrate_norm).path
-    _check_flags(datasets=args.datasets, output=args.output)  # --batch-size: checked as data.eval_batch_size
-    recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
-    from mmpt.runtime import Interrupted, interrupt_on_signals
-
     try:
         with interrupt_on_signals():
             evaluate_checkpoint(
@@ -518,22 +391,81 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
-def _recalibrate_images(recalibrate_norm: bool, images: int | None) -> int | None:
-    """Train images per dataset for --recalibrate-norm (None: no recalibration); raises MmptError for a bad pair."""
-    from mmpt.norm import RECALIBRATION_IMAGES
-
-    if images is not None and not recalibrate_norm:
-        raise MmptError("--recalibrate-images goes with --recalibrate-norm; add it, or drop --recalibrate-images")
-    if images is not None and images < 2:
-        raise MmptError(f"--recalibrate-images must be >= 2 (BatchNorm needs two images), got {images}")
-    return (images or RECALIBRATION_IMAGES) if recalibrate_norm else None
-
-
 def _compare(args: argparse.Namespace) -> int:
-    """`--compare` is the old spelling of `evaluate.py compare` (with --metric for --metrics)."""
-    if len(args.runs) < 2:
-        raise MmptError("--compare needs at least two run folders")
-    return _compare_runs(args.runs, args.output, args.metric, args.bootstrap, 0, args.data_root)
+    seed = parse_flag("--seed", "train.seed", args.seed)  # the resampling seed has the train seed's range
+    _check_flags(bootstrap=args.bootstrap, jobs=args.jobs, metrics=args.metrics, output=args.output)
+    from mmpt.experiments.compare import compare_runs
+    from mmpt.experiments.compare_report import format_compare, write_compare
+
+    result = compare_runs(
+        [Path(r) for r in args.runs],
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        n_resamples=args.bootstrap,
+        seed=seed,
+        data_root=args.data_root,
+        jobs=args.jobs,
+        require_complete=args.require_complete,
+        ci=args.ci,
+    )
+    paths = write_compare(result, Path(args.output) if args.output else Path(args.runs[0]))
+    print(format_compare(result))
+    print(f"written: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from mmpt.experiments.series import summarize
+
+    summarize(Path(args.series), require_complete=args.require_complete)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    a = _check_evaluation_flags(args)
+    _check_flags(k=a.k, datasets=a.datasets, output=a.output)
+    if a.backbone and a.run:
+        raise MmptError("probe a run or a bare --backbone, not both")
+    if not a.backbone and not a.run:
+        raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")
+    from mmpt.experiments.probe import probe_backbone, probe_runs
+
+    common = dict(
+        method=a.method,
+        k=a.k,
+        datasets=a.datasets,
+        data_root=a.data_root,
+        cache_dir=a.cache_dir,
+        device=a.device,
+        batch_size=a.batch_size,
+        recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images),
+    )
+    output = Path(a.output) if a.output else None
+    if a.backbone:
+        probe_backbone(
+            a.backbone, pretrained=a.pretrained, config=a.config, resolution=a.resolution, output=output, **common
+        )
+    else:
+        probe_runs(Path(a.run), output=output, require_complete=a.require_complete, **common)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mmpt.experiments.export import export_run
+
+    paths = export_run(Path(args.run), Path(args.output), checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"written: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+COMMANDS = {"run": _evaluate_run, "compare": _compare, "summarize": _summarize, "probe": _probe, "export": _export}
+assert COMMANDS.keys() == SUBCOMMANDS.keys(), "every subcommand has a parser and a function"
+
+
+def _evaluate(argv: list[str]) -> int:
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv = ["run", *argv]  # the default subcommand
+    args = evaluate_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,18 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mmpt.choices import device_problem
 from mmpt.errors import MmptError
-
-# The device names train.device, evaluate.py --device and the benchmarks accept; the one definition.
-DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def device_problem(name: object) -> str | None:
-    """What is wrong with `name` as a device name (`must be ..., got ...`), or None when it is one."""
-    if isinstance(name, str) and DEVICE_PATTERN.fullmatch(name):
-        return None
-    return f"must be {DEVICE_NAMES}, got {name!r}"
 
 
 @dataclass(frozen=True)

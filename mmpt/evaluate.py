@@ -12,10 +12,10 @@ from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.io import write_json
-from mmpt.model import build_model, build_transform
 from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
 from mmpt.plots import plot_loss_curves
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
+from mmpt.recipe import build_model, build_transform
 from mmpt.report import format_table, read_history, write_metrics
 from mmpt.rundir import Results, RunDir
 from mmpt.runtime import configure_determinism

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpt.choices import ORDINAL_LOSSES as ORDINAL_LOSS_NAMES
 from mmpt.errors import lookup
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskSpec
 
@@ -144,6 +145,7 @@ ORDINAL_LOSSES: dict[str, Callable[[int], TaskLoss]] = {
     "coral": CoralLoss,
     "corn": CornLoss,
 }
+assert tuple(ORDINAL_LOSSES) == ORDINAL_LOSS_NAMES, f"ordinal losses {tuple(ORDINAL_LOSSES)} != {ORDINAL_LOSS_NAMES}"
 
 
 def build_loss(task: TaskSpec, ordinal: str = "coral") -> TaskLoss:

@@ -1,21 +1,21 @@
-"""MultiTaskNet: one timm backbone shared by every task, one classification head per task."""
+"""MultiTaskNet: one timm backbone shared by every task, one classification head per task.
+
+Built from plain arguments (a backbone from mmpt.backbones, heads from `build_head`); the adapter from a
+config is mmpt.recipe.build_model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import timm
 import torch
 from torch import Tensor, nn
 
-from mmpt.config import Config, recorded_config
-from mmpt.data.transforms import DeviceTransform
-from mmpt.errors import MmptError, lookup, unknown_name
-from mmpt.losses import TaskLoss, build_loss
+from mmpt import backbones
+from mmpt.errors import MmptError, lookup
 from mmpt.norm import (
     NormLayout,
-    check_norm,
     convert_norms,
     describe_init_rule,
     has_batchnorm,
@@ -25,67 +25,7 @@ from mmpt.norm import (
     task_norms,
     transfer_norm_state,
 )
-from mmpt.tasks import TaskSpec, resolve_tasks
-
-# Short names researchers use; any other timm model name works as it is.
-BACKBONES: dict[str, str] = {
-    "vit_b16": "vit_base_patch16_224",
-    "vit_s16": "vit_small_patch16_224",
-    "vit_t16": "vit_tiny_patch16_224",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "densenet121": "densenet121",
-    "convnext_tiny": "convnext_tiny",
-    "efficientnet_b0": "efficientnet_b0",
-}
-
-
-def resolve_backbone(name: str) -> str:
-    """Return the timm model name for an alias or timm name; raise MmptError listing close matches."""
-    timm_name = BACKBONES.get(name, name)
-    if timm.is_model(timm_name):
-        return timm_name
-    raise unknown_name("backbone", name, list(BACKBONES) + timm.list_models())
-
-
-def create_backbone(
-    name: str,
-    *,
-    pretrained: bool = False,
-    img_size: int | None = None,
-    drop_rate: float = 0.0,
-    dynamic_img_size: bool = False,
-) -> nn.Module:
-    """Build a timm backbone without classifier (`num_classes=0`), so `forward` returns pooled features.
-
-    `img_size` is passed to models built for a fixed size (ViTs); `dynamic_img_size` lets such models take
-    any input size (timm's dynamic_img_size, padding to a multiple of the patch), for `input.mode: native`.
-    Convolutional models take neither argument and accept any size. Raises MmptError for an unknown name or
-    pretrained weights that cannot be fetched.
-    """
-    timm_name = resolve_backbone(name)
-    kwargs = {"num_classes": 0, "drop_rate": drop_rate}
-    optional = {"img_size": img_size} if img_size else {}
-    if dynamic_img_size:
-        optional.update(dynamic_img_size=True, dynamic_img_pad=True)
-    try:
-        while True:
-            try:
-                return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **optional)
-            except TypeError as exc:
-                # a model without one of the size arguments (a CNN) takes any size: drop what it refused
-                refused = [key for key in optional if f"'{key}'" in str(exc)]
-                if not refused:
-                    raise
-                for key in refused:
-                    del optional[key]
-    except (OSError, RuntimeError) as exc:
-        if not pretrained:
-            raise
-        raise MmptError(
-            f"could not load pretrained weights for {timm_name} ({str(exc).splitlines()[0][:160]}); "
-            "put them in the Hugging Face cache (HF_HOME) or set model.pretrained: false"
-        ) from None
+from mmpt.tasks import resolve_tasks
 
 
 class CoralHead(nn.Module):
@@ -144,7 +84,7 @@ class MultiTaskNet(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         # the side pad/resize bring images to: as configured, else the backbone's pretrained_cfg
-        self.input_size = input_size or int(backbone.pretrained_cfg["input_size"][-1])
+        self.input_size = backbones.input_size(backbone, input_size)
         self.norm_tasks = tuple(norm_tasks if norm_tasks is not None else heads)
         self.norm = norm = resolve_norm(norm, backbone, len(self.norm_tasks))  # model.norm auto decided here
         self.norm_layout = NormLayout()
@@ -203,32 +143,7 @@ class MultiTaskNet(nn.Module):
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        cfg = self.backbone.pretrained_cfg
-        return tuple(cfg["mean"]), tuple(cfg["std"])
-
-
-def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[str, TaskLoss]]:
-    """The backbone with one head per task, each head sized by its task's loss; and those losses."""
-    losses = {t.flag: build_loss(t, ordinal=cfg.loss.ordinal) for t in tasks}
-    backbone = create_backbone(
-        cfg.model.backbone,
-        pretrained=cfg.model.pretrained,
-        img_size=cfg.model.img_size,
-        drop_rate=cfg.model.drop_rate,
-        dynamic_img_size=cfg.input.mode == "native",
-    )
-    heads = {
-        t.flag: build_head(losses[t.flag].head, backbone.num_features, losses[t.flag].num_outputs, t.num_classes)
-        for t in tasks
-    }
-    check_norm(cfg.model.norm, backbone, cfg.model.backbone)
-    model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
-    check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg.model.backbone)
-    # converted after the size check, which runs the plain backbone: the per-dataset layers start from its values
-    model = MultiTaskNet(
-        backbone, heads, input_size=cfg.model.img_size, norm=cfg.model.norm, norm_tasks=tuple(t.flag for t in tasks)
-    )
-    return model, losses
+        return backbones.mean_std(self.backbone)
 
 
 @torch.no_grad()
@@ -250,84 +165,30 @@ def check_input_size(model: MultiTaskNet, size: int, backbone: str) -> None:
         model.train(was_training)
 
 
-def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:
-    """On-device preprocessing to the model's input size with the backbone's mean/std."""
-    mean, std = model.mean_std
-    return DeviceTransform(
-        input_size=model.input_size,
-        mode=cfg.input.mode,
-        mean=mean,
-        std=std,
-        pad_value=cfg.input.pad_value,
-        interpolation=cfg.input.interpolation,
-        augment=cfg.input.augment,
-    )
+def copy_initial_weights(
+    model: MultiTaskNet, weights: dict[str, Tensor], source_datasets: Sequence[str], path: Path, backbone_name: str
+) -> list[str]:
+    """Copy a saved model's backbone, and its heads for datasets `model` has too, into `model` (weights only).
 
-
-def checkpoint_path(source: str | Path) -> Path:
-    """A run folder means its checkpoints/best.pt; anything else is taken as a checkpoint file."""
-    source = Path(source)
-    return source / "checkpoints" / "best.pt" if source.is_dir() else source
-
-
-def model_input_size(cfg: Config) -> int | str:
-    """The input side the backbone sees: the data resolution in native mode, else model.img_size (or its default)."""
-    return cfg.data.resolution if cfg.input.mode == "native" else (cfg.model.img_size or "default")
-
-
-def load_weights_source(source: str | Path) -> tuple[Path, dict]:
-    """(path, checkpoint dict) of a run folder (its best.pt), a checkpoint file, or a folder written by
-    `evaluate.py export` (read as the checkpoint it came from: model weights and config)."""
-    from mmpt import checkpoint as ckpt
-    from mmpt.experiments.export import export_state, is_export
-
-    if is_export(source):
-        return Path(source), export_state(source)
-    path = checkpoint_path(source)
-    return path, ckpt.load(path)
-
-
-def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -> list[str]:
-    """Copy another run's backbone, and its heads for datasets both runs have, into `model` (weights only).
-
-    `source` is a run folder (its best.pt), a checkpoint file or a folder written by `evaluate.py export`.
-    Optimizer, schedule and progress are not
-    taken: the new run starts fresh from these weights (mm-PT as pre-training, then fine-tuning). Raises
-    MmptError when the source's backbone or input size differs from `cfg`'s. Returns the heads copied.
+    `weights`: the saved model state (backbone.* and heads.* entries) of a run trained on `source_datasets`,
+    read from `path`; `backbone_name`: the timm name both are built from. BatchNorm statistics follow the transfer rule
+    of mmpt.norm when either side keeps them per dataset. Raises MmptError when the backbone weights do not fit.
+    Returns the heads copied.
     """
-    from mmpt import checkpoint as ckpt
-
-    path, state = load_weights_source(source)
-    saved = recorded_config(state[ckpt.CONFIG])
-    theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
-    # another resolution or input.mode is refused even where the weights would fit (a padded or native
-    # backbone): fine-tuning on other input is another experiment, not mm-PFT as the recipe states it
-    if (
-        theirs != ours
-        or model_input_size(saved) != model_input_size(cfg)
-        or (saved.data.resolution, saved.input.mode) != (cfg.data.resolution, cfg.input.mode)
-    ):
-        raise MmptError(
-            f"model.init_from {path} holds a {theirs} backbone trained on {saved.data.resolution} px images "
-            f"(input.mode {saved.input.mode}, model input {model_input_size(saved)}), but this run builds {ours} for "
-            f"{cfg.data.resolution} px images (input.mode {cfg.input.mode}, model input {model_input_size(cfg)}); "
-            "initialise from a run with the same backbone, resolution, input.mode and model.img_size"
-        )
-    weights = state[ckpt.MODEL]
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
     norm_state: dict[str, torch.Tensor] = {}
     source_norm = saved_norm(backbone)  # model.norm auto: what the source's weights hold
     if source_norm != "shared" or model.per_dataset_norm:
         # BatchNorm entries differ in shape between norm settings: every norm layer is filled by the transfer rule
-        sizes = {t.flag: t.split_size("train") for t in resolve_tasks(tuple(saved.data.datasets) + model.norm_tasks)}
-        norm_state = transfer_norm_state(model.backbone, backbone, saved.data.datasets, model.norm_tasks, sizes)
+        sizes = {t.flag: t.split_size("train") for t in resolve_tasks(tuple(source_datasets) + model.norm_tasks)}
+        norm_state = transfer_norm_state(model.backbone, backbone, source_datasets, model.norm_tasks, sizes)
         prefixes = norm_layer_prefixes(model.backbone)
         backbone = {k: v for k, v in backbone.items() if not k.startswith(tuple(prefixes))}
     own = {k: v for k, v in model.backbone.state_dict().items() if k not in norm_state}
     mismatched = [k for k, v in own.items() if k not in backbone or backbone[k].shape != v.shape]
     if mismatched or len(backbone) != len(own):
         raise MmptError(
-            f"model.init_from {path}: its backbone weights do not fit this run's {ours} "
+            f"model.init_from {path}: its backbone weights do not fit this run's {backbone_name} "
             f"(first difference: {(mismatched or sorted(set(backbone) - set(own)))[0]}); initialise from a run with "
             "the same backbone"
         )
@@ -343,27 +204,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
             copied.append(flag)
     print(f"initialised from {path}: backbone and heads of {', '.join(copied) or 'no dataset'}")
     if norm_state:
-        print(describe_init_rule(saved.data.datasets, model.norm_tasks, source_norm, model.norm))
+        print(describe_init_rule(source_datasets, model.norm_tasks, source_norm, model.norm))
     return copied
-
-
-def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
-    """The trained backbone of a run folder or checkpoint, without its heads, and that run's config."""
-    from mmpt import checkpoint as ckpt
-
-    _, state = load_weights_source(source)
-    cfg = recorded_config(state[ckpt.CONFIG])
-    backbone = create_backbone(
-        cfg.model.backbone,
-        img_size=cfg.model.img_size,
-        dynamic_img_size=cfg.input.mode == "native",
-    )
-    weights = {k.removeprefix("backbone."): v for k, v in state[ckpt.MODEL].items() if k.startswith("backbone.")}
-    model = MultiTaskNet(
-        backbone, {}, input_size=cfg.model.img_size, norm=cfg.model.norm, norm_tasks=tuple(cfg.data.datasets)
-    )
-    backbone.load_state_dict(weights)
-    return model, cfg
 
 
 def check_batch_size(model: nn.Module, batch_size: int) -> None:

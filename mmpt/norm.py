@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmpt.choices import NORMS
 from mmpt.errors import MmptError
 
-NORMS = ("shared", "per_dataset_stats", "per_dataset")
 AUTO = "auto"  # per_dataset_stats for a BatchNorm backbone trained on 2+ datasets, else shared
+PER_DATASET = ("per_dataset_stats", "per_dataset")  # the settings that convert the BatchNorm layers
+assert NORMS == (AUTO, "shared", *PER_DATASET), f"model.norm choices {NORMS} are not those this module implements"
 
 
 def resolve_norm(norm: str, backbone: nn.Module, num_tasks: int) -> str:
@@ -132,7 +134,7 @@ def convert_norms(backbone: nn.Module, num_tasks: int, norm: str, layout: NormLa
 
     `norm` per_dataset_stats keeps the affine weights shared, per_dataset gives each dataset its own copy.
     """
-    assert norm in NORMS[1:], f"convert_norms takes a per-dataset norm, got {norm}"
+    assert norm in PER_DATASET, f"convert_norms takes a per-dataset norm, got {norm}"
     for name, child in list(backbone.named_children()):
         if isinstance(child, _BatchNorm) and child.track_running_stats:
             setattr(backbone, name, TaskBatchNorm(child, num_tasks, layout, per_task_affine=norm == "per_dataset"))
@@ -268,19 +270,6 @@ def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str],
             f"{len(source_tasks)} source datasets"
         )
     return line
-
-
-def check_norm_weighting(norm: str, weighting: str) -> None:
-    """Raise MmptError for model.norm per_dataset with a gradient-based weighting: its per-dataset affine weights
-    sit inside the backbone but outside the Jacobian that the method aggregates, so they would never train."""
-    from mmpt.mtl import GRADIENT, METHODS
-
-    if norm == "per_dataset" and weighting in METHODS and METHODS[weighting].kind == GRADIENT:
-        raise MmptError(
-            f"model.norm per_dataset gives each dataset its own BatchNorm weights, which loss.weighting={weighting} "
-            "(a gradient-based method, aggregating the Jacobian of the shared backbone) does not train; use "
-            "model.norm per_dataset_stats or a static or loss-based weighting"
-        )
 
 
 def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False) -> str:

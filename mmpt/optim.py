@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,8 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from mmpt.errors import MmptError, unknown_name
+from mmpt.choices import SCHEDULES as SCHEDULE_NAMES
+from mmpt.errors import MmptError, lookup, unknown_name
 
 SHARED = "shared"  # the group name of the single optimizer when per_head is off
 BACKBONE = "backbone"
@@ -37,6 +39,27 @@ def check_optimizer_name(name: str) -> None:
         ) from None
 
 
+def _cosine(optimizer: torch.optim.Optimizer, total_updates: int, min_lr_ratio: float, warmup: dict) -> Scheduler:
+    """timm's cosine schedule over `total_updates` updates, down to min_lr_ratio times the first group's LR."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer, t_initial=max(total_updates, 1), lr_min=base_lr * min_lr_ratio, warmup_prefix=False, **warmup
+    )
+
+
+def _constant(optimizer: torch.optim.Optimizer, total_updates: int, min_lr_ratio: float, warmup: dict) -> Scheduler:
+    """Each parameter group at its own LR (a shared optimizer's heads may have head_lr) after the warmup."""
+    return StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_prefix=True, **warmup)
+
+
+# optim.schedule: every schedule mmpt implements (the config's choices, mmpt.choices.SCHEDULES)
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int, float, dict], Scheduler]] = {
+    "cosine": _cosine,
+    "constant": _constant,
+}
+assert tuple(SCHEDULES) == SCHEDULE_NAMES, f"schedules {tuple(SCHEDULES)} differ from {SCHEDULE_NAMES}"
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer,
     *,
@@ -45,17 +68,14 @@ def build_schedule(
     min_lr_ratio: float,
     schedule: str,
 ) -> Scheduler:
-    """timm's cosine schedule over `total_updates` updates, or a constant one, with linear warmup.
+    """The schedule `schedule` (a key of SCHEDULES) over `total_updates` updates, with linear warmup.
 
-    Constant keeps each parameter group at its own LR (a shared optimizer's heads may have head_lr).
+    Raises MmptError for an unknown schedule, listing the valid names.
     """
+    make = lookup("schedule", SCHEDULES, schedule)
     base_lr = optimizer.param_groups[0]["lr"]
     warmup = dict(warmup_t=warmup_updates, warmup_lr_init=base_lr * 1e-3 if warmup_updates else 0.0, t_in_epochs=False)
-    if schedule == "constant":
-        return StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_prefix=True, **warmup)
-    return CosineLRScheduler(
-        optimizer, t_initial=max(total_updates, 1), lr_min=base_lr * min_lr_ratio, warmup_prefix=False, **warmup
-    )
+    return make(optimizer, total_updates, min_lr_ratio, warmup)
 
 
 @dataclass
@@ -147,9 +167,8 @@ def build_optimizers(
     `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each head's schedule.
     `steps_per_epoch` sizes the backbone's (and the shared) schedule; None = their sum (one dataset per step).
     `fused` asks for the optimizer's fused kernel (one kernel for all parameters) where its class has one.
-    Raises MmptError for an optimizer name timm does not know.
+    `name` is a timm optimizer that this machine can create (checked once per run by `check_optimizer_name`).
     """
-    check_optimizer_name(name)
     opt_class = get_optimizer_info(name).opt_class
     kernel = {"fused": True} if fused and "fused" in inspect.signature(opt_class).parameters else {}
     head_lr = lr if head_lr is None else head_lr

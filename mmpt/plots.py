@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from mmpt.io import atomic_write
+from mmpt.tasks import FLAGS
 
 
 def _pyplot():
+    # imported here: matplotlib is slow to import and only a plot needs it; the Agg backend is chosen before pyplot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,8 +26,6 @@ def _pyplot():
 
 def _datasets(values: dict[str, dict]) -> list[str]:
     """Datasets of any run, in medmnist's order (others after them)."""
-    from mmpt.tasks import FLAGS
-
     names = list(dict.fromkeys(d for per in values.values() for d in per))
     return sorted(names, key=lambda d: FLAGS.index(d) if d in FLAGS else len(FLAGS))
 
@@ -65,7 +65,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     if not history:
         return None
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # after _pyplot: matplotlib only when plotting
 
     flags = [name for name in history[-1]["val"] if name != "mean"]
     rows, cols = _grid(len(flags))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import confusion_matrix
 
 from mmpt.data.loader import eval_loader
 from mmpt.data.store import TaskData
@@ -19,9 +20,10 @@ from mmpt.io import write_json, write_text
 from mmpt.losses import TaskLoss
 from mmpt.metrics import THRESHOLD, compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
+from mmpt.plots import plot_confusion
+from mmpt.precision import autocast
 from mmpt.rundir import DATA_RECORD, Results, prediction_filename
 from mmpt.runtime import Interrupted, StopSignal
-from mmpt.step import autocast
 from mmpt.tasks import BINARY, MULTI_LABEL, TaskSpec
 
 
@@ -168,8 +170,6 @@ def confusion_matrices(
 
     One panel per dataset; one 2×2 panel per label for multi-label tasks (ChestMNIST).
     """
-    from sklearn.metrics import confusion_matrix
-
     labels = np.asarray(labels).reshape(len(labels), -1)
     name = task.short
     if task.task_type == MULTI_LABEL:
@@ -184,8 +184,6 @@ def confusion_matrices(
 
 def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], output: Results) -> list[Path]:
     """confusion_<flag>.png per dataset in the `output` folder."""
-    from mmpt.plots import plot_confusion
-
     paths = []
     for flag, result in results.items():
         panels = confusion_matrices(data_tasks[flag], result.labels, result.scores)

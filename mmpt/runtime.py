@@ -55,6 +55,7 @@ def git_commit() -> str | None:
 
 def environment(device: torch.device, deterministic: bool) -> dict:
     """Versions, device and determinism settings, for env.json."""
+    # imported here: timm is slow to import, and of this module only env.json needs it (the CLI imports the rest)
     import medmnist
     import timm
 

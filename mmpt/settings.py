@@ -1,10 +1,12 @@
-"""Declaring settings and checking values against a declaration: the small validator behind mmpt.config.
+"""Declaring settings, checking values against a declaration, and reading them: the machinery behind mmpt.config.
 
 A setting is a dataclass field made with `setting(default, doc, ...)`; its metadata (a `Setting`) says what it
-accepts beyond its type and whether a resume may change it. `check(key, raw)` converts a raw value (from YAML,
-`--set` or a flag's text) to the field's type and checks it, returning the one-line problem instead of raising,
-so that a config's loader can name every problem at once. Plain dataclasses keep start-up fast and the messages
-exactly ours, with no dependency beyond the standard library.
+accepts beyond its type, whether a resume may change it, whether it changes results and its flag. `check(key,
+raw)` converts a raw value (from YAML, `--set` or a flag's text) to the field's type and checks it, returning the
+one-line problem instead of raising, so that a config's loader can name every problem at once; `build` does it for
+a whole tree of settings dataclasses. YAML files (with `base:` chaining) and `--set key.sub=value` overrides
+become nested dicts here. This module knows no key of mmpt's: mmpt.config declares them. Plain dataclasses keep
+start-up fast and the messages exactly ours.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from mmpt.errors import MmptError
 
 
 @dataclass(frozen=True)
@@ -31,13 +38,15 @@ class Setting:
     check: Callable[[Any], str | None] | None = None  # value -> "must be ..., got ..." or None
     allowed: str = ""  # what it accepts in words, where type, choices and bounds do not say it
     resume: bool = False  # a resume may change it (where, how fast, how long or how loudly the run goes)
+    result: bool = True  # False: it says where or how a run goes, never what it computes (series ignore it)
+    flag: str = ""  # its named flag of train.py, e.g. --epochs (a true/false key's flag sets the non-default value)
+    evaluate_flag: str = ""  # its flag of evaluate.py and probe (they read a run's config and override this key)
     # for a key added after runs were recorded without it: the value that reproduces what those runs did
     # (a recorded config lacking the key is read with it, not with today's default)
     recorded: Any = None
 
 
-def setting(
-    default: Any,
+def declaration(
     doc: str,
     *,
     ge: float | None = None,
@@ -45,9 +54,9 @@ def setting(
     le: float | None = None,
     lt: float | None = None,
     **spec: Any,
-) -> Any:
-    """A dataclass field with its declaration (see Setting); ge/gt/le/lt are inclusive/exclusive bounds."""
-    meta = Setting(
+) -> Setting:
+    """A Setting from its doc and what it accepts; ge/gt/le/lt are inclusive/exclusive bounds."""
+    return Setting(
         doc,
         low=gt if gt is not None else ge,
         low_open=gt is not None,
@@ -55,6 +64,11 @@ def setting(
         high_open=lt is not None,
         **spec,
     )
+
+
+def setting(default: Any, doc: str, **spec: Any) -> Any:
+    """A dataclass field with its declaration (see Setting and `declaration`)."""
+    meta = declaration(doc, **spec)
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"setting": meta})
     return field(default=default, metadata={"setting": meta})
@@ -73,6 +87,12 @@ class Key:
     hint: Any
     spec: Setting
     default: Any
+
+
+def key(name: str, hint: Any, default: Any, doc: str, **spec: Any) -> Key:
+    """One setting declared outside a config dataclass (e.g. a weighting method's option), checked as config keys
+    are (`check`)."""
+    return Key(name, hint, declaration(doc, **spec), default)
 
 
 def declared(cls: type, prefix: str = "") -> dict[str, Key]:
@@ -182,3 +202,119 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
             return None, "must not be empty"
         return value, None
     raise AssertionError(f"config field type {hint} has no coercion rule")
+
+
+# ---------------------------------------------------------------- settings trees and their YAML
+
+
+def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """An instance of the settings dataclass `cls` from the nested dict `raw`, each value converted and checked
+    (`check`); every unknown key and bad value is appended to `problems` (one phrase each), and the field keeps
+    its default."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(f"unknown key '{prefix}{key}' (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = prefix + f.name
+        if "section" in f.metadata:
+            kwargs[f.name] = build(hints[f.name], raw[f.name], key + ".", problems)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value, problem = check(Key(key, hints[f.name], f.metadata["setting"], default), raw[f.name])
+        if problem:
+            problems.append(f"{key} {problem}")
+        else:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def value_of(cfg: Any, key: str) -> Any:
+    """The value of a dotted key, e.g. value_of(cfg, "optim.lr")."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain Python values (tuples become lists), for YAML and checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn `a.b=value` into {"a": {"b": value}}, parsing value as YAML (so 1e-3, true, [a, b] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MmptError(f"--set expects key.sub=value, got '{text}'")
+    if re.fullmatch(r"\s*[+-]?0\d+\s*", raw):  # YAML 1.1 would read 010 as octal 8; a researcher means ten
+        value: Any = raw.strip()
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+    return nested(key.strip(), value)
+
+
+def nested(key: str, value: Any) -> dict:
+    """{"a": {"b": value}} for key "a.b"."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is an MmptError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmptError(f"config file {path} not found; pass an existing YAML file with --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MmptError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise MmptError(f"cannot read config file {path} ({exc.strerror or exc}); check its permissions") from None
+    except yaml.YAMLError as exc:
+        raise MmptError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise MmptError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip() or "\x00" in base:
+        raise MmptError(f"config {path}: base must be the path of another YAML file (a string), got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise MmptError(f"config {path} has a cycle of 'base:' references; remove one")
+    return deep_merge(read_with_base(base_path, (*seen, base_path)), data)

@@ -11,32 +11,19 @@ averaged explicitly in one all-reduce; the heads not in the step take no part at
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.config import Config
 from mmpt.data.loader import Part
-from mmpt.data.sampler import Sampler
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mean_over_ranks
 from mmpt.losses import TaskLoss
-from mmpt.model import MultiTaskNet, build_transform
-from mmpt.mtl import MethodState, build_weighting
+from mmpt.model import MultiTaskNet
+from mmpt.mtl.base import MethodState
 from mmpt.norm import task_parameter_names
-from mmpt.optim import Optimizers, build_optimizers
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16 or fp16 when asked for, else a no-op context."""
-    if precision in AUTOCAST_DTYPES:
-        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
-    return contextlib.nullcontext()
+from mmpt.optim import Optimizers
+from mmpt.precision import autocast, grad_scaler
 
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
@@ -83,7 +70,7 @@ class TrainStep:
             self.backbone = data_parallel(model.backbone, device, leave_out)
         if compile:
             self.backbone = torch.compile(self.backbone)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = grad_scaler(device, precision)
         self.generator = torch.Generator(device=device)
         self.index = {task: i for i, task in enumerate(model.heads)}
         self.loss_sum = torch.zeros(len(self.index), device=device)
@@ -161,54 +148,3 @@ class TrainStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-
-
-def build_step(
-    cfg: Config,
-    model: MultiTaskNet,
-    losses: dict[str, TaskLoss],
-    sampler: Sampler,
-    device: torch.device,
-    world: World = SINGLE,
-) -> TrainStep:
-    """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
-    by the head's own updates per epoch and the backbone's by the steps, its loss weighting and input transform.
-
-    The one place the recipe and the benchmarks assemble a step. Raises MmptError for a bad optimizer or weighting.
-    """
-    updates_per_epoch, steps_per_epoch = sampler.updates_per_task, sampler.steps
-    optimizers = build_optimizers(
-        model.backbone,
-        dict(model.heads),
-        updates_per_epoch,
-        epochs=cfg.train.epochs,
-        fused=device.type == "cuda",
-        steps_per_epoch=steps_per_epoch,
-        **dataclasses.asdict(cfg.optim),
-    )
-    weighting = build_weighting(
-        cfg.loss.weighting,
-        sampler.sizes,
-        cfg.loss.weighting_args,
-        tasks_per_step=cfg.sampler.tasks_per_step,
-        world_size=world.world_size,
-        device=device,
-        lr=cfg.optim.lr,
-        seed=cfg.train.seed,
-        steps_per_epoch=steps_per_epoch,
-        shared_params=model.backbone.parameters(),
-        weights=cfg.loss.weights,
-    )
-    return TrainStep(
-        model,
-        losses,
-        optimizers,
-        weighting,
-        build_transform(cfg, model),
-        device=device,
-        world=world,
-        precision=cfg.train.precision,
-        seed=cfg.train.seed,
-        channels_last=cfg.train.channels_last,
-        compile=cfg.train.compile,
-    )

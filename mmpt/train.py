@@ -15,19 +15,19 @@ from tqdm import tqdm
 
 from mmpt import checkpoint as ckpt
 from mmpt import distributed
-from mmpt.config import Config, check_run, config_yaml
+from mmpt.config import Config, config_yaml
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
 from mmpt.data.store import cache_location, open_data
 from mmpt.distributed import agree_on_errors, broadcast_buffers
 from mmpt.io import write_json, write_text
-from mmpt.model import MultiTaskNet, build_model, check_batch_size, load_initial_weights
+from mmpt.model import MultiTaskNet, check_batch_size
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
+from mmpt.recipe import build_model, build_sampler, build_step, check_run, load_initial_weights
 from mmpt.report import format_table, write_metrics
 from mmpt.rundir import RunDir, lock_run_dir, prepare_run_dir
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
-from mmpt.step import TrainStep, build_step
+from mmpt.step import TrainStep
 from mmpt.tasks import resolve_tasks
 from mmpt.trainlog import Log, describe, resumed_line
 from mmpt.trainstate import Stopped, TrainingState, check_resume_data, load_resume_checkpoint
@@ -60,7 +60,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         if world.is_main:
             lock_run_dir(run_dir)  # one writer per run folder, until this process ends
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    sampler = Sampler.from_config({t.flag: len(data[t.flag].splits["train"]) for t in tasks}, cfg)
+    sampler = build_sampler(cfg, {t.flag: len(data[t.flag].splits["train"]) for t in tasks})
     model.to(device)
     step = build_step(cfg, model, losses, sampler, device, world)
     state = TrainingState(cfg, world, model, step, data)

@@ -580,13 +580,13 @@ CASES = [
         id="eval-device-not-present",
     ),
     pytest.param(
-        lambda e: (evaluate_main, ["--compare", str(e.run), str(e.other_run), "--metric", "f1"]),
+        lambda e: (evaluate_main, ["compare", str(e.run), str(e.other_run), "--metrics", "f1"]),
         ["unknown metric 'f1'", "choose from auc"],
         id="compare-unknown-metric",
     ),
     pytest.param(
         lambda e: (evaluate_main, [str(e.run), str(e.other_run)]),
-        ["evaluate one run at a time", "--compare"],
+        ["evaluate one run at a time", "evaluate.py compare"],
         id="eval-two-runs-without-compare",
     ),
     # data

@@ -14,17 +14,17 @@ import pytest
 from mmpt.config import (
     RESUME_MAY_CHANGE,
     SETTINGS,
-    check_run,
     check_value,
     config_yaml,
     load_config,
     parse_flag,
-    parse_override,
     recipe_changes,
     to_dict,
     value_of,
 )
 from mmpt.errors import MmptError
+from mmpt.recipe import check_run
+from mmpt.settings import parse_override
 from mmpt.tasks import FLAGS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -92,11 +92,61 @@ def test_datasets_are_stored_as_medmnist_flags_in_medmnist_order():
 # ---------------------------------------------------------------- one declaration per setting
 
 
-def test_the_docs_settings_table_matches_the_declarations():
-    from mmpt.configdoc import REGENERATE, settings_markdown
+def test_the_generated_docs_match_the_declarations():
+    """docs/settings.md, and the resume keys, named flags and methods blocks inside hand-written pages."""
+    from mmpt.configdoc import REGENERATE, stale_pages
 
-    committed = (CONFIGS.parent / "docs" / "settings.md").read_text(encoding="utf-8")
-    assert committed == settings_markdown(), f"docs/settings.md is out of date; regenerate it with: {REGENERATE}"
+    stale = [str(p.relative_to(CONFIGS.parent)) for p in stale_pages()]
+    assert stale == [], f"out of date: {', '.join(stale)}; regenerate with: {REGENERATE}"
+
+
+def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch):
+    """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
+    docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
+    from mmpt import configdoc
+    from mmpt.cli import _flag_overrides, train_parser
+    from mmpt.settings import Key, declaration
+
+    spec = declaration("say more", resume=True, result=False, flag="--verbose")
+    monkeypatch.setitem(SETTINGS, "train.verbose", Key("train.verbose", bool, spec, False))
+    monkeypatch.setitem(configdoc.NAMED_FLAGS, "--verbose", "train.verbose")
+    monkeypatch.setattr(configdoc, "RESUME_MAY_CHANGE", RESUME_MAY_CHANGE | {"train.verbose"})
+    assert _flag_overrides(train_parser().parse_args(["--verbose"])) == {"train": {"verbose": True}}
+    for block in configdoc.BLOCKS:
+        page = tmp_path / block.page
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text((CONFIGS.parent / block.page).read_text(encoding="utf-8"), encoding="utf-8")
+    pages = {str(p.relative_to(tmp_path)): text for p, text in configdoc.generated_pages(tmp_path).items()}
+    assert "| `--verbose` | `train.verbose` |  | sets it to true: say more |" in pages["docs/training-and-settings.md"]
+    assert "`--verbose`<!-- end: flag-list -->" in pages["README.md"]
+    assert ", `train.verbose`<!-- end: resume-keys -->" in pages["docs/reproducibility-and-errors.md"]
+    row = "| `train.verbose` | true \\| false | `false` | may change | no | `--verbose` | say more |"
+    assert row in pages["docs/settings.md"]
+
+
+def test_declared_facts_replace_the_hand_kept_lists():
+    from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, RESULT_NEUTRAL
+
+    assert (
+        NAMED_FLAGS["--batch-size"] == "train.batch_size" and EVALUATE_FLAGS["--batch-size"] == "data.eval_batch_size"
+    )
+    assert NAMED_FLAGS["--no-verify"] == "data.verify" and NAMED_FLAGS["--download"] == "data.download"
+    assert {"name", "output", "data.root", "train.device", "checkpoint.every_steps"} <= RESULT_NEUTRAL
+    # a key that changes what a run computes is never result-neutral, even where a resume may change it
+    assert not {"optim.lr", "train.epochs", "loss.weighting", "train.seed"} & RESULT_NEUTRAL
+
+
+def test_print_config_refuses_the_two_key_rules_a_run_refuses(capsys):
+    """A rule between keys is checked where a config is loaded, so --print-config refuses it as the run would."""
+    from mmpt.cli import train_main
+
+    argv = ["--print-config", "--set", "model.norm=per_dataset", "--set", "loss.weighting=upgrad"]
+    assert train_main([*argv, "--set", "sampler.tasks_per_step=2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.norm per_dataset" in err and "loss.weighting=upgrad" in err
+    assert train_main(["--print-config", "--set", "sampler.tasks_per_step=2", "--set", "loss.weighting=upgrad"]) == 0
+    assert train_main([*argv]) == 2  # and the method's own rule: tasks_per_step 1 is refused too
+    assert "combines several datasets per step" in capsys.readouterr().err
 
 
 def test_every_setting_is_documented_with_its_bounds_in_print_config():

@@ -28,7 +28,7 @@ from mmpt.config import load_config, to_dict
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.series import plan_series
-from mmpt.model import build_model, build_transform, load_backbone, load_initial_weights
+from mmpt.recipe import build_model, build_transform, load_backbone, load_initial_weights
 from mmpt.tasks import TASKS, resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,9 +240,8 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
 
 def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
     mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
-    # --compare is kept as an alias of the compare subcommand
     code, _, _ = quiet(
-        evaluate_main, ["--compare", str(mmpt_side), str(individual), "--bootstrap", "20", "--output", str(tmp_path)]
+        evaluate_main, ["compare", str(mmpt_side), str(individual), "--bootstrap", "20", "--output", str(tmp_path)]
     )
     assert code == 0
     result = json.loads((tmp_path / "compare.json").read_text())

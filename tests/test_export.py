@@ -16,7 +16,7 @@ from medmnist import INFO
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
-from mmpt.model import build_model, load_backbone, load_initial_weights
+from mmpt.recipe import build_model, load_backbone, load_initial_weights
 from mmpt.tasks import resolve_tasks
 
 

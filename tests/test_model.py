@@ -6,9 +6,11 @@ import pytest
 import timm
 import torch
 
-from mmpt.config import load_config, parse_override
+from mmpt.backbones import BACKBONES, create_backbone, resolve_backbone
+from mmpt.config import load_config
 from mmpt.errors import MmptError
-from mmpt.model import BACKBONES, build_model, build_transform, create_backbone, resolve_backbone
+from mmpt.recipe import build_model, build_transform
+from mmpt.settings import parse_override
 from mmpt.tasks import FLAGS, TASKS, resolve_tasks
 
 

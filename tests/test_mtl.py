@@ -13,17 +13,15 @@ import mmpt.step
 from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
 from mmpt.errors import MmptError
-from mmpt.model import build_model
 from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
-from mmpt.step import build_step
+from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
-# every method of the issue this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
+# every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
 # and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
 TRAINED = [
@@ -81,7 +79,7 @@ def train_steps(synthetic_root, data, method, steps=16):
     cfg = mtl_config(synthetic_root, "unused", method)
     torch.manual_seed(0)
     model, losses = build_model(cfg, resolve_tasks(cfg.data.datasets))
-    sampler = Sampler.from_config({f: len(d.splits["train"]) for f, d in data.items()}, cfg)
+    sampler = build_sampler(cfg, {f: len(d.splits["train"]) for f, d in data.items()})
     step = build_step(cfg, model, losses, sampler, torch.device("cpu"))
     splits = {f: d.splits["train"] for f, d in data.items()}
     plan = [item for epoch in range(steps // sampler.steps + 1) for item in sampler.plan(epoch)][:steps]

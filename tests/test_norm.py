@@ -15,8 +15,8 @@ from torch import nn
 import mmpt.step
 from mmpt import checkpoint as ckpt
 from mmpt.errors import MmptError
-from mmpt.model import build_model
 from mmpt.norm import NormLayout, convert_norms, task_norms
+from mmpt.recipe import build_model, build_sampler
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 
@@ -132,16 +132,16 @@ def test_a_backbone_without_batchnorm_refuses_a_per_dataset_norm():
 
 
 def test_per_dataset_affine_with_a_gradient_based_weighting_is_refused(synthetic_root, tmp_path):
-    cfg = tiny_config(
-        synthetic_root,
-        tmp_path / "run",
-        data={"datasets": ["breast", "retina"]},
-        model={"norm": "per_dataset"},
-        sampler={"tasks_per_step": 2},
-        loss={"weighting": "upgrad"},
-    )
+    """Refused where the config is loaded, before any run folder exists."""
     with pytest.raises(MmptError, match="per_dataset_stats"):
-        run(cfg)
+        tiny_config(
+            synthetic_root,
+            tmp_path / "run",
+            data={"datasets": ["breast", "retina"]},
+            model={"norm": "per_dataset"},
+            sampler={"tasks_per_step": 2},
+            loss={"weighting": "upgrad"},
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -246,7 +246,7 @@ def saved_model(tmp_path, norm: str, datasets: str):
 
 
 def target_model(norm: str, datasets: str, source):
-    from mmpt.model import load_initial_weights
+    from mmpt.recipe import load_initial_weights
 
     cfg = tiny_config(
         "/nonexistent",
@@ -364,8 +364,8 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
     """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
     from mmpt.data.store import open_data
-    from mmpt.model import build_transform
     from mmpt.norm import recalibrate
+    from mmpt.recipe import build_transform
 
     state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
     from mmpt.config import from_dict
@@ -395,7 +395,7 @@ def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run,
     from mmpt.cli import evaluate_main
     from mmpt.data.store import open_data
     from mmpt.experiments.probe import extract_features
-    from mmpt.model import load_backbone
+    from mmpt.recipe import load_backbone
 
     model, cfg = load_backbone(shared_run)
     model.split_norm_statistics()
@@ -470,7 +470,6 @@ def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_imag
 def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
     from pathlib import Path
 
-    from mmpt.data.sampler import Sampler
     from mmpt.distributed import SINGLE
     from mmpt.trainlog import describe
 
@@ -482,7 +481,7 @@ def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
         train={"epochs": 4, "batch_size": 50},
     )
     sizes = {"breastmnist": 546, "retinamnist": 1080}
-    sampler = Sampler.from_config(sizes, cfg)
+    sampler = build_sampler(cfg, sizes)
     text = describe(cfg, model_with("per_dataset_stats"), sampler, torch.device("cpu"), SINGLE, Path("cache"))
     # p ∝ sqrt(n): 23.37 and 32.86 -> 41.6% and 58.4% of 11 + 22 = 33 steps per epoch
     assert "41.6% of steps" in text and "58.4% of steps" in text
@@ -551,8 +550,8 @@ def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     assert torch.equal(single["bn1.running_var"], theirs["backbone.bn1.running_var"][source_tasks.index("retinamnist")])
 
 
-def test_a_run_recorded_before_model_norm_reads_as_shared_whatever_the_default(tmp_path):
-    """Configs recorded without model.norm (config.yaml, checkpoints, series.json of earlier releases) are read
+def test_a_run_recorded_without_model_norm_reads_as_shared_whatever_the_default(tmp_path):
+    """Configs recorded without model.norm (config.yaml, checkpoints, series.json) are read
     with model.norm shared, the setting they trained with; a new recipe without it gets the default."""
     import yaml
 

@@ -5,6 +5,7 @@ import medmnist
 import numpy as np
 import pytest
 
+from mmpt.config import load_config
 from mmpt.data.sampler import Sampler, batches_per_task, min_batch, task_counts
 from mmpt.errors import MmptError
 
@@ -122,14 +123,15 @@ def test_steps_beyond_one_pass_start_a_fresh_pass():
         assert np.array_equal(np.bincount(seen, minlength=n), np.full(n, 2))
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(batch_size=0), dict(last_batch="partial"), dict(batch_size=200, last_batch="drop")],
-)
-def test_bad_sampler_arguments_are_rejected(kwargs):
-    args = dict(batch_size=16, seed=0) | kwargs
-    with pytest.raises(MmptError):
-        Sampler(SIZES, **args)
+def test_a_plan_without_any_step_is_an_mmpt_error():
+    with pytest.raises(MmptError, match="no step"):
+        Sampler(SIZES, batch_size=200, seed=0, last_batch="drop")
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(last_batch="partial"), dict(alpha=-1.0)])
+def test_settings_the_config_checks_are_asserted_by_the_sampler(kwargs):
+    with pytest.raises(AssertionError):
+        Sampler(SIZES, **(dict(batch_size=16, seed=0) | kwargs))
 
 
 # ---- several datasets per step (sampler.tasks_per_step) ----
@@ -208,9 +210,10 @@ def test_grouped_plan_truncated_by_steps_per_epoch():
 
 
 @pytest.mark.parametrize("k", [0, 6, "some", 2.5])
-def test_bad_tasks_per_step_is_an_mmpt_error(k):
-    with pytest.raises(MmptError, match="tasks_per_step"):
-        Sampler(GROUPED_SIZES, 16, 0, tasks_per_step=k).plan(0)
+def test_bad_tasks_per_step_is_a_config_error(k):
+    datasets = list(GROUPED_SIZES)
+    with pytest.raises(MmptError, match=r"sampler\.tasks_per_step must be"):
+        load_config(overrides=[{"data": {"datasets": datasets}, "sampler": {"tasks_per_step": k}}])
 
 
 # ---- the plans of e7abe77 (epoch_plan, steps_in_epoch, expected_updates_per_epoch), bit for bit ----

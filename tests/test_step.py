@@ -11,10 +11,8 @@ import torch
 import mmpt
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
-from mmpt.model import build_model
-from mmpt.step import build_step
+from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.tasks import resolve_tasks
 
 MMPT_DIR = str(Path(mmpt.__file__).parent)
@@ -40,7 +38,7 @@ def make_step(root: Path, precision: str = "fp32"):
     data = open_data(cfg.data, tasks)
     torch.manual_seed(0)
     model, losses = build_model(cfg, tasks)
-    sampler = Sampler.from_config({f: len(d.splits["train"]) for f, d in data.items()}, cfg)
+    sampler = build_sampler(cfg, {f: len(d.splits["train"]) for f, d in data.items()})
     step = build_step(cfg, model, losses, sampler, torch.device("cpu"))
     loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, sampler.plan(0), num_workers=0)
     return step, model, loader

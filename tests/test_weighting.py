@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 from torchjd import scalarization
 
+from mmpt.config import load_config
 from mmpt.errors import MmptError
-from mmpt.mtl import METHODS, build_weighting, method_problems, missing_solvers, torchjd_state
+from mmpt.mtl import METHODS, environment_problems, method_problems, missing_solvers, torchjd_state
+from mmpt.mtl.build import build_weighting
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra)
@@ -41,7 +44,6 @@ class Toy(nn.Module):
 
 
 def _build(name, model, **kwargs):
-    kwargs.setdefault("tasks_per_step", "all")
     if name == "manual":
         kwargs["weights"] = {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0}
     return build_weighting(name, SIZES, shared_params=model.backbone.parameters(), lr=0.05, steps_per_epoch=2, **kwargs)
@@ -72,7 +74,6 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
     weighting = build_weighting(
         "pcgrad",
         {"pathmnist": 10, "breastmnist": 10},
-        tasks_per_step=2,
         shared_params=[w],
     )
     features = (w * 1.0).unsqueeze(0)  # 1×2
@@ -97,7 +98,7 @@ def test_static_weights_follow_the_train_sizes():
         "manual": {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0},
     }
     for name, weights in expected.items():
-        weighting = _build(name, model, tasks_per_step=1)
+        weighting = _build(name, model)
         _train(weighting, model, 1)
         assert {t: w.item() for t, w in weighting.weights().items()} == pytest.approx(weights), name
 
@@ -217,7 +218,7 @@ def test_every_method_trains_the_toy(name):
 @pytest.mark.parametrize("name", ["uw", "imtl_l", "rlw", "none"])
 def test_methods_that_act_per_dataset_run_one_dataset_per_step(name):
     model = Toy(SIZES)
-    weighting = _build(name, model, tasks_per_step=1)
+    weighting = _build(name, model)
     for step, flag in enumerate(SIZES):
         losses, features = model.losses([flag], seed=step)
         weighting.backward(losses, features, lambda loss: loss)
@@ -226,7 +227,7 @@ def test_methods_that_act_per_dataset_run_one_dataset_per_step(name):
 
 def test_rlw_draws_new_weights_with_mean_one():
     model = Toy(SIZES)
-    weighting = _build("rlw", model, tasks_per_step=1)
+    weighting = _build("rlw", model)
     draws = []
     losses, features = model.losses(["pathmnist"], seed=0)
     for _ in range(200):
@@ -248,16 +249,17 @@ def test_rlw_draws_new_weights_with_mean_one():
     ],
 )
 def test_a_method_that_cannot_run_with_tasks_per_step_names_the_setting(name, tasks_per_step, setting):
-    with pytest.raises(MmptError, match=setting):
-        build_weighting(name, SIZES, tasks_per_step=tasks_per_step)
+    (problem,) = method_problems(name, {}, tasks_per_step=tasks_per_step)
+    assert setting in problem
+    assert method_problems(name, {}, tasks_per_step="all") == []
 
 
 def test_gradient_methods_refuse_distributed_training_and_scalarizers_accept_it():
-    with pytest.raises(MmptError, match="distributed"):
-        build_weighting("upgrad", SIZES, tasks_per_step="all", world_size=2)
-    model = Toy(SIZES)
+    (problem,) = environment_problems("upgrad", world_size=2)
+    assert "distributed" in problem
+    assert environment_problems("upgrad", world_size=1) == []
     for name in ("uw", "famo", "dwa", "rlw", "size"):
-        _build(name, model, world_size=2)
+        assert environment_problems(name, world_size=2) == []
 
 
 def test_weighting_args_are_checked_against_the_method():
@@ -271,8 +273,9 @@ def test_weighting_args_are_checked_against_the_method():
 
 
 def test_manual_weights_must_name_every_trained_dataset():
-    with pytest.raises(MmptError, match=r"missing retinamnist.*not trained: bloodmnist"):
-        build_weighting("manual", SIZES, weights={"pathmnist": 1.0, "breastmnist": 1.0, "bloodmnist": 1.0})
+    weights = {"pathmnist": 1.0, "breastmnist": 1.0, "bloodmnist": 1.0}
+    (problem,) = method_problems("manual", {}, tasks_per_step=1, weights=weights, datasets=list(SIZES))
+    assert re.search(r"missing retinamnist.*not trained: bloodmnist", problem)
 
 
 @pytest.mark.parametrize("name", ["cagrad", "nash_mtl"])
@@ -283,8 +286,8 @@ def test_a_method_without_its_solver_says_which_extra_to_install(name, monkeypat
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda module, *a: None if module in absent else find_spec(module, *a)
     )
-    with pytest.raises(MmptError, match=r"mtl-solvers"):
-        build_weighting(name, SIZES, tasks_per_step="all")
+    (problem,) = environment_problems(name, world_size=1)
+    assert "mtl-solvers" in problem
 
 
 def test_resuming_with_another_method_is_an_error():
@@ -292,19 +295,16 @@ def test_resuming_with_another_method_is_an_error():
     state = _build("uw", model).state_dict()
     with pytest.raises(MmptError, match=r"loss.weighting=uw"):
         _build("famo", model).load_state_dict(state)
-    # a checkpoint of an earlier mmpt (static weights, no method recorded) still loads
-    _build("size", model).load_state_dict({"weights": dict.fromkeys(SIZES, 1.0)})
 
 
 def test_unknown_weighting_lists_the_valid_names():
     with pytest.raises(MmptError) as info:
-        build_weighting("uncertainty", SIZES)
+        load_config(overrides=[{"loss": {"weighting": "uncertainty"}}])
+    assert "loss.weighting must be one of" in str(info.value)
     assert "uw" in str(info.value) and "upgrad" in str(info.value)
 
 
 def test_manual_weight_that_is_not_a_number_is_reported_once(tmp_path):
-    from mmpt.config import load_config
-
     with pytest.raises(MmptError) as info:
         load_config(
             overrides=[
@@ -334,13 +334,13 @@ def test_torchjd_0_18_releases_are_accepted(installed):
 def test_another_torchjd_release_is_refused_naming_both_versions(installed):
     with pytest.raises(MmptError, match=r"mmpt supports TorchJD 0\.18\.x") as refused:
         torchjd_state.check_version(installed)
-    assert isinstance(refused.value, ImportError)  # raised at import of mmpt.mtl
+    assert isinstance(refused.value, ImportError)  # raised at import of mmpt.mtl.build
     assert (f"TorchJD {installed} is installed" if installed else "has no version") in str(refused.value)
     assert "pip install 'torchjd[quadprog-projector]~=0.18.0'" in str(refused.value)
 
 
 def test_a_training_command_with_another_torchjd_is_one_error_line_and_writes_nothing(tmp_path):
-    # importlib.metadata reports another TorchJD release; mmpt.mtl refuses it when it is imported
+    # importlib.metadata reports another TorchJD release; mmpt.mtl.build refuses it when it is imported
     script = (
         "import importlib.metadata as m, sys; real = m.version; "
         "m.version = lambda name: '0.19.0' if name == 'torchjd' else real(name); "

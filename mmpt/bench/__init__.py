@@ -1,6 +1,9 @@
-"""Benchmarks built on the real components, run as `python -m mmpt.bench data|train`.
+"""Benchmarks built on the real components, run as `python -m mmpt.bench data|train|compare`.
 
-- `mmpt.bench.data`: the loader against the earlier per-sample PIL pipeline, memory while iterating, data wait;
-- `mmpt.bench.train`: the engine's training step against a bare PyTorch loop, images/s, memory and MFU;
-- `mmpt.bench.common`: what both share (work folder, synthetic files, clocks, memory meters, the engine's step).
+- `mmpt.bench.data`: the loader against the original mm-PT code's per-sample PIL pipeline, memory while iterating,
+  data wait (its files and pipelines: `mmpt.bench.datafiles`);
+- `mmpt.bench.train`: the engine's training step against a bare PyTorch loop (`mmpt.bench.loops`), images/s,
+  memory and MFU;
+- `mmpt.bench.compare`: `evaluate.py compare`'s vectorised bootstrap against the per-resample loop;
+- `mmpt.bench.common`: what they share (work folder, synthetic files, clocks, memory meters, the engine's step).
 """

@@ -1,6 +1,6 @@
 """Benchmarks of mmpt: `python -m mmpt.bench data|train|compare [options]` (`--help` on each for its options).
 
-A benchmark, not a test: figures are printed beside their targets and written to --json, never asserted.
+A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted.
 """
 
 from __future__ import annotations

@@ -16,18 +16,15 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from mmpt.data.sampler import Sampler
+from mmpt.config import Config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.io import write_json
+from mmpt.recipe import build_model, build_sampler, build_step
+from mmpt.step import TrainStep
 from mmpt.tasks import TaskSpec
-
-if TYPE_CHECKING:
-    from mmpt.config import Config
-    from mmpt.step import TrainStep
 
 MEMORY_INTERVAL_S = 0.02
 
@@ -180,14 +177,11 @@ class MemorySampler:
 
 def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], device: torch.device) -> TrainStep:
     """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
-    assemble for it (`mmpt.step.build_step`, single process), in training mode."""
-    from mmpt.model import build_model
-    from mmpt.step import build_step
-
+    assemble for it (`mmpt.recipe.build_step`, single process), in training mode."""
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()
-    return build_step(cfg, model, losses, Sampler.from_config(sizes, cfg), device)
+    return build_step(cfg, model, losses, build_sampler(cfg, sizes), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +225,3 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
-
-
-def yes(met: bool) -> str:
-    return "yes" if met else "NO"

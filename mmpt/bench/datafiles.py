@@ -1,5 +1,6 @@
-"""The files and splits the data benchmark (mmpt.bench.data) reads: synthetic throughput files and a large
-random 224 px RGB set, memory-mapped or read into RAM."""
+"""What the data benchmark (mmpt.bench.data) reads and how: synthetic throughput files and a large random 224 px
+RGB set (memory-mapped or read into RAM), and the two pipelines it times over them, mmpt's loader and the
+per-sample PIL pipeline of the original mm-PT code."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import medmnist
 import numpy as np
+import torch
 
 from mmpt.bench.common import write_synthetic_files
-from mmpt.data.store import SplitData
+from mmpt.data.loader import plan_loader
+from mmpt.data.sampler import Sampler
+from mmpt.data.store import SplitData, open_task
+from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mmpt.tasks import TASKS
 
 INPUT_SIZE = 224
@@ -20,7 +26,7 @@ WRITE_CHUNK_BYTES = 64 << 20
 
 @dataclass(frozen=True, eq=False)
 class InMemorySplit(SplitData):
-    """A split whose images were read into RAM with np.load (no mmap), as earlier mm-PT code holds them.
+    """A split whose images were read into RAM with np.load (no mmap), as the original mm-PT code holds them.
 
     DataLoader workers are forked, so they inherit the array (shared until written) instead of a copy.
     """
@@ -61,3 +67,28 @@ def memory_split(path: Path, in_ram: bool) -> SplitData:
     if in_ram:
         return InMemorySplit(path, labels, shape, images=np.load(path))
     return SplitData(path, labels, shape)
+
+
+def pil_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, input_size: int = INPUT_SIZE):
+    """The original mm-PT pipeline: medmnist's dataset class (the split read into RAM), per-sample PIL
+    (fromarray, convert RGB), torchvision ToTensor, Normalize and Pad to `input_size`, shuffled DataLoader."""
+    # imported here: torchvision's transforms serve the baseline only
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+    if resolution < input_size:
+        steps.append(transforms.Pad((input_size - resolution) // 2))
+    dataset_class = getattr(medmnist, medmnist.INFO[task]["python_class"])
+    dataset = dataset_class(
+        split="train", root=str(root), size=resolution, as_rgb=True, transform=transforms.Compose(steps)
+    )
+    # medmnist's __len__ asserts the official split size; this instance reports the synthetic file's own
+    dataset.info = {**dataset.info, "n_samples": {**dataset.info["n_samples"], "train": len(dataset.imgs)}}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+
+
+def mmpt_loader(root: Path, task: str, resolution: int, *, batch_size: int, workers: int, seed: int = 0):
+    """mmpt's loader over the store's memory-mapped train split of `task`: each step a list of one `Part`."""
+    split = open_task(root, TASKS[task], resolution).splits["train"]
+    plan = Sampler({task: len(split)}, batch_size, seed).plan(0)
+    return plan_loader({task: split}, plan, num_workers=workers, seed=seed)

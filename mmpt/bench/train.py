@@ -3,7 +3,7 @@
     python -m mmpt.bench train [--backbone B] [--resolution R] [--input-size S] [--batch-size N] [--steps S]
         [--precision fp32|bf16|fp16] [--compile] [--channels-last] [--device D] [--json PATH]
 
-(a) bare: the timm backbone (`mmpt.model.create_backbone`), one linear head and the same optimizer
+(a) bare: the timm backbone (`mmpt.backbones.create_backbone`), one linear head and the same optimizer
     (`mmpt.optim.build_optimizers`, one optimizer over both), on one float S×S batch already on the device:
     forward under autocast, cross-entropy, backward, optimizer step, zero-grad. Nothing else.
 (b) engine: `mmpt.step.TrainStep` with all 12 datasets' heads and their optimizers, fed by the real
@@ -24,35 +24,31 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from mmpt.backbones import resolve_backbone
 from mmpt.bench.common import (
     engine_step,
     machine,
     markdown_table,
     median,
     peak_rss_bytes,
-    synchronize,
     work_folder,
     write_result,
     write_synthetic_files,
-    yes,
 )
+from mmpt.bench.loops import BareLoop, EngineLoop, time_steps
+from mmpt.choices import DEVICE_NAMES, PRECISIONS
 from mmpt.config import DataConfig, load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
-from mmpt.distributed import DEVICE_NAMES, select_device
+from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.runtime import configure_determinism
-from mmpt.step import autocast
 from mmpt.tasks import FLAGS, resolve_tasks
-
-BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
 
 # Dense peak FLOP/s by GPU name (the first listed name contained in torch.cuda.get_device_name() wins),
 # from NVIDIA's data sheets; "tf32" is fp32 on tensor cores (allowed when determinism is off).
@@ -62,141 +58,6 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 ]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A performance target: `key` must reach `least` when the run's settings match `applies`."""
-
-    key: str
-    least: float
-    label: str
-    applies: Callable[[dict], bool]
-
-
-def _vit_b16_224_bf16(s: dict) -> bool:
-    return (
-        s["device_type"] == "cuda"
-        and s["timm_name"] == "vit_base_patch16_224"
-        and s["input_size"] == 224
-        and s["precision"] == "bf16"
-    )
-
-
-TARGETS = (
-    Target(
-        "engine_vs_bare",
-        0.97,
-        "CPU, resnet18, 28 px",
-        lambda s: s["device_type"] == "cpu" and s["timm_name"] == "resnet18" and s["resolution"] == 28,
-    ),
-    Target("engine_vs_bare", 0.90, "quickstart model test_resnet", lambda s: s["timm_name"] == "test_resnet"),
-    Target("engine_vs_bare", 0.95, "GPU, ViT-B/16, 224 px, bf16", _vit_b16_224_bf16),
-    Target("mfu", 0.40, "H100, ViT-B/16, 224 px, bf16", lambda s: _vit_b16_224_bf16(s) and "H100" in s["device_name"]),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# (a) the bare loop
-
-
-class BareLoop:
-    """The same backbone with one linear head and one optimizer of the same kind and settings, trained on
-    one fixed batch that already lives on the device: the most a training step of this model can do."""
-
-    def __init__(self, cfg, device: torch.device) -> None:
-        from mmpt.model import create_backbone
-        from mmpt.optim import SHARED, build_optimizers
-
-        self.device, self.precision = device, cfg.train.precision
-        self.backbone = create_backbone(cfg.model.backbone, img_size=cfg.model.img_size, drop_rate=cfg.model.drop_rate)
-        self.head = torch.nn.Linear(self.backbone.num_features, BARE_CLASSES)
-        self.backbone.to(device)
-        self.head.to(device)
-        # the schedule is never stepped here: constant keeps timm from warning about a one-update cosine
-        optim = {**dataclasses.asdict(cfg.optim), "per_head": False, "schedule": "constant"}
-        # one optimizer over backbone and head (per_head off), with the engine's name, LR and weight decay
-        self.optimizer = build_optimizers(
-            self.backbone,
-            {"head": self.head},
-            {"head": 1.0},
-            epochs=1,
-            fused=device.type == "cuda",
-            **optim,
-        ).optimizers[SHARED]
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
-        size, batch = cfg.model.img_size, cfg.train.batch_size
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(batch, 3, size, size, generator=generator).to(device)  # B×3×S×S, normalised
-        self.y = torch.randint(0, BARE_CLASSES, (batch,), generator=generator).to(device)
-        self.channels_last = cfg.train.channels_last
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.run_backbone = torch.compile(self.backbone) if cfg.train.compile else self.backbone
-        self.backbone.train()
-
-    def __call__(self) -> int:
-        """One training step; returns the images it trained on."""
-        with autocast(self.device, self.precision):
-            logits = self.head(self.run_backbone(self.x))
-        loss = F.cross_entropy(logits.float(), self.y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return len(self.y)
-
-    def flops(self) -> int:
-        """FLOPs of one forward and backward pass of the batch (torch's FlopCounterMode, uncompiled model)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            with autocast(self.device, self.precision):
-                logits = self.head(self.backbone(self.x))
-            F.cross_entropy(logits.float(), self.y).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-class EngineLoop:
-    """The engine as the training loop drives it: one epoch's loader (the real sampler's plan, its workers
-    kept for the whole benchmark), `TrainStep` on each step's parts, the loss sums read once per logging
-    interval. `wait_s` sums the time blocked in next(loader)."""
-
-    def __init__(self, step, loader, log_every_steps: int) -> None:
-        self.step, self.device, self.log_every_steps = step, step.device, log_every_steps
-        self.batches = iter(loader)
-        self.number, self.wait_s = 0, 0.0
-
-    def __call__(self) -> int:
-        asked = time.perf_counter()
-        parts = next(self.batches)
-        self.wait_s += time.perf_counter() - asked
-        self.step(parts, self.number)
-        self.number += 1
-        if self.number % self.log_every_steps == 0:
-            self.step.read_losses()  # the loop's one sync per logging interval
-        return sum(len(part.labels) for part in parts)
-
-
-def _time(loop: Callable[[], int], device: torch.device, steps: int) -> dict:
-    """Run `steps` steps of `loop` between two clock reads (the device synchronised before each read)."""
-    synchronize(device)
-    images, start = 0, time.perf_counter()
-    for _ in range(steps):
-        images += loop()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "img_s": images / seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +124,6 @@ def run_train_benchmark(
     )
     torch_device = select_device(cfg.train.device)
     machine_info = machine(torch_device)
-    from mmpt.model import resolve_backbone  # imported here: timm is slow to import for the `data` command
 
     settings = {
         "backbone": backbone,
@@ -331,7 +191,7 @@ def run_train_benchmark(
             for name, loop in loops.items():
                 if torch_device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(torch_device)
-                runs[name].append(_time(loop, torch_device, steps))
+                runs[name].append(time_steps(loop, torch_device, steps))
                 if torch_device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(torch_device))
             if (repeat + 1) % max(1, repeats // 5) == 0 or repeat + 1 == repeats:
@@ -395,16 +255,6 @@ def run_train_benchmark(
         "settings": settings,
         "machine": machine_info,
     }
-    result["targets"] = [
-        {
-            "key": t.key,
-            "target": t.least,
-            "label": t.label,
-            "applies": t.applies(settings),
-            "met": (result[t.key] is not None and result[t.key] >= t.least) if t.applies(settings) else None,
-        }
-        for t in TARGETS
-    ]
     result["wall_s"] = time.perf_counter() - started
     return result
 
@@ -446,7 +296,7 @@ def measure_mtl_steps(
     seconds = {method: [] for method in methods}
     for _ in range(repeats):
         for method, loop in loops.items():
-            seconds[method].append(_time(loop, device, steps)["seconds"] / steps)
+            seconds[method].append(time_steps(loop, device, steps)["seconds"] / steps)
     per_step = {method: median(values) for method, values in seconds.items()}
     ratios = {method: per_step[method] / per_step[methods[0]] for method in methods}
     log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in methods))
@@ -500,55 +350,42 @@ def _check_settings(
 
 
 def format_table(result: dict) -> str:
-    """The figures and their targets as a Markdown table: measurement | value | target | met?"""
+    """The figures as a Markdown table: measurement | engine | bare loop (the baseline) | engine / bare."""
     s = result["settings"]
-    rows = [("measurement", "value", "target", "met?")]
     medians = result["img_s_median_over_turns"]
-    rows.append(("bare loop, img/s (median turn)", f"{result['bare_img_s']:,.1f}", "-", "-"))
-    rows.append(("engine step, img/s (median turn)", f"{result['engine_img_s']:,.1f}", "-", "-"))
-    rows.append(
-        ("img/s, median over turns: bare, engine", f"{medians['bare']:,.1f}, {medians['engine']:,.1f}", "-", "-")
-    )
-    for key, label, value in (
-        ("engine_vs_bare", "engine / bare", f"{result['engine_vs_bare']:.3f}"),
-        ("mfu", "MFU (engine)", "-" if result["mfu"] is None else f"{result['mfu']:.1%}"),
-    ):
-        applying = [t for t in result["targets"] if t["key"] == key and t["applies"]]
-        for target in applying or [None]:
-            if target is None:
-                rows.append((label, value, "-", "-"))
-            else:
-                least = f"{target['target']:.0%}" if key == "mfu" else f"{target['target']:.2f}"
-                rows.append((label, value, f">= {least} ({target['label']})", yes(target["met"])))
-    rows.append(("engine time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"))
-    rows.append(("peak memory", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"))
-    rows.append(("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"))
+    bare, engine = result["bare_img_s"], result["engine_img_s"]
+    rows = [
+        ("measurement", "engine", "bare loop", "engine / bare"),
+        ("img/s (median turn)", f"{engine:,.1f}", f"{bare:,.1f}", f"{result['engine_vs_bare']:.3f}"),
+        (
+            "img/s, median over turns",
+            f"{medians['engine']:,.1f}",
+            f"{medians['bare']:,.1f}",
+            f"{medians['engine'] / medians['bare']:.3f}",
+        ),
+        ("MFU", "-" if result["mfu"] is None else f"{result['mfu']:.1%}", "-", "-"),
+        ("time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"),
+        ("peak memory (the larger loop)", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"),
+        ("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"),
+    ]
     mtl = result["mtl"]
+    reference = mtl.get("seconds_per_step", {}).get(mtl.get("reference"))
     for method, ratio in mtl["ratios"].items():
-        rows.append(
-            (
-                f"step time, {mtl['tasks_per_step']} datasets per step: {method} / {mtl['reference']}",
-                f"{ratio:.2f}x ({mtl['seconds_per_step'][method] * 1e3:,.0f} ms)",
-                "-",
-                "-",
-            )
-        )
-    lines = [markdown_table(rows)]
-    others = [t for t in result["targets"] if not t["applies"]]
-    if others:
-        lines.append(
-            "targets for other settings: " + "; ".join(f"{t['key']} >= {t['target']:g} ({t['label']})" for t in others)
-        )
+        label = f"step time, {mtl['tasks_per_step']} datasets per step: {method} against {mtl['reference']}"
+        ms = f"{mtl['seconds_per_step'][method] * 1e3:,.0f} ms"
+        rows.append((label, ms, f"{reference * 1e3:,.0f} ms", f"{ratio:.2f}x"))
     m = result["machine"]
-    lines.append(
-        f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
-        + (", compiled" if s["compile"] else "")
-        + (", channels_last" if s["channels_last"] else "")
-        + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
-        f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
-        f"at start, wall time {result['wall_s']:.0f} s"
+    return "\n".join(
+        [
+            markdown_table(rows),
+            f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
+            + (", compiled" if s["compile"] else "")
+            + (", channels_last" if s["channels_last"] else "")
+            + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
+            f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
+            f"at start, wall time {result['wall_s']:.0f} s",
+        ]
     )
-    return "\n".join(lines)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -570,7 +407,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=25,
         help="turns: timed runs per loop, alternating (the turn with the median ratio counts)",
     )
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--precision", choices=PRECISIONS, default="fp32")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")
     train.add_argument("--device", default="auto", help=DEVICE_NAMES)

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmpt.config import CHOICES, Config
+from mmpt.choices import LAST_BATCH
 from mmpt.errors import MmptError
-
-LAST_BATCH = CHOICES["sampler.last_batch"]
 
 # spawn-key tags that keep the streams apart (SeedSequence pads short entropy with zeros, so
 # distinct entropy lengths alone would not separate them)
@@ -43,22 +41,11 @@ def _task_key(task: str) -> int:
     return zlib.crc32(task.encode())
 
 
-def _validate(
-    sizes: dict[str, int], batch_size: int, alpha: float, steps_per_epoch: int | None, last_batch: str
-) -> None:
-    if not sizes:
-        raise MmptError("the sampler needs at least one task; select datasets with --datasets")
-    empty = [t for t, n in sizes.items() if n < 1]
-    if empty:
-        raise MmptError(f"train split of {', '.join(sorted(empty))} is empty; remove it from data.datasets")
-    if batch_size < 1:
-        raise MmptError(f"batch size must be >= 1, got {batch_size}")
-    if last_batch not in LAST_BATCH:
-        raise MmptError(f"sampler.last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
-    if alpha < 0:
-        raise MmptError(f"sampler.alpha must be >= 0, got {alpha}")
-    if steps_per_epoch is not None and steps_per_epoch < 1:
-        raise MmptError(f"sampler.steps_per_epoch must be >= 1 or null, got {steps_per_epoch}")
+def _assert_valid(sizes: dict[str, int], batch_size: int, last_batch: str) -> None:
+    # the settings were checked where the config was loaded, the split sizes where the data was opened
+    assert sizes and min(sizes.values()) >= 1, f"the sampler needs non-empty train splits, got {sizes}"
+    assert batch_size >= 1, f"batch size must be >= 1, got {batch_size}"
+    assert last_batch in LAST_BATCH, f"last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}"
 
 
 def min_batch(batch_size: int) -> int:
@@ -83,9 +70,8 @@ def batches_per_task(sizes: dict[str, int], batch_size: int, last_batch: str = "
     With "keep", floor(n / batch_size) full batches plus the remainder as its own batch when it holds at
     least `min_batch(batch_size)` images (else it is folded into the last full batch; a split smaller than
     one batch is one batch). With "drop", floor(n / batch_size).
-    Raises MmptError for an unknown `last_batch` or `batch_size < 1`.
     """
-    _validate(sizes, batch_size, 1.0, None, last_batch)
+    _assert_valid(sizes, batch_size, last_batch)
     return {task: _batch_count(n, batch_size, last_batch) for task, n in sorted(sizes.items())}
 
 
@@ -200,17 +186,6 @@ def task_probabilities(sizes: dict[str, int], alpha: float = 1.0) -> dict[str, f
     weights = {t: float(sizes[t]) ** alpha for t in sorted(sizes)}
     total = sum(weights.values())
     return {t: w / total for t, w in weights.items()}
-
-
-def _validate_tasks_per_step(sizes: dict[str, int], tasks_per_step: int | str) -> None:
-    valid = tasks_per_step == "all" or (
-        isinstance(tasks_per_step, int) and not isinstance(tasks_per_step, bool) and 1 <= tasks_per_step <= len(sizes)
-    )
-    if not valid:
-        raise MmptError(
-            f"sampler.tasks_per_step must be a whole number from 1 to the number of datasets ({len(sizes)}) or all, "
-            f"got {tasks_per_step!r}"
-        )
 
 
 def _grouped_pass_steps(sizes: dict[str, int], batch_size: int, last_batch: str, tasks_per_step: int | str) -> int:
@@ -328,10 +303,10 @@ class Sampler:
     dataset cycles through fresh permutations, so its images are seen more than once. With replacement, each
     step draws min(k, T) distinct datasets with p ∝ |D|^alpha ("all": every dataset).
 
-    Index arrays are not sorted (the loader sorts them). Building raises MmptError for an empty `sizes` or
-    split, `batch_size < 1`, an unknown `last_batch`, a negative `alpha`, `steps_per_epoch < 1`, a plan without
-    any step (every split smaller than `batch_size` with last_batch="drop"), or a `tasks_per_step` that is not
-    1..T or "all".
+    Index arrays are not sorted (the loader sorts them). The arguments are settings that mmpt.config checked
+    where the config was loaded (asserted here); building raises MmptError only for what the split sizes decide:
+    a plan without any step (every split smaller than `batch_size` with last_batch="drop"), or tasks_per_step
+    "all" with a split that has no batch.
     """
 
     sizes: dict[str, int]
@@ -344,25 +319,14 @@ class Sampler:
     tasks_per_step: int | str = 1
 
     def __post_init__(self) -> None:
-        _validate(self.sizes, self.batch_size, self.alpha, self.steps_per_epoch, self.last_batch)
-        _validate_tasks_per_step(self.sizes, self.tasks_per_step)
+        _assert_valid(self.sizes, self.batch_size, self.last_batch)
+        assert self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"
+        assert self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"steps_per_epoch {self.steps_per_epoch}"
+        k = self.tasks_per_step
+        assert k == "all" or (type(k) is int and 1 <= k <= len(self.sizes)), f"tasks_per_step {k!r}, {len(self.sizes)}"
         object.__setattr__(self, "sizes", dict(self.sizes))
         object.__setattr__(self, "_pass_steps", self._count_pass_steps())
         _ = self.steps  # raises when an epoch would have no step
-
-    @classmethod
-    def from_config(cls, sizes: dict[str, int], cfg: Config) -> Sampler:
-        s = cfg.sampler
-        return cls(
-            sizes,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            replacement=s.replacement,
-            alpha=s.alpha,
-            steps_per_epoch=s.steps_per_epoch,
-            last_batch=s.last_batch,
-            tasks_per_step=s.tasks_per_step,
-        )
 
     @property
     def every_task(self) -> bool:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpt.config import CHOICES, AugmentConfig
-from mmpt.errors import MmptError, unknown_name
+from mmpt.choices import INPUT_MODES, INTERPOLATIONS, PAD_VALUES
+from mmpt.config import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,14 +42,11 @@ class DeviceTransform:
         interpolation: str = "bilinear",
         augment: AugmentConfig | None = None,
     ) -> None:
-        """Raises MmptError for an unknown mode, pad_value or interpolation, or input_size < 1."""
-        for kind, value in (("mode", mode), ("pad_value", pad_value), ("interpolation", interpolation)):
-            if value not in CHOICES[f"input.{kind}"]:
-                raise unknown_name(f"input.{kind}", value, CHOICES[f"input.{kind}"])
-        if input_size < 1:
-            raise MmptError(f"input size must be >= 1, got {input_size}; check model.img_size")
-        if len(mean) != 3 or len(std) != 3:
-            raise MmptError(f"mean and std need 3 values (R, G, B), got {tuple(mean)} and {tuple(std)}")
+        """The options are those of input.* (mmpt.choices), checked where the config was loaded."""
+        for value, known in ((mode, INPUT_MODES), (pad_value, PAD_VALUES), (interpolation, INTERPOLATIONS)):
+            assert value in known, f"transform option {value!r} is not one of {', '.join(known)}"
+        assert input_size >= 1, f"input size must be >= 1, got {input_size}"
+        assert len(mean) == 3 and len(std) == 3, f"mean and std need 3 values, got {tuple(mean)} and {tuple(std)}"
         self.input_size = input_size
         self.mode = mode
         self.pad_value = pad_value

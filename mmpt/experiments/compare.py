@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from joblib import Parallel, delayed
 from scipy import stats
 
 from mmpt.errors import MmptError
-from mmpt.experiments.members import SEED_DIR
-from mmpt.experiments.stats import CONFIDENCE, paired_bootstrap
+from mmpt.experiments.members import SEED_DIR, left_out_error, member_status
+from mmpt.experiments.stats import CONFIDENCE, bootstrap_dataset, delong_intervals, paired_bootstrap
 from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
@@ -120,8 +121,6 @@ def read_predictions(folder: Path) -> dict[str, Prediction]:
 def _counts(folder: Path, left_out: list[tuple[Path, str]]) -> bool:
     """Whether a folder's predictions count: a training run only once finished with its series' recipe
     (mmpt.experiments.members.member_status); evaluate.py and probe outputs always. Else noted in `left_out`."""
-    from mmpt.experiments.members import member_status
-
     if not RunDir(folder).is_run():
         return True
     why = member_status(folder)
@@ -249,10 +248,6 @@ CI_METHODS = ("bootstrap", "delong")
 
 def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, seed, jobs, ci, resampling) -> dict:
     """(low, high) per (run index, dataset), laid out as paired_bootstrap returns them."""
-    from joblib import Parallel, delayed
-
-    from mmpt.experiments.stats import bootstrap_dataset, delong_intervals
-
     delong = ci == "delong"
     booted = {f: [m for m in present[f] if not (delong and m == "auc")] for f in datasets}
     if resampling == "loop":
@@ -357,7 +352,7 @@ def compare_runs(
     `jobs` processes run the bootstrap of datasets in parallel (joblib); the result is the same.
     `ci`: "bootstrap" (every metric), or "delong" (AUC from DeLong's variance, the others bootstrapped).
     `resampling`: "vectorised" (mmpt.experiments.stats, one resampling per dataset for every run) or "loop"
-    (paired_bootstrap per run and dataset, the earlier path: the same intervals, kept for tests and benchmarks).
+    (paired_bootstrap per run and dataset, one resample at a time: the same intervals, for tests and benchmarks).
     Runs left out (unfinished, or of another recipe than their series asks) are named in "left_out_runs";
     with `require_complete` they are an MmptError.
     """
@@ -370,8 +365,6 @@ def compare_runs(
     runs = [load_run(p) for p in paths]
     left_out_runs = [(folder, why) for r in runs for folder, why in r.left_out]
     if left_out_runs and require_complete:
-        from mmpt.experiments.members import left_out_error
-
         raise left_out_error(left_out_runs, "a compared series is not complete")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -463,127 +456,3 @@ def compare_runs(
             entry["p_value"] = {m: t["p_value"] for m, t in tests.items()}
         out["runs"].append(entry)
     return out
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def _num(x: float | None, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    return f"{x:+.4f}" if sign else f"{x:.4f}"
-
-
-def format_compare(result: dict) -> str:
-    """Markdown tables, one per metric: each run's value [95% CI] (± std over seeds) and Δ to the reference."""
-    runs = result["runs"]
-    b = result["bootstrap"]
-    lines = [
-        f"# Comparison against {result['reference']}",
-        "",
-        f"Values with {int(b['confidence_level'] * 100)}% bootstrap intervals over test images "
-        f"({b['n_resamples']} paired resamples, percentile, seed {b['seed']}); Δ: difference to the "
-        "reference with its paired interval; ± std over seeds where a run has several.",
-        "",
-    ]
-    if result.get("auc_interval") == "delong":
-        lines[-2] += " AUC intervals: DeLong's (normal, paired for Δ), not the bootstrap."
-    if result["left_out"]:
-        lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
-    if result.get("left_out_runs"):
-        lines += [
-            "Runs left out of the statistics: "
-            + "; ".join(f"{folder} ({why})" for folder, why in result["left_out_runs"].items()),
-            "",
-        ]
-    for m in result["metrics"]:
-        header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
-        lines += [f"## {m}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        for flag in result["datasets"]:
-            cells = [flag]
-            for r in runs:
-                c = r["datasets"][flag].get(m)
-                cells.append(
-                    "-"
-                    if c is None
-                    else _num(c["value"])
-                    + (f" ± {c['std']:.4f}" if "std" in c else "")
-                    + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-                )
-            for r in runs[1:]:
-                c = r["datasets"][flag].get(m)
-                cells.append(
-                    "-"
-                    if c is None
-                    else f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]"
-                )
-            lines.append("| " + " | ".join(cells) + " |")
-        mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
-        mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
-        lines += ["| " + " | ".join(mean) + " |", ""]
-    lines += [f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)", ""]
-    for r in runs[1:]:
-        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %")
-    tested = [r for r in runs[1:] if "wilcoxon" in r]
-    if tested:
-        lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
-        for r in tested:
-            for m, t in r["wilcoxon"].items():
-                lines.append(
-                    f"- {r['name']} {m}: p = {_num(t['p_value'])}, better on {t['better']}, "
-                    f"worse on {t['worse']} of {t['datasets']} datasets"
-                )
-    return "\n".join(lines) + "\n"
-
-
-def write_compare(result: dict, output: Path) -> list[Path]:
-    """compare.{json,csv,md}, compare_auc.png (values with intervals) and compare_diff.png (paired differences)."""
-    from mmpt.io import write_csv, write_json, write_text
-    from mmpt.plots import plot_differences, plot_grouped_bars
-
-    written = Results(output)
-    json_path, csv_path, md_path = written.compare_files
-    write_json(json_path, result)
-    fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
-    rows = [["run", "dataset", "metric", *fields]]
-    for r in result["runs"]:
-        for flag, cells in r["datasets"].items():
-            for m, c in cells.items():
-                rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
-        for m, c in r["mean"].items():
-            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", ""])
-        rows.append(
-            [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
-        )
-    write_csv(csv_path, rows)
-    write_text(md_path, format_compare(result))
-    metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]
-    bars = {
-        r["name"]: {
-            f: (c[metric]["value"], c[metric]["ci_low"], c[metric]["ci_high"])
-            for f, c in r["datasets"].items()
-            if metric in c
-        }
-        for r in result["runs"]
-    }
-    diffs = {
-        r["name"]: {
-            f: (c[metric]["diff"], c[metric]["diff_ci_low"], c[metric]["diff_ci_high"])
-            for f, c in r["datasets"].items()
-            if metric in c
-        }
-        for r in result["runs"][1:]
-    }
-    paths = list(written.compare_files)
-    paths.append(
-        plot_grouped_bars(bars, written.compare_plot(metric), f"test {metric} (95% CI)", f"{metric} per dataset")
-    )
-    paths.append(
-        plot_differences(
-            diffs,
-            written.compare_diff_plot,
-            f"Δ {metric} vs {result['reference']} (paired 95% CI)",
-            "difference to the reference",
-        )
-    )
-    return paths

@@ -24,23 +24,22 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
+from timm.models import save_for_hf
 
+from mmpt import backbones
+from mmpt import checkpoint as ckpt
+from mmpt.config import Config, recorded_config, to_dict
 from mmpt.errors import MmptError
+from mmpt.losses import build_loss
+from mmpt.norm import norm_layer_prefixes, plain_state_dict, saved_norm, transfer_norm_state
+from mmpt.recipe import load_backbone
 from mmpt.rundir import RunDir
+from mmpt.tasks import TASKS, resolve_tasks
+from mmpt.weights import HEADS, NORM, RUN_CONFIG, TIMM_CONFIG, WEIGHTS
 
-WEIGHTS = "model.safetensors"
-TIMM_CONFIG = "config.json"
-HEADS = "heads.safetensors"
-NORM = "norm.safetensors"
-RUN_CONFIG = "mmpt-config.yaml"
 CARD = "README.md"
 HEADS_METADATA_KEY = "mmpt_heads"
-
-
-def is_export(path: str | Path) -> bool:
-    """Whether `path` is a folder written by `export_run`."""
-    path = Path(path)
-    return path.is_dir() and all((path / name).is_file() for name in (WEIGHTS, TIMM_CONFIG, RUN_CONFIG))
 
 
 def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: bool = False) -> list[Path]:
@@ -49,19 +48,8 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
     Raises MmptError when the checkpoint is missing or unreadable, or `output` is a non-empty folder and
     `overwrite` is false (nothing is written then).
     """
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
-
-    from mmpt import checkpoint as ckpt
-    from mmpt.config import recorded_config, to_dict
-    from mmpt.losses import build_loss
-    from mmpt.model import create_backbone
-    from mmpt.norm import saved_norm
-    from mmpt.tasks import TASKS
-
     run, output = Path(run), Path(output)
-    if checkpoint not in ("best", "last"):
-        raise MmptError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    assert checkpoint in ("best", "last"), f"--checkpoint {checkpoint!r} reached export_run unchecked"
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise MmptError(f"{output} exists and is not empty; pass another --output, or --overwrite to replace its files")
     checkpoint_file = RunDir(run).checkpoint(checkpoint)
@@ -73,27 +61,20 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
         raise MmptError(
             f"{run} holds model weights outside the backbone and heads ({extra[0]}, ...); this mmpt cannot export them"
         )
-    backbone = create_backbone(
+    backbone = backbones.create_backbone(
         cfg.model.backbone, img_size=cfg.model.img_size, dynamic_img_size=cfg.input.mode == "native"
     )
     trained = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
     norm = saved_norm(trained)
     per_dataset = per_dataset_norm_entries(checkpoint_file, backbone) if norm != "shared" else {}
     if norm != "shared":  # the plain backbone gets the mixture of the datasets' statistics
-        from mmpt.norm import norm_layer_prefixes, transfer_norm_state
-        from mmpt.tasks import resolve_tasks
-
         sizes = {t.flag: t.split_size("train") for t in resolve_tasks(cfg.data.datasets)}
         mixture = transfer_norm_state(backbone, trained, cfg.data.datasets, cfg.data.datasets, sizes)
         prefixes = tuple(norm_layer_prefixes(backbone))
         trained = {**{k: v for k, v in trained.items() if not k.startswith(prefixes)}, **mixture}
     backbone.load_state_dict(trained)
-    size = (
-        cfg.data.resolution
-        if cfg.input.mode == "native"
-        else int(cfg.model.img_size or backbone.pretrained_cfg["input_size"][-1])
-    )
-    mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
+    size = cfg.data.resolution if cfg.input.mode == "native" else backbones.input_size(backbone, cfg.model.img_size)
+    mean, std = backbones.mean_std(backbone)
 
     # the weights are this run's: drop what describes timm's pretrained ones (their tag, license, hub id)
     backbone.pretrained_cfg = {
@@ -140,9 +121,6 @@ def export_run(run: Path, output: Path, *, checkpoint: str = "best", overwrite: 
 def per_dataset_norm_entries(checkpoint: Path, plain: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`<flag>.<timm key>` -> tensor: each dataset's BatchNorm statistics (and, for per_dataset, affine weights)
     of the per-dataset backbone in `checkpoint`, under the plain timm model's (`plain`) keys."""
-    from mmpt.model import load_backbone
-    from mmpt.norm import norm_layer_prefixes, plain_state_dict
-
     engine, _ = load_backbone(checkpoint)
     leaves = ("running_mean", "running_var", "num_batches_tracked")
     leaves += ("weight", "bias") if engine.norm == "per_dataset" else ()
@@ -157,12 +135,9 @@ def per_dataset_norm_entries(checkpoint: Path, plain: torch.nn.Module) -> dict[s
 
 
 def model_card(
-    run: Path, cfg, checkpoint: str, size: int, mean, std, heads: dict, state: dict, norm: str = "shared"
+    run: Path, cfg: Config, checkpoint: str, size: int, mean, std, heads: dict, state: dict, norm: str = "shared"
 ) -> str:
     """The README.md of an export: what the backbone was trained on and how, its test metrics, how to load it."""
-    from mmpt import checkpoint as ckpt
-    from mmpt.model import resolve_backbone
-
     progress = state.get(ckpt.PROGRESS, {}) if isinstance(state.get(ckpt.PROGRESS), dict) else {}
     lines = [
         "---",
@@ -170,9 +145,9 @@ def model_card(
         "tags: [image-feature-extraction, timm, medmnist, mmpt]",
         "---",
         "",
-        f"# {cfg.name}: {resolve_backbone(cfg.model.backbone)} pre-trained on MedMNIST+ by mmpt",
+        f"# {cfg.name}: {backbones.resolve_backbone(cfg.model.backbone)} pre-trained on MedMNIST+ by mmpt",
         "",
-        f"A {resolve_backbone(cfg.model.backbone)} backbone trained with one head per dataset "
+        f"A {backbones.resolve_backbone(cfg.model.backbone)} backbone trained with one head per dataset "
         f"({'multi-domain multi-task pre-training' if len(heads) > 1 else 'one dataset'}), "
         f"exported from `{run}` ({checkpoint} checkpoint"
         + (f", epoch {progress['epoch']}" if progress.get("epoch") else "")  # best.pt's epoch is the best one
@@ -247,13 +222,11 @@ def norm_card_lines(norm: str) -> list[str]:
 
 
 def state_features(state: dict) -> str:
-    from mmpt import checkpoint as ckpt
-
     head_weights = [v for k, v in state[ckpt.MODEL].items() if k.startswith("heads.") and v.ndim == 2]
     return str(head_weights[0].shape[1]) if head_weights else "F"
 
 
-def input_line(cfg, size: int) -> str:
+def input_line(cfg: Config, size: int) -> str:
     if cfg.input.mode == "native" or cfg.data.resolution == size:
         return f"input {size} px as stored"
     how = "zero-padded" if cfg.input.mode == "pad" and cfg.data.resolution < size else "resized"
@@ -297,79 +270,4 @@ def test_metrics_lines(run: Path) -> list[str]:
                 cell += f" [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
             cells.append(cell)
         out.append(f"| {flag} | " + " | ".join(cells) + " |")
-    return out
-
-
-# ---------------------------------------------------------------- reading an export back
-
-
-def load_export_config(path: Path):
-    """The recipe of the run an export came from."""
-    from mmpt.config import recorded_config
-
-    return recorded_config(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
-
-
-def load_export_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The exported heads: per dataset, its state dict."""
-    from safetensors.torch import load_file
-
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    file = Path(path) / HEADS
-    if file.is_file():
-        for key, value in load_file(str(file)).items():
-            flag, _, name = key.partition(".")
-            heads.setdefault(flag, {})[name] = value
-    return heads
-
-
-def export_state(path: Path) -> dict:
-    """An export read as a checkpoint's model and config (what --init-from and probe read from a run).
-
-    Raises MmptError when a file of the export cannot be read.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from mmpt import checkpoint as ckpt
-    from mmpt.config import to_dict
-
-    path = Path(path)
-    try:
-        backbone = load_file(str(path / WEIGHTS))
-        heads = load_export_heads(path)
-        cfg = load_export_config(path)
-    except (OSError, SafetensorError, yaml.YAMLError, ValueError) as exc:
-        raise MmptError(
-            f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); export the run again"
-        ) from None
-    norm_file = path / NORM
-    if norm_file.is_file():  # per-dataset statistics back into the engine's layout: T×C rows, task_* weights
-        try:
-            backbone = per_dataset_backbone(backbone, load_file(str(norm_file)), cfg.data.datasets)
-        except (OSError, SafetensorError, KeyError) as exc:
-            raise MmptError(
-                f"{norm_file} is not readable as this export's per-dataset statistics "
-                f"({str(exc).splitlines()[0][:160]}); export the run again"
-            ) from None
-    model = {f"backbone.{k}": v for k, v in backbone.items()}
-    model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
-    return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}
-
-
-def per_dataset_backbone(plain: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], datasets) -> dict:
-    """A plain backbone state dict with the per-dataset entries of norm.safetensors, as the engine stores a
-    per-dataset backbone: each layer's statistics stacked per dataset (in `datasets` order), and for per_dataset
-    its affine weights as task_weight.i / task_bias.i."""
-    out = dict(plain)
-    first = f"{datasets[0]}."
-    layers = sorted({k.removeprefix(first).rpartition(".")[0] for k in norm if k.startswith(first)})
-    for layer in layers:
-        for leaf in ("running_mean", "running_var", "num_batches_tracked"):
-            out[f"{layer}.{leaf}"] = torch.stack([norm[f"{flag}.{layer}.{leaf}"] for flag in datasets])
-        if f"{first}{layer}.weight" in norm:
-            for leaf in ("weight", "bias"):
-                out.pop(f"{layer}.{leaf}", None)
-                for i, flag in enumerate(datasets):
-                    out[f"{layer}.task_{leaf}.{i}"] = norm[f"{flag}.{layer}.{leaf}"]
     return out

@@ -13,36 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from mmpt.config import SETTINGS, Config, config_differences, recorded_config
+from mmpt.config import RESULT_NEUTRAL, Config, config_differences, recorded_config
 from mmpt.errors import MmptError
+from mmpt.io import read_json
 from mmpt.rundir import RunDir, SeriesDir, is_output_folder, run_candidates
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
-
-# Keys that say where and how a run goes but not what it computes: a finished run may differ from the
-# recipe asked for in these alone (checkpoint.* too), and a sweep over them would train identical runs.
-# The resume-may-change keys that do change results (optim.lr, train.epochs, ...) are not among them.
-RESULT_NEUTRAL = frozenset(
-    {
-        "name",
-        "output",
-        "determinism",
-        "data.root",
-        "data.cache_dir",
-        "data.synthetic",
-        "data.download",
-        "data.verify",
-        "data.num_workers",
-        "data.pin_memory",
-        "data.prefetch_factor",
-        "data.eval_batch_size",
-        "data.allow_changed",
-        "train.device",
-        "train.log_every_steps",
-        "train.progress",
-    }
-) | {key for key in SETTINGS if key.startswith("checkpoint.")}
-
 
 # ---------------------------------------------------------------- the recipe of a series and of its runs
 
@@ -83,8 +59,6 @@ def _recorded_config(raw: object, where: Path) -> Config:
 
 def read_series(root: Path) -> dict | None:
     """series.json of a series folder ({"recipe": config, "members": {path: config}}), or None without one."""
-    from mmpt.io import read_json
-
     path = SeriesDir(root).record
     if not path.is_file():
         return None

@@ -22,20 +22,26 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmpt.config import Config
+from mmpt import checkpoint as ckpt
+from mmpt.backbones import create_backbone
+from mmpt.config import Config, load_config
+from mmpt.data.loader import eval_loader
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
+from mmpt.experiments.members import left_out_error, left_out_line, series_runs
 from mmpt.io import atomic_write, write_json
 from mmpt.metrics import compute_metrics
-from mmpt.model import MultiTaskNet, build_transform, load_backbone
+from mmpt.model import MultiTaskNet
+from mmpt.norm import has_batchnorm, recalibrate
 from mmpt.predict import TaskResult, metrics_table, write_predictions
+from mmpt.recipe import build_transform, load_backbone
 from mmpt.report import format_table, write_metrics
 from mmpt.rundir import FeatureCache, Results, RunDir, probe_output
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
+from mmpt.weights import is_export
 
-METHODS = ("linear", "knn")
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # logistic regression's inverse regularisation, chosen on val
 
 
@@ -105,8 +111,6 @@ def extract_features(
 ) -> np.ndarray:
     """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed);
     with per-dataset norm (model.norm), through `task`'s statistics."""
-    from mmpt.data.loader import eval_loader
-
     model.eval()
     transform = build_transform(cfg, model)
     out = []
@@ -117,8 +121,6 @@ def extract_features(
 
 def _backbone_key(model: MultiTaskNet, cfg: Config) -> str:
     """Identifies the features: the backbone's weights and how images become its input."""
-    from mmpt import checkpoint as ckpt
-
     digest = hashlib.sha256(ckpt.state_digest(model.backbone.state_dict()).encode())
     digest.update(json.dumps([dataclasses.asdict(cfg.input), model.input_size]).encode())
     return digest.hexdigest()
@@ -178,20 +180,13 @@ def probe(
 ) -> dict[str, dict[str, float]]:
     """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table.
 
-    `recalibrate_images`: first re-estimate each dataset's BatchNorm statistics on that many of its own train
-    images (mmpt.norm.recalibrate), so each dataset's features come through its own statistics."""
-    if method not in METHODS:
-        raise MmptError(f"unknown probe method '{method}'; choose linear or knn")
-    if k < 1:
-        raise MmptError(f"--k must be at least 1, got {k}")
-    if batch_size is not None and batch_size < 1:
-        raise MmptError(f"--batch-size must be at least 1, got {batch_size}")
+    `method` (linear or knn), `k` and `batch_size` are the flags the CLI checked. `recalibrate_images`: first
+    re-estimate each dataset's BatchNorm statistics on that many of its own train images (mmpt.norm.recalibrate),
+    so each dataset's features come through its own statistics."""
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
     configure_determinism(cfg.train.seed, cfg.determinism)
     if recalibrate_images is not None:
-        from mmpt.norm import has_batchnorm, recalibrate
-
         if not has_batchnorm(model.backbone):
             raise MmptError(
                 f"--recalibrate-norm re-estimates BatchNorm statistics, but {cfg.model.backbone} has no "
@@ -245,11 +240,7 @@ def probe_runs(
     Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as
     it reads the runs. Raises MmptError when `source` holds no finished run with checkpoints/best.pt.
     """
-    from mmpt.experiments.members import left_out_error, left_out_line, series_runs
-
     source = Path(source)
-    from mmpt.experiments.export import is_export
-
     if not source.is_dir():
         raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
     recalibrated = kwargs.get("recalibrate_images") is not None
@@ -285,9 +276,6 @@ def probe_backbone(
 
     Results go to `output`, default runs/backbone-<name>[-pretrained]-<size>px/probe-<method>.
     """
-    from mmpt.config import load_config
-    from mmpt.model import create_backbone
-
     flags = {"model": {"backbone": name, "pretrained": pretrained}}
     if resolution:
         flags["data"] = {"resolution": resolution}

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmpt.config import Config, config_differences, deep_merge, from_dict, nested, to_dict
+from mmpt import checkpoint as ckpt
+from mmpt.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, Config, check_value, config_differences, from_dict
 from mmpt.errors import MmptError
 from mmpt.experiments.members import (
-    RESULT_NEUTRAL,
     SEED_DIR,
     _first_difference,
     _recorded_config,
@@ -42,14 +42,18 @@ from mmpt.experiments.members import (
     series_of,
     series_runs,
 )
+from mmpt.io import json_text, write_bytes, write_csv, write_json, write_text
+from mmpt.metrics import mean_metrics
+from mmpt.plots import plot_grouped_bars
 from mmpt.report import COLUMNS
 from mmpt.rundir import RunDir, SeriesDir
+from mmpt.settings import deep_merge, nested, to_dict
 from mmpt.tasks import FLAGS
+from mmpt.train import run
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 
 
-# folders inside a series that hold no runs of it
 @dataclass(frozen=True)
 class Variant:
     """One run of a series: its folder relative to the series folder, and its resolved config."""
@@ -86,23 +90,25 @@ def parse_sweep(text: str) -> tuple[str, list]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`0,1,2` -> [0, 1, 2]; an empty item, a repeated seed or a non-integer is an MmptError."""
-    items = [s.strip() for s in text.split(",")]
-    try:
-        seeds = [int(s) for s in items]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > 2**32 - 1:
-        raise MmptError(
-            f"--seeds expects distinct integers 0..4294967295 separated by single commas, such as 0,1,2, got '{text}'"
-        )
+    """`0,1,2` -> [0, 1, 2], each checked as train.seed; an empty item or a repeated seed is an MmptError."""
+    seeds: list[int] = []
+    for item in text.split(","):
+        seed, problem = check_value("train.seed", item.strip())
+        if problem is None and seed in seeds:
+            problem = f"must not repeat, got {seed} twice"
+        if problem:
+            raise MmptError(
+                f"--seeds expects distinct seeds separated by single commas, such as 0,1,2; each seed {problem} "
+                f"(in '{text}')"
+            )
+        seeds.append(seed)
     return seeds
 
 
 def check_sweep_keys(sweeps: list[tuple[str, list]], *, individual: bool, seeds: list[int] | None) -> None:
     """Raise MmptError for a sweep over a key the series sets itself or that does not change what a run computes."""
     for key, _ in sweeps:
-        if key in ("name", "output") or key.startswith("checkpoint.") or key in RESULT_NEUTRAL:
+        if key in RESULT_NEUTRAL:
             raise MmptError(
                 f"--sweep {key}: {key} does not change what a run computes, so every variant would "
                 "train the same model; sweep a key of the recipe (e.g. loss.weighting, optim.lr)"
@@ -256,11 +262,8 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
     """What a rerun does with one member: "finished", "resume" or "start"; MmptError when that would mix recipes.
 
     A finished member must have been trained with the recipe asked for (RESULT_NEUTRAL keys aside); an
-    unfinished one with last.pt follows --resume's rule (mmpt.train.RESUME_MAY_CHANGE may differ).
+    unfinished one with last.pt follows --resume's rule (mmpt.config.RESUME_MAY_CHANGE may differ).
     """
-    from mmpt import checkpoint as ckpt
-    from mmpt.config import RESUME_MAY_CHANGE
-
     run_dir, run = variant.cfg.run_dir, RunDir(variant.cfg.run_dir)
     if SeriesDir(run_dir).record.is_file():
         raise MmptError(
@@ -297,8 +300,6 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
     Raises MmptError before anything runs when a member would mix recipes; mmpt.train.Stopped when a run was
     stopped by SIGINT/SIGTERM (its last.pt written).
     """
-    from mmpt.io import json_text, write_json
-
     if base is None:
         return _train_variants(variants, overwrite=overwrite)
     root = base.run_dir
@@ -320,16 +321,12 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
                 if not root_existed and not any(root.iterdir()):
                     root.rmdir()
             elif path.read_bytes() != previous:
-                from mmpt.io import write_bytes
-
                 write_bytes(path, previous)
                 os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
         raise
 
 
 def _train_variants(variants: list[Variant], *, overwrite: bool) -> None:
-    from mmpt.train import run
-
     for i, variant in enumerate(variants, 1):
         folder = RunDir(variant.cfg.run_dir)
         label = variant.path or str(folder.path)
@@ -384,10 +381,6 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
     "left_out", a line of sweep.md). Raises MmptError when `root` holds no finished run, or with
     `require_complete` when a run is left out.
     """
-    from mmpt.io import write_json, write_text
-    from mmpt.metrics import mean_metrics
-    from mmpt.plots import plot_grouped_bars
-
     root = Path(root)
     if not root.is_dir():
         raise MmptError(f"series folder {root} not found; pass the folder a series command wrote (runs/<name>)")
@@ -470,8 +463,6 @@ def format_sweep(summary: dict) -> str:
 
 
 def _write_sweep_csv(path: Path, summary: dict) -> None:
-    from mmpt.io import write_csv
-
     rows = [["variant", "dataset", "metric", "mean", "std", "seeds", "values"]]
     for variant, entry in summary.items():
         for flag, stats in [*entry["datasets"].items(), ("mean", entry["mean"])]:

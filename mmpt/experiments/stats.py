@@ -33,13 +33,12 @@ import numpy as np
 import scipy.sparse
 from scipy import stats
 
-from mmpt.metrics import compute_metrics, predicted_grades
+from mmpt.metrics import THRESHOLD, compute_metrics, predicted_grades
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 
 CONFIDENCE = 0.95
 BOOTSTRAP_BATCH = 20  # resamples per statistic call of the loop path: bounds memory (batch × images × classes)
 CHUNK_VALUES = 1 << 22  # resamples × images per chunk: bounds memory (a few float64 arrays of this size)
-METRIC_NAMES = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 
 
 # ---------------------------------------------------------------- per-model inputs, independent of the resample
@@ -83,8 +82,6 @@ def _auc_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> lis
 
 def _class_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(true class, predicted class, classes) of each problem whose mean acc/balanced_acc/kappa is the task's."""
-    from mmpt.metrics import THRESHOLD
-
     if task.task_type == BINARY:
         return [(labels[:, 0], (scores[:, -1] > THRESHOLD).astype(np.int64), 2)]
     if task.task_type == MULTI_LABEL:
@@ -372,7 +369,7 @@ def delong_intervals(
     return out
 
 
-# ------------------------------------------------ the loop path (earlier versions), for tests and benchmarks
+# ------------------------------------------------ the loop path (one resample at a time), for tests and benchmarks
 
 
 def _metric_vector(

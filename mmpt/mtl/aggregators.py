@@ -16,7 +16,7 @@ from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from mmpt.mtl import torchjd_state
-from mmpt.mtl.base import ALL, ANY, GRADIENT, SEVERAL, Arg, Context, Method, Stateless, Weighting
+from mmpt.mtl.base import Context, Stateless, Weighting
 
 
 class AggregatorWeighting(Stateless):
@@ -63,100 +63,26 @@ def aggregator(
     return build
 
 
-QP = ("qpsolvers", "quadprog")
-
-AGGREGATORS: dict[str, Method] = {
-    "upgrad": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.UPGrad()),
-        tasks=SEVERAL,
-        needs=QP,
-        reference="Quinton & Rey 2024, Jacobian Descent for MTL",
-    ),
-    "pcgrad": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.PCGrad()),
-        tasks=SEVERAL,
-        reference="Yu et al. 2020, Gradient Surgery for MTL",
-    ),
-    "mgda": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.MGDA(epsilon=a["epsilon"], max_iters=int(a["max_iters"]))),
-        {"epsilon": Arg(0.001), "max_iters": Arg(100, whole=True)},
-        SEVERAL,
-        reference="Sener & Koltun 2018, MTL as Multi-Objective Optimization",
-    ),
-    "cagrad": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.CAGrad(c=a["c"])),
-        {"c": Arg(0.5)},
-        SEVERAL,
-        needs=("cvxpy", "clarabel"),
-        reference="Liu et al. 2021, Conflict-Averse Gradient Descent",
-    ),
-    "nash_mtl": Method(
-        GRADIENT,
-        aggregator(
-            lambda n, a: aggregation.NashMTL(
-                n_tasks=n,
-                max_norm=a["max_norm"],
-                update_weights_every=int(a["update_weights_every"]),
-                optim_niter=int(a["optim_niter"]),
-            ),
-            NashMTLWeighting,
+# the build function of each gradient-based method (declared in mmpt.mtl.methods)
+AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+    "upgrad": aggregator(lambda n, a: aggregation.UPGrad()),
+    "pcgrad": aggregator(lambda n, a: aggregation.PCGrad()),
+    "mgda": aggregator(lambda n, a: aggregation.MGDA(epsilon=a["epsilon"], max_iters=int(a["max_iters"]))),
+    "cagrad": aggregator(lambda n, a: aggregation.CAGrad(c=a["c"])),
+    "nash_mtl": aggregator(
+        lambda n, a: aggregation.NashMTL(
+            n_tasks=n,
+            max_norm=a["max_norm"],
+            update_weights_every=int(a["update_weights_every"]),
+            optim_niter=int(a["optim_niter"]),
         ),
-        # max_norm 0: Nash-MTL without clipping
-        {
-            "max_norm": Arg(1.0, may_be_zero=True),
-            "update_weights_every": Arg(1, whole=True),
-            "optim_niter": Arg(20, whole=True),
-        },
-        ALL,
-        needs=("cvxpy", "ecos"),
-        reference="Navon et al. 2022, MTL as a Bargaining Game",
+        NashMTLWeighting,
     ),
-    "imtl_g": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.IMTLG()),
-        tasks=SEVERAL,
-        reference="Liu et al. 2021, Towards Impartial MTL",
-    ),
-    "aligned_mtl": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.AlignedMTL()),
-        tasks=SEVERAL,
-        reference="Senushkin et al. 2023, Aligned-MTL",
-    ),
-    "graddrop": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.GradDrop()),
-        tasks=SEVERAL,
-        reference="Chen et al. 2020, Gradient Sign Dropout",
-    ),
-    "dualproj": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.DualProj()),
-        tasks=SEVERAL,
-        needs=QP,
-        reference="Quinton & Rey 2024 (DualProj)",
-    ),
-    "config": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.ConFIG()),
-        tasks=SEVERAL,
-        reference="Liu et al. 2025, ConFIG",
-    ),
-    "fairgrad": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.FairGrad(alpha=a["alpha"])),
-        {"alpha": Arg(1.0)},
-        SEVERAL,
-        reference="Ban & Ji 2024, Fair Resource Allocation in MTO",
-    ),
-    "jd_mean": Method(
-        GRADIENT,
-        aggregator(lambda n, a: aggregation.Mean()),
-        tasks=ANY,
-        reference="the Jacobian path with plain averaging (a baseline)",
-    ),
+    "imtl_g": aggregator(lambda n, a: aggregation.IMTLG()),
+    "aligned_mtl": aggregator(lambda n, a: aggregation.AlignedMTL()),
+    "graddrop": aggregator(lambda n, a: aggregation.GradDrop()),
+    "dualproj": aggregator(lambda n, a: aggregation.DualProj()),
+    "config": aggregator(lambda n, a: aggregation.ConFIG()),
+    "fairgrad": aggregator(lambda n, a: aggregation.FairGrad(alpha=a["alpha"])),
+    "jd_mean": aggregator(lambda n, a: aggregation.Mean()),
 }

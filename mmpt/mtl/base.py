@@ -1,19 +1,15 @@
-"""The interface every multi-task method implements, how a method is declared, and `MethodState`."""
+"""The interface every multi-task method implements, what build functions receive (`Context`), and `MethodState`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from mmpt.errors import MmptError
-
-STATIC, LOSS, GRADIENT = "static", "loss-based", "gradient-based"
-# what a method needs from sampler.tasks_per_step
-ANY, SEVERAL, ALL = "any", "several", "all"
 
 
 class Weighting(Protocol):
@@ -56,25 +52,6 @@ class Stateless:
 
 
 @dataclass(frozen=True)
-class Arg:
-    """One option of a method (a key of loss.weighting_args): its default and the values it accepts."""
-
-    default: float | int | None  # None: see the method's build function (e.g. the backbone's lr)
-    whole: bool = False  # a whole number >= 1 (an iteration count)
-    may_be_zero: bool = False  # >= 0 instead of > 0
-
-    def problem(self, method: str, key: str, value: float) -> str | None:
-        """What is wrong with `value` for this option (None when it is valid)."""
-        if self.whole and (value != int(value) or value < 1):
-            return f"loss.weighting_args.{key} of {method} must be a whole number >= 1, got {value!r}"
-        if not self.whole and (value < 0 or (value == 0 and not self.may_be_zero)):
-            return (
-                f"loss.weighting_args.{key} of {method} must be {'>= 0' if self.may_be_zero else '> 0'}, got {value!r}"
-            )
-        return None
-
-
-@dataclass(frozen=True)
 class Context:
     """What build functions may use beyond the method's args."""
 
@@ -87,35 +64,13 @@ class Context:
     weights: dict[str, float]  # loss.weights (methods that declare reads_weights)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One weighting method: how to build it and everything the validation needs to know about it."""
-
-    kind: str  # STATIC, LOSS or GRADIENT
-    build: Callable[[list[str], dict, Context], Weighting]  # (flags, args with defaults, context) -> Weighting
-    args: dict[str, Arg] = field(default_factory=dict)  # the keys of loss.weighting_args it takes
-    tasks: str = ANY  # ANY, SEVERAL (tasks_per_step >= 2) or ALL (tasks_per_step: all)
-    needs: tuple[str, ...] = ()  # Python modules of a solver (all in the mtl-solvers extra)
-    reads_weights: bool = False  # takes one weight per dataset from loss.weights
-    reference: str = ""
-
-    @property
-    def distributed(self) -> bool:
-        """Whether it runs under DDP: gradient-based methods aggregate per-dataset gradients on one process."""
-        return self.kind != GRADIENT
-
-    def defaults(self) -> dict[str, float | int | None]:
-        return {key: arg.default for key, arg in self.args.items()}
-
-
 class MethodState:
     """Wraps a method: its checkpoint names it (resuming with another loss.weighting is an error), and it sums
     each dataset's effective weight on the device for the per-epoch record (`mean_weights`)."""
 
-    def __init__(self, name: str, method: Weighting, kind: str) -> None:
+    def __init__(self, name: str, method: Weighting) -> None:
         self.name = name
         self.method = method
-        self.kind = kind
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
@@ -144,13 +99,11 @@ class MethodState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("method", "none or size (an earlier mmpt)")
-        # a checkpoint of an earlier mmpt records no method: it was trained with static weights
-        if saved != self.name and not (not state.get("method") and self.kind == STATIC):
+        if state["method"] != self.name:
             raise MmptError(
-                f"the checkpoint was trained with loss.weighting={saved}, not {self.name}; resume with the run's "
-                "own config or start a new run with --output"
+                f"the checkpoint was trained with loss.weighting={state['method']}, not {self.name}; resume with "
+                "the run's own config or start a new run with --output"
             )
-        self.method.load_state_dict(state.get("state", {}))
-        self._sums = dict(state.get("weight_sums", {}))
-        self._counts = dict(state.get("weight_counts", {}))
+        self.method.load_state_dict(state["state"])
+        self._sums = dict(state["weight_sums"])
+        self._counts = dict(state["weight_counts"])

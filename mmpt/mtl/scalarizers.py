@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchjd import scalarization
 
 from mmpt.mtl import torchjd_state
-from mmpt.mtl.base import ALL, LOSS, SEVERAL, Arg, Context, Method, Weighting
+from mmpt.mtl.base import Context, Weighting
 
 
 class ScalarizerHooks:
@@ -234,39 +234,13 @@ def famo(flags: list[str], args: dict, ctx: Context) -> Weighting:
     return ScalarizerWeighting(flags, _joint(method, flags, True), method, [], None, _FAMOHooks())
 
 
-SCALARIZERS: dict[str, Method] = {
-    "uw": Method(
-        LOSS,
-        learned_per_dataset(lambda: scalarization.UW(())),
-        {"lr": Arg(None)},
-        reference="Kendall et al. 2018, uncertainty weighting",
-    ),
-    "imtl_l": Method(
-        LOSS,
-        learned_per_dataset(lambda: scalarization.IMTLL(())),
-        {"lr": Arg(None)},
-        reference="Liu et al. 2021, Towards Impartial MTL (loss balance)",
-    ),
-    "rlw": Method(LOSS, rlw, reference="Lin et al. 2022, Random Loss Weighting"),
-    "dwa": Method(LOSS, dwa, {"temperature": Arg(2.0)}, ALL, reference="Liu et al. 2019, Dynamic Weight Average"),
-    "famo": Method(
-        LOSS,
-        famo,
-        {"lr": Arg(0.025), "weight_decay": Arg(0.001, may_be_zero=True)},
-        ALL,
-        reference="Liu et al. 2023, FAMO",
-    ),
-    "geometric_mean": Method(
-        LOSS,
-        stateless(lambda a: scalarization.GeometricMean()),
-        tasks=SEVERAL,
-        reference="Chennupati et al. 2019, geometric loss strategy",
-    ),
-    "stch": Method(
-        LOSS,
-        stateless(lambda a: scalarization.STCH(mu=a["mu"])),
-        {"mu": Arg(1.0)},
-        SEVERAL,
-        reference="Lin et al. 2024, Smooth Tchebycheff scalarization",
-    ),
+# the build function of each loss-based method (declared in mmpt.mtl.methods)
+SCALARIZER_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+    "uw": learned_per_dataset(lambda: scalarization.UW(())),
+    "imtl_l": learned_per_dataset(lambda: scalarization.IMTLL(())),
+    "rlw": rlw,
+    "dwa": dwa,
+    "famo": famo,
+    "geometric_mean": stateless(lambda a: scalarization.GeometricMean()),
+    "stch": stateless(lambda a: scalarization.STCH(mu=a["mu"])),
 }

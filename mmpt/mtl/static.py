@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mmpt.mtl.base import STATIC, Context, Method, Stateless, Weighting
+from mmpt.mtl.base import Context, Stateless, Weighting
 
 
 class StaticWeighting(Stateless):
@@ -41,10 +41,11 @@ def manual(flags: list[str], args: dict, ctx: Context) -> Weighting:
     return StaticWeighting({t: float(ctx.weights[t]) for t in flags})
 
 
-STATIC_METHODS: dict[str, Method] = {
-    "none": Method(STATIC, by_size(lambda n, lo, hi: 1.0), reference="every loss counts 1 (mm-PT default)"),
-    "size": Method(STATIC, by_size(lambda n, lo, hi: lo / n), reference="min|D| / |D_t| (Bachmeier 2024)"),
-    "inverse_size": Method(STATIC, by_size(lambda n, lo, hi: hi / n), reference="max|D| / |D_t|"),
-    "sqrt_size": Method(STATIC, by_size(lambda n, lo, hi: math.sqrt(lo / n)), reference="sqrt(min|D| / |D_t|)"),
-    "manual": Method(STATIC, manual, reads_weights=True, reference="loss.weights: one weight per dataset"),
+# the build function of each static method (declared in mmpt.mtl.methods)
+STATIC_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+    "none": by_size(lambda n, lo, hi: 1.0),
+    "size": by_size(lambda n, lo, hi: lo / n),
+    "inverse_size": by_size(lambda n, lo, hi: hi / n),
+    "sqrt_size": by_size(lambda n, lo, hi: math.sqrt(lo / n)),
+    "manual": manual,
 }

@@ -1,0 +1,113 @@
+"""Reading saved weights of any kind: a run folder (its best checkpoint), a checkpoint file, or a folder written
+by `evaluate.py export`, for `--init-from`, evaluation and probes.
+
+Low in the stack beside mmpt.checkpoint, as timm reads weights in `_hub.py` beside `save_for_hf`: the export
+*writer* and its model card live in mmpt.experiments.export, and the file names of the format both use live here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mmpt import checkpoint as ckpt
+from mmpt.config import Config, recorded_config, to_dict
+from mmpt.errors import MmptError
+from mmpt.rundir import RunDir
+
+# The files of an export folder (mmpt.experiments.export writes them)
+WEIGHTS = "model.safetensors"  # the backbone, as timm's save_for_hf writes it
+TIMM_CONFIG = "config.json"
+HEADS = "heads.safetensors"  # one head per dataset, keys `<flag>.<parameter>`
+NORM = "norm.safetensors"  # per-dataset BatchNorm entries, keys `<flag>.<timm key>` (model.norm runs only)
+RUN_CONFIG = "mmpt-config.yaml"  # the run's resolved recipe
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `evaluate.py export`."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in (WEIGHTS, TIMM_CONFIG, RUN_CONFIG))
+
+
+def checkpoint_path(source: str | Path) -> Path:
+    """A run folder means its checkpoints/best.pt; anything else is taken as a checkpoint file."""
+    source = Path(source)
+    return RunDir(source).best if source.is_dir() else source
+
+
+def read_weights(source: str | Path) -> tuple[Path, dict]:
+    """(path, checkpoint dict) of a run folder (its best.pt), a checkpoint file, or a folder written by
+    `evaluate.py export` (read as the checkpoint it came from: model weights and config).
+
+    Raises MmptError when the checkpoint or a file of the export cannot be read (mmpt.checkpoint.load).
+    """
+    if is_export(source):
+        return Path(source), read_export(source)
+    path = checkpoint_path(source)
+    return path, ckpt.load(path)
+
+
+def read_export_config(path: Path) -> Config:
+    """The recipe of the run an export came from."""
+    return recorded_config(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
+
+
+def read_export_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The exported heads: per dataset, its state dict."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    file = Path(path) / HEADS
+    if file.is_file():
+        for key, value in load_file(str(file)).items():
+            flag, _, name = key.partition(".")
+            heads.setdefault(flag, {})[name] = value
+    return heads
+
+
+def read_export(path: Path) -> dict:
+    """An export read as a checkpoint's model and config (what --init-from and probe read from a run).
+
+    Raises MmptError when a file of the export cannot be read.
+    """
+    path = Path(path)
+    try:
+        backbone = load_file(str(path / WEIGHTS))
+        heads = read_export_heads(path)
+        cfg = read_export_config(path)
+    except (OSError, SafetensorError, yaml.YAMLError, ValueError) as exc:
+        raise MmptError(
+            f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); export the run again"
+        ) from None
+    norm_file = path / NORM
+    if norm_file.is_file():  # per-dataset statistics back into the engine's layout: T×C rows, task_* weights
+        try:
+            backbone = per_dataset_backbone(backbone, load_file(str(norm_file)), cfg.data.datasets)
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise MmptError(
+                f"{norm_file} is not readable as this export's per-dataset statistics "
+                f"({str(exc).splitlines()[0][:160]}); export the run again"
+            ) from None
+    model = {f"backbone.{k}": v for k, v in backbone.items()}
+    model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
+    return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}
+
+
+def per_dataset_backbone(plain: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], datasets) -> dict:
+    """A plain backbone state dict with the per-dataset entries of norm.safetensors, as the engine stores a
+    per-dataset backbone: each layer's statistics stacked per dataset (in `datasets` order), and for per_dataset
+    its affine weights as task_weight.i / task_bias.i."""
+    out = dict(plain)
+    first = f"{datasets[0]}."
+    layers = sorted({k.removeprefix(first).rpartition(".")[0] for k in norm if k.startswith(first)})
+    for layer in layers:
+        for leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            out[f"{layer}.{leaf}"] = torch.stack([norm[f"{flag}.{layer}.{leaf}"] for flag in datasets])
+        if f"{first}{layer}.weight" in norm:
+            for leaf in ("weight", "bias"):
+                out.pop(f"{layer}.{leaf}", None)
+                for i, flag in enumerate(datasets):
+                    out[f"{layer}.task_{leaf}.{i}"] = norm[f"{flag}.{layer}.{leaf}"]
+    return out

@@ -234,6 +234,14 @@ class OptimConfig:
     clip_grad_norm: float | None = setting(
         None, "clip the gradient norm to this; null = no clipping", gt=0, resume=True
     )
+    layer_decay: float | None = setting(
+        None,
+        "layer-wise LR decay of the backbone (timm's layer_decay, its group_matcher's layers): layer l of L trains at "
+        "optim.lr x layer_decay^(L-1-l), the last block at optim.lr, the stem lowest; null = off (for --init-from "
+        "runs: fine-tuning that keeps early features)",
+        gt=0,
+        le=1,
+    )
 
 
 @dataclass(frozen=True)

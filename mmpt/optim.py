@@ -3,6 +3,11 @@
 A head is updated only on the steps that sample its task, so its cosine schedule runs over its own
 update count, not the global step. `per_head=False` gives the thesis code's single shared optimizer
 (one schedule over global steps) for ablation.
+
+Layer-wise learning-rate decay (`layer_decay`, timm's `param_groups_layer_decay` with the backbone's
+`group_matcher`) gives each of the backbone's L layer groups (stem, then every block) its own `lr_scale`,
+decay^(L - 1 - l): the last block trains at the backbone's LR, the stem at the lowest; timm's schedules apply
+the scale.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, param_groups_weight_decay
+from timm.optim import (
+    create_optimizer_v2,
+    get_optimizer_info,
+    list_optimizers,
+    param_groups_layer_decay,
+    param_groups_weight_decay,
+)
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
@@ -127,7 +138,11 @@ class Optimizers:
             scaler.update()
 
     def learning_rates(self) -> dict[str, float]:
-        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        """Each optimizer's scheduled LR (with optim.layer_decay: that of its top layer, whose scale is 1)."""
+        return {
+            name: opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
+            for name, opt in self.optimizers.items()
+        }
 
     def state_dict(self) -> dict:
         return {
@@ -159,6 +174,7 @@ def build_optimizers(
     warmup_epochs: float = 0.0,
     min_lr_ratio: float = 0.0,
     clip_grad_norm: float | None = None,
+    layer_decay: float | None = None,
     fused: bool = False,
     steps_per_epoch: float | None = None,
 ) -> Optimizers:
@@ -166,16 +182,20 @@ def build_optimizers(
 
     `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each head's schedule.
     `steps_per_epoch` sizes the backbone's (and the shared) schedule; None = their sum (one dataset per step).
+    `layer_decay`: layer-wise LR decay of the backbone (timm's; None = off).
     `fused` asks for the optimizer's fused kernel (one kernel for all parameters) where its class has one.
-    `name` is a timm optimizer that this machine can create (checked once per run by `check_optimizer_name`).
+    `name` is a timm optimizer that this machine can create (checked once per run by `check_optimizer_name`), and
+    `layer_decay` one that the backbone's layers take (checked when the model is built, by `check_layer_decay`).
     """
     opt_class = get_optimizer_info(name).opt_class
     kernel = {"fused": True} if fused and "fused" in inspect.signature(opt_class).parameters else {}
     head_lr = lr if head_lr is None else head_lr
     steps_per_epoch = sum(updates_per_epoch.values()) if steps_per_epoch is None else steps_per_epoch
 
-    def make(params_or_module, group_lr: float) -> torch.optim.Optimizer:
-        return create_optimizer_v2(params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay, **kernel)
+    def make(params_or_module, group_lr: float, layer_decay: float | None = None) -> torch.optim.Optimizer:
+        return create_optimizer_v2(
+            params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay, layer_decay=layer_decay, **kernel
+        )
 
     def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> Scheduler:
         return build_schedule(
@@ -187,7 +207,11 @@ def build_optimizers(
         )
 
     if not per_head:
-        groups = param_groups_weight_decay(backbone, weight_decay)
+        if layer_decay is None:
+            groups = param_groups_weight_decay(backbone, weight_decay)
+        else:
+            groups = param_groups_layer_decay(backbone, weight_decay, layer_decay=layer_decay)
+            assert_layered(groups, layer_decay)
         for head in heads.values():
             groups += [dict(g, lr=head_lr) for g in param_groups_weight_decay(head, weight_decay)]
         optimizer = make(groups, lr)
@@ -195,9 +219,33 @@ def build_optimizers(
             {SHARED: optimizer}, {SHARED: schedule_for(optimizer, steps_per_epoch)}, clip_grad_norm=clip_grad_norm
         )
 
-    optimizers = {BACKBONE: make(backbone, lr)}
+    optimizers = {BACKBONE: make(backbone, lr, layer_decay)}
+    if layer_decay is not None:
+        assert_layered(optimizers[BACKBONE].param_groups, layer_decay)
     schedules = {BACKBONE: schedule_for(optimizers[BACKBONE], steps_per_epoch)}
     for task, head in heads.items():
         optimizers[task] = make(head, head_lr)
         schedules[task] = schedule_for(optimizers[task], updates_per_epoch[task])
     return Optimizers(optimizers, schedules, clip_grad_norm=clip_grad_norm)
+
+
+def check_layer_decay(layer_decay: float | None, backbone: nn.Module, backbone_name: str) -> None:
+    """Raise MmptError when a layer decay below 1 would leave every backbone parameter at one scale: timm finds no
+    layers in the backbone (no group_matcher), so the setting would silently do nothing."""
+    if layer_decay is not None and layer_decay < 1:
+        if len(layer_scales(param_groups_layer_decay(backbone, 0.0, layer_decay=layer_decay))) < 2:
+            raise MmptError(
+                f"optim.layer_decay {layer_decay:g} needs a backbone that timm splits into layers (a group_matcher), "
+                f"but {backbone_name} gives one layer; set optim.layer_decay null or choose a timm backbone"
+            )
+
+
+def assert_layered(groups: list[dict], layer_decay: float) -> None:
+    assert layer_decay >= 1 or len(layer_scales(groups)) >= 2, (
+        f"optim.layer_decay {layer_decay:g} on a backbone without layers (check_layer_decay refuses it)"
+    )
+
+
+def layer_scales(groups: list[dict]) -> list[float]:
+    """The distinct LR scales of an optimizer's parameter groups, lowest (the stem) first; [1.0] without decay."""
+    return sorted({float(g.get("lr_scale", 1.0)) for g in groups})

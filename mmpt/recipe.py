@@ -25,7 +25,7 @@ from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_
 from mmpt.mtl import environment_problems
 from mmpt.mtl.build import build_weighting
 from mmpt.norm import check_norm
-from mmpt.optim import build_optimizers, check_optimizer_name
+from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
 from mmpt.step import TrainStep
 from mmpt.tasks import TaskSpec
 from mmpt.weights import read_weights
@@ -75,6 +75,7 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
         for t in tasks
     }
     check_norm(cfg.model.norm, backbone, cfg.model.backbone)
+    check_layer_decay(cfg.optim.layer_decay, backbone, cfg.model.backbone)
     model = MultiTaskNet(backbone, heads, input_size=cfg.model.img_size)
     check_input_size(model, cfg.data.resolution if cfg.input.mode == "native" else model.input_size, cfg.model.backbone)
     # converted after the size check, which runs the plain backbone: the per-dataset layers start from its values
@@ -125,6 +126,7 @@ def optimizer_arguments(optim: OptimConfig) -> dict:
         warmup_epochs=optim.warmup_epochs,
         min_lr_ratio=optim.min_lr_ratio,
         clip_grad_norm=optim.clip_grad_norm,
+        layer_decay=optim.layer_decay,
     )
 
 

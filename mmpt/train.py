@@ -82,7 +82,15 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             keep_previous_as=run.before_resume(run.env, progress.step) if resumed else None,
         )
         print(
-            describe(cfg, model, sampler, device, world, data_cache=cache_location(cfg.data.root, cfg.data.cache_dir))
+            describe(
+                cfg,
+                model,
+                sampler,
+                device,
+                world,
+                data_cache=cache_location(cfg.data.root, cfg.data.cache_dir),
+                optimizers=step.optimizers,
+            )
         )
         if saved is not None:
             print(resumed_line(saved[ckpt.PROGRESS], world))

@@ -15,6 +15,7 @@ from mmpt.distributed import World
 from mmpt.errors import MmptError
 from mmpt.model import MultiTaskNet
 from mmpt.norm import describe_norm, has_batchnorm
+from mmpt.optim import BACKBONE, Optimizers, layer_scales
 from mmpt.step import TrainStep
 
 
@@ -88,7 +89,15 @@ class Log:
             self.writer.close()
 
 
-def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: World, data_cache: Path) -> str:
+def describe(
+    cfg: Config,
+    model: MultiTaskNet,
+    sampler: Sampler,
+    device,
+    world: World,
+    data_cache: Path,
+    optimizers: Optimizers | None = None,
+) -> str:
     """The run's opening lines: what will be trained, on what input, where and how."""
     sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
     width = max(len(t) for t in sizes)
@@ -119,6 +128,13 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
         + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else "")
     )
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    if cfg.optim.layer_decay is not None and optimizers is not None and BACKBONE in optimizers.optimizers:
+        scales = layer_scales(optimizers.optimizers[BACKBONE].param_groups)
+        lines.append(
+            f"backbone learning rate by layer (optim.layer_decay {cfg.optim.layer_decay:g}, timm's layer groups): "
+            f"{len(scales)} groups, the stem at {scales[0]:.3g} x optim.lr ({scales[0] * cfg.optim.lr:.3g}), "
+            f"the last block at optim.lr ({cfg.optim.lr:g})"
+        )
     if has_batchnorm(model.backbone):
         lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
     lines.append(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from mmpt.optim import BACKBONE, SHARED, build_optimizers
+from mmpt.backbones import create_backbone
+from mmpt.config import load_config
+from mmpt.errors import MmptError
+from mmpt.optim import BACKBONE, SHARED, build_optimizers, check_layer_decay
+from mmpt.recipe import build_model
+from mmpt.tasks import resolve_tasks
 
 TASKS = ("a", "b", "c")
 
@@ -121,3 +127,68 @@ def test_state_dict_restores_moments_update_counts_and_learning_rates():
     torch.manual_seed(1)
     train_step(backbone2, heads2, restored, "c")
     assert same(snapshot(backbone), snapshot(backbone2)) and same(snapshot(heads["c"]), snapshot(heads2["c"]))
+
+
+# --- layer-wise LR decay (optim.layer_decay) --------------------------------------------------------------------------
+
+# (backbone, layer groups timm's group_matcher gives it, a stem parameter, a parameter of a middle layer group and its
+# index, a last-block parameter)
+LAYERED = [
+    ("test_resnet", 5, "conv1.0.weight", ("layer2.0.conv1.weight", 2), "layer4.0.conv2.weight"),
+    ("resnet18", 9, "conv1.weight", ("layer2.1.conv1.weight", 4), "layer4.1.conv2.weight"),
+    ("test_vit", 7, "patch_embed.proj.weight", ("blocks.2.attn.qkv.weight", 3), "blocks.5.mlp.fc2.weight"),
+    ("vit_b16", 13, "patch_embed.proj.weight", ("blocks.5.attn.qkv.weight", 6), "blocks.11.mlp.fc2.weight"),
+]
+
+
+def lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[float, float]:
+    """(lr, weight_decay) of the parameter group that holds `param`."""
+    (group,) = [g for g in optimizer.param_groups if any(p is param for p in g["params"])]
+    return group["lr"], group["weight_decay"]
+
+
+@pytest.mark.parametrize("name, layers, stem, middle, last", LAYERED, ids=[row[0] for row in LAYERED])
+def test_layer_decay_lowers_the_lr_layer_by_layer_from_the_last_block_to_the_stem(name, layers, stem, middle, last):
+    backbone = create_backbone(name)
+    heads = {t: nn.Linear(backbone.num_features, 2) for t in TASKS}
+    decay, lr = 0.5, 1e-3
+    optimizers = build_optimizers(
+        backbone, heads, dict.fromkeys(TASKS, 10), epochs=2, lr=lr, weight_decay=0.05, layer_decay=decay
+    )
+    opt, params = optimizers.optimizers[BACKBONE], dict(backbone.named_parameters())
+    for update in (0, 7):  # at the start, and after the cosine schedule has moved: the scale stays per layer
+        optimizers.schedules[BACKBONE].step_update(update)
+        peak = lr * 0.5 * (1 + math.cos(math.pi * update / 60))  # 30 steps per epoch, 2 epochs
+        assert lr_of(opt, params[last])[0] == pytest.approx(peak)
+        assert lr_of(opt, params[middle[0]])[0] == pytest.approx(peak * decay ** (layers - 1 - middle[1]))
+        assert lr_of(opt, params[stem])[0] == pytest.approx(peak * decay ** (layers - 1))
+        assert optimizers.learning_rates()[BACKBONE] == pytest.approx(peak)  # what the log shows: the top layer's
+    assert len({g["lr_scale"] for g in opt.param_groups}) == layers
+    # every backbone parameter once; weight decay as without layer decay: none on 1-D parameters (and on ViT's
+    # position embedding and class token, timm's no_weight_decay)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    no_decay = set(getattr(backbone, "no_weight_decay", set)())
+    for pname, p in params.items():
+        assert lr_of(opt, p)[1] == (0.0 if p.ndim <= 1 or pname in no_decay else 0.05), pname
+    # the heads keep their own optimizers at the full LR
+    assert all(optimizers.learning_rates()[t] == pytest.approx(lr) for t in TASKS)
+
+
+def test_layer_decay_groups_per_dataset_norm_weights_with_their_block():
+    cfg = load_config(overrides=[{"model": {"backbone": "test_resnet", "norm": "per_dataset"}}])
+    model, _ = build_model(cfg, resolve_tasks(["breast", "retina"]))
+    optimizers = build_optimizers(
+        model.backbone, dict(model.heads), dict.fromkeys(model.heads, 4), epochs=1, lr=1.0, layer_decay=0.5
+    )
+    params = dict(model.backbone.named_parameters())
+    opt = optimizers.optimizers[BACKBONE]
+    assert lr_of(opt, params["layer4.0.bn1.task_weight.1"])[0] == lr_of(opt, params["layer4.0.conv1.weight"])[0] == 1
+    assert lr_of(opt, params["conv1.1.task_bias.0"])[0] == lr_of(opt, params["conv1.0.weight"])[0] == 0.5**4
+
+
+def test_layer_decay_refuses_a_backbone_timm_cannot_split_into_layers():
+    backbone, _ = tiny_net()  # a plain Sequential: no group_matcher, no pretrained_cfg
+    with pytest.raises(MmptError, match=r"optim.layer_decay 0.5 needs a backbone that timm splits into layers"):
+        check_layer_decay(0.5, backbone, "tiny")
+    check_layer_decay(None, backbone, "tiny")  # off: nothing to split
+    check_layer_decay(0.5, create_backbone("test_resnet"), "test_resnet")

@@ -274,6 +274,13 @@ class TrainConfig:
         "val_loss (unweighted mean over datasets, lower is better) or val_auc (mean, higher)",
         choices=MONITORS,
     )
+    probe_epochs: int = setting(
+        0,
+        "LP-FT (linear probing, then fine-tuning): the first this many of train.epochs train the heads only, the "
+        "backbone frozen in eval mode (needs model.init_from or model.pretrained); 0 = off",
+        ge=0,
+        recorded=0,
+    )
     log_every_steps: int = setting(
         20, "steps between loss reads, log lines and the non-finite check", ge=1, resume=True, result=False
     )
@@ -443,6 +450,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"data.synthetic writes generated files under medmnist's names; give it a folder of its own "
             f"(data.root: data/synthetic), not {DataConfig.root}"
         )
+    problems += _probe_problems(cfg)
     flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
     k = cfg.sampler.tasks_per_step
     problem = tasks_per_step_problem(k, len(flags))
@@ -463,6 +471,30 @@ def _cross_checks(cfg: Config) -> list[str]:
         weights=weights,
         datasets=flags,
     )
+
+
+def _probe_problems(cfg: Config) -> list[str]:
+    """LP-FT (train.probe_epochs) probes trained features with the heads' own optimizers, then fine-tunes."""
+    probe = cfg.train.probe_epochs
+    if not probe:
+        return []
+    problems = []
+    if not (cfg.model.init_from or cfg.model.pretrained):
+        problems.append(
+            f"train.probe_epochs {probe} trains the heads on a frozen backbone, which needs trained weights: set "
+            "model.init_from (--init-from RUN) or model.pretrained true, or train.probe_epochs 0"
+        )
+    if probe >= cfg.train.epochs:
+        problems.append(
+            f"train.probe_epochs {probe} must be less than train.epochs {cfg.train.epochs} (the probe epochs count "
+            "within train.epochs, so the backbone would never train); raise --epochs or lower train.probe_epochs"
+        )
+    if not cfg.optim.per_head:
+        problems.append(
+            "train.probe_epochs needs one optimizer and schedule per head (optim.per_head true): the backbone's "
+            "schedule starts when it unfreezes"
+        )
+    return problems
 
 
 def config_yaml(cfg: Config) -> str:

@@ -7,7 +7,7 @@ update count, not the global step. `per_head=False` gives the thesis code's sing
 Layer-wise learning-rate decay (`layer_decay`, timm's `param_groups_layer_decay` with the backbone's
 `group_matcher`) gives each of the backbone's L layer groups (stem, then every block) its own `lr_scale`,
 decay^(L - 1 - l): the last block trains at the backbone's LR, the stem at the lowest; timm's schedules apply
-the scale.
+the scale. A frozen optimizer (`Optimizers.frozen`, LP-FT's probe phase) neither steps nor advances its schedule.
 """
 
 from __future__ import annotations
@@ -97,11 +97,15 @@ class Optimizers:
     schedules: dict[str, Scheduler]
     updates: dict[str, int] = field(default_factory=dict)
     clip_grad_norm: float | None = None
+    # optimizers that sit out (LP-FT's probe phase: the backbone's); their update counts and schedules stay put
+    frozen: frozenset[str] = frozenset()
     _param_cache: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def groups_for(self, tasks: tuple[str, ...]) -> tuple[str, ...]:
-        """The optimizers that step when `tasks` are in a step: the backbone's and those heads', or the shared one."""
-        return (SHARED,) if SHARED in self.optimizers else (BACKBONE, *tasks)
+        """The optimizers that step when `tasks` are in a step: the backbone's and those heads', or the shared one;
+        less the frozen ones."""
+        names = (SHARED,) if SHARED in self.optimizers else (BACKBONE, *tasks)
+        return tuple(n for n in names if n not in self.frozen) if self.frozen else names
 
     def _params(self, names: tuple[str, ...]) -> list[torch.Tensor]:
         # built once per set of optimizers, not per step
@@ -175,6 +179,7 @@ def build_optimizers(
     min_lr_ratio: float = 0.0,
     clip_grad_norm: float | None = None,
     layer_decay: float | None = None,
+    probe_epochs: int = 0,
     fused: bool = False,
     steps_per_epoch: float | None = None,
 ) -> Optimizers:
@@ -182,11 +187,15 @@ def build_optimizers(
 
     `updates_per_epoch` maps each task to its (expected) batches per epoch; it sizes each head's schedule.
     `steps_per_epoch` sizes the backbone's (and the shared) schedule; None = their sum (one dataset per step).
-    `layer_decay`: layer-wise LR decay of the backbone (timm's; None = off).
+    `layer_decay`: layer-wise LR decay of the backbone (timm's; None = off). `probe_epochs`: the first epochs of
+    `epochs` train the heads only (LP-FT), so the backbone's schedule (warmup included) spans the other
+    `epochs - probe_epochs` epochs of its own updates; the heads' schedules span all `epochs`.
     `fused` asks for the optimizer's fused kernel (one kernel for all parameters) where its class has one.
     `name` is a timm optimizer that this machine can create (checked once per run by `check_optimizer_name`), and
     `layer_decay` one that the backbone's layers take (checked when the model is built, by `check_layer_decay`).
     """
+    assert 0 <= probe_epochs < epochs, f"probe_epochs {probe_epochs} must be below epochs {epochs}"
+    assert per_head or not probe_epochs, "LP-FT (probe_epochs) needs one optimizer per head"
     opt_class = get_optimizer_info(name).opt_class
     kernel = {"fused": True} if fused and "fused" in inspect.signature(opt_class).parameters else {}
     head_lr = lr if head_lr is None else head_lr
@@ -197,10 +206,10 @@ def build_optimizers(
             params_or_module, opt=name, lr=group_lr, weight_decay=weight_decay, layer_decay=layer_decay, **kernel
         )
 
-    def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float) -> Scheduler:
+    def schedule_for(optimizer: torch.optim.Optimizer, per_epoch: float, run_epochs: int = epochs) -> Scheduler:
         return build_schedule(
             optimizer,
-            total_updates=math.ceil(per_epoch * epochs),
+            total_updates=math.ceil(per_epoch * run_epochs),
             warmup_updates=math.ceil(per_epoch * warmup_epochs),
             min_lr_ratio=min_lr_ratio,
             schedule=schedule,
@@ -222,7 +231,7 @@ def build_optimizers(
     optimizers = {BACKBONE: make(backbone, lr, layer_decay)}
     if layer_decay is not None:
         assert_layered(optimizers[BACKBONE].param_groups, layer_decay)
-    schedules = {BACKBONE: schedule_for(optimizers[BACKBONE], steps_per_epoch)}
+    schedules = {BACKBONE: schedule_for(optimizers[BACKBONE], steps_per_epoch, epochs - probe_epochs)}
     for task, head in heads.items():
         optimizers[task] = make(head, head_lr)
         schedules[task] = schedule_for(optimizers[task], updates_per_epoch[task])

@@ -148,6 +148,7 @@ def build_step(
         dict(model.heads),
         sampler.updates_per_task,
         epochs=cfg.train.epochs,
+        probe_epochs=cfg.train.probe_epochs,
         fused=device.type == "cuda",
         steps_per_epoch=sampler.steps,
         **optimizer_arguments(cfg.optim),

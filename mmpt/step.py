@@ -20,9 +20,10 @@ from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mean_over_ranks
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet
+from mmpt.mtl import GRADIENT, METHODS
 from mmpt.mtl.base import MethodState
 from mmpt.norm import task_parameter_names
-from mmpt.optim import Optimizers
+from mmpt.optim import BACKBONE, Optimizers
 from mmpt.precision import autocast, grad_scaler
 
 
@@ -77,6 +78,17 @@ class TrainStep:
         self.loss_count = torch.zeros(len(self.index), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._head_params: dict[tuple[str, ...], list[nn.Parameter]] = {}
+        self.backbone_frozen = False
+        self.gradient_based = METHODS[weighting.name].kind == GRADIENT  # its backward aggregates the Jacobian
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """LP-FT's probe phase (`frozen`): the steps train the heads only. The backbone runs without gradients and
+        in eval mode (its BatchNorm statistics, per dataset ones included, stay as they are and its dropout is off),
+        and its optimizer neither steps nor advances its schedule. Call after `model.train()`, at an epoch's start."""
+        self.backbone_frozen = frozen
+        self.optimizers.frozen = frozenset({BACKBONE}) if frozen else frozenset()
+        if frozen:
+            self.model.backbone.eval()
 
     def __call__(self, parts: list[Part], step: int) -> None:
         """Train on one step's parts; `step` (the global step count before it) seeds its augmentation."""
@@ -92,13 +104,22 @@ class TrainStep:
         # per-dataset norm: which slice of x is which dataset's (sizes are host-side, no sync)
         self.model.set_norm_layout([(p.task, len(y)) for p, y in zip(parts, labels)])
         with autocast(self.device, self.precision):
-            features = self.backbone(x)  # N_total×F
+            if self.backbone_frozen:
+                with torch.no_grad():  # the plain module: no DDP gradient hooks, no compiled graph for no-grad mode
+                    features = self.model.backbone(x)  # N_total×F
+            else:
+                features = self.backbone(x)  # N_total×F
             logits = [self.model.heads[p.task](f) for p, f in zip(parts, features.split([len(y) for y in labels]))]
         losses = {
             part.task: self._global_mean(self.losses[part.task](z.float(), y), len(y), part.global_size)
             for part, z, y in zip(parts, logits, labels)
         }
-        self.weighting.backward(losses, features, self._scale)
+        if self.backbone_frozen and self.gradient_based:
+            # no Jacobian of a frozen backbone to aggregate: each head takes its own loss's gradient, as mtl_backward
+            # gives the task-specific parameters
+            self._scale(sum(losses.values())).backward()
+        else:
+            self.weighting.backward(losses, features, self._scale)
         tasks = tuple(losses)
         all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
         self.optimizers.step(tasks, self.scaler)

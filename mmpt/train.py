@@ -121,6 +121,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 world_size=world.world_size,
             )
             model.train()
+            step.freeze_backbone(epoch < cfg.train.probe_epochs)  # LP-FT: the heads alone first
             bar = tqdm(
                 loader,
                 total=len(loader),

@@ -128,6 +128,8 @@ def describe(
         + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else "")
     )
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
+    if cfg.train.probe_epochs:
+        lines.append(probe_description(cfg))
     if cfg.optim.layer_decay is not None and optimizers is not None and BACKBONE in optimizers.optimizers:
         scales = layer_scales(optimizers.optimizers[BACKBONE].param_groups)
         lines.append(
@@ -143,6 +145,20 @@ def describe(
         + ("   compiled" if cfg.train.compile else "")
     )
     return "\n".join(lines)
+
+
+def probe_description(cfg: Config) -> str:
+    """The start line of LP-FT (train.probe_epochs): which epochs train what, and where each schedule runs."""
+    probe, epochs = cfg.train.probe_epochs, cfg.train.epochs
+    first = "epoch 1" if probe == 1 else f"epochs 1-{probe}"
+    rest = f"epoch {epochs}" if probe + 1 == epochs else f"epochs {probe + 1}-{epochs}"
+    warmup = f"{cfg.optim.warmup_epochs:g} epochs of warm-up, then " if cfg.optim.warmup_epochs else ""
+    return (
+        f"LP-FT (train.probe_epochs {probe}): the heads alone train in {first} of {epochs} (the backbone frozen, in "
+        f"eval mode: BatchNorm statistics as loaded, no dropout), everything in {rest}; the backbone's "
+        f"{cfg.optim.schedule} schedule ({warmup}optim.lr {cfg.optim.lr:g}) starts at epoch {probe + 1}, the heads' "
+        f"spans all {epochs} epochs"
+    )
 
 
 def input_description(cfg: Config, model: MultiTaskNet) -> str:

@@ -63,11 +63,13 @@ class Progress:
 class EarlyStopping:
     """The best epoch of the monitored validation metric so far and the epochs since (train.monitor, train.patience).
 
-    The patience is the run's current setting (a resume may change it), not part of the state.
+    The patience is the run's current setting (a resume may change it), not part of the state. With LP-FT
+    (train.probe_epochs) the patience counts fine-tuning epochs only, so the probe cannot end a run.
     """
 
     higher_is_better: bool
     patience: int | None
+    probe_epochs: int = 0  # epochs 1..probe_epochs improve the best but never count against the patience
     best_metric: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the monitored metric last improved
@@ -78,7 +80,7 @@ class EarlyStopping:
         improved = best is None or (metric > best if self.higher_is_better else metric < best)
         if improved:
             self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch, 0
-        else:
+        elif epoch > self.probe_epochs:
             self.bad_epochs += 1
         return improved
 
@@ -144,7 +146,9 @@ class TrainingState:
         self.cfg, self.world = cfg, world
         self.progress = Progress(world_size=world.world_size)
         self.early_stopping = EarlyStopping(
-            higher_is_better=cfg.train.monitor == "val_auc", patience=cfg.train.patience
+            higher_is_better=cfg.train.monitor == "val_auc",
+            patience=cfg.train.patience,
+            probe_epochs=cfg.train.probe_epochs,
         )
         # checkpoint key -> part, in load order (the random states last); a new stateful part is one entry here
         self.parts: dict[str, Stateful] = {

@@ -129,7 +129,7 @@ def test_state_dict_restores_moments_update_counts_and_learning_rates():
     assert same(snapshot(backbone), snapshot(backbone2)) and same(snapshot(heads["c"]), snapshot(heads2["c"]))
 
 
-# --- layer-wise LR decay (optim.layer_decay) --------------------------------------------------------------------------
+# --- layer-wise LR decay (optim.layer_decay) and a frozen backbone (LP-FT) -------------------------------------------
 
 # (backbone, layer groups timm's group_matcher gives it, a stem parameter, a parameter of a middle layer group and its
 # index, a last-block parameter)
@@ -192,3 +192,27 @@ def test_layer_decay_refuses_a_backbone_timm_cannot_split_into_layers():
         check_layer_decay(0.5, backbone, "tiny")
     check_layer_decay(None, backbone, "tiny")  # off: nothing to split
     check_layer_decay(0.5, create_backbone("test_resnet"), "test_resnet")
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_its_schedule_starts_when_it_unfreezes():
+    backbone, heads = tiny_net()
+    # LP-FT: 1 probe epoch of 3 (12 steps each); the backbone's warmup (1 epoch) and cosine run over epochs 2-3
+    optimizers = build_optimizers(
+        backbone, heads, dict.fromkeys(TASKS, 4), epochs=3, probe_epochs=1, lr=0.1, warmup_epochs=1
+    )
+    optimizers.frozen = frozenset({BACKBONE})
+    before = snapshot(backbone)
+    for task in TASKS * 4:
+        train_step(backbone, heads, optimizers, task)
+    assert same(snapshot(backbone), before)  # weight decay included
+    assert BACKBONE not in optimizers.updates and optimizers.updates == dict.fromkeys(TASKS, 4)
+    assert optimizers.learning_rates()[BACKBONE] == pytest.approx(0.1 * 1e-3)  # the warmup's start, unmoved
+    optimizers.frozen = frozenset()
+    for task in TASKS * 4:
+        train_step(backbone, heads, optimizers, task)
+    assert not same(snapshot(backbone), before)
+    # warmup over 12 of the backbone's own updates, then the cosine over 24 (its two epochs): half way at 12
+    assert optimizers.updates[BACKBONE] == 12
+    assert optimizers.learning_rates()[BACKBONE] == pytest.approx(0.1 * 0.5)
+    # the heads' schedules span all 3 epochs (12 updates each) of their own updates: 8 of 12 taken
+    assert optimizers.learning_rates()["a"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 8 / 12)))

@@ -284,6 +284,15 @@ class TrainConfig:
     log_every_steps: int = setting(
         20, "steps between loss reads, log lines and the non-finite check", ge=1, resume=True, result=False
     )
+    conflict_every_steps: int | None = setting(
+        None,
+        "steps between measurements of the gradient cosine of every pair of datasets on the backbone (it changes "
+        "no result); null = auto: every 100 steps where several datasets share a step under a gradient-based "
+        "loss.weighting (from the Gramian it computes anyway), else off; 0 = off",
+        ge=0,
+        resume=True,
+        result=False,
+    )
     progress: bool = setting(True, "tqdm progress bar", resume=True, result=False)
 
 

@@ -181,3 +181,50 @@ def plot_differences(
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def conflict_figure(mean: np.ndarray, tasks: tuple[str, ...] | list[str], title: str):
+    """(figure, axes) of the gradient-conflict heat map: one cell per pair of datasets (rows tasks[1:], columns
+    tasks[:-1], the lower triangle), its value printed in it, a diverging colormap centred on 0."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    plt = _pyplot()
+    n = len(tasks)
+    names = [t.removesuffix("mnist") for t in tasks]
+    cells = np.full((n - 1, n - 1), np.nan)
+    for i in range(1, n):
+        for j in range(i):
+            cells[i - 1, j] = mean[i, j]
+    finite = np.abs(cells[np.isfinite(cells)])
+    # the colour scale: symmetric about 0, at least ±0.05 so that noise around 0 stays pale
+    bound = max(0.05, float(np.ceil(finite.max() * 20) / 20)) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * n, 1.6 + 0.5 * n), dpi=110)
+    image = ax.imshow(np.ma.masked_invalid(cells), cmap="RdBu", norm=TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound))
+    for i in range(n - 1):
+        for j in range(i + 1):
+            value = cells[i, j]
+            text = "n/a" if not np.isfinite(value) else f"{value:+.2f}"
+            dark = np.isfinite(value) and abs(value) > 0.6 * bound
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(n - 1), names[:-1], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n - 1), names[1:], fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine (< 0: conflict)")
+    ax.set_title(title, fontsize=9)
+    return fig, ax
+
+
+def conflict_title(steps: list[int], every_steps: int) -> str:
+    """The heat map's title: what it shows and the steps it averages."""
+    span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    count = "1 measurement" if len(steps) == 1 else f"{len(steps)} measurements"
+    return f"gradient cosine between datasets on the shared backbone\nmean of {count}, {span}, every {every_steps}"
+
+
+def plot_gradient_conflicts(
+    mean: np.ndarray, tasks: tuple[str, ...] | list[str], steps: list[int], every_steps: int, path: Path
+) -> Path:
+    """The heat map of the mean gradient cosine of every pair of datasets (see conflict_figure)."""
+    fig, _ = conflict_figure(mean, tasks, conflict_title(steps, every_steps))
+    return _save(fig, path)

@@ -16,18 +16,19 @@ import torch
 from mmpt import checkpoint as ckpt
 from mmpt.backbones import create_backbone, resolve_backbone
 from mmpt.config import Config, OptimConfig, recorded_config
+from mmpt.conflicts import BATCHES, GradientConflicts, conflict_interval, conflict_source
 from mmpt.data.sampler import Sampler
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World
 from mmpt.errors import MmptError
 from mmpt.losses import TaskLoss, build_loss
 from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_weights
-from mmpt.mtl import environment_problems
+from mmpt.mtl import GRADIENT, METHODS, environment_problems
 from mmpt.mtl.build import build_weighting
 from mmpt.norm import check_norm
 from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
 from mmpt.step import TrainStep
-from mmpt.tasks import TaskSpec
+from mmpt.tasks import FLAGS, TaskSpec
 from mmpt.weights import read_weights
 
 
@@ -137,9 +138,12 @@ def build_step(
     sampler: Sampler,
     device: torch.device,
     world: World = SINGLE,
+    train_splits: dict | None = None,
 ) -> TrainStep:
     """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
-    by the head's own updates per epoch and the backbone's by the steps, its loss weighting and input transform.
+    by the head's own updates per epoch and the backbone's by the steps, its loss weighting, input transform and
+    gradient-conflict diagnostic (`train_splits`, flag -> train SplitData: where it draws batches when a step holds
+    one dataset; without them that source stays off).
 
     The one place the recipe and the benchmarks assemble a step.
     """
@@ -176,6 +180,25 @@ def build_step(
         seed=cfg.train.seed,
         channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
+        conflicts=build_conflicts(cfg, list(model.heads), world, train_splits),
+    )
+
+
+def build_conflicts(cfg: Config, tasks: list[str], world: World, train_splits: dict | None) -> GradientConflicts | None:
+    """The gradient-conflict diagnostic of `cfg` (train.conflict_every_steps), or None where it is off."""
+    several = cfg.sampler.tasks_per_step == "all" or cfg.sampler.tasks_per_step >= 2
+    source = conflict_source(several, METHODS[cfg.loss.weighting].kind == GRADIENT, world.world_size)
+    every = conflict_interval(cfg.train.conflict_every_steps, source, len(tasks))
+    if not every or (source == BATCHES and train_splits is None):
+        return None
+    return GradientConflicts(
+        [t for t in FLAGS if t in tasks],
+        every,
+        source,
+        seed=cfg.train.seed,
+        batch_size=max(2, -(-cfg.train.batch_size // world.world_size)),  # one process's share of the global batch
+        splits=train_splits,
+        is_main=world.is_main,
     )
 
 

@@ -6,6 +6,7 @@ runs/<name>/
   checkpoints/{last,best}.pt            the training state; the best weights
   tb/                                   TensorBoard events
   val_history.json, val_auc.png         per-epoch validation
+  gradient_conflicts.{json,png}         the gradient-conflict diagnostic's measurements and their heat map
   summary.json                          digests of the final and best weights, steps, the best epoch
   metrics.{json,csv,md}, predictions/, loss_curves.png   best.pt's test report (a `Results` folder)
   eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
@@ -40,6 +41,8 @@ SUMMARY = "summary.json"
 VAL_HISTORY = "val_history.json"
 VAL_AUC_PLOT = "val_auc.png"
 LOSS_CURVES_PLOT = "loss_curves.png"
+GRADIENT_CONFLICTS = "gradient_conflicts.json"
+GRADIENT_CONFLICTS_PLOT = "gradient_conflicts.png"
 METRICS_FILES = ("metrics.json", "metrics.csv", "metrics.md")
 COMPARE_FILES = ("compare.json", "compare.csv", "compare.md")
 COMPARE_DIFF_PLOT = "compare_diff.png"
@@ -83,6 +86,8 @@ RUN_FILES = (
     *METRICS_FILES,
     VAL_AUC_PLOT,
     LOSS_CURVES_PLOT,
+    GRADIENT_CONFLICTS,
+    GRADIENT_CONFLICTS_PLOT,
     *COMPARE_FILES,
     COMPARE_DIFF_PLOT,
 )
@@ -240,6 +245,16 @@ class RunDir:
     @property
     def val_auc_plot(self) -> Path:
         return self.path / VAL_AUC_PLOT
+
+    @property
+    def gradient_conflicts(self) -> Path:
+        """gradient_conflicts.json: every measurement of the gradient-conflict diagnostic (conflict_every_steps)."""
+        return self.path / GRADIENT_CONFLICTS
+
+    @property
+    def gradient_conflicts_plot(self) -> Path:
+        """gradient_conflicts.png: the heat map of their mean, written at the end of training."""
+        return self.path / GRADIENT_CONFLICTS_PLOT
 
     @property
     def summary(self) -> Path:

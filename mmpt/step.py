@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmpt.conflicts import BATCHES, GRAMIAN, STEP, GradientConflicts, cosines, gramian
 from mmpt.data.loader import Part
 from mmpt.data.transforms import DeviceTransform
 from mmpt.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mean_over_ranks
@@ -53,6 +54,7 @@ class TrainStep:
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        conflicts: GradientConflicts | None = None,
     ) -> None:
         self.model, self.losses, self.optimizers, self.weighting = model, losses, optimizers, weighting
         self.transform = transform.to(device)
@@ -80,6 +82,10 @@ class TrainStep:
         self._head_params: dict[tuple[str, ...], list[nn.Parameter]] = {}
         self.backbone_frozen = False
         self.gradient_based = METHODS[weighting.name].kind == GRADIENT  # its backward aggregates the Jacobian
+        # the gradient-conflict diagnostic (None: off) and the backbone parameters every dataset shares
+        self.conflicts = conflicts
+        own = set(task_parameter_names(model.backbone))
+        self.shared_params = [p for n, p in model.backbone.named_parameters() if p.requires_grad and n not in own]
 
     def freeze_backbone(self, frozen: bool) -> None:
         """LP-FT's probe phase (`frozen`): the steps train the heads only. The backbone runs without gradients and
@@ -92,6 +98,19 @@ class TrainStep:
 
     def __call__(self, parts: list[Part], step: int) -> None:
         """Train on one step's parts; `step` (the global step count before it) seeds its augmentation."""
+        measure = self.conflicts is not None and not self.backbone_frozen and self.conflicts.due(step)
+        source = self.conflicts.source if measure else None
+        if source == BATCHES:  # at the weights this step starts from, before its own forward pass
+            self.conflicts.measure_batches(
+                step,
+                self.model,
+                self.losses,
+                lambda images: self.transform(images, train=False),
+                self.shared_params,
+                forward=self._diagnostic_forward,
+                device=self.device,
+                scale=self._scale,
+            )
         self.generator.manual_seed(augmentation_seed(self.seed, step, self.world.rank))
         inputs, labels = [], []
         for part in parts:
@@ -114,13 +133,25 @@ class TrainStep:
             part.task: self._global_mean(self.losses[part.task](z.float(), y), len(y), part.global_size)
             for part, z, y in zip(parts, logits, labels)
         }
+        tasks = tuple(losses)
+        if source == STEP and len(tasks) > 1:  # one extra backward pass per dataset, over the step's graph
+            gradients = [
+                torch.autograd.grad(self._scale(loss), self.shared_params, retain_graph=True, allow_unused=True)
+                for loss in losses.values()
+            ]
+            self.conflicts.record(step, tasks, cosines(gramian(gradients)))
+        if source == GRAMIAN:
+            self.weighting.method.keep_gramian = True
         if self.backbone_frozen and self.gradient_based:
             # no Jacobian of a frozen backbone to aggregate: each head takes its own loss's gradient, as mtl_backward
             # gives the task-specific parameters
             self._scale(sum(losses.values())).backward()
         else:
             self.weighting.backward(losses, features, self._scale)
-        tasks = tuple(losses)
+        if source == GRAMIAN:
+            self.weighting.method.keep_gramian = False
+            if len(tasks) > 1:
+                self.conflicts.record(step, tasks, cosines(self.weighting.method.gramian))
         all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
         self.optimizers.step(tasks, self.scaler)
         self.optimizers.zero_grad(tasks)
@@ -141,6 +172,15 @@ class TrainStep:
             return loss
         local = loss * (local_size * self.world.world_size / global_size)
         return local + (mean_over_ranks(self.world, local.detach()) - local.detach())
+
+    def _diagnostic_forward(self, x: Tensor, task: str) -> Tensor:
+        """`task`'s logits for the conflict diagnostic's batch: the plain backbone (no DDP hooks, no compiled graph),
+        as training runs it otherwise."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.set_norm_layout([(task, len(x))])
+        with autocast(self.device, self.precision):
+            return self.model.heads[task](self.model.backbone(x))
 
     def _scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -163,9 +203,16 @@ class TrainStep:
         return {task: (sums[i], int(counts[i])) for task, i in self.index.items() if counts[i]}, nonfinite
 
     def state_dict(self) -> dict:
-        """The fp16 gradient scaler's state (empty otherwise), for exact resume."""
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        """The fp16 gradient scaler's state and the conflict diagnostic's record (each when present), for exact
+        resume."""
+        state = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.conflicts is not None:
+            state["conflicts"] = self.conflicts.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        # a run resumed with the diagnostic newly on (it changes no result) starts its record there
+        if self.conflicts is not None and "conflicts" in state:
+            self.conflicts.load_state_dict(state["conflicts"])

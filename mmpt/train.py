@@ -29,7 +29,7 @@ from mmpt.rundir import RunDir, lock_run_dir, prepare_run_dir
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
 from mmpt.step import TrainStep
 from mmpt.tasks import resolve_tasks
-from mmpt.trainlog import Log, describe, resumed_line
+from mmpt.trainlog import Log, describe, resumed_line, write_conflicts
 from mmpt.trainstate import Stopped, TrainingState, check_resume_data, load_resume_checkpoint
 
 __all__ = ["Stopped", "run"]
@@ -62,7 +62,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sampler = build_sampler(cfg, {t.flag: len(data[t.flag].splits["train"]) for t in tasks})
     model.to(device)
-    step = build_step(cfg, model, losses, sampler, device, world)
+    step = build_step(
+        cfg, model, losses, sampler, device, world, train_splits={f: d.splits["train"] for f, d in data.items()}
+    )
     state = TrainingState(cfg, world, model, step, data)
     if saved is not None:
         with agree_on_errors(world):
@@ -90,6 +92,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 world,
                 data_cache=cache_location(cfg.data.root, cfg.data.cache_dir),
                 optimizers=step.optimizers,
+                conflicts=step.conflicts,
             )
         )
         if saved is not None:
@@ -168,6 +171,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             log.validation(epoch + 1, val, improved)
             if world.is_main:
                 write_json(run.val_history, {"history": progress.history})
+                if step.conflicts is not None:
+                    write_json(run.gradient_conflicts, step.conflicts.record_json())
             if progress.done:
                 if world.is_main:
                     bad_epochs = state.early_stopping.bad_epochs
@@ -175,6 +180,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 break
         progress.done = True
         log.close()
+        if world.is_main and step.conflicts is not None:
+            write_conflicts(run, step.conflicts)
         try:
             test_loader = split_loader(data, "test", device, **loader_kwargs)
             table = test_report(cfg, model, test_loader, specs, losses, step, device, state, stop, started)

@@ -10,12 +10,16 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from mmpt.config import Config
+from mmpt.conflicts import SOURCES, GradientConflicts
 from mmpt.data.sampler import Sampler
 from mmpt.distributed import World
 from mmpt.errors import MmptError
+from mmpt.io import write_json
 from mmpt.model import MultiTaskNet
 from mmpt.norm import describe_norm, has_batchnorm
 from mmpt.optim import BACKBONE, Optimizers, layer_scales
+from mmpt.plots import plot_gradient_conflicts
+from mmpt.rundir import GRADIENT_CONFLICTS, GRADIENT_CONFLICTS_PLOT, RunDir
 from mmpt.step import TrainStep
 
 
@@ -50,6 +54,18 @@ class Log:
                 entry = table.setdefault(task, [0.0, 0])
                 entry[0] += total
                 entry[1] += count
+        if step.conflicts is not None:  # read with the losses: at logging intervals and before every checkpoint
+            self.conflicts(step.conflicts.tasks, step.conflicts.fresh())
+
+    def conflicts(self, tasks: tuple[str, ...], measured: list[tuple[int, list[list[float]]]]) -> None:
+        """One TensorBoard scalar per pair of datasets and measurement: grad_cosine/<dataset>~<dataset>."""
+        if self.writer is None:
+            return
+        for at, matrix in measured:
+            for i, a in enumerate(tasks):
+                for j, b in enumerate(tasks[:i]):
+                    if not math.isnan(matrix[i][j]):
+                        self.writer.add_scalar(f"grad_cosine/{b}~{a}", matrix[i][j], at)
 
     def train(self, global_step: int, learning_rates: dict[str, float], weights: dict, bar) -> None:
         rate = self.images_seen / max(time.time() - self.tick, 1e-9)
@@ -97,6 +113,7 @@ def describe(
     world: World,
     data_cache: Path,
     optimizers: Optimizers | None = None,
+    conflicts: GradientConflicts | None = None,
 ) -> str:
     """The run's opening lines: what will be trained, on what input, where and how."""
     sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
@@ -139,6 +156,8 @@ def describe(
         )
     if has_batchnorm(model.backbone):
         lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
+    if len(sizes) > 1:
+        lines.append(conflicts_description(conflicts))
     lines.append(
         f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
         + ("   channels_last" if cfg.train.channels_last else "")
@@ -159,6 +178,30 @@ def probe_description(cfg: Config) -> str:
         f"{cfg.optim.schedule} schedule ({warmup}optim.lr {cfg.optim.lr:g}) starts at epoch {probe + 1}, the heads' "
         f"spans all {epochs} epochs"
     )
+
+
+def conflicts_description(conflicts: GradientConflicts | None) -> str:
+    """The start line of the gradient-conflict diagnostic: how often, from what, and where it goes."""
+    if conflicts is None:
+        return (
+            "gradient conflicts between datasets: off (train.conflict_every_steps N measures them every N steps; "
+            "with one dataset per step that costs one forward and backward pass per dataset each time)"
+        )
+    return (
+        f"gradient conflicts between datasets: every {conflicts.every_steps} steps, from {SOURCES[conflicts.source]}; "
+        f"in TensorBoard (grad_cosine/), {GRADIENT_CONFLICTS} and, at the end, {GRADIENT_CONFLICTS_PLOT}"
+    )
+
+
+def write_conflicts(run: RunDir, conflicts: GradientConflicts) -> None:
+    """gradient_conflicts.json (every measurement) and gradient_conflicts.png (their mean as a heat map)."""
+    record = conflicts.record_json()
+    write_json(run.gradient_conflicts, record)
+    steps = [m["step"] for m in record["measurements"]]
+    if steps:
+        plot_gradient_conflicts(
+            conflicts.mean(), conflicts.tasks, steps, conflicts.every_steps, run.gradient_conflicts_plot
+        )
 
 
 def input_description(cfg: Config, model: MultiTaskNet) -> str:

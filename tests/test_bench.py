@@ -210,10 +210,17 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     assert all(
         math.isfinite(result[f"mtl_step_ratio.{m}"]) and result[f"mtl_step_ratio.{m}"] > 0 for m in ("upgrad", "pcgrad")
     )
+    # the gradient-conflict diagnostic, each source timed on against off: its cost at the default interval
+    for source in ("batches", "step", "gramian"):
+        cost = result["conflicts"][source]
+        assert result[f"conflict_cost.{source}"] == cost["cost_at_default"] >= 0
+        extra = max(0.0, cost["seconds_per_measuring_step"] - cost["seconds_per_step"])
+        assert cost["cost_at_default"] == pytest.approx(extra / (100 * cost["seconds_per_step"]))
     printed = capsys.readouterr().out
     assert printed.startswith("| measurement") and format_train_table(result).splitlines()[2] in printed
     header = [cell.strip() for cell in printed.splitlines()[0].strip("|").split("|")]
     assert header == ["measurement", "engine", "bare loop", "engine / bare"]
+    assert "gradient-conflict diagnostic from gramian" in printed
 
 
 def test_train_benchmark_refuses_an_input_smaller_than_the_images(capsys):

@@ -25,6 +25,7 @@ from conftest import summary
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
+from mmpt.rundir import RunDir
 from mmpt.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,8 @@ def ddp_runs(synthetic_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     configs = {
         name: write_config(base / f"{name}.yaml", ddp_config(synthetic_root, base / name, **extra))
-        for name, extra in {"a": {}, "b": {}, "killed": {}}.items()
+        # b measures the gradient conflicts (on rank 0), which must change nothing
+        for name, extra in {"a": {}, "b": {"conflict_every_steps": 5}, "killed": {}}.items()
     }
     raw = yaml.safe_load(configs["killed"].read_text())
     raw["checkpoint"] = {"every_steps": 3}
@@ -124,6 +126,10 @@ def test_two_identical_distributed_runs_give_the_same_digest(ddp_runs):
     base, _, _ = ddp_runs
     assert summary(base / "a")["final_digest"] == summary(base / "b")["final_digest"]
     assert summary(base / "a")["best_digest"] == summary(base / "b")["best_digest"]
+    # b also measured the gradient conflicts every 5 steps, on rank 0 from batches of its own
+    record = json.loads(RunDir(base / "b").gradient_conflicts.read_text())
+    assert record["source"] == "batches" and [m["step"] for m in record["measurements"]] == list(range(5, 49, 5))
+    assert not RunDir(base / "a").gradient_conflicts.exists()
 
 
 def test_kill_9_and_resume_equals_the_uninterrupted_distributed_run(ddp_runs):

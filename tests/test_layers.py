@@ -50,6 +50,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.optim",
         "mmpt.precision",
         "mmpt.step",
+        "mmpt.conflicts",
         "mmpt.distributed",
         "mmpt.checkpoint",
         "mmpt.weights",

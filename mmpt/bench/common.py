@@ -175,13 +175,20 @@ class MemorySampler:
 # the engine's step, assembled as the training recipe assembles it
 
 
-def engine_step(cfg: Config, tasks: Sequence[TaskSpec], sizes: dict[str, int], device: torch.device) -> TrainStep:
+def engine_step(
+    cfg: Config,
+    tasks: Sequence[TaskSpec],
+    sizes: dict[str, int],
+    device: torch.device,
+    splits: dict | None = None,
+) -> TrainStep:
     """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
-    assemble for it (`mmpt.recipe.build_step`, single process), in training mode."""
+    assemble for it (`mmpt.recipe.build_step`, single process), in training mode. `splits` (flag -> train
+    SplitData): where the gradient-conflict diagnostic draws its batches, as in training."""
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()
-    return build_step(cfg, model, losses, build_sampler(cfg, sizes), device)
+    return build_step(cfg, model, losses, build_sampler(cfg, sizes), device, train_splits=splits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,8 @@ class EngineLoop:
         self.number += 1
         if self.number % self.log_every_steps == 0:
             self.step.read_losses()  # the loop's one sync per logging interval
+            if self.step.conflicts is not None:
+                self.step.conflicts.fresh()  # read with the losses, as in training
         return sum(len(part.labels) for part in parts)
 
 

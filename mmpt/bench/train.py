@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from mmpt.bench.common import (
 from mmpt.bench.loops import BareLoop, EngineLoop, time_steps
 from mmpt.choices import DEVICE_NAMES, PRECISIONS
 from mmpt.config import DataConfig, load_config
+from mmpt.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
 from mmpt.data.store import open_data
@@ -67,6 +69,8 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 # loss weightings whose step time the benchmark compares at several datasets per step: the static sum (the
 # weighted mean's cost) and two Jacobian aggregators (one backward per dataset, then the aggregation)
 MTL_METHODS = ("none", "upgrad", "pcgrad")
+# the gradient-conflict diagnostic's sources, each timed as (datasets per step, loss weighting) of a run that uses it
+CONFLICT_CASES = {BATCHES: (1, "none"), STEP: (4, "none"), GRAMIAN: (4, "upgrad")}
 
 
 def run_train_benchmark(
@@ -87,6 +91,7 @@ def run_train_benchmark(
     workdir: str | Path | None = None,
     mtl_methods: tuple[str, ...] = MTL_METHODS,
     mtl_tasks_per_step: int = 4,
+    conflict_sources: tuple[str, ...] = tuple(CONFLICT_CASES),
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time the bare loop and the engine in turns, `repeats` times each; return the figures as a JSON-able dict.
@@ -215,6 +220,18 @@ def run_train_benchmark(
             repeats=max(3, repeats // 5),
             log=log,
         )
+        conflicts = measure_conflicts(
+            cfg,
+            tasks,
+            sizes,
+            splits,
+            torch_device,
+            conflict_sources,
+            steps=steps,
+            warmup_steps=warmup_steps,
+            repeats=max(3, repeats // 5),
+            log=log,
+        )
 
     # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
     # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
@@ -251,6 +268,8 @@ def run_train_benchmark(
         ),
         **{f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()},
         "mtl": mtl,
+        **{f"conflict_cost.{source}": c["cost_at_default"] for source, c in conflicts.items()},
+        "conflicts": conflicts,
         "repeats": {"bare": bare_runs, "engine": engine_runs},
         "settings": settings,
         "machine": machine_info,
@@ -307,6 +326,66 @@ def measure_mtl_steps(
         "reference": methods[0],
         "turns": repeats,
     }
+
+
+def measure_conflicts(
+    cfg,
+    tasks,
+    sizes: dict[str, int],
+    splits: dict,
+    device: torch.device,
+    sources: tuple[str, ...],
+    *,
+    steps: int,
+    warmup_steps: int,
+    repeats: int,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """What the gradient-conflict diagnostic costs, per source: the engine measuring at every step against the same
+    engine without it, timed in turns; the extra time of one measurement, as a fraction of the steps between two
+    measurements at the default interval (AUTO_EVERY_STEPS) and the interval that keeps it at 2 %."""
+    out = {}
+    total = warmup_steps + repeats * steps
+    for source in sources:
+        k, method = CONFLICT_CASES[source]
+        loops = {}
+        for every in (0, 1):
+            mcfg = dataclasses.replace(
+                cfg,
+                sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+                loss=dataclasses.replace(cfg.loss, weighting=method),
+                train=dataclasses.replace(cfg.train, conflict_every_steps=every),
+            )
+            torch.manual_seed(cfg.train.seed)
+            step = engine_step(mcfg, tasks, sizes, device, splits)
+            assert every == 0 or step.conflicts.source == source, f"{source} case measures {step.conflicts.source}"
+            plan = Sampler(
+                sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
+            ).plan(0)
+            loops[every] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
+            for _ in range(warmup_steps):
+                loops[every]()
+        seconds = {every: [] for every in loops}
+        for _ in range(repeats):
+            for every, loop in loops.items():
+                seconds[every].append(time_steps(loop, device, steps)["seconds"] / steps)
+        off, on = median(seconds[0]), median(seconds[1])
+        extra = max(0.0, on - off)
+        out[source] = {
+            "tasks_per_step": k,
+            "weighting": method,
+            "seconds_per_step": off,
+            "seconds_per_measuring_step": on,
+            "default_every_steps": AUTO_EVERY_STEPS,
+            "cost_at_default": extra / (AUTO_EVERY_STEPS * off),
+            "every_steps_for_2_percent": math.ceil(extra / (0.02 * off)),
+            "turns": repeats,
+        }
+        log(
+            f"gradient conflicts from {source} ({k} per step, {method}): step {off * 1e3:.0f} ms, measuring step "
+            f"{on * 1e3:.0f} ms: {out[source]['cost_at_default']:.2%} every {AUTO_EVERY_STEPS} steps"
+        )
+    return out
 
 
 def _input_description(resolution: int, input_size: int) -> str:
@@ -374,6 +453,21 @@ def format_table(result: dict) -> str:
         label = f"step time, {mtl['tasks_per_step']} datasets per step: {method} against {mtl['reference']}"
         ms = f"{mtl['seconds_per_step'][method] * 1e3:,.0f} ms"
         rows.append((label, ms, f"{reference * 1e3:,.0f} ms", f"{ratio:.2f}x"))
+    for source, c in result["conflicts"].items():
+        label = (
+            f"gradient-conflict diagnostic from {source} ({c['tasks_per_step']} per step, {c['weighting']}): "
+            "a measuring step against one without"
+        )
+        on, off = c["seconds_per_measuring_step"], c["seconds_per_step"]
+        rows.append((label, f"{on * 1e3:,.0f} ms", f"{off * 1e3:,.0f} ms", f"{on / off:.2f}x"))
+        rows.append(
+            (
+                f"  its cost at the default interval (every {c['default_every_steps']} steps)",
+                f"{c['cost_at_default']:.2%}",
+                "-",
+                f"2 % from every {c['every_steps_for_2_percent']} steps",
+            )
+        )
     m = result["machine"]
     return "\n".join(
         [
@@ -424,6 +518,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "(JSON mtl_step_ratio.<method>; empty to skip)",
     )
     train.add_argument("--mtl-tasks-per-step", type=int, default=4, help="datasets per step of that comparison")
+    train.add_argument(
+        "--conflict-sources",
+        default=",".join(CONFLICT_CASES),
+        help="gradient-conflict diagnostic sources to time, on against off (JSON conflict_cost.<source>: the cost "
+        "at the default interval; empty to skip)",
+    )
     train.add_argument("--json", help="write the figures to this JSON file")
     train.add_argument("--workdir", help="folder for the synthetic files (kept); default a temporary one (deleted)")
 
@@ -447,6 +547,7 @@ def run_command(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         mtl_methods=tuple(m for m in args.mtl_methods.split(",") if m),
         mtl_tasks_per_step=args.mtl_tasks_per_step,
+        conflict_sources=tuple(s for s in args.conflict_sources.split(",") if s),
         log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))

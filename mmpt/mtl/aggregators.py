@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
+from mmpt.conflicts import jacobian_gramian
 from mmpt.mtl import torchjd_state
 from mmpt.mtl.base import Context, Stateless, Weighting
 
@@ -32,10 +33,15 @@ class AggregatorWeighting(Stateless):
         self.aggregator = aggregator
         self.shared_params = shared_params
         self._last: dict[str, Tensor] = {}
+        # the gradient-conflict diagnostic asks for the Gramian of a step's Jacobian (k×k, on the device)
+        self.keep_gramian = False
+        self.gramian: Tensor | None = None
 
     def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
         # every task's loss is scaled alike: the aggregators are positively homogeneous, so unscaling still works
         mtl_backward([scale(loss) for loss in losses.values()], features=features, shared_params=self.shared_params)
+        # read before jac_to_grad frees the Jacobian: no extra backward pass
+        self.gramian = jacobian_gramian(self.shared_params) if self.keep_gramian else None
         weights = jac_to_grad(self.shared_params, self.aggregator)
         if weights is None:
             weights = torch.full((len(losses),), math.nan, device=features.device)

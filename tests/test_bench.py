@@ -215,6 +215,7 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
         cost = result["conflicts"][source]
         assert result[f"conflict_cost.{source}"] == cost["cost_at_default"] >= 0
         extra = max(0.0, cost["seconds_per_measuring_step"] - cost["seconds_per_step"])
+        assert cost["extra_seconds_per_measurement"] == extra
         assert cost["cost_at_default"] == pytest.approx(extra / (100 * cost["seconds_per_step"]))
     printed = capsys.readouterr().out
     assert printed.startswith("| measurement") and format_train_table(result).splitlines()[2] in printed

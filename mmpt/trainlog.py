@@ -120,7 +120,14 @@ def describe(cfg: Config, model: MultiTaskNet, sampler: Sampler, device, world: 
     )
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
     if has_batchnorm(model.backbone):
-        lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
+        lines.append(
+            describe_norm(
+                model.norm,
+                list(sizes),
+                auto=cfg.model.norm == "auto",
+                calibration_batches=cfg.model.norm_calibration_batches,
+            )
+        )
     lines.append(
         f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
         + ("   channels_last" if cfg.train.channels_last else "")

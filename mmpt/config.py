@@ -183,6 +183,14 @@ class ModelConfig:
         choices=NORMS,
         recorded="shared",
     )
+    norm_calibration_batches: int = setting(
+        16,
+        "per-dataset BatchNorm statistics: before each validation (so also in best.pt and the test), replace each "
+        "dataset's running statistics by their average over this many of its train batches of train.batch_size "
+        "images, without augmentation, the weights fixed (PreciseBN); 0 = off; no effect with shared statistics",
+        ge=0,
+        recorded=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,15 @@ def mean_over_ranks(world: World, value: torch.Tensor) -> torch.Tensor:
     return out / world.world_size
 
 
+def sum_over_ranks_tensor(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over ranks as a new tensor (one all-reduce, no host synchronisation)."""
+    if not world.distributed:
+        return value
+    out = value.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def broadcast_buffers(world: World, module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics), so all ranks hold one model."""
     if not world.distributed:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmpt.choices import ORDINAL_LOSSES as ORDINAL_LOSS_NAMES
+from mmpt.distributed import SINGLE, World, sum_over_ranks_tensor
 from mmpt.errors import lookup
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskSpec
 
@@ -27,8 +28,15 @@ class TaskLoss(Protocol):
     head: str  # a key of model.HEADS: which head module the model must build
     grade_rule: str  # how a predicted grade follows from the K scores (metrics.predicted_grades)
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss over the batch; labels are int64 N×L as medmnist stores them."""
+    def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
+        """Mean loss over the batch; labels are int64 N×L as medmnist stores them.
+
+        `world`: the batch is this rank's shard of a training step's global batch (TrainStep passes it; evaluation
+        does not). The step rescales the mean of each rank's shard by its share of the images, which makes the
+        global mean of a loss that averages over every image; a loss that averages over a data-dependent subset of
+        the batch instead reduces that subset's size over the ranks itself (CORN), so that the distributed
+        gradient is the single-process one.
+        """
         ...
 
     def scores(self, logits: Tensor) -> Tensor:
@@ -45,7 +53,7 @@ class CrossEntropyLoss:
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
         # medmnist stores single-label targets as N×1
         return F.cross_entropy(logits, labels.reshape(-1))
 
@@ -62,7 +70,7 @@ class MultiLabelBCELoss:
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def scores(self, logits: Tensor) -> Tensor:
@@ -82,7 +90,7 @@ class CoralLoss:
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes - 1
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
         thresholds = torch.arange(self.num_outputs, device=logits.device)
         levels = (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
         return F.binary_cross_entropy_with_logits(logits, levels)
@@ -97,7 +105,8 @@ class CornLoss:
     Logit k estimates the conditional P(y > k | y > k−1); it is trained by BCE on the subset of the
     batch with y > k−1 (every sample for k = 0), with target [y > k]. The loss is the sum of the
     BCE terms over all (sample, k) pairs in the subsets divided by their count, as in coral-pytorch's
-    corn_loss. P(y > k) is the product of the first k+1 conditionals, so it never increases with k
+    corn_loss; in a training step under torchrun (`world`) the count is the global batch's, reduced over the
+    ranks. P(y > k) is the product of the first k+1 conditionals, so it never increases with k
     (rank-consistent by construction, with an ordinary linear head).
     """
 
@@ -107,14 +116,22 @@ class CornLoss:
     def __init__(self, num_classes: int) -> None:
         self.num_outputs = num_classes - 1
 
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
         thresholds = torch.arange(self.num_outputs, device=logits.device)
         grades = labels.reshape(-1, 1)
         in_subset = (grades > thresholds - 1).to(logits.dtype)  # N×(K−1): y > k−1
         targets = (grades > thresholds).to(logits.dtype)  # N×(K−1): y > k
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        # the k = 0 subset is the whole batch, so the count is never 0
-        return (bce * in_subset).sum() / in_subset.sum()
+        total = (bce * in_subset).sum()
+        if not world.distributed:
+            # the k = 0 subset is the whole batch, so the count is never 0
+            return total / in_subset.sum()
+        # the global batch's subset sizes per threshold and its images, in one all-reduce (no host read): (K−1)+1
+        counts = sum_over_ranks_tensor(world, torch.cat([in_subset.sum(dim=0), in_subset.new_full((1,), len(grades))]))
+        subset, images = counts[:-1].sum(), counts[-1]
+        # this rank's sum over the global count, per image of its shard: the step's rescaling by the shard's share of
+        # the images (n_r·W/N) and DDP's mean over ranks then give the global batch's sum over its count
+        return total * images / (subset * len(grades))
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid().cumprod(dim=1))

@@ -11,7 +11,10 @@ normalised slice by slice, each with its own batch statistics, updating only its
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -20,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpt.choices import NORMS
+from mmpt.data.loader import shard
+from mmpt.distributed import SINGLE, World, all_reduce_mean_
 from mmpt.errors import MmptError
 
 AUTO = "auto"  # per_dataset_stats for a BatchNorm backbone trained on 2+ datasets, else shared
@@ -272,19 +277,40 @@ def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str],
     return line
 
 
-def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False) -> str:
-    """The start line on normalization (`norm` as applied; `auto`: chosen by model.norm auto)."""
+def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False, calibration_batches: int = 0) -> str:
+    """The start line on normalization (`norm` as applied; `auto`: chosen by model.norm auto; `calibration_batches`:
+    model.norm_calibration_batches)."""
     how = f"model.norm {'auto: ' if auto else ''}{norm}"
     if norm == "shared":
         return f"normalization: shared BatchNorm statistics ({how})"
     what = "running statistics" if norm == "per_dataset_stats" else "running statistics and affine weights"
-    return f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} ({how})"
+    line = f"normalization: each of the {len(tasks)} datasets has its own BatchNorm {what} ({how})"
+    if calibration_batches:
+        line += (
+            f", re-estimated before each validation as their average over {calibration_batches} train batches of "
+            "each dataset (model.norm_calibration_batches)"
+        )
+    return line
 
 
-# --- recalibration: each dataset's statistics re-estimated on its own training images -----------------------------
+# --- re-estimation: each dataset's statistics as the average over batches of its own training images -------------
 
-RECALIBRATION_IMAGES = 2048  # default images per dataset (or its whole train split, if smaller)
+RECALIBRATION_IMAGES = 2048  # evaluate.py --recalibrate-norm: default images per dataset (or its whole train split)
 RECALIBRATION_SEED = 0  # which images: a fixed draw, so two recalibrations agree
+# keeps the draws of the statistics' calibration during training apart from the sampler's streams
+CALIBRATION_STREAM = zlib.crc32(b"norm calibration")
+
+
+def batch_count(images: int, batch_size: int) -> int:
+    """How many near-equal batches `images` images are cut into: ceil(images / batch_size), fewer where that would
+    leave a batch of one image (BatchNorm cannot take one), so that every batch holds 2 or more of images >= 2."""
+    return max(1, min(-(-images // batch_size), images // 2))
+
+
+def near_equal_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`indices` cut in order into `batch_count` batches whose sizes differ by at most one (none above batch_size
+    unless a single-image batch had to be avoided)."""
+    return np.array_split(indices, batch_count(len(indices), batch_size))
 
 
 def recalibration_indices(train_size: int, images: int) -> np.ndarray:
@@ -294,46 +320,127 @@ def recalibration_indices(train_size: int, images: int) -> np.ndarray:
     return np.sort(np.random.default_rng(RECALIBRATION_SEED).choice(train_size, size=images, replace=False))
 
 
-@torch.no_grad()
-def recalibrate(
-    model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES, batch_size: int = 256
-) -> dict[str, int]:
-    """Re-estimate, for each dataset of `splits` (flag -> its train SplitData), every BatchNorm layer's statistics of
-    `model` from that dataset's own training images; return the images used per dataset.
+def calibration_batches(
+    task: str, train_size: int, batches: int, batch_size: int, seed: int, epoch: int
+) -> list[np.ndarray]:
+    """The train indices the calibration after epoch `epoch` (0-based) reads from `task`, batch by batch.
 
-    A shared-norm model first gets per-dataset statistics (model.split_norm_statistics). The statistics are the
-    cumulative average (BatchNorm's momentum=None) over near-equal batches of at most `batch_size` images, each
-    normalised with its own batch statistics as in training; without gradients, with dropout off (only the norm
-    layers in train mode) and the images in a fixed order (`recalibration_indices`), so it is deterministic.
-    Affine weights and every other weight stay as they are.
+    min(train_size, batches * batch_size) images drawn without replacement (a permutation's prefix), cut into
+    near-equal batches of at most `batch_size` (exactly `batches` of `batch_size` when the split is large
+    enough), each sorted for sequential reads. A pure function of its arguments, from a NumPy stream of its own:
+    no random state that training uses is read or advanced.
     """
-    model.split_norm_statistics(tuple(splits))
+    assert batches >= 1 and batch_size >= 1, f"calibration needs batches >= 1 and batch_size >= 1, got {batches}"
+    entropy = [seed, epoch, CALIBRATION_STREAM, zlib.crc32(task.encode())]
+    chosen = np.random.default_rng(np.random.SeedSequence(entropy)).permutation(train_size)
+    # permuted before cutting: a file stored in class order still gives mixed batches
+    return [np.sort(b) for b in near_equal_batches(chosen[: min(train_size, batches * batch_size)], batch_size)]
+
+
+@torch.no_grad()
+def estimate_statistics(
+    model,
+    splits: dict,
+    batches: dict[str, list[np.ndarray]],
+    transform,
+    device: torch.device,
+    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, int]:
+    """Set each dataset's row of every per-dataset BatchNorm layer of `model` to the average of its batch statistics
+    over `batches` (flag -> a list of index arrays into splits[flag], that flag's train SplitData); return the
+    images read per dataset.
+
+    The true (cumulative) average, as BatchNorm's momentum=None, PreciseBN and torch.optim.swa_utils.update_bn
+    compute it: each batch is normalised with its own statistics as in training, the row becomes the mean of the
+    batches' means and of their (unbiased) variances. Without gradients, with dropout off (only the norm layers in
+    train mode) and without augmentation (`transform` as at evaluation), so no random number is drawn. Affine
+    weights, every other weight and the counts of training batches (num_batches_tracked) stay as they are; the
+    model is left in eval mode. Reads no value back from the device. `forward_context` wraps each backbone pass
+    (training: the precision's autocast, as at evaluation).
+    """
     layers = [m for _, m in task_norms(model.backbone)]
+    assert layers, "estimate_statistics needs per-dataset BatchNorm layers (model.norm per_dataset_stats)"
     model.eval()
     used: dict[str, int] = {}
     momenta = [layer.momentum for layer in layers]
+    counts = [layer.num_batches_tracked.clone() for layer in layers]
     try:
         for layer in layers:
-            layer.momentum = None
             layer.train()
-        for flag, split in splits.items():
+        for flag, indices in batches.items():
             row = model.norm_tasks.index(flag)
             for layer in layers:
                 layer.running_mean[row].zero_()
                 layer.running_var[row].fill_(1.0)
-                layer.num_batches_tracked[row].zero_()
-            indices = recalibration_indices(len(split), images)
-            mapped = split.open_images()
-            # near-equal batches (sizes differ by at most one; none of a single image, which BatchNorm cannot train on)
-            for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+            mapped = splits[flag].open_images()
+            for i, chunk in enumerate(indices):
+                # weight 1/(i+1) on batch i: the cumulative average, as momentum=None gives, without reading the count
+                for layer in layers:
+                    layer.momentum = 1.0 / (i + 1)
                 x = transform(torch.from_numpy(np.array(mapped[chunk])).to(device))
-                model.features(x, flag)
-            used[flag] = len(indices)
+                with forward_context():
+                    model.features(x, flag)
+            used[flag] = sum(len(chunk) for chunk in indices)
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum, count in zip(layers, momenta, counts):
             layer.momentum = momentum
+            layer.num_batches_tracked.copy_(count)
         model.eval()
     return used
+
+
+def recalibrate(
+    model, splits: dict, transform, device: torch.device, *, images: int = RECALIBRATION_IMAGES, batch_size: int = 256
+) -> dict[str, int]:
+    """Re-estimate, for each dataset of `splits` (flag -> its train SplitData), every BatchNorm layer's statistics of
+    `model` from that dataset's own training images (evaluate.py --recalibrate-norm); return the images used per
+    dataset.
+
+    A shared-norm model first gets per-dataset statistics (model.split_norm_statistics). The images are
+    `recalibration_indices` (a fixed draw) in index order, cut into near-equal batches of at most `batch_size`;
+    the statistics are their average (`estimate_statistics`), so it is deterministic.
+    """
+    model.split_norm_statistics(tuple(splits))
+    batches = {
+        flag: near_equal_batches(recalibration_indices(len(split), images), batch_size)
+        for flag, split in splits.items()
+    }
+    return estimate_statistics(model, splits, batches, transform, device)
+
+
+def calibrate_norms(
+    model,
+    splits: dict,
+    transform,
+    device: torch.device,
+    *,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    world: World = SINGLE,
+    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> bool:
+    """Precise per-dataset statistics during training (model.norm_calibration_batches): replace each dataset's
+    running statistics by their average over `batches` of its training batches (`calibration_batches` of (seed,
+    epoch), `batch_size` images each: the global batch), with the weights fixed; return whether it did.
+
+    A no-op (False) for `batches` 0 and for a model with shared statistics. Under torchrun each rank reads its
+    shard of every batch, as in a training step, and the ranks' averages are averaged in one all-reduce, so every
+    rank ends with the same statistics. `forward_context`: as in `estimate_statistics`.
+    """
+    if batches == 0 or not model.per_dataset_norm:
+        return False
+    mine = {
+        flag: [
+            b[shard(len(b), world.rank, world.world_size)]
+            for b in calibration_batches(flag, len(split), batches, batch_size, seed, epoch)
+        ]
+        for flag, split in splits.items()
+    }
+    estimate_statistics(model, splits, mine, transform, device, forward_context)
+    all_reduce_mean_(world, [t for _, m in task_norms(model.backbone) for t in (m.running_mean, m.running_var)])
+    return True
 
 
 def plain_state_dict(backbone: nn.Module, row: int) -> dict[str, Tensor]:

@@ -25,8 +25,9 @@ from mmpt.losses import TaskLoss, build_loss
 from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_weights
 from mmpt.mtl import GRADIENT, METHODS, environment_problems
 from mmpt.mtl.build import build_weighting
-from mmpt.norm import check_norm
+from mmpt.norm import calibrate_norms, check_norm
 from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
+from mmpt.precision import autocast
 from mmpt.step import TrainStep
 from mmpt.tasks import FLAGS, TaskSpec
 from mmpt.weights import read_weights
@@ -199,6 +200,35 @@ def build_conflicts(cfg: Config, tasks: list[str], world: World, train_splits: d
         batch_size=max(2, -(-cfg.train.batch_size // world.world_size)),  # one process's share of the global batch
         splits=train_splits,
         is_main=world.is_main,
+    )
+
+
+def calibrate_statistics(
+    cfg: Config,
+    model: MultiTaskNet,
+    splits: dict,
+    transform: DeviceTransform,
+    device: torch.device,
+    *,
+    epoch: int,
+    world: World = SINGLE,
+) -> bool:
+    """Precise per-dataset BatchNorm statistics before the validation after epoch `epoch` (0-based):
+    model.norm_calibration_batches batches of train.batch_size images of each dataset's train split (`splits`:
+    flag -> its train SplitData), drawn from train.seed and the epoch, each pass under train.precision's autocast
+    as at evaluation (`mmpt.norm.calibrate_norms`); returns whether it calibrated (not for 0 or shared statistics).
+    """
+    return calibrate_norms(
+        model,
+        splits,
+        transform,
+        device,
+        batches=cfg.model.norm_calibration_batches,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        epoch=epoch,
+        world=world,
+        forward_context=lambda: autocast(device, cfg.train.precision),
     )
 
 

@@ -130,7 +130,7 @@ class TrainStep:
                 features = self.backbone(x)  # N_total×F
             logits = [self.model.heads[p.task](f) for p, f in zip(parts, features.split([len(y) for y in labels]))]
         losses = {
-            part.task: self._global_mean(self.losses[part.task](z.float(), y), len(y), part.global_size)
+            part.task: self._global_mean(self.losses[part.task](z.float(), y, self.world), len(y), part.global_size)
             for part, z, y in zip(parts, logits, labels)
         }
         tasks = tuple(losses)
@@ -167,6 +167,8 @@ class TrainStep:
 
         Shards may differ by one image. The value becomes the global mean (all ranks agree, so stateful
         weightings stay identical across ranks) while the gradient stays this rank's own (DDP averages it).
+        A loss that averages over a data-dependent subset (CORN) has already divided by the global subset size,
+        scaled to this convention (losses.TaskLoss).
         """
         if not self.world.distributed:
             return loss

@@ -23,7 +23,14 @@ from mmpt.io import write_json, write_text
 from mmpt.model import MultiTaskNet, check_batch_size
 from mmpt.plots import plot_history, plot_loss_curves
 from mmpt.predict import TaskResult, evaluate_all, metrics_table, split_loader, write_predictions
-from mmpt.recipe import build_model, build_sampler, build_step, check_run, load_initial_weights
+from mmpt.recipe import (
+    build_model,
+    build_sampler,
+    build_step,
+    calibrate_statistics,
+    check_run,
+    load_initial_weights,
+)
 from mmpt.report import format_table, write_metrics
 from mmpt.rundir import RunDir, lock_run_dir, prepare_run_dir
 from mmpt.runtime import Interrupted, StopSignal, configure_determinism, environment
@@ -107,12 +114,13 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         world=world,
     )
     val_loader = split_loader(data, "val", device, **loader_kwargs)  # built once: its workers persist
+    train_splits = {f: d.splits["train"] for f, d in data.items()}
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.done:
                 break
             loader = plan_loader(
-                {f: d.splits["train"] for f, d in data.items()},
+                train_splits,
                 sampler.plan(epoch),
                 start=progress.position,
                 num_workers=cfg.data.num_workers,
@@ -148,8 +156,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             bar.close()
             log.losses(step, progress.step, state.last)
 
-            # validation on every dataset, then early stopping on the monitored metric
+            # precise per-dataset BatchNorm statistics, then validation on every dataset, then early stopping
             try:
+                calibrate_statistics(cfg, model, train_splits, step.transform, device, epoch=epoch, world=world)
                 broadcast_buffers(world, model)
                 val = metrics_table(
                     evaluate_all(

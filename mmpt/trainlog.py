@@ -155,7 +155,14 @@ def describe(
             f"the last block at optim.lr ({cfg.optim.lr:g})"
         )
     if has_batchnorm(model.backbone):
-        lines.append(describe_norm(model.norm, list(sizes), auto=cfg.model.norm == "auto"))
+        lines.append(
+            describe_norm(
+                model.norm,
+                list(sizes),
+                auto=cfg.model.norm == "auto",
+                calibration_batches=cfg.model.norm_calibration_batches,
+            )
+        )
     if len(sizes) > 1:
         lines.append(conflicts_description(conflicts))
     lines.append(

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import medmnist
 import pytest
 
 from mmpt.bench.__main__ import main
@@ -12,6 +13,7 @@ from mmpt.bench.common import MemorySampler, descendants, pss_anon_shmem, rss_an
 from mmpt.bench.data import format_table, measure_memory
 from mmpt.bench.datafiles import write_memory_set
 from mmpt.bench.train import format_table as format_train_table
+from mmpt.tasks import resolve_tasks
 
 MB = 1 << 20
 
@@ -205,6 +207,17 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     assert settings["input"] == "28 px zero-padded to 32 px" and settings["datasets"] == 12
     assert (settings["batch_size"], settings["steps"], settings["precision"]) == (8, 2, "fp32")
     assert "targets" not in result
+    # precise per-dataset statistics (12 datasets, test_resnet: model.norm auto keeps them apart): a calibration
+    # batch over a step, scaled to the default's batches against an epoch of the 12 MedMNIST+ splits at batch 8
+    calibration = result["norm_calibration"]
+    assert calibration["batches_per_dataset"] == 16 and 0 < calibration["batch_vs_step"] < 10
+    assert calibration["calibration_batches"] == pytest.approx(12 * 16)  # every split holds 16 batches of 8
+    sizes = [medmnist.INFO[t.flag]["n_samples"]["train"] for t in resolve_tasks("all")]
+    # full batches of 8, and a remainder of 4 or more as its own (a smaller one joins the last full batch)
+    assert calibration["epoch_steps"] == sum(n // 8 + (n % 8 >= 4) for n in sizes)
+    assert result["norm_calibration_vs_epoch"] == pytest.approx(
+        calibration["batch_vs_step"] * 12 * 16 / calibration["epoch_steps"]
+    )
     # step time at 4 datasets per step: the reference (the static sum) is 1, the Jacobian methods positive
     assert result["mtl"]["tasks_per_step"] == 4 and result["mtl_step_ratio.none"] == 1.0
     assert all(
@@ -222,6 +235,15 @@ def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tm
     header = [cell.strip() for cell in printed.splitlines()[0].strip("|").split("|")]
     assert header == ["measurement", "engine", "bare loop", "engine / bare"]
     assert "gradient-conflict diagnostic from gramian" in printed
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")] for line in printed.splitlines() if line.startswith("|")
+        )
+    }
+    assert rows["norm calibration (16 batches per dataset) / MedMNIST+ epoch"][0].startswith(
+        f"{calibration['vs_epoch']:.2%} "
+    )
 
 
 def test_train_benchmark_refuses_an_input_smaller_than_the_images(capsys):

@@ -190,3 +190,60 @@ def test_too_small_global_batch_is_one_error_line_on_all_ranks(synthetic_root, t
     # torchrun reports the failed workers in its own words; mmpt itself prints no traceback
     assert "MmptError" not in out and "/mmpt/" not in out
     assert not (tmp_path / "small").exists()
+
+
+# One run per loss, each on a world of 2 and of 1: CE (binary and multi-class), BCE (multi-label), CORAL and CORN
+# (ordinal). SGD (an update proportional to the gradient, where Adam's would hide a scaled one) on test_vit (no
+# BatchNorm, so splitting the batch changes no forward), batch 13: shards of 6 and 7, so the rescaling of uneven
+# shards is exercised. CORN averages over subsets whose size differs between the shards: each rank's own mean
+# would give another gradient.
+LOSS_RUNS = {
+    "ce": (["breast", "derma"], "coral"),
+    "bce": (["chest"], "coral"),
+    "coral": (["retina"], "coral"),
+    "corn": (["retina"], "corn"),
+}
+
+
+def loss_config(root: Path, output: Path, datasets: list[str], ordinal: str) -> dict:
+    raw = ddp_config(root, output, epochs=1, batch_size=13)
+    return {
+        **raw,
+        "data": {**raw["data"], "datasets": datasets},
+        "loss": {"ordinal": ordinal},
+        "optim": {"name": "sgd", "lr": 0.05},
+    }
+
+
+@pytest.fixture(scope="module")
+def loss_runs(synthetic_root, tmp_path_factory):
+    """Each loss's 2-process run (started side by side) and its single-process twin: last.pt's weights."""
+    base = tmp_path_factory.mktemp("losses")
+    processes = {
+        name: torchrun(
+            "--config", str(write_config(base / f"{name}.yaml", loss_config(synthetic_root, base / name, *run_args)))
+        )
+        for name, run_args in LOSS_RUNS.items()
+    }
+    for process in processes.values():
+        finish(process)
+    weights = {}
+    for name, run_args in LOSS_RUNS.items():
+        run(load_config(overrides=[loss_config(synthetic_root, base / f"{name}-single", *run_args)]))
+        weights[name] = tuple(ckpt.load(RunDir(base / folder).last)[ckpt.MODEL] for folder in (name, f"{name}-single"))
+    return weights
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    gap = sum(((a[k] - b[k]).double() ** 2).sum() for k in b).sqrt()
+    return float(gap / sum((w.double() ** 2).sum() for w in b.values()).sqrt())
+
+
+@pytest.mark.parametrize("loss", list(LOSS_RUNS))
+def test_every_loss_trains_the_same_weights_on_two_processes_as_on_one(loss_runs, loss):
+    """The 2-process run ends with the single-process weights up to float32 summation order (measured: 1e-8 to
+    4e-8 of their norm after 10 or 20 SGD steps); CORN averaged over each rank's own subsets, without reducing
+    its counts, ends 1e-2 off."""
+    ddp, single = loss_runs[loss]
+    assert ddp.keys() == single.keys()
+    assert relative_gap(ddp, single) < 1e-5

@@ -173,9 +173,12 @@ def test_a_per_dataset_norm_export_carries_each_datasets_statistics(tmp_path, no
     with torch.no_grad():
         for flag in DATASETS:
             expected = engine.eval().features(x, flag)
-            torch.testing.assert_close(back.eval().features(x, flag), expected, rtol=0, atol=1e-6)
+            # float32 rounding at the features' scale (tens, with statistics calibrated on the data): the export's
+            # shared affine weights are the share-weighted mean of identical rows, equal to within an ulp
+            scale = max(1.0, expected.abs().max().item())
+            torch.testing.assert_close(back.eval().features(x, flag), expected, rtol=0, atol=1e-6 * scale)
             own = {k.partition(".")[2]: v for k, v in per_dataset.items() if k.startswith(flag + ".")}
             plain.load_state_dict(own, strict=False)
             outputs[flag] = plain(x)
-            torch.testing.assert_close(outputs[flag], expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(outputs[flag], expected, rtol=0, atol=1e-5 * scale)
     assert not torch.allclose(outputs[DATASETS[0]], outputs[DATASETS[1]], atol=1e-4)  # really per dataset

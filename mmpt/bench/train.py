@@ -36,19 +36,21 @@ from mmpt.bench.common import (
     markdown_table,
     median,
     peak_rss_bytes,
+    synchronize,
     work_folder,
     write_result,
     write_synthetic_files,
 )
 from mmpt.bench.loops import BareLoop, EngineLoop, time_steps
 from mmpt.choices import DEVICE_NAMES, PRECISIONS
-from mmpt.config import DataConfig, load_config
+from mmpt.config import Config, DataConfig, load_config
 from mmpt.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
 from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
+from mmpt.data.sampler import Sampler, batches_per_task
 from mmpt.data.store import open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
+from mmpt.recipe import calibrate_statistics
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import FLAGS, resolve_tasks
 
@@ -192,6 +194,7 @@ def run_train_benchmark(
         loops["engine"].wait_s = 0.0
         runs: dict[str, list[dict]] = {"bare": [], "engine": []}
         peaks = {"bare": 0, "engine": 0}
+        calibration_s: list[float] = []  # one calibration batch of every dataset per turn, after the engine's steps
         for repeat in range(repeats):
             for name, loop in loops.items():
                 if torch_device.type == "cuda":
@@ -199,6 +202,9 @@ def run_train_benchmark(
                 runs[name].append(time_steps(loop, torch_device, steps))
                 if torch_device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(torch_device))
+            seconds = _time_calibration(step, splits, cfg, torch_device, repeat)
+            if seconds is not None:
+                calibration_s.append(seconds)
             if (repeat + 1) % max(1, repeats // 5) == 0 or repeat + 1 == repeats:
                 log(
                     f"turn {repeat + 1}/{repeats}: bare {runs['bare'][-1]['img_s']:,.1f} img/s, "
@@ -233,6 +239,7 @@ def run_train_benchmark(
             log=log,
         )
 
+    calibration = _calibration_figures(calibration_s, engine_runs, tasks, steps, batch_size)
     # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
     # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
     ratios = [e["img_s"] / b["img_s"] for b, e in zip(bare_runs, engine_runs)]
@@ -266,6 +273,8 @@ def run_train_benchmark(
             if torch_device.type == "cuda"
             else {}
         ),
+        "norm_calibration_vs_epoch": calibration["vs_epoch"] if calibration else None,
+        "norm_calibration": calibration,
         **{f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()},
         "mtl": mtl,
         **{f"conflict_cost.{source}": c["cost_at_default"] for source, c in conflicts.items()},
@@ -276,6 +285,44 @@ def run_train_benchmark(
     }
     result["wall_s"] = time.perf_counter() - started
     return result
+
+
+def _time_calibration(step, splits: dict, cfg: Config, device: torch.device, turn: int) -> float | None:
+    """Seconds of one calibration batch of every dataset, as `mmpt.train.run` calibrates before a validation (the
+    benchmark's splits hold one batch each, so the default reads that batch); None for a backbone without
+    per-dataset statistics."""
+    synchronize(device)
+    start = time.perf_counter()
+    done = calibrate_statistics(cfg, step.model, splits, step.transform, device, epoch=turn)
+    synchronize(device)
+    step.model.train()  # calibration leaves the model in eval mode; the engine's next turn trains it
+    return time.perf_counter() - start if done else None
+
+
+def _calibration_figures(
+    calibration_s: list[float], engine_runs: list[dict], tasks, steps: int, batch_size: int
+) -> dict | None:
+    """The calibration's cost at the default model.norm_calibration_batches against an epoch of the 12 MedMNIST+
+    train splits (medmnist.INFO's sizes) at this batch size: from each turn's seconds per calibration batch over
+    the engine's seconds per step, the median over turns."""
+    if not calibration_s:
+        return None
+    batches = Config().model.norm_calibration_batches
+    sizes = {t.flag: t.split_size("train") for t in tasks}
+    # images the calibration reads (at most `batches` full batches per dataset), in batches of batch_size
+    calibration_batches = sum(min(n, batches * batch_size) for n in sizes.values()) / batch_size
+    epoch_steps = sum(batches_per_task(sizes, batch_size).values())
+    per_turn = [
+        (seconds / len(tasks)) / (engine["seconds"] / steps) for seconds, engine in zip(calibration_s, engine_runs)
+    ]
+    batch_vs_step = median(per_turn)
+    return {
+        "vs_epoch": batch_vs_step * calibration_batches / epoch_steps,
+        "batch_vs_step": batch_vs_step,
+        "batches_per_dataset": batches,
+        "calibration_batches": calibration_batches,
+        "epoch_steps": epoch_steps,
+    }
 
 
 def measure_mtl_steps(
@@ -445,6 +492,7 @@ def format_table(result: dict) -> str:
         ),
         ("MFU", "-" if result["mfu"] is None else f"{result['mfu']:.1%}", "-", "-"),
         ("time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"),
+        *_calibration_rows(result["norm_calibration"]),
         ("peak memory (the larger loop)", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"),
         ("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"),
     ]
@@ -482,6 +530,16 @@ def format_table(result: dict) -> str:
             f"at start, wall time {result['wall_s']:.0f} s",
         ]
     )
+
+
+def _calibration_rows(calibration: dict | None) -> list[tuple[str, str, str, str]]:
+    """The precise statistics' cost (model.norm_calibration_batches at its default) as a share of a MedMNIST+ epoch,
+    with a calibration batch against an engine step; no row for a backbone without BatchNorm."""
+    if calibration is None:
+        return []
+    label = f"norm calibration ({calibration['batches_per_dataset']} batches per dataset) / MedMNIST+ epoch"
+    value = f"{calibration['vs_epoch']:.2%} (a batch {calibration['batch_vs_step']:.2f}x a step)"
+    return [(label, value, "-", "-")]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpt.choices import NORMS
+from mmpt.data.sampler import near_equal_batches
 from mmpt.errors import MmptError
 
 AUTO = "auto"  # per_dataset_stats for a BatchNorm backbone trained on 2+ datasets, else shared
@@ -325,7 +326,7 @@ def recalibrate(
             indices = recalibration_indices(len(split), images)
             mapped = split.open_images()
             # near-equal batches (sizes differ by at most one; none of a single image, which BatchNorm cannot train on)
-            for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+            for chunk in near_equal_batches(indices, batch_size):
                 x = transform(torch.from_numpy(np.array(mapped[chunk])).to(device))
                 model.features(x, flag)
             used[flag] = len(indices)

@@ -132,12 +132,15 @@ def write_predictions(
     split: str,
     run: str,
     data_root: str | None = None,
+    weights_sha256: str | None = None,
 ) -> list[Path]:
     """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
 
     medmnist's `Evaluator.parse_and_evaluate` re-scores these files from their names alone. Beside them,
     data.json records the resolution, split, and per dataset the number of images and a digest of their
-    labels, so that `compare` can refuse runs evaluated on different data (and `data_root`, when given).
+    labels, so that `compare` can refuse runs evaluated on different data (and `data_root`, when given), and
+    `weights_sha256` (mmpt.checkpoint.state_digest of the model evaluated, when given), so that an export's model
+    card reports only the metrics of the weights it exports.
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -150,6 +153,7 @@ def write_predictions(
         "split": split,
         "run": run,
         "data_root": data_root,
+        "weights_sha256": weights_sha256,
         "datasets": {
             flag: {
                 "images": len(result.labels),

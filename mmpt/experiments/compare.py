@@ -30,6 +30,7 @@ from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
 from mmpt.rundir import DATA_RECORD, PREDICTION_FILE, Results, RunDir
+from mmpt.settings import load_yaml
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
@@ -68,7 +69,7 @@ def _nearest_data_root(folder: Path) -> str | None:
         path = RunDir(parent).config
         if path.is_file():
             try:
-                return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
+                return (load_yaml(path.read_text()) or {}).get("data", {}).get("root")
             except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
                 raise MmptError(f"{path} is not a config written by train.py; pass --data-root DIR") from None
     return None
@@ -362,6 +363,13 @@ def compare_runs(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
+    # one run under two spellings of its path (runs/a, ./runs/a/, a link) would be compared with itself
+    resolved = [Path(p).resolve() for p in paths]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise MmptError(
+                f"{paths[resolved.index(path)]} and {paths[i]} are the same run ({path}); pass each run once"
+            )
     runs = [load_run(p) for p in paths]
     left_out_runs = [(folder, why) for r in runs for folder, why in r.left_out]
     if left_out_runs and require_complete:

@@ -63,9 +63,14 @@ def format_compare(result: dict) -> str:
         mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
         mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
         lines += ["| " + " | ".join(mean) + " |", ""]
+    undefined = _undefined_intervals(result)
+    if undefined:
+        lines += ["## Intervals that cannot be computed (nan above)", ""]
+        lines += [f"- {flag} {m}: {why}" for (flag, m), why in undefined.items()] + [""]
     lines += [f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)", ""]
     for r in runs[1:]:
-        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %")
+        why = f" ({r['delta_m_undefined']})" if r.get("delta_m_undefined") else ""
+        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %{why}")
     tested = [r for r in runs[1:] if "wilcoxon" in r]
     if tested:
         lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
@@ -76,6 +81,18 @@ def format_compare(result: dict) -> str:
                     f"worse on {t['worse']} of {t['datasets']} datasets"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _undefined_intervals(result: dict) -> dict[tuple[str, str], str]:
+    """(dataset, metric) -> why its interval (or its difference's) is NaN, over every run."""
+    found: dict[tuple[str, str], str] = {}
+    for r in result["runs"]:
+        for flag, cells in r["datasets"].items():
+            for m, c in cells.items():
+                why = c.get("ci_undefined") or c.get("diff_ci_undefined")
+                if why:
+                    found.setdefault((flag, m), why)
+    return found
 
 
 def write_compare(result: dict, output: Path) -> list[Path]:

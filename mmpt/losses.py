@@ -31,6 +31,12 @@ class TaskLoss(Protocol):
         """Mean loss over the batch; labels are int64 N×L as medmnist stores them."""
         ...
 
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The sum of the loss's terms over the batch and their number (tensors on the logits' device), whose
+        quotient is `__call__`'s mean: summed over a split's batches, they give the mean over the whole split,
+        whatever the batch size and the number of processes (evaluation's loss)."""
+        ...
+
     def scores(self, logits: Tensor) -> Tensor:
         """N×K class scores in medmnist's convention (softmax, sigmoid or class probabilities)."""
         ...
@@ -49,6 +55,9 @@ class CrossEntropyLoss:
         # medmnist stores single-label targets as N×1
         return F.cross_entropy(logits, labels.reshape(-1))
 
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return F.cross_entropy(logits, labels.reshape(-1), reduction="sum"), _count(logits, len(logits))
+
     def scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)
 
@@ -64,6 +73,10 @@ class MultiLabelBCELoss:
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        total = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+        return total, _count(logits, logits.numel())
 
     def scores(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()
@@ -83,9 +96,15 @@ class CoralLoss:
         self.num_outputs = num_classes - 1
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(logits, self._levels(logits, labels))
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        total = F.binary_cross_entropy_with_logits(logits, self._levels(logits, labels), reduction="sum")
+        return total, _count(logits, logits.numel())
+
+    def _levels(self, logits: Tensor, labels: Tensor) -> Tensor:
         thresholds = torch.arange(self.num_outputs, device=logits.device)
-        levels = (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
-        return F.binary_cross_entropy_with_logits(logits, levels)
+        return (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid())
@@ -108,16 +127,27 @@ class CornLoss:
         self.num_outputs = num_classes - 1
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        total, count = self.sum_and_count(logits, labels)
+        # the k = 0 subset is the whole batch, so the count is never 0
+        return total / count
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The BCE terms of every (sample, k) pair in the subsets, summed, and the number of pairs: a batch's mean
+        weights each batch by its pairs, so the mean over a split is the quotient of the sums, not a mean of means."""
         thresholds = torch.arange(self.num_outputs, device=logits.device)
         grades = labels.reshape(-1, 1)
         in_subset = (grades > thresholds - 1).to(logits.dtype)  # N×(K−1): y > k−1
         targets = (grades > thresholds).to(logits.dtype)  # N×(K−1): y > k
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        # the k = 0 subset is the whole batch, so the count is never 0
-        return (bce * in_subset).sum() / in_subset.sum()
+        return (bce * in_subset).sum(), in_subset.sum()
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid().cumprod(dim=1))
+
+
+def _count(logits: Tensor, n: int) -> Tensor:
+    """A number of loss terms known on the host, as a tensor beside the logits (no device sync)."""
+    return torch.tensor(float(n), device=logits.device)
 
 
 def class_probabilities(above: Tensor) -> Tensor:

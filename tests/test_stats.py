@@ -267,6 +267,12 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
     assert "[+nan, +nan]" not in breast_row and "[nan, nan]" in breast_row.split("|")[-2]  # the difference too
     assert "[0.0000, 1.0000]" not in markdown and "[-1.0000, +1.0000]" not in markdown
     assert f"- breastmnist auc: {why['breastmnist']}" in markdown
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
+    row = next(r for r in rows if r["run"] == str(runs[1]) and (r["dataset"], r["metric"]) == ("breastmnist", "auc"))
+    assert (row["ci_low"], row["diff_ci_high"]) == ("nan", "nan")
+    assert why["breastmnist"] in row["ci_undefined"] and why["breastmnist"] in row["diff_ci_undefined"]
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     cell = saved["runs"][1]["datasets"]["breastmnist"]["auc"]
     assert cell["ci_low"] is None and cell["diff_ci_high"] is None and cell["ci_undefined"].startswith("class 1")

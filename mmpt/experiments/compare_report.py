@@ -101,13 +101,14 @@ def write_compare(result: dict, output: Path) -> list[Path]:
     json_path, csv_path, md_path = written.compare_files
     write_json(json_path, result)
     fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
+    fields += ["ci_undefined", "diff_ci_undefined"]  # why an interval is nan
     rows = [["run", "dataset", "metric", *fields]]
     for r in result["runs"]:
         for flag, cells in r["datasets"].items():
             for m, c in cells.items():
                 rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
         for m, c in r["mean"].items():
-            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", ""])
+            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", "", "", ""])
         rows.append(
             [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
         )

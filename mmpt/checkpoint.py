@@ -58,8 +58,12 @@ def load(path: Path) -> dict:
     has another format version, or fails its digest (its bytes changed after mmpt wrote it).
     """
     path = Path(path)
+    if path.is_dir():
+        raise MmptError(
+            f"checkpoint {path} is a folder; pass the checkpoint file (a run's checkpoints/best.pt or last.pt)"
+        )
     if not path.is_file():
-        raise MmptError(f"checkpoint {path} not found; pass a run folder with checkpoints/ or a .pt file")
+        raise missing_error(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -67,9 +71,13 @@ def load(path: Path) -> dict:
             f"checkpoint {path} is not plain tensor data, so it was refused and nothing in it was run "
             f"({_unpickling_reason(exc)}); it is corrupt or was not written by mmpt: use a checkpoint written by mmpt"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise MmptError(f"checkpoint {path} is unreadable or truncated ({first}); use another checkpoint") from None
+    except Exception as exc:  # torch.load fails on other files in many ways (a text file: KeyError)
+        text = str(exc).strip()
+        first = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+        raise MmptError(
+            f"checkpoint {path} is unreadable or truncated, or another kind of file ({first}); use another "
+            "checkpoint, one written by mmpt"
+        ) from None
     if not isinstance(state, dict) or not {FORMAT, MODEL, CONFIG} <= state.keys():
         raise MmptError(f"{path} is not an mmpt checkpoint; pass a checkpoint written by mmpt")
     if state[FORMAT] != FORMAT_VERSION or DIGEST not in state:
@@ -85,6 +93,11 @@ def load(path: Path) -> dict:
             f"not used; restore it from a backup, or use the other checkpoint explicitly ({_fallback(path)})"
         )
     return state
+
+
+def missing_error(path: Path) -> MmptError:
+    """The error for a checkpoint file that is not there."""
+    return MmptError(f"checkpoint {path} not found; pass a run folder with checkpoints/ or a .pt file")
 
 
 def _fallback(path: Path) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, SETTINGS, load_config, parse_flag
 from mmpt.configdoc import annotated_yaml, flag_help
 from mmpt.errors import MmptError
+from mmpt.io import check_output_folder
 from mmpt.norm import RECALIBRATION_IMAGES
 from mmpt.rundir import RunDir
 from mmpt.runtime import Interrupted, interrupt_on_signals
@@ -123,11 +124,18 @@ def build_train_config(args: argparse.Namespace):
 def _train(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = build_train_config(args)
+    # a series is planned (every member's config checked) before --print-config, so it refuses what a run refuses
+    variants = _plan_series(args, cfg) if args.individual or args.sweep or args.seeds is not None else None
     if args.print_config:
         print(annotated_yaml(cfg), end="")
         return 0
-    if args.individual or args.sweep or args.seeds is not None:
-        return _train_series(args, cfg)
+    if variants is not None:
+        from mmpt.experiments.series import individual_norm_note
+
+        note = individual_norm_note(cfg, args.individual)
+        if note:
+            print(note)
+        return _train_series(cfg, variants, overwrite=args.overwrite)
     # imported here, as in every command below: training imports timm and TorchJD, slow for --help and errors
     from mmpt.experiments.series import check_single_run_folder
     from mmpt.train import Stopped, run
@@ -143,9 +151,9 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _train_series(args: argparse.Namespace, cfg) -> int:
-    from mmpt.experiments.series import check_sweep_keys, parse_seeds, parse_sweep, plan_series, run_series, summarize
-    from mmpt.train import Stopped
+def _plan_series(args: argparse.Namespace, cfg) -> list:
+    """The runs of the series the flags ask for, every flag and member config checked (mmpt.experiments.series)."""
+    from mmpt.experiments.series import check_sweep_keys, parse_seeds, parse_sweep, plan_series
 
     if args.resume:
         raise MmptError("--resume continues one run; to continue a series, run the same series command again")
@@ -156,10 +164,16 @@ def _train_series(args: argparse.Namespace, cfg) -> int:
     ):
         raise MmptError("--seed and --seeds both set the seed; give the seeds once, with --seeds")
     check_sweep_keys(sweeps, individual=args.individual, seeds=seeds)
-    variants = plan_series(cfg, individual=args.individual, sweeps=sweeps, seeds=seeds)
+    return plan_series(cfg, individual=args.individual, sweeps=sweeps, seeds=seeds)
+
+
+def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
+    from mmpt.experiments.series import run_series, summarize
+    from mmpt.train import Stopped
+
     print(f"series of {len(variants)} runs under {cfg.run_dir}")
     try:
-        run_series(variants, overwrite=args.overwrite, base=cfg)
+        run_series(variants, overwrite=overwrite, base=cfg)
     except (Stopped, KeyboardInterrupt) as exc:
         print(f"{exc or 'interrupted'}\nseries stopped: run the same command again to continue it", file=sys.stderr)
         return 130
@@ -343,8 +357,8 @@ def _check_flags(**values) -> None:
             raise MmptError(f"{name} must be >= 1, got {value}")
         if flag in ("metrics", "datasets") and any(not item.strip() for item in value.split(",")):
             raise MmptError(f"{name} '{value}' has an empty item; give names separated by single commas")
-        if flag == "output" and Path(value).exists() and not Path(value).is_dir():
-            raise MmptError(f"{name} {value} is a file, not a folder; pass --output DIR with a folder for the results")
+        if flag == "output":
+            check_output_folder(Path(value), name)
 
 
 def _recalibrate_images(recalibrate_norm: bool, images: int | None) -> int | None:

@@ -187,7 +187,8 @@ class ModelConfig:
         16,
         "per-dataset BatchNorm statistics: before each validation (so also in best.pt and the test), replace each "
         "dataset's running statistics by their average over this many of its train batches of train.batch_size "
-        "images, without augmentation, the weights fixed (PreciseBN); 0 = off; no effect with shared statistics",
+        "images, without augmentation, the weights fixed (PreciseBN); 0 = off; no effect with shared statistics "
+        "nor in train.probe_epochs (the frozen backbone keeps its statistics as loaded)",
         ge=0,
         recorded=0,
     )

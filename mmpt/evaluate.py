@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from mmpt import checkpoint as ckpt
@@ -11,25 +10,15 @@ from mmpt.config import recorded_config
 from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.io import write_json
+from mmpt.io import check_output_folder, write_json
 from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
 from mmpt.plots import plot_loss_curves
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.recipe import build_model, build_transform
 from mmpt.report import format_table, read_history, write_metrics
-from mmpt.rundir import Results, RunDir
+from mmpt.rundir import Results, RunDir, clear_results
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import resolve_tasks
-
-
-def check_output_folder(output: Path) -> None:
-    """Raise MmptError unless `output` is a folder, or can be created as one, without writing anything yet."""
-    existing = next(p for p in (output, *output.parents) if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        what = "is a file" if existing == output else f"is inside {existing}, which is a file"
-        raise MmptError(f"--output {output} {what}; pass --output DIR with a folder")
-    if not os.access(existing, os.W_OK):
-        raise MmptError(f"--output {output}: {existing} is not writable; pass --output DIR with a writable folder")
 
 
 def evaluate_checkpoint(
@@ -72,7 +61,7 @@ def evaluate_checkpoint(
         evaluation_data(cfg.data, data_root, cache_dir), eval_batch_size=batch_size or cfg.data.eval_batch_size
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    data = open_data(cfg.data, tasks)
+    data = open_data(cfg.data, tasks, evaluation=True)
     configure_determinism(cfg.train.seed, cfg.determinism)
     torch_device = select_device(device)
 
@@ -131,11 +120,19 @@ def evaluate_checkpoint(
     written = Results(output)
     run = RunDir.of_checkpoint(checkpoint)  # a run's own checkpoint: its loss curves go beside the results
     try:
+        # an earlier evaluation's files (other datasets, another checkpoint) must not stand beside these
+        clear_results(output)
         write_metrics(written, table)
         if recalibrated is not None:
             write_json(written.recalibration, recalibrated)
         write_predictions(
-            written.predictions, results, cfg.data.resolution, split, run=cfg.name, data_root=str(cfg.data.root)
+            written.predictions,
+            results,
+            cfg.data.resolution,
+            split,
+            run=cfg.name,
+            data_root=str(cfg.data.root),
+            weights_sha256=ckpt.state_digest(model.state_dict()),  # the weights evaluated (recalibrated: changed)
         )
         plot_confusions({t.flag: t for t in tasks}, results, written)
         if run is not None and run.val_history.is_file():

@@ -80,6 +80,18 @@ def write_advice(exc: OSError) -> str:
     return "free disk space or make the folder writable"
 
 
+def check_output_folder(folder: Path, flag: str = "--output") -> None:
+    """Raise MmptError unless `folder` is a writable folder, or can be created as one (no part of its path is a
+    file), without writing anything yet. `flag` names the option that gave it in the message."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == folder else f"is inside {existing}, which is a file"
+        raise MmptError(f"{flag} {folder} {what}; pass {flag} DIR with a folder")
+    if not os.access(existing, os.W_OK):
+        raise MmptError(f"{flag} {folder}: {existing} is not writable; pass {flag} DIR with a writable folder")
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename or a new file in `folder` durable."""
     dir_fd = os.open(folder, os.O_RDONLY)

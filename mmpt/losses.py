@@ -39,6 +39,12 @@ class TaskLoss(Protocol):
         """
         ...
 
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The sum of the loss's terms over the batch and their number (tensors on the logits' device), whose
+        quotient is `__call__`'s mean: summed over a split's batches, they give the mean over the whole split,
+        whatever the batch size and the number of processes (evaluation's loss)."""
+        ...
+
     def scores(self, logits: Tensor) -> Tensor:
         """N×K class scores in medmnist's convention (softmax, sigmoid or class probabilities)."""
         ...
@@ -57,6 +63,9 @@ class CrossEntropyLoss:
         # medmnist stores single-label targets as N×1
         return F.cross_entropy(logits, labels.reshape(-1))
 
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return F.cross_entropy(logits, labels.reshape(-1), reduction="sum"), _count(logits, len(logits))
+
     def scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)
 
@@ -72,6 +81,10 @@ class MultiLabelBCELoss:
 
     def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        total = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+        return total, _count(logits, logits.numel())
 
     def scores(self, logits: Tensor) -> Tensor:
         return logits.sigmoid()
@@ -91,9 +104,15 @@ class CoralLoss:
         self.num_outputs = num_classes - 1
 
     def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
+        return F.binary_cross_entropy_with_logits(logits, self._levels(logits, labels))
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        total = F.binary_cross_entropy_with_logits(logits, self._levels(logits, labels), reduction="sum")
+        return total, _count(logits, logits.numel())
+
+    def _levels(self, logits: Tensor, labels: Tensor) -> Tensor:
         thresholds = torch.arange(self.num_outputs, device=logits.device)
-        levels = (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
-        return F.binary_cross_entropy_with_logits(logits, levels)
+        return (labels.reshape(-1, 1) > thresholds).to(logits.dtype)  # N×(K−1)
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid())
@@ -117,24 +136,34 @@ class CornLoss:
         self.num_outputs = num_classes - 1
 
     def __call__(self, logits: Tensor, labels: Tensor, world: World = SINGLE) -> Tensor:
+        total, count = self.sum_and_count(logits, labels)
+        if not world.distributed:
+            # the k = 0 subset is the whole batch, so the count is never 0
+            return total / count
+        # the global batch's number of (sample, k) pairs and its images, in one all-reduce (no host read)
+        counts = sum_over_ranks_tensor(world, torch.stack([count, count.new_tensor(float(len(labels)))]))
+        pairs, images = counts[0], counts[1]
+        # this rank's sum over the global count, per image of its shard: the step's rescaling by the shard's share of
+        # the images (n_r·W/N) and DDP's mean over ranks then give the global batch's sum over its count
+        return total * images / (pairs * len(labels))
+
+    def sum_and_count(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The BCE terms of every (sample, k) pair in the subsets, summed, and the number of pairs: a batch's mean
+        weights each batch by its pairs, so the mean over a split is the quotient of the sums, not a mean of means."""
         thresholds = torch.arange(self.num_outputs, device=logits.device)
         grades = labels.reshape(-1, 1)
         in_subset = (grades > thresholds - 1).to(logits.dtype)  # N×(K−1): y > k−1
         targets = (grades > thresholds).to(logits.dtype)  # N×(K−1): y > k
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        total = (bce * in_subset).sum()
-        if not world.distributed:
-            # the k = 0 subset is the whole batch, so the count is never 0
-            return total / in_subset.sum()
-        # the global batch's subset sizes per threshold and its images, in one all-reduce (no host read): (K−1)+1
-        counts = sum_over_ranks_tensor(world, torch.cat([in_subset.sum(dim=0), in_subset.new_full((1,), len(grades))]))
-        subset, images = counts[:-1].sum(), counts[-1]
-        # this rank's sum over the global count, per image of its shard: the step's rescaling by the shard's share of
-        # the images (n_r·W/N) and DDP's mean over ranks then give the global batch's sum over its count
-        return total * images / (subset * len(grades))
+        return (bce * in_subset).sum(), in_subset.sum()
 
     def scores(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits.sigmoid().cumprod(dim=1))
+
+
+def _count(logits: Tensor, n: int) -> Tensor:
+    """A number of loss terms known on the host, as a tensor beside the logits (no device sync)."""
+    return torch.tensor(float(n), device=logits.device)
 
 
 def class_probabilities(above: Tensor) -> Tensor:

@@ -166,13 +166,19 @@ def check_input_size(model: MultiTaskNet, size: int, backbone: str) -> None:
 
 
 def copy_initial_weights(
-    model: MultiTaskNet, weights: dict[str, Tensor], source_datasets: Sequence[str], path: Path, backbone_name: str
+    model: MultiTaskNet,
+    weights: dict[str, Tensor],
+    source_datasets: Sequence[str],
+    path: Path,
+    backbone_name: str,
+    train_sizes: dict[str, int] | None = None,
 ) -> list[str]:
     """Copy a saved model's backbone, and its heads for datasets `model` has too, into `model` (weights only).
 
     `weights`: the saved model state (backbone.* and heads.* entries) of a run trained on `source_datasets`,
     read from `path`; `backbone_name`: the timm name both are built from. BatchNorm statistics follow the transfer rule
-    of mmpt.norm when either side keeps them per dataset. Raises MmptError when the backbone weights do not fit.
+    of mmpt.norm when either side keeps them per dataset, mixtures weighted by `train_sizes` (the source run's own
+    train split sizes; None: medmnist's official ones). Raises MmptError when the backbone weights do not fit.
     Returns the heads copied.
     """
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
@@ -180,7 +186,7 @@ def copy_initial_weights(
     source_norm = saved_norm(backbone)  # model.norm auto: what the source's weights hold
     if source_norm != "shared" or model.per_dataset_norm:
         # BatchNorm entries differ in shape between norm settings: every norm layer is filled by the transfer rule
-        sizes = {t.flag: t.split_size("train") for t in resolve_tasks(tuple(source_datasets) + model.norm_tasks)}
+        sizes = train_sizes or {t.flag: t.split_size("train") for t in resolve_tasks(tuple(source_datasets))}
         norm_state = transfer_norm_state(model.backbone, backbone, source_datasets, model.norm_tasks, sizes)
         prefixes = norm_layer_prefixes(model.backbone)
         backbone = {k: v for k, v in backbone.items() if not k.startswith(tuple(prefixes))}

@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpt.choices import NORMS
 from mmpt.data.loader import shard
+from mmpt.data.sampler import near_equal_batches
 from mmpt.distributed import SINGLE, World, all_reduce_mean_
 from mmpt.errors import MmptError
 
@@ -168,28 +169,42 @@ def task_parameter_names(module: nn.Module) -> list[str]:
 
 
 def _layer_rows(weights: dict[str, Tensor], prefix: str, num_source: int) -> list[dict[str, Tensor]]:
-    """One {mean, var, weight, bias} per source dataset of the norm layer at `prefix` (a shared layer: one row,
-    repeated)."""
+    """One {mean, var, count[, weight, bias]} per source dataset of the norm layer at `prefix` (a shared layer: one
+    row); weight and bias only where each dataset has its own (per_dataset), see _shared_affine."""
     mean, var = weights[prefix + "running_mean"], weights[prefix + "running_var"]
+    count = weights.get(prefix + "num_batches_tracked")
     rows = []
     for s in range(num_source):
         row = {"mean": mean[s] if mean.dim() == 2 else mean, "var": var[s] if var.dim() == 2 else var}
+        if count is not None:
+            row["count"] = count[s] if count.dim() == 1 else count
         if prefix + "task_weight.0" in weights:
             row["weight"], row["bias"] = weights[f"{prefix}task_weight.{s}"], weights[f"{prefix}task_bias.{s}"]
-        elif prefix + "weight" in weights:
-            row["weight"], row["bias"] = weights[prefix + "weight"], weights[prefix + "bias"]
         rows.append(row)
     return rows
 
 
+def _shared_affine(weights: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The affine weights of the norm layer at `prefix` where every dataset shares them: one tensor each in the
+    source, so copied as they are, never through a weighted mean (which moves them by rounding)."""
+    if prefix + "task_weight.0" in weights or prefix + "weight" not in weights:
+        return {}
+    return {"weight": weights[prefix + "weight"], "bias": weights[prefix + "bias"]}
+
+
 def _mixture(rows: list[dict[str, Tensor]], shares: list[float]) -> dict[str, Tensor]:
     """The statistics of the mixture of datasets with these shares (mean of means; mean of variances plus the
-    spread of the means), and the share-weighted mean of the affine weights."""
+    spread of the means), the share-weighted mean of per-dataset affine weights and the largest batch count.
+    One dataset's row is its own, as it is (no arithmetic, so no rounding)."""
+    if len(rows) == 1:
+        return dict(rows[0])
     total = sum(shares)
     w = [s / total for s in shares]
     mean = sum(wi * r["mean"] for wi, r in zip(w, rows))
     var = sum(wi * (r["var"] + (r["mean"] - mean) ** 2) for wi, r in zip(w, rows))
     out = {"mean": mean, "var": var}
+    if "count" in rows[0]:
+        out["count"] = torch.stack([r["count"] for r in rows]).max()
     if "weight" in rows[0]:
         out["weight"] = sum(wi * r["weight"] for wi, r in zip(w, rows))
         out["bias"] = sum(wi * r["bias"] for wi, r in zip(w, rows))
@@ -211,13 +226,16 @@ def transfer_norm_state(
     be shared or per dataset (`source_tasks` in its row order).
 
     Rule: a target dataset (for a shared target: the set of its datasets) takes the mixture of the statistics of
-    the source datasets among them, weighted by their train split sizes; a dataset the source never saw takes the
-    size-weighted mixture of all the source's datasets, which is what a shared layer estimates under proportional
-    sampling. A shared source gives its one set of statistics (and weights) to every dataset.
+    the source datasets among them, weighted by their train split sizes (`train_sizes`: the source run's own); a
+    dataset the source never saw takes the size-weighted mixture of all the source's datasets, which is what a
+    shared layer estimates under proportional sampling. A shared source gives its one set of statistics (and
+    weights) to every dataset. Only what the source keeps per dataset is mixed: shared affine weights, and a
+    target dataset's own row, are copied bit for bit.
     """
     own = backbone.state_dict()
     out: dict[str, Tensor] = {}
     modules = dict(backbone.named_modules())
+    no_count = torch.zeros((), dtype=torch.long)  # a source layer without num_batches_tracked
     for prefix in norm_layer_prefixes(backbone):
         module = modules[prefix[:-1]]
         mean = weights.get(prefix + "running_mean")
@@ -225,21 +243,21 @@ def transfer_norm_state(
         if mean is None or (num_source > 1 and num_source != len(source_tasks)):
             raise MmptError(f"the source checkpoint has no BatchNorm statistics at {prefix}running_mean that fit")
         rows = _layer_rows(weights, prefix, num_source)
+        shared_affine = _shared_affine(weights, prefix)
         source = list(source_tasks) if num_source > 1 else None
 
-        def pick(group: Sequence[str], rows=rows, source=source) -> dict[str, Tensor]:
+        def pick(group: Sequence[str], rows=rows, source=source, shared_affine=shared_affine) -> dict[str, Tensor]:
             if source is None:  # a shared source layer: its one set for every group
-                return rows[0]
+                return {"count": no_count, **rows[0], **shared_affine}
             seen = [s for s in group if s in source] or source
-            return _mixture([rows[source.index(s)] for s in seen], [train_sizes[s] for s in seen])
+            mixed = _mixture([rows[source.index(s)] for s in seen], [train_sizes[s] for s in seen])
+            return {"count": no_count, **mixed, **shared_affine}
 
-        count = weights.get(prefix + "num_batches_tracked")
-        count = count.max() if count is not None else torch.zeros((), dtype=torch.long)
         if isinstance(module, TaskBatchNorm):
             picked = [pick([t]) for t in target_tasks]
             out[prefix + "running_mean"] = torch.stack([p["mean"] for p in picked]).to(own[prefix + "running_mean"])
             out[prefix + "running_var"] = torch.stack([p["var"] for p in picked]).to(own[prefix + "running_var"])
-            out[prefix + "num_batches_tracked"] = count.repeat(len(target_tasks))
+            out[prefix + "num_batches_tracked"] = torch.stack([p["count"] for p in picked])
             for i, p in enumerate(picked):
                 if module.per_task_affine:
                     out[f"{prefix}task_weight.{i}"], out[f"{prefix}task_bias.{i}"] = p["weight"], p["bias"]
@@ -249,7 +267,7 @@ def transfer_norm_state(
         else:
             p = pick(list(target_tasks))
             out[prefix + "running_mean"], out[prefix + "running_var"] = p["mean"], p["var"]
-            out[prefix + "num_batches_tracked"] = count
+            out[prefix + "num_batches_tracked"] = p["count"]
             if module.affine:
                 out[prefix + "weight"], out[prefix + "bias"] = p["weight"], p["bias"]
     return {k: v.clone() for k, v in out.items()}
@@ -264,17 +282,29 @@ def describe_init_rule(source_tasks: Iterable[str], target_tasks: Iterable[str],
             f"{' copied to every dataset' if norm != 'shared' else ''}"
         )
     unseen = [t for t in target_tasks if t not in source_tasks]
+    seen = [t for t in target_tasks if t in source_tasks]
+    # the source's per-dataset affine weights, where this run shares them: one dataset's, or their weighted mean
+    averaged = ""
+    if source_norm == "per_dataset" and norm != "per_dataset":
+        group = seen or source_tasks
+        averaged = (
+            f"; the shared affine weights are {group[0]}'s own in the source (model.norm per_dataset)"
+            if len(group) == 1
+            else "; the shared affine weights are the train-size-weighted mean of the source's per-dataset ones "
+            f"(model.norm per_dataset) over {', '.join(group)}"
+        )
     if norm == "shared":
-        seen = [t for t in target_tasks if t in source_tasks]
         named = ", ".join(seen) if seen else f"{len(source_tasks)} datasets (it has none of this run's)"
-        return f"normalization: shared statistics from the train-size-weighted mixture of the source's {named}"
+        return (
+            f"normalization: shared statistics from the train-size-weighted mixture of the source's {named}{averaged}"
+        )
     line = "normalization: each dataset starts from its own statistics in the source"
     if unseen:
         line += (
             f"; {', '.join(unseen)}, not in the source, from the train-size-weighted mixture of all "
             f"{len(source_tasks)} source datasets"
         )
-    return line
+    return line + averaged
 
 
 def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False, calibration_batches: int = 0) -> str:
@@ -299,18 +329,6 @@ RECALIBRATION_IMAGES = 2048  # evaluate.py --recalibrate-norm: default images pe
 RECALIBRATION_SEED = 0  # which images: a fixed draw, so two recalibrations agree
 # keeps the draws of the statistics' calibration during training apart from the sampler's streams
 CALIBRATION_STREAM = zlib.crc32(b"norm calibration")
-
-
-def batch_count(images: int, batch_size: int) -> int:
-    """How many near-equal batches `images` images are cut into: ceil(images / batch_size), fewer where that would
-    leave a batch of one image (BatchNorm cannot take one), so that every batch holds 2 or more of images >= 2."""
-    return max(1, min(-(-images // batch_size), images // 2))
-
-
-def near_equal_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """`indices` cut in order into `batch_count` batches whose sizes differ by at most one (none above batch_size
-    unless a single-image batch had to be avoided)."""
-    return np.array_split(indices, batch_count(len(indices), batch_size))
 
 
 def recalibration_indices(train_size: int, images: int) -> np.ndarray:

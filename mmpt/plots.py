@@ -126,6 +126,14 @@ def plot_confusion(matrices: dict[str, np.ndarray], names: dict[str, list[str]],
     return _save(fig, path)
 
 
+def _mark_undefined(ax, at: np.ndarray, value: np.ndarray, errors: np.ndarray, vertical: bool) -> None:
+    """Write "no CI" where a value has no interval: an error bar of zero length would read as an exact value."""
+    for position, v, e in zip(at, value, errors.T):
+        if np.isfinite(v) and not np.isfinite(e).all():
+            xy = (position, v) if vertical else (v, position)
+            ax.annotate("no CI", xy, fontsize=6, ha="center", va="bottom", color="dimgray")
+
+
 def plot_grouped_bars(
     values: dict[str, dict[str, tuple[float, float, float]]], path: Path, ylabel: str, title: str
 ) -> Path:
@@ -142,7 +150,9 @@ def plot_grouped_bars(
     for i, run in enumerate(runs):
         v = np.array([values[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
         errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, v[:, 0], width, yerr=np.nan_to_num(errors), capsize=2, label=run)
+        at = x + (i - (len(runs) - 1) / 2) * width
+        ax.bar(at, v[:, 0], width, yerr=np.nan_to_num(errors), capsize=2, label=run)
+        _mark_undefined(ax, at, v[:, 0], errors, vertical=True)
     finite = [val for per in values.values() for t in per.values() for val in t if np.isfinite(val)]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05) if max(finite) <= 1 else None)
@@ -170,9 +180,9 @@ def plot_differences(
     for i, run in enumerate(runs):
         v = np.array([diffs[run].get(d, (np.nan,) * 3) for d in datasets], dtype=float)
         errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
-        ax.errorbar(
-            v[:, 0], y + (i - (len(runs) - 1) / 2) * step, xerr=np.nan_to_num(errors), fmt="o", capsize=3, label=run
-        )
+        at = y + (i - (len(runs) - 1) / 2) * step
+        ax.errorbar(v[:, 0], at, xerr=np.nan_to_num(errors), fmt="o", capsize=3, label=run)
+        _mark_undefined(ax, at, v[:, 0], errors, vertical=False)
     ax.axvline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(y, [d.removesuffix("mnist") for d in datasets], fontsize=8)
     ax.invert_yaxis()

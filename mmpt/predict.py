@@ -70,7 +70,8 @@ def evaluate_all(
     stop: StopSignal | None = None,
 ) -> dict[str, TaskResult]:
     """Run each task's head over its split as `loader` (an `eval_loader`) yields it; return labels, scores and
-    metrics (with the mean loss) per task, in the order of `tasks`.
+    metrics (with the mean loss: each loss's terms summed over the split over their number, so it does not
+    depend on the batch size or the number of processes) per task, in the order of `tasks`.
 
     Under torchrun each rank scores its contiguous shards and they are gathered in rank order, so every
     image is scored exactly once and every rank returns the same results. Raises Interrupted when `stop`
@@ -79,7 +80,8 @@ def evaluate_all(
     model.eval()
     scores: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
     labels: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
-    loss_sums = {flag: torch.zeros((), device=device) for flag in tasks}
+    # each loss's terms summed, and counted, over the split: the mean over the split whatever the batch size
+    loss_sums = {flag: torch.zeros(2, dtype=torch.float64, device=device) for flag in tasks}
     for flag, images, y_cpu in loader:
         if stop is not None and stop.received and not world.distributed:
             raise Interrupted(stop.received)
@@ -88,7 +90,7 @@ def evaluate_all(
         with autocast(device, precision):
             logits = model(x, flag)
         logits = logits.float()
-        loss_sums[flag] += losses[flag](logits, y) * len(y)
+        loss_sums[flag] += torch.stack(losses[flag].sum_and_count(logits, y)).double()
         scores[flag].append(losses[flag].scores(logits).cpu().numpy())
         labels[flag].append(y_cpu.numpy())
     if stop is not None and any_rank(world, stop.received is not None)[0]:
@@ -106,7 +108,8 @@ def _result(
     empty_scores, empty_labels = np.zeros((0, task.num_classes)), np.zeros((0, task.label_width), np.int64)
     all_scores = gather_rows(world, np.concatenate(scores) if scores else empty_scores).astype(np.float64)
     all_labels = gather_rows(world, np.concatenate(labels) if labels else empty_labels)
-    loss = sum_over_ranks(world, loss_sum.item()) / len(all_labels)
+    total, count = loss_sum.tolist()
+    loss = sum_over_ranks(world, total) / sum_over_ranks(world, count)
     # MAE and kappa of the ordinal task use the loss's own grade rule (CORAL/CORN: the median, not the argmax)
     metrics = {"loss": loss, **compute_metrics(task, all_labels, all_scores, grade_rule=grade_rule)}
     return TaskResult(labels=all_labels, scores=all_scores, metrics=metrics, grade_rule=grade_rule)
@@ -132,12 +135,15 @@ def write_predictions(
     split: str,
     run: str,
     data_root: str | None = None,
+    weights_sha256: str | None = None,
 ) -> list[Path]:
     """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
 
     medmnist's `Evaluator.parse_and_evaluate` re-scores these files from their names alone. Beside them,
     data.json records the resolution, split, and per dataset the number of images and a digest of their
-    labels, so that `compare` can refuse runs evaluated on different data (and `data_root`, when given).
+    labels, so that `compare` can refuse runs evaluated on different data (and `data_root`, when given), and
+    `weights_sha256` (mmpt.checkpoint.state_digest of the model evaluated, when given), so that an export's model
+    card reports only the metrics of the weights it exports.
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -150,6 +156,7 @@ def write_predictions(
         "split": split,
         "run": run,
         "data_root": data_root,
+        "weights_sha256": weights_sha256,
         "datasets": {
             flag: {
                 "images": len(result.labels),

@@ -30,7 +30,7 @@ from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
 from mmpt.precision import autocast
 from mmpt.step import TrainStep
 from mmpt.tasks import FLAGS, TaskSpec
-from mmpt.weights import read_weights
+from mmpt.weights import read_weights, train_sizes
 
 
 def check_run(cfg: Config, world_size: int = 1) -> None:
@@ -216,8 +216,11 @@ def calibrate_statistics(
     """Precise per-dataset BatchNorm statistics before the validation after epoch `epoch` (0-based):
     model.norm_calibration_batches batches of train.batch_size images of each dataset's train split (`splits`:
     flag -> its train SplitData), drawn from train.seed and the epoch, each pass under train.precision's autocast
-    as at evaluation (`mmpt.norm.calibrate_norms`); returns whether it calibrated (not for 0 or shared statistics).
+    as at evaluation (`mmpt.norm.calibrate_norms`); returns whether it calibrated (not for 0 or shared statistics,
+    nor after an epoch of train.probe_epochs: the backbone is frozen there, its statistics stay as loaded).
     """
+    if epoch < cfg.train.probe_epochs:
+        return False
     return calibrate_norms(
         model,
         splits,
@@ -256,12 +259,19 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
             f"{cfg.data.resolution} px images (input.mode {cfg.input.mode}, model input {model_input_size(cfg)}); "
             "initialise from a run with the same backbone, resolution, input.mode and model.img_size"
         )
-    return copy_initial_weights(model, state[ckpt.MODEL], saved.data.datasets, path, ours)
+    sizes, _ = train_sizes(state, saved.data.datasets)  # the source run's own train splits
+    return copy_initial_weights(model, state[ckpt.MODEL], saved.data.datasets, path, ours, sizes)
 
 
 def load_backbone(source: str | Path) -> tuple[MultiTaskNet, Config]:
     """The trained backbone of a run folder, checkpoint or export, without its heads, and that run's config."""
     _, state = read_weights(source)
+    return backbone_of(state)
+
+
+def backbone_of(state: dict) -> tuple[MultiTaskNet, Config]:
+    """The trained backbone of a checkpoint's state (mmpt.checkpoint.load, mmpt.weights.read_weights), without its
+    heads, and that run's config."""
     cfg = recorded_config(state[ckpt.CONFIG])
     backbone = create_backbone(
         cfg.model.backbone,

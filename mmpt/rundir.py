@@ -430,33 +430,55 @@ _FOLDER_FILES: dict[str, Callable[[str], bool]] = {
 _EVAL_FOLDERS = tuple(split + suffix for split in EVAL_SPLITS for suffix in ("", RECALIBRATED))
 
 
+def _clear(
+    folder: Path, is_output: Callable[[str], bool], kept: list[str], base: Path, handled: tuple[str, ...] = ()
+) -> None:
+    """Remove `folder`'s files whose names `is_output` accepts, then the folder if empty; a link is unlinked.
+    What stays is appended to `kept` (relative to `base`)."""
+    if folder.is_symlink():
+        folder.unlink()  # a link where mmpt puts a folder: remove the link, never what it points to
+        return
+    for path in sorted(folder.iterdir()):
+        if path.name in handled:
+            continue
+        if is_output(path.name) and (path.is_symlink() or not path.is_dir()):
+            path.unlink()
+        else:
+            kept.append(str(path.relative_to(base)))
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _clear_results(folder: Path, kept: list[str], base: Path) -> None:
+    """An evaluation's Results folder: its files and its predictions/."""
+    predictions = Results(folder).predictions
+    if predictions.is_symlink() or predictions.is_dir():
+        _clear(predictions, _is_prediction, kept, base)
+    _clear(folder, _is_result_file, kept, base, handled=(predictions.name,))
+    if predictions.exists():
+        kept.append(str(predictions.relative_to(base)))
+
+
+def clear_results(folder: Path) -> list[str]:
+    """Remove, by name, what an evaluation wrote into the Results folder `folder` (metrics, predictions/ and its
+    data.json, plots, records), so that a new evaluation's files never stand beside an earlier one's (of other
+    datasets or another checkpoint); keep everything else. Returns what was kept (relative paths). Raises OSError."""
+    folder = Path(folder)
+    kept: list[str] = []
+    if folder.is_dir() and not folder.is_symlink():
+        _clear_results(folder, kept, folder)
+    return kept
+
+
 def _remove_outputs(run_dir: Path) -> list[str]:
     """Remove mmpt's outputs from `run_dir` by name; return what was kept (relative paths, sorted)."""
     kept: list[str] = []
 
     def clear(folder: Path, is_output: Callable[[str], bool], handled: tuple[str, ...] = ()) -> None:
-        """Remove `folder`'s files whose names `is_output` accepts, then the folder if empty; a link is unlinked."""
-        if folder.is_symlink():
-            folder.unlink()  # a link where mmpt puts a folder: remove the link, never what it points to
-            return
-        for path in sorted(folder.iterdir()):
-            if path.name in handled:
-                continue
-            if is_output(path.name) and (path.is_symlink() or not path.is_dir()):
-                path.unlink()
-            else:
-                kept.append(str(path.relative_to(run_dir)))
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        _clear(folder, is_output, kept, run_dir, handled)
 
     def clear_results(folder: Path) -> None:
-        """An evaluation's Results folder: its files and its predictions/."""
-        predictions = Results(folder).predictions
-        if predictions.is_symlink() or predictions.is_dir():
-            clear(predictions, _is_prediction)
-        clear(folder, _is_result_file, handled=(predictions.name,))
-        if predictions.exists():
-            kept.append(str(predictions.relative_to(run_dir)))
+        _clear_results(folder, kept, run_dir)
 
     for path in sorted(run_dir.iterdir()):
         name = path.name

@@ -12,6 +12,7 @@ start-up fast and the messages exactly ours.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -111,22 +112,31 @@ def declared(cls: type, prefix: str = "") -> dict[str, Key]:
 
 FLOAT32_MAX = 3.4028234663852886e38
 INT64_MAX = 2**63 - 1
+SHOWN_CHARACTERS = 80  # a value longer than this is shortened in messages, which stay one readable line
+
+
+def shown(value: Any) -> str:
+    """repr(value) for a message, shortened (with its length) when it is long: a 5,000-digit number stays one line."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[: SHOWN_CHARACTERS - 20]}... ({len(text):,} characters)"
 
 
 def check(k: Key, raw: Any) -> tuple[Any, str | None]:
     """(`raw` converted to the setting's type, None), or (None, "must be ..., got ...")."""
     value, error = _coerce(raw, k.hint)
     if error:
-        return None, f"{error}, got {raw!r}"
+        return None, f"{error}, got {shown(raw)}"
     spec = k.spec
     if value is None:
         return None, None
     if spec.choices and value not in spec.choices:
-        return None, f"must be one of {', '.join(map(str, spec.choices))}, got {value!r}"
+        return None, f"must be one of {', '.join(map(str, spec.choices))}, got {shown(value)}"
     if spec.low is not None and (value < spec.low or (value == spec.low and spec.low_open)):
-        return None, f"must be {'>' if spec.low_open else '>='} {number_text(spec.low)}, got {value!r}"
+        return None, f"must be {'>' if spec.low_open else '>='} {number_text(spec.low)}, got {shown(value)}"
     if spec.high is not None and (value > spec.high or (value == spec.high and spec.high_open)):
-        return None, f"must be {'<' if spec.high_open else '<='} {number_text(spec.high)}, got {value!r}"
+        return None, f"must be {'<' if spec.high_open else '<='} {number_text(spec.high)}, got {shown(value)}"
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
@@ -175,12 +185,16 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if hint is bool:
         return (value, None) if isinstance(value, bool) else (None, "must be true or false")
     if hint is int:
+        within = f"must be an integer within ±{INT64_MAX}"
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):  # a named flag's text, e.g. --epochs 5
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+                return None, within
         ok = isinstance(value, int) and not isinstance(value, bool)
         if ok and not -INT64_MAX <= value <= INT64_MAX:  # numpy and torch hold counts and seeds in 64 bits
-            return None, f"must be an integer within ±{INT64_MAX}"
-        return (value, None) if ok else (None, "must be an integer")
+            return None, within
+        return (int(value), None) if ok else (None, "must be an integer")
     if hint is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string; flags give text
             try:
@@ -190,10 +204,17 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return None, "must be a number"
         # every float ends up in float32 tensors or optimizer arithmetic: inf, nan or overflow would only crash later
-        if not abs(float(value)) <= FLOAT32_MAX:
+        # (an integer beyond float64, e.g. 400 digits, cannot even become a float)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not abs(value) <= FLOAT32_MAX:
             return None, f"must be a finite number within float32 range (|x| <= {FLOAT32_MAX:.3g})"
-        return float(value), None
+        return value, None
     if hint is str:
+        if isinstance(value, (int, float)) and isinstance(getattr(value, "text", None), str):
+            value = value.text  # a number in YAML (`name: 2024`) is its text, as the flag's text is
         if not isinstance(value, str):
             return None, "must be a string"
         if "\x00" in value:  # paths and names: the OS refuses a NUL byte
@@ -265,6 +286,73 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping in YAML text gives one key twice (YAML itself would keep the last value and drop the first)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"{shown(key)} is given twice (lines {first_line} and {line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _Integer(int):
+    """An integer read from YAML, with the text it was written as (`text`)."""
+
+    text: str
+
+
+class _Float(float):
+    """A float read from YAML, with the text it was written as (`text`)."""
+
+    text: str
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (DuplicateKey) instead of
+    silently keeping the last value, and that numbers keep the text they were written as: a string setting written
+    as a number (`name: 2024`) is that text, as it is from a flag (`--output 2024`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges on purpose; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe loader's own error names an unhashable key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        text = self.construct_scalar(node)
+        try:
+            number = _Integer(super().construct_yaml_int(node))
+        except ValueError:  # more digits than Python converts: the text, which every setting refuses or takes as text
+            return text
+        number.text = text
+        return number
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        number = _Float(super().construct_yaml_float(node))
+        number.text = self.construct_scalar(node)
+        return number
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:map", _RecipeLoader.construct_yaml_map)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values: the one reader of recipes, `--set`/`--sweep` values and the configs runs record.
+
+    Raises DuplicateKey (a yaml.YAMLError) for a key given twice in one mapping, and yaml.YAMLError for bad syntax.
+    """
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: plain values only, never Python objects
+
+
 def parse_override(text: str) -> dict:
     """Turn `a.b=value` into {"a": {"b": value}}, parsing value as YAML (so 1e-3, true, [a, b] work)."""
     key, sep, raw = text.partition("=")
@@ -274,7 +362,9 @@ def parse_override(text: str) -> dict:
         value: Any = raw.strip()
     else:
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
+        except DuplicateKey as exc:
+            raise MmptError(f"--set {text}: {exc}; give each key once") from None
         except yaml.YAMLError:
             value = raw
     return nested(key.strip(), value)
@@ -293,7 +383,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise MmptError(f"config file {path} not found; pass an existing YAML file with --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKey as exc:
+        raise MmptError(
+            f"config file {path}: {exc} in one mapping, and YAML would keep only the last; give it once "
+            "(merge the two sections or keep one of the values)"
+        ) from None
     except UnicodeDecodeError as exc:
         raise MmptError(
             f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"

@@ -221,6 +221,7 @@ def test_report(
     # rank 0 reads best.pt and hands it to the others: on several nodes only its node has the file
     best = distributed.broadcast_object(world, ckpt.load(state.best)[ckpt.MODEL] if world.is_main else None)
     model.load_state_dict(best)
+    best_digest = ckpt.state_digest(best)
     results: dict[str, TaskResult] = evaluate_all(
         model, loader, specs, losses, step.transform, device, precision=cfg.train.precision, world=world, stop=stop
     )
@@ -228,7 +229,13 @@ def test_report(
     if world.is_main:
         write_metrics(run.results, table)
         write_predictions(
-            run.results.predictions, results, cfg.data.resolution, "test", run=cfg.name, data_root=str(cfg.data.root)
+            run.results.predictions,
+            results,
+            cfg.data.resolution,
+            "test",
+            run=cfg.name,
+            data_root=str(cfg.data.root),
+            weights_sha256=best_digest,
         )
         plot_history(progress.history, run.val_auc_plot)
         plot_loss_curves(progress.history, run.results.loss_curves)
@@ -236,7 +243,7 @@ def test_report(
             run.summary,
             {
                 "final_digest": final_digest,
-                "best_digest": ckpt.state_digest(best),
+                "best_digest": best_digest,
                 "best_epoch": early_stopping.best_epoch,
                 "epochs": progress.epoch,
                 "steps": progress.step,

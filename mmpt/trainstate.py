@@ -28,7 +28,7 @@ from mmpt.rundir import RunDir
 from mmpt.step import TrainStep
 
 # what best.pt holds: the weights and what their readers (evaluate, export, --init-from, probes) need to know
-BEST_PARTS = (ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING)
+BEST_PARTS = (ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.DATA)  # DATA: the train sizes
 
 
 class Stateful(Protocol):

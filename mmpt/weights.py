@@ -7,17 +7,22 @@ Low in the stack beside mmpt.checkpoint, as timm reads weights in `_hub.py` besi
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import Config, recorded_config, to_dict
+from mmpt.data.store import TRAIN_IMAGES
 from mmpt.errors import MmptError
 from mmpt.rundir import RunDir
+from mmpt.settings import load_yaml
+from mmpt.tasks import resolve_tasks
 
 # The files of an export folder (mmpt.experiments.export writes them)
 WEIGHTS = "model.safetensors"  # the backbone, as timm's save_for_hf writes it
@@ -25,6 +30,8 @@ TIMM_CONFIG = "config.json"
 HEADS = "heads.safetensors"  # one head per dataset, keys `<flag>.<parameter>`
 NORM = "norm.safetensors"  # per-dataset BatchNorm entries, keys `<flag>.<timm key>` (model.norm runs only)
 RUN_CONFIG = "mmpt-config.yaml"  # the run's resolved recipe
+# norm.safetensors' metadata: the run's own train split sizes, by which model.safetensors' statistics are mixed
+TRAIN_IMAGES_METADATA = "mmpt_train_images"
 
 
 def is_export(path: str | Path) -> bool:
@@ -37,6 +44,24 @@ def checkpoint_path(source: str | Path) -> Path:
     """A run folder means its checkpoints/best.pt; anything else is taken as a checkpoint file."""
     source = Path(source)
     return RunDir(source).best if source.is_dir() else source
+
+
+def train_sizes(state: dict, datasets: Sequence[str]) -> tuple[dict[str, int], bool]:
+    """(each dataset's train images, recorded): the sizes of the train splits the run trained on, as its
+    checkpoint's data record holds them (an export keeps them in norm.safetensors), and True; for a record
+    without them (written before mmpt kept them), medmnist.INFO's official sizes and False."""
+    record = state.get(ckpt.DATA) if isinstance(state.get(ckpt.DATA), dict) else {}
+    sizes = {flag: (record.get(flag) or {}).get(TRAIN_IMAGES) for flag in datasets}
+    if all(isinstance(n, int) and n > 0 for n in sizes.values()):
+        return sizes, True
+    return {t.flag: t.split_size("train") for t in resolve_tasks(tuple(datasets))}, False
+
+
+def require_weights(source: str | Path) -> None:
+    """Raise MmptError (as reading it would) unless `source` is an export folder or names a checkpoint file that
+    exists (a run folder: its checkpoints/best.pt); a cheap check before work that reads it later."""
+    if not is_export(source) and not checkpoint_path(source).is_file():
+        raise ckpt.missing_error(checkpoint_path(source))
 
 
 def read_weights(source: str | Path) -> tuple[Path, dict]:
@@ -53,7 +78,7 @@ def read_weights(source: str | Path) -> tuple[Path, dict]:
 
 def read_export_config(path: Path) -> Config:
     """The recipe of the run an export came from."""
-    return recorded_config(yaml.safe_load((Path(path) / RUN_CONFIG).read_text()))
+    return recorded_config(load_yaml((Path(path) / RUN_CONFIG).read_text()))
 
 
 def read_export_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -82,17 +107,21 @@ def read_export(path: Path) -> dict:
             f"{path} is not a readable mmpt export ({str(exc).splitlines()[0][:160]}); export the run again"
         ) from None
     norm_file = path / NORM
+    data = {}
     if norm_file.is_file():  # per-dataset statistics back into the engine's layout: T×C rows, task_* weights
         try:
+            with safe_open(str(norm_file), "pt") as f:
+                sizes = json.loads((f.metadata() or {}).get(TRAIN_IMAGES_METADATA, "{}"))
+            data = {flag: {TRAIN_IMAGES: n} for flag, n in sizes.items()}
             backbone = per_dataset_backbone(backbone, load_file(str(norm_file)), cfg.data.datasets)
-        except (OSError, SafetensorError, KeyError) as exc:
+        except (OSError, SafetensorError, KeyError, ValueError, AttributeError) as exc:
             raise MmptError(
                 f"{norm_file} is not readable as this export's per-dataset statistics "
                 f"({str(exc).splitlines()[0][:160]}); export the run again"
             ) from None
     model = {f"backbone.{k}": v for k, v in backbone.items()}
     model.update({f"heads.{flag}.{k}": v for flag, head in heads.items() for k, v in head.items()})
-    return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model}
+    return {ckpt.CONFIG: to_dict(cfg), ckpt.MODEL: model, ckpt.DATA: data}
 
 
 def per_dataset_backbone(plain: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], datasets) -> dict:

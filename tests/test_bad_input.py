@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from mmpt import checkpoint as ckpt
+from mmpt.bench.__main__ import main as bench_main
 from mmpt.cli import evaluate_main, train_main
 from mmpt.data.synthetic import SYNTHETIC_KEY, synthetic_arrays, write_synthetic
 from mmpt.errors import MmptError
@@ -711,7 +713,7 @@ CASES = [
     pytest.param(
         resume_from_a_copy_of_best,
         [
-            "last.pt has no optimizers, weighting, step, data, rng state",
+            "last.pt has no optimizers, weighting, step, rng state",
             "a copy of best.pt?",
             "restore the last.pt that train.py wrote",
         ],
@@ -721,6 +723,64 @@ CASES = [
         lambda e: (train_main, ["--resume", str(e.run), "--config", "configs/quickstart.yaml"]),
         ["--resume takes the run's own config.yaml", "drop --config"],
         id="resume-with-config",
+    ),
+    # files of another kind given as a checkpoint: one line, whatever torch.load makes of them
+    pytest.param(
+        lambda e: (evaluate_main, ["--checkpoint", str(e.bytes_file("notes.txt", b"hello\n")), "--device", "cpu"]),
+        ["notes.txt is unreadable or truncated, or another kind of file", "use another checkpoint"],
+        id="eval-text-file-as-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["--checkpoint", str(e.bytes_file("empty.pt", b"")), "--device", "cpu"]),
+        ["empty.pt is unreadable or truncated", "use another checkpoint"],
+        id="eval-empty-file-as-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["--checkpoint", str(e.bytes_file("m.json", b'{"a": 1}')), "--device", "cpu"]),
+        ["m.json is not plain tensor data", "use a checkpoint written by mmpt"],
+        id="eval-json-file-as-checkpoint",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["--checkpoint", str(e.run / "checkpoints"), "--device", "cpu"]),
+        ["checkpoints is a folder", "checkpoints/best.pt"],
+        id="eval-folder-as-checkpoint",
+    ),
+    pytest.param(
+        lambda e: e.train("--init-from", str(e.bytes_file("notes.txt", b"hello\n"))),
+        ["notes.txt is unreadable or truncated, or another kind of file"],
+        id="init-from-a-text-file",
+    ),
+    # outputs onto a file
+    pytest.param(
+        lambda e: (evaluate_main, ["export", str(e.run), "--output", str(e.file()), "--overwrite"]),
+        ["--output", "a_file is a file, not a folder", "--output DIR"],
+        id="export-onto-a-file",
+    ),
+    pytest.param(
+        lambda e: (evaluate_main, ["export", str(e.run), "--output", str(e.file() / "export")]),
+        ["which is a file", "--output DIR"],
+        id="export-inside-a-file",
+    ),
+    pytest.param(
+        lambda e: (bench_main, ["compare", "--workdir", str(e.file()), "--max-images", "20", "--resamples", "2"]),
+        ["--workdir", "a_file is a file, not a folder", "--workdir DIR"],
+        id="bench-compare-workdir-a-file",
+    ),
+    # YAML that would drop a value, and numbers of hundreds of digits
+    pytest.param(
+        lambda e: e.train("--config", str(yaml_file(e, "train:\n  epochs: 1\nmodel: {}\ntrain:\n  epochs: 2\n"))),
+        ["'train' is given twice (lines 1 and 4)", "keep only the last", "give it once"],
+        id="yaml-section-twice",
+    ),
+    pytest.param(
+        lambda e: e.train("--set", "optim.lr=" + "1" * 400),
+        ["optim.lr must be a finite number within float32 range", "(400 characters)"],
+        id="float-of-400-digits",
+    ),
+    pytest.param(
+        lambda e: e.train("--epochs", "9" * 5000),
+        ["train.epochs must be an integer within", "(5,002 characters)"],
+        id="integer-of-5000-digits",
     ),
     # evaluate.py
     pytest.param(
@@ -906,6 +966,46 @@ def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
     root = env.tmp / "copied_data"
     shutil.copytree(env.root, root, ignore=shutil.ignore_patterns(".mmpt-cache"))  # copy2 keeps size and mtime
     assert train_main(["--resume", str(env.run), "--data-root", str(root), "--epochs", "2"]) == 0
+
+
+@pytest.mark.parametrize("command", ["evaluate", "probe"])
+def test_missing_data_for_evaluate_or_probe_offers_only_what_they_have(env, capsys, command):
+    """evaluate and probe never download or generate data: their message names --data-root, not --download or
+    data.synthetic (which they do not have); training's message still offers both."""
+    (env.tmp / "empty").mkdir()
+    argv = {
+        "evaluate": [str(env.run), "--data-root", str(env.tmp / "empty"), "--device", "cpu"],
+        "probe": ["probe", str(env.run), "--method", "knn", "--data-root", str(env.tmp / "empty")],
+    }[command]
+    assert evaluate_main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "not found" in line and "--data-root DIR" in line and "never downloads or generates" in line
+    assert "--download" not in line and "synthetic" not in line
+    assert train_main(env.train("--data-root", str(env.tmp / "empty"))[1]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--download" in line and "data.synthetic" in line
+
+
+def test_a_new_evaluation_replaces_the_earlier_ones_files_in_its_folder(env):
+    """Evaluating again (other datasets, another checkpoint) into the same eval folder leaves no earlier file beside
+    the new ones: compare would read them as this evaluation's. Files mmpt did not write stay."""
+    eval_test = env.run / "eval" / "test"
+    assert evaluate_main([str(env.run), "--device", "cpu"]) == 0
+    assert len(list((eval_test / "predictions").glob("*_test_*.csv"))) == 2
+    (eval_test / "notes.txt").write_text("mine")
+    assert evaluate_main([str(env.run), "--device", "cpu", "--datasets", "retina"]) == 0
+    assert [p.name.split("_")[0] for p in (eval_test / "predictions").glob("*.csv")] == ["retinamnist"]
+    assert set(json.loads((eval_test / "metrics.json").read_text())) == {"retinamnist", "mean"}
+    assert set(json.loads((eval_test / "predictions" / "data.json").read_text())["datasets"]) == {"retinamnist"}
+    assert not (eval_test / "confusion_breastmnist.png").exists() and (eval_test / "confusion_retinamnist.png").exists()
+    assert (eval_test / "notes.txt").read_text() == "mine"
+    # a probe's folder likewise
+    probe = env.tmp / "probe"
+    assert evaluate_main(["probe", str(env.run), "--method", "knn", "--k", "3", "--output", str(probe)]) == 0
+    assert (
+        evaluate_main(["probe", str(env.run), "--method", "knn", "--output", str(probe), "--datasets", "breast"]) == 0
+    )
+    assert [p.name.split("_")[0] for p in (probe / "predictions").glob("*.csv")] == ["breastmnist"]
 
 
 # ---------------------------------------------------------------- one run folder, one writer

@@ -149,6 +149,96 @@ def test_print_config_refuses_the_two_key_rules_a_run_refuses(capsys):
     assert "combines several datasets per step" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--sweep", "data.root=a,b"], ["--sweep data.root", "does not change what a run computes"]),
+        (["--sweep", "loss.weighting=none,upgrad"], ["loss.weighting=upgrad", "(--sweep loss.weighting=upgrad)"]),
+        (["--seeds", "0,1", "--seed", "3"], ["--seed and --seeds both set the seed"]),
+        (["--individual", "--sweep", "data.datasets=breast,retina"], ["--sweep data.datasets with --individual"]),
+        (["--individual", "--sweep", "model.norm=shared,per_dataset_stats"], ["nothing to keep apart"]),
+    ],
+)
+def test_print_config_refuses_the_series_a_run_refuses(flags, words, capsys):
+    """--print-config plans the series the flags ask for, so it refuses every sweep key and every combination of
+    keys that training the series would refuse (in one line, exit 2), and prints only what would train."""
+    from mmpt.cli import train_main
+
+    assert train_main(["--print-config", "--datasets", "breast,retina", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    for word in words:
+        assert word in err
+    assert train_main(["--print-config", "--datasets", "breast,retina", "--sweep", "loss.weighting=none,size"]) == 0
+
+
+def test_a_key_or_a_section_given_twice_is_refused_wherever_yaml_is_read(tmp_path):
+    """YAML keeps the last of two equal keys and drops the first without a word; every YAML mmpt reads refuses it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 3\noptim:\n  lr: 0.1\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(MmptError, match=r"r.yaml: 'train' is given twice \(lines 1 and 5\).*keep only the last"):
+        load_config(recipe)
+    recipe.write_text("optim: {lr: 0.1, weight_decay: 0, lr: 0.2}\n")
+    with pytest.raises(MmptError, match=r"'lr' is given twice"):
+        load_config(recipe)
+    with pytest.raises(MmptError, match=r"--set loss.weighting_args=.*'temperature' is given twice"):
+        parse_override("loss.weighting_args={temperature: 2, temperature: 3}")
+    # a base recipe is read by the same loader; YAML's own merge key (<<) still overrides on purpose
+    (tmp_path / "base.yaml").write_text("data:\n  datasets: [breast]\ndata:\n  resolution: 64\n")
+    recipe.write_text("base: base.yaml\n")
+    with pytest.raises(MmptError, match=r"base.yaml: 'data' is given twice"):
+        load_config(recipe)
+    recipe.write_text("defaults: &d {epochs: 3, batch_size: 8}\ntrain:\n  <<: *d\n  epochs: 5\n")
+    with pytest.raises(MmptError, match="unknown key 'defaults'"):  # the merge itself is accepted
+        load_config(recipe)
+    from mmpt.experiments.members import read_run_config
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("name: a\nname: b\n")
+    with pytest.raises(MmptError, match=r"is not a config written by train.py.*'name' is given twice"):
+        read_run_config(tmp_path / "run")
+
+
+@pytest.mark.parametrize("text", ["2024", "1.10", "010", "0x1F", "1_000", "12345678901234567890123"])
+def test_a_name_or_folder_that_looks_like_a_number_is_that_text_in_a_recipe_set_and_flag(text, tmp_path):
+    """YAML reads `name: 2024` as a number; a text setting takes the text as written, as a flag's text is taken."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: {text}\noutput: {text}\ndata:\n  root: {text}\nmodel:\n  init_from: {text}\n")
+    cfg = load_config(recipe)
+    assert (cfg.name, cfg.output, cfg.data.root, cfg.model.init_from) == (text, text, text, text)
+    assert load_config(None, [parse_override(f"name={text}"), parse_override(f"output={text}")]).name == text
+    assert parse_flag("--output", "output", text) == text
+    # what the run records reads back as the same text
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(cfg))
+    assert load_config(saved) == cfg
+    # a number setting still takes the number, not the text
+    assert load_config(None, [parse_override("train.epochs=12")]).train.epochs == 12
+    assert type(load_config(None, [parse_override("train.epochs=12")]).train.epochs) is int
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=" + "1" * 400, "optim.lr must be a finite number within float32 range"),
+        ("optim.lr=" + "1" * 5000, "optim.lr must be a finite number within float32 range"),
+        ("train.epochs=" + "1" * 5000, "train.epochs must be an integer within"),
+        ("sampler.alpha=-" + "9" * 400, "sampler.alpha must be a finite number"),
+    ],
+)
+def test_a_number_of_hundreds_of_digits_is_refused_in_one_short_line(override, message, tmp_path):
+    with pytest.raises(MmptError, match=message) as refused:
+        load_config(None, [parse_override(override)])
+    assert len(str(refused.value)) < 300 and "characters)" in str(refused.value)
+    key, _, value = override.partition("=")
+    section, leaf = key.split(".")
+    (tmp_path / "r.yaml").write_text(f"{section}:\n  {leaf}: {value}\n")
+    with pytest.raises(MmptError, match=message):
+        load_config(tmp_path / "r.yaml")
+    with pytest.raises(MmptError, match=message.replace(key, "--x")):
+        parse_flag("--x", key, value)
+
+
 def test_every_setting_is_documented_with_its_bounds_in_print_config():
     from mmpt.configdoc import annotated_yaml
 

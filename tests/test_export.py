@@ -3,6 +3,9 @@
 import contextlib
 import io
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -13,6 +16,7 @@ import torch
 import yaml
 from medmnist import INFO
 
+from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
@@ -182,3 +186,193 @@ def test_a_per_dataset_norm_export_carries_each_datasets_statistics(tmp_path, no
             outputs[flag] = plain(x)
             torch.testing.assert_close(outputs[flag], expected, rtol=0, atol=1e-5 * scale)
     assert not torch.allclose(outputs[DATASETS[0]], outputs[DATASETS[1]], atol=1e-4)  # really per dataset
+
+
+# ---------------------------------------------------------------- an export is the trained model, and says which
+
+NORMS = ("shared", "per_dataset_stats", "per_dataset", "auto")
+# unequal train splits of the synthetic files: an export mixes by these, the run's own sizes, never medmnist's
+OWN_SIZES = {"pneumoniamnist": 24, "retinamnist": 40}
+
+
+@pytest.fixture(scope="module")
+def own_sizes_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own_sizes") / "data"
+    for flag, n in OWN_SIZES.items():
+        write_synthetic(root, 28, resolve_tasks(flag), train_samples=n, seed=0)
+    write_synthetic(root, 28, resolve_tasks("breast"), train_samples=32, seed=0)  # a dataset the source never saw
+    return root
+
+
+def _train(root, output, *extra):
+    argv = [
+        *["--data-root", str(root), "--output", str(output), "--backbone", "test_resnet", "--epochs", "1"],
+        *["--batch-size", "8", "--device", "cpu", "--set", "input.mode=native", "--set", "data.num_workers=0"],
+        *["--set", "train.progress=false", *extra],
+    ]
+    code, _, err = quiet(train_main, argv)
+    assert code == 0, err
+    return output
+
+
+@pytest.fixture(scope="module", params=NORMS)
+def norm_export(request, own_sizes_data, tmp_path_factory):
+    """(run, export) of a 1-epoch run on pneumonia and retina (24 and 40 train images) with model.norm `param`."""
+    base = tmp_path_factory.mktemp(f"export_{request.param}")
+    run = _train(own_sizes_data, base / "run", "--datasets", "pneumonia,retina", "--set", f"model.norm={request.param}")
+    code, _, err = quiet(evaluate_main, ["export", str(run), "--output", str(base / "export")])
+    assert code == 0, err
+    return request.param, run, base / "export"
+
+
+def test_init_from_the_export_trains_bit_for_bit_as_init_from_the_run(norm_export, own_sizes_data, tmp_path):
+    """For every model.norm: the export read back is the run's checkpoint, so fine-tuning from either (here on a
+    dataset the source never saw, too, which takes the mixture by the run's own sizes) gives the same digest."""
+    norm, run, export = norm_export
+    digests = []
+    for source in (run, export):
+        out = tmp_path / source.name
+        _train(
+            own_sizes_data,
+            out,
+            "--datasets",
+            "breast,retina",
+            "--set",
+            f"model.norm={norm}",
+            "--init-from",
+            str(source),
+        )
+        digests.append(json.loads((out / "summary.json").read_text())["final_digest"])
+    assert digests[0] == digests[1]
+
+
+def test_the_export_copies_every_shared_tensor_and_mixes_only_what_is_per_dataset(norm_export):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    norm, run, export = norm_export
+    trained = {
+        k.removeprefix("backbone."): v
+        for k, v in torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"].items()
+        if k.startswith("backbone.")
+    }
+    exported = load_file(str(export / "model.safetensors"))
+    # the layers that keep statistics per dataset (T×C), and which of their tensors are per dataset
+    per_dataset = {k.rpartition(".")[0] for k, v in trained.items() if k.endswith("running_mean") and v.dim() == 2}
+    own_affine = any(".task_weight." in k for k in trained)
+    leaves = ("running_mean", "running_var", "num_batches_tracked") + (("weight", "bias") if own_affine else ())
+    mixed = {f"{layer}.{leaf}" for layer in per_dataset for leaf in leaves}
+    copied = [k for k in exported if k not in mixed]
+    assert len(copied) + len(mixed) == len(exported) and len(copied) >= 15
+    for key in copied:  # convolutions, shared BatchNorm weights, everything one tensor in the model: bit for bit
+        assert torch.equal(exported[key], trained[key]), key
+    if per_dataset and not own_affine:  # per_dataset_stats: the shared affine weights are among them
+        assert all(f"{layer}.weight" in copied and f"{layer}.bias" in copied for layer in per_dataset)
+    applied = "per_dataset_stats" if norm == "auto" else norm
+    assert bool(per_dataset) == (applied != "shared")
+    if not per_dataset:
+        assert not (export / "norm.safetensors").exists()
+        return
+    with safe_open(str(export / "norm.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["mmpt_train_images"]) == OWN_SIZES
+    card = (export / "README.md").read_text()
+    assert "pneumoniamnist 24, retinamnist 40 (the splits the run trained on)" in card
+    # the mixture of statistics is weighted by the run's own train sizes (24, 40), not medmnist's (4,708, 1,080)
+    share = torch.tensor([OWN_SIZES["pneumoniamnist"], OWN_SIZES["retinamnist"]], dtype=torch.float64)
+    share /= share.sum()
+    layer = sorted(per_dataset)[0]
+    mean, var = trained[f"{layer}.running_mean"].double(), trained[f"{layer}.running_var"].double()
+    mixed_mean = (share[:, None] * mean).sum(0)
+    assert torch.allclose(exported[f"{layer}.running_mean"].double(), mixed_mean, rtol=0, atol=1e-6)
+    mixed_var = (share[:, None] * (var + (mean - mixed_mean) ** 2)).sum(0)
+    assert torch.allclose(exported[f"{layer}.running_var"].double(), mixed_var, rtol=0, atol=1e-6)
+    official = torch.tensor([4708.0, 1080.0], dtype=torch.float64) / 5788
+    assert not torch.allclose(exported[f"{layer}.running_mean"].double(), (official[:, None] * mean).sum(0), atol=1e-4)
+    if applied == "per_dataset":  # the per-dataset affine weights are per dataset: mixed too
+        weight = torch.stack([trained[f"{layer}.task_weight.{i}"].double() for i in range(2)])
+        assert torch.allclose(exported[f"{layer}.weight"].double(), (share[:, None] * weight).sum(0), atol=1e-6)
+
+
+def test_the_per_dataset_snippet_of_the_card_loads_a_dataset_of_the_export(norm_export):
+    """The card's snippet names a dataset the export has (this run has no BreastMNIST), and running it makes plain
+    timm give that dataset's features as the engine computes them."""
+    import re
+
+    import timm
+
+    _, run, export = norm_export
+    card = (export / "README.md").read_text()
+    if not (export / "norm.safetensors").exists():
+        assert "## Normalization" not in card
+        return
+    snippet = re.search(r"```python\n(from safetensors.*?)```", card, re.S).group(1)
+    assert "breastmnist" not in snippet and 'k.startswith("pneumoniamnist.")' in snippet
+    assert "plain timm normalises every input with the mixture" in card
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    scope = {"model": model}
+    cwd = os.getcwd()
+    os.chdir(export)
+    try:
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    assert len(scope["own"]) > 10
+    engine, _ = load_backbone(run)
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), engine.eval().features(x, "pneumoniamnist"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_export_files_get_the_mode_the_rest_of_the_run_folder_gets(run, tmp_path, umask):
+    run_dir, _ = run
+    previous = os.umask(umask)
+    try:
+        code, _, err = quiet(evaluate_main, ["export", str(run_dir), "--output", str(tmp_path / "export")])
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    files = sorted((tmp_path / "export").iterdir())
+    assert {p.name for p in files} == {"model.safetensors", "config.json", "heads.safetensors"} | {
+        "mmpt-config.yaml",
+        "README.md",
+    }
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+
+def test_the_card_reports_only_the_metrics_of_the_checkpoint_it_exports(run, tmp_path):
+    """--checkpoint last gets last's metrics or none, never best's; an unfinished run says so, with epoch and step."""
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    last = copy / "checkpoints" / "last.pt"
+    state = ckpt.load(last)
+    for key in ("heads.breastmnist.weight", "heads.breastmnist.bias"):  # the head's scores reversed: AUC 1 - AUC
+        state[ckpt.MODEL][key] = -state[ckpt.MODEL][key]
+    ckpt.save(last, state)  # last's weights now differ from best's, whose test report metrics.json is
+    best_metrics = json.loads((copy / "metrics.json").read_text())
+    best_row = f"| breastmnist | {best_metrics['breastmnist']['auc']:.4f} | {best_metrics['breastmnist']['acc']:.4f}"
+
+    def card(*extra):
+        out = tmp_path / "export"
+        code, _, err = quiet(evaluate_main, ["export", str(copy), "--output", str(out), "--overwrite", *extra])
+        assert code == 0, err
+        return (out / "README.md").read_text()
+
+    best = card()
+    assert best_row in best and "`checkpoints/best.pt`, written at step 4 after epoch 1 of 1" in best
+    assert "the run finished" in best
+    text = card("--checkpoint", "last")
+    assert "No test metrics of these weights were computed" in text and best_row not in text
+    assert f"--checkpoint {last}" in text
+    # evaluated: the card reports last's own metrics from eval/test
+    code, _, err = quiet(evaluate_main, [str(copy), "--checkpoint", str(last), "--device", "cpu"])
+    assert code == 0, err
+    evaluated = json.loads((copy / "eval" / "test" / "metrics.json").read_text())
+    assert evaluated["breastmnist"]["auc"] != best_metrics["breastmnist"]["auc"]
+    text = card("--checkpoint", "last")
+    assert f"| breastmnist | {evaluated['breastmnist']['auc']:.4f}" in text and "`eval/test/metrics.json`" in text
+    # an unfinished run: its card says so, and which epoch and step the weights are from
+    (copy / "summary.json").unlink()
+    text = card("--checkpoint", "last")
+    assert "written at step 4 after epoch 1 of 1; the run is unfinished" in text

@@ -260,3 +260,38 @@ def test_corn_learns_a_one_dimensional_ordinal_problem():
     grades = predicted_grades(loss.scores(model(x)).detach().numpy(), loss.grade_rule)
     mae = np.abs(grades - labels[:, 0].numpy()).mean()
     assert mae < 0.3  # predicting the middle grade for all gives 1.2
+
+
+@pytest.mark.parametrize("ordinal", ["ce", "coral", "corn"])
+def test_the_validation_loss_of_a_checkpoint_does_not_depend_on_the_eval_batch_size(synthetic_root, ordinal, tmp_path):
+    """evaluate_all's loss is the mean over the split's loss terms (CORN: over its (image, threshold) pairs), at eval
+    batch size 7 as at 64 and as over the whole split at once; train.monitor val_loss picks best.pt by it."""
+    from conftest import tiny_config
+
+    from mmpt.data.store import open_data
+    from mmpt.predict import evaluate_all, split_loader
+    from mmpt.recipe import build_model, build_transform
+    from mmpt.tasks import resolve_tasks
+
+    cfg = tiny_config(
+        synthetic_root, tmp_path, data={"datasets": ["breast", "chest", "retina", "blood"]}, loss={"ordinal": ordinal}
+    )
+    tasks = resolve_tasks(cfg.data.datasets)
+    torch.manual_seed(3)
+    model, losses = build_model(cfg, tasks)
+    data = open_data(cfg.data, tasks)
+    transform = build_transform(cfg, model)
+    specs = {flag: d.task for flag, d in data.items()}
+    loss = {}
+    for batch_size in (7, 64, 1000):
+        loader = split_loader(data, "val", torch.device("cpu"), batch_size=batch_size)
+        results = evaluate_all(model, loader, specs, losses, transform, torch.device("cpu"))
+        loss[batch_size] = {flag: r.metrics["loss"] for flag, r in results.items()}
+    for flag in specs:  # 1000: the whole split (32 images) in one batch, the loss's own mean
+        assert loss[7][flag] == pytest.approx(loss[1000][flag], rel=1e-6, abs=0), flag
+        assert loss[64][flag] == pytest.approx(loss[1000][flag], rel=1e-6, abs=0), flag
+    split = data["retinamnist"].splits["val"]
+    x = transform(torch.from_numpy(np.array(split.open_images())))
+    with torch.no_grad():
+        whole = losses["retinamnist"](model(x, "retinamnist"), torch.from_numpy(split.labels)).item()
+    assert loss[7]["retinamnist"] == pytest.approx(whole, rel=1e-6)

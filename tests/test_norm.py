@@ -287,6 +287,33 @@ def test_init_from_gives_a_seen_dataset_its_own_statistics_and_an_unseen_one_the
     assert torch.equal(single["conv1.0.weight"], theirs["backbone.conv1.0.weight"])
 
 
+def test_init_from_a_per_dataset_run_into_shared_affine_weights_says_they_are_averaged(tmp_path, capsys):
+    """From model.norm per_dataset to per_dataset_stats (or shared), the affine weights become one tensor: the
+    start line says whose they are (one dataset's, or the train-size-weighted mean), and they are exactly that."""
+    source, theirs, source_tasks = saved_model(tmp_path, "per_dataset", "breast,retina,chest")
+    capsys.readouterr()
+    _, ours = target_model("per_dataset_stats", "breast,retina", source)
+    line = capsys.readouterr().out
+    assert "each dataset starts from its own statistics" in line
+    assert "the shared affine weights are the train-size-weighted mean of the source's per-dataset ones" in line
+    assert "over retinamnist, breastmnist" in line
+    sizes = {t.flag: float(t.split_size("train")) for t in resolve_tasks("breast,retina")}
+    rows = [source_tasks.index(flag) for flag in sizes]
+    share = torch.tensor(list(sizes.values()), dtype=torch.float64) / sum(sizes.values())
+    weight = torch.stack([theirs[f"backbone.bn1.task_weight.{r}"].double() for r in rows])
+    assert torch.allclose(ours["bn1.weight"].double(), (share[:, None] * weight).sum(0), atol=1e-6)
+    # one dataset of the source: its own weights, exactly, and the line names it
+    _, single = target_model("per_dataset_stats", "retina,pneumonia", source)
+    assert "the shared affine weights are retinamnist's own in the source" in capsys.readouterr().out
+    r_src = source_tasks.index("retinamnist")
+    assert torch.equal(single["bn1.weight"], theirs[f"backbone.bn1.task_weight.{r_src}"])
+    # the same from a per_dataset_stats source: its one shared weight, bit for bit, and no word of averaging
+    stats_source, stats_theirs, _ = saved_model(tmp_path, "per_dataset_stats", "breast,retina,chest")
+    _, copied = target_model("per_dataset_stats", "breast,pneumonia", stats_source)
+    assert "affine" not in capsys.readouterr().out
+    assert torch.equal(copied["bn1.weight"], stats_theirs["backbone.bn1.weight"])
+
+
 def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_path):
     source, theirs, _ = saved_model(tmp_path, "shared", "breast,retina")
     _model, ours = target_model("per_dataset", "breast,retina,chest", source)
@@ -360,6 +387,27 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
         "retinamnist": 100,
         "chestmnist": 100,
     }
+
+
+@pytest.mark.parametrize("batch_size", ["1", "2"])
+def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_image_batch(
+    shared_run, tmp_path, batch_size
+):
+    """101 images at --batch-size 1 or 2 once made a one-image BatchNorm batch (a traceback in evaluate and probe);
+    the batches are near-equal with two or more images each, as the one batch rule (mmpt.data.sampler) says."""
+    import json
+
+    from mmpt.cli import evaluate_main
+
+    common = ["--recalibrate-norm", "--recalibrate-images", "101", "--batch-size", batch_size, "--device", "cpu"]
+    assert evaluate_main([str(shared_run), *common, "--output", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "recalibration.json").read_text())["images_per_dataset"] == {
+        "breastmnist": 101,
+        "retinamnist": 101,
+        "chestmnist": 101,
+    }
+    assert evaluate_main(["probe", str(shared_run), "--method", "knn", *common, "--output", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "metrics.json").is_file()
 
 
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
@@ -590,7 +638,8 @@ def test_no_calibration_batch_or_rank_shard_of_one_holds_a_single_image_for_any_
 
     from mmpt.config import Config
     from mmpt.data.loader import shard
-    from mmpt.norm import batch_count, calibration_batches
+    from mmpt.data.sampler import batch_count
+    from mmpt.norm import calibration_batches
 
     sizes = sorted({info["n_samples"]["train"] for info in medmnist.INFO.values()})
     assert len(sizes) == 18 and sizes[0] == 546

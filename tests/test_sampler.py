@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from mmpt.config import load_config
-from mmpt.data.sampler import Sampler, batches_per_task, min_batch, task_counts
+from mmpt.data.loader import shard
+from mmpt.data.sampler import (
+    BATCHNORM_MIN_IMAGES,
+    Sampler,
+    batch_sizes,
+    batches_per_task,
+    min_batch,
+    near_equal_batches,
+    task_counts,
+)
 from mmpt.errors import MmptError
 
 SIZES = {"pathmnist": 103, "chestmnist": 64, "breastmnist": 7}
@@ -52,6 +61,49 @@ def test_every_batch_of_every_medmnist_train_split_is_trainable_and_covers_it_on
         assert min(len(idx) for idx in batches) >= min(min_batch(batch_size), n), task
         assert max(len(idx) for idx in batches) < batch_size + min_batch(batch_size), task
         assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n)), task
+
+
+def test_no_batch_size_leaves_a_single_image_batchnorm_batch_on_any_medmnist_train_split():
+    """The one rule for batches BatchNorm trains on (BATCHNORM_MIN_IMAGES = 2 per dataset's part of a step), at every
+    batch size from 2 to 1024 (every documented one: 2, 16, 32, 64, 128, 256, ...) on every medmnist train split:
+    training's batches with either last-batch policy, each rank's shard of them under torchrun (the global batch is
+    at least 4 per process), and the near-equal batches a statistics (re)calibration cuts its images into."""
+    assert BATCHNORM_MIN_IMAGES == 2
+    # five of the twelve train splits have an odd size: --batch-size 2 once left their last image alone
+    assert sum(n % 2 for n in MEDMNIST_TRAIN_SIZES.values()) == 5
+    smallest = {}
+    for n in MEDMNIST_TRAIN_SIZES.values():
+        for batch_size in range(2, 1025):
+            for last_batch in ("keep", "drop"):
+                sizes = batch_sizes(n, batch_size, last_batch)
+                assert sum(sizes) == (n if last_batch == "keep" else n - n % batch_size), (n, batch_size)
+                if not sizes:  # drop, with a split smaller than one batch
+                    continue
+                smallest[n, batch_size, last_batch] = min(sizes)
+                for world_size in (2, 4, 8):
+                    if batch_size >= 4 * world_size:  # recipe.check_run's rule for the global batch
+                        shares = [
+                            len(range(size)[shard(size, r, world_size)]) for size in sizes for r in range(world_size)
+                        ]
+                        assert min(shares) >= BATCHNORM_MIN_IMAGES, (n, batch_size, world_size)
+            # a recalibration reads min(split, --recalibrate-images) images; a calibration batches * batch_size
+            for images in {min(n, 2048), min(n, 16 * batch_size), min(n, batch_size + 1)}:
+                chunks = near_equal_batches(np.arange(images), batch_size)
+                assert min(len(c) for c in chunks) >= BATCHNORM_MIN_IMAGES, (images, batch_size)
+                assert max(len(c) for c in chunks) - min(len(c) for c in chunks) <= 1
+                assert sum(len(c) for c in chunks) == images
+    assert min(smallest.values()) == BATCHNORM_MIN_IMAGES  # the rule binds: some last batch holds exactly two
+    # --batch-size 2 on an odd split: the last image joins the previous batch, which holds three
+    odd = next(n for n in MEDMNIST_TRAIN_SIZES.values() if n % 2)
+    assert batch_sizes(odd, 2) == [2] * (odd // 2 - 1) + [3]
+    # an evaluation batch size of 1 or 2 still cuts recalibration batches of two or three images
+    assert {len(c) for c in near_equal_batches(np.arange(7), 1)} == {2, 3}
+
+
+def test_batch_size_2_on_an_odd_split_plans_no_single_image_batch():
+    plan = Sampler({"a": 9, "b": 7}, 2, 0, tasks_per_step=2).plan(0)
+    assert min(len(idx) for step in plan for _, idx in step) == 2
+    assert sorted(np.concatenate([idx for step in plan for t, idx in step if t == "a"]).tolist()) == list(range(9))
 
 
 def test_drop_still_drops_the_last_partial_batch():

@@ -237,6 +237,39 @@ def init_from_other_size(study, s):
     )
 
 
+def fine_tune(study, s, seeds: str, *extra: str) -> list[str]:
+    """An individual series fine-tuned from the seeds of the finished series `s`, into a new folder beside it."""
+    return [
+        *["--config", str(study[1]), "--output", str(s.parent / "fine"), "--individual", "--seeds", seeds],
+        *["--init-from", str(s), *extra],
+    ]
+
+
+def init_from_series_without_the_seed(study, s):  # refused before seed 0's members train, not after
+    return train_main, fine_tune(study, s, "0,5"), ["seed0, seed1, seed2", "without seed5/", "--seeds"]
+
+
+def init_from_a_seed_without_best(study, s):  # seed 1's source lost its best.pt: refused before seed 0 trains
+    (s / "seed1" / "checkpoints" / "best.pt").unlink()
+    return train_main, fine_tune(study, s, "0,1"), ["seed1/checkpoints/best.pt not found"]
+
+
+def individual_norm_sweep(study, s):  # one dataset per run: every model.norm trains the same model
+    return (
+        train_main,
+        fine_tune(study, s, "0", "--sweep", "model.norm=shared,per_dataset_stats"),
+        ["--sweep model.norm with --individual", "nothing to keep apart"],
+    )
+
+
+def summarize_a_single_run(study, s):  # it is no series: no sweep.* files in the run folder
+    return evaluate_main, ["summarize", str(s / "seed0")], ["seed0 is a single run, not a series", "compare"]
+
+
+def compare_a_run_with_itself(study, s):  # the same run under two spellings of its path
+    return (*compare(s / "seed0", Path(f"{s}/./seed0/")), ["are the same run", "pass each run once"])
+
+
 def compare(s, *extra):
     """`compare SERIES SERIES/seed0 EXTRA`, or `compare A B` when EXTRA starts with a folder."""
     if extra and isinstance(extra[0], Path):
@@ -354,6 +387,11 @@ CASES = [
     probe_k_zero,
     probe_batch_zero,
     probe_unknown_backbone,
+    init_from_series_without_the_seed,
+    init_from_a_seed_without_best,
+    individual_norm_sweep,
+    summarize_a_single_run,
+    compare_a_run_with_itself,
 ]
 
 
@@ -367,6 +405,16 @@ def test_refused_in_one_line_with_the_folder_untouched(study, copy, case):
     assert all(w in lines[0] for w in words), (words, lines[0])
     assert len(lines[0]) < 600, lines[0]  # a line to read, not a registry dump
     assert snapshot(copy.parent) == before
+
+
+@pytest.mark.parametrize("norm, said", [("per_dataset_stats", True), ("per_dataset", True), ("auto", False)])
+def test_individual_with_a_per_dataset_norm_says_one_dataset_has_nothing_to_keep_apart(study, tmp_path, norm, said):
+    (tmp_path / "empty").mkdir()  # the series stops at its first run's data check, after its start lines
+    argv = ["--config", str(study[1]), "--output", str(tmp_path / "ind"), "--individual", "--seeds", "0"]
+    code, out, _ = quiet(train_main, [*argv, "--set", f"model.norm={norm}", "--data-root", str(tmp_path / "empty")])
+    assert code == 2
+    note = f"note: model.norm {norm} keeps BatchNorm statistics apart per dataset, but each run of --individual"
+    assert (note in out) == said and ("nothing to keep apart" in out) == said
 
 
 # ---------------------------------------------------------------- the silent cases: the result itself

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mmpt.experiments.compare import compare_runs, paired_bootstrap
+from mmpt.experiments.compare import compare_runs, load_run, paired_bootstrap, read_scores
 from mmpt.experiments.stats import bootstrap_dataset, delong_components, delong_intervals, weighted_metrics
 from mmpt.metrics import compute_metrics
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
@@ -181,3 +181,109 @@ def test_delong_interval_of_a_multi_class_mean_auc_matches_the_bootstrap_spread(
     boot_se, boot_diff_se = values[0][:, 0].std(ddof=1), (values[1] - values[0])[:, 0].std(ddof=1)
     assert (high - low) / (2 * z) == pytest.approx(boot_se, rel=0.12)
     assert (diff_high - diff_low) / (2 * z) == pytest.approx(boot_diff_se, rel=0.12)
+
+
+# ---------------------------------------------------------------- intervals that cannot be computed
+
+
+def _runs_with_labels(root, labels: dict, rng) -> list:
+    """Two single-seed runs (random scores) evaluated on these test labels, as compare reads them."""
+    from mmpt.predict import TaskResult, write_predictions
+    from mmpt.rundir import Results
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    for flag, y in labels.items():
+        np.savez(data / TASKS[flag].filename(28), test_labels=y)
+    runs = []
+    for side in ("a", "b"):
+        results = {}
+        for flag, y in labels.items():
+            task = TASKS[flag]
+            scores = rng.random((len(y), 2 if task.task_type == BINARY else task.num_classes))
+            if task.task_type != MULTI_LABEL:
+                scores /= scores.sum(axis=1, keepdims=True)
+            results[flag] = TaskResult(y, scores, {"auc": math.nan, "acc": math.nan})
+        write_predictions(Results(root / side).predictions, results, 28, "test", side, data_root=str(data))
+        runs.append(root / side)
+    return runs
+
+
+@pytest.mark.parametrize("ci", ["delong", "bootstrap"])
+def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path):
+    """DeLong's variance needs two images on each side of every class; such an AUC's interval and its difference's
+    are NaN (null in compare.json, `nan` with the reason in compare.md), by either method, where they used to be
+    clipped to [0, 1] and [−1, 1]; the other datasets keep their intervals, DeLong's equal to the definition's."""
+    import json
+
+    from mmpt.experiments.compare_report import write_compare
+
+    rng = np.random.default_rng(4)
+    breast = np.zeros((60, 1), np.int64)
+    breast[17] = 1  # one test image of class 1 (normal, benign)
+    blood = rng.integers(0, 7, (80, 1))
+    blood[:7, 0] = np.arange(7)
+    blood[40, 0] = 7  # class 7 (platelet): one image
+    pneumonia = (rng.random((90, 1)) < 0.4).astype(np.int64)
+    labels = {"pneumoniamnist": pneumonia, "breastmnist": breast, "bloodmnist": blood}
+    runs = _runs_with_labels(tmp_path, labels, rng)
+    result = compare_runs(runs, metrics=["auc", "acc"], n_resamples=200, seed=1, ci=ci)
+    why = {
+        "breastmnist": "class 1 (normal, benign) has 1 test image; an AUC interval needs two on each side",
+        "bloodmnist": "class 7 (platelet) has 1 test image",
+    }
+    for flag, reason in why.items():
+        for r, run in enumerate(result["runs"]):
+            cell = run["datasets"][flag]["auc"]
+            assert math.isfinite(cell["value"])  # the AUC itself is defined (one positive, many negatives)
+            assert math.isnan(cell["ci_low"]) and math.isnan(cell["ci_high"]), (flag, cell)
+            assert reason in cell["ci_undefined"]
+            if r:
+                assert math.isnan(cell["diff_ci_low"]) and math.isnan(cell["diff_ci_high"])
+                assert reason in cell["diff_ci_undefined"]
+            acc = run["datasets"][flag]["acc"]
+            assert acc["ci_low"] < acc["ci_high"] and "ci_undefined" not in acc
+    for run in result["runs"]:
+        cell = run["datasets"]["pneumoniamnist"]["auc"]
+        assert cell["ci_low"] < cell["value"] < cell["ci_high"] and "ci_undefined" not in cell
+    if ci == "delong":  # where defined, DeLong's interval is the definition's
+        scores = [read_scores(load_run(run).seeds[0]["pneumoniamnist"]) for run in runs]  # as compare read them
+        positive = pneumonia[:, 0] == 1
+        auc, cov = _brute_force_delong(positive, scores[0][:, 1], scores[1][:, 1])
+        z = 1.959963984540054
+        cell = result["runs"][1]["datasets"]["pneumoniamnist"]["auc"]
+        assert (cell["ci_low"], cell["ci_high"]) == pytest.approx(
+            (auc[1] - z * math.sqrt(cov[1, 1]), auc[1] + z * math.sqrt(cov[1, 1])), abs=1e-12
+        )
+        se = math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+        assert (cell["diff_ci_low"], cell["diff_ci_high"]) == pytest.approx(
+            (auc[1] - auc[0] - z * se, auc[1] - auc[0] + z * se), abs=1e-12
+        )
+    write_compare(result, tmp_path / "out")
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    breast_row = next(
+        line for line in markdown.splitlines() if line.startswith("| breastmnist") and "[nan, nan]" in line
+    )
+    assert "[+nan, +nan]" not in breast_row and "[nan, nan]" in breast_row.split("|")[-2]  # the difference too
+    assert "[0.0000, 1.0000]" not in markdown and "[-1.0000, +1.0000]" not in markdown
+    assert f"- breastmnist auc: {why['breastmnist']}" in markdown
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
+    row = next(r for r in rows if r["run"] == str(runs[1]) and (r["dataset"], r["metric"]) == ("breastmnist", "auc"))
+    assert (row["ci_low"], row["diff_ci_high"]) == ("nan", "nan")
+    assert why["breastmnist"] in row["ci_undefined"] and why["breastmnist"] in row["diff_ci_undefined"]
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    cell = saved["runs"][1]["datasets"]["breastmnist"]["auc"]
+    assert cell["ci_low"] is None and cell["diff_ci_high"] is None and cell["ci_undefined"].startswith("class 1")
+
+
+def test_delta_m_is_undefined_not_a_mean_over_fewer_terms():
+    from mmpt.experiments.compare import delta_m, delta_m_undefined
+
+    reference = {"a": {"auc": 0.8, "acc": 0.5}, "b": {"auc": math.nan, "acc": 0.5}}
+    other = {"a": {"auc": 0.9, "acc": 0.5}, "b": {"auc": 0.7, "acc": 0.6}}
+    assert math.isnan(delta_m(reference, other, ["auc", "acc"]))
+    assert delta_m_undefined(reference, other, ["auc", "acc"]) == "auc of b is undefined"
+    assert delta_m(reference, other, ["acc"]) == pytest.approx(10.0)
+    assert delta_m_undefined(reference, other, ["acc"]) is None

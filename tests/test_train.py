@@ -177,8 +177,10 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     history = json.loads((cfg.run_dir / "val_history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     best = ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")
-    # best.pt is the subset of the training state its readers need: the weights, the config, progress, early stopping
-    assert set(best) == {ckpt.FORMAT, ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING}
+    # best.pt is the subset of the training state its readers need: the weights, the config, progress, early
+    # stopping, and the data's identity (the train sizes an export and --init-from mix statistics by)
+    assert set(best) == {ckpt.FORMAT, ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.DATA}
+    assert best[ckpt.DATA]["retinamnist"]["train_images"] == 128
     assert best[ckpt.EARLY_STOPPING]["best_epoch"] == best[ckpt.PROGRESS]["epoch"] == 1
     last = ckpt.load(cfg.run_dir / "checkpoints" / "last.pt")
     assert last[ckpt.EARLY_STOPPING] == {

@@ -21,7 +21,7 @@ import torch
 
 from mmpt.config import Config
 from mmpt.data.synthetic import write_synthetic
-from mmpt.io import write_json
+from mmpt.io import check_output_folder, write_json
 from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.step import TrainStep
 from mmpt.tasks import TaskSpec
@@ -38,6 +38,7 @@ def work_folder(workdir: str | Path | None, prefix: str) -> Iterator[Path]:
     """Yield `workdir` (created, kept afterwards), or a fresh temporary folder that is deleted afterwards."""
     if workdir is not None:
         work = Path(workdir)
+        check_output_folder(work, "--workdir")
         work.mkdir(parents=True, exist_ok=True)
         yield work
         return

@@ -48,12 +48,18 @@ def _assert_valid(sizes: dict[str, int], batch_size: int, last_batch: str) -> No
     assert last_batch in LAST_BATCH, f"last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}"
 
 
+# BatchNorm's batch statistics need two images per channel: no batch a BatchNorm layer trains on (a dataset's part
+# of a training step, a batch of a statistics calibration or recalibration) holds fewer
+BATCHNORM_MIN_IMAGES = 2
+
+
 def min_batch(batch_size: int) -> int:
     """The smallest last batch kept on its own: a smaller remainder joins the split's previous batch.
 
-    Half a batch, so it does not depend on the world size: a one-image batch cannot train BatchNorm.
+    Half a batch, so it does not depend on the world size, and never fewer than BATCHNORM_MIN_IMAGES (with
+    batch_size 2, a remainder of one image joins the previous batch: a one-image batch cannot train BatchNorm).
     """
-    return math.ceil(batch_size / 2)
+    return max(BATCHNORM_MIN_IMAGES, math.ceil(batch_size / 2))
 
 
 def _batch_count(n: int, batch_size: int, last_batch: str) -> int:
@@ -62,6 +68,28 @@ def _batch_count(n: int, batch_size: int, last_batch: str) -> int:
         return full
     # a remainder below min_batch is folded into the previous batch; a split smaller than a batch is one batch
     return full + (1 if rest and (rest >= min_batch(batch_size) or full == 0) else 0)
+
+
+def batch_sizes(n: int, batch_size: int, last_batch: str = "keep") -> list[int]:
+    """The sizes of the batches one pass over a train split of `n` images is cut into, in order: `batch_size` each,
+    the last one running to the end of the split with "keep" (see batches_per_task)."""
+    count = _batch_count(n, batch_size, last_batch)
+    sizes = [batch_size] * count
+    if count and last_batch == "keep":
+        sizes[-1] = n - batch_size * (count - 1)
+    return sizes
+
+
+def batch_count(images: int, batch_size: int) -> int:
+    """How many near-equal batches `images` images are cut into: ceil(images / batch_size), fewer where that would
+    leave a batch below BATCHNORM_MIN_IMAGES, so that every batch of images >= 2 holds 2 or more."""
+    return max(1, min(-(-images // batch_size), images // BATCHNORM_MIN_IMAGES))
+
+
+def near_equal_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`indices` cut in order into `batch_count` batches whose sizes differ by at most one (none above batch_size
+    unless a batch below BATCHNORM_MIN_IMAGES had to be avoided)."""
+    return np.array_split(indices, batch_count(len(indices), batch_size))
 
 
 def batches_per_task(sizes: dict[str, int], batch_size: int, last_batch: str = "keep") -> dict[str, int]:
@@ -91,11 +119,8 @@ def _steps_per_epoch(
 
 def _task_batches(n: int, batch_size: int, last_batch: str, rng: np.random.Generator) -> list[np.ndarray]:
     perm = rng.permutation(n).astype(np.int64)
-    count = _batch_count(n, batch_size, last_batch)
-    starts = [i * batch_size for i in range(count)]
-    # with "keep" the last batch runs to the end of the split, so a small remainder is folded into it
-    ends = [*starts[1:], n if last_batch == "keep" else count * batch_size]
-    return [perm[start:end] for start, end in zip(starts, ends)]
+    ends = np.cumsum(batch_sizes(n, batch_size, last_batch), dtype=np.int64)
+    return [perm[end - size : end] for size, end in zip(batch_sizes(n, batch_size, last_batch), ends)]
 
 
 def _one_pass(

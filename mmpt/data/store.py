@@ -45,6 +45,7 @@ except ImportError:  # Windows: no advisory locks; concurrent first opens then u
 log = logging.getLogger(__name__)
 
 CACHE_DIRNAME = ".mmpt-cache"
+TRAIN_IMAGES = "train_images"  # a data identity's record of the train split's size (checkpoints carry it)
 MANIFEST_VERSION = 1
 CHUNK_BYTES = 4 << 20  # copy unit when unpacking: a few MiB keeps RAM flat for 20 GiB arrays
 REQUIRED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -115,13 +116,16 @@ def open_task(
     cache_dir: str | Path | None = None,
     verify_md5: bool = True,
     download: bool = False,
+    evaluation: bool = False,
 ) -> TaskData:
     """Verify `{root}/{task.filename(resolution)}`, unpack its images once into the cache, return its splits.
 
     Checks MD5 (files without the synthetic marker, when `verify_md5`), keys, dtypes, shapes and label
     range on every call; unpacks only when the cache has no valid entry for this exact source file.
     Raises MmptError, with the fix in its one-line message, for a missing, corrupt, mismatched or
-    malformed file, a failed download, or a cache folder that cannot be written.
+    malformed file, a failed download, or a cache folder that cannot be written. `evaluation`: the caller
+    (evaluate, probe) neither downloads nor generates data, so a missing file's message offers --data-root only.
+    The identity records the train split's size (TRAIN_IMAGES): what a run trained on, for its readers.
     """
     if resolution not in RESOLUTIONS:
         sizes = ", ".join(map(str, RESOLUTIONS))
@@ -129,6 +133,11 @@ def open_task(
     root = Path(root).expanduser()  # the config's default root is medmnist's "~/.medmnist"
     path = root / task.filename(resolution)
     if not path.is_file():
+        if evaluation:
+            raise MmptError(
+                f"{path.name} not found in {root.resolve()}; pass --data-root DIR for the folder that holds the "
+                "files the run was trained on (evaluation reads data files, never downloads or generates them)"
+            )
         if not download:
             raise MmptError(
                 f"{path.name} not found in {root.resolve()}; put medmnist's file there, pass --data-root DIR "
@@ -166,7 +175,8 @@ def open_task(
             _unpack(path, entry, source, md5, shapes)
             _remove_stale_entries(task_cache, keep=entry)
     splits = {split: SplitData(entry / f"{split}_images.npy", labels[split], shapes[split]) for split in SPLITS}
-    return TaskData(task=task, resolution=resolution, splits=splits, identity={**source, "md5": md5})
+    identity = {**source, "md5": md5, TRAIN_IMAGES: shapes["train"][0]}
+    return TaskData(task=task, resolution=resolution, splits=splits, identity=identity)
 
 
 def _read_split(
@@ -400,8 +410,9 @@ def evaluation_data(data: DataConfig, root: str | None = None, cache_dir: str | 
     )
 
 
-def open_data(data: DataConfig, tasks: list[TaskSpec]) -> dict[str, TaskData]:
+def open_data(data: DataConfig, tasks: list[TaskSpec], *, evaluation: bool = False) -> dict[str, TaskData]:
     """Verify and memory-map every task's splits per the data config (writing synthetic files first when asked).
+    `evaluation`: for evaluate and probe, with `evaluation_data`'s config (see open_task).
 
     Raises MmptError like open_task.
     """
@@ -410,7 +421,13 @@ def open_data(data: DataConfig, tasks: list[TaskSpec]) -> dict[str, TaskData]:
         ensure_synthetic(root, data.resolution, tasks, train_samples=data.synthetic_samples, seed=0)
     return {
         task.flag: open_task(
-            root, task, data.resolution, cache_dir=data.cache_dir, verify_md5=data.verify, download=data.download
+            root,
+            task,
+            data.resolution,
+            cache_dir=data.cache_dir,
+            verify_md5=data.verify,
+            download=data.download,
+            evaluation=evaluation,
         )
         for task in tasks
     }

@@ -25,11 +25,18 @@ from scipy import stats
 
 from mmpt.errors import MmptError
 from mmpt.experiments.members import SEED_DIR, left_out_error, member_status
-from mmpt.experiments.stats import CONFIDENCE, bootstrap_dataset, delong_intervals, paired_bootstrap
+from mmpt.experiments.stats import (
+    CONFIDENCE,
+    auc_interval_undefined,
+    bootstrap_dataset,
+    delong_intervals,
+    paired_bootstrap,
+)
 from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
 from mmpt.rundir import DATA_RECORD, PREDICTION_FILE, Results, RunDir
+from mmpt.settings import load_yaml
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
@@ -68,7 +75,7 @@ def _nearest_data_root(folder: Path) -> str | None:
         path = RunDir(parent).config
         if path.is_file():
             try:
-                return (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("root")
+                return (load_yaml(path.read_text()) or {}).get("data", {}).get("root")
             except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
                 raise MmptError(f"{path} is not a config written by train.py; pass --data-root DIR") from None
     return None
@@ -308,15 +315,39 @@ def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, s
     return interval
 
 
+def _bounds(name: str, low: float, high: float, reason: str | None) -> dict:
+    """The one place an interval becomes numbers: {name_low, name_high}, both NaN (null in compare.json) with
+    {name_undefined: why} where the interval cannot be computed; never a bound made up from an undefined one."""
+    if reason is None and math.isfinite(low) and math.isfinite(high):
+        return {f"{name}_low": float(low), f"{name}_high": float(high)}
+    why = reason or "the metric is undefined in every resample of the test images"
+    return {f"{name}_low": math.nan, f"{name}_high": math.nan, f"{name}_undefined": why}
+
+
 def delta_m(reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]) -> float:
-    """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref."""
+    """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref; NaN
+    when a term is undefined (`delta_m_undefined` says which), never a mean over fewer terms than it states."""
     terms = []
     for flag, ref in reference.items():
         for m in metrics:
-            if m in ref and m in other.get(flag, {}) and ref[m] != 0 and math.isfinite(ref[m] + other[flag][m]):
+            if m in ref and m in other.get(flag, {}):
                 sign = -1.0 if m in LOWER_IS_BETTER else 1.0
-                terms.append(sign * (other[flag][m] - ref[m]) / ref[m])
+                terms.append(sign * (other[flag][m] - ref[m]) / ref[m] if ref[m] != 0 else math.nan)
     return 100.0 * float(np.mean(terms)) if terms else math.nan
+
+
+def delta_m_undefined(
+    reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]
+) -> str | None:
+    """Why delta_m is NaN: the first term with an undefined value or a reference value of 0, or None."""
+    for flag, ref in reference.items():
+        for m in metrics:
+            if m in ref and m in other.get(flag, {}):
+                if not math.isfinite(ref[m] + other[flag][m]):
+                    return f"{m} of {flag} is undefined"
+                if ref[m] == 0:
+                    return f"the reference's {m} of {flag} is 0, so its relative change is undefined"
+    return None
 
 
 def wilcoxon_over_datasets(differences: list[float], lower_is_better: bool) -> dict:
@@ -362,6 +393,13 @@ def compare_runs(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise MmptError(f"unknown metric '{(unknown or [''])[0]}' in --metrics; choose from {', '.join(METRICS)}")
+    # one run under two spellings of its path (runs/a, ./runs/a/, a link) would be compared with itself
+    resolved = [Path(p).resolve() for p in paths]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise MmptError(
+                f"{paths[resolved.index(path)]} and {paths[i]} are the same run ({path}); pass each run once"
+            )
     runs = [load_run(p) for p in paths]
     left_out_runs = [(folder, why) for r in runs for folder, why in r.left_out]
     if left_out_runs and require_complete:
@@ -404,6 +442,8 @@ def compare_runs(
         ci=ci,
         resampling=resampling,
     )
+    # an AUC whose class has fewer than two test images on a side has no interval, by either method
+    undefined_auc = {f: auc_interval_undefined(TASKS[f], labels[f]) for f in datasets if "auc" in present[f]}
 
     out = {
         "reference": names[0],
@@ -427,14 +467,13 @@ def compare_runs(
             low, high = interval[(i, f)]
             cells = {}
             for j, m in enumerate(present[f]):
-                cell = {"value": values[i][f][m], "ci_low": float(low[j]), "ci_high": float(high[j])}
+                reason = undefined_auc.get(f) if m == "auc" else None
+                cell = {"value": values[i][f][m], **_bounds("ci", low[j], high[j], reason)}
                 if len(run.seeds) > 1:
                     cell["std"] = float(np.std(per_seed[i][f][m], ddof=1))
                 if i > 0:
                     k = len(present[f]) + j
-                    cell.update(
-                        diff=values[i][f][m] - values[0][f][m], diff_ci_low=float(low[k]), diff_ci_high=float(high[k])
-                    )
+                    cell.update(diff=values[i][f][m] - values[0][f][m], **_bounds("diff_ci", low[k], high[k], reason))
                 cells[m] = cell
             entry["datasets"][f] = cells
         for m in metrics:
@@ -444,6 +483,8 @@ def compare_runs(
                 if i > 0:
                     entry["mean"][m]["diff"] = entry["mean"][m]["value"] - out["runs"][0]["mean"][m]["value"]
         entry["delta_m"] = 0.0 if i == 0 else delta_m(values[0], values[i], metrics)
+        if i > 0 and delta_m_undefined(values[0], values[i], metrics):
+            entry["delta_m_undefined"] = delta_m_undefined(values[0], values[i], metrics)
         if i > 0 and len(run.seeds) > 1 and len(runs[0].seeds) > 1:
             tests = {
                 m: wilcoxon_over_datasets(

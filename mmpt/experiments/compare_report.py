@@ -63,9 +63,14 @@ def format_compare(result: dict) -> str:
         mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
         mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
         lines += ["| " + " | ".join(mean) + " |", ""]
+    undefined = _undefined_intervals(result)
+    if undefined:
+        lines += ["## Intervals that cannot be computed (nan above)", ""]
+        lines += [f"- {flag} {m}: {why}" for (flag, m), why in undefined.items()] + [""]
     lines += [f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)", ""]
     for r in runs[1:]:
-        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %")
+        why = f" ({r['delta_m_undefined']})" if r.get("delta_m_undefined") else ""
+        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %{why}")
     tested = [r for r in runs[1:] if "wilcoxon" in r]
     if tested:
         lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
@@ -78,19 +83,32 @@ def format_compare(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _undefined_intervals(result: dict) -> dict[tuple[str, str], str]:
+    """(dataset, metric) -> why its interval (or its difference's) is NaN, over every run."""
+    found: dict[tuple[str, str], str] = {}
+    for r in result["runs"]:
+        for flag, cells in r["datasets"].items():
+            for m, c in cells.items():
+                why = c.get("ci_undefined") or c.get("diff_ci_undefined")
+                if why:
+                    found.setdefault((flag, m), why)
+    return found
+
+
 def write_compare(result: dict, output: Path) -> list[Path]:
     """compare.{json,csv,md}, compare_auc.png (values with intervals) and compare_diff.png (paired differences)."""
     written = Results(output)
     json_path, csv_path, md_path = written.compare_files
     write_json(json_path, result)
     fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
+    fields += ["ci_undefined", "diff_ci_undefined"]  # why an interval is nan
     rows = [["run", "dataset", "metric", *fields]]
     for r in result["runs"]:
         for flag, cells in r["datasets"].items():
             for m, c in cells.items():
                 rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
         for m, c in r["mean"].items():
-            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", ""])
+            rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", "", "", ""])
         rows.append(
             [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
         )

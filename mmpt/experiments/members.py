@@ -17,6 +17,7 @@ from mmpt.config import RESULT_NEUTRAL, Config, config_differences, recorded_con
 from mmpt.errors import MmptError
 from mmpt.io import read_json
 from mmpt.rundir import RunDir, SeriesDir, is_output_folder, run_candidates
+from mmpt.settings import load_yaml
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
 
@@ -38,7 +39,7 @@ def read_run_config(folder: Path) -> Config:
     """The resolved config a run folder records (config.yaml); MmptError when it is missing or unreadable."""
     path = RunDir(folder).config
     try:
-        return recorded_config(yaml.safe_load(path.read_text()) or {})
+        return recorded_config(load_yaml(path.read_text()) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError, MmptError, AttributeError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MmptError(

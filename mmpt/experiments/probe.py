@@ -37,7 +37,7 @@ from mmpt.norm import has_batchnorm, recalibrate
 from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.recipe import build_transform, load_backbone
 from mmpt.report import format_table, write_metrics
-from mmpt.rundir import FeatureCache, Results, RunDir, probe_output
+from mmpt.rundir import FeatureCache, Results, RunDir, clear_results, probe_output
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
 from mmpt.weights import is_export
@@ -159,7 +159,7 @@ def cached_features(
 def open_eval_data(cfg: Config, tasks: list[TaskSpec], data_root: str | None, cache_dir: str | None):
     """A run's data for evaluation: never generated or downloaded (as in evaluate.py)."""
     data_cfg = evaluation_data(cfg.data, data_root, cache_dir)
-    return open_data(data_cfg, tasks), data_cfg.root
+    return open_data(data_cfg, tasks, evaluation=True), data_cfg.root
 
 
 def probe(
@@ -212,6 +212,7 @@ def probe(
         results[flag] = TaskResult(labels["test"], scores, compute_metrics(task_data.task, labels["test"], scores))
     table = metrics_table(results)
     written = Results(output)
+    clear_results(output)  # an earlier probe's files (other datasets) must not stand beside these
     write_metrics(written, table)
     run_name = name or cfg.name
     write_predictions(

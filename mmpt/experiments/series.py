@@ -47,9 +47,10 @@ from mmpt.metrics import mean_metrics
 from mmpt.plots import plot_grouped_bars
 from mmpt.report import COLUMNS
 from mmpt.rundir import RunDir, SeriesDir
-from mmpt.settings import deep_merge, nested, to_dict
+from mmpt.settings import deep_merge, load_yaml, nested, to_dict
 from mmpt.tasks import FLAGS
 from mmpt.train import run
+from mmpt.weights import require_weights
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
 
@@ -79,7 +80,7 @@ def parse_sweep(text: str) -> tuple[str, list]:
     values = []
     for item in items:
         try:
-            values.append(yaml.safe_load(item))
+            values.append(load_yaml(item))
         except yaml.YAMLError:
             raise MmptError(
                 f"--sweep {text}: '{item}' is not a value; quote it or give a number, true/false or a word"
@@ -120,6 +121,23 @@ def check_sweep_keys(sweeps: list[tuple[str, list]], *, individual: bool, seeds:
                 "--sweep data.datasets with --individual: the individual series sets each run's "
                 "dataset; restrict them with --datasets instead"
             )
+        if key == "model.norm" and individual:
+            raise MmptError(
+                "--sweep model.norm with --individual: each run trains one dataset, which has nothing to keep apart, "
+                "so every model.norm value trains the same model; sweep model.norm over the mm-PT series "
+                "(without --individual)"
+            )
+
+
+def individual_norm_note(cfg: Config, individual: bool) -> str | None:
+    """The line that says a per-dataset model.norm does nothing in an individual series (one dataset per run)."""
+    if not individual or cfg.model.norm not in ("per_dataset_stats", "per_dataset"):
+        return None
+    return (
+        f"note: model.norm {cfg.model.norm} keeps BatchNorm statistics apart per dataset, but each run of "
+        "--individual trains one dataset, which has nothing to keep apart: these runs normalise as model.norm "
+        "shared does"
+    )
 
 
 def _slug(text: str) -> str:
@@ -132,11 +150,23 @@ def variant_name(assignments: tuple[tuple[str, object], ...]) -> str:
 
 
 def _init_source(init_from: str | None, seed: int | None) -> str | None:
-    """With seeds, a series folder to initialise from gives each seed its own seed<k> run when it has one."""
+    """With seeds, a series folder to initialise from gives each seed its own seed<k> run; a folder of seeds without
+    that seed is an MmptError (seed k never starts from another seed's run)."""
     if init_from is None or seed is None:
         return init_from
-    seeded = Path(init_from) / f"seed{seed}"
-    return str(seeded) if seeded.is_dir() else init_from
+    source = Path(init_from)
+    if (source / f"seed{seed}").is_dir():
+        return str(source / f"seed{seed}")
+    held = sorted(
+        (p.name for p in source.glob("seed*") if p.is_dir() and SEED_DIR.fullmatch(p.name)),
+        key=lambda name: int(name.removeprefix("seed")),
+    )
+    if held:
+        raise MmptError(
+            f"model.init_from {init_from} is a folder of seeds ({', '.join(held)}) without seed{seed}/, which "
+            f"--seeds asks to fine-tune from; pass seeds it holds, or train its seed{seed} first"
+        )
+    return init_from
 
 
 def plan_series(
@@ -253,7 +283,8 @@ def check_series_folder(root: Path, base: Config, variants: list[Variant], *, ov
         if not diffs:
             members = dict(record["members"])
     for variant in variants:
-        check_member(variant, overwrite=overwrite)
+        if check_member(variant, overwrite=overwrite) == "start" and variant.cfg.model.init_from:
+            require_weights(variant.cfg.model.init_from)  # before any member trains, not when this one starts
         members[variant.path] = to_dict(variant.cfg)
     return {"recipe": to_dict(base), "members": members}
 
@@ -384,6 +415,13 @@ def summarize(root: Path, quiet: bool = False, require_complete: bool = False) -
     root = Path(root)
     if not root.is_dir():
         raise MmptError(f"series folder {root} not found; pass the folder a series command wrote (runs/<name>)")
+    run = RunDir(root)
+    if (run.is_run() or run.config.is_file()) and not SeriesDir(root).record.is_file():
+        raise MmptError(
+            f"{root} is a single run, not a series: its test metrics are {run.results.metrics_files[2].name} "
+            "there; summarize the folder a series command wrote (--seeds, --sweep, --individual), or compare "
+            "runs with evaluate.py compare"
+        )
     runs, left_out = series_runs(root)
     if left_out and require_complete:
         raise left_out_error(left_out, f"the series in {root} is not complete")

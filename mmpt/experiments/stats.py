@@ -80,6 +80,38 @@ def _auc_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> lis
     return [(labels[:, 0] == k, scores[:, k]) for k in range(task.num_classes)]
 
 
+def auc_interval_undefined(task: TaskSpec, labels: np.ndarray) -> str | None:
+    """Why no interval of medmnist's AUC of `task` on these test labels can be computed, or None: one of the binary
+    problems it averages (a class one-vs-rest, a label, the positive class) has fewer than two test images on a
+    side. DeLong's variance divides by m(m−1) and n(n−1); a bootstrap that draws one image again and again says
+    nothing about its class. The reason names the first such class."""
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    width = max(2, task.num_classes)
+    for k, (positive, _) in enumerate(_auc_problems(task, labels, np.zeros((len(labels), width)))):
+        m, n = int(positive.sum()), int((~positive).sum())
+        if min(m, n) >= 2:
+            continue
+        count = min(m, n)
+        images = f"{count} test image{'' if count == 1 else 's'}"
+        if task.task_type == BINARY:
+            shown = 1 if m < 2 else 0
+            what = f"class {shown} ({task.class_names[shown]}) has {images}"
+        elif task.task_type == MULTI_LABEL:
+            what = f"label {k} ({task.class_names[k]}) is {'positive' if m < 2 else 'negative'} in {images}"
+        elif m < 2:
+            what = f"class {k} ({task.class_names[k]}) has {images}"
+        else:
+            what = f"all but {images} are class {k} ({task.class_names[k]})"
+        return f"{what}; an AUC interval needs two on each side of every class"
+    return None
+
+
+def clipped(low: float, high: float, lowest: float, highest: float) -> tuple[float, float]:
+    """(low, high) within [lowest, highest]. NaN stays NaN: Python's max and min would turn it into a bound, and an
+    interval that cannot be computed would print as [0, 1]."""
+    return float(np.clip(low, lowest, highest)), float(np.clip(high, lowest, highest))
+
+
 def _class_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(true class, predicted class, classes) of each problem whose mean acc/balanced_acc/kappa is the task's."""
     if task.task_type == BINARY:
@@ -342,8 +374,8 @@ def delong_intervals(
 
     Returns for the reference (low, high); for every other run (low, high, diff_low, diff_high), the
     difference being run − reference, paired on the same images. Normal intervals value ± z·√var,
-    clipped to [0, 1] (differences to [−1, 1]); NaN where a class (or label) has fewer than two images
-    on a side.
+    clipped to [0, 1] (differences to [−1, 1]); NaN, never a clipped bound, where a class (or label) has
+    fewer than two images on a side.
     """
     labels = np.asarray(labels).reshape(len(labels), -1)
     z = stats.norm.ppf(0.5 + confidence / 2)
@@ -360,8 +392,8 @@ def delong_intervals(
         components.append(np.mean(psis, axis=0))  # images: ψ of the run's mean AUC
 
     def interval(value: float, psi: np.ndarray, lowest: float) -> tuple[float, float]:
-        half = z * math.sqrt(float(psi @ psi))
-        return max(lowest, value - half), min(1.0, value + half)
+        half = z * math.sqrt(float(psi @ psi))  # NaN where a class has fewer than two images on a side
+        return clipped(value - half, value + half, lowest, 1.0)
 
     out = [interval(values[0], components[0], 0.0)]
     for value, psi in zip(values[1:], components[1:]):

@@ -73,6 +73,8 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments.compare_report",
         "mmpt.experiments.probe",
         "mmpt.experiments.export",
+        "mmpt.experiments.status",
+        "mmpt.experiments.launcher",
     },
     # what a user runs
     "entry points": {

@@ -406,8 +406,7 @@ class LaunchConfig:
     )
     time: float | str | None = setting(
         None,
-        "time limit per job (a job that reaches it writes last.pt and is requeued); null = local: none, "
-        "slurm: required",
+        "time limit per job (a job that reaches it writes last.pt and is requeued); null = local: none, slurm: 4:00:00",
         check=_time_problem,
         allowed=TIME_TEXT,
         resume=True,

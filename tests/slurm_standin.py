@@ -8,7 +8,8 @@ State lives in $SLURM_STANDIN_DIR: jobs/<id>.json (the sbatch options, the scrip
 waits for its dependencies (afterany), runs its array tasks (at most the array's %parallelism at a time) through
 the script, and runs a task again when scontrol requeued it. srun runs the command with the job's output file
 and, when $SLURM_STANDIN_PREEMPT is "<array index>:<file>", sends SIGUSR2 to the first run of that task as soon
-as the file exists (a preemption while it trains: the file is the member's last.pt).
+as the file exists (a preemption while it trains: the file is the member's last.pt). With $SLURM_STANDIN_HOLD set,
+sbatch records the jobs and runs nothing (they stay PENDING).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def sbatch(args: list[str]) -> int:
         _write(STATE / "state" / task, "PENDING")
     saved = STATE / "scripts" / f"{job_id}.sh"
     _write(saved, text)
+    if os.environ.get("SLURM_STANDIN_HOLD"):  # recorded, never run: the jobs stay PENDING
+        print(f"Submitted batch job {job_id}")
+        return 0
     log = open(STATE / f"runner_{job_id}.log", "w")
     subprocess.Popen(
         [sys.executable, __file__, "__run__", job_id],

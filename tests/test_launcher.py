@@ -350,7 +350,7 @@ def test_bad_launch_settings_are_one_line_before_anything_is_submitted(study, tm
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--partition", "gpu"], ["needs a time limit per job", "--time"]),
+        (["--partition", "gpu", "--set", "checkpoint.every_minutes=300"], ["(240 min) is not longer than one"]),
         (["--time", "60", "--slurm-args=-q high"], ["'-q' is not a long sbatch option"]),
         (["--time", "60", "--slurm-args=--time=10"], ["--slurm-args sets --time", "from --time"]),
         (["--time", "60", "--slurm-args=--qos='high"], ["cannot be read"]),
@@ -386,6 +386,13 @@ def test_overwrite_refuses_a_member_that_is_still_running(study, tmp_path, monke
     code, _, err = quiet(train_main, series(study, out, "--launcher", "local", *JOB, "--overwrite", seeds="0,1"))
     assert code == 2 and "seed0 is running as job" in err and "--overwrite would train it a second time" in err
     assert not (out / "seed1").exists()
+
+
+def test_launcher_benchmark_refuses_bad_settings_in_one_line(capsys):
+    from mmpt.bench.__main__ import main
+
+    assert main(["launcher", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --jobs must be >= 1, got 0"]
 
 
 def test_time_limits_read_as_slurm_writes_them():

@@ -85,6 +85,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.bench.compare",
         "mmpt.bench.data",
         "mmpt.bench.datafiles",
+        "mmpt.bench.launcher",
         "mmpt.bench.loops",
         "mmpt.bench.train",
     },

@@ -74,6 +74,8 @@ assert LAUNCHERS == ("sequential", *JOB_LAUNCHERS), f"launch.launcher choices {L
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
 MAX_REQUEUES = 100
 NO_LIMIT_MIN = 365 * 24 * 60  # a local job without --time
+# a SLURM job without --time: a limit nearly every GPU partition allows, and short jobs start sooner (backfill)
+SLURM_TIME_MIN = 240
 POLL_S = 0.5  # how often the local launcher looks at its jobs
 SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one plot
 # sbatch options the launcher sets itself, and the setting to use instead
@@ -180,10 +182,12 @@ def plan_launch(cfg: Config, members: int) -> LaunchPlan:
     launch = cfg.launch
     assert launch.launcher in JOB_LAUNCHERS, f"no launcher to plan for {launch.launcher!r}"
     time_min = time_minutes(launch.time) if launch.time is not None else None
+    if time_min is None and launch.launcher == "slurm":
+        time_min = SLURM_TIME_MIN
     every = cfg.checkpoint.every_minutes
     if time_min is not None and every and time_min <= every:
         raise MmptError(
-            f"--time {launch.time} ({time_min:g} min) is not longer than one checkpoint interval "
+            f"the time limit per job ({time_min:g} min) is not longer than one checkpoint interval "
             f"(checkpoint.every_minutes {every:g}): a job would reach its limit before writing last.pt; pass a "
             f"longer --time, or --set checkpoint.every_minutes={max(1, math.floor(time_min / 2))}"
         )
@@ -202,11 +206,6 @@ def plan_launch(cfg: Config, members: int) -> LaunchPlan:
             raise MmptError(
                 f"--launcher slurm needs SLURM's {' and '.join(missing)} on PATH, and none is here; run the "
                 "command on the cluster's login node, or use --launcher local"
-            )
-        if time_min is None:
-            raise MmptError(
-                "--launcher slurm needs a time limit per job: pass --time MINUTES or HOURS:MM:SS within your "
-                "partition's limit (a job that reaches it writes last.pt and is requeued to continue)"
             )
         options = parse_slurm_args(launch.slurm_args) if launch.slurm_args else {}
         return LaunchPlan(
@@ -604,14 +603,13 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
         + f"each job: {plan.nodes} node{'s' if plan.nodes > 1 else ''}, {gpus}, time limit {params['time']} min"
         + (f", partition {plan.partition}" if plan.partition else "")
     )
-    active = [s.job_id for s in busy]
     submission = _submission(plan, todo)
     if todo:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         executor.update_parameters(**params)
         with _sbatch_errors(f"the job array of {len(todo)} members"), executor.batch():
             jobs = [executor.submit(MemberJob(v, labels[v.path])) for v in todo]
-        array = jobs[0].job_id.split("_")[0]
+        submission["array"] = jobs[0].job_id.split("_")[0]
         for variant, job in zip(todo, jobs):
             record["members"][variant.path] = {
                 "launcher": "slurm",
@@ -619,15 +617,19 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
                 "log": _relative(job.paths.stdout, root),
                 "submitted": _now(),
             }
+        record["submissions"].append(submission)
+        write_jobs(root, record)  # at once: a job the record misses could be submitted twice
+        for variant, job in zip(todo, jobs):
             link_log(variant.cfg.run_dir, job.paths.stdout)
-        active.append(array)
-        submission["array"] = array
         print(
-            f"submitted job array {array}: {len(jobs)} job{'s' if len(jobs) > 1 else ''}; "
+            f"submitted job array {submission['array']}: {len(jobs)} job{'s' if len(jobs) > 1 else ''}; "
             f"each member's {RunDir(root).job_log.name} links its log"
         )
-    elif not active:
-        write_jobs(root, record)
+    # the summary waits for every job of the series folder (another command's members too: mm-PT and individual)
+    others = [path for path in record["members"] if path not in {v.path for v in variants}]
+    busy = busy + [s for s in member_states(root, others, record).values() if s.state in (RUNNING, QUEUED)]
+    waits = sorted({job_id.split("_")[0] for job_id in [s.job_id for s in busy] + [submission.get("array")] if job_id})
+    if not waits:
         print("every member is finished")
         if series:
             summarize(root)
@@ -645,13 +647,14 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
             ntasks_per_node=1,
             cpus_per_task=1,
             stderr_to_stdout=True,
-            dependency="afterany:" + ":".join(active),
+            dependency="afterany:" + ":".join(waits),
         )
         with _sbatch_errors("the summary job"):
             job = summary.submit(summarize_series, str(root))
         record["summary_job"] = submission["summary_job"] = job.job_id
-        print(f"summary job {job.job_id} writes sweep.md when they have ended (afterany:{':'.join(active)})")
-    record["submissions"].append(submission)
-    write_jobs(root, record)
+        print(f"summary job {job.job_id} writes sweep.md when they have ended (afterany:{':'.join(waits)})")
+        if not todo:
+            record["submissions"].append(submission)
+        write_jobs(root, record)
     print(f"watch them with: python evaluate.py status {root}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import subprocess
 import time
@@ -23,12 +24,13 @@ from pathlib import Path
 import submitit
 
 from mmpt.errors import MmptError
-from mmpt.experiments.members import member_status, read_series
+from mmpt.experiments.members import member_status, read_series, series_of
 from mmpt.io import read_json, write_json
 from mmpt.rundir import RunDir, SeriesDir
 
 FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED = "finished", "running", "queued", "failed", "not started"
-STATES = (FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED)
+UNKNOWN = "unknown"  # a SLURM job, where SLURM cannot be asked (the status command only)
+STATES = (FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED, UNKNOWN)
 
 # SLURM job states (sacct/squeue) a member waits in, and those it trains in; every other state has ended
 SLURM_QUEUED = frozenset(
@@ -110,7 +112,13 @@ def slurm_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     jobs = [submitit.SlurmJob(folder=folder, job_id=job_id) for job_id in job_ids]
-    submitit.SlurmJob.watcher.update()
+    quiet = logging.getLogger("submitit")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a failing sacct is answered below (squeue), not with submitit's warning
+    try:
+        submitit.SlurmJob.watcher.update()
+    finally:
+        quiet.setLevel(level)
     states = {job.job_id: job.watcher.get_state(job.job_id, mode="cache").split()[0] for job in jobs}
     unknown = [job_id for job_id, state in states.items() if state == "UNKNOWN"]
     if unknown:
@@ -161,13 +169,23 @@ def _age(path: Path) -> str:
     return f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.1f} h ago"
 
 
-def member_states(root: Path, paths: list[str], record: dict | None = None) -> dict[str, MemberState]:
-    """The state of each member (`paths` relative to the series folder `root`; "" for a single run)."""
+def member_states(
+    root: Path, paths: list[str], record: dict | None = None, *, strict: bool = True
+) -> dict[str, MemberState]:
+    """The state of each member (`paths` relative to the series folder `root`; "" for a single run).
+
+    Raises MmptError when SLURM cannot be asked about a member's job; with `strict` off, such a member is UNKNOWN.
+    """
     root = Path(root)
     record = read_jobs(root) if record is None else record
     jobs = {path: record["members"].get(path) for path in paths}
     slurm_ids = [job["job_id"] for job in jobs.values() if job and job.get("launcher") == "slurm"]
-    slurm = slurm_states(SeriesDir(root).slurm_jobs, slurm_ids) if slurm_ids else {}
+    try:
+        slurm = slurm_states(SeriesDir(root).slurm_jobs, slurm_ids)
+    except MmptError as exc:
+        if strict:
+            raise
+        slurm = dict.fromkeys(slurm_ids, f"{UNKNOWN}: {exc}")
     feeder = record.get("feeder") or {}
     waiting = set(feeder.get("pending", [])) if process_alive(feeder.get("pid"), feeder.get("started")) else set()
     out = {}
@@ -192,6 +210,9 @@ def member_states(root: Path, paths: list[str], record: dict | None = None) -> d
         if job["launcher"] == "local":
             alive = process_alive(job.get("pid"), job.get("started"))
             state, scheduler = (RUNNING, "") if alive else (FAILED, "ended without summary.json")
+        elif slurm[job["job_id"]].startswith(UNKNOWN):
+            out[path] = MemberState(path, UNKNOWN, detail=slurm[job["job_id"]].partition(": ")[2], **common)
+            continue
         else:
             scheduler = slurm[job["job_id"]]
             state = QUEUED if scheduler in SLURM_QUEUED else RUNNING if scheduler in SLURM_RUNNING else FAILED
@@ -252,12 +273,17 @@ def format_status(root: Path) -> str:
     root = Path(root)
     if not root.is_dir():
         raise MmptError(f"{root} not found; pass the folder a train.py command wrote (runs/<name>)")
-    paths = series_members(root)
+    owner = series_of(root)
+    if owner is not None and owner[1] in (read_series(owner[0]) or {}).get("members", {}):
+        root, paths, kind = owner[0], [owner[1]], "member of the series"  # its job is in the series' record
+    else:
+        paths = series_members(root)
+        kind = "series" if paths != [""] else "run"
     record = read_jobs(root)
-    states = member_states(root, paths, record)
+    states = member_states(root, paths, record, strict=False)
     counts = {s: sum(m.state == s for m in states.values()) for s in STATES}
     launchers = sorted({m.launcher for m in states.values() if m.launcher})
-    head = f"{'series' if paths != [''] else 'run'} {root}: {len(paths)} member{'s' if len(paths) > 1 else ''}"
+    head = f"{kind} {root}: {len(paths)} member{'s' if len(paths) > 1 else ''}"
     lines = [head + (f" (launcher: {', '.join(launchers)})" if launchers else "")]
     rows = [("member", "state", "job", "detail")] + [
         (m.path or ".", m.state, m.job_id or "-", m.detail) for m in states.values()
@@ -274,10 +300,18 @@ def format_status(root: Path) -> str:
     progress = f"progress: {done} of {len(paths)} finished ({100 * done / len(paths):.0f}%)"
     progress += "".join(f", {counts[s]} {s}" for s in STATES[1:] if counts[s])
     used = [f"{gpu:.3g} GPU-hours"] if gpu else []
-    used += [f"{cpu:.3g} CPU core-hours"] if cpu or not gpu else []
-    lines.append(f"{progress}; {' and '.join(used)} in the finished members (summary.json wall times)")
+    used += [f"{cpu:.3g} CPU core-hours"] if cpu else []
+    if done:
+        lines.append(
+            f"{progress}; {' and '.join(used) or 'no hours'} in the finished members (summary.json wall times)"
+        )
+    else:
+        lines.append(progress)
     summary_job = record.get("summary_job")
     if summary_job:
-        state = slurm_states(SeriesDir(root).slurm_jobs, [summary_job])[summary_job]
+        try:
+            state = slurm_states(SeriesDir(root).slurm_jobs, [summary_job])[summary_job]
+        except MmptError:
+            state = UNKNOWN
         lines.append(f"summary job {summary_job}: SLURM {state} (writes sweep.md when the members' jobs end)")
     return "\n".join(lines) + "\n"

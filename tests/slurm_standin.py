@@ -3,13 +3,14 @@
     python slurm_standin.py TOOL ARGS...      (the tests put one small shell script per tool on PATH)
 
 State lives in $SLURM_STANDIN_DIR: jobs/<id>.json (the sbatch options, the script, the tasks), state/<task>
-(PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, REQUEUED), pid/<task> (the running task's process), requeue/<task>
-(asked by scontrol), runs/<task> (how many times it started). sbatch hands each job to a background runner that
-waits for its dependencies (afterany), runs its array tasks (at most the array's %parallelism at a time) through
-the script, and runs a task again when scontrol requeued it. srun runs the command with the job's output file
-and, when $SLURM_STANDIN_PREEMPT is "<array index>:<file>", sends SIGUSR2 to the first run of that task as soon
-as the file exists (a preemption while it trains: the file is the member's last.pt). With $SLURM_STANDIN_HOLD set,
-sbatch records the jobs and runs nothing (they stay PENDING).
+(PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, REQUEUED), pid/<task> (the running task's processes),
+requeue/<task> (asked by scontrol), runs/<task> (how many times it started). sbatch hands each job to a
+background runner that waits for its dependencies (afterany), runs its array tasks (at most the array's
+%parallelism at a time) through the script, and runs a task again when scontrol requeued it. srun runs the
+command once per task of the job (one node: SLURM_PROCID and SLURM_LOCALID 0..SLURM_NTASKS-1), each into the
+job's output file of its task, and, when $SLURM_STANDIN_PREEMPT is "<array index>:<file>", sends SIGUSR2 to the
+first run of that array task as soon as the file exists (a preemption while it trains: the file is the member's
+last.pt). With $SLURM_STANDIN_HOLD set, sbatch records the jobs and runs nothing (they stay PENDING).
 """
 
 from __future__ import annotations
@@ -151,20 +152,23 @@ def srun(args: list[str]) -> int:
     main = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
     index = os.environ.get("SLURM_ARRAY_TASK_ID", "")
     task = f"{main}_{index}" if index else main
-    env = dict(os.environ, SLURM_PROCID="0", SLURM_LOCALID="0")
     output = output.replace("%A", main).replace("%a", index).replace("%j", os.environ["SLURM_JOB_ID"])
-    with open(output.replace("%t", "0"), "a") as out:
-        child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _write(STATE / "pid" / task, str(child.pid))
+    children = []
+    for rank in range(int(os.environ.get("SLURM_NTASKS", "1"))):  # one node: every task on it
+        env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+        with open(output.replace("%t", str(rank)), "a") as out:
+            children.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
+    _write(STATE / "pid" / task, " ".join(str(child.pid) for child in children))
     preempt = os.environ.get("SLURM_STANDIN_PREEMPT", "")
     target_index, _, trigger = preempt.partition(":")
     armed = bool(preempt) and target_index == index and _read(STATE / "runs" / task) == "1"
-    while child.poll() is None:
+    while any(child.poll() is None for child in children):
         if armed and Path(trigger).exists():
-            child.send_signal(signal.SIGUSR2)
+            for child in children:
+                child.send_signal(signal.SIGUSR2)
             armed = False
         time.sleep(0.005)
-    return child.returncode
+    return max(abs(child.returncode) for child in children)
 
 
 def scontrol(args: list[str]) -> int:
@@ -184,12 +188,12 @@ def scancel(args: list[str]) -> int:
     for job in ids:
         tasks = [p.name for p in (STATE / "state").glob("*") if p.name == job or p.name.startswith(job + "_")]
         for task in tasks:
-            pid = _read(STATE / "pid" / task)
+            pids = _read(STATE / "pid" / task).split()
             if sig is None:
                 if _read(STATE / "state" / task) not in ENDED:
                     _write(STATE / "state" / task, "CANCELLED")
                 sig = "TERM"
-            if pid and _read(STATE / "state" / task) in ("RUNNING", "CANCELLED"):
+            for pid in pids if _read(STATE / "state" / task) in ("RUNNING", "CANCELLED") else ():
                 try:
                     os.kill(int(pid), getattr(signal, "SIG" + sig.removeprefix("SIG")))
                 except ProcessLookupError:

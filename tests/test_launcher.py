@@ -316,6 +316,25 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     assert status(out)["seed2"][:2] == ["failed", resubmitted]
 
 
+@pytest.mark.slow
+def test_a_slurm_job_with_several_processes_trains_one_run_under_torch_distributed(study, tmp_path, slurm):
+    # a single run with a launcher is a one-member series; 2 "GPUs" give 2 processes (gloo on the CPU here)
+    out = tmp_path / "run"
+    argv = ["--config", str(study[1]), "--output", str(out), "--launcher", "slurm", "--gpus-per-job", "2"]
+    code, stdout, err = quiet(train_main, argv)
+    assert code == 0, err + stdout
+    job_id = job_record(out)["members"][""]["job_id"]
+    options = sbatch_options(slurm, job_id)
+    assert options["gpus-per-node"] == "2" and options["ntasks-per-node"] == "2" and "array" not in options
+    assert "summary_job" not in job_record(out)  # one run: nothing to summarize
+    wait_for(lambda: (slurm / "state" / job_id).read_text() in ("COMPLETED", "FAILED"), 300, "the job", 0.2)
+    assert (slurm / "state" / job_id).read_text() == "COMPLETED", (out / "job.log").read_text()
+    result = json.loads((out / "summary.json").read_text())
+    assert result["world_size"] == 2 and result["rank_digests"] == [result["final_digest"]] * 2
+    assert f"job {job_id} on " in (out / "job.log").read_text() and "2 process(es)" in (out / "job.log").read_text()
+    assert status(out)["."][:2] == ["finished", job_id]
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing submitted
 
 

@@ -3,7 +3,8 @@ series, nothing trained twice, a killed, preempted or failing member continued o
 
 The SLURM path runs through submitit against stand-in sbatch, srun, scontrol, sacct, squeue and scancel scripts
 (tests/slurm_standin.py) that run the jobs on this machine. Each job imports torch and timm afresh, so the tests
-that run jobs take tens of seconds: they are marked slow.
+that run jobs take tens of seconds: they are marked slow, and the local launcher's tests share one series
+(`local_series`: a killed member, a failing one, a launch while it runs, the reruns).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,8 +71,8 @@ def children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """Data and recipe of a 3-seed series (4 epochs of 8 steps, last.pt after every step), and the sequential
-    series' digests, trained in this process with one thread."""
+    """Data and recipe of a 3-seed series (2 epochs of 8 steps, last.pt every 4 steps: a stop or a kill after the
+    first one continues mid-epoch), and the sequential series' digests, trained in this process with one thread."""
     base = tmp_path_factory.mktemp("launcher")
     data = base / "data"
     write_synthetic(data, 28, resolve_tasks("breast,pneumonia"), train_samples=64, seed=0)
@@ -81,8 +85,8 @@ def study(tmp_path_factory):
                 "model": {"backbone": "test_resnet"},
                 "input": {"mode": "native"},
                 "optim": {"lr": 0.003},
-                "train": {"epochs": 4, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
-                "checkpoint": {"every_steps": 1},
+                "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
+                "checkpoint": {"every_steps": 4},
             }
         )
     )
@@ -130,30 +134,170 @@ def job_record(folder: Path) -> dict:
 # ---------------------------------------------------------------- local: N members at a time on this machine
 
 
-@pytest.mark.slow
-def test_local_jobs_give_the_digests_of_the_sequential_series_and_a_single_run_is_one_job(study, tmp_path):
-    out = tmp_path / "local"
-    code, stdout, err = quiet(train_main, series(study, out, "--launcher", "local", "--jobs", "2", *JOB, seeds="0,1"))
-    assert code == 0, err + stdout
-    assert "2 at a time, each on 1 CPU thread (OMP_NUM_THREADS=1" in stdout
-    assert digests(out, "0,1") == {k: v for k, v in study[2].items() if k in ("seed0", "seed1")}
+@pytest.fixture(scope="module")
+def local_series(study, tmp_path_factory):
+    """One series of 3 seeds with the local launcher, shared by the local tests; returns what each step left.
+
+    1. train.py, in its own process, 2 jobs at a time: seed2's job fails (a file where mmpt writes a folder),
+       seed0's training process is killed (kill -9) once it has written last.pt, and a second launch is tried
+       while the first one runs.
+    2. seed2's cause removed, the same command with one job at a time, in its own process: once it has started
+       seed0's job, that job is frozen (SIGSTOP) and the launching process is killed; its job lives on.
+    3. The same command in this process: it counts seed0's job as running (which then goes on), and starts
+       seed2 when that job has ended. 4. The same command once more, on the finished series.
+    """
+    work = tmp_path_factory.mktemp("local")
+    out = work / "series"
+    (out / "seed2").mkdir(parents=True)
+    (out / "seed2" / "checkpoints").write_text("a file where mmpt writes a folder")  # seed2's job fails
+    argv = series(study, out, "--launcher", "local", "--jobs", "2", *JOB)
+    feeder = train_process(argv, work / "first.log")
+    try:
+        wait_for(lambda: (out / "seed0" / "checkpoints" / "last.pt").is_file(), 240, "seed0's last.pt")
+        controller = job_record(out)["members"]["seed0"]["pid"]
+        (task,) = children(controller)
+        os.kill(task, signal.SIGKILL)
+        during = job_record(out)["members"]
+        second = quiet(train_main, argv)  # while the first launch runs
+        after_second = job_record(out)["members"]
+        code = feeder.wait(timeout=300)
+    finally:
+        feeder.kill()
+    first = SimpleNamespace(
+        code=code,
+        log=(work / "first.log").read_text(),
+        record=job_record(out),
+        status=status(out),
+        seed0_finished=(out / "seed0" / "summary.json").is_file(),
+        summarized=(out / "sweep.md").is_file(),
+    )
+
+    (out / "seed2" / "checkpoints").unlink()
+    argv = series(study, out, "--launcher", "local", "--jobs", "1", *JOB)
+    feeder = train_process(argv, work / "orphan.log")
+    held: list[int] = []
+    try:
+        killed_job = first.record["members"]["seed0"]["job_id"]
+        wait_for(lambda: job_record(out)["members"]["seed0"]["job_id"] != killed_job, 240, "seed0's new job", 0.05)
+        job = job_record(out)["members"]["seed0"]
+        held = [job["pid"], *wait_for(lambda: children(job["pid"]), 60, "seed0's process")]
+        for pid in held:  # seed0 keeps running, frozen until the next launch has seen it
+            os.kill(pid, signal.SIGSTOP)
+        feeder.kill()  # the launching process dies; its job lives on
+        feeder.wait()
+        orphaned = status(out)
+        log, err = io.StringIO(), io.StringIO()
+
+        def release() -> None:  # seed0 goes on once the launch in this process has counted it as running
+            try:
+                wait_for(lambda: "(started earlier)" in log.getvalue(), 120, "the rerun's start", poll_s=0.05)
+            finally:
+                for pid in held:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(err):
+                rerun_code = train_main(argv)
+        finally:
+            releaser.join()
+    finally:
+        feeder.kill()
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     record = job_record(out)
-    assert set(record["members"]) == {"seed0", "seed1"} and record["submissions"][0]["settings"]["jobs"] == 2
-    for member in ("seed0", "seed1"):
+    return SimpleNamespace(
+        out=out,
+        first=first,
+        second=second,
+        records_around_second=(during, after_second),
+        orphan_log=(work / "orphan.log").read_text(),
+        orphaned_job=job,
+        orphaned_status=orphaned,
+        rerun=(rerun_code, log.getvalue(), err.getvalue()),
+        record=record,
+        again=quiet(train_main, argv),
+        record_after_again=job_record(out),
+    )
+
+
+@pytest.mark.slow
+def test_local_jobs_give_the_digests_of_the_sequential_series(study, local_series):
+    out, record = local_series.out, local_series.record
+    assert "2 at a time, each on 1 CPU thread (OMP_NUM_THREADS=1" in local_series.first.log
+    code, stdout, err = local_series.rerun
+    assert code == 0, err + stdout
+    assert digests(out) == study[2]  # seed1 trained once, seed0 killed and continued, seed2 started after its failure
+    assert set(record["members"]) == {"seed0", "seed1", "seed2"}
+    assert [s["settings"]["jobs"] for s in record["submissions"]] == [2, 1, 1]
+    for member in ("seed0", "seed1", "seed2"):
         job = record["members"][member]
         assert (out / member / "job.log").resolve() == (out / job["log"]).resolve()
         assert f"job {job['job_id']}" in (out / member / "job.log").read_text()
     assert (out / "sweep.md").is_file()  # summarized as a sequential series is
     rows = status(out)
-    assert rows["seed0"][:2] == ["finished", record["members"]["seed0"]["job_id"]]
-    assert "progress: 2 of 2 finished (100%)" in rows["_text"] and "CPU core-hours" in rows["_text"]
+    assert [rows[f"seed{k}"][:2] for k in range(3)] == [
+        ["finished", record["members"][f"seed{k}"]["job_id"]] for k in range(3)
+    ]
+    assert "progress: 3 of 3 finished (100%)" in rows["_text"] and "CPU core-hours" in rows["_text"]
 
-    # the same command again: nothing to start, the summary again
-    code, stdout, _ = quiet(train_main, series(study, out, "--launcher", "local", "--jobs", "2", *JOB, seeds="0,1"))
-    assert code == 0 and "2 finished, 0 running or queued, 0 to start" in stdout
-    assert job_record(out)["members"] == record["members"]
 
-    # a single run with a launcher: a one-member series in its own folder
+@pytest.mark.slow
+def test_a_killed_member_continues_exactly_and_a_failing_member_does_not_stop_the_others(study, local_series):
+    out, first = local_series.out, local_series.first
+    assert first.code == 1
+    assert "2 of 3 members failed" in first.log and "seed1: finished" in first.log
+    assert not first.seed0_finished and first.summarized  # seed1 summarized
+    rows = first.status
+    assert [rows[m][0] for m in ("seed0", "seed1", "seed2")] == ["failed", "finished", "failed"]
+    assert "last.pt written" in rows["seed0"][2] and "has a file named checkpoints" in rows["seed2"][2]
+    assert f"log {out / 'seed2' / 'job.log'}: error: " in rows["seed2"][2]
+
+    # fixed, and the same command again: seed0 continues from its last.pt, seed2 starts, seed1 is left alone
+    assert "1 finished, 0 running or queued, 2 to start" in local_series.orphan_log
+    assert local_series.record["members"]["seed1"] == first.record["members"]["seed1"]
+    assert "seed0: continuing from last.pt" in (out / "seed0" / "job.log").read_text()
+    assert digests(out) == study[2]
+
+
+@pytest.mark.slow
+def test_a_second_launch_while_the_first_runs_is_refused_and_submits_nothing(local_series):
+    code, _, err = local_series.second
+    assert code == 2 and err.startswith("error: the series in") and "being launched by another train.py" in err
+    assert len(err.splitlines()) == 1
+    before, after = local_series.records_around_second
+    assert after == before
+
+
+@pytest.mark.slow
+def test_a_rerun_counts_the_jobs_of_a_launch_that_died_and_submits_nothing_twice(study, local_series):
+    job, rows = local_series.orphaned_job, local_series.orphaned_status
+    assert rows["seed0"][:2] == ["running", job["job_id"]]
+    # seed2 waited for a slot of the launch that died: its latest job is still the one that failed
+    assert rows["seed2"][:2] == ["failed", local_series.first.record["members"]["seed2"]["job_id"]]
+    code, stdout, err = local_series.rerun
+    assert code == 0, err + stdout
+    assert "1 finished, 1 running or queued, 1 to start" in stdout
+    assert f"seed0: running as local job {job['job_id']} (started earlier)" in stdout
+    # one job at a time: seed2 started once seed0's job had ended
+    assert stdout.index(f"finished (local job {job['job_id']})") < stdout.index("seed2: started as local job")
+    assert local_series.record["members"]["seed0"] == job  # not submitted a second time
+    assert digests(local_series.out) == study[2]
+
+
+@pytest.mark.slow
+def test_the_same_command_on_a_finished_series_starts_nothing(local_series):
+    code, stdout, err = local_series.again
+    assert code == 0, err + stdout
+    assert "3 finished, 0 running or queued, 0 to start" in stdout
+    assert local_series.record_after_again["members"] == local_series.record["members"]
+
+
+@pytest.mark.slow
+def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(study, tmp_path):
     single = tmp_path / "single"
     code, stdout, err = quiet(
         train_main, ["--config", str(study[1]), "--output", str(single), "--launcher", "local", *JOB]
@@ -161,82 +305,8 @@ def test_local_jobs_give_the_digests_of_the_sequential_series_and_a_single_run_i
     assert code == 0, err + stdout
     assert json.loads((single / "summary.json").read_text())["final_digest"] == study[2]["seed0"]
     assert not (single / "series.json").exists() and (single / "job.log").is_symlink()
+    assert job_record(single)["members"][""]["job_id"] in (single / "job.log").read_text()
     assert status(single)["."][0] == "finished"
-
-
-@pytest.mark.slow
-def test_killed_member_continues_exactly_and_a_failing_member_does_not_stop_the_others(study, tmp_path):
-    out = tmp_path / "series"
-    (out / "seed2").mkdir(parents=True)
-    (out / "seed2" / "checkpoints").write_text("a file where mmpt writes a folder")  # seed2's job fails
-    argv = series(study, out, "--launcher", "local", "--jobs", "2", *JOB)
-    feeder = train_process(argv, tmp_path / "feeder.log")
-    try:
-        # kill -9 the process that trains seed0 once it has written last.pt
-        wait_for(lambda: (out / "seed0" / "checkpoints" / "last.pt").is_file(), 240, "seed0's last.pt")
-        controller = job_record(out)["members"]["seed0"]["pid"]
-        (task,) = children(controller)
-        os.kill(task, signal.SIGKILL)
-        # a second launch while the first one runs is refused and submits nothing
-        before = job_record(out)["members"]
-        code, _, err = quiet(train_main, argv)
-        assert code == 2 and err.startswith("error: the series in") and "being launched by another train.py" in err
-        assert len(err.splitlines()) == 1 and job_record(out)["members"] == before
-        assert feeder.wait(timeout=300) == 1
-    finally:
-        feeder.kill()
-    log = (tmp_path / "feeder.log").read_text()
-    assert "2 of 3 members failed" in log and "seed1: finished" in log
-    assert "summary.json" not in os.listdir(out / "seed0") and (out / "sweep.md").is_file()  # seed1 summarized
-    rows = status(out)
-    assert [rows[m][0] for m in ("seed0", "seed1", "seed2")] == ["failed", "finished", "failed"]
-    assert "last.pt written" in rows["seed0"][2] and "has a file named checkpoints" in rows["seed2"][2]
-    assert f"log {out / 'seed2' / 'job.log'}: error: " in rows["seed2"][2]
-
-    # fixed, and the same command again: seed0 continues from its last.pt, seed2 starts, seed1 is left alone
-    (out / "seed2" / "checkpoints").unlink()
-    seed1_job = job_record(out)["members"]["seed1"]
-    code, stdout, err = quiet(train_main, argv)
-    assert code == 0, err + stdout
-    assert "1 finished, 0 running or queued, 2 to start" in stdout
-    assert job_record(out)["members"]["seed1"] == seed1_job
-    assert "seed0: continuing from last.pt" in (out / "seed0" / "job.log").read_text()
-    assert digests(out) == study[2]
-
-
-@pytest.mark.slow
-def test_a_rerun_while_members_run_submits_nothing_twice(study, tmp_path):
-    out = tmp_path / "series"
-    argv = series(study, out, "--launcher", "local", "--jobs", "1", *JOB, seeds="0,1")
-    feeder = train_process(argv, tmp_path / "feeder.log")
-    try:
-        wait_for(lambda: (out / "seed0" / "job.log").is_symlink(), 240, "seed0's job", poll_s=0.05)
-        job = job_record(out)["members"]["seed0"]  # written before the link
-        held = [job["pid"], *wait_for(lambda: children(job["pid"]), 60, "seed0's process")]
-        for pid in held:  # seed0 keeps running, frozen until the rerun has seen it
-            os.kill(pid, signal.SIGSTOP)
-        feeder.kill()  # the launching process dies; its job lives on
-        feeder.wait()
-        rows = status(out)
-        assert rows["seed0"][:2] == ["running", job["job_id"]] and rows["seed1"][0] == "not started"
-        rerun = train_process(argv, tmp_path / "rerun.log")
-        try:
-            wait_for(lambda: "(started earlier)" in (tmp_path / "rerun.log").read_text(), 120, "the rerun's start")
-            for pid in held:
-                os.kill(pid, signal.SIGCONT)
-            assert rerun.wait(timeout=300) == 0
-        finally:
-            rerun.kill()
-    finally:
-        feeder.kill()
-        for pid in held if "held" in locals() else ():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-    log = (tmp_path / "rerun.log").read_text()
-    assert "0 finished, 1 running or queued, 1 to start" in log
-    assert f"seed0: running as local job {job['job_id']} (started earlier)" in log
-    assert job_record(out)["members"]["seed0"] == job  # not submitted a second time
-    assert digests(out, "0,1") == {k: v for k, v in study[2].items() if k in ("seed0", "seed1")}
 
 
 # ---------------------------------------------------------------- slurm: one job array, through stand-in tools
@@ -304,7 +374,9 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     assert "progress: 2 of 3 finished (67%), 1 failed" in rows["_text"]
     assert f"summary job {summary_job}: SLURM COMPLETED" in rows["_text"]
 
-    # the same command again submits only the member that is not finished, and a summary job after it
+    # the same command again submits only the member that is not finished, and a summary job after it (which
+    # the stand-in holds: they stay queued)
+    monkeypatch.setenv("SLURM_STANDIN_HOLD", "1")
     code, stdout, _ = quiet(train_main, argv)
     assert code == 0 and "2 finished, 0 running or queued, 1 to submit" in stdout
     again = job_record(out)
@@ -312,8 +384,9 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     resubmitted = again["members"]["seed2"]["job_id"]
     assert "_" not in resubmitted and "array" not in sbatch_options(slurm, resubmitted)  # one job, not an array
     assert sbatch_options(slurm, again["summary_job"])["dependency"] == f"afterany:{resubmitted}"
-    wait_for(lambda: (slurm / "state" / again["summary_job"]).read_text() == "COMPLETED", 300, "the summary", 0.2)
-    assert status(out)["seed2"][:2] == ["failed", resubmitted]
+    rows = status(out)
+    assert rows["seed2"][:2] == ["queued", resubmitted] and "SLURM PENDING" in rows["seed2"][2]
+    assert f"summary job {again['summary_job']}: SLURM PENDING" in rows["_text"]
 
 
 @pytest.mark.slow
@@ -381,6 +454,15 @@ def test_bad_slurm_settings_are_one_line_before_anything_is_submitted(study, tmp
     line = refused(series(study, tmp_path / "series", "--launcher", "slurm", *extra), tmp_path / "series")
     assert all(w in line for w in words), line
     assert not (slurm / "jobs").exists()  # sbatch never ran
+
+
+def test_status_names_the_members_that_never_started(study, tmp_path):
+    out = tmp_path / "series"
+    out.mkdir()
+    shutil.copyfile(SeriesDir(study[0] / "seq").record, SeriesDir(out).record)  # the series, none of its runs
+    rows = status(out)
+    assert [rows[f"seed{k}"][:2] for k in range(3)] == [["not started", "-"]] * 3
+    assert "progress: 0 of 3 finished (0%), 3 not started" in rows["_text"]
 
 
 def test_overwrite_refuses_a_member_that_is_still_running(study, tmp_path, monkeypatch):

@@ -26,6 +26,9 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 LAST_BATCH = ("keep", "drop")
 # train.monitor: what early stopping and best.pt follow
 MONITORS = ("val_loss", "val_auc")
+# launch.launcher: where a series' members train (sequential: mmpt.experiments.series; local, slurm:
+# mmpt.experiments.launcher)
+LAUNCHERS = ("sequential", "local", "slurm")
 
 # The device names train.device, evaluate.py --device and the benchmarks accept (mmpt.distributed selects them).
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"

@@ -8,6 +8,7 @@ declarations (`flag`, `evaluate_flag` in mmpt.config) and are checked as those k
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
 
+# the launch.* keys (where a series' members train); their flags form train.py's launcher group
+LAUNCH_KEYS = frozenset(key for key in SETTINGS if key.startswith("launch."))
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -57,12 +62,19 @@ def train_parser() -> argparse.ArgumentParser:
         epilog="Any other config key: --set section.key=value (e.g. --set loss.weighting=size).",
     )
     p.add_argument("--config", help="YAML recipe (deep-merged over the defaults), e.g. configs/quickstart.yaml")
+    launcher = p.add_argument_group(
+        "launcher",
+        "train a series' members (or a single run) as jobs through submitit: several at a time on this machine "
+        "(local) or as a SLURM job array (slurm); run the same command again to submit what is neither finished "
+        "nor running, and watch them with: evaluate.py status RUN",
+    )
     for flag, key in NAMED_FLAGS.items():
         help_text = flag_help(key).replace("%", "%%")
+        group = launcher if key in LAUNCH_KEYS else p
         if SETTINGS[key].hint is bool:  # a switch: sets the key to the value that is not its default
-            p.add_argument(flag, action="store_true", help=help_text)
+            group.add_argument(flag, action="store_true", help=help_text)
         else:
-            p.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
+            group.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
@@ -124,6 +136,16 @@ def build_train_config(args: argparse.Namespace):
 def _train(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = build_train_config(args)
+    resources = [
+        flag
+        for flag, key in NAMED_FLAGS.items()
+        if key in LAUNCH_KEYS and key != "launch.launcher" and getattr(args, _dest(flag)) is not None
+    ]
+    if resources and cfg.launch.launcher == "sequential":
+        raise MmptError(
+            f"{resources[0]} is a job's setting and goes with --launcher local or slurm; add --launcher, "
+            f"or drop {resources[0]}"
+        )
     # a series is planned (every member's config checked) before --print-config, so it refuses what a run refuses
     variants = _plan_series(args, cfg) if args.individual or args.sweep or args.seeds is not None else None
     if args.print_config:
@@ -141,6 +163,8 @@ def _train(argv: list[str]) -> int:
     from mmpt.train import Stopped, run
 
     check_single_run_folder(cfg.run_dir, resume=bool(args.resume))
+    if cfg.launch.launcher != "sequential":
+        return _launch_run(args, cfg)
 
     try:
         run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
@@ -171,6 +195,13 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
     from mmpt.experiments.series import run_series, summarize
     from mmpt.train import Stopped
 
+    if cfg.launch.launcher != "sequential":
+        from mmpt.experiments.launcher import launch, plan_launch
+
+        plan = plan_launch(cfg, len(variants))  # this machine or cluster, before series.json is written
+        print(f"series of {len(variants)} runs under {cfg.run_dir}")
+        train = functools.partial(launch, root=cfg.run_dir, plan=plan, series=True)
+        return run_series(variants, overwrite=overwrite, base=cfg, train=train)
     print(f"series of {len(variants)} runs under {cfg.run_dir}")
     try:
         run_series(variants, overwrite=overwrite, base=cfg)
@@ -179,6 +210,17 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
         return 130
     summarize(cfg.run_dir)
     return 0
+
+
+def _launch_run(args: argparse.Namespace, cfg) -> int:
+    """A single run with a launcher: a series of one member, the run folder itself."""
+    from mmpt.experiments.launcher import launch, plan_launch
+    from mmpt.experiments.series import Variant, check_member
+
+    plan = plan_launch(cfg, 1)
+    variant = Variant("", cfg)
+    check_member(variant, overwrite=args.overwrite)
+    return launch([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -271,6 +313,10 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
 
 
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="the series folder (runs/<name>), or a run trained by a launcher")
+
+
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="the run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
@@ -309,6 +355,12 @@ SUBCOMMANDS = {
         "Face hub), its heads (heads.safetensors) and a model card.",
         _export_arguments,
     ),
+    "status": (
+        "where a series' members stand, trained as jobs (finished, running, queued, failed, not started)",
+        "Where a series' members stand (finished, running, queued, failed, not started), with each member's job, "
+        "the last line of a failed job's log, and the study's progress and GPU-hours.",
+        _status_arguments,
+    ),
 }
 
 
@@ -316,7 +368,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     """evaluate.py with one subparser per subcommand (so --help lists them all)."""
     p = _Parser(
         prog="evaluate.py",
-        description="Evaluate runs, compare them, summarize a series, probe and export backbones.",
+        description="Evaluate runs, compare them, summarize a series, probe and export backbones, and show where a "
+        "series' jobs stand.",
         epilog="evaluate.py RUN_DIR [...] is evaluate.py run RUN_DIR [...]; each command has its own --help.",
     )
     commands = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
@@ -471,7 +524,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _evaluate_run, "compare": _compare, "summarize": _summarize, "probe": _probe, "export": _export}
+def _status(args: argparse.Namespace) -> int:
+    from mmpt.experiments.status import format_status
+
+    print(format_status(Path(args.run)), end="")
+    return 0
+
+
+COMMANDS = {
+    "run": _evaluate_run,
+    "compare": _compare,
+    "summarize": _summarize,
+    "probe": _probe,
+    "export": _export,
+    "status": _status,
+}
 assert COMMANDS.keys() == SUBCOMMANDS.keys(), "every subcommand has a parser and a function"
 
 

@@ -37,7 +37,8 @@ def allowed_text(key: str | Key) -> str:
     hint, spec = k.hint, k.spec
     nullable = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     if nullable:
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None  # several types (a number or text): `allowed` says it
     if spec.allowed:
         text = spec.allowed
     elif spec.choices:

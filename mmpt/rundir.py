@@ -12,10 +12,14 @@ runs/<name>/
   eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
   features[-recalibrated]/              the probes' cached features (a `FeatureCache`)
   compare.{json,csv,md}, compare_<metric>.png, compare_diff.png   evaluate.py compare with this run first
+  job.log                               a link to the log of the job that trains it (train.py --launcher)
 
-A series folder (`SeriesDir`) holds series.json and sweep.{json,csv,md,png}; a probe writes a `Results` folder
+A series folder (`SeriesDir`) holds series.json, sweep.{json,csv,md,png} and, when its members train as jobs,
+jobs/ (jobs.json, the launcher's record, and submitit's files: jobs/local/<member>/, jobs/slurm/); a single run
+trained as a job is a series of one, its jobs/ in its own folder. A probe writes a `Results` folder
 probe-<method>[-recalibrated]/ beside what it probed. --overwrite removes what these objects name, by name, and
-nothing else; the lock keeps one writer per run folder.
+nothing else, and leaves a launcher's jobs/ and job.log in place (a job's log is being written while its run
+starts over); the lock keeps one writer per run folder.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluat
 FEATURE_MANIFEST = "manifest.json"
 SERIES_RECORD = "series.json"
 SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.md", "sweep.png")
+JOBS = "jobs"  # a launcher's folder in a series folder (or in a single run's, trained as a job)
+JOBS_RECORD = "jobs.json"
+JOB_LOG = "job.log"
+# what a launcher keeps in a run folder; --overwrite leaves it in place, unreported
+LAUNCHER_ENTRIES = (JOBS, JOB_LOG)
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
@@ -276,6 +285,11 @@ class RunDir:
         """The probes' feature cache: features/, or features-recalibrated/ with --recalibrate-norm."""
         return FeatureCache(self.path / (FEATURES + (RECALIBRATED if recalibrated else "")))
 
+    @property
+    def job_log(self) -> Path:
+        """job.log: a link to the log of the latest job that trained this run (train.py --launcher)."""
+        return self.path / JOB_LOG
+
     def is_run(self) -> bool:
         """Whether the folder holds a training run that reached a checkpoint (its checkpoints/, or summary.json)."""
         return self.summary.exists() or self.checkpoints.exists()
@@ -300,6 +314,26 @@ class SeriesDir:
         """sweep.json, sweep.csv, sweep.md and sweep.png."""
         return tuple(self.path / name for name in SWEEP_FILES)
 
+    @property
+    def jobs(self) -> Path:
+        """jobs/: what a launcher keeps (train.py --launcher); the series' lock while it submits."""
+        return self.path / JOBS
+
+    @property
+    def jobs_record(self) -> Path:
+        """jobs/jobs.json: each member's latest job, the submissions and their launcher settings."""
+        return self.jobs / JOBS_RECORD
+
+    def local_jobs(self, member: str) -> Path:
+        """submitit's folder of a member's local jobs (one per member: a local job is named by its pid, which the
+        system reuses); `member` "" is a single run."""
+        return self.jobs / "local" / (member or "run")
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """submitit's folder of the series' SLURM jobs (the arrays, the summary jobs and their logs)."""
+        return self.jobs / "slurm"
+
 
 def probe_output(source: Path, method: str, recalibrated: bool = False) -> Results:
     """Where a probe of `source` writes by default: probe-<method>[-recalibrated]/ in it."""
@@ -307,8 +341,8 @@ def probe_output(source: Path, method: str, recalibrated: bool = False) -> Resul
 
 
 def is_output_folder(name: str) -> bool:
-    """Whether a folder of this name holds a run's outputs or a probe's, never a run of its own."""
-    return name in SUBFOLDERS or name.startswith(PROBE_PREFIX)
+    """Whether a folder of this name holds a run's outputs, a probe's or a launcher's, never a run of its own."""
+    return name in SUBFOLDERS or name == JOBS or name.startswith(PROBE_PREFIX)
 
 
 def run_candidates(root: Path, skip: Callable[[Path], bool]) -> set[Path]:
@@ -365,7 +399,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str
     overwrite), or one that cannot be created or cleared.
     """
     try:
-        has_outputs = run_dir.is_dir() and any(run_dir.iterdir())
+        has_outputs = run_dir.is_dir() and any(p.name not in LAUNCHER_ENTRIES for p in run_dir.iterdir())
         _check_output_kinds(RunDir(run_dir))
         if resume:
             return []
@@ -482,6 +516,8 @@ def _remove_outputs(run_dir: Path) -> list[str]:
 
     for path in sorted(run_dir.iterdir()):
         name = path.name
+        if name in LAUNCHER_ENTRIES:
+            continue  # the launcher's: the job that trains this run writes its log there
         if name in _FOLDER_FILES and (path.is_dir() or path.is_symlink()):
             clear(path, _FOLDER_FILES[name])
         elif name == EVAL and path.is_dir() and not path.is_symlink():

@@ -101,15 +101,19 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# SIGUSR2 is what SLURM (and submitit's local jobs) send before a job's time limit or a preemption
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so a stop never splits a step."""
+    """Turns SIGINT/SIGTERM/SIGUSR2 into a flag the loop checks after each step, so a stop never splits a step."""
 
     def __init__(self):
         self.received: str | None = None
         self._previous = {}
 
     def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

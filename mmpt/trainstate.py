@@ -127,7 +127,12 @@ class Record:
 
 
 class Stopped(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing what it needs to continue."""
+    """Training stopped on SIGINT/SIGTERM/SIGUSR2 after writing what it needs to continue; `signal` names the
+    signal this process received (None: a stop agreed with another rank)."""
+
+    def __init__(self, message: str, signal: str | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 @dataclass(frozen=True)
@@ -244,16 +249,18 @@ class TrainingState:
         reason = signal or "a stop on another rank"
         if during == "training":
             return Stopped(
-                f"{reason}: stopped at step {self.progress.step} with {self.last} written; {self.resume_hint}"
+                f"{reason}: stopped at step {self.progress.step} with {self.last} written; {self.resume_hint}", signal
             )
         if during == "validation":
             return Stopped(
-                f"{reason} during validation: {self.last} written at step {self.progress.step}; {self.resume_hint}"
+                f"{reason} during validation: {self.last} written at step {self.progress.step}; {self.resume_hint}",
+                signal,
             )
         assert during == "test", f"unknown stage {during!r}"
         return Stopped(
             f"{reason} during the test evaluation: training is complete and saved; to write the test "
-            f"report, {self.resume_hint}"
+            f"report, {self.resume_hint}",
+            signal,
         )
 
 

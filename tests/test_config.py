@@ -397,7 +397,7 @@ def _another_value(key: str, current):
         candidates = [{**current, "added": 1.0}]
     elif isinstance(current, (int, float)) or current is None:
         base = current if current is not None else (k.spec.low or 1)
-        candidates = [base + 1, base * 2 + 1, base / 2, (base + (k.spec.high or base + 1)) / 2, "other_value"]
+        candidates = [base + 1, base * 2 + 1, base / 2, (base + (k.spec.high or base + 1)) / 2, "other_value", "4G"]
     else:
         candidates = [current + "_other", "cpu"]
     for value in candidates:

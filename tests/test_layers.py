@@ -73,6 +73,8 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments.compare_report",
         "mmpt.experiments.probe",
         "mmpt.experiments.export",
+        "mmpt.experiments.status",
+        "mmpt.experiments.launcher",
     },
     # what a user runs
     "entry points": {
@@ -83,6 +85,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.bench.compare",
         "mmpt.bench.data",
         "mmpt.bench.datafiles",
+        "mmpt.bench.launcher",
         "mmpt.bench.loops",
         "mmpt.bench.train",
     },

@@ -1,4 +1,4 @@
-"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare [options]` (`--help` on each for its options).
+"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare|launcher [options]` (`--help` on each for its options).
 
 A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted.
 """
@@ -8,22 +8,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpt.bench import compare, data, train
+from mmpt.bench import compare, data, launcher, train
 from mmpt.errors import MmptError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the data, train or compare benchmark; return the exit code (2 with one `error:` line for bad
-    settings)."""
+    """Dispatch to the data, train, compare or launcher benchmark; return the exit code (2 with one `error:` line
+    for bad settings)."""
     parser = argparse.ArgumentParser(prog="python -m mmpt.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data.add_parser(commands)
     train.add_parser(commands)
     compare.add_parser(commands)
+    launcher.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         # data also runs its hidden memory-scenario commands
-        run = {"train": train.run_command, "compare": compare.run_command}.get(args.command, data.run_command)
+        runners = {"train": train.run_command, "compare": compare.run_command, "launcher": launcher.run_command}
+        run = runners.get(args.command, data.run_command)
         return run(args)
     except MmptError as exc:
         print(f"error: {exc}", file=sys.stderr)

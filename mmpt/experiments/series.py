@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,15 +325,23 @@ def check_member(variant: Variant, *, overwrite: bool) -> str:
     return "start"
 
 
-def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config | None = None) -> None:
-    """Check every member (see check_series_folder), record series.json, then train each variant in turn,
-    skipping finished runs and continuing interrupted ones.
+def run_series(
+    variants: list[Variant],
+    *,
+    overwrite: bool = False,
+    base: Config | None = None,
+    train: Callable[[list[Variant], bool], object] | None = None,
+):
+    """Check every member (see check_series_folder), record series.json, then train the members with `train`
+    (default: each variant in turn in this process, skipping finished runs and continuing interrupted ones; a
+    launcher passes its own, which runs the same `train_member` as jobs). Returns what `train` returns.
 
     Raises MmptError before anything runs when a member would mix recipes; mmpt.train.Stopped when a run was
-    stopped by SIGINT/SIGTERM (its last.pt written).
+    stopped by SIGINT/SIGTERM/SIGUSR2 (its last.pt written).
     """
+    train = train or _train_variants
     if base is None:
-        return _train_variants(variants, overwrite=overwrite)
+        return train(variants, overwrite)
     root = base.run_dir
     record = check_series_folder(root, base, variants, overwrite=overwrite)
     path = SeriesDir(root).record
@@ -343,7 +352,7 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
     if previous is None or previous != json_text(record).encode():
         write_json(path, record)
     try:
-        _train_variants(variants, overwrite=overwrite)
+        return train(variants, overwrite)
     except MmptError:
         # refused before any new run folder was made (e.g. a missing data file): leave the folder as it was
         if not any(folder.exists() for folder in absent):
@@ -357,17 +366,22 @@ def run_series(variants: list[Variant], *, overwrite: bool = False, base: Config
         raise
 
 
-def _train_variants(variants: list[Variant], *, overwrite: bool) -> None:
+def train_member(variant: Variant, *, overwrite: bool, label: str) -> None:
+    """Train one member of a series, as a sequential series and a launcher's job both do: skip it when finished,
+    continue it from checkpoints/last.pt when interrupted, else start it (`label` opens its line)."""
+    folder = RunDir(variant.cfg.run_dir)
+    if not overwrite and folder.summary.is_file():
+        print(f"{label}: finished, skipped")
+        return
+    resume = not overwrite and folder.last.is_file()
+    print(label + (": continuing from last.pt" if resume else ""))
+    # a folder without last.pt holds only the outputs of a start that never reached a checkpoint
+    run(variant.cfg, resume=resume, overwrite=overwrite or not resume)
+
+
+def _train_variants(variants: list[Variant], overwrite: bool) -> None:
     for i, variant in enumerate(variants, 1):
-        folder = RunDir(variant.cfg.run_dir)
-        label = variant.path or str(folder.path)
-        if not overwrite and folder.summary.is_file():
-            print(f"[{i}/{len(variants)}] {label}: finished, skipped")
-            continue
-        resume = not overwrite and folder.last.is_file()
-        print(f"[{i}/{len(variants)}] {label}" + (": continuing from last.pt" if resume else ""))
-        # a folder without last.pt holds only the outputs of a start that never reached a checkpoint
-        run(variant.cfg, resume=resume, overwrite=overwrite or not resume)
+        train_member(variant, overwrite=overwrite, label=f"[{i}/{len(variants)}] {variant.path or variant.cfg.run_dir}")
 
 
 # ---------------------------------------------------------------- summary of a series

@@ -1,0 +1,660 @@
+"""A series' members as jobs through submitit: several at a time on this machine, or one SLURM job array.
+
+    train.py --config C --seeds 0,1,2 --launcher local --jobs 2
+    train.py --config C --individual --seeds 0,1,2 --launcher slurm --partition gpu --gpus-per-job 1 --time 4:00:00
+
+Every member is one job that runs `MemberJob`, which calls the same `train_member` as a sequential series
+(skip when finished, continue from last.pt, else start). series.json is written and checked before anything is
+submitted (mmpt.experiments.series.run_series); the jobs, the settings they were submitted with, and submitit's
+files go to the series folder's jobs/ (mmpt.experiments.status reads them); each member's folder links its
+job's log as job.log.
+
+- local: submitit's LocalExecutor runs each member as its own process group; this process starts --jobs of them,
+  starts the next when one ends, and summarizes the series at the end. Each job gets its own GPUs
+  (CUDA_VISIBLE_DEVICES) or, on a machine without GPUs, its share of the cores (OMP_NUM_THREADS).
+- slurm: one job array (submitit's SlurmExecutor, `executor.batch()`), at most --jobs running at once, and a
+  summary job that runs when they have all ended (dependency afterany); this process returns after submitting.
+- Several GPUs per member (or several nodes): one process per GPU under torch.distributed, from the job's
+  environment (submitit's TorchDistributedEnvironment); the engine's distributed code is the same as under torchrun.
+- Time limit or preemption: SLURM (and submitit's local controller) send SIGUSR2; training stops after the step,
+  writes last.pt (mmpt.runtime.StopSignal), and hands the signal back to submitit, which asks `MemberJob.checkpoint`
+  for the job to run next (the same member, which resumes from last.pt) and requeues it.
+- A rerun of the same command submits only members that are neither finished nor running nor queued; a job that
+  fails leaves its member unfinished (its log says why) and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import submitit
+import torch
+from submitit.core.utils import FailedJobError, FailedSubmissionError
+from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment, environment_variables
+
+from mmpt.choices import LAUNCHERS
+from mmpt.config import Config, time_minutes
+from mmpt.errors import MmptError
+from mmpt.experiments.series import Variant, summarize, train_member
+from mmpt.experiments.status import (
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    SLURM_QUEUED,
+    last_log_line,
+    member_states,
+    process_alive,
+    process_start,
+    read_jobs,
+    slurm_states,
+    write_jobs,
+)
+from mmpt.rundir import RunDir, SeriesDir, prepare_run_dir
+from mmpt.settings import to_dict
+from mmpt.trainstate import Stopped
+
+# the launchers of this module; sequential is a series' own loop in this process (mmpt.experiments.series)
+JOB_LAUNCHERS = ("local", "slurm")
+assert LAUNCHERS == ("sequential", *JOB_LAUNCHERS), f"launch.launcher choices {LAUNCHERS} are not those implemented"
+
+# times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
+MAX_REQUEUES = 100
+NO_LIMIT_MIN = 365 * 24 * 60  # a local job without --time
+# a SLURM job without --time: a limit nearly every GPU partition allows, and short jobs start sooner (backfill)
+SLURM_TIME_MIN = 240
+POLL_S = 0.5  # how often the local launcher looks at its jobs
+SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one plot
+# sbatch options the launcher sets itself, and the setting to use instead
+OWN_SBATCH_OPTIONS = {
+    "array": "--jobs",
+    "time": "--time",
+    "partition": "--partition",
+    "mem": "--mem",
+    "nodes": "--nodes",
+    "ntasks-per-node": "--gpus-per-job",
+    "gpus-per-node": "--gpus-per-job",
+    "cpus-per-task": "--cpus-per-job",
+    "output": None,
+    "error": None,
+    "job-name": None,
+    "signal": None,
+    "open-mode": None,
+    "dependency": None,
+    "wrap": None,
+    "no-requeue": None,
+}
+
+
+# ---------------------------------------------------------------- settings, checked before anything is written
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The resolved launcher settings (mmpt.config.LaunchConfig) for this machine or cluster."""
+
+    launcher: str
+    jobs: int | None  # members at a time (slurm: None = no limit)
+    gpus_per_job: int
+    slots: tuple[tuple[int, ...], ...]  # local: each job slot's GPUs (physical ids; () on CPU)
+    threads: int | None  # local: CPU threads per job
+    cpus_per_job: int | None
+    nodes: int
+    time_min: float | None
+    partition: str | None
+    mem: str | None
+    sbatch_options: dict
+    settings: dict  # the launch section as given, for the record
+
+
+def parse_slurm_args(text: str) -> dict[str, str | bool]:
+    """`--qos=high --account lab --exclusive` -> {"qos": "high", "account": "lab", "exclusive": True}.
+
+    Raises MmptError for text that is not long sbatch options, an option given twice, or one the launcher sets
+    from its own settings (--time, --partition, ...).
+    """
+    try:
+        items = shlex.split(text)
+    except ValueError as exc:
+        raise MmptError(f"--slurm-args {text!r} cannot be read ({exc}); quote values that hold spaces") from None
+    options: dict[str, str | bool] = {}
+    i = 0
+    while i < len(items):
+        match = re.fullmatch(r"--([a-z][a-z0-9-]*)(?:=(.+))?", items[i], re.DOTALL)
+        if match is None:
+            raise MmptError(
+                f"--slurm-args: {items[i]!r} is not a long sbatch option; give options as --name=value "
+                "(e.g. --slurm-args='--qos=high --account=lab')"
+            )
+        key, value = match.group(1), match.group(2)
+        if value is None and i + 1 < len(items) and not items[i + 1].startswith("-"):
+            value, i = items[i + 1], i + 1
+        if key in OWN_SBATCH_OPTIONS:
+            instead = OWN_SBATCH_OPTIONS[key]
+            raise MmptError(
+                f"--slurm-args sets --{key}, which the launcher sets "
+                + (f"from {instead}: pass it there" if instead else "itself: leave it out")
+            )
+        if key in options:
+            raise MmptError(f"--slurm-args gives --{key} twice; give it once")
+        if value is not None and "\n" in value:
+            raise MmptError(f"--slurm-args: the value of --{key} holds a line break; give it on one line")
+        options[key] = True if value is None else value
+        i += 1
+    return options
+
+
+def visible_gpus() -> list[int]:
+    """This machine's GPUs as the indices CUDA_VISIBLE_DEVICES uses (all of them when it is unset)."""
+    count = torch.cuda.device_count()
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return list(range(count))
+    ids = [item.strip() for item in mask.split(",") if item.strip()][:count]
+    if not all(item.isdigit() for item in ids):
+        raise MmptError(
+            f"CUDA_VISIBLE_DEVICES={mask} names GPUs, and the local launcher hands each job GPU indices; "
+            "set it to indices (e.g. 0,1,2,3) or unset it"
+        )
+    return [int(item) for item in ids]
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def plan_launch(cfg: Config, members: int) -> LaunchPlan:
+    """Check the launch settings of `cfg` against this machine (local) or cluster (slurm), before anything is
+    written or submitted; raises MmptError with one line that says what to change."""
+    launch = cfg.launch
+    assert launch.launcher in JOB_LAUNCHERS, f"no launcher to plan for {launch.launcher!r}"
+    time_min = time_minutes(launch.time) if launch.time is not None else None
+    if time_min is None and launch.launcher == "slurm":
+        time_min = SLURM_TIME_MIN
+    every = cfg.checkpoint.every_minutes
+    if time_min is not None and every and time_min <= every:
+        raise MmptError(
+            f"the time limit per job ({time_min:g} min) is not longer than one checkpoint interval "
+            f"(checkpoint.every_minutes {every:g}): a job would reach its limit before writing last.pt; pass a "
+            f"longer --time, or --set checkpoint.every_minutes={max(1, math.floor(time_min / 2))}"
+        )
+    common = dict(
+        launcher=launch.launcher,
+        cpus_per_job=launch.cpus_per_job,
+        nodes=launch.nodes,
+        time_min=time_min,
+        partition=launch.partition,
+        mem=launch.mem,
+        settings=to_dict(launch),
+    )
+    if launch.launcher == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise MmptError(
+                f"--launcher slurm needs SLURM's {' and '.join(missing)} on PATH, and none is here; run the "
+                "command on the cluster's login node, or use --launcher local"
+            )
+        options = parse_slurm_args(launch.slurm_args) if launch.slurm_args else {}
+        return LaunchPlan(
+            jobs=launch.jobs,
+            gpus_per_job=launch.gpus_per_job or 0,
+            slots=(),
+            threads=None,
+            sbatch_options=options,
+            **common,
+        )
+    for flag, value, default in (
+        ("--partition", launch.partition, None),
+        ("--mem", launch.mem, None),
+        ("--slurm-args", launch.slurm_args, None),
+        ("--nodes", launch.nodes, 1),
+    ):
+        if value != default:
+            raise MmptError(f"{flag} is a SLURM setting, and --launcher local runs on this machine; drop {flag}")
+    gpus = visible_gpus()
+    per_job = launch.gpus_per_job
+    if per_job and not gpus:
+        raise MmptError(
+            f"--gpus-per-job {per_job} asks for GPUs, and this machine has none visible; drop --gpus-per-job to "
+            "train the members on the CPU cores"
+        )
+    per_job = (1 if gpus else 0) if per_job is None else per_job
+    if per_job:
+        groups = [tuple(gpus[i : i + per_job]) for i in range(0, len(gpus) - per_job + 1, per_job)]
+        if not groups:
+            raise MmptError(f"--gpus-per-job {per_job} asks for more GPUs than the {len(gpus)} visible here")
+        jobs = launch.jobs or len(groups)
+        if jobs > len(groups):
+            raise MmptError(
+                f"--jobs {jobs} with --gpus-per-job {per_job} needs {jobs * per_job} GPUs, and {len(gpus)} are "
+                f"visible; pass --jobs {len(groups)} or fewer"
+            )
+        slots = tuple(groups[:jobs])
+    else:
+        jobs = launch.jobs or 1
+        slots = ((),) * jobs
+    jobs = min(jobs, max(members, 1))
+    threads = launch.cpus_per_job or max(1, cpu_cores() // jobs)
+    return LaunchPlan(jobs=jobs, gpus_per_job=per_job, slots=slots[:jobs], threads=threads, sbatch_options={}, **common)
+
+
+# ---------------------------------------------------------------- the job: one member
+
+
+class MemberJob(Checkpointable):
+    """One member of a series as a submitit job: `train_member`, as a sequential series runs it.
+
+    With several processes per job (GPUs per member, or nodes), each takes its rank from the job's environment
+    (TorchDistributedEnvironment) and the engine joins them as under torchrun. A stop by SIGUSR2 (time limit,
+    preemption) is handed back to submitit once training has written last.pt, so that it requeues the job.
+    """
+
+    def __init__(self, variant: Variant, label: str, threads: int | None = None) -> None:
+        self.variant = variant
+        self.label = label
+        self.threads = threads
+
+    def __call__(self) -> str:
+        env = submitit.JobEnvironment()
+        if self.threads:
+            torch.set_num_threads(max(1, self.threads // env.num_tasks))
+        if env.num_tasks > 1:
+            # the job's CUDA_VISIBLE_DEVICES already holds its GPUs; each rank takes cuda:<local rank> of them
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        main = env.global_rank == 0
+        if main:
+            print(f"{self.label}: job {env.job_id} on {env.hostname}, {env.num_tasks} process(es)", flush=True)
+        try:
+            train_member(self.variant, overwrite=False, label=self.label)
+        except Stopped as exc:
+            preempted = exc.signal == f"SIG{submitit.JobEnvironment.USR_SIG}"
+            if main:
+                print(str(exc), file=sys.stderr)
+                print(
+                    f"{self.label}: stopped by {exc.signal or 'another rank'} with last.pt written; "
+                    + ("submitit requeues the job" if preempted else "run the series command again to continue it"),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if preempted:
+                # submitit's handler (back in place now that training has left its StopSignal) asks checkpoint()
+                # for the next job and requeues it; it exits on rank 0 and returns on the others
+                signal.raise_signal(getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"))
+                return "requeued"
+            sys.exit(130)
+        except MmptError as exc:
+            if main:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return "finished"
+
+    def checkpoint(self) -> DelayedSubmission:
+        """The job that continues this one after a time limit or preemption: the same member, which resumes from
+        the last.pt that training wrote when the signal came (the member's whole state is in its run folder)."""
+        return DelayedSubmission(MemberJob(self.variant, self.label, self.threads))
+
+
+def summarize_series(root: str) -> None:
+    """The SLURM summary job: summarize the series (as a sequential series does at its end)."""
+    try:
+        summarize(Path(root))
+    except MmptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- submitting
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _relative(path: Path, root: Path) -> str:
+    return os.path.relpath(Path(path).absolute(), Path(root).absolute())
+
+
+def link_log(member_dir: Path, log: Path) -> None:
+    """Point `member_dir`/job.log at the member's current job log (a relative link, replaced atomically)."""
+    member_dir.mkdir(parents=True, exist_ok=True)
+    link = RunDir(member_dir).job_log
+    temp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(os.path.relpath(Path(log).absolute(), member_dir.absolute()))
+    os.replace(temp, link)
+
+
+@contextlib.contextmanager
+def series_lock(root: Path, record: dict):
+    """Hold the series' jobs/ folder for this process, so that two launches never submit the same member."""
+    folder = SeriesDir(root).jobs
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            feeder = record.get("feeder") or {}
+            by = f" (process {feeder['pid']})" if process_alive(feeder.get("pid"), feeder.get("started")) else ""
+            raise MmptError(
+                f"the series in {root} is being launched by another train.py{by}, which starts its remaining "
+                f"members itself; watch it with: python evaluate.py status {root}"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool = True) -> int:
+    """Submit the members of `variants` that are neither finished nor running nor queued (with `overwrite`: every
+    member not running or queued, its earlier outputs removed first) as jobs; return the exit code.
+
+    local: waits for its jobs and summarizes the series (`series`) at the end: 0, or 1 when a member failed;
+    130 when interrupted. slurm: returns 0 after submitting the array and the summary job.
+    Raises MmptError before submitting anything when a member is busy and `overwrite` asks to train it again,
+    or when sbatch refuses the jobs.
+    """
+    root = Path(root)
+    jobs = SeriesDir(root).jobs
+    created = not jobs.exists()
+    try:
+        with series_lock(root, read_jobs(root)):
+            return _launch(variants, overwrite, root=root, plan=plan, series=series)
+    except MmptError:
+        # refused before anything was submitted: leave no empty jobs/ behind
+        if created and jobs.is_dir() and not any(jobs.iterdir()):
+            jobs.rmdir()
+        raise
+
+
+def _launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool) -> int:
+    record = read_jobs(root)
+    states = member_states(root, [v.path for v in variants], record)
+    busy = [states[v.path] for v in variants if states[v.path].state in (RUNNING, QUEUED)]
+    if overwrite and busy:
+        first = busy[0]
+        cancel = f"scancel {first.job_id}" if first.launcher == "slurm" else f"kill {first.job_id}"
+        raise MmptError(
+            f"{first.path or root} is {first.state} as job {first.job_id}, and --overwrite would train it a "
+            f"second time at once; wait for it, or stop it ({cancel}), then run the command again"
+        )
+    finished = {v.path for v in variants if states[v.path].state == FINISHED}
+    todo = [
+        v for v in variants if states[v.path].state not in (RUNNING, QUEUED) and (overwrite or v.path not in finished)
+    ]
+    counts = f"{len(variants)} member{'s' if len(variants) > 1 else ''}: " + ", ".join(
+        [
+            f"{0 if overwrite else len(finished)} finished",
+            f"{len(busy)} running or queued",
+            f"{len(todo)} to {'submit' if plan.launcher == 'slurm' else 'start'}",
+        ]
+    )
+    for v in todo if overwrite else ():
+        prepare_run_dir(v.cfg.run_dir, resume=False, overwrite=True)
+    if plan.launcher == "slurm":
+        return _launch_slurm(variants, todo, busy, root, plan, record, series, counts)
+    return _launch_local(variants, todo, busy, root, plan, record, series, counts)
+
+
+def _labels(variants: list[Variant]) -> dict[str, str]:
+    return {v.path: f"[{i}/{len(variants)}] {v.path or v.cfg.run_dir}" for i, v in enumerate(variants, 1)}
+
+
+def _submission(plan: LaunchPlan, todo: list[Variant], **extra) -> dict:
+    return {
+        "at": _now(),
+        "launcher": plan.launcher,
+        "settings": plan.settings,
+        "members": [v.path for v in todo],
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **extra,
+    }
+
+
+def _finish(root: Path, series: bool, variants: list[Variant], failed: list[str]) -> int:
+    """Summarize the series as a sequential one does (when a member has finished); 1 when a member failed."""
+    states = member_states(root, [v.path for v in variants])
+    if series and any(s.state == FINISHED for s in states.values()):
+        summarize(root)
+    if failed:
+        print(
+            f"{len(failed)} of {len(variants)} members failed: "
+            + "; ".join(f"{path or root} (log {states[path].log})" for path in failed)
+            + "; fix the cause and run the same command again to train them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- local: N jobs at a time on this machine
+
+
+@dataclass
+class _LocalJob:
+    path: str
+    job_id: str
+    slot: int | None
+    pid: int
+    started: str | None
+    job: submitit.LocalJob | None = None  # None: started by an earlier launch
+
+    def alive(self) -> bool:
+        # our own child is polled (and reaped) through its Popen; one from an earlier launch by its pid
+        return self.job.state == "RUNNING" if self.job is not None else process_alive(self.pid, self.started)
+
+
+def _launch_local(variants, todo, busy, root, plan, record, series, counts) -> int:
+    labels = _labels(variants)
+    each = (
+        f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} (CUDA_VISIBLE_DEVICES) and "
+        if plan.gpus_per_job
+        else ""
+    )
+    print(
+        f"local launcher: {counts}; {plan.jobs} at a time, each on {each}{plan.threads} CPU thread"
+        f"{'s' if plan.threads > 1 else ''} (OMP_NUM_THREADS={plan.threads}; {cpu_cores()} cores)"
+        + (f", time limit {plan.time_min:g} min" if plan.time_min else "")
+    )
+    free = list(range(len(plan.slots)))
+    running: dict[str, _LocalJob] = {}
+    for state in busy:  # started by an earlier launch: they hold their GPUs and count against --jobs
+        job = record["members"][state.path]
+        slot = next((i for i in free if list(plan.slots[i]) == job.get("gpus")), free[0] if free else None)
+        if slot is not None:
+            free.remove(slot)
+        running[state.path] = _LocalJob(state.path, state.job_id, slot, job["pid"], job.get("started"))
+        print(f"{labels[state.path]}: running as local job {state.job_id} (started earlier)")
+    queue = list(todo)
+    record["submissions"].append(_submission(plan, todo))
+    failed: list[str] = []
+    me = {"pid": os.getpid(), "started": process_start(os.getpid())}
+    try:
+        while queue or running:
+            if record.get("feeder", {}).get("pid") != me["pid"]:
+                _write_local(root, record, me, queue)
+            while queue and free:
+                variant, slot = queue.pop(0), free.pop(0)
+                job = _submit_local(variant, plan.slots[slot], labels[variant.path], root, plan)
+                pid = int(job.job_id)
+                running[variant.path] = _LocalJob(variant.path, job.job_id, slot, pid, process_start(pid), job)
+                record["members"][variant.path] = {
+                    "launcher": "local",
+                    "job_id": job.job_id,
+                    "pid": pid,
+                    "started": running[variant.path].started,
+                    "gpus": list(plan.slots[slot]),
+                    "threads": plan.threads,
+                    "log": _relative(job.paths.stdout, root),
+                    "submitted": _now(),
+                }
+                _write_local(root, record, me, queue)  # at once: a job the record misses could start twice
+                link_log(variant.cfg.run_dir, job.paths.stdout)
+                where = f" on GPU {','.join(map(str, plan.slots[slot]))}" if plan.slots[slot] else ""
+                print(f"{labels[variant.path]}: started as local job {job.job_id}{where}", flush=True)
+            time.sleep(POLL_S)
+            for path, job in list(running.items()):
+                if job.alive():
+                    continue
+                del running[path]
+                if job.slot is not None:
+                    free.append(job.slot)
+                log = root / record["members"][path]["log"]
+                if RunDir(root / path).summary.is_file():
+                    print(f"{labels[path]}: finished (local job {job.job_id})", flush=True)
+                else:
+                    failed.append(path)
+                    print(
+                        f"{labels[path]}: failed (local job {job.job_id}): {last_log_line(log)}; log {log}", flush=True
+                    )
+    except KeyboardInterrupt:
+        print(
+            "interrupted: jobs that still run go on (python evaluate.py status "
+            f"{root}); run the same command again to start the rest and summarize",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        record.pop("feeder", None)
+        write_jobs(root, record)
+    return _finish(root, series, variants, failed)
+
+
+def _write_local(root: Path, record: dict, me: dict, queue: list[Variant]) -> None:
+    """Write the job record with this process as the one that starts the members still queued (status shows them)."""
+    record["feeder"] = {**me, "pending": [v.path for v in queue]}
+    write_jobs(root, record)
+
+
+def _submit_local(variant: Variant, gpus: tuple[int, ...], label: str, root: Path, plan: LaunchPlan):
+    # one folder per member: submitit names a local job's files by its pid, which the system reuses
+    executor = submitit.LocalExecutor(folder=SeriesDir(root).local_jobs(variant.path), max_num_timeout=MAX_REQUEUES)
+    executor.update_parameters(
+        timeout_min=plan.time_min or NO_LIMIT_MIN,
+        gpus_per_node=len(gpus),
+        visible_gpus=gpus,
+        tasks_per_node=max(1, len(gpus)),
+        stderr_to_stdout=True,
+    )
+    threads = str(max(1, plan.threads // max(1, len(gpus))))
+    with environment_variables(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+        return executor.submit(MemberJob(variant, label, plan.threads))
+
+
+# ---------------------------------------------------------------- slurm: one job array and a summary job
+
+
+def _slurm_parameters(plan: LaunchPlan, name: str) -> dict:
+    tasks = max(1, plan.gpus_per_job)
+    params = dict(
+        job_name=name,
+        time=math.ceil(plan.time_min),
+        nodes=plan.nodes,
+        ntasks_per_node=tasks,
+        stderr_to_stdout=True,
+    )
+    optional = dict(
+        gpus_per_node=plan.gpus_per_job or None,
+        cpus_per_task=max(1, plan.cpus_per_job // tasks) if plan.cpus_per_job else None,
+        partition=plan.partition,
+        mem=plan.mem,
+        array_parallelism=plan.jobs,
+        additional_parameters=plan.sbatch_options or None,
+    )
+    return params | {key: value for key, value in optional.items() if value is not None}
+
+
+@contextlib.contextmanager
+def _sbatch_errors(what: str):
+    """Turn a refused sbatch into one MmptError line (submitit prints sbatch's error itself: it is captured)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:
+        text = (str(exc).strip() or captured.getvalue().strip() or type(exc).__name__).splitlines()[0]
+        raise MmptError(
+            f"sbatch refused {what} ({text}); check --partition, --time, --mem, --gpus-per-job and --slurm-args"
+        ) from None
+
+
+def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> int:
+    labels = _labels(variants)
+    folder = SeriesDir(root).slurm_jobs
+    name = variants[0].cfg.name if not series else root.name
+    params = _slurm_parameters(plan, name)
+    gpus = f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} per node" if plan.gpus_per_job else "no GPU"
+    print(
+        f"slurm launcher: {counts}; "
+        + (f"at most {plan.jobs} at a time; " if plan.jobs else "")
+        + f"each job: {plan.nodes} node{'s' if plan.nodes > 1 else ''}, {gpus}, time limit {params['time']} min"
+        + (f", partition {plan.partition}" if plan.partition else "")
+    )
+    submission = _submission(plan, todo)
+    if todo:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+        executor.update_parameters(**params)
+        with _sbatch_errors(f"the job array of {len(todo)} members"), executor.batch():
+            jobs = [executor.submit(MemberJob(v, labels[v.path])) for v in todo]
+        submission["array"] = jobs[0].job_id.split("_")[0]
+        for variant, job in zip(todo, jobs):
+            record["members"][variant.path] = {
+                "launcher": "slurm",
+                "job_id": job.job_id,
+                "log": _relative(job.paths.stdout, root),
+                "submitted": _now(),
+            }
+        record["submissions"].append(submission)
+        write_jobs(root, record)  # at once: a job the record misses could be submitted twice
+        for variant, job in zip(todo, jobs):
+            link_log(variant.cfg.run_dir, job.paths.stdout)
+        print(
+            f"submitted job array {submission['array']}: {len(jobs)} job{'s' if len(jobs) > 1 else ''}; "
+            f"each member's {RunDir(root).job_log.name} links its log"
+        )
+    # the summary waits for every job of the series folder (another command's members too: mm-PT and individual)
+    others = [path for path in record["members"] if path not in {v.path for v in variants}]
+    busy = busy + [s for s in member_states(root, others, record).values() if s.state in (RUNNING, QUEUED)]
+    waits = sorted({job_id.split("_")[0] for job_id in [s.job_id for s in busy] + [submission.get("array")] if job_id})
+    if not waits:
+        print("every member is finished")
+        if series:
+            summarize(root)
+        return 0
+    if series:
+        previous = record.get("summary_job")
+        if previous and slurm_states(folder, [previous]).get(previous) in SLURM_QUEUED:
+            submitit.SlurmJob(folder=folder, job_id=previous).cancel(check=False)  # the new one waits for all
+        summary = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        summary.update_parameters(
+            **{k: v for k, v in params.items() if k in ("partition", "additional_parameters")},
+            job_name=f"{name}-summary",
+            time=SUMMARY_TIME_MIN,
+            nodes=1,
+            ntasks_per_node=1,
+            cpus_per_task=1,
+            stderr_to_stdout=True,
+            dependency="afterany:" + ":".join(waits),
+        )
+        with _sbatch_errors("the summary job"):
+            job = summary.submit(summarize_series, str(root))
+        record["summary_job"] = submission["summary_job"] = job.job_id
+        print(f"summary job {job.job_id} writes sweep.md when they have ended (afterany:{':'.join(waits)})")
+        if not todo:
+            record["submissions"].append(submission)
+        write_jobs(root, record)
+    print(f"watch them with: python evaluate.py status {root}")
+    return 0

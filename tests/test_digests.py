@@ -79,12 +79,14 @@ DIGESTS = {
 def quickstart_config(root, output):
     """configs/quickstart.yaml in small: all 12 datasets, padded to 32 px, warm-up, a few steps per epoch."""
     return tiny_config(
-        # model.norm shared: the engine as it was when the first digests were recorded (the default is now auto)
+        # model.norm shared and loss.ordinal coral: the engine as it was when the first digests were recorded
+        # (the defaults are now auto and corn)
         root,
         output,
         data={"datasets": "all"},
         model={"backbone": "test_resnet", "img_size": 32, "norm": "shared"},
         input={"mode": "pad"},
+        loss={"ordinal": "coral"},
         optim={"lr": 0.003, "warmup_epochs": 0.5},
         sampler={"steps_per_epoch": 6},
         train={"epochs": 2, "batch_size": 8, "log_every_steps": 4},
@@ -93,7 +95,7 @@ def quickstart_config(root, output):
 
 def method_config(root, output, method):
     tasks_per_step = "all" if METHODS[method].tasks == "all" else 2
-    loss = {"weighting": method, "weights": MANUAL if method == "manual" else {}}
+    loss = {"weighting": method, "weights": MANUAL if method == "manual" else {}, "ordinal": "coral"}
     return tiny_config(
         root,
         output,

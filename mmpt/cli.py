@@ -192,7 +192,8 @@ def _plan_series(args: argparse.Namespace, cfg) -> list:
 
 
 def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
-    from mmpt.experiments.series import run_series, summarize
+    from mmpt.experiments.series import run_series
+    from mmpt.experiments.summary import summarize
     from mmpt.train import Stopped
 
     if cfg.launch.launcher != "sequential":
@@ -481,7 +482,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from mmpt.experiments.series import summarize
+    from mmpt.experiments.summary import summarize
 
     summarize(Path(args.series), require_complete=args.require_complete)
     return 0

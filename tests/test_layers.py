@@ -68,6 +68,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments",
         "mmpt.experiments.members",
         "mmpt.experiments.series",
+        "mmpt.experiments.summary",
         "mmpt.experiments.stats",
         "mmpt.experiments.compare",
         "mmpt.experiments.compare_report",

@@ -49,7 +49,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 from mmpt.choices import LAUNCHERS
 from mmpt.config import Config, time_minutes
 from mmpt.errors import MmptError
-from mmpt.experiments.series import Variant, summarize, train_member
+from mmpt.experiments.series import Variant, train_member
 from mmpt.experiments.status import (
     FINISHED,
     QUEUED,
@@ -63,6 +63,7 @@ from mmpt.experiments.status import (
     slurm_states,
     write_jobs,
 )
+from mmpt.experiments.summary import summarize
 from mmpt.rundir import RunDir, SeriesDir, prepare_run_dir
 from mmpt.settings import to_dict
 from mmpt.trainstate import Stopped

@@ -197,7 +197,8 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
     from mmpt.train import Stopped
 
     if cfg.launch.launcher != "sequential":
-        from mmpt.experiments.launcher import launch, plan_launch
+        from mmpt.experiments.launch_plan import plan_launch
+        from mmpt.experiments.launcher import launch
 
         plan = plan_launch(cfg, len(variants))  # this machine or cluster, before series.json is written
         print(f"series of {len(variants)} runs under {cfg.run_dir}")
@@ -215,7 +216,8 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
 
 def _launch_run(args: argparse.Namespace, cfg) -> int:
     """A single run with a launcher: a series of one member, the run folder itself."""
-    from mmpt.experiments.launcher import launch, plan_launch
+    from mmpt.experiments.launch_plan import plan_launch
+    from mmpt.experiments.launcher import launch
     from mmpt.experiments.series import Variant, check_member
 
     plan = plan_launch(cfg, 1)

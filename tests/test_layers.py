@@ -75,6 +75,8 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments.probe",
         "mmpt.experiments.export",
         "mmpt.experiments.status",
+        "mmpt.experiments.launch_plan",
+        "mmpt.experiments.member_job",
         "mmpt.experiments.launcher",
     },
     # what a user runs

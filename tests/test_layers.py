@@ -58,7 +58,9 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.predict",
         "mmpt.report",
         "mmpt.plots",
+        "mmpt.runnames",
         "mmpt.rundir",
+        "mmpt.seriesdir",
         "mmpt.runtime",
     },
     # the recipes: a config adapted to the components, the training and evaluation loops

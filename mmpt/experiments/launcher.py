@@ -60,7 +60,8 @@ from mmpt.experiments.status import (
     write_jobs,
 )
 from mmpt.experiments.summary import summarize
-from mmpt.rundir import RunDir, SeriesDir, prepare_run_dir
+from mmpt.rundir import RunDir, prepare_run_dir
+from mmpt.seriesdir import SeriesDir
 
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
 MAX_REQUEUES = 100

@@ -38,7 +38,8 @@ from mmpt.experiments.members import (
     series_of,
 )
 from mmpt.io import json_text, write_bytes, write_json
-from mmpt.rundir import RunDir, SeriesDir
+from mmpt.rundir import RunDir
+from mmpt.seriesdir import SeriesDir
 from mmpt.settings import deep_merge, load_yaml, nested, to_dict
 from mmpt.train import run
 from mmpt.weights import require_weights

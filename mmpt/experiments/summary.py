@@ -19,7 +19,8 @@ from mmpt.io import write_csv, write_json, write_text
 from mmpt.metrics import mean_metrics
 from mmpt.plots import plot_grouped_bars
 from mmpt.report import COLUMNS
-from mmpt.rundir import RunDir, SeriesDir
+from mmpt.rundir import RunDir
+from mmpt.seriesdir import SeriesDir
 from mmpt.tasks import FLAGS
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")

@@ -84,6 +84,9 @@ LAYERS: dict[str, set[str]] = {
     # what a user runs
     "entry points": {
         "mmpt.cli",
+        "mmpt.cli.common",
+        "mmpt.cli.train",
+        "mmpt.cli.evaluate",
         "mmpt.bench",
         "mmpt.bench.__main__",
         "mmpt.bench.common",

@@ -17,7 +17,7 @@ import torch
 
 from mmpt.errors import MmptError
 from mmpt.io import atomic_write
-from mmpt.rundir import BEST, LAST
+from mmpt.runnames import BEST, LAST
 
 # Top-level keys of a training checkpoint.
 MODEL = "model"

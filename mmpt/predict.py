@@ -22,7 +22,8 @@ from mmpt.metrics import THRESHOLD, compute_metrics, mean_metrics
 from mmpt.model import MultiTaskNet
 from mmpt.plots import plot_confusion
 from mmpt.precision import autocast
-from mmpt.rundir import DATA_RECORD, Results, prediction_filename
+from mmpt.rundir import Results
+from mmpt.runnames import DATA_RECORD, prediction_filename
 from mmpt.runtime import Interrupted, StopSignal
 from mmpt.tasks import BINARY, MULTI_LABEL, TaskSpec
 

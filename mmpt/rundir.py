@@ -1,117 +1,61 @@
-"""The run folder as one object: `RunDir` gives every path in it, and this module alone spells their names.
-
-runs/<name>/
-  config.yaml, env.json                 the resolved config and the environment (train.py)
-  config.before-resume-at-step<N>.yaml  the records a resume replaced (env.json too)
-  checkpoints/{last,best}.pt            the training state; the best weights
-  tb/                                   TensorBoard events
-  val_history.json, val_auc.png         per-epoch validation
-  gradient_conflicts.{json,png}         the gradient-conflict diagnostic's measurements and their heat map
-  summary.json                          digests of the final and best weights, steps, the best epoch
-  metrics.{json,csv,md}, predictions/, loss_curves.png   best.pt's test report (a `Results` folder)
-  eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
-  features[-recalibrated]/              the probes' cached features (a `FeatureCache`)
-  compare.{json,csv,md}, compare_<metric>.png, compare_diff.png   evaluate.py compare with this run first
-  job.log                               a link to the log of the job that trains it (train.py --launcher)
-
-A series folder (`SeriesDir`) holds series.json, sweep.{json,csv,md,png} and, when its members train as jobs,
-jobs/ (jobs.json, the launcher's record, and submitit's files: jobs/local/<member>/, jobs/slurm/); a single run
-trained as a job is a series of one, its jobs/ in its own folder. A probe writes a `Results` folder
-probe-<method>[-recalibrated]/ beside what it probed. --overwrite removes what these objects name, by name, and
-nothing else, and leaves a launcher's jobs/ and job.log in place (a job's log is being written while its run
-starts over); the lock keeps one writer per run folder.
+"""The run folder as one object: `RunDir` gives every path in it (mmpt.runnames spells the names), `Results` the
+paths of an evaluation's folder, `FeatureCache` those of the probes' cached features. And what comes before
+anything is written into a run folder: the lock (one writer per run folder) and `prepare_run_dir`, whose
+--overwrite removes what these objects name, by name, and nothing else; it leaves a launcher's jobs/ and job.log
+in place (a job's log is being written while its run starts over). A probe writes a `Results` folder
+probe-<method>[-recalibrated]/ beside what it probed.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmpt.errors import MmptError
+from mmpt.runnames import (
+    BEST,
+    CHECKPOINT_FILE,
+    CHECKPOINTS,
+    COMPARE_DIFF_PLOT,
+    COMPARE_FILES,
+    CONFIG,
+    CONFUSION_FILE,
+    DATA_RECORD,
+    ENV,
+    EVAL,
+    EVAL_SPLITS,
+    EVENT_FILE,
+    FEATURE_FILE,
+    FEATURE_MANIFEST,
+    FEATURES,
+    GRADIENT_CONFLICTS,
+    GRADIENT_CONFLICTS_PLOT,
+    JOB_LOG,
+    LAST,
+    LAUNCHER_ENTRIES,
+    LOSS_CURVES_PLOT,
+    METRICS_FILES,
+    PREDICTION_FILE,
+    PREDICTIONS,
+    PROBE_PREFIX,
+    PROBE_RECORD,
+    RECALIBRATED,
+    RECALIBRATION_RECORD,
+    RUN_FILE_PATTERNS,
+    RUN_FILES,
+    SUMMARY,
+    TB,
+    TEMP_FILE,
+    VAL_AUC_PLOT,
+    VAL_HISTORY,
+)
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the run folder is then not locked
     fcntl = None
-
-# ---------------------------------------------------------------- names
-
-CONFIG = "config.yaml"
-ENV = "env.json"
-SUMMARY = "summary.json"
-VAL_HISTORY = "val_history.json"
-VAL_AUC_PLOT = "val_auc.png"
-LOSS_CURVES_PLOT = "loss_curves.png"
-GRADIENT_CONFLICTS = "gradient_conflicts.json"
-GRADIENT_CONFLICTS_PLOT = "gradient_conflicts.png"
-METRICS_FILES = ("metrics.json", "metrics.csv", "metrics.md")
-COMPARE_FILES = ("compare.json", "compare.csv", "compare.md")
-COMPARE_DIFF_PLOT = "compare_diff.png"
-RECALIBRATION_RECORD = "recalibration.json"
-PROBE_RECORD = "probe.json"
-DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
-FEATURE_MANIFEST = "manifest.json"
-SERIES_RECORD = "series.json"
-SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.md", "sweep.png")
-JOBS = "jobs"  # a launcher's folder in a series folder (or in a single run's, trained as a job)
-JOBS_RECORD = "jobs.json"
-JOB_LOG = "job.log"
-# what a launcher keeps in a run folder; --overwrite leaves it in place, unreported
-LAUNCHER_ENTRIES = (JOBS, JOB_LOG)
-
-CHECKPOINTS = "checkpoints"
-LAST = "last.pt"
-BEST = "best.pt"
-TB = "tb"
-PREDICTIONS = "predictions"
-FEATURES = "features"
-EVAL = "eval"
-EVAL_SPLITS = ("val", "test")  # evaluate.py --split
-RECALIBRATED = "-recalibrated"  # suffix of the outputs of --recalibrate-norm
-PROBE_PREFIX = "probe-"
-# folders of a run's outputs, never runs of their own
-SUBFOLDERS = (CHECKPOINTS, TB, PREDICTIONS, EVAL, FEATURES, FEATURES + RECALIBRATED)
-
-# temp files of an interrupted atomic write (mmpt.io): .<name>.<random>.tmp
-TEMP_FILE = re.compile(r"\..+\.tmp")
-CHECKPOINT_FILE = re.compile(r"(last|best)\.pt|\.(last|best)\.pt\..+\.tmp")
-EVENT_FILE = re.compile(r"events\.out\.tfevents\..+")
-# cached backbone features of `evaluate.py probe`: {flag}_{resolution}_{split}.npy (see FeatureCache.file)
-FEATURE_FILE = re.compile(r"[a-z]+mnist_\d+_(train|val|test)\.npy")
-# medmnist Evaluator names: {flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv (see prediction_filename)
-PREDICTION_FILE = re.compile(
-    r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].+_\[ACC\].+@.+\.csv"
-)
-CONFUSION_FILE = re.compile(r"confusion_[a-z]+mnist\.png")  # see Results.confusion
-# what train.py and evaluate.py compare write at the top of a run folder
-RUN_FILES = (
-    CONFIG,
-    ENV,
-    SUMMARY,
-    VAL_HISTORY,
-    *METRICS_FILES,
-    VAL_AUC_PLOT,
-    LOSS_CURVES_PLOT,
-    GRADIENT_CONFLICTS,
-    GRADIENT_CONFLICTS_PLOT,
-    *COMPARE_FILES,
-    COMPARE_DIFF_PLOT,
-)
-RUN_FILE_PATTERNS = (
-    re.compile(r"(config|env)\.before-resume-at-step\d+\.(yaml|json)"),  # records kept by a resume (before_resume)
-    re.compile(r"compare_[a-z_]+\.png"),  # compare_<metric>.png (Results.compare_plot)
-    TEMP_FILE,
-)
-
-
-def prediction_filename(flag: str, resolution: int, split: str, metrics: dict[str, float], run: str) -> str:
-    """medmnist Evaluator's standard name: `{flag}{_size}_{split}_[AUC]x_[ACC]y@{run}.csv`."""
-    size_flag = "" if resolution == 28 else f"_{resolution}"
-    return f"{flag}{size_flag}_{split}_[AUC]{metrics['auc']:.3f}_[ACC]{metrics['acc']:.3f}@{run}.csv"
-
 
 # ---------------------------------------------------------------- the objects
 
@@ -295,62 +239,9 @@ class RunDir:
         return self.summary.exists() or self.checkpoints.exists()
 
 
-@dataclass(frozen=True)
-class SeriesDir:
-    """A series folder: its record (series.json) and the summary over its runs (sweep.*)."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def record(self) -> Path:
-        """series.json: the recipe asked for and each member's resolved config."""
-        return self.path / SERIES_RECORD
-
-    @property
-    def sweep_files(self) -> tuple[Path, Path, Path, Path]:
-        """sweep.json, sweep.csv, sweep.md and sweep.png."""
-        return tuple(self.path / name for name in SWEEP_FILES)
-
-    @property
-    def jobs(self) -> Path:
-        """jobs/: what a launcher keeps (train.py --launcher); the series' lock while it submits."""
-        return self.path / JOBS
-
-    @property
-    def jobs_record(self) -> Path:
-        """jobs/jobs.json: each member's latest job, the submissions and their launcher settings."""
-        return self.jobs / JOBS_RECORD
-
-    def local_jobs(self, member: str) -> Path:
-        """submitit's folder of a member's local jobs (one per member: a local job is named by its pid, which the
-        system reuses); `member` "" is a single run."""
-        return self.jobs / "local" / (member or "run")
-
-    @property
-    def slurm_jobs(self) -> Path:
-        """submitit's folder of the series' SLURM jobs (the arrays, the summary jobs and their logs)."""
-        return self.jobs / "slurm"
-
-
 def probe_output(source: Path, method: str, recalibrated: bool = False) -> Results:
     """Where a probe of `source` writes by default: probe-<method>[-recalibrated]/ in it."""
     return Results(Path(source) / f"{PROBE_PREFIX}{method}{RECALIBRATED if recalibrated else ''}")
-
-
-def is_output_folder(name: str) -> bool:
-    """Whether a folder of this name holds a run's outputs, a probe's or a launcher's, never a run of its own."""
-    return name in SUBFOLDERS or name == JOBS or name.startswith(PROBE_PREFIX)
-
-
-def run_candidates(root: Path, skip: Callable[[Path], bool]) -> set[Path]:
-    """Folders at or under `root` that hold a run's config.yaml, summary.json or checkpoints/last.pt (`skip`
-    leaves some out)."""
-    found = {p.parent for name in (CONFIG, SUMMARY) for p in Path(root).rglob(name)}
-    found |= {p.parent.parent for p in Path(root).rglob(f"{CHECKPOINTS}/{LAST}")}
-    return {folder for folder in found if not skip(folder)}
 
 
 # ---------------------------------------------------------------- lock, prepare, --overwrite

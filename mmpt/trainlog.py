@@ -19,7 +19,8 @@ from mmpt.model import MultiTaskNet
 from mmpt.norm import describe_norm, has_batchnorm
 from mmpt.optim import BACKBONE, Optimizers, layer_scales
 from mmpt.plots import plot_gradient_conflicts
-from mmpt.rundir import GRADIENT_CONFLICTS, GRADIENT_CONFLICTS_PLOT, RunDir
+from mmpt.rundir import RunDir
+from mmpt.runnames import GRADIENT_CONFLICTS, GRADIENT_CONFLICTS_PLOT
 from mmpt.step import TrainStep
 
 

@@ -104,7 +104,7 @@ def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch)
     """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
     docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
     from mmpt import configdoc
-    from mmpt.cli import _flag_overrides, train_parser
+    from mmpt.cli.train import _flag_overrides, train_parser
     from mmpt.settings import Key, declaration
 
     spec = declaration("say more", resume=True, result=False, flag="--verbose")
@@ -288,14 +288,14 @@ def test_set_values_are_checked_against_their_declaration(setting, value, messag
     ],
 )
 def test_named_flags_are_checked_as_the_keys_they_set(flags, message):
-    from mmpt.cli import build_train_config, train_parser
+    from mmpt.cli.train import build_train_config, train_parser
 
     with pytest.raises(MmptError, match=re.escape(message)):
         build_train_config(train_parser().parse_args(flags))
 
 
 def test_named_flags_set_their_keys():
-    from mmpt.cli import build_train_config, train_parser
+    from mmpt.cli.train import build_train_config, train_parser
 
     cfg = build_train_config(
         train_parser().parse_args(
@@ -561,7 +561,7 @@ def test_the_readme_is_short_and_links_every_docs_page_and_each_page_opens_with_
 def test_every_documented_train_command_parses_and_its_config_is_valid(monkeypatch):
     import shlex
 
-    from mmpt.cli import build_train_config, train_parser
+    from mmpt.cli.train import build_train_config, train_parser
 
     monkeypatch.chdir(REPO)  # recipes are named relative to the repository
     commands = []

@@ -30,9 +30,9 @@ from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, time_minutes
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
-from mmpt.experiments.launcher import parse_slurm_args
+from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
-from mmpt.rundir import SeriesDir
+from mmpt.seriesdir import SeriesDir
 from mmpt.tasks import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,8 @@ from mmpt.experiments.stats import (
 from mmpt.io import read_json
 from mmpt.metrics import compute_metrics
 from mmpt.predict import labels_digest
-from mmpt.rundir import DATA_RECORD, PREDICTION_FILE, Results, RunDir
+from mmpt.rundir import Results, RunDir
+from mmpt.runnames import DATA_RECORD, PREDICTION_FILE
 from mmpt.settings import load_yaml
 from mmpt.tasks import FLAGS, TASKS
 

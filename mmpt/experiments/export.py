@@ -42,7 +42,8 @@ from mmpt.io import atomic_write, check_output_folder, write_advice, write_bytes
 from mmpt.losses import build_loss
 from mmpt.norm import norm_layer_prefixes, plain_state_dict, saved_norm, transfer_norm_state
 from mmpt.recipe import backbone_of
-from mmpt.rundir import DATA_RECORD, Results, RunDir
+from mmpt.rundir import Results, RunDir
+from mmpt.runnames import DATA_RECORD
 from mmpt.tasks import TASKS
 from mmpt.weights import HEADS, NORM, RUN_CONFIG, TIMM_CONFIG, TRAIN_IMAGES_METADATA, WEIGHTS, train_sizes
 

@@ -3,9 +3,10 @@
     train.py --config C --seeds 0,1,2 --launcher local --jobs 2
     train.py --config C --individual --seeds 0,1,2 --launcher slurm --partition gpu --gpus-per-job 1 --time 4:00:00
 
-Every member is one job that runs `MemberJob`, which calls the same `train_member` as a sequential series
-(skip when finished, continue from last.pt, else start). series.json is written and checked before anything is
-submitted (mmpt.experiments.series.run_series); the jobs, the settings they were submitted with, and submitit's
+Every member is one job that runs `MemberJob` (mmpt.experiments.member_job), which calls the same `train_member`
+as a sequential series (skip when finished, continue from last.pt, else start). The settings are checked first
+(mmpt.experiments.launch_plan), and series.json is written and checked before anything is submitted
+(mmpt.experiments.series.run_series); the jobs, the settings they were submitted with, and submitit's
 files go to the series folder's jobs/ (mmpt.experiments.status reads them); each member's folder links its
 job's log as job.log.
 
@@ -30,10 +31,6 @@ import fcntl
 import io
 import math
 import os
-import re
-import shlex
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -42,14 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
-import torch
 from submitit.core.utils import FailedJobError, FailedSubmissionError
-from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment, environment_variables
+from submitit.helpers import environment_variables
 
-from mmpt.choices import LAUNCHERS
-from mmpt.config import Config, time_minutes
 from mmpt.errors import MmptError
-from mmpt.experiments.series import Variant, summarize, train_member
+from mmpt.experiments.launch_plan import LaunchPlan, cpu_cores
+from mmpt.experiments.member_job import MemberJob, summarize_series
+from mmpt.experiments.series import Variant
 from mmpt.experiments.status import (
     FINISHED,
     QUEUED,
@@ -63,256 +59,15 @@ from mmpt.experiments.status import (
     slurm_states,
     write_jobs,
 )
-from mmpt.rundir import RunDir, SeriesDir, prepare_run_dir
-from mmpt.settings import to_dict
-from mmpt.trainstate import Stopped
-
-# the launchers of this module; sequential is a series' own loop in this process (mmpt.experiments.series)
-JOB_LAUNCHERS = ("local", "slurm")
-assert LAUNCHERS == ("sequential", *JOB_LAUNCHERS), f"launch.launcher choices {LAUNCHERS} are not those implemented"
+from mmpt.experiments.summary import summarize
+from mmpt.rundir import RunDir, prepare_run_dir
+from mmpt.seriesdir import SeriesDir
 
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
 MAX_REQUEUES = 100
 NO_LIMIT_MIN = 365 * 24 * 60  # a local job without --time
-# a SLURM job without --time: a limit nearly every GPU partition allows, and short jobs start sooner (backfill)
-SLURM_TIME_MIN = 240
 POLL_S = 0.5  # how often the local launcher looks at its jobs
 SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one plot
-# sbatch options the launcher sets itself, and the setting to use instead
-OWN_SBATCH_OPTIONS = {
-    "array": "--jobs",
-    "time": "--time",
-    "partition": "--partition",
-    "mem": "--mem",
-    "nodes": "--nodes",
-    "ntasks-per-node": "--gpus-per-job",
-    "gpus-per-node": "--gpus-per-job",
-    "cpus-per-task": "--cpus-per-job",
-    "output": None,
-    "error": None,
-    "job-name": None,
-    "signal": None,
-    "open-mode": None,
-    "dependency": None,
-    "wrap": None,
-    "no-requeue": None,
-}
-
-
-# ---------------------------------------------------------------- settings, checked before anything is written
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """The resolved launcher settings (mmpt.config.LaunchConfig) for this machine or cluster."""
-
-    launcher: str
-    jobs: int | None  # members at a time (slurm: None = no limit)
-    gpus_per_job: int
-    slots: tuple[tuple[int, ...], ...]  # local: each job slot's GPUs (physical ids; () on CPU)
-    threads: int | None  # local: CPU threads per job
-    cpus_per_job: int | None
-    nodes: int
-    time_min: float | None
-    partition: str | None
-    mem: str | None
-    sbatch_options: dict
-    settings: dict  # the launch section as given, for the record
-
-
-def parse_slurm_args(text: str) -> dict[str, str | bool]:
-    """`--qos=high --account lab --exclusive` -> {"qos": "high", "account": "lab", "exclusive": True}.
-
-    Raises MmptError for text that is not long sbatch options, an option given twice, or one the launcher sets
-    from its own settings (--time, --partition, ...).
-    """
-    try:
-        items = shlex.split(text)
-    except ValueError as exc:
-        raise MmptError(f"--slurm-args {text!r} cannot be read ({exc}); quote values that hold spaces") from None
-    options: dict[str, str | bool] = {}
-    i = 0
-    while i < len(items):
-        match = re.fullmatch(r"--([a-z][a-z0-9-]*)(?:=(.+))?", items[i], re.DOTALL)
-        if match is None:
-            raise MmptError(
-                f"--slurm-args: {items[i]!r} is not a long sbatch option; give options as --name=value "
-                "(e.g. --slurm-args='--qos=high --account=lab')"
-            )
-        key, value = match.group(1), match.group(2)
-        if value is None and i + 1 < len(items) and not items[i + 1].startswith("-"):
-            value, i = items[i + 1], i + 1
-        if key in OWN_SBATCH_OPTIONS:
-            instead = OWN_SBATCH_OPTIONS[key]
-            raise MmptError(
-                f"--slurm-args sets --{key}, which the launcher sets "
-                + (f"from {instead}: pass it there" if instead else "itself: leave it out")
-            )
-        if key in options:
-            raise MmptError(f"--slurm-args gives --{key} twice; give it once")
-        if value is not None and "\n" in value:
-            raise MmptError(f"--slurm-args: the value of --{key} holds a line break; give it on one line")
-        options[key] = True if value is None else value
-        i += 1
-    return options
-
-
-def visible_gpus() -> list[int]:
-    """This machine's GPUs as the indices CUDA_VISIBLE_DEVICES uses (all of them when it is unset)."""
-    count = torch.cuda.device_count()
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is None:
-        return list(range(count))
-    ids = [item.strip() for item in mask.split(",") if item.strip()][:count]
-    if not all(item.isdigit() for item in ids):
-        raise MmptError(
-            f"CUDA_VISIBLE_DEVICES={mask} names GPUs, and the local launcher hands each job GPU indices; "
-            "set it to indices (e.g. 0,1,2,3) or unset it"
-        )
-    return [int(item) for item in ids]
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def plan_launch(cfg: Config, members: int) -> LaunchPlan:
-    """Check the launch settings of `cfg` against this machine (local) or cluster (slurm), before anything is
-    written or submitted; raises MmptError with one line that says what to change."""
-    launch = cfg.launch
-    assert launch.launcher in JOB_LAUNCHERS, f"no launcher to plan for {launch.launcher!r}"
-    time_min = time_minutes(launch.time) if launch.time is not None else None
-    if time_min is None and launch.launcher == "slurm":
-        time_min = SLURM_TIME_MIN
-    every = cfg.checkpoint.every_minutes
-    if time_min is not None and every and time_min <= every:
-        raise MmptError(
-            f"the time limit per job ({time_min:g} min) is not longer than one checkpoint interval "
-            f"(checkpoint.every_minutes {every:g}): a job would reach its limit before writing last.pt; pass a "
-            f"longer --time, or --set checkpoint.every_minutes={max(1, math.floor(time_min / 2))}"
-        )
-    common = dict(
-        launcher=launch.launcher,
-        cpus_per_job=launch.cpus_per_job,
-        nodes=launch.nodes,
-        time_min=time_min,
-        partition=launch.partition,
-        mem=launch.mem,
-        settings=to_dict(launch),
-    )
-    if launch.launcher == "slurm":
-        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-        if missing:
-            raise MmptError(
-                f"--launcher slurm needs SLURM's {' and '.join(missing)} on PATH, and none is here; run the "
-                "command on the cluster's login node, or use --launcher local"
-            )
-        options = parse_slurm_args(launch.slurm_args) if launch.slurm_args else {}
-        return LaunchPlan(
-            jobs=launch.jobs,
-            gpus_per_job=launch.gpus_per_job or 0,
-            slots=(),
-            threads=None,
-            sbatch_options=options,
-            **common,
-        )
-    for flag, value, default in (
-        ("--partition", launch.partition, None),
-        ("--mem", launch.mem, None),
-        ("--slurm-args", launch.slurm_args, None),
-        ("--nodes", launch.nodes, 1),
-    ):
-        if value != default:
-            raise MmptError(f"{flag} is a SLURM setting, and --launcher local runs on this machine; drop {flag}")
-    gpus = visible_gpus()
-    per_job = launch.gpus_per_job
-    if per_job and not gpus:
-        raise MmptError(
-            f"--gpus-per-job {per_job} asks for GPUs, and this machine has none visible; drop --gpus-per-job to "
-            "train the members on the CPU cores"
-        )
-    per_job = (1 if gpus else 0) if per_job is None else per_job
-    if per_job:
-        groups = [tuple(gpus[i : i + per_job]) for i in range(0, len(gpus) - per_job + 1, per_job)]
-        if not groups:
-            raise MmptError(f"--gpus-per-job {per_job} asks for more GPUs than the {len(gpus)} visible here")
-        jobs = launch.jobs or len(groups)
-        if jobs > len(groups):
-            raise MmptError(
-                f"--jobs {jobs} with --gpus-per-job {per_job} needs {jobs * per_job} GPUs, and {len(gpus)} are "
-                f"visible; pass --jobs {len(groups)} or fewer"
-            )
-        slots = tuple(groups[:jobs])
-    else:
-        jobs = launch.jobs or 1
-        slots = ((),) * jobs
-    jobs = min(jobs, max(members, 1))
-    threads = launch.cpus_per_job or max(1, cpu_cores() // jobs)
-    return LaunchPlan(jobs=jobs, gpus_per_job=per_job, slots=slots[:jobs], threads=threads, sbatch_options={}, **common)
-
-
-# ---------------------------------------------------------------- the job: one member
-
-
-class MemberJob(Checkpointable):
-    """One member of a series as a submitit job: `train_member`, as a sequential series runs it.
-
-    With several processes per job (GPUs per member, or nodes), each takes its rank from the job's environment
-    (TorchDistributedEnvironment) and the engine joins them as under torchrun. A stop by SIGUSR2 (time limit,
-    preemption) is handed back to submitit once training has written last.pt, so that it requeues the job.
-    """
-
-    def __init__(self, variant: Variant, label: str, threads: int | None = None) -> None:
-        self.variant = variant
-        self.label = label
-        self.threads = threads
-
-    def __call__(self) -> str:
-        env = submitit.JobEnvironment()
-        if self.threads:
-            torch.set_num_threads(max(1, self.threads // env.num_tasks))
-        if env.num_tasks > 1:
-            # the job's CUDA_VISIBLE_DEVICES already holds its GPUs; each rank takes cuda:<local rank> of them
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        main = env.global_rank == 0
-        if main:
-            print(f"{self.label}: job {env.job_id} on {env.hostname}, {env.num_tasks} process(es)", flush=True)
-        try:
-            train_member(self.variant, overwrite=False, label=self.label)
-        except Stopped as exc:
-            preempted = exc.signal == f"SIG{submitit.JobEnvironment.USR_SIG}"
-            if main:
-                print(str(exc), file=sys.stderr)
-                print(
-                    f"{self.label}: stopped by {exc.signal or 'another rank'} with last.pt written; "
-                    + ("submitit requeues the job" if preempted else "run the series command again to continue it"),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if preempted:
-                # submitit's handler (back in place now that training has left its StopSignal) asks checkpoint()
-                # for the next job and requeues it; it exits on rank 0 and returns on the others
-                signal.raise_signal(getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"))
-                return "requeued"
-            sys.exit(130)
-        except MmptError as exc:
-            if main:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        return "finished"
-
-    def checkpoint(self) -> DelayedSubmission:
-        """The job that continues this one after a time limit or preemption: the same member, which resumes from
-        the last.pt that training wrote when the signal came (the member's whole state is in its run folder)."""
-        return DelayedSubmission(MemberJob(self.variant, self.label, self.threads))
-
-
-def summarize_series(root: str) -> None:
-    """The SLURM summary job: summarize the series (as a sequential series does at its end)."""
-    try:
-        summarize(Path(root))
-    except MmptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- submitting

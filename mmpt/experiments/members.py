@@ -16,7 +16,8 @@ import yaml
 from mmpt.config import RESULT_NEUTRAL, Config, config_differences, recorded_config
 from mmpt.errors import MmptError
 from mmpt.io import read_json
-from mmpt.rundir import RunDir, SeriesDir, is_output_folder, run_candidates
+from mmpt.rundir import RunDir
+from mmpt.seriesdir import SeriesDir, is_output_folder, run_candidates
 from mmpt.settings import load_yaml
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series

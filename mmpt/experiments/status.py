@@ -26,7 +26,8 @@ import submitit
 from mmpt.errors import MmptError
 from mmpt.experiments.members import member_status, read_series, series_of
 from mmpt.io import read_json, write_json
-from mmpt.rundir import RunDir, SeriesDir
+from mmpt.rundir import RunDir
+from mmpt.seriesdir import SeriesDir
 
 FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED = "finished", "running", "queued", "failed", "not started"
 UNKNOWN = "unknown"  # a SLURM job, where SLURM cannot be asked (the status command only)

@@ -1,233 +1,22 @@
-"""Command lines of `train.py` / `mmpt-train` and `evaluate.py` / `mmpt-evaluate`.
-
-A user-caused error prints one line `error: ...` and exits 2; `--debug` shows the traceback instead. The named
-flags of train.py, and the flags of evaluate.py and probe that stand for a config key, come from the keys'
-declarations (`flag`, `evaluate_flag` in mmpt.config) and are checked as those keys are.
+"""The command line of `evaluate.py` / `mmpt-evaluate`: one subcommand each to evaluate a run, compare runs,
+summarize a series, probe and export backbones, and show where a series' jobs stand (`evaluate.py RUN` is
+`evaluate.py run RUN`). Its flags that stand for a config key (`evaluate_flag` in mmpt.config) are checked as
+those keys are.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import os
 import sys
 from pathlib import Path
 
-from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, SETTINGS, load_config, parse_flag
-from mmpt.configdoc import annotated_yaml, flag_help
+from mmpt.cli.common import Parser, flag_dest
+from mmpt.config import EVALUATE_FLAGS, parse_flag
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder
 from mmpt.norm import RECALIBRATION_IMAGES
 from mmpt.rundir import RunDir
 from mmpt.runtime import Interrupted, interrupt_on_signals
-from mmpt.settings import deep_merge, nested, parse_override
-
-
-def _guarded(main, argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        return main(argv) or 0
-    except MmptError as exc:
-        if debug:
-            raise
-        # under torchrun every rank raises the same error; one line is enough
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises MmptError for a bad flag, so it prints as one `error:` line like every other input error."""
-
-    def error(self, message: str):
-        raise MmptError(f"{message}; see {self.prog} --help")
-
-
-def _dest(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
-
-
-# the launch.* keys (where a series' members train); their flags form train.py's launcher group
-LAUNCH_KEYS = frozenset(key for key in SETTINGS if key.startswith("launch."))
-
-
-# ---------------------------------------------------------------- train
-
-
-def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="train.py",
-        description="mm-PT: train one timm backbone with one head per MedMNIST+ dataset.",
-        epilog="Any other config key: --set section.key=value (e.g. --set loss.weighting=size).",
-    )
-    p.add_argument("--config", help="YAML recipe (deep-merged over the defaults), e.g. configs/quickstart.yaml")
-    launcher = p.add_argument_group(
-        "launcher",
-        "train a series' members (or a single run) as jobs through submitit: several at a time on this machine "
-        "(local) or as a SLURM job array (slurm); run the same command again to submit what is neither finished "
-        "nor running, and watch them with: evaluate.py status RUN",
-    )
-    for flag, key in NAMED_FLAGS.items():
-        help_text = flag_help(key).replace("%", "%%")
-        group = launcher if key in LAUNCH_KEYS else p
-        if SETTINGS[key].hint is bool:  # a switch: sets the key to the value that is not its default
-            group.add_argument(flag, action="store_true", help=help_text)
-        else:
-            group.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
-    series = p.add_argument_group(
-        "series",
-        "several runs with one recipe under runs/<name>/[individual/][<variant>/][seed<k>/][<dataset>/]; "
-        "run the same command again to continue a stopped series",
-    )
-    series.add_argument(
-        "--individual",
-        action="store_true",
-        help="one single-dataset model per dataset of the config (--datasets restricts them)",
-    )
-    series.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="one variant per value; repeat for a grid (e.g. --sweep loss.weighting=none,size)",
-    )
-    series.add_argument("--seeds", metavar="0,1,2", help="repeat each variant with these train.seed values")
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config as YAML, each key's allowed values as a comment, and exit",
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def _flag_overrides(args: argparse.Namespace) -> dict:
-    """The named flags as a nested override dict (only those given); their text is checked as the key's value."""
-    out: dict = {}
-    for flag, key in NAMED_FLAGS.items():
-        value = getattr(args, _dest(flag))
-        if SETTINGS[key].hint is bool:
-            value = (not SETTINGS[key].default) if value else None
-        if value is not None:
-            out = deep_merge(out, nested(key, value))
-    return out
-
-
-def build_train_config(args: argparse.Namespace):
-    """Defaults <- YAML (--config, or the run's config.yaml with --resume) <- --set <- named flags."""
-    overrides = [parse_override(s) for s in args.set] + [_flag_overrides(args)]
-    if args.resume:
-        run = RunDir(args.resume)
-        if args.config:
-            raise MmptError(f"--resume takes the run's own {run.config.name}; drop --config")
-        if not run.config.is_file():
-            raise MmptError(
-                f"cannot resume {run.path}: it has no {run.config.name}; pass a run folder written by train.py"
-            )
-        overrides.append({"output": str(run.path)})
-        return load_config(run.config, overrides, recorded=True)
-    return load_config(args.config, overrides)
-
-
-def _train(argv: list[str]) -> int:
-    args = train_parser().parse_args(argv)
-    cfg = build_train_config(args)
-    resources = [
-        flag
-        for flag, key in NAMED_FLAGS.items()
-        if key in LAUNCH_KEYS and key != "launch.launcher" and getattr(args, _dest(flag)) is not None
-    ]
-    if resources and cfg.launch.launcher == "sequential":
-        raise MmptError(
-            f"{resources[0]} is a job's setting and goes with --launcher local or slurm; add --launcher, "
-            f"or drop {resources[0]}"
-        )
-    # a series is planned (every member's config checked) before --print-config, so it refuses what a run refuses
-    variants = _plan_series(args, cfg) if args.individual or args.sweep or args.seeds is not None else None
-    if args.print_config:
-        print(annotated_yaml(cfg), end="")
-        return 0
-    if variants is not None:
-        from mmpt.experiments.series import individual_norm_note
-
-        note = individual_norm_note(cfg, args.individual)
-        if note:
-            print(note)
-        return _train_series(cfg, variants, overwrite=args.overwrite)
-    # imported here, as in every command below: training imports timm and TorchJD, slow for --help and errors
-    from mmpt.experiments.series import check_single_run_folder
-    from mmpt.train import Stopped, run
-
-    check_single_run_folder(cfg.run_dir, resume=bool(args.resume))
-    if cfg.launch.launcher != "sequential":
-        return _launch_run(args, cfg)
-
-    try:
-        run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    except Stopped as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(str(exc), file=sys.stderr)
-        return 130
-    return 0
-
-
-def _plan_series(args: argparse.Namespace, cfg) -> list:
-    """The runs of the series the flags ask for, every flag and member config checked (mmpt.experiments.series)."""
-    from mmpt.experiments.series import check_sweep_keys, parse_seeds, parse_sweep, plan_series
-
-    if args.resume:
-        raise MmptError("--resume continues one run; to continue a series, run the same series command again")
-    sweeps = [parse_sweep(s) for s in args.sweep]
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    if seeds is not None and (
-        args.seed is not None or any(o.partition("=")[0].strip() == "train.seed" for o in args.set)
-    ):
-        raise MmptError("--seed and --seeds both set the seed; give the seeds once, with --seeds")
-    check_sweep_keys(sweeps, individual=args.individual, seeds=seeds)
-    return plan_series(cfg, individual=args.individual, sweeps=sweeps, seeds=seeds)
-
-
-def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
-    from mmpt.experiments.series import run_series, summarize
-    from mmpt.train import Stopped
-
-    if cfg.launch.launcher != "sequential":
-        from mmpt.experiments.launcher import launch, plan_launch
-
-        plan = plan_launch(cfg, len(variants))  # this machine or cluster, before series.json is written
-        print(f"series of {len(variants)} runs under {cfg.run_dir}")
-        train = functools.partial(launch, root=cfg.run_dir, plan=plan, series=True)
-        return run_series(variants, overwrite=overwrite, base=cfg, train=train)
-    print(f"series of {len(variants)} runs under {cfg.run_dir}")
-    try:
-        run_series(variants, overwrite=overwrite, base=cfg)
-    except (Stopped, KeyboardInterrupt) as exc:
-        print(f"{exc or 'interrupted'}\nseries stopped: run the same command again to continue it", file=sys.stderr)
-        return 130
-    summarize(cfg.run_dir)
-    return 0
-
-
-def _launch_run(args: argparse.Namespace, cfg) -> int:
-    """A single run with a launcher: a series of one member, the run folder itself."""
-    from mmpt.experiments.launcher import launch, plan_launch
-    from mmpt.experiments.series import Variant, check_member
-
-    plan = plan_launch(cfg, 1)
-    variant = Variant("", cfg)
-    check_member(variant, overwrite=args.overwrite)
-    return launch([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False)
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    return _guarded(_train, argv)
-
-
-# ---------------------------------------------------------------- evaluate
 
 REQUIRE_COMPLETE = "refuse a series with an unfinished run (default: name it and leave it out)"
 RECALIBRATE_IMAGES = (
@@ -366,13 +155,13 @@ SUBCOMMANDS = {
 
 def evaluate_parser() -> argparse.ArgumentParser:
     """evaluate.py with one subparser per subcommand (so --help lists them all)."""
-    p = _Parser(
+    p = Parser(
         prog="evaluate.py",
         description="Evaluate runs, compare them, summarize a series, probe and export backbones, and show where a "
         "series' jobs stand.",
         epilog="evaluate.py RUN_DIR [...] is evaluate.py run RUN_DIR [...]; each command has its own --help.",
     )
-    commands = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
     for name, (summary, description, add_arguments) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=description)
         add_arguments(sub)
@@ -383,8 +172,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def _check_evaluation_flags(args: argparse.Namespace) -> argparse.Namespace:
     """The flags that stand for a config key (mmpt.config.EVALUATE_FLAGS) as checked values of their keys."""
     for flag, key in EVALUATE_FLAGS.items():
-        if getattr(args, _dest(flag), None) is not None:
-            setattr(args, _dest(flag), parse_flag(flag, key, getattr(args, _dest(flag))))
+        if getattr(args, flag_dest(flag), None) is not None:
+            setattr(args, flag_dest(flag), parse_flag(flag, key, getattr(args, flag_dest(flag))))
     return args
 
 
@@ -481,7 +270,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from mmpt.experiments.series import summarize
+    from mmpt.experiments.summary import summarize
 
     summarize(Path(args.series), require_complete=args.require_complete)
     return 0
@@ -542,12 +331,8 @@ COMMANDS = {
 assert COMMANDS.keys() == SUBCOMMANDS.keys(), "every subcommand has a parser and a function"
 
 
-def _evaluate(argv: list[str]) -> int:
+def evaluate_command(argv: list[str]) -> int:
     if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv = ["run", *argv]  # the default subcommand
     args = evaluate_parser().parse_args(argv)
     return COMMANDS[args.command](args)
-
-
-def evaluate_main(argv: list[str] | None = None) -> int:
-    return _guarded(_evaluate, argv)

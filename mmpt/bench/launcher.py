@@ -29,7 +29,7 @@ import yaml
 
 from mmpt.bench.common import machine, markdown_table, median, work_folder, write_result, write_synthetic_files
 from mmpt.errors import MmptError
-from mmpt.experiments.launcher import cpu_cores
+from mmpt.experiments.launch_plan import cpu_cores
 from mmpt.tasks import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[2]

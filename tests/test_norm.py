@@ -740,8 +740,9 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
     assert reference["best_digest"] == ckpt.state_digest(best[ckpt.MODEL])
 
 
-def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
-    """2 gloo processes: every rank calibrates its shard of each batch and the ranks' averages are averaged, so
+def test_under_torchrun_without_sync_norm_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
+    """2 gloo processes, model.sync_norm false: every rank calibrates its shard of each batch and the ranks' averages
+    are averaged, so
     the replicas agree and their statistics are the mean of the two shards' calibrations (not rank 0's alone)."""
     from test_distributed import finish, torchrun, write_config
 
@@ -755,7 +756,12 @@ def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root
         "name": "ddp",
         "output": str(tmp_path / "run"),
         "data": {"root": str(synthetic_root), "datasets": ["breast", "retina"], "num_workers": 0},
-        "model": {"backbone": "test_resnet", "norm": "per_dataset_stats", "norm_calibration_batches": 3},
+        "model": {
+            "backbone": "test_resnet",
+            "norm": "per_dataset_stats",
+            "norm_calibration_batches": 3,
+            "sync_norm": False,
+        },
         "input": {"mode": "native"},
         "optim": {"lr": 0.003},
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},

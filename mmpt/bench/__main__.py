@@ -1,6 +1,7 @@
-"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare [options]` (`--help` on each for its options).
+"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare|gpu [options]` (`--help` on each for its options).
 
-A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted.
+A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted; the
+GPU check (`gpu`) prints each figure beside its pass criterion and exits 1 when a judged figure fails.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpt.bench import compare, data, train
+from mmpt.bench import compare, data, gpu, train
 from mmpt.errors import MmptError
 
 
@@ -20,10 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     data.add_parser(commands)
     train.add_parser(commands)
     compare.add_parser(commands)
+    gpu.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         # data also runs its hidden memory-scenario commands
-        run = {"train": train.run_command, "compare": compare.run_command}.get(args.command, data.run_command)
+        run = {"train": train.run_command, "compare": compare.run_command, "gpu": gpu.run_command}.get(
+            args.command, data.run_command
+        )
         return run(args)
     except MmptError as exc:
         print(f"error: {exc}", file=sys.stderr)

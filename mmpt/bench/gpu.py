@@ -151,14 +151,16 @@ class Context:
             raw[section] = {**raw.get(section, {}), **values}
         return runnable(load_config(overrides=[raw]))
 
-    def step_and_batches(self, cfg: Config, steps: int, pin: bool = True):
-        """The engine's step for `cfg` (seeded) and the first `steps` steps of its plan's batches, already loaded."""
+    def step_and_batches(self, cfg: Config, steps: int, pin: bool = True, compile_backend: str | None = None):
+        """The engine's step for `cfg` (seeded) and the first `steps` steps of its plan's batches, already loaded
+        (`compile_backend`: torch.compile's under train.compile, default the check's)."""
         configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
         tasks = resolve_tasks(cfg.data.datasets)
         data = open_data(cfg.data, tasks)
         splits = {flag: d.splits["train"] for flag, d in data.items()}
         sizes = {flag: len(split) for flag, split in splits.items()}
-        step = engine_step(cfg, tasks, sizes, self.device, splits, compile_backend=self.compile_backend)
+        backend = compile_backend or self.compile_backend
+        step = engine_step(cfg, tasks, sizes, self.device, splits, compile_backend=backend)
         s = cfg.sampler
         plan = Sampler(
             sizes,
@@ -414,7 +416,9 @@ def check_compile(ctx: Context) -> dict:
     sizes_total = sum(math.ceil(z.train_samples / z.compile_batch) for _ in FLAGS)
     torch._dynamo.reset()
     before = compiled_graphs()
-    step, batches, _ = ctx.step_and_batches(cfg, sizes_total)
+    # Dynamo's graphs are the same whatever the backend: the dry run counts them with the eager one (no AOTAutograd,
+    # which the UPGrad part below runs, also through per-dataset statistics)
+    step, batches, _ = ctx.step_and_batches(cfg, sizes_total, compile_backend=None if z.judged else "eager")
     for i, parts in enumerate(batches):
         step(parts, i)
     synchronize(ctx.device)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmpt import checkpoint as ckpt
-from mmpt.bench.gpu import CHECKS, format_table, run_gpu_check
+from mmpt.bench.gpu import CHECKS, TINY, Context, format_table, run_gpu_check
 from mmpt.config import load_config, recorded_config, to_dict
 from mmpt.distributed import SINGLE
 from mmpt.errors import MmptError
@@ -200,3 +200,31 @@ def test_the_peak_table_tells_the_h100_and_h200_variants_and_the_h20_apart(name,
     from mmpt.bench.train import peak_flops
 
     assert peak_flops(name, "bf16") == bf16
+
+
+def test_an_fp16_jacobian_that_overflows_skips_the_backbone_step_and_lowers_the_scale(synthetic_root, tmp_path):
+    """UPGrad in fp16 with a scale that makes the scaled Jacobian infinite: no inf reaches the aggregator, the
+    backbone does not move, the scaler halves its scale; once the scale fits, the backbone trains."""
+    ctx = Context(torch.device("cpu"), TINY, tmp_path, "eager", lambda line: None)
+    cfg = ctx.config(
+        datasets=("breastmnist", "retinamnist"),
+        batch_size=8,
+        sampler={"tasks_per_step": "all"},
+        loss={"weighting": "upgrad"},
+        optim={"name": "sgd", "lr": 0.05, "weight_decay": 0.0},
+        train={"precision": "fp16"},
+    )
+    step, batches, _ = ctx.step_and_batches(cfg, 1)
+    seen: list[torch.Tensor] = []
+    aggregator = step.weighting.method.aggregator
+    aggregator.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    step.scaler.load_state_dict({**step.scaler.state_dict(), "scale": 2.0**127})  # the scaled Jacobian overflows
+    params = list(step.model.backbone.parameters())
+    before = [p.detach().clone() for p in params]
+    step(batches[0], 0)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not seen
+    assert step.scaler.get_scale() == 2.0**126
+    step.scaler.update(2.0**10)
+    step(batches[0], 1)
+    assert seen and all(torch.isfinite(j).all() for j in seen)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))

@@ -83,6 +83,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.bench.compare",
         "mmpt.bench.data",
         "mmpt.bench.datafiles",
+        "mmpt.bench.gpu",
         "mmpt.bench.loops",
         "mmpt.bench.train",
     },

@@ -175,12 +175,20 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` captured."""
+def set_rng_state(state: dict) -> tuple[int, int]:
+    """Restore what `rng_state` captured; return (CUDA states restored, CUDA states saved).
+
+    A checkpoint keeps one state per GPU the run saw; on a machine with fewer GPUs (or none) the first as many as
+    there are GPUs are restored, the others' generators keep their seeded state, and the caller says so.
+    """
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda", []))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    restored = min(len(saved), visible)
+    for device in range(restored):
+        torch.cuda.set_rng_state(saved[device], device)
+    return restored, len(saved)

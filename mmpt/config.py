@@ -193,6 +193,14 @@ class ModelConfig:
         ge=0,
         recorded=0,
     )
+    sync_norm: bool = setting(
+        True,
+        "under torchrun, each BatchNorm training pass (and calibration) normalises every dataset's slice with the "
+        "statistics of the global batch, its images on all ranks (one all-reduce per layer, as nn.SyncBatchNorm), so "
+        "the number of processes changes results by rounding only; false: each rank normalises its own shard; no "
+        "effect on one process or without BatchNorm",
+        recorded=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -278,7 +286,20 @@ class TrainConfig:
         flag="--device",
         evaluate_flag="--device",
     )
-    precision: str = setting("fp32", "autocast precision; fp16 with a gradient scaler", choices=PRECISIONS)
+    precision: str = setting(
+        "auto",
+        "autocast precision: auto (bf16 on a CUDA device that supports it, else fp32; decided when the run starts and "
+        "kept on resume), fp32, bf16, or fp16 with a gradient scaler",
+        choices=PRECISIONS,
+        recorded="fp32",
+    )
+    tf32: bool = setting(
+        True,
+        "TF32 tensor cores for float32 matrix products and convolutions on CUDA (a 10-bit mantissa; reproducible run "
+        "to run on the same GPU model, so it holds with determinism on, but another result than full float32); "
+        "false: full float32",
+        recorded=False,
+    )
     channels_last: bool = setting(False, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone")
     patience: int | None = setting(
@@ -449,7 +470,8 @@ class Config:
     )
     determinism: bool = setting(
         True,
-        "deterministic kernels and no TF32 (false: faster, not bitwise reproducible)",
+        "deterministic kernels, so the same config and seed give the same weights (false: faster, not bitwise "
+        "reproducible; TF32 is train.tf32's)",
         resume=True,
         result=False,
     )
@@ -602,6 +624,13 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"model.norm per_dataset gives each dataset its own BatchNorm weights, which "
             f"loss.weighting={cfg.loss.weighting} (a gradient-based method, aggregating the Jacobian of the shared "
             "backbone) does not train; use model.norm per_dataset_stats or a static or loss-based weighting"
+        )
+    if cfg.train.compile and cfg.model.norm == "per_dataset":
+        # its per-dataset affine weights are picked by host integers: a compiled graph per dataset and mix of them
+        problems.append(
+            "train.compile cannot compile model.norm per_dataset (each dataset's own BatchNorm weights would need one "
+            "graph per dataset); use model.norm per_dataset_stats, whose statistics compile into one graph, or "
+            "train.compile false"
         )
     weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
     return problems + method_problems(

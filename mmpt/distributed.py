@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -180,12 +181,22 @@ def all_reduce_mean_(world: World, tensors: list[torch.Tensor]) -> None:
 
 
 def mean_over_ranks(world: World, value: torch.Tensor) -> torch.Tensor:
-    """The mean of `value` over ranks as a new tensor (no host synchronisation)."""
+    """The mean of `value` over ranks as a new tensor (no host synchronisation), bitwise the same on every rank: the
+    all-reduce hands every rank the same sum, which each divides alike."""
     if not world.distributed:
         return value
     out = value.clone()
     dist.all_reduce(out)
     return out / world.world_size
+
+
+def differentiable_sum(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over ranks, bitwise the same on every rank, as a differentiable function: its backward
+    pass sums the gradients over ranks (torch's functional all-reduce, which torch.compile can trace). For statistics
+    that several ranks' rows share, such as synchronised BatchNorm moments."""
+    if not world.distributed:
+        return value
+    return funcol.all_reduce(value, "sum", dist.group.WORLD)
 
 
 def sum_over_ranks_tensor(world: World, value: torch.Tensor) -> torch.Tensor:

@@ -62,13 +62,13 @@ def evaluate_checkpoint(
     )
     cfg = dataclasses.replace(cfg, data=data_cfg)
     data = open_data(cfg.data, tasks, evaluation=True)
-    configure_determinism(cfg.train.seed, cfg.determinism)
+    configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
     torch_device = select_device(device)
 
     model, losses = build_model(cfg, trained)
     model.load_state_dict(state[ckpt.MODEL])
     model.to(torch_device)
-    transform = build_transform(cfg, model)
+    transform = build_transform(cfg, model, torch_device)
     recalibrated = None
     if recalibrate_images is not None:
         if not has_batchnorm(model.backbone):

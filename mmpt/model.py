@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpt import backbones
+from mmpt.distributed import World
 from mmpt.errors import MmptError, lookup
 from mmpt.norm import (
     NormLayout,
@@ -22,6 +23,7 @@ from mmpt.norm import (
     norm_layer_prefixes,
     resolve_norm,
     saved_norm,
+    share_norms,
     task_norms,
     transfer_norm_state,
 )
@@ -91,6 +93,11 @@ class MultiTaskNet(nn.Module):
         if norm != "shared":
             convert_norms(backbone, len(self.norm_tasks), norm, self.norm_layout)
         self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
+        self._register_norm_rows()
+
+    def _register_norm_rows(self) -> None:
+        # the index of each dataset's statistics row, on the model's device: a layout as a tensor is cut from it
+        self.register_buffer("norm_rows", torch.arange(len(self.norm_tasks)), persistent=False)
 
     def split_norm_statistics(self, tasks: tuple[str, ...] = ()) -> None:
         """Turn shared BatchNorm statistics into per-dataset ones (model.norm per_dataset_stats) for the model's
@@ -100,22 +107,43 @@ class MultiTaskNet(nn.Module):
             self._norm_index = {task: i for i, task in enumerate(self.norm_tasks)}
             convert_norms(self.backbone, len(self.norm_tasks), "per_dataset_stats", self.norm_layout)
             self.norm = "per_dataset_stats"
+            self._register_norm_rows()
+
+    def share_norms(self) -> None:
+        """Make every shared BatchNorm layer a SharedBatchNorm, which a synchronised pass (`set_norm_layout`'s
+        `world`) normalises with the global batch's statistics; weights, buffers and keys stay as they are."""
+        share_norms(self.backbone, self.norm_layout)
 
     @property
     def per_dataset_norm(self) -> bool:
         return self.norm != "shared"
 
-    def set_norm_layout(self, segments: list[tuple[str, int]]) -> None:
-        """Tell the per-dataset norm layers which dataset each slice of the next backbone batch belongs to:
-        [(task, images), ...] in batch order (sizes known on the host, so no device sync). No-op for shared norm."""
-        if self.per_dataset_norm:
-            unknown = [task for task, _ in segments if task not in self._norm_index]
-            if unknown:
-                raise MmptError(
-                    f"this model keeps BatchNorm statistics for {', '.join(self.norm_tasks)} only (model.norm "
-                    f"{self.norm}), not {', '.join(unknown)}; evaluate it on its own datasets"
-                )
-            self.norm_layout.segments = tuple((self._norm_index[task], n) for task, n in segments)
+    def set_norm_layout(
+        self, segments: list[tuple[str, int]], *, as_tensor: bool = False, world: World | None = None
+    ) -> None:
+        """Tell the norm layers which dataset each slice of the next backbone batch belongs to: [(task, images), ...]
+        in batch order (sizes known on the host, so no device sync).
+
+        `as_tensor`: also as the dataset row of each image on the device (a compiled backbone: one graph for every
+        layout). `world`: the pass's statistics are those of every rank's rows (model.sync_norm under torchrun; every
+        rank must make the same passes). Every pass sets both anew, so a pass made without them is neither.
+        """
+        layout = self.norm_layout
+        layout.world = world
+        layout.rows = None
+        if not self.per_dataset_norm:
+            return
+        unknown = [task for task, _ in segments if task not in self._norm_index]
+        if unknown:
+            raise MmptError(
+                f"this model keeps BatchNorm statistics for {', '.join(self.norm_tasks)} only (model.norm "
+                f"{self.norm}), not {', '.join(unknown)}; evaluate it on its own datasets"
+            )
+        layout.segments = tuple((self._norm_index[task], n) for task, n in segments)
+        if as_tensor or world is not None:
+            # views of the row indices, expanded and joined into a tensor of its own (one small kernel, no copy from
+            # the host): a view's storage offset would be one more thing a compiled graph specialises on
+            layout.rows = torch.cat([self.norm_rows[i].expand(n) for i, n in layout.segments])
 
     def norm_parameters(self, tasks: tuple[str, ...]) -> list[nn.Parameter]:
         """The per-dataset affine parameters of `tasks` (model.norm per_dataset; else none)."""
@@ -130,15 +158,12 @@ class MultiTaskNet(nn.Module):
         features = self.backbone(x)  # N×F
         return self.heads[task](features)
 
-    def features(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, task: str | None = None, world: World | None = None) -> torch.Tensor:
         """The backbone's pooled N×F features of the N×3×S×S input `x` (what every head reads); with per-dataset
-        norm, through `task`'s statistics (and affine weights)."""
-        if self.per_dataset_norm:
-            if task is None:
-                raise MmptError(
-                    "this backbone normalises each dataset with its own statistics: features need a dataset"
-                )
-            self.set_norm_layout([(task, len(x))])
+        norm, through `task`'s statistics (and affine weights). `world`: a synchronised pass (`set_norm_layout`)."""
+        if self.per_dataset_norm and task is None:
+            raise MmptError("this backbone normalises each dataset with its own statistics: features need a dataset")
+        self.set_norm_layout([(task, len(x))], world=world)
         return self.backbone(x)
 
     @property

@@ -7,6 +7,13 @@ timm's BatchNormAct2d, which adds a dropout and an activation) by a `TaskBatchNo
 running statistics per dataset. The model sets the current layout (which dataset each slice of the batch
 belongs to) before every backbone pass; a batch of several datasets (sampler.tasks_per_step >= 2) is
 normalised slice by slice, each with its own batch statistics, updating only its own running statistics.
+
+Two passes take another form of the same arithmetic, `normalize_rows`, which reads the layout as a tensor (the
+dataset row of each image) instead of host integers: a compiled backbone's (train.compile), so that one graph
+serves every dataset and every mix of datasets and sizes instead of one graph per layout, and a pass synchronised
+across processes (model.sync_norm under torchrun), whose statistics are those of the global batch: each dataset's
+sums over every rank's rows, in one differentiable all-reduce per layer, as nn.SyncBatchNorm does. Shared
+BatchNorm layers become `SharedBatchNorm`s for the synchronised passes; they keep their weights, buffers and keys.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmpt.choices import NORMS
 from mmpt.data.loader import shard
 from mmpt.data.sampler import near_equal_batches
-from mmpt.distributed import SINGLE, World, all_reduce_mean_
+from mmpt.distributed import SINGLE, World, all_reduce_mean_, differentiable_sum
 from mmpt.errors import MmptError
 
 AUTO = "auto"  # per_dataset_stats for a BatchNorm backbone trained on 2+ datasets, else shared
@@ -54,11 +61,93 @@ def saved_norm(backbone_weights: dict[str, Tensor]) -> str:
 class NormLayout:
     """Which dataset each slice of the backbone's batch belongs to: [(dataset index, images), ...] in batch order.
 
-    One object shared by every TaskBatchNorm of a model; the model sets it before each backbone pass.
+    One object shared by every TaskBatchNorm (and SharedBatchNorm) of a model; the model sets it before each
+    backbone pass. `rows` (the dataset index of each image, a tensor on the device) is set for the passes that
+    normalise through `normalize_rows`: a compiled backbone's and a synchronised one; `world` for a pass whose
+    statistics are those of every rank's rows (model.sync_norm under torchrun: the training step's passes and the
+    calibration, never a pass that one rank makes alone).
     """
 
     def __init__(self) -> None:
         self.segments: tuple[tuple[int, int], ...] = ()
+        self.rows: Tensor | None = None
+        self.world: World | None = None
+
+
+def normalize_rows(
+    x: Tensor,
+    rows: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    world: World | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """BatchNorm without the affine step, each image with the statistics of its row: `x` N×C×..., `rows` the row
+    (dataset index) of each image (N, long, on x's device; None: every image row 0), `running_mean`/`running_var`
+    R×C. Returns the normalised float32 N×C×... and, in training, which rows had images (R, bool); None in eval.
+
+    Training: each row's mean and biased variance over its images (with `world`, over every rank's images of that
+    row: their sums cross ranks in one differentiable all-reduce, so the gradient is the single process's) normalise
+    them, and rows with images update their running statistics as F.batch_norm does (the unbiased variance, weight
+    `momentum`). The arithmetic reads no value back and branches on no tensor: one graph for every layout.
+    Eval: the running statistics of each image's row.
+    """
+    assert momentum is not None or not training, "normalize_rows needs a momentum (not the cumulative average)"
+    n, channels = x.shape[:2]
+    spatial = tuple(range(2, x.dim()))
+    per_image = 1
+    for size in x.shape[2:]:
+        per_image *= size
+    view = (n, channels) + (1,) * len(spatial)
+    # the sums in float32, whatever autocast runs the convolutions in
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        num_rows = running_mean.shape[0]
+        if rows is None:
+            onehot = xf.new_ones(n, 1)  # N×1
+        else:
+            onehot = (rows[:, None] == torch.arange(num_rows, device=rows.device)[None, :]).float()  # N×R
+        if not training:
+            mean, var = running_mean.float(), running_var.float()
+            present = None
+        else:
+            count = onehot.sum(0) * per_image  # R: values per channel of each row
+            if world is None:
+                # two passes over the rows: the mean, then the mean square deviation from it
+                mean = (onehot.T @ xf.sum(spatial)) / count.clamp(min=1)[:, None]  # R×C
+                centered = xf - (onehot @ mean).view(view)
+                var = (onehot.T @ centered.pow(2).sum(spatial)) / count.clamp(min=1)[:, None]
+            else:
+                # one all-reduce: the counts and the sums of the values and squares, shifted by the running mean
+                # (the same on every rank) so that the squares do not cancel
+                shift = running_mean.detach().double()
+                shifted = xf.double() - (onehot.double() @ shift).view(view)
+                onehot = onehot.double()
+                count = count.double()
+                local = torch.cat(
+                    [
+                        count,
+                        (onehot.T @ shifted.sum(spatial)).flatten(),
+                        (onehot.T @ shifted.pow(2).sum(spatial)).flatten(),
+                    ]
+                )
+                count, sums, squares = differentiable_sum(world, local).split([num_rows, *(2 * [num_rows * channels])])
+                d = sums.view(num_rows, channels) / count.clamp(min=1)[:, None]  # batch mean - shift
+                mean = (shift + d).float()
+                var = (squares.view(num_rows, channels) / count.clamp(min=1)[:, None] - d * d).clamp(min=0).float()
+                onehot = onehot.float()
+                count = count.float()
+            present = count > 0
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
+                kept = present[:, None]
+                running_mean.copy_(torch.where(kept, (1 - momentum) * running_mean + momentum * mean, running_mean))
+                running_var.copy_(torch.where(kept, (1 - momentum) * running_var + momentum * unbiased, running_var))
+        out = (xf - (onehot @ mean).view(view)) * torch.rsqrt(onehot @ var + eps).view(view)
+    return out, present
 
 
 class TaskBatchNorm(nn.Module):
@@ -91,6 +180,8 @@ class TaskBatchNorm(nn.Module):
         self.act = getattr(source, "act", nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout.rows is not None:  # a compiled or synchronised pass
+            return self.act(self.drop(self._norm_rows(x)))
         segments = self.layout.segments
         assert segments, "TaskBatchNorm needs the model's norm layout (MultiTaskNet sets it before the backbone)"
         if len(segments) == 1:
@@ -99,6 +190,34 @@ class TaskBatchNorm(nn.Module):
             chunks = x.split([n for _, n in segments])
             out = torch.cat([self._norm(chunk, t) for chunk, (t, _) in zip(chunks, segments)])
         return self.act(self.drop(out))
+
+    def _norm_rows(self, x: Tensor) -> Tensor:
+        layout = self.layout
+        out, present = normalize_rows(
+            x,
+            layout.rows,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            world=layout.world,
+        )
+        if present is not None:
+            self.num_batches_tracked.add_(present.long())
+        if self.per_task_affine:
+            # each dataset's own weights on its slice (host sizes: never in a compiled graph, see config)
+            assert not torch.compiler.is_compiling(), "per-dataset affine weights are not compiled (config refuses it)"
+            chunks = out.split([n for _, n in layout.segments])
+            out = torch.cat(
+                [
+                    c * _channels(self.task_weight[t], c) + _channels(self.task_bias[t], c)
+                    for c, (t, _) in zip(chunks, layout.segments)
+                ]
+            )
+        elif self.weight is not None:
+            out = out * _channels(self.weight, out) + _channels(self.bias, out)
+        return out.to(x.dtype)
 
     def _norm(self, x: Tensor, t: int) -> Tensor:
         factor = 0.0 if self.momentum is None else self.momentum
@@ -119,6 +238,62 @@ class TaskBatchNorm(nn.Module):
             f"{self.num_features}, tasks={self.running_mean.shape[0]}, eps={self.eps}, momentum={self.momentum}, "
             f"per_task_affine={self.per_task_affine}"
         )
+
+
+def _channels(vector: Tensor, like: Tensor) -> Tensor:
+    """A per-channel C vector shaped to broadcast over N×C×... `like`."""
+    return vector.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+class SharedBatchNorm(_BatchNorm):
+    """A shared BatchNorm layer (one set of statistics for every dataset) whose training passes the step can
+    synchronise across processes (model.sync_norm under torchrun: the layout's `world`): such a pass normalises
+    with the statistics of the global batch and updates the running statistics with them (`normalize_rows`, one
+    row); every other pass is torch's BatchNorm. Made from a layer by `share_norms`, it keeps that layer's weights
+    and buffers (the same tensors, so optimizers built before keep them), its state-dict keys and timm's
+    BatchNormAct2d dropout and activation.
+    """
+
+    def __init__(self, source: _BatchNorm, layout: NormLayout) -> None:
+        super().__init__(source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats)
+        self.weight, self.bias = source.weight, source.bias
+        self.running_mean, self.running_var = source.running_mean, source.running_var
+        self.num_batches_tracked = source.num_batches_tracked
+        self.layout = layout
+        self.drop = getattr(source, "drop", nn.Identity())
+        self.act = getattr(source, "act", nn.Identity())
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        assert input.dim() >= 2, f"BatchNorm takes N×C×... inputs, got {tuple(input.shape)}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.layout.world is not None):
+            return self.act(self.drop(super().forward(x)))
+        out, _ = normalize_rows(
+            x,
+            None,
+            self.running_mean.view(1, -1),
+            self.running_var.view(1, -1),
+            training=True,
+            momentum=self.momentum,
+            eps=self.eps,
+            world=self.layout.world,
+        )
+        self.num_batches_tracked.add_(1)
+        if self.weight is not None:
+            out = out * _channels(self.weight, out) + _channels(self.bias, out)
+        return self.act(self.drop(out.to(x.dtype)))
+
+
+def share_norms(backbone: nn.Module, layout: NormLayout) -> nn.Module:
+    """Replace, in place, every plain BatchNorm layer of `backbone` that tracks running statistics by a
+    SharedBatchNorm on `layout` (for synchronised training passes); return it. Per-dataset layers stay as they are."""
+    for name, child in list(backbone.named_children()):
+        if isinstance(child, _BatchNorm) and child.track_running_stats and not isinstance(child, SharedBatchNorm):
+            setattr(backbone, name, SharedBatchNorm(child, layout))
+        else:
+            share_norms(child, layout)
+    return backbone
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -363,6 +538,7 @@ def estimate_statistics(
     transform,
     device: torch.device,
     forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    world: World | None = None,
 ) -> dict[str, int]:
     """Set each dataset's row of every per-dataset BatchNorm layer of `model` to the average of its batch statistics
     over `batches` (flag -> a list of index arrays into splits[flag], that flag's train SplitData); return the
@@ -397,7 +573,7 @@ def estimate_statistics(
                     layer.momentum = 1.0 / (i + 1)
                 x = transform(torch.from_numpy(np.array(mapped[chunk])).to(device))
                 with forward_context():
-                    model.features(x, flag)
+                    model.features(x, flag, world=world)
             used[flag] = sum(len(chunk) for chunk in indices)
     finally:
         for layer, momentum, count in zip(layers, momenta, counts):
@@ -438,14 +614,16 @@ def calibrate_norms(
     epoch: int,
     world: World = SINGLE,
     forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    synchronised: bool = False,
 ) -> bool:
     """Precise per-dataset statistics during training (model.norm_calibration_batches): replace each dataset's
     running statistics by their average over `batches` of its training batches (`calibration_batches` of (seed,
     epoch), `batch_size` images each: the global batch), with the weights fixed; return whether it did.
 
     A no-op (False) for `batches` 0 and for a model with shared statistics. Under torchrun each rank reads its
-    shard of every batch, as in a training step, and the ranks' averages are averaged in one all-reduce, so every
-    rank ends with the same statistics. `forward_context`: as in `estimate_statistics`.
+    shard of every batch, as in a training step; `synchronised` (model.sync_norm), each batch's statistics are the
+    whole batch's, as on one process; else each rank's are its shard's, and the ranks' averages are averaged. Either
+    way a last all-reduce leaves every rank with the same statistics. `forward_context`: as in `estimate_statistics`.
     """
     if batches == 0 or not model.per_dataset_norm:
         return False
@@ -456,7 +634,8 @@ def calibrate_norms(
         ]
         for flag, split in splits.items()
     }
-    estimate_statistics(model, splits, mine, transform, device, forward_context)
+    sync = world if synchronised and world.distributed else None
+    estimate_statistics(model, splits, mine, transform, device, forward_context, world=sync)
     all_reduce_mean_(world, [t for _, m in task_norms(model.backbone) for t in (m.running_mean, m.running_var)])
     return True
 

@@ -25,9 +25,9 @@ from mmpt.losses import TaskLoss, build_loss
 from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_weights
 from mmpt.mtl import GRADIENT, METHODS, environment_problems
 from mmpt.mtl.build import build_weighting
-from mmpt.norm import calibrate_norms, check_norm
+from mmpt.norm import calibrate_norms, check_norm, has_batchnorm
 from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
-from mmpt.precision import autocast
+from mmpt.precision import autocast, resolve_precision
 from mmpt.step import TrainStep
 from mmpt.tasks import FLAGS, TaskSpec
 from mmpt.weights import read_weights, train_sizes
@@ -87,10 +87,11 @@ def build_model(cfg: Config, tasks: list[TaskSpec]) -> tuple[MultiTaskNet, dict[
     return model, losses
 
 
-def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:
-    """On-device preprocessing to the model's input size with the backbone's mean/std."""
+def build_transform(cfg: Config, model: MultiTaskNet, device: torch.device | None = None) -> DeviceTransform:
+    """On-device preprocessing to the model's input size with the backbone's mean/std; its normalisation constants
+    moved to `device` once (when given), so no batch copies them."""
     mean, std = model.mean_std
-    return DeviceTransform(
+    transform = DeviceTransform(
         input_size=model.input_size,
         mode=cfg.input.mode,
         mean=mean,
@@ -99,6 +100,7 @@ def build_transform(cfg: Config, model: MultiTaskNet) -> DeviceTransform:
         interpolation=cfg.input.interpolation,
         augment=cfg.input.augment,
     )
+    return transform.to(device) if device is not None else transform
 
 
 def build_sampler(cfg: Config, sizes: dict[str, int]) -> Sampler:
@@ -140,14 +142,18 @@ def build_step(
     device: torch.device,
     world: World = SINGLE,
     train_splits: dict | None = None,
+    precision: str | None = None,
+    compile_backend: str = "inductor",
 ) -> TrainStep:
     """The training step of `cfg` for `model` (already on `device`): its optimizers, each head's LR schedule sized
     by the head's own updates per epoch and the backbone's by the steps, its loss weighting, input transform and
     gradient-conflict diagnostic (`train_splits`, flag -> train SplitData: where it draws batches when a step holds
-    one dataset; without them that source stays off).
+    one dataset; without them that source stays off). `precision`: what it trains in (`run_precision`; None:
+    train.precision resolved for `device`). `compile_backend`: torch.compile's backend under train.compile.
 
     The one place the recipe and the benchmarks assemble a step.
     """
+    precision = precision or resolve_precision(cfg.train.precision, device)
     optimizers = build_optimizers(
         model.backbone,
         dict(model.heads),
@@ -168,6 +174,7 @@ def build_step(
         steps_per_epoch=sampler.steps,
         shared_params=model.backbone.parameters(),
         weights=cfg.loss.weights,
+        jacobian_chunk_size=jacobian_chunk_size(cfg.train.compile, precision, model),
     )
     return TrainStep(
         model,
@@ -177,12 +184,32 @@ def build_step(
         build_transform(cfg, model),
         device=device,
         world=world,
-        precision=cfg.train.precision,
+        precision=precision,
         seed=cfg.train.seed,
         channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
+        compile_backend=compile_backend,
+        sync_norm=cfg.model.sync_norm,
         conflicts=build_conflicts(cfg, list(model.heads), world, train_splits),
     )
+
+
+def jacobian_chunk_size(compiled: bool, precision: str, model: MultiTaskNet) -> int | None:
+    """How many rows of a gradient-based method's Jacobian TorchJD differentiates at once: all (None), with torch.vmap
+    over the backward pass, except where vmap cannot run it: through a compiled backward (train.compile) or through
+    BatchNorm's backward in bf16 or fp16 (its batched kernel takes one dtype: "expected scalar type BFloat16 but found
+    Float"); there one by one (1), which computes the same Jacobian."""
+    one_by_one = compiled or (precision != "fp32" and has_batchnorm(model.backbone))
+    return 1 if one_by_one else None
+
+
+def run_precision(cfg: Config, device: torch.device, saved: dict | None = None) -> str:
+    """What a run trains in: train.precision, `auto` resolved for `device` when the run starts; on resume, what the
+    checkpoint `saved` trained in (an auto run keeps its first decision on any device; any other value is a recipe
+    key, the same in the checkpoint)."""
+    if saved is not None and "precision" in saved.get(ckpt.STEP, {}):
+        return saved[ckpt.STEP]["precision"]
+    return resolve_precision(cfg.train.precision, device)
 
 
 def build_conflicts(cfg: Config, tasks: list[str], world: World, train_splits: dict | None) -> GradientConflicts | None:
@@ -212,15 +239,20 @@ def calibrate_statistics(
     *,
     epoch: int,
     world: World = SINGLE,
+    precision: str | None = None,
+    synchronised: bool = False,
 ) -> bool:
     """Precise per-dataset BatchNorm statistics before the validation after epoch `epoch` (0-based):
     model.norm_calibration_batches batches of train.batch_size images of each dataset's train split (`splits`:
-    flag -> its train SplitData), drawn from train.seed and the epoch, each pass under train.precision's autocast
-    as at evaluation (`mmpt.norm.calibrate_norms`); returns whether it calibrated (not for 0 or shared statistics,
-    nor after an epoch of train.probe_epochs: the backbone is frozen there, its statistics stay as loaded).
+    flag -> its train SplitData), drawn from train.seed and the epoch, each pass under the run's precision
+    (`precision`, default train.precision resolved for `device`) as at evaluation, and with `synchronised` over every
+    rank's images as the training step's passes are (model.sync_norm; `mmpt.norm.calibrate_norms`); returns whether
+    it calibrated (not for 0 or shared statistics, nor after an epoch of train.probe_epochs: the backbone is frozen
+    there, its statistics stay as loaded).
     """
     if epoch < cfg.train.probe_epochs:
         return False
+    precision = precision or resolve_precision(cfg.train.precision, device)
     return calibrate_norms(
         model,
         splits,
@@ -231,7 +263,23 @@ def calibrate_statistics(
         seed=cfg.train.seed,
         epoch=epoch,
         world=world,
-        forward_context=lambda: autocast(device, cfg.train.precision),
+        forward_context=lambda: autocast(device, precision),
+        synchronised=synchronised,
+    )
+
+
+def calibrate_step(cfg: Config, step: TrainStep, splits: dict, *, epoch: int) -> bool:
+    """`calibrate_statistics` for the model of a training step, in its precision and norm synchronisation."""
+    return calibrate_statistics(
+        cfg,
+        step.model,
+        splits,
+        step.transform,
+        step.device,
+        epoch=epoch,
+        world=step.world,
+        precision=step.precision,
+        synchronised=step.norm_world is not None,
     )
 
 

@@ -19,10 +19,14 @@ import torch
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def configure_determinism(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; with `deterministic`, force deterministic kernels (CUDA included).
+def configure_determinism(seed: int, deterministic: bool, tf32: bool = False) -> None:
+    """Seed Python, NumPy and torch; with `deterministic`, force deterministic kernels (CUDA included); `tf32`: TF32
+    tensor cores for float32 matrix products and convolutions on CUDA (train.tf32).
 
-    CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts; if CUDA is already up, this warns.
+    TF32 is independent of determinism: its kernels give the same bits run to run on the same GPU model. Deterministic
+    mode does not fill new memory (torch's fill_uninitialized_memory): mmpt reads no uninitialised memory, and the
+    fill costs a write of every new tensor. CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts; if CUDA is already
+    up, this warns.
     """
     if deterministic:
         if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") is None:
@@ -32,11 +36,11 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
             )
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    # TF32 trades exactness for speed: only when determinism is off
-    torch.backends.cuda.matmul.allow_tf32 = not deterministic
-    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -75,6 +79,7 @@ def environment(device: torch.device, deterministic: bool) -> dict:
         "determinism": deterministic,
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "fill_uninitialized_memory": torch.utils.deterministic.fill_uninitialized_memory,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     return env

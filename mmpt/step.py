@@ -6,7 +6,9 @@ on the device and read by the caller once per logging interval (`read_losses`).
 
 Under torchrun the backbone is wrapped in DDP alone (every backbone parameter takes part in every
 step, so no unused-parameter search is needed) and the gradients of the heads in the step are
-averaged explicitly in one all-reduce; the heads not in the step take no part at all.
+averaged explicitly in one all-reduce; the heads not in the step take no part at all. BatchNorm passes
+use the statistics of the global batch (model.sync_norm), and each rank draws its own dropout masks from
+(seed, step, rank).
 """
 
 from __future__ import annotations
@@ -23,14 +25,32 @@ from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet
 from mmpt.mtl import GRADIENT, METHODS
 from mmpt.mtl.base import MethodState
-from mmpt.norm import task_parameter_names
+from mmpt.norm import has_batchnorm, task_parameter_names
 from mmpt.optim import BACKBONE, Optimizers
-from mmpt.precision import autocast, grad_scaler
+from mmpt.precision import LossScale, autocast, grad_scaler, resolve_precision
+
+DROPOUT_STREAM = 0x64726F70  # keeps the dropout seeds apart from the augmentation's
 
 
 def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation on one rank: a pure function of (seed, step, rank), so resume replays it."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's dropout masks on one rank under torchrun: a pure function of (seed, step, rank), so
+    every rank draws its own masks (as one process draws a mask per image) and a resume on any world size replays
+    them."""
+    return int(np.random.SeedSequence([seed, step, rank, DROPOUT_STREAM]).generate_state(1)[0])
+
+
+def seed_dropout(device: torch.device, seed: int) -> None:
+    """Seed the generator that dropout on `device` draws from (the device's default one): host-side, no sync."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 class TrainStep:
@@ -54,12 +74,19 @@ class TrainStep:
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_backend: str = "inductor",
+        sync_norm: bool = True,
         conflicts: GradientConflicts | None = None,
     ) -> None:
         self.model, self.losses, self.optimizers, self.weighting = model, losses, optimizers, weighting
         self.transform = transform.to(device)
-        self.device, self.world, self.precision, self.seed = device, world, precision, seed
+        self.device, self.world, self.seed = device, world, seed
+        self.precision = resolve_precision(precision, device)  # train.precision auto decided here
         self.channels_last = channels_last
+        # model.sync_norm under torchrun: the step's BatchNorm passes use every rank's rows (None: this rank's)
+        self.norm_world = world if world.distributed and sync_norm and has_batchnorm(model.backbone) else None
+        if self.norm_world is not None:
+            model.share_norms()  # before DDP takes the backbone's buffers
         if channels_last:
             model.to(memory_format=torch.channels_last)
         # what runs the backbone: the module itself, or a DDP and/or compiled wrapper around it
@@ -71,9 +98,17 @@ class TrainStep:
             per_dataset = set(task_parameter_names(model.backbone))
             leave_out = [p for name, p in model.backbone.named_parameters() if name in per_dataset]
             self.backbone = data_parallel(model.backbone, device, leave_out)
+        self.compiled = compile
         if compile:
-            self.backbone = torch.compile(self.backbone)
+            if METHODS[weighting.name].kind == GRADIENT or (conflicts is not None and conflicts.source == STEP):
+                # these backward passes retain the graph (one per row of the Jacobian, or per dataset), which a
+                # compiled backward allows only without donated buffers (AOTAutograd's memory reuse; process-wide)
+                torch._functorch.config.donated_buffer = False
+            # compile_backend: torch.compile's; tests and the CPU dry run of the GPU check take aot_eager (the same
+            # graphs and autograd, no code generation)
+            self.backbone = torch.compile(self.backbone, backend=compile_backend)
         self.scaler = grad_scaler(device, precision)
+        self.loss_scale = LossScale(self.scaler)
         self.generator = torch.Generator(device=device)
         self.index = {task: i for i, task in enumerate(model.heads)}
         self.loss_sum = torch.zeros(len(self.index), device=device)
@@ -109,9 +144,11 @@ class TrainStep:
                 self.shared_params,
                 forward=self._diagnostic_forward,
                 device=self.device,
-                scale=self._scale,
+                scale=self.loss_scale,
             )
         self.generator.manual_seed(augmentation_seed(self.seed, step, self.world.rank))
+        if self.world.distributed:  # one process keeps its one stream (its checkpoint restores it)
+            seed_dropout(self.device, dropout_seed(self.seed, step, self.world.rank))
         inputs, labels = [], []
         for part in parts:
             images = part.images.to(self.device, non_blocking=True)
@@ -121,7 +158,9 @@ class TrainStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # per-dataset norm: which slice of x is which dataset's (sizes are host-side, no sync)
-        self.model.set_norm_layout([(p.task, len(y)) for p, y in zip(parts, labels)])
+        self.model.set_norm_layout(
+            [(p.task, len(y)) for p, y in zip(parts, labels)], as_tensor=self.compiled, world=self.norm_world
+        )
         with autocast(self.device, self.precision):
             if self.backbone_frozen:
                 with torch.no_grad():  # the plain module: no DDP gradient hooks, no compiled graph for no-grad mode
@@ -136,7 +175,7 @@ class TrainStep:
         tasks = tuple(losses)
         if source == STEP and len(tasks) > 1:  # one extra backward pass per dataset, over the step's graph
             gradients = [
-                torch.autograd.grad(self._scale(loss), self.shared_params, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(self.loss_scale(loss), self.shared_params, retain_graph=True, allow_unused=True)
                 for loss in losses.values()
             ]
             self.conflicts.record(step, tasks, cosines(gramian(gradients)))
@@ -145,12 +184,13 @@ class TrainStep:
         if self.backbone_frozen and self.gradient_based:
             # no Jacobian of a frozen backbone to aggregate: each head takes its own loss's gradient, as mtl_backward
             # gives the task-specific parameters
-            self._scale(sum(losses.values())).backward()
+            self.loss_scale(sum(losses.values())).backward()
         else:
-            self.weighting.backward(losses, features, self._scale)
+            self.weighting.backward(losses, features, self.loss_scale)
         if source == GRAMIAN:
             self.weighting.method.keep_gramian = False
-            if len(tasks) > 1:
+            # none where fp16 overflowed and the step is skipped
+            if len(tasks) > 1 and self.weighting.method.gramian is not None:
                 self.conflicts.record(step, tasks, cosines(self.weighting.method.gramian))
         all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
         self.optimizers.step(tasks, self.scaler)
@@ -165,15 +205,15 @@ class TrainStep:
     def _global_mean(self, loss: Tensor, local_size: int, global_size: int) -> Tensor:
         """This rank's mean loss, rescaled so that averaging over ranks gives the global batch's mean.
 
-        Shards may differ by one image. The value becomes the global mean (all ranks agree, so stateful
-        weightings stay identical across ranks) while the gradient stays this rank's own (DDP averages it).
-        A loss that averages over a data-dependent subset (CORN) has already divided by the global subset size,
-        scaled to this convention (losses.TaskLoss).
+        Shards may differ by one image. The value becomes the global mean, bitwise the same on every rank (the
+        all-reduced mean plus an exact zero), so stateful weightings stay identical across ranks, while the gradient
+        stays this rank's own (DDP averages it). A loss that averages over a data-dependent subset (CORN) has
+        already divided by the global subset size, scaled to this convention (losses.TaskLoss).
         """
         if not self.world.distributed:
             return loss
         local = loss * (local_size * self.world.world_size / global_size)
-        return local + (mean_over_ranks(self.world, local.detach()) - local.detach())
+        return mean_over_ranks(self.world, local.detach()) + (local - local.detach())
 
     def _diagnostic_forward(self, x: Tensor, task: str) -> Tensor:
         """`task`'s logits for the conflict diagnostic's batch: the plain backbone (no DDP hooks, no compiled graph),
@@ -183,9 +223,6 @@ class TrainStep:
         self.model.set_norm_layout([(task, len(x))])
         with autocast(self.device, self.precision):
             return self.model.heads[task](self.model.backbone(x))
-
-    def _scale(self, loss: Tensor) -> Tensor:
-        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def _heads_of(self, tasks: tuple[str, ...]) -> list[nn.Parameter]:
         if tasks not in self._head_params:
@@ -205,14 +242,18 @@ class TrainStep:
         return {task: (sums[i], int(counts[i])) for task, i in self.index.items() if counts[i]}, nonfinite
 
     def state_dict(self) -> dict:
-        """The fp16 gradient scaler's state and the conflict diagnostic's record (each when present), for exact
-        resume."""
-        state = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        """The precision it trains in (train.precision auto as decided), the fp16 gradient scaler's state and the
+        conflict diagnostic's record (each when present), for exact resume."""
+        state = {"precision": self.precision}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         if self.conflicts is not None:
             state["conflicts"] = self.conflicts.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        # the recipe built this step in the checkpoint's precision (mmpt.recipe.run_precision)
+        assert state.get("precision", self.precision) == self.precision, "resumed in another precision"
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         # a run resumed with the diagnostic newly on (it changes no result) starts its record there

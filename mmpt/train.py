@@ -27,9 +27,10 @@ from mmpt.recipe import (
     build_model,
     build_sampler,
     build_step,
-    calibrate_statistics,
+    calibrate_step,
     check_run,
     load_initial_weights,
+    run_precision,
 )
 from mmpt.report import format_table, write_metrics
 from mmpt.rundir import RunDir, lock_run_dir, prepare_run_dir
@@ -48,7 +49,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     Raises MmptError for anything the user can fix (on every rank); Stopped after SIGINT/SIGTERM.
     """
     started = time.time()
-    configure_determinism(cfg.train.seed, cfg.determinism)  # before CUDA starts: cuBLAS reads its setting then
+    configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)  # before CUDA starts: cuBLAS reads it then
     world, device = distributed.init(cfg.train.device)
     run_dir = cfg.run_dir
     run = RunDir(run_dir)
@@ -70,7 +71,14 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     sampler = build_sampler(cfg, {t.flag: len(data[t.flag].splits["train"]) for t in tasks})
     model.to(device)
     step = build_step(
-        cfg, model, losses, sampler, device, world, train_splits={f: d.splits["train"] for f, d in data.items()}
+        cfg,
+        model,
+        losses,
+        sampler,
+        device,
+        world,
+        train_splits={f: d.splits["train"] for f, d in data.items()},
+        precision=run_precision(cfg, device, saved),  # train.precision auto: decided at the start, kept on resume
     )
     state = TrainingState(cfg, world, model, step, data)
     if saved is not None:
@@ -98,12 +106,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 device,
                 world,
                 data_cache=cache_location(cfg.data.root, cfg.data.cache_dir),
-                optimizers=step.optimizers,
-                conflicts=step.conflicts,
+                step=step,
             )
         )
         if saved is not None:
-            print(resumed_line(saved[ckpt.PROGRESS], world))
+            print(resumed_line(saved[ckpt.PROGRESS], world, cfg, model, cuda_states=state.parts[ckpt.RNG].cuda))
 
     log = Log(run.tb, world, steps_done=progress.step)
     specs = {flag: task_data.task for flag, task_data in data.items()}
@@ -158,7 +165,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
 
             # precise per-dataset BatchNorm statistics, then validation on every dataset, then early stopping
             try:
-                calibrate_statistics(cfg, model, train_splits, step.transform, device, epoch=epoch, world=world)
+                calibrate_step(cfg, step, train_splits, epoch=epoch)
                 broadcast_buffers(world, model)
                 val = metrics_table(
                     evaluate_all(
@@ -168,7 +175,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                         losses,
                         step.transform,
                         device,
-                        precision=cfg.train.precision,
+                        precision=step.precision,
                         world=world,
                         stop=stop,
                     )
@@ -223,7 +230,7 @@ def test_report(
     model.load_state_dict(best)
     best_digest = ckpt.state_digest(best)
     results: dict[str, TaskResult] = evaluate_all(
-        model, loader, specs, losses, step.transform, device, precision=cfg.train.precision, world=world, stop=stop
+        model, loader, specs, losses, step.transform, device, precision=step.precision, world=world, stop=stop
     )
     table = metrics_table(results)
     if world.is_main:
@@ -254,7 +261,7 @@ def test_report(
                 "tasks_per_step": cfg.sampler.tasks_per_step,
                 "world_size": world.world_size,
                 "rank_digests": rank_digests,
-                "precision": cfg.train.precision,
+                "precision": step.precision,
                 "test_mean": table["mean"],
                 "wall_time_s": round(time.time() - started, 1),
             },

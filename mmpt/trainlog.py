@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from mmpt.config import Config
@@ -115,8 +116,12 @@ def describe(
     data_cache: Path,
     optimizers: Optimizers | None = None,
     conflicts: GradientConflicts | None = None,
+    step: TrainStep | None = None,
 ) -> str:
-    """The run's opening lines: what will be trained, on what input, where and how."""
+    """The run's opening lines: what will be trained, on what input, where and how (`step`: the training step, whose
+    optimizers, diagnostic, precision and norm synchronisation they state)."""
+    if step is not None:
+        optimizers, conflicts = step.optimizers, step.conflicts
     sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
@@ -156,22 +161,45 @@ def describe(
             f"the last block at optim.lr ({cfg.optim.lr:g})"
         )
     if has_batchnorm(model.backbone):
-        lines.append(
-            describe_norm(
-                model.norm,
-                list(sizes),
-                auto=cfg.model.norm == "auto",
-                calibration_batches=cfg.model.norm_calibration_batches,
-            )
+        line = describe_norm(
+            model.norm,
+            list(sizes),
+            auto=cfg.model.norm == "auto",
+            calibration_batches=cfg.model.norm_calibration_batches,
         )
+        if world.distributed:
+            line += (
+                f"; batch statistics over all {world.world_size} processes' images (model.sync_norm)"
+                if step is not None and step.norm_world is not None
+                else "; batch statistics over each process's own shard (model.sync_norm false)"
+            )
+        lines.append(line)
     if len(sizes) > 1:
         lines.append(conflicts_description(conflicts))
+    precision = step.precision if step is not None else cfg.train.precision
     lines.append(
-        f"device: {device}   world size: {world.world_size}   precision: {cfg.train.precision}"
+        f"device: {device}   world size: {world.world_size}   precision: {precision}"
+        + (" (train.precision auto)" if cfg.train.precision == "auto" else "")
         + ("   channels_last" if cfg.train.channels_last else "")
         + ("   compiled" if cfg.train.compile else "")
     )
+    lines.append(numerics_description(cfg, device))
     return "\n".join(lines)
+
+
+def numerics_description(cfg: Config, device) -> str:
+    """The start line on reproducibility and float32 arithmetic: determinism and TF32."""
+    if cfg.determinism:
+        line = "determinism: on (the same config and seed give the same weights on the same hardware)"
+    else:
+        line = "determinism: off (cuDNN autotuning; weights differ run to run)"
+    if getattr(device, "type", str(device)) == "cuda":
+        line += (
+            "; TF32 for float32 matrix products and convolutions (train.tf32; reproducible on the same GPU model)"
+            if cfg.train.tf32
+            else "; full float32 matrix products and convolutions (train.tf32 false)"
+        )
+    return line
 
 
 def probe_description(cfg: Config) -> str:
@@ -221,12 +249,35 @@ def input_description(cfg: Config, model: MultiTaskNet) -> str:
     return f"{source} px {how} to {size} px (input.mode {mode}; {(size / source) ** 2:.1f}x the pixels)"
 
 
-def resumed_line(saved: dict, world: World) -> str:
+def resumed_line(
+    saved: dict, world: World, cfg: Config, model: MultiTaskNet, cuda_states: tuple[int, int] = (0, 0)
+) -> str:
+    """The resume's line: where it continues, what a change of the world size changes, and which GPU random
+    states it restored (`cuda_states`: restored, in the checkpoint)."""
     line = f"resumed at epoch {saved['epoch']}, step {saved['step']}"
     before = saved.get("world_size", 1)
     if before != world.world_size:
         line += (
             f"; trained on {before} process(es) so far, now on {world.world_size}: the global batch is "
-            "unchanged, so the run continues with the same plan (results differ only by rounding)"
+            f"unchanged, so the run continues with the same plan ({world_change(cfg, model)})"
         )
+    restored, held = cuda_states
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if held > restored:
+        line += (
+            f"; the checkpoint holds the random state of {held} GPU(s) and this machine has {visible}: "
+            f"{restored} restored, the rest left as the seed set them"
+        )
+    elif held == 0 and visible and world.world_size == 1:
+        line += "; the checkpoint holds no GPU random state (trained without a GPU): the GPU's is the seed's"
     return line
+
+
+def world_change(cfg: Config, model: MultiTaskNet) -> str:
+    """What differs from an uninterrupted run when a resume changes the number of processes, in words."""
+    what = ["float rounding"]
+    if has_batchnorm(model.backbone) and not cfg.model.sync_norm:
+        what.append("the BatchNorm batch statistics, each rank's over its own shard (model.sync_norm false)")
+    if cfg.model.drop_rate > 0:
+        what.append("the dropout masks, which each rank draws for its own shard")
+    return "results differ from an uninterrupted run by " + " and ".join(what) + " only"

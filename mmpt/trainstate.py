@@ -101,13 +101,17 @@ class EarlyStopping:
 
 
 class RNGState:
-    """Python, NumPy and torch (CPU and CUDA) random states."""
+    """Python, NumPy and torch (CPU and CUDA) random states. After a load, `cuda` is (GPU states restored, GPU states
+    in the checkpoint): a machine with fewer GPUs restores as many as it has."""
+
+    def __init__(self) -> None:
+        self.cuda: tuple[int, int] = (0, 0)
 
     def state_dict(self) -> dict:
         return ckpt.rng_state()
 
     def load_state_dict(self, state: dict) -> None:
-        ckpt.set_rng_state(state)
+        self.cuda = ckpt.set_rng_state(state)
 
 
 class Record:

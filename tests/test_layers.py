@@ -94,6 +94,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.bench.data",
         "mmpt.bench.datafiles",
         "mmpt.bench.launcher",
+        "mmpt.bench.gpu",
         "mmpt.bench.loops",
         "mmpt.bench.train",
     },

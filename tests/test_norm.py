@@ -789,8 +789,9 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
     assert reference["best_digest"] == ckpt.state_digest(best[ckpt.MODEL])
 
 
-def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
-    """2 gloo processes: every rank calibrates its shard of each batch and the ranks' averages are averaged, so
+def test_under_torchrun_without_sync_norm_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
+    """2 gloo processes, model.sync_norm false: every rank calibrates its shard of each batch and the ranks' averages
+    are averaged, so
     the replicas agree and their statistics are the mean of the two shards' calibrations (not rank 0's alone)."""
     from test_distributed import finish, torchrun, write_config
 
@@ -804,7 +805,12 @@ def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root
         "name": "ddp",
         "output": str(tmp_path / "run"),
         "data": {"root": str(synthetic_root), "datasets": ["breast", "retina"], "num_workers": 0},
-        "model": {"backbone": "test_resnet", "norm": "per_dataset_stats", "norm_calibration_batches": 3},
+        "model": {
+            "backbone": "test_resnet",
+            "norm": "per_dataset_stats",
+            "norm_calibration_batches": 3,
+            "sync_norm": False,
+        },
         "input": {"mode": "native"},
         "optim": {"lr": 0.003},
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
@@ -858,3 +864,34 @@ def test_on_a_short_budget_the_calibrated_default_keeps_up_with_shared_statistic
         )
         auc[name] = run(cfg)["mean"]["auc"]
     assert auc["default"] >= auc["shared"] - 0.02, auc
+
+
+def test_the_layout_as_a_tensor_normalises_as_the_per_segment_batchnorm(synthetic_root):
+    """The compiled (and synchronised) form of per-dataset BatchNorm, `normalize_rows`, gives the per-segment
+    F.batch_norm's features, gradients and running statistics up to float rounding."""
+    from mmpt.config import load_config
+
+    cfg = load_config(
+        overrides=[
+            {
+                "data": {"root": str(synthetic_root), "datasets": ["breast", "retina"]},
+                "model": {"backbone": "test_resnet", "img_size": 32, "norm": "per_dataset_stats"},
+            }
+        ]
+    )
+    torch.manual_seed(0)
+    eager = build_model(cfg, resolve_tasks(cfg.data.datasets))[0].train()
+    rows = copy.deepcopy(eager)
+    x = torch.randn(13, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    weights = torch.linspace(-1, 1, 13 * 256).view(13, -1)
+    results = []
+    for model, as_tensor in ((eager, False), (rows, True)):
+        model.set_norm_layout([("breastmnist", 6), ("retinamnist", 7)], as_tensor=as_tensor)
+        features = model.backbone(x)
+        (features * weights[:, : features.shape[1]]).sum().backward()
+        grads = {n: p.grad for n, p in model.backbone.named_parameters()}
+        results.append((features.detach(), grads, model.backbone.state_dict()))
+    (f1, g1, s1), (f2, g2, s2) = results
+    assert torch.allclose(f1, f2, atol=1e-4)
+    assert all((g1[k] - g2[k]).norm() <= 1e-4 * g1[k].norm() + 1e-6 for k in g1)
+    assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-5) for k in s1)

@@ -17,6 +17,7 @@ from mmpt.config import load_config
 from mmpt.errors import MmptError
 from mmpt.mtl import METHODS, environment_problems, method_problems, missing_solvers, torchjd_state
 from mmpt.mtl.build import build_weighting
+from mmpt.precision import LossScale
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra)
@@ -55,7 +56,7 @@ def _train(weighting, model, steps, first_seed=0, flags=tuple(SIZES)):
         torch.manual_seed(1000 + step)  # PCGrad's and GradDrop's draws come from the global RNG
         losses, features = model.losses(list(flags), seed=step)
         optimizer.zero_grad()
-        weighting.backward(losses, features, lambda loss: loss)
+        weighting.backward(losses, features, LossScale())
         optimizer.step()
 
 
@@ -78,7 +79,7 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
     )
     features = (w * 1.0).unsqueeze(0)  # 1×2
     losses = {t: (features @ a).sum() for t, a in heads.items()}
-    weighting.backward(losses, features, lambda loss: loss)
+    weighting.backward(losses, features, LossScale())
     # by hand: g1 - (g1·g2)/|g2|² g2 = [0.5, 0.5]; g2 - (g2·g1)/|g1|² g1 = [0, 1]; PCGrad sums them
     assert torch.allclose(w.grad, torch.tensor([0.5, 1.5]))
     # as weights on the rows: 2 g1 + 1.5 g2
@@ -108,7 +109,7 @@ def test_uw_gives_torchjds_gradient_and_its_log_variances_move():
     model, reference = Toy(flags), Toy(flags)
     weighting = _build("uw", model)
     losses, features = model.losses(flags, seed=0)
-    weighting.backward(losses, features, lambda loss: loss)
+    weighting.backward(losses, features, LossScale())
     # the same objective straight through torchjd's UW: sum_t 0.5 exp(-s_t) L_t + 0.5 s_t, s = 0
     ref_losses, _ = reference.losses(flags, seed=0)
     scalarization.UW(len(flags))(torch.stack([ref_losses[t] for t in flags])).backward()
@@ -156,7 +157,7 @@ def test_methods_that_need_every_dataset_do_not_depend_on_the_steps_order(name):
         weighting = _build(name, model)
         for step in range(5):
             losses, features = model.losses(flags, seed=step)
-            weighting.backward({t: losses[t] for t in order}, features, lambda loss: loss)
+            weighting.backward({t: losses[t] for t in order}, features, LossScale())
         weightings.append({t: w.item() for t, w in weighting.weights().items()})
     assert weightings[0] == pytest.approx(weightings[1])
 
@@ -209,7 +210,7 @@ def test_every_method_trains_the_toy(name):
         torch.manual_seed(step)
         losses, features = model.losses(flags, seed=99)
         optimizer.zero_grad()
-        weighting.backward(losses, features, lambda loss: loss)
+        weighting.backward(losses, features, LossScale())
         optimizer.step()
     assert sum(model.losses(flags, seed=99)[0].values()).item() < before
     assert set(weighting.weights()) == set(flags)
@@ -221,7 +222,7 @@ def test_methods_that_act_per_dataset_run_one_dataset_per_step(name):
     weighting = _build(name, model)
     for step, flag in enumerate(SIZES):
         losses, features = model.losses([flag], seed=step)
-        weighting.backward(losses, features, lambda loss: loss)
+        weighting.backward(losses, features, LossScale())
         assert list(weighting.weights()) == [flag]
 
 
@@ -232,7 +233,7 @@ def test_rlw_draws_new_weights_with_mean_one():
     losses, features = model.losses(["pathmnist"], seed=0)
     for _ in range(200):
         losses = {"pathmnist": losses["pathmnist"].detach().requires_grad_()}
-        weighting.backward(losses, features, lambda loss: loss)
+        weighting.backward(losses, features, LossScale())
         draws.append(weighting.weights()["pathmnist"].item())
     assert len(set(draws)) == len(draws)
     assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.1)

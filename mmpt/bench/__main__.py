@@ -1,6 +1,7 @@
-"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare|launcher [options]` (`--help` on each for its options).
+"""Benchmarks of mmpt: `python -m mmpt.bench data|train|compare|launcher|gpu [options]` (`--help` on each).
 
-A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted.
+A benchmark, not a test: figures are printed beside their baseline and written to --json, never asserted; the
+GPU check (`gpu`) prints each figure beside its pass criterion and exits 1 when a judged figure fails.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpt.bench import compare, data, launcher, train
+from mmpt.bench import compare, data, gpu, launcher, train
 from mmpt.errors import MmptError
 
 
@@ -21,10 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_parser(commands)
     compare.add_parser(commands)
     launcher.add_parser(commands)
+    gpu.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         # data also runs its hidden memory-scenario commands
-        runners = {"train": train.run_command, "compare": compare.run_command, "launcher": launcher.run_command}
+        runners = {
+            "train": train.run_command,
+            "compare": compare.run_command,
+            "launcher": launcher.run_command,
+            "gpu": gpu.run_command,
+        }
         run = runners.get(args.command, data.run_command)
         return run(args)
     except MmptError as exc:

@@ -182,6 +182,7 @@ def engine_step(
     sizes: dict[str, int],
     device: torch.device,
     splits: dict | None = None,
+    compile_backend: str = "inductor",
 ) -> TrainStep:
     """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.train.run` would
     assemble for it (`mmpt.recipe.build_step`, single process), in training mode. `splits` (flag -> train
@@ -189,7 +190,8 @@ def engine_step(
     model, losses = build_model(cfg, list(tasks))
     model.to(device)
     model.train()
-    return build_step(cfg, model, losses, build_sampler(cfg, sizes), device, train_splits=splits)
+    sampler = build_sampler(cfg, sizes)
+    return build_step(cfg, model, losses, sampler, device, train_splits=splits, compile_backend=compile_backend)
 
 
 # ---------------------------------------------------------------------------------------------

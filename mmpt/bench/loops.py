@@ -93,11 +93,13 @@ class EngineLoop:
         self.step, self.device, self.log_every_steps = step, step.device, log_every_steps
         self.batches = iter(loader)
         self.number, self.wait_s = 0, 0.0
+        self.seen: set[str] = set()  # the datasets it has trained on (a compiled warm-up runs until all are)
 
     def __call__(self) -> int:
         asked = time.perf_counter()
         parts = next(self.batches)
         self.wait_s += time.perf_counter() - asked
+        self.seen.update(part.task for part in parts)
         self.step(parts, self.number)
         self.number += 1
         if self.number % self.log_every_steps == 0:

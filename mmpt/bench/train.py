@@ -1,7 +1,8 @@
 """Training benchmark: the engine's own step against a bare PyTorch loop, in one process on one device.
 
     python -m mmpt.bench train [--backbone B] [--resolution R] [--input-size S] [--batch-size N] [--steps S]
-        [--precision fp32|bf16|fp16] [--compile] [--channels-last] [--device D] [--json PATH]
+        [--precision auto|fp32|bf16|fp16] [--compile] [--channels-last] [--device D] [--no-determinism] [--no-tf32]
+        [--json PATH]
 
 (a) bare: the timm backbone (`mmpt.backbones.create_backbone`), one linear head and the same optimizer
     (`mmpt.optim.build_optimizers`, one optimizer over both), on one float S×S batch already on the device:
@@ -12,9 +13,11 @@
 
 Both see the same S×S input (`--input-size`, default the resolution: nothing is padded). They run in
 short turns (2 bare steps, 2 engine steps, ... 25 times by default) and the turn with the median
-engine/bare ratio gives the figures, so load on a shared machine falls on both alike; warm-up steps are not timed,
-and on CUDA the benchmark
-synchronises before reading a clock (on a GPU, use longer turns: `--steps 10 --repeats 5`).
+engine/bare ratio gives the figures, so load on a shared machine falls on both alike; warm-up steps are not timed
+(compiled, the warm-up reaches every dataset, so no timed step compiles), and on CUDA the benchmark synchronises
+before reading a clock (on a GPU, use longer turns: `--steps 10 --repeats 5`). Both loops run as training runs by
+default: determinism on, TF32 as train.tf32, train.precision auto. The JSON file is written after each part, so a
+part that fails leaves the earlier ones' figures; a weighting that a run would refuse is recorded with its reason.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -43,24 +47,37 @@ from mmpt.bench.common import (
 )
 from mmpt.bench.loops import BareLoop, EngineLoop, time_steps
 from mmpt.choices import DEVICE_NAMES, PRECISIONS
-from mmpt.config import Config, DataConfig, load_config
+from mmpt.config import Config, DataConfig, TrainConfig, from_dict, load_config, to_dict
 from mmpt.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler, batches_per_task
 from mmpt.data.store import open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
-from mmpt.recipe import calibrate_statistics
+from mmpt.precision import resolve_precision
+from mmpt.recipe import calibrate_step, check_run
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import FLAGS, resolve_tasks
 
-# Dense peak FLOP/s by GPU name (the first listed name contained in torch.cuda.get_device_name() wins),
-# from NVIDIA's data sheets; "tf32" is fp32 on tensor cores (allowed when determinism is off).
+# Dense peak FLOP/s (no 2:4 sparsity) by GPU, from NVIDIA's data sheets, which print the tensor-core figures with
+# sparsity (twice these); "tf32" is float32 on tensor cores (train.tf32). The first pattern found as a whole word in
+# torch.cuda.get_device_name() wins, so the NVL and PCIe cards come before the SXM part of their name.
 PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    # H100 data sheet: NVL 1,671 TFLOPS bf16 with sparsity, TF32 835, FP32 60; PCIe 1,513, 756, 51; SXM 1,979, 989, 67
+    (r"H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (r"H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    # H200 data sheet: NVL as the H100 NVL; SXM as the H100 SXM (the same GH100 compute, more memory)
+    (r"H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    # GH200 data sheet: its Hopper GPU as the H100 SXM (990 TFLOPS bf16 dense, 1,979 with sparsity)
+    (r"GH200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    # H20 product brief: 148 TFLOPS fp16/bf16 dense, TF32 74, FP32 44
+    (r"H20", {"bf16": 148e12, "fp16": 148e12, "tf32": 74e12, "fp32": 44e12}),
+    # HGX B200 data sheet, per GPU: 4.5 PFLOPS fp16/bf16 with sparsity, TF32 2.2, FP32 75
+    (r"B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 75e12}),
+    # A100 data sheet: 624 TFLOPS bf16 with sparsity, TF32 312, FP32 19.5 (SXM and PCIe alike)
+    (r"A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 ]
 
 
@@ -84,29 +101,35 @@ def run_train_benchmark(
     steps: int = 2,
     warmup_steps: int = 3,
     repeats: int = 25,
-    precision: str = "fp32",
+    precision: str = TrainConfig.precision,
     compile: bool = False,
     channels_last: bool = False,
     device: str = "auto",
     workers: int = DataConfig.num_workers,
-    deterministic: bool = False,
+    deterministic: bool = True,
+    tf32: bool = TrainConfig.tf32,
     workdir: str | Path | None = None,
     mtl_methods: tuple[str, ...] = MTL_METHODS,
     mtl_tasks_per_step: int = 4,
     conflict_sources: tuple[str, ...] = tuple(CONFLICT_CASES),
+    json_path: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time the bare loop and the engine in turns, `repeats` times each; return the figures as a JSON-able dict.
 
     `input_size`: the model's input side, default `resolution` (no padding); images are zero-padded to it.
-    Each loop first runs `warmup_steps` untimed; then `repeats` turns each time `steps` steps of the bare
-    loop, then `steps` of the engine (whose loader and workers live through the whole run, as in an epoch).
-    Raises MmptError for settings out of range or a backbone that cannot take the input.
+    Each loop first runs `warmup_steps` untimed (compiled: also until the engine has trained every dataset once);
+    then `repeats` turns each time `steps` steps of the bare loop, then `steps` of the engine (whose loader and
+    workers live through the whole run, as in an epoch). `deterministic`, `tf32` and `precision`: as training's
+    determinism, train.tf32 and train.precision (their defaults are training's). `json_path`: written after each
+    part with the figures so far. Raises MmptError for settings out of range or a backbone that cannot take the input.
     """
     input_size = resolution if input_size is None else input_size
     _check_settings(batch_size, steps, warmup_steps, repeats, workers, input_size, resolution)
     started = time.perf_counter()
     tasks = resolve_tasks(list(FLAGS))
+    # compiled, the warm-up runs until every dataset has had a step: at most one pass over the 12 one-batch splits
+    compile_warmup = len(tasks) if compile else 0
     cfg = load_config(
         overrides=[
             {
@@ -116,12 +139,16 @@ def run_train_benchmark(
                 "model": {"backbone": backbone, "img_size": input_size},
                 "input": {"mode": "pad"},
                 # every step a full batch; one epoch of warm-up plus all timed steps (passes repeat as needed)
-                "sampler": {"steps_per_epoch": warmup_steps + repeats * steps, "last_batch": "drop"},
+                "sampler": {
+                    "steps_per_epoch": warmup_steps + compile_warmup + repeats * steps,
+                    "last_batch": "drop",
+                },
                 # epochs only size the LR schedules (long ones, as in training); the benchmark runs part of one
                 "train": {
                     "batch_size": batch_size,
                     "epochs": 1000,
                     "precision": precision,
+                    "tf32": tf32,
                     "compile": compile,
                     "channels_last": channels_last,
                     "device": device,
@@ -131,6 +158,7 @@ def run_train_benchmark(
     )
     torch_device = select_device(cfg.train.device)
     machine_info = machine(torch_device)
+    runs_in = resolve_precision(precision, torch_device)
 
     settings = {
         "backbone": backbone,
@@ -142,7 +170,8 @@ def run_train_benchmark(
         "steps": steps,
         "warmup_steps": warmup_steps,
         "repeats": repeats,
-        "precision": precision,
+        "precision": runs_in,
+        "precision_setting": precision,
         "compile": compile,
         "channels_last": channels_last,
         "device": str(torch_device),
@@ -150,6 +179,8 @@ def run_train_benchmark(
         "device_name": machine_info["device_name"],
         "workers": workers,
         "deterministic": deterministic,
+        "tf32": tf32,
+        "as_training": deterministic and tf32 == TrainConfig.tf32 and precision == TrainConfig.precision,
         "datasets": len(tasks),
         "optimizer": cfg.optim.name,
         "lr": cfg.optim.lr,
@@ -157,10 +188,18 @@ def run_train_benchmark(
         "log_every_steps": cfg.train.log_every_steps,
     }
     log(
-        f"{settings['timm_name']}, input {settings['input']}, batch {batch_size}, {precision}, {torch_device}"
+        f"{settings['timm_name']}, input {settings['input']}, batch {batch_size}, {runs_in}, {torch_device}"
         + (" compiled" if compile else "")
         + (" channels_last" if channels_last else "")
+        + f", determinism {'on' if deterministic else 'off'}, TF32 {'on' if tf32 else 'off'}"
     )
+    result: dict = {"settings": settings, "machine": machine_info, "complete": False}
+
+    def save() -> None:  # after each part: a later failure keeps what was measured
+        if json_path is not None:
+            result["wall_s"] = time.perf_counter() - started
+            write_result(json_path, result)
+
     with work_folder(workdir, "mmpt-bench-train-") as work:
         root = work / "medmnist"
         log(f"writing synthetic files of {len(tasks)} datasets at {resolution} px into {root}")
@@ -171,12 +210,12 @@ def run_train_benchmark(
         sizes = {flag: len(d.splits["train"]) for flag, d in data.items()}
         splits = {flag: d.splits["train"] for flag, d in data.items()}
 
-        configure_determinism(cfg.train.seed, cfg.determinism)
+        configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
         bare = BareLoop(cfg, torch_device)
         flops_per_step = bare.flops()
         step = engine_step(cfg, tasks, sizes, torch_device)
 
-        total_steps = warmup_steps + repeats * steps
+        total_steps = warmup_steps + compile_warmup + repeats * steps
         plan = Sampler(sizes, batch_size, cfg.train.seed, steps_per_epoch=total_steps, last_batch="drop").plan(0)
         loader = plan_loader(
             splits,
@@ -191,6 +230,8 @@ def run_train_benchmark(
         for loop in loops.values():
             for _ in range(warmup_steps):
                 loop()
+        while compile and len(loops["engine"].seen) < len(tasks):  # every dataset's layout before the clock
+            loops["engine"]()
         loops["engine"].wait_s = 0.0
         runs: dict[str, list[dict]] = {"bare": [], "engine": []}
         peaks = {"bare": 0, "engine": 0}
@@ -213,6 +254,24 @@ def run_train_benchmark(
         wait_s = loops["engine"].wait_s
         del loops, loader  # stops the loader's workers
         bare_runs, engine_runs = runs["bare"], runs["engine"]
+        result.update(
+            _main_figures(
+                bare_runs,
+                engine_runs,
+                peaks,
+                wait_s,
+                calibration_s,
+                tasks,
+                steps,
+                batch_size,
+                flops_per_step,
+                torch_device,
+                machine_info["device_name"],
+                runs_in,
+            )
+        )
+        result["repeats"] = {"bare": bare_runs, "engine": engine_runs}
+        save()
         mtl = measure_mtl_steps(
             cfg,
             tasks,
@@ -226,6 +285,8 @@ def run_train_benchmark(
             repeats=max(3, repeats // 5),
             log=log,
         )
+        result.update({f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()}, mtl=mtl)
+        save()
         conflicts = measure_conflicts(
             cfg,
             tasks,
@@ -238,7 +299,30 @@ def run_train_benchmark(
             repeats=max(3, repeats // 5),
             log=log,
         )
+        result.update({f"conflict_cost.{source}": c["cost_at_default"] for source, c in conflicts.items()})
+        result["conflicts"] = conflicts
+    result["complete"] = True
+    result["wall_s"] = time.perf_counter() - started
+    save()
+    return result
 
+
+def _main_figures(
+    bare_runs: list[dict],
+    engine_runs: list[dict],
+    peaks: dict[str, int],
+    wait_s: float,
+    calibration_s: list[float],
+    tasks,
+    steps: int,
+    batch_size: int,
+    flops_per_step: float,
+    torch_device: torch.device,
+    device_name: str,
+    precision: str,
+) -> dict:
+    """The engine against the bare loop from their turns: the median turn's figures, MFU, memory, calibration."""
+    repeats = len(bare_runs)
     calibration = _calibration_figures(calibration_s, engine_runs, tasks, steps, batch_size)
     # the turn whose engine/bare ratio is the median (the lower middle of an even count): a ratio of two
     # loops timed side by side, robust to load that changes during the run, as medians of each loop are not
@@ -246,8 +330,8 @@ def run_train_benchmark(
     middle = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]
     bare_img_s, engine_img_s = bare_runs[middle]["img_s"], engine_runs[middle]["img_s"]
     flops_per_image = flops_per_step / batch_size
-    peak = _peak_flops(machine_info["device_name"], precision) if torch_device.type == "cuda" else None
-    result = {
+    peak = peak_flops(device_name, precision) if torch_device.type == "cuda" else None
+    return {
         "bare_img_s": bare_img_s,
         "engine_img_s": engine_img_s,
         "engine_vs_bare": engine_img_s / bare_img_s,
@@ -275,16 +359,7 @@ def run_train_benchmark(
         ),
         "norm_calibration_vs_epoch": calibration["vs_epoch"] if calibration else None,
         "norm_calibration": calibration,
-        **{f"mtl_step_ratio.{method}": ratio for method, ratio in mtl["ratios"].items()},
-        "mtl": mtl,
-        **{f"conflict_cost.{source}": c["cost_at_default"] for source, c in conflicts.items()},
-        "conflicts": conflicts,
-        "repeats": {"bare": bare_runs, "engine": engine_runs},
-        "settings": settings,
-        "machine": machine_info,
     }
-    result["wall_s"] = time.perf_counter() - started
-    return result
 
 
 def _time_calibration(step, splits: dict, cfg: Config, device: torch.device, turn: int) -> float | None:
@@ -293,7 +368,7 @@ def _time_calibration(step, splits: dict, cfg: Config, device: torch.device, tur
     per-dataset statistics."""
     synchronize(device)
     start = time.perf_counter()
-    done = calibrate_statistics(cfg, step.model, splits, step.transform, device, epoch=turn)
+    done = calibrate_step(cfg, step, splits, epoch=turn)
     synchronize(device)
     step.model.train()  # calibration leaves the model in eval mode; the engine's next turn trains it
     return time.perf_counter() - start if done else None
@@ -340,39 +415,60 @@ def measure_mtl_steps(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Step time of the engine with `k` datasets per step under each loss weighting `methods` (the first is the
-    reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}."""
+    reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}. A method
+    that a run of these settings would refuse (e.g. one that needs every dataset in every step, or a solver that is
+    not installed) is not timed: "refused" maps it to the reason."""
     if not methods:
-        return {"ratios": {}}
-    total = warmup_steps + repeats * steps
-    loops = {}
+        return {"ratios": {}, "refused": {}}
+    # compiled: the warm-up also covers every combination's first graph of each size (k datasets from 12: a pass)
+    total = warmup_steps + (len(tasks) if cfg.train.compile else 0) + repeats * steps
+    loops, refused = {}, {}
     for method in methods:
-        mcfg = dataclasses.replace(
-            cfg,
-            sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
-            loss=dataclasses.replace(cfg.loss, weighting=method),
-        )
+        try:
+            mcfg = runnable(
+                dataclasses.replace(
+                    cfg,
+                    sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+                    loss=dataclasses.replace(cfg.loss, weighting=method),
+                )
+            )
+        except MmptError as exc:
+            refused[method] = str(exc)
+            log(f"{method} at {k} datasets per step: refused ({exc})")
+            continue
         torch.manual_seed(cfg.train.seed)
         step = engine_step(mcfg, tasks, sizes, device)
         plan = Sampler(
             sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
         ).plan(0)
-        loops[method] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
-        for _ in range(warmup_steps):
+        loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
+        loops[method] = EngineLoop(step, loader, cfg.train.log_every_steps)
+        for _ in range(total - repeats * steps):
             loops[method]()
-    seconds = {method: [] for method in methods}
+    seconds = {method: [] for method in loops}
     for _ in range(repeats):
         for method, loop in loops.items():
             seconds[method].append(time_steps(loop, device, steps)["seconds"] / steps)
     per_step = {method: median(values) for method, values in seconds.items()}
-    ratios = {method: per_step[method] / per_step[methods[0]] for method in methods}
-    log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in methods))
+    reference = next(iter(per_step), None)
+    ratios = {method: per_step[method] / per_step[reference] for method in per_step}
+    log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in per_step))
     return {
         "ratios": ratios,
         "seconds_per_step": per_step,
+        "refused": refused,
         "tasks_per_step": k,
-        "reference": methods[0],
+        "reference": reference,
         "turns": repeats,
     }
+
+
+def runnable(cfg: Config, world_size: int = 1) -> Config:
+    """`cfg` if a run would accept it (the schema's rules between keys, then this machine's), else MmptError with the
+    one line a run prints: the benchmarks derive configs with dataclasses.replace, which checks nothing."""
+    checked = from_dict(to_dict(cfg))
+    check_run(checked, world_size)
+    return checked
 
 
 def measure_conflicts(
@@ -409,7 +505,8 @@ def measure_conflicts(
             plan = Sampler(
                 sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
             ).plan(0)
-            loops[every] = EngineLoop(step, plan_loader(splits, plan, num_workers=0), cfg.train.log_every_steps)
+            loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
+            loops[every] = EngineLoop(step, loader, cfg.train.log_every_steps)
             for _ in range(warmup_steps):
                 loops[every]()
         seconds = {every: [] for every in loops}
@@ -443,11 +540,12 @@ def _input_description(resolution: int, input_size: int) -> str:
     return f"{resolution} px {how} to {input_size} px"
 
 
-def _peak_flops(device_name: str, precision: str) -> float | None:
-    """The GPU's dense peak FLOP/s for `precision` (fp32 means TF32 when torch allows it), or None if unknown."""
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The GPU's dense peak FLOP/s for `precision` (resolved; fp32 means TF32 when torch allows it), or None for a
+    GPU the table does not know."""
     kind = precision if precision != "fp32" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-    for name, peaks in PEAK_FLOPS:
-        if name in device_name:
+    for pattern, peaks in PEAK_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])", device_name):
             return peaks[kind]
     return None
 
@@ -502,6 +600,8 @@ def format_table(result: dict) -> str:
         label = f"step time, {mtl['tasks_per_step']} datasets per step: {method} against {mtl['reference']}"
         ms = f"{mtl['seconds_per_step'][method] * 1e3:,.0f} ms"
         rows.append((label, ms, f"{reference * 1e3:,.0f} ms", f"{ratio:.2f}x"))
+    for method, reason in mtl.get("refused", {}).items():
+        rows.append((f"step time, {mtl['tasks_per_step']} datasets per step: {method}", "refused", "-", reason))
     for source, c in result["conflicts"].items():
         label = (
             f"gradient-conflict diagnostic from {source} ({c['tasks_per_step']} per step, {c['weighting']}): "
@@ -523,8 +623,11 @@ def format_table(result: dict) -> str:
         [
             markdown_table(rows),
             f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
+            + (f" (train.precision {s['precision_setting']})" if s["precision_setting"] != s["precision"] else "")
             + (", compiled" if s["compile"] else "")
             + (", channels_last" if s["channels_last"] else "")
+            + f", determinism {'on' if s['deterministic'] else 'off'}, TF32 {'on' if s['tf32'] else 'off'}"
+            + (" (as training runs)" if s["as_training"] else " (training runs with determinism on, TF32 on)")
             + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
             f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
             f"at start, wall time {result['wall_s']:.0f} s",
@@ -561,16 +664,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=25,
         help="turns: timed runs per loop, alternating (the turn with the median ratio counts)",
     )
-    train.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    train.add_argument(
+        "--precision", choices=PRECISIONS, default=TrainConfig.precision, help="as train.precision (default: its)"
+    )
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone (both loops)")
     train.add_argument("--channels-last", action="store_true", help="channels-last memory format (both loops)")
     train.add_argument("--device", default="auto", help=DEVICE_NAMES)
     train.add_argument("--workers", type=int, default=DataConfig.num_workers, help="the engine's loader workers")
     train.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="deterministic kernels, as training's default (off here: cuDNN benchmark and TF32 allowed)",
+        "--no-determinism",
+        dest="deterministic",
+        action="store_false",
+        help="cuDNN autotuning and nondeterministic kernels (training's default is determinism on, as measured)",
     )
+    train.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 (train.tf32 false)")
     train.add_argument(
         "--mtl-methods",
         default=",".join(MTL_METHODS),
@@ -604,13 +711,13 @@ def run_command(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         deterministic=args.deterministic,
+        tf32=args.tf32,
         workdir=args.workdir,
         mtl_methods=tuple(m for m in args.mtl_methods.split(",") if m),
         mtl_tasks_per_step=args.mtl_tasks_per_step,
         conflict_sources=tuple(s for s in args.conflict_sources.split(",") if s),
+        json_path=args.json,
         log=lambda line: print(line, file=sys.stderr),
     )
     print(format_table(result))
-    if args.json:
-        write_result(args.json, result)
     return 0

@@ -112,7 +112,7 @@ def extract_features(
     """N×F float32 features of one split through the frozen backbone (eval mode: BatchNorm statistics fixed);
     with per-dataset norm (model.norm), through `task`'s statistics."""
     model.eval()
-    transform = build_transform(cfg, model)
+    transform = build_transform(cfg, model, device)
     out = []
     for _, images, _ in eval_loader({"split": split_data}, batch_size, num_workers=cfg.data.num_workers):
         out.append(model.features(transform(images.to(device)), task).float().cpu().numpy())
@@ -185,7 +185,7 @@ def probe(
     so each dataset's features come through its own statistics."""
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
-    configure_determinism(cfg.train.seed, cfg.determinism)
+    configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
     if recalibrate_images is not None:
         if not has_batchnorm(model.backbone):
             raise MmptError(
@@ -197,7 +197,7 @@ def probe(
         recalibrate(
             model,
             {f: d.splits["train"] for f, d in data.items()},
-            build_transform(cfg, model),
+            build_transform(cfg, model, torch_device),
             torch_device,
             images=recalibrate_images,
             batch_size=batch_size or cfg.data.eval_batch_size,
@@ -281,7 +281,9 @@ def probe_backbone(
     if resolution:
         flags["data"] = {"resolution": resolution}
     cfg = load_config(config, [flags])
-    configure_determinism(cfg.train.seed, cfg.determinism)  # an untrained backbone's weights follow the seed
+    configure_determinism(
+        cfg.train.seed, cfg.determinism, cfg.train.tf32
+    )  # an untrained backbone's weights follow the seed
     backbone = create_backbone(
         cfg.model.backbone,
         pretrained=cfg.model.pretrained,

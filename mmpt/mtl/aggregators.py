@@ -3,6 +3,12 @@ shared backbone, and a `torchjd.aggregation` Aggregator turns it into one gradie
 
 Nash-MTL's state between steps lives in TorchJD's own attributes: mmpt.mtl.torchjd_state reads and restores it
 (and checks the TorchJD release).
+
+Under fp16 the Jacobian is unscaled and checked before it is aggregated (`LossScale.unscale_`): an aggregator sees
+the true Jacobian, never inf or NaN (its solver runs on the host), and a step whose scaled Jacobian overflowed is
+skipped as the gradient scaler skips one. Where torch.vmap, TorchJD's default, cannot run the backward pass (a
+compiled backbone; BatchNorm in bf16 or fp16) the recipe has the Jacobian's rows differentiated one by one
+(`jacobian_chunk_size` 1, TorchJD's parallel_chunk_size; mmpt.recipe.jacobian_chunk_size).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 from mmpt.conflicts import jacobian_gramian
 from mmpt.mtl import torchjd_state
 from mmpt.mtl.base import Context, Stateless, Weighting
+from mmpt.precision import LossScale
 
 
 class AggregatorWeighting(Stateless):
@@ -28,21 +35,37 @@ class AggregatorWeighting(Stateless):
     e.g. GradDrop).
     """
 
-    def __init__(self, aggregator: nn.Module, shared_params: tuple[Tensor, ...]) -> None:
+    def __init__(
+        self, aggregator: nn.Module, shared_params: tuple[Tensor, ...], jacobian_chunk_size: int | None = None
+    ) -> None:
         assert shared_params, "a gradient-based method needs the backbone's parameters (shared_params)"
         self.aggregator = aggregator
         self.shared_params = shared_params
+        self.jacobian_chunk_size = jacobian_chunk_size  # None: every row at once (vmap); 1: one by one
         self._last: dict[str, Tensor] = {}
         # the gradient-conflict diagnostic asks for the Gramian of a step's Jacobian (k×k, on the device)
         self.keep_gramian = False
         self.gramian: Tensor | None = None
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
-        # every task's loss is scaled alike: the aggregators are positively homogeneous, so unscaling still works
-        mtl_backward([scale(loss) for loss in losses.values()], features=features, shared_params=self.shared_params)
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
+        mtl_backward(
+            [scale(loss) for loss in losses.values()],
+            features=features,
+            shared_params=self.shared_params,
+            parallel_chunk_size=self.jacobian_chunk_size,
+        )
+        self.gramian = None
+        if not scale.unscale_([p.jac for p in self.shared_params]):
+            # fp16 overflow: no aggregation; an infinite gradient makes the scaler skip the backbone's step and lower
+            # its scale, as after any overflow (the heads' finite gradients step, each optimizer judged on its own)
+            for p in self.shared_params:
+                del p.jac
+            self.shared_params[0].grad = torch.full_like(self.shared_params[0], math.inf)
+            return  # the weights of the last aggregated step stay the record
         # read before jac_to_grad frees the Jacobian: no extra backward pass
         self.gramian = jacobian_gramian(self.shared_params) if self.keep_gramian else None
         weights = jac_to_grad(self.shared_params, self.aggregator)
+        scale.rescale_([p.grad for p in self.shared_params if p.grad is not None])
         if weights is None:
             weights = torch.full((len(losses),), math.nan, device=features.device)
         self._last = dict(zip(losses, weights.detach().unbind()))
@@ -64,7 +87,7 @@ def aggregator(
     """A method from make(number of datasets, args) -> torchjd Aggregator."""
 
     def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
-        return wrapper(make(len(flags), args), ctx.shared_params)
+        return wrapper(make(len(flags), args), ctx.shared_params, ctx.jacobian_chunk_size)
 
     return build
 

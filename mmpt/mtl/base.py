@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -10,18 +9,20 @@ import torch
 from torch import Tensor
 
 from mmpt.errors import MmptError
+from mmpt.precision import LossScale
 
 
 class Weighting(Protocol):
     """What the training step needs from a multi-task weighting method."""
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
         """Run this step's backward pass.
 
         losses: per-dataset mean loss of the step (0-dim, unweighted), keyed by flag in the step's order;
         under DDP each value is the global mean with the local rank's gradient. features: the backbone's
         output for the whole step (N_total×F, the datasets' slices in the order of `losses`). scale: the
-        fp16 GradScaler's scale (identity otherwise), applied to a scalar before .backward().
+        fp16 GradScaler's scale (identity otherwise), applied to a scalar before .backward(); an aggregator
+        unscales its Jacobian with it before aggregating (`LossScale.unscale_`).
         Scalarizers and static weights never synchronise with the device; aggregators do (their solvers
         run on the host).
         """
@@ -62,6 +63,8 @@ class Context:
     steps_per_epoch: int
     shared_params: tuple[Tensor, ...]
     weights: dict[str, float]  # loss.weights (methods that declare reads_weights)
+    # rows of a Jacobian differentiated at once (TorchJD's parallel_chunk_size): None all (vmap), 1 one by one
+    jacobian_chunk_size: int | None = None
 
 
 class MethodState:
@@ -74,7 +77,7 @@ class MethodState:
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
         self.method.backward(losses, features, scale)
         for t, w in self.method.weights().items():
             self._sums[t] = self._sums[t] + w if t in self._sums else w.clone()

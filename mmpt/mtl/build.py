@@ -37,12 +37,14 @@ def build_weighting(
     steps_per_epoch: int = 1,
     shared_params: Iterable[Tensor] = (),
     weights: dict[str, float] | None = None,
+    jacobian_chunk_size: int | None = None,
 ) -> MethodState:
     """Return the weighting method `name` for datasets with these train-split sizes (keys: flags, in step order).
 
     args: loss.weighting_args (missing keys take the method's defaults; a learned method's `lr` defaults to
     `lr`, the backbone's). steps_per_epoch: DWA's epoch length. shared_params: the backbone's parameters
-    (gradient-based methods). weights: loss.weights (methods that read them).
+    (gradient-based methods). weights: loss.weights (methods that read them). jacobian_chunk_size: rows of a
+    gradient-based method's Jacobian differentiated at once (None: all, with torch.vmap; 1: one by one).
     The name, the args and what the method needs were checked where the config was loaded and by the run's
     environment check (mmpt.mtl.methods: method_problems, environment_problems).
     """
@@ -56,5 +58,6 @@ def build_weighting(
         steps_per_epoch=max(1, steps_per_epoch),
         shared_params=tuple(p for p in shared_params if p.requires_grad),
         weights=dict(weights or {}),
+        jacobian_chunk_size=jacobian_chunk_size,
     )
     return MethodState(name, BUILDERS[name](flags, {**METHODS[name].defaults(), **dict(args or {})}, context))

@@ -24,7 +24,7 @@ from mmpt.errors import MmptError
 from mmpt.losses import TaskLoss, build_loss
 from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_weights
 from mmpt.mtl import GRADIENT, METHODS, environment_problems
-from mmpt.mtl.build import build_weighting
+from mmpt.mtl.build import build_method
 from mmpt.norm import calibrate_norms, check_norm, has_batchnorm
 from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
 from mmpt.precision import autocast, resolve_precision
@@ -164,7 +164,7 @@ def build_step(
         steps_per_epoch=sampler.steps,
         **optimizer_arguments(cfg.optim),
     )
-    weighting = build_weighting(
+    method_run = build_method(
         cfg.loss.weighting,
         sampler.sizes,
         cfg.loss.weighting_args,
@@ -173,14 +173,14 @@ def build_step(
         seed=cfg.train.seed,
         steps_per_epoch=sampler.steps,
         shared_params=model.backbone.parameters(),
-        weights=cfg.loss.weights,
+        manual_weights=cfg.loss.weights,
         jacobian_chunk_size=jacobian_chunk_size(cfg.train.compile, precision, model),
     )
     return TrainStep(
         model,
         losses,
         optimizers,
-        weighting,
+        method_run,
         build_transform(cfg, model),
         device=device,
         world=world,

@@ -24,7 +24,7 @@ from mmpt.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mea
 from mmpt.losses import TaskLoss
 from mmpt.model import MultiTaskNet
 from mmpt.mtl import GRADIENT, METHODS
-from mmpt.mtl.base import MethodState
+from mmpt.mtl.base import MethodRun
 from mmpt.norm import has_batchnorm, task_parameter_names
 from mmpt.optim import BACKBONE, Optimizers
 from mmpt.precision import LossScale, autocast, grad_scaler, resolve_precision
@@ -65,7 +65,7 @@ class TrainStep:
         model: MultiTaskNet,
         losses: dict[str, TaskLoss],
         optimizers: Optimizers,
-        weighting: MethodState,
+        method_run: MethodRun,
         transform: DeviceTransform,
         *,
         device: torch.device,
@@ -78,7 +78,7 @@ class TrainStep:
         sync_norm: bool = True,
         conflicts: GradientConflicts | None = None,
     ) -> None:
-        self.model, self.losses, self.optimizers, self.weighting = model, losses, optimizers, weighting
+        self.model, self.losses, self.optimizers, self.method_run = model, losses, optimizers, method_run
         self.transform = transform.to(device)
         self.device, self.world, self.seed = device, world, seed
         self.precision = resolve_precision(precision, device)  # train.precision auto decided here
@@ -100,7 +100,7 @@ class TrainStep:
             self.backbone = data_parallel(model.backbone, device, leave_out)
         self.compiled = compile
         if compile:
-            if METHODS[weighting.name].kind == GRADIENT or (conflicts is not None and conflicts.source == STEP):
+            if METHODS[method_run.name].kind == GRADIENT or (conflicts is not None and conflicts.source == STEP):
                 # these backward passes retain the graph (one per row of the Jacobian, or per dataset), which a
                 # compiled backward allows only without donated buffers (AOTAutograd's memory reuse; process-wide)
                 torch._functorch.config.donated_buffer = False
@@ -116,7 +116,7 @@ class TrainStep:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._head_params: dict[tuple[str, ...], list[nn.Parameter]] = {}
         self.backbone_frozen = False
-        self.gradient_based = METHODS[weighting.name].kind == GRADIENT  # its backward aggregates the Jacobian
+        self.gradient_based = METHODS[method_run.name].kind == GRADIENT  # its backward aggregates the Jacobian
         # the gradient-conflict diagnostic (None: off) and the backbone parameters every dataset shares
         self.conflicts = conflicts
         own = set(task_parameter_names(model.backbone))
@@ -180,18 +180,18 @@ class TrainStep:
             ]
             self.conflicts.record(step, tasks, cosines(gramian(gradients)))
         if source == GRAMIAN:
-            self.weighting.method.keep_gramian = True
+            self.method_run.method.keep_gramian = True
         if self.backbone_frozen and self.gradient_based:
             # no Jacobian of a frozen backbone to aggregate: each head takes its own loss's gradient, as mtl_backward
             # gives the task-specific parameters
             self.loss_scale(sum(losses.values())).backward()
         else:
-            self.weighting.backward(losses, features, self.loss_scale)
+            self.method_run.backward(losses, features, self.loss_scale)
         if source == GRAMIAN:
-            self.weighting.method.keep_gramian = False
+            self.method_run.method.keep_gramian = False
             # none where fp16 overflowed and the step is skipped
-            if len(tasks) > 1 and self.weighting.method.gramian is not None:
-                self.conflicts.record(step, tasks, cosines(self.weighting.method.gramian))
+            if len(tasks) > 1 and self.method_run.method.gramian is not None:
+                self.conflicts.record(step, tasks, cosines(self.method_run.method.gramian))
         all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
         self.optimizers.step(tasks, self.scaler)
         self.optimizers.zero_grad(tasks)

@@ -70,7 +70,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     sampler = build_sampler(cfg, {t.flag: len(data[t.flag].splits["train"]) for t in tasks})
     model.to(device)
-    step = build_step(
+    train_step = build_step(
         cfg,
         model,
         losses,
@@ -80,7 +80,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         train_splits={f: d.splits["train"] for f, d in data.items()},
         precision=run_precision(cfg, device, saved),  # train.precision auto: decided at the start, kept on resume
     )
-    state = TrainingState(cfg, world, model, step, data)
+    state = TrainingState(cfg, world, model, train_step, data)
     if saved is not None:
         with agree_on_errors(world):
             state.load_state_dict(saved)  # refuses a checkpoint without every part (a copy of best.pt)
@@ -106,7 +106,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 device,
                 world,
                 data_cache=cache_location(cfg.data.root, cfg.data.cache_dir),
-                step=step,
+                train_step=train_step,
             )
         )
         if saved is not None:
@@ -139,7 +139,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 world_size=world.world_size,
             )
             model.train()
-            step.freeze_backbone(epoch < cfg.train.probe_epochs)  # LP-FT: the heads alone first
+            train_step.freeze_backbone(epoch < cfg.train.probe_epochs)  # LP-FT: the heads alone first
             bar = tqdm(
                 loader,
                 total=len(loader),
@@ -148,24 +148,29 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 dynamic_ncols=True,
             )
             for parts in bar:
-                step(parts, progress.step)
+                train_step(parts, progress.step)
                 state.advance()
                 log.images(sum(p.global_size for p in parts))
                 due = state.due(stop.received is not None)
                 if due.log or due.save:
-                    log.losses(step, progress.step, state.last)  # raises on a non-finite loss: nothing is saved
+                    log.losses(train_step, progress.step, state.last)  # raises on a non-finite loss: nothing is saved
                 if due.log:
-                    log.train(progress.step, step.optimizers.learning_rates(), step.weighting.weights(), bar)
+                    log.train(
+                        progress.step,
+                        train_step.optimizers.learning_rates(),
+                        train_step.method_run.dataset_weights(),
+                        bar,
+                    )
                 if due.save:
                     state.save()
                 if due.stop:
                     raise state.stopped(stop.received, "training")
             bar.close()
-            log.losses(step, progress.step, state.last)
+            log.losses(train_step, progress.step, state.last)
 
             # precise per-dataset BatchNorm statistics, then validation on every dataset, then early stopping
             try:
-                calibrate_step(cfg, step, train_splits, epoch=epoch)
+                calibrate_step(cfg, train_step, train_splits, epoch=epoch)
                 broadcast_buffers(world, model)
                 val = metrics_table(
                     evaluate_all(
@@ -173,9 +178,9 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                         val_loader,
                         specs,
                         losses,
-                        step.transform,
+                        train_step.transform,
                         device,
-                        precision=step.precision,
+                        precision=train_step.precision,
                         world=world,
                         stop=stop,
                     )
@@ -183,12 +188,12 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
             except Interrupted:
                 state.save()  # the epoch's steps are kept; its validation runs again on resume
                 raise state.stopped(stop.received, "validation") from None
-            improved = state.end_epoch(epoch, val, log.epoch_losses(), step.weighting.mean_weights())
+            improved = state.end_epoch(epoch, val, log.epoch_losses(), train_step.method_run.mean_dataset_weights())
             log.validation(epoch + 1, val, improved)
             if world.is_main:
                 write_json(run.val_history, {"history": progress.history})
-                if step.conflicts is not None:
-                    write_json(run.gradient_conflicts, step.conflicts.record_json())
+                if train_step.conflicts is not None:
+                    write_json(run.gradient_conflicts, train_step.conflicts.record_json())
             if progress.done:
                 if world.is_main:
                     bad_epochs = state.early_stopping.bad_epochs
@@ -196,11 +201,11 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 break
         progress.done = True
         log.close()
-        if world.is_main and step.conflicts is not None:
-            write_conflicts(run, step.conflicts)
+        if world.is_main and train_step.conflicts is not None:
+            write_conflicts(run, train_step.conflicts)
         try:
             test_loader = split_loader(data, "test", device, **loader_kwargs)
-            table = test_report(cfg, model, test_loader, specs, losses, step, device, state, stop, started)
+            table = test_report(cfg, model, test_loader, specs, losses, train_step, device, state, stop, started)
         except Interrupted:
             raise state.stopped(stop.received, "test") from None
     return table
@@ -212,14 +217,14 @@ def test_report(
     loader,
     specs: dict,
     losses: dict,
-    step: TrainStep,
+    train_step: TrainStep,
     device,
     state: TrainingState,
     stop: StopSignal,
     started: float,
 ) -> dict[str, dict[str, float]]:
     """Evaluate best.pt on every test split; rank 0 writes metrics, predictions, the plot and summary.json."""
-    world = step.world
+    world = train_step.world
     run = RunDir(cfg.run_dir)
     progress, early_stopping = state.progress, state.early_stopping
     final_digest = ckpt.state_digest(model.state_dict())
@@ -230,7 +235,15 @@ def test_report(
     model.load_state_dict(best)
     best_digest = ckpt.state_digest(best)
     results: dict[str, TaskResult] = evaluate_all(
-        model, loader, specs, losses, step.transform, device, precision=step.precision, world=world, stop=stop
+        model,
+        loader,
+        specs,
+        losses,
+        train_step.transform,
+        device,
+        precision=train_step.precision,
+        world=world,
+        stop=stop,
     )
     table = metrics_table(results)
     if world.is_main:
@@ -261,7 +274,7 @@ def test_report(
                 "tasks_per_step": cfg.sampler.tasks_per_step,
                 "world_size": world.world_size,
                 "rank_digests": rank_digests,
-                "precision": step.precision,
+                "precision": train_step.precision,
                 "test_mean": table["mean"],
                 "wall_time_s": round(time.time() - started, 1),
             },

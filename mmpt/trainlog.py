@@ -39,9 +39,9 @@ class Log:
     def images(self, count: int) -> None:
         self.images_seen += count
 
-    def losses(self, step: TrainStep, global_step: int, last: Path) -> None:
+    def losses(self, train_step: TrainStep, global_step: int, last: Path) -> None:
         """Read the step's loss sums; raise MmptError if any was non-finite (then nothing more is saved)."""
-        sums, nonfinite = step.read_losses()
+        sums, nonfinite = train_step.read_losses()
         if nonfinite:
             bad = [t for t, (s, _) in sums.items() if not math.isfinite(s)]
             kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
@@ -56,8 +56,8 @@ class Log:
                 entry = table.setdefault(task, [0.0, 0])
                 entry[0] += total
                 entry[1] += count
-        if step.conflicts is not None:  # read with the losses: at logging intervals and before every checkpoint
-            self.conflicts(step.conflicts.tasks, step.conflicts.fresh())
+        if train_step.conflicts is not None:  # read with the losses: at logging intervals and before every checkpoint
+            self.conflicts(train_step.conflicts.tasks, train_step.conflicts.fresh())
 
     def conflicts(self, tasks: tuple[str, ...], measured: list[tuple[int, list[list[float]]]]) -> None:
         """One TensorBoard scalar per pair of datasets and measurement: grad_cosine/<dataset>~<dataset>."""
@@ -116,12 +116,12 @@ def describe(
     data_cache: Path,
     optimizers: Optimizers | None = None,
     conflicts: GradientConflicts | None = None,
-    step: TrainStep | None = None,
+    train_step: TrainStep | None = None,
 ) -> str:
-    """The run's opening lines: what will be trained, on what input, where and how (`step`: the training step, whose
-    optimizers, diagnostic, precision and norm synchronisation they state)."""
-    if step is not None:
-        optimizers, conflicts = step.optimizers, step.conflicts
+    """The run's opening lines: what will be trained, on what input, where and how (`train_step`: the training step,
+    whose optimizers, diagnostic, precision and norm synchronisation they state)."""
+    if train_step is not None:
+        optimizers, conflicts = train_step.optimizers, train_step.conflicts
     sizes, batches, steps = sampler.sizes, sampler.updates_per_task, sampler.steps
     width = max(len(t) for t in sizes)
     lines = [f"run folder: {cfg.run_dir}   data cache: {data_cache}"]
@@ -170,13 +170,13 @@ def describe(
         if world.distributed:
             line += (
                 f"; batch statistics over all {world.world_size} processes' images (model.sync_norm)"
-                if step is not None and step.norm_world is not None
+                if train_step is not None and train_step.norm_world is not None
                 else "; batch statistics over each process's own shard (model.sync_norm false)"
             )
         lines.append(line)
     if len(sizes) > 1:
         lines.append(conflicts_description(conflicts))
-    precision = step.precision if step is not None else cfg.train.precision
+    precision = train_step.precision if train_step is not None else cfg.train.precision
     lines.append(
         f"device: {device}   world size: {world.world_size}   precision: {precision}"
         + (" (train.precision auto)" if cfg.train.precision == "auto" else "")

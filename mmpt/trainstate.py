@@ -151,7 +151,9 @@ class Due:
 class TrainingState:
     """Every stateful part of one run, the checkpoints made of them and their cadence (rank 0 writes the files)."""
 
-    def __init__(self, cfg: Config, world: World, model: nn.Module, step: TrainStep, data: dict[str, TaskData]) -> None:
+    def __init__(
+        self, cfg: Config, world: World, model: nn.Module, train_step: TrainStep, data: dict[str, TaskData]
+    ) -> None:
         self.cfg, self.world = cfg, world
         self.progress = Progress(world_size=world.world_size)
         self.early_stopping = EarlyStopping(
@@ -162,9 +164,9 @@ class TrainingState:
         # checkpoint key -> part, in load order (the random states last); a new stateful part is one entry here
         self.parts: dict[str, Stateful] = {
             ckpt.MODEL: model,
-            ckpt.OPTIMIZERS: step.optimizers,
-            ckpt.WEIGHTING: step.weighting,
-            ckpt.STEP: step,
+            ckpt.OPTIMIZERS: train_step.optimizers,
+            ckpt.WEIGHTING: train_step.method_run,
+            ckpt.STEP: train_step,
             ckpt.PROGRESS: self.progress,
             ckpt.EARLY_STOPPING: self.early_stopping,
             ckpt.CONFIG: Record(to_dict(cfg)),

@@ -216,7 +216,7 @@ def test_an_fp16_jacobian_that_overflows_skips_the_backbone_step_and_lowers_the_
     )
     step, batches, _ = ctx.step_and_batches(cfg, 1)
     seen: list[torch.Tensor] = []
-    aggregator = step.weighting.method.aggregator
+    aggregator = step.method_run.method.aggregator
     aggregator.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     step.scaler.load_state_dict({**step.scaler.state_dict(), "scale": 2.0**127})  # the scaled Jacobian overflows
     params = list(step.model.backbone.parameters())

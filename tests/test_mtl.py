@@ -97,7 +97,7 @@ def test_every_method_lowers_the_train_loss_of_every_step(synthetic_root, step_d
     step, first, last = train_steps(synthetic_root, step_data, method)
     assert last < 0.8 * first, (method, first, last)  # every method here ends near half its first loss
     # the epoch's mean effective weight of every dataset (NaN where an aggregator has none)
-    assert set(step.weighting.mean_weights()) == set(DATASETS)
+    assert set(step.method_run.mean_dataset_weights()) == set(DATASETS)
 
 
 def test_different_methods_give_different_weights(synthetic_root, step_data):

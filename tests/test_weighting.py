@@ -16,7 +16,7 @@ from torchjd import scalarization
 from mmpt.config import load_config
 from mmpt.errors import MmptError
 from mmpt.mtl import METHODS, environment_problems, method_problems, missing_solvers, torchjd_state
-from mmpt.mtl.build import build_weighting
+from mmpt.mtl.build import build_method
 from mmpt.precision import LossScale
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
@@ -46,8 +46,8 @@ class Toy(nn.Module):
 
 def _build(name, model, **kwargs):
     if name == "manual":
-        kwargs["weights"] = {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0}
-    return build_weighting(name, SIZES, shared_params=model.backbone.parameters(), lr=0.05, steps_per_epoch=2, **kwargs)
+        kwargs["manual_weights"] = {"pathmnist": 0.5, "breastmnist": 2.0, "retinamnist": 1.0}
+    return build_method(name, SIZES, shared_params=model.backbone.parameters(), lr=0.05, steps_per_epoch=2, **kwargs)
 
 
 def _train(weighting, model, steps, first_seed=0, flags=tuple(SIZES)):
@@ -72,7 +72,7 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
         "pathmnist": nn.Parameter(torch.tensor([1.0, 0.0])),
         "breastmnist": nn.Parameter(torch.tensor([-1.0, 1.0])),
     }
-    weighting = build_weighting(
+    weighting = build_method(
         "pcgrad",
         {"pathmnist": 10, "breastmnist": 10},
         shared_params=[w],
@@ -83,7 +83,7 @@ def test_pcgrad_projects_two_conflicting_gradients_as_by_hand():
     # by hand: g1 - (g1·g2)/|g2|² g2 = [0.5, 0.5]; g2 - (g2·g1)/|g1|² g1 = [0, 1]; PCGrad sums them
     assert torch.allclose(w.grad, torch.tensor([0.5, 1.5]))
     # as weights on the rows: 2 g1 + 1.5 g2
-    weights = weighting.weights()
+    weights = weighting.dataset_weights()
     assert weights["pathmnist"].item() == pytest.approx(2.0) and weights["breastmnist"].item() == pytest.approx(1.5)
     # each head gets its own loss's gradient, unchanged
     assert torch.allclose(heads["pathmnist"].grad, w.detach()) and torch.allclose(heads["breastmnist"].grad, w.detach())
@@ -101,7 +101,7 @@ def test_static_weights_follow_the_train_sizes():
     for name, weights in expected.items():
         weighting = _build(name, model)
         _train(weighting, model, 1)
-        assert {t: w.item() for t, w in weighting.weights().items()} == pytest.approx(weights), name
+        assert {t: w.item() for t, w in weighting.dataset_weights().items()} == pytest.approx(weights), name
 
 
 def test_uw_gives_torchjds_gradient_and_its_log_variances_move():
@@ -114,12 +114,12 @@ def test_uw_gives_torchjds_gradient_and_its_log_variances_move():
     ref_losses, _ = reference.losses(flags, seed=0)
     scalarization.UW(len(flags))(torch.stack([ref_losses[t] for t in flags])).backward()
     assert torch.allclose(_grads(model), _grads(reference), atol=1e-7)
-    assert all(w.item() == pytest.approx(0.5) for w in weighting.weights().values())
+    assert all(w.item() == pytest.approx(0.5) for w in weighting.dataset_weights().values())
     # the weighting's own optimizer has already stepped the log-variances (dL/ds = 0.5 - 0.5 L != 0)
     log_vars = weighting.state_dict()["state"]["module"]
     assert all(abs(v.item()) > 0.01 for v in log_vars.values())
     _train(weighting, model, 5, first_seed=1)
-    assert len({round(w.item(), 6) for w in weighting.weights().values()}) == len(flags)
+    assert len({round(w.item(), 6) for w in weighting.dataset_weights().values()}) == len(flags)
 
 
 def test_famo_logits_move_and_change_the_weights():
@@ -129,7 +129,7 @@ def test_famo_logits_move_and_change_the_weights():
     assert torch.equal(logits, torch.zeros(3))
     _train(weighting, model, 6)
     assert logits.abs().min().item() > 1e-3
-    weights = [w.item() for w in weighting.weights().values()]
+    weights = [w.item() for w in weighting.dataset_weights().values()]
     assert max(weights) / min(weights) > 1.01
 
 
@@ -158,7 +158,7 @@ def test_methods_that_need_every_dataset_do_not_depend_on_the_steps_order(name):
         for step in range(5):
             losses, features = model.losses(flags, seed=step)
             weighting.backward({t: losses[t] for t in order}, features, LossScale())
-        weightings.append({t: w.item() for t, w in weighting.weights().items()})
+        weightings.append({t: w.item() for t, w in weighting.dataset_weights().items()})
     assert weightings[0] == pytest.approx(weightings[1])
 
 
@@ -167,12 +167,12 @@ def test_dwa_weights_follow_the_loss_ratio_of_the_last_two_epochs():
     model = Toy(flags)
     weighting = _build("dwa", model)  # steps_per_epoch=2
     _train(weighting, model, 4)
-    assert all(w.item() == pytest.approx(1.0) for w in weighting.weights().values())  # two epochs: uniform
+    assert all(w.item() == pytest.approx(1.0) for w in weighting.dataset_weights().values())  # two epochs: uniform
     dwa = weighting.method.module
     older, newer = dwa._previous_averages
     expected = 3 * torch.softmax((newer / older) / 2.0, dim=0)
     _train(weighting, model, 1, first_seed=4)
-    assert torch.allclose(torch.stack(list(weighting.weights().values())), expected)
+    assert torch.allclose(torch.stack(list(weighting.dataset_weights().values())), expected)
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -194,8 +194,8 @@ def test_state_survives_a_weights_only_checkpoint(name):
     resumed.load_state_dict(saved["weighting"])
     _train(resumed, resumed_model, 2, first_seed=3)
     assert torch.equal(_grads(resumed_model), _grads(model))
-    for t, w in weighting.weights().items():
-        assert torch.equal(resumed.weights()[t], w) or (w.isnan() and resumed.weights()[t].isnan())
+    for t, w in weighting.dataset_weights().items():
+        assert torch.equal(resumed.dataset_weights()[t], w) or (w.isnan() and resumed.dataset_weights()[t].isnan())
 
 
 @pytest.mark.parametrize("name", [n for n in RUNNABLE if METHODS[n].kind != "static"])
@@ -213,7 +213,7 @@ def test_every_method_trains_the_toy(name):
         weighting.backward(losses, features, LossScale())
         optimizer.step()
     assert sum(model.losses(flags, seed=99)[0].values()).item() < before
-    assert set(weighting.weights()) == set(flags)
+    assert set(weighting.dataset_weights()) == set(flags)
 
 
 @pytest.mark.parametrize("name", ["uw", "imtl_l", "rlw", "none"])
@@ -223,7 +223,7 @@ def test_methods_that_act_per_dataset_run_one_dataset_per_step(name):
     for step, flag in enumerate(SIZES):
         losses, features = model.losses([flag], seed=step)
         weighting.backward(losses, features, LossScale())
-        assert list(weighting.weights()) == [flag]
+        assert list(weighting.dataset_weights()) == [flag]
 
 
 def test_rlw_draws_new_weights_with_mean_one():
@@ -234,7 +234,7 @@ def test_rlw_draws_new_weights_with_mean_one():
     for _ in range(200):
         losses = {"pathmnist": losses["pathmnist"].detach().requires_grad_()}
         weighting.backward(losses, features, LossScale())
-        draws.append(weighting.weights()["pathmnist"].item())
+        draws.append(weighting.dataset_weights()["pathmnist"].item())
     assert len(set(draws)) == len(draws)
     assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.1)
 

@@ -1,6 +1,6 @@
 """How a step's per-dataset losses become one backward pass: static weights, TorchJD scalarizers, TorchJD aggregators.
 
-Three families behind one Protocol (`base.Weighting`):
+Three families behind one Protocol (`base.Method`; each declared by a `methods.MethodSpec`):
 - static (`static.py`): a fixed multiplier per dataset (none, size, inverse_size, sqrt_size, manual);
 - loss-based (`scalarizers.py`): a `torchjd.scalarization` Scalarizer turns the loss vector into one scalar
   (uw, rlw, dwa, famo, imtl_l, geometric_mean, stch); its learnable parameters are trained by an optimizer of
@@ -13,7 +13,7 @@ function to its family's dict (`STATIC_BUILDERS`, `SCALARIZER_BUILDERS` or `AGGR
 checks at import that the two agree. Nothing else names a method.
 
 Importing this package is light (the declarations: no torch, no TorchJD), so the schema and the sampler can;
-`mmpt.mtl.build.build_weighting` loads the implementations.
+`mmpt.mtl.build.build_method` loads the implementations.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mmpt.mtl.methods import (
     SEVERAL,
     SOLVERS_EXTRA,
     STATIC,
-    Method,
+    MethodSpec,
     environment_problems,
     method_problems,
     missing_solvers,
@@ -44,7 +44,7 @@ __all__ = [
     "SEVERAL",
     "SOLVERS_EXTRA",
     "STATIC",
-    "Method",
+    "MethodSpec",
     "environment_problems",
     "method_problems",
     "missing_solvers",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,23 +24,39 @@ from torchjd.autojac import jac_to_grad, mtl_backward
 
 from mmpt.conflicts import jacobian_gramian
 from mmpt.mtl import torchjd_state
-from mmpt.mtl.base import Context, Stateless, Weighting
+from mmpt.mtl.base import Context, Method
 from mmpt.precision import LossScale
 
 
-class AggregatorWeighting(Stateless):
+class AggregatorState(NamedTuple):
+    """How an aggregator that keeps state between steps saves and restores it (tensors and plain values)."""
+
+    save: Callable[[nn.Module], dict]
+    load: Callable[[nn.Module, dict], None]
+
+
+# Nash-MTL keeps its last weights and Gramian normalisation (NumPy) between steps: saved as tensors
+NASH_MTL_STATE = AggregatorState(torchjd_state.nash_mtl_state, torchjd_state.load_nash_mtl_state)
+
+
+class AggregatorMethod:
     """torchjd.autojac.mtl_backward + jac_to_grad: each head gets its own loss's gradient; the backbone gets the
     aggregation of the step's per-dataset gradients (the rows of the Jacobian).
 
     Effective weights: the aggregator's weights on the Jacobian's rows (NaN for aggregators without weights,
-    e.g. GradDrop).
+    e.g. GradDrop). `state`: for an aggregator with state between steps (Nash-MTL); None: it has none.
     """
 
     def __init__(
-        self, aggregator: nn.Module, shared_params: tuple[Tensor, ...], jacobian_chunk_size: int | None = None
+        self,
+        aggregator: nn.Module,
+        shared_params: tuple[Tensor, ...],
+        jacobian_chunk_size: int | None = None,
+        state: AggregatorState | None = None,
     ) -> None:
         assert shared_params, "a gradient-based method needs the backbone's parameters (shared_params)"
         self.aggregator = aggregator
+        self.state = state
         self.shared_params = shared_params
         self.jacobian_chunk_size = jacobian_chunk_size  # None: every row at once (vmap); 1: one by one
         self._last: dict[str, Tensor] = {}
@@ -70,30 +87,30 @@ class AggregatorWeighting(Stateless):
             weights = torch.full((len(losses),), math.nan, device=features.device)
         self._last = dict(zip(losses, weights.detach().unbind()))
 
-
-class NashMTLWeighting(AggregatorWeighting):
-    """Nash-MTL keeps its last weights and Gramian normalisation (NumPy) between steps: saved as tensors."""
+    def dataset_weights(self) -> dict[str, Tensor]:
+        return self._last
 
     def state_dict(self) -> dict:
-        return torchjd_state.nash_mtl_state(self.aggregator)
+        return self.state.save(self.aggregator) if self.state else {}
 
     def load_state_dict(self, state: dict) -> None:
-        torchjd_state.load_nash_mtl_state(self.aggregator, state)
+        if self.state:
+            self.state.load(self.aggregator, state)
 
 
 def aggregator(
-    make: Callable[[int, dict], nn.Module], wrapper: type = AggregatorWeighting
-) -> Callable[[list[str], dict, Context], Weighting]:
-    """A method from make(number of datasets, args) -> torchjd Aggregator."""
+    make: Callable[[int, dict], nn.Module], state: AggregatorState | None = None
+) -> Callable[[list[str], dict, Context], Method]:
+    """A method from make(number of datasets, args) -> torchjd Aggregator (`state`: as AggregatorMethod's)."""
 
-    def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
-        return wrapper(make(len(flags), args), ctx.shared_params, ctx.jacobian_chunk_size)
+    def build(flags: list[str], args: dict, ctx: Context) -> Method:
+        return AggregatorMethod(make(len(flags), args), ctx.shared_params, ctx.jacobian_chunk_size, state)
 
     return build
 
 
 # the build function of each gradient-based method (declared in mmpt.mtl.methods)
-AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "upgrad": aggregator(lambda n, a: aggregation.UPGrad()),
     "pcgrad": aggregator(lambda n, a: aggregation.PCGrad()),
     "mgda": aggregator(lambda n, a: aggregation.MGDA(epsilon=a["epsilon"], max_iters=int(a["max_iters"]))),
@@ -105,7 +122,7 @@ AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] 
             update_weights_every=int(a["update_weights_every"]),
             optim_niter=int(a["optim_niter"]),
         ),
-        NashMTLWeighting,
+        NASH_MTL_STATE,
     ),
     "imtl_g": aggregator(lambda n, a: aggregation.IMTLG()),
     "aligned_mtl": aggregator(lambda n, a: aggregation.AlignedMTL()),

@@ -1,4 +1,10 @@
-"""The interface every multi-task method implements, what build functions receive (`Context`), and `MethodState`."""
+"""The interface every multi-task method implements (`Method`), what build functions receive (`Context`), and
+`MethodRun`: the method as a run uses it (named in the checkpoint, its weights averaged for the epoch record).
+
+Words: a *method* is what loss.weighting names (declared by a `mmpt.mtl.methods.MethodSpec`, implemented by a
+`Method`); its *dataset weights* are the effective weight of each dataset's loss in a step; the model's weights
+are never called that here.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ from mmpt.errors import MmptError
 from mmpt.precision import LossScale
 
 
-class Weighting(Protocol):
-    """What the training step needs from a multi-task weighting method."""
+class Method(Protocol):
+    """What the training step needs from a multi-task method (static, loss-based or gradient-based)."""
 
     def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
         """Run this step's backward pass.
@@ -28,28 +34,13 @@ class Weighting(Protocol):
         """
         ...
 
-    def weights(self) -> dict[str, Tensor]:
+    def dataset_weights(self) -> dict[str, Tensor]:
         """Effective weight of each dataset of the last step (0-dim device tensors; NaN where a method has none)."""
         ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-class Stateless:
-    """For methods that keep nothing between steps but the last step's weights (`_last`): an empty state."""
-
-    _last: dict[str, Tensor]
-
-    def weights(self) -> dict[str, Tensor]:
-        return self._last
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -62,16 +53,16 @@ class Context:
     seed: int
     steps_per_epoch: int
     shared_params: tuple[Tensor, ...]
-    weights: dict[str, float]  # loss.weights (methods that declare reads_weights)
+    manual_weights: dict[str, float]  # loss.weights (methods that declare reads_weights)
     # rows of a Jacobian differentiated at once (TorchJD's parallel_chunk_size): None all (vmap), 1 one by one
     jacobian_chunk_size: int | None = None
 
 
-class MethodState:
+class MethodRun:
     """Wraps a method: its checkpoint names it (resuming with another loss.weighting is an error), and it sums
-    each dataset's effective weight on the device for the per-epoch record (`mean_weights`)."""
+    each dataset's effective weight on the device for the per-epoch record (`mean_dataset_weights`)."""
 
-    def __init__(self, name: str, method: Weighting) -> None:
+    def __init__(self, name: str, method: Method) -> None:
         self.name = name
         self.method = method
         self._sums: dict[str, Tensor] = {}
@@ -79,14 +70,14 @@ class MethodState:
 
     def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
         self.method.backward(losses, features, scale)
-        for t, w in self.method.weights().items():
+        for t, w in self.method.dataset_weights().items():
             self._sums[t] = self._sums[t] + w if t in self._sums else w.clone()
             self._counts[t] = self._counts.get(t, 0) + 1
 
-    def weights(self) -> dict[str, Tensor]:
-        return self.method.weights()
+    def dataset_weights(self) -> dict[str, Tensor]:
+        return self.method.dataset_weights()
 
-    def mean_weights(self) -> dict[str, float]:
+    def mean_dataset_weights(self) -> dict[str, float]:
         """Each dataset's mean effective weight over its steps since the last call (one read per dataset, once
         per epoch)."""
         means = {t: float(self._sums[t]) / self._counts[t] for t in self._sums}

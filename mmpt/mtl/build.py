@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mmpt.mtl.aggregators import AGGREGATOR_BUILDERS
-from mmpt.mtl.base import Context, MethodState
+from mmpt.mtl.base import Context, MethodRun
 from mmpt.mtl.methods import GRADIENT, LOSS, METHODS, STATIC
 from mmpt.mtl.scalarizers import SCALARIZER_BUILDERS
 from mmpt.mtl.static import STATIC_BUILDERS
@@ -26,7 +26,7 @@ assert all(
 ), "a method is built by another family than its declared kind"
 
 
-def build_weighting(
+def build_method(
     name: str,
     train_sizes: dict[str, int],
     args: dict[str, float] | None = None,
@@ -36,19 +36,19 @@ def build_weighting(
     seed: int = 0,
     steps_per_epoch: int = 1,
     shared_params: Iterable[Tensor] = (),
-    weights: dict[str, float] | None = None,
+    manual_weights: dict[str, float] | None = None,
     jacobian_chunk_size: int | None = None,
-) -> MethodState:
+) -> MethodRun:
     """Return the weighting method `name` for datasets with these train-split sizes (keys: flags, in step order).
 
     args: loss.weighting_args (missing keys take the method's defaults; a learned method's `lr` defaults to
     `lr`, the backbone's). steps_per_epoch: DWA's epoch length. shared_params: the backbone's parameters
-    (gradient-based methods). weights: loss.weights (methods that read them). jacobian_chunk_size: rows of a
+    (gradient-based methods). manual_weights: loss.weights (methods that read them). jacobian_chunk_size: rows of a
     gradient-based method's Jacobian differentiated at once (None: all, with torch.vmap; 1: one by one).
     The name, the args and what the method needs were checked where the config was loaded and by the run's
     environment check (mmpt.mtl.methods: method_problems, environment_problems).
     """
-    assert name in BUILDERS, f"unknown loss.weighting {name!r} reached build_weighting"
+    assert name in BUILDERS, f"unknown loss.weighting {name!r} reached build_method"
     flags = list(train_sizes)
     context = Context(
         train_sizes=dict(train_sizes),
@@ -57,7 +57,7 @@ def build_weighting(
         seed=seed,
         steps_per_epoch=max(1, steps_per_epoch),
         shared_params=tuple(p for p in shared_params if p.requires_grad),
-        weights=dict(weights or {}),
+        manual_weights=dict(manual_weights or {}),
         jacobian_chunk_size=jacobian_chunk_size,
     )
-    return MethodState(name, BUILDERS[name](flags, {**METHODS[name].defaults(), **dict(args or {})}, context))
+    return MethodRun(name, BUILDERS[name](flags, {**METHODS[name].defaults(), **dict(args or {})}, context))

@@ -1,6 +1,6 @@
 """What each weighting method is, without its implementation: the registry the schema and the docs read.
 
-A `Method` declares its kind, what it does, its paper, its options (loss.weighting_args, each a `Key` checked
+A `MethodSpec` declares its kind, what it does, its paper, its options (loss.weighting_args, each a `Key` checked
 as config keys are), the sampler.tasks_per_step it needs, the solver modules it needs and whether it reads
 loss.weights; whether it runs under DDP follows from its kind. The build functions live beside the
 implementations (static.py, scalarizers.py, aggregators.py) and mmpt.mtl.build checks at import that they
@@ -40,7 +40,7 @@ def options(*keys: Key) -> dict[str, Key]:
 
 
 @dataclass(frozen=True)
-class Method:
+class MethodSpec:
     """One weighting method: everything the validation and the docs need to know about it."""
 
     kind: str  # STATIC, LOSS or GRADIENT
@@ -64,25 +64,25 @@ LEARNED_LR = option("lr", None, "Adam learning rate of the learned parameters; d
 # installed with mmpt (torchjd[quadprog-projector]); the other solvers come with the mtl-solvers extra
 CORE_SOLVERS = ("qpsolvers", "quadprog")
 
-METHODS: dict[str, Method] = {
+METHODS: dict[str, MethodSpec] = {
     # static: a fixed multiplier per dataset (static.py)
-    "none": Method(STATIC, "1 per dataset", "mm-PT (Woerner et al. 2024)"),
-    "size": Method(STATIC, "min|D| / |D_t|", "Bachmeier 2024"),
-    "inverse_size": Method(STATIC, "max|D| / |D_t|"),
-    "sqrt_size": Method(STATIC, "√(min|D| / |D_t|)"),
-    "manual": Method(STATIC, "loss.weights: {flag: w}, every trained dataset and no other", reads_weights=True),
+    "none": MethodSpec(STATIC, "1 per dataset", "mm-PT (Woerner et al. 2024)"),
+    "size": MethodSpec(STATIC, "min|D| / |D_t|", "Bachmeier 2024"),
+    "inverse_size": MethodSpec(STATIC, "max|D| / |D_t|"),
+    "sqrt_size": MethodSpec(STATIC, "√(min|D| / |D_t|)"),
+    "manual": MethodSpec(STATIC, "loss.weights: {flag: w}, every trained dataset and no other", reads_weights=True),
     # loss-based: a TorchJD Scalarizer over the loss vector (scalarizers.py)
-    "uw": Method(LOSS, "learned log-variances", "Kendall et al. 2018", options(LEARNED_LR)),
-    "imtl_l": Method(LOSS, "learned scales", "Liu et al. 2021 (IMTL-L)", options(LEARNED_LR)),
-    "rlw": Method(LOSS, "T·softmax(z), z ~ N(0, I) per step", "Lin et al. 2022"),
-    "dwa": Method(
+    "uw": MethodSpec(LOSS, "learned log-variances", "Kendall et al. 2018", options(LEARNED_LR)),
+    "imtl_l": MethodSpec(LOSS, "learned scales", "Liu et al. 2021 (IMTL-L)", options(LEARNED_LR)),
+    "rlw": MethodSpec(LOSS, "T·softmax(z), z ~ N(0, I) per step", "Lin et al. 2022"),
+    "dwa": MethodSpec(
         LOSS,
         "epoch loss ratios",
         "Liu et al. 2019",
         options(option("temperature", 2.0, "softmax temperature over the loss ratios", gt=0)),
         ALL,
     ),
-    "famo": Method(
+    "famo": MethodSpec(
         LOSS,
         "learned logits",
         "Liu et al. 2023",
@@ -92,8 +92,8 @@ METHODS: dict[str, Method] = {
         ),
         ALL,
     ),
-    "geometric_mean": Method(LOSS, "geometric mean of the losses", "Chennupati et al. 2019", tasks=SEVERAL),
-    "stch": Method(
+    "geometric_mean": MethodSpec(LOSS, "geometric mean of the losses", "Chennupati et al. 2019", tasks=SEVERAL),
+    "stch": MethodSpec(
         LOSS,
         "smooth max",
         "Lin et al. 2024",
@@ -101,15 +101,15 @@ METHODS: dict[str, Method] = {
         SEVERAL,
     ),
     # gradient-based: a TorchJD Aggregator over the Jacobian of the losses w.r.t. the backbone (aggregators.py)
-    "upgrad": Method(
+    "upgrad": MethodSpec(
         GRADIENT,
         "each gradient projected onto the dual cone, averaged",
         "Quinton & Rey 2024",
         tasks=SEVERAL,
         needs=CORE_SOLVERS,
     ),
-    "pcgrad": Method(GRADIENT, "conflicting components projected away", "Yu et al. 2020", tasks=SEVERAL),
-    "mgda": Method(
+    "pcgrad": MethodSpec(GRADIENT, "conflicting components projected away", "Yu et al. 2020", tasks=SEVERAL),
+    "mgda": MethodSpec(
         GRADIENT,
         "minimum-norm point of the gradients' convex hull",
         "Sener & Koltun 2018",
@@ -119,7 +119,7 @@ METHODS: dict[str, Method] = {
         ),
         SEVERAL,
     ),
-    "cagrad": Method(
+    "cagrad": MethodSpec(
         GRADIENT,
         "conflict-averse direction near the mean",
         "Liu et al. 2021 (CAGrad)",
@@ -127,7 +127,7 @@ METHODS: dict[str, Method] = {
         SEVERAL,
         needs=("cvxpy", "clarabel"),
     ),
-    "nash_mtl": Method(
+    "nash_mtl": MethodSpec(
         GRADIENT,
         "Nash bargaining solution",
         "Navon et al. 2022",
@@ -139,23 +139,23 @@ METHODS: dict[str, Method] = {
         ALL,
         needs=("cvxpy", "ecos"),
     ),
-    "imtl_g": Method(GRADIENT, "equal projections of the aggregate", "Liu et al. 2021 (IMTL-G)", tasks=SEVERAL),
-    "aligned_mtl": Method(GRADIENT, "aligned principal components", "Senushkin et al. 2023", tasks=SEVERAL),
-    "graddrop": Method(GRADIENT, "sign dropout; no weights (logged as NaN)", "Chen et al. 2020", tasks=SEVERAL),
-    "dualproj": Method(
+    "imtl_g": MethodSpec(GRADIENT, "equal projections of the aggregate", "Liu et al. 2021 (IMTL-G)", tasks=SEVERAL),
+    "aligned_mtl": MethodSpec(GRADIENT, "aligned principal components", "Senushkin et al. 2023", tasks=SEVERAL),
+    "graddrop": MethodSpec(GRADIENT, "sign dropout; no weights (logged as NaN)", "Chen et al. 2020", tasks=SEVERAL),
+    "dualproj": MethodSpec(
         GRADIENT, "projection of the mean onto the dual cone", "Quinton & Rey 2024", tasks=SEVERAL, needs=CORE_SOLVERS
     ),
-    "config": Method(
+    "config": MethodSpec(
         GRADIENT, "conflict-free direction; no weights (logged as NaN)", "Liu et al. 2025 (ConFIG)", tasks=SEVERAL
     ),
-    "fairgrad": Method(
+    "fairgrad": MethodSpec(
         GRADIENT,
         "α-fair allocation",
         "Ban & Ji 2024",
         options(option("alpha", 1.0, "fairness exponent (1: proportional fairness)", gt=0)),
         SEVERAL,
     ),
-    "jd_mean": Method(GRADIENT, "plain mean through the Jacobian path (a baseline for its cost)"),
+    "jd_mean": MethodSpec(GRADIENT, "plain mean through the Jacobian path (a baseline for its cost)"),
 }
 
 

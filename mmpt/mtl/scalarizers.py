@@ -14,26 +14,26 @@ from torch import Tensor, nn
 from torchjd import scalarization
 
 from mmpt.mtl import torchjd_state
-from mmpt.mtl.base import Context, Weighting
+from mmpt.mtl.base import Context, Method
 
 
 class ScalarizerHooks:
     """Extra state and calls of a stateful scalarizer (DWA's epoch roll, FAMO's logit update)."""
 
-    def before(self, weighting: ScalarizerWeighting, losses: dict[str, Tensor]) -> None:
+    def before(self, method: ScalarizerMethod, losses: dict[str, Tensor]) -> None:
         pass
 
-    def after(self, weighting: ScalarizerWeighting) -> None:
+    def after(self, method: ScalarizerMethod) -> None:
         pass
 
-    def state_dict(self, weighting: ScalarizerWeighting) -> dict:
+    def state_dict(self, method: ScalarizerMethod) -> dict:
         return {}
 
-    def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
+    def load_state_dict(self, method: ScalarizerMethod, state: dict) -> None:
         pass
 
 
-class ScalarizerWeighting:
+class ScalarizerMethod:
     """A TorchJD Scalarizer over the step's loss vector; effective weight of dataset t = d(scalar)/dL_t.
 
     The scalar is differentiated once w.r.t. the loss vector (and the scalarizer's learned parameters), on the
@@ -74,7 +74,7 @@ class ScalarizerWeighting:
         self.steps += 1
         self.hooks.after(self)
 
-    def weights(self) -> dict[str, Tensor]:
+    def dataset_weights(self) -> dict[str, Tensor]:
         return self._last
 
     def state_dict(self) -> dict:
@@ -122,23 +122,23 @@ def _separable(per_dataset: nn.ModuleDict) -> Callable:
     return scalarize
 
 
-def learned_per_dataset(make: Callable[[], nn.Module]) -> Callable[[list[str], dict, Context], Weighting]:
+def learned_per_dataset(make: Callable[[], nn.Module]) -> Callable[[list[str], dict, Context], Method]:
     """One learned scalarizer per dataset, trained by Adam at loss.weighting_args.lr (default: the backbone's)."""
 
-    def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
+    def build(flags: list[str], args: dict, ctx: Context) -> Method:
         per_dataset = nn.ModuleDict({t: make() for t in flags}).to(ctx.device)
         learned = [p for t in flags for p in per_dataset[t].parameters()]
         lr = ctx.lr if args["lr"] is None else args["lr"]
         optimizer = torch.optim.Adam(learned, lr=lr)
-        return ScalarizerWeighting(flags, _separable(per_dataset), per_dataset, learned, optimizer)
+        return ScalarizerMethod(flags, _separable(per_dataset), per_dataset, learned, optimizer)
 
     return build
 
 
-def stateless(make: Callable[[dict], nn.Module]) -> Callable[[list[str], dict, Context], Weighting]:
-    def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
+def stateless(make: Callable[[dict], nn.Module]) -> Callable[[list[str], dict, Context], Method]:
+    def build(flags: list[str], args: dict, ctx: Context) -> Method:
         scalarizer = make(args)
-        return ScalarizerWeighting(flags, _joint(scalarizer, flags, False), scalarizer, [], None)
+        return ScalarizerMethod(flags, _joint(scalarizer, flags, False), scalarizer, [], None)
 
     return build
 
@@ -171,19 +171,19 @@ class _RandomWeights(nn.Module):
 
 
 class _RandomHooks(ScalarizerHooks):
-    def state_dict(self, weighting: ScalarizerWeighting) -> dict:
-        random: _RandomWeights = weighting.module
+    def state_dict(self, method: ScalarizerMethod) -> dict:
+        random: _RandomWeights = method.module
         state = random.generator.get_state() if random.generator is not None else random.pending_state
         return {} if state is None else {"generator": state}
 
-    def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
-        random: _RandomWeights = weighting.module
+    def load_state_dict(self, method: ScalarizerMethod, state: dict) -> None:
+        random: _RandomWeights = method.module
         random.generator, random.pending_state = None, state.get("generator")
 
 
-def rlw(flags: list[str], args: dict, ctx: Context) -> Weighting:
+def rlw(flags: list[str], args: dict, ctx: Context) -> Method:
     random = _RandomWeights(flags, ctx.seed)
-    return ScalarizerWeighting(flags, random, random, [], None, _RandomHooks())
+    return ScalarizerMethod(flags, random, random, [], None, _RandomHooks())
 
 
 class _DWAHooks(ScalarizerHooks):
@@ -193,21 +193,21 @@ class _DWAHooks(ScalarizerHooks):
         self.steps_per_epoch = steps_per_epoch
         self.device = device
 
-    def after(self, weighting: ScalarizerWeighting) -> None:
-        if weighting.steps % self.steps_per_epoch == 0:
-            weighting.module.step()
+    def after(self, method: ScalarizerMethod) -> None:
+        if method.steps % self.steps_per_epoch == 0:
+            method.module.step()
 
-    def state_dict(self, weighting: ScalarizerWeighting) -> dict:
-        return torchjd_state.dwa_state(weighting.module)
+    def state_dict(self, method: ScalarizerMethod) -> dict:
+        return torchjd_state.dwa_state(method.module)
 
-    def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
-        torchjd_state.load_dwa_state(weighting.module, state, self.device)
+    def load_state_dict(self, method: ScalarizerMethod, state: dict) -> None:
+        torchjd_state.load_dwa_state(method.module, state, self.device)
 
 
-def dwa(flags: list[str], args: dict, ctx: Context) -> Weighting:
+def dwa(flags: list[str], args: dict, ctx: Context) -> Method:
     method = scalarization.DWA(temperature=args["temperature"])
     hooks = _DWAHooks(ctx.steps_per_epoch, ctx.device)
-    return ScalarizerWeighting(flags, _joint(method, flags, True), method, [], None, hooks)
+    return ScalarizerMethod(flags, _joint(method, flags, True), method, [], None, hooks)
 
 
 class _FAMOHooks(ScalarizerHooks):
@@ -217,25 +217,25 @@ class _FAMOHooks(ScalarizerHooks):
     (a fresh batch of every dataset), which saves a forward pass per step.
     """
 
-    def before(self, weighting: ScalarizerWeighting, losses: dict[str, Tensor]) -> None:
-        famo: scalarization.FAMO = weighting.module
+    def before(self, method: ScalarizerMethod, losses: dict[str, Tensor]) -> None:
+        famo: scalarization.FAMO = method.module
         if torchjd_state.famo_has_losses(famo):
-            famo.update(_stack(losses, weighting.flags).detach())
+            famo.update(_stack(losses, method.flags).detach())
 
-    def state_dict(self, weighting: ScalarizerWeighting) -> dict:
-        return torchjd_state.famo_state(weighting.module)
+    def state_dict(self, method: ScalarizerMethod) -> dict:
+        return torchjd_state.famo_state(method.module)
 
-    def load_state_dict(self, weighting: ScalarizerWeighting, state: dict) -> None:
-        torchjd_state.load_famo_state(weighting.module, state)
+    def load_state_dict(self, method: ScalarizerMethod, state: dict) -> None:
+        torchjd_state.load_famo_state(method.module, state)
 
 
-def famo(flags: list[str], args: dict, ctx: Context) -> Weighting:
+def famo(flags: list[str], args: dict, ctx: Context) -> Method:
     method = scalarization.FAMO(len(flags), lr=args["lr"], weight_decay=args["weight_decay"]).to(ctx.device)
-    return ScalarizerWeighting(flags, _joint(method, flags, True), method, [], None, _FAMOHooks())
+    return ScalarizerMethod(flags, _joint(method, flags, True), method, [], None, _FAMOHooks())
 
 
 # the build function of each loss-based method (declared in mmpt.mtl.methods)
-SCALARIZER_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+SCALARIZER_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "uw": learned_per_dataset(lambda: scalarization.UW(())),
     "imtl_l": learned_per_dataset(lambda: scalarization.IMTLL(())),
     "rlw": rlw,

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mmpt.mtl.base import Context, Stateless, Weighting
+from mmpt.mtl.base import Context, Method
 
 
-class StaticWeighting(Stateless):
+class StaticMethod:
     """A fixed multiplier per dataset: the step's loss is sum_t w_t * L_t."""
 
     def __init__(self, weights: dict[str, float]) -> None:
@@ -24,25 +24,34 @@ class StaticWeighting(Stateless):
         scale(total).backward()
         self._last = {t: self._as_tensors[t] for t in losses}
 
+    def dataset_weights(self) -> dict[str, Tensor]:
+        return self._last
 
-def by_size(rule: Callable[[int, int, int], float]) -> Callable[[list[str], dict, Context], Weighting]:
+    def state_dict(self) -> dict:
+        return {}  # nothing is learned or carried between steps
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def by_size(rule: Callable[[int, int, int], float]) -> Callable[[list[str], dict, Context], Method]:
     """Weights from each dataset's train size: rule(|D_t|, min |D|, max |D|)."""
 
-    def build(flags: list[str], args: dict, ctx: Context) -> Weighting:
+    def build(flags: list[str], args: dict, ctx: Context) -> Method:
         sizes = ctx.train_sizes
         assert sizes and min(sizes.values()) > 0, f"train sizes must be positive, got {sizes}"
         smallest, largest = min(sizes.values()), max(sizes.values())
-        return StaticWeighting({t: rule(sizes[t], smallest, largest) for t in flags})
+        return StaticMethod({t: rule(sizes[t], smallest, largest) for t in flags})
 
     return build
 
 
-def manual(flags: list[str], args: dict, ctx: Context) -> Weighting:
-    return StaticWeighting({t: float(ctx.weights[t]) for t in flags})
+def manual(flags: list[str], args: dict, ctx: Context) -> Method:
+    return StaticMethod({t: float(ctx.manual_weights[t]) for t in flags})
 
 
 # the build function of each static method (declared in mmpt.mtl.methods)
-STATIC_BUILDERS: dict[str, Callable[[list[str], dict, Context], Weighting]] = {
+STATIC_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "none": by_size(lambda n, lo, hi: 1.0),
     "size": by_size(lambda n, lo, hi: lo / n),
     "inverse_size": by_size(lambda n, lo, hi: hi / n),

@@ -27,7 +27,6 @@ from mmpt.choices import (
     INPUT_MODES,
     INTERPOLATIONS,
     LAST_BATCH,
-    LAUNCHERS,
     MONITORS,
     NORMS,
     ORDINAL_LOSSES,
@@ -36,8 +35,10 @@ from mmpt.choices import (
     SCHEDULES,
     device_problem,
 )
+from mmpt.config_rules import cross_problems, dataset_flag, tasks_per_step_problem
 from mmpt.errors import MmptError
-from mmpt.mtl import GRADIENT, METHODS, method_problems
+from mmpt.launchconfig import LaunchConfig
+from mmpt.mtl import METHODS
 from mmpt.settings import (
     Key,
     build,
@@ -73,14 +74,6 @@ def _datasets_problem(names: tuple[str, ...]) -> str | None:
     except MmptError as exc:
         return f"must name MedMNIST+ datasets: {exc}"
     return None
-
-
-def tasks_per_step_problem(k: int | str, datasets: int | None = None) -> str | None:
-    """What is wrong with sampler.tasks_per_step `k` for that many datasets (None: not known yet), or None."""
-    if k == "all" or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= (datasets or k)):
-        return None
-    count = f" ({datasets})" if datasets else ""
-    return f"must be a whole number from 1 to the number of datasets{count} or all, got {k!r}"
 
 
 @dataclass(frozen=True)
@@ -347,121 +340,6 @@ class CheckpointConfig:
     )
 
 
-# A job's time limit as SLURM writes it: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
-# days-hours:minutes or days-hours:minutes:seconds
-SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
-TIME_TEXT = "minutes (e.g. 240) or SLURM's [days-]hours:minutes:seconds (e.g. 4:00:00, 1-12:00:00)"
-
-
-def time_minutes(value: float | str) -> float:
-    """A launch.time value in minutes: a number is minutes, text is SLURM's format. ValueError when it is neither."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = SLURM_TIME.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(value)
-    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
-    if days is None:
-        if second is None:  # minutes
-            return float(first)
-        if third is None:  # minutes:seconds
-            return first + second / 60
-        return first * 60 + second + third / 60  # hours:minutes:seconds
-    return days * 1440 + first * 60 + (second or 0) + (third or 0) / 60  # days-hours[:minutes[:seconds]]
-
-
-def _time_problem(value: float | str) -> str | None:
-    try:
-        minutes = time_minutes(value)
-    except ValueError:
-        return f"must be {TIME_TEXT}, got {value!r}"
-    return None if minutes > 0 else f"must be a time limit above 0, got {value!r}"
-
-
-def _mem_problem(value: str) -> str | None:
-    if re.fullmatch(r"[1-9]\d*[KMGT]?", value):
-        return None
-    return f"must be memory as SLURM writes it, a whole number with K, M, G or T (e.g. 64G), got {value!r}"
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Where a series' members train (mmpt.experiments.launcher): it never changes what a run computes, and a rerun
-    of a series may give other resources."""
-
-    launcher: str = setting(
-        "sequential",
-        "how a series' members train: sequential (one after another in this process), local (jobs in parallel on "
-        "this machine) or slurm (a SLURM job array), through submitit",
-        choices=LAUNCHERS,
-        resume=True,
-        result=False,
-        flag="--launcher",
-    )
-    jobs: int | None = setting(
-        None,
-        "members at a time; null = local: one per GPU group (else 1), slurm: no limit (the array's parallelism)",
-        ge=1,
-        resume=True,
-        result=False,
-        flag="--jobs",
-    )
-    gpus_per_job: int | None = setting(
-        None,
-        "GPUs per member (several: it trains under torch.distributed, one process per GPU); "
-        "null = local: 1 when the machine has GPUs, else 0; slurm: 0",
-        ge=0,
-        resume=True,
-        result=False,
-        flag="--gpus-per-job",
-    )
-    cpus_per_job: int | None = setting(
-        None,
-        "CPU cores per member (on each node); null = local: the cores divided among --jobs, slurm: the partition's",
-        ge=1,
-        resume=True,
-        result=False,
-        flag="--cpus-per-job",
-    )
-    nodes: int = setting(
-        1,
-        "SLURM nodes per member (torch.distributed over all their GPUs)",
-        ge=1,
-        resume=True,
-        result=False,
-        flag="--nodes",
-    )
-    time: float | str | None = setting(
-        None,
-        "time limit per job (a job that reaches it writes last.pt and is requeued); null = local: none, slurm: 4:00:00",
-        check=_time_problem,
-        allowed=TIME_TEXT,
-        resume=True,
-        result=False,
-        flag="--time",
-    )
-    partition: str | None = setting(
-        None, "SLURM partition; null = the cluster's default", resume=True, result=False, flag="--partition"
-    )
-    mem: str | None = setting(
-        None,
-        "SLURM memory per node (e.g. 64G); null = the partition's default",
-        check=_mem_problem,
-        allowed="memory as SLURM writes it (e.g. 64G, 500M)",
-        resume=True,
-        result=False,
-        flag="--mem",
-    )
-    slurm_args: str | None = setting(
-        None,
-        "further sbatch options, e.g. '--qos=high --account=lab' (long options only; "
-        "on the command line: --slurm-args='--qos=high')",
-        resume=True,
-        result=False,
-        flag="--slurm-args",
-    )
-
-
 @dataclass(frozen=True)
 class Config:
     name: str = setting("mmpt", "the run's name", check=_run_name_problem, resume=True, result=False)
@@ -571,21 +449,15 @@ def from_dict(raw: dict) -> Config:
     problems: list[str] = []
     cfg = build(Config, raw, "", problems)
     if not problems:
-        problems += _cross_checks(cfg)
+        problems += cross_problems(cfg, DataConfig.root)
     if problems:
         raise MmptError("invalid config: " + "; ".join(problems))
     # datasets are stored as medmnist flags in medmnist order, whatever spelling the user chose
     flags = tuple(t.flag for t in resolve_tasks(cfg.data.datasets))
-    weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
+    weights = {dataset_flag(name): value for name, value in cfg.loss.weights.items()}
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, datasets=flags), loss=dataclasses.replace(cfg.loss, weights=weights)
     )
-
-
-def _flag(name: str) -> str:
-    """A dataset's medmnist flag from its flag or short name (breast -> breastmnist)."""
-    name = name.strip().lower()
-    return name if name.endswith("mnist") else f"{name}mnist"
 
 
 def check_value(key: str, raw: Any) -> tuple[Any, str | None]:
@@ -602,68 +474,6 @@ def parse_flag(flag: str, key: str, text: str) -> Any:
     if problem:
         raise MmptError(f"{flag} {problem}")
     return value
-
-
-def _cross_checks(cfg: Config) -> list[str]:
-    """The rules between keys (no environment: the same result on every machine)."""
-    problems = []
-    if cfg.data.synthetic and Path(cfg.data.root).expanduser() == Path(DataConfig.root).expanduser():
-        problems.append(
-            f"data.synthetic writes generated files under medmnist's names; give it a folder of its own "
-            f"(data.root: data/synthetic), not {DataConfig.root}"
-        )
-    problems += _probe_problems(cfg)
-    flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
-    k = cfg.sampler.tasks_per_step
-    problem = tasks_per_step_problem(k, len(flags))
-    if problem:
-        return [*problems, f"sampler.tasks_per_step {problem}"]
-    if cfg.model.norm == "per_dataset" and METHODS[cfg.loss.weighting].kind == GRADIENT:
-        # its per-dataset affine weights sit inside the backbone but outside the Jacobian the method aggregates
-        problems.append(
-            f"model.norm per_dataset gives each dataset its own BatchNorm weights, which "
-            f"loss.weighting={cfg.loss.weighting} (a gradient-based method, aggregating the Jacobian of the shared "
-            "backbone) does not train; use model.norm per_dataset_stats or a static or loss-based weighting"
-        )
-    if cfg.train.compile and cfg.model.norm == "per_dataset":
-        # its per-dataset affine weights are picked by host integers: a compiled graph per dataset and mix of them
-        problems.append(
-            "train.compile cannot compile model.norm per_dataset (each dataset's own BatchNorm weights would need one "
-            "graph per dataset); use model.norm per_dataset_stats, whose statistics compile into one graph, or "
-            "train.compile false"
-        )
-    weights = {_flag(name): value for name, value in cfg.loss.weights.items()}
-    return problems + method_problems(
-        cfg.loss.weighting,
-        dict(cfg.loss.weighting_args),
-        tasks_per_step=k,
-        weights=weights,
-        datasets=flags,
-    )
-
-
-def _probe_problems(cfg: Config) -> list[str]:
-    """LP-FT (train.probe_epochs) probes trained features with the heads' own optimizers, then fine-tunes."""
-    probe = cfg.train.probe_epochs
-    if not probe:
-        return []
-    problems = []
-    if not (cfg.model.init_from or cfg.model.pretrained):
-        problems.append(
-            f"train.probe_epochs {probe} trains the heads on a frozen backbone, which needs trained weights: set "
-            "model.init_from (--init-from RUN) or model.pretrained true, or train.probe_epochs 0"
-        )
-    if probe >= cfg.train.epochs:
-        problems.append(
-            f"train.probe_epochs {probe} must be less than train.epochs {cfg.train.epochs} (the probe epochs count "
-            "within train.epochs, so the backbone would never train); raise --epochs or lower train.probe_epochs"
-        )
-    if not cfg.optim.per_head:
-        problems.append(
-            "train.probe_epochs needs one optimizer and schedule per head (optim.per_head true): the backbone's "
-            "schedule starts when it unfreezes"
-        )
-    return problems
 
 
 def config_yaml(cfg: Config) -> str:

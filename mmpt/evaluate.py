@@ -11,7 +11,8 @@ from mmpt.data.store import evaluation_data, open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder, write_json
-from mmpt.norm import RECALIBRATION_SEED, has_batchnorm, recalibrate
+from mmpt.norm import has_batchnorm
+from mmpt.norm_calibration import RECALIBRATION_SEED, recalibrate
 from mmpt.plots import plot_loss_curves
 from mmpt.predict import evaluate_all, metrics_table, plot_confusions, split_loader, write_predictions
 from mmpt.recipe import build_model, build_transform
@@ -43,7 +44,7 @@ def evaluate_checkpoint(
     missing data, or an `output` that is not (and cannot become) a writable folder.
 
     `recalibrate_images` (--recalibrate-norm): first re-estimate each evaluated dataset's BatchNorm statistics on
-    up to that many of its own training images (norm.recalibrate; a shared-norm model gets per-dataset statistics),
+    up to that many of its own training images (recalibrate; a shared-norm model gets per-dataset statistics),
     in memory only: the checkpoint file is never written. recalibration.json in `output` records what was done.
     """
     check_output_folder(output)

@@ -15,18 +15,8 @@ from torch import Tensor, nn
 from mmpt import backbones
 from mmpt.distributed import World
 from mmpt.errors import MmptError, lookup
-from mmpt.norm import (
-    NormLayout,
-    convert_norms,
-    describe_init_rule,
-    has_batchnorm,
-    norm_layer_prefixes,
-    resolve_norm,
-    saved_norm,
-    share_norms,
-    task_norms,
-    transfer_norm_state,
-)
+from mmpt.norm import NormLayout, convert_norms, has_batchnorm, resolve_norm, saved_norm, share_norms, task_norms
+from mmpt.norm_transfer import describe_init_rule, norm_layer_prefixes, transfer_norm_state
 from mmpt.tasks import resolve_tasks
 
 

@@ -25,7 +25,8 @@ from mmpt.losses import TaskLoss, build_loss
 from mmpt.model import MultiTaskNet, build_head, check_input_size, copy_initial_weights
 from mmpt.mtl import GRADIENT, METHODS, environment_problems
 from mmpt.mtl.build import build_method
-from mmpt.norm import calibrate_norms, check_norm, has_batchnorm
+from mmpt.norm import check_norm, has_batchnorm
+from mmpt.norm_calibration import calibrate_norms
 from mmpt.optim import build_optimizers, check_layer_decay, check_optimizer_name
 from mmpt.precision import autocast, resolve_precision
 from mmpt.step import TrainStep
@@ -246,7 +247,7 @@ def calibrate_statistics(
     model.norm_calibration_batches batches of train.batch_size images of each dataset's train split (`splits`:
     flag -> its train SplitData), drawn from train.seed and the epoch, each pass under the run's precision
     (`precision`, default train.precision resolved for `device`) as at evaluation, and with `synchronised` over every
-    rank's images as the training step's passes are (model.sync_norm; `mmpt.norm.calibrate_norms`); returns whether
+    rank's images as the training step's passes are (model.sync_norm; `calibrate_norms`); returns whether
     it calibrated (not for 0 or shared statistics, nor after an epoch of train.probe_epochs: the backbone is frozen
     there, its statistics stay as loaded).
     """

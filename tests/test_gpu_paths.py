@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mmpt import checkpoint as ckpt
-from mmpt.bench.gpu import CHECKS, TINY, Context, format_table, run_gpu_check
+from mmpt.bench.gpu import format_table, run_gpu_check
+from mmpt.bench.gpu_context import CHECKS, TINY, Context
 from mmpt.config import load_config, recorded_config, to_dict
 from mmpt.distributed import SINGLE
 from mmpt.errors import MmptError
@@ -197,7 +198,7 @@ def test_fp16_updates_the_backbone_as_much_as_bf16(dry_run, method):
     ],
 )
 def test_the_peak_table_tells_the_h100_and_h200_variants_and_the_h20_apart(name, bf16):
-    from mmpt.bench.train import peak_flops
+    from mmpt.bench.train_report import peak_flops
 
     assert peak_flops(name, "bf16") == bf16
 

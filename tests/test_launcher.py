@@ -27,11 +27,12 @@ import torch
 import yaml
 
 from mmpt.cli import evaluate_main, train_main
-from mmpt.config import load_config, time_minutes
+from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
+from mmpt.launchconfig import time_minutes
 from mmpt.seriesdir import SeriesDir
 from mmpt.tasks import resolve_tasks
 

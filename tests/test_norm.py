@@ -413,7 +413,7 @@ def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_i
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
     """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
     from mmpt.data.store import open_data
-    from mmpt.norm import recalibrate
+    from mmpt.norm_calibration import recalibrate
     from mmpt.recipe import build_transform
 
     state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
@@ -547,7 +547,7 @@ def test_a_batch_of_one_is_refused_with_per_dataset_batchnorm_too():
 
 
 def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
-    from mmpt.norm import plain_state_dict
+    from mmpt.norm_transfer import plain_state_dict
 
     model = model_with("per_dataset").eval()
     with torch.no_grad():
@@ -639,7 +639,7 @@ def test_no_calibration_batch_or_rank_shard_of_one_holds_a_single_image_for_any_
     from mmpt.config import Config
     from mmpt.data.loader import shard
     from mmpt.data.sampler import batch_count
-    from mmpt.norm import calibration_batches
+    from mmpt.norm_calibration import calibration_batches
 
     sizes = sorted({info["n_samples"]["train"] for info in medmnist.INFO.values()})
     assert len(sizes) == 18 and sizes[0] == 546
@@ -670,7 +670,7 @@ def test_no_calibration_batch_or_rank_shard_of_one_holds_a_single_image_for_any_
 def test_calibration_batches_are_a_pure_function_of_seed_and_epoch_and_draw_from_no_training_stream():
     import random
 
-    from mmpt.norm import calibration_batches
+    from mmpt.norm_calibration import calibration_batches
 
     np.random.seed(3)
     random.seed(3)
@@ -714,7 +714,7 @@ def calibration_model(synthetic_root, norm="per_dataset_stats"):
 
 
 def test_calibration_sets_each_datasets_statistics_to_the_average_over_its_batches_by_hand(synthetic_root):
-    from mmpt.norm import calibrate_norms, calibration_batches
+    from mmpt.norm_calibration import calibrate_norms, calibration_batches
 
     model, transform, splits = calibration_model(synthetic_root)
     before = copy.deepcopy(model.state_dict())
@@ -798,7 +798,7 @@ def test_under_torchrun_without_sync_norm_the_calibration_averages_the_ranks_sha
     from mmpt.config import recorded_config
     from mmpt.data.loader import shard
     from mmpt.data.store import open_data
-    from mmpt.norm import calibration_batches, estimate_statistics
+    from mmpt.norm_calibration import calibration_batches, estimate_statistics
     from mmpt.recipe import build_transform
 
     raw = {

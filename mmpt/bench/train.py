@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +35,6 @@ from mmpt.backbones import resolve_backbone
 from mmpt.bench.common import (
     engine_step,
     machine,
-    markdown_table,
     median,
     peak_rss_bytes,
     synchronize,
@@ -46,50 +43,22 @@ from mmpt.bench.common import (
     write_synthetic_files,
 )
 from mmpt.bench.loops import BareLoop, EngineLoop, time_steps
+from mmpt.bench.train_mtl import CONFLICT_CASES, MTL_METHODS, measure_conflicts, measure_mtl_steps
+from mmpt.bench.train_report import format_table, input_description, peak_flops
 from mmpt.choices import DEVICE_NAMES, PRECISIONS
-from mmpt.config import Config, DataConfig, TrainConfig, from_dict, load_config, to_dict
-from mmpt.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
+from mmpt.config import Config, DataConfig, TrainConfig, load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler, batches_per_task
 from mmpt.data.store import open_data
 from mmpt.distributed import select_device
 from mmpt.errors import MmptError
 from mmpt.precision import resolve_precision
-from mmpt.recipe import calibrate_step, check_run
+from mmpt.recipe import calibrate_step
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import FLAGS, resolve_tasks
 
-# Dense peak FLOP/s (no 2:4 sparsity) by GPU, from NVIDIA's data sheets, which print the tensor-core figures with
-# sparsity (twice these); "tf32" is float32 on tensor cores (train.tf32). The first pattern found as a whole word in
-# torch.cuda.get_device_name() wins, so the NVL and PCIe cards come before the SXM part of their name.
-PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    # H100 data sheet: NVL 1,671 TFLOPS bf16 with sparsity, TF32 835, FP32 60; PCIe 1,513, 756, 51; SXM 1,979, 989, 67
-    (r"H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    (r"H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    (r"H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    # H200 data sheet: NVL as the H100 NVL; SXM as the H100 SXM (the same GH100 compute, more memory)
-    (r"H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    (r"H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    # GH200 data sheet: its Hopper GPU as the H100 SXM (990 TFLOPS bf16 dense, 1,979 with sparsity)
-    (r"GH200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    # H20 product brief: 148 TFLOPS fp16/bf16 dense, TF32 74, FP32 44
-    (r"H20", {"bf16": 148e12, "fp16": 148e12, "tf32": 74e12, "fp32": 44e12}),
-    # HGX B200 data sheet, per GPU: 4.5 PFLOPS fp16/bf16 with sparsity, TF32 2.2, FP32 75
-    (r"B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 75e12}),
-    # A100 data sheet: 624 TFLOPS bf16 with sparsity, TF32 312, FP32 19.5 (SXM and PCIe alike)
-    (r"A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-]
-
-
 # ---------------------------------------------------------------------------------------------
 # the whole benchmark
-
-
-# loss weightings whose step time the benchmark compares at several datasets per step: the static sum (the
-# weighted mean's cost) and two Jacobian aggregators (one backward per dataset, then the aggregation)
-MTL_METHODS = ("none", "upgrad", "pcgrad")
-# the gradient-conflict diagnostic's sources, each timed as (datasets per step, loss weighting) of a run that uses it
-CONFLICT_CASES = {BATCHES: (1, "none"), STEP: (4, "none"), GRAMIAN: (4, "upgrad")}
 
 
 def run_train_benchmark(
@@ -165,7 +134,7 @@ def run_train_benchmark(
         "timm_name": resolve_backbone(backbone),
         "resolution": resolution,
         "input_size": input_size,
-        "input": _input_description(resolution, input_size),
+        "input": input_description(resolution, input_size),
         "batch_size": batch_size,
         "steps": steps,
         "warmup_steps": warmup_steps,
@@ -400,156 +369,6 @@ def _calibration_figures(
     }
 
 
-def measure_mtl_steps(
-    cfg,
-    tasks,
-    sizes: dict[str, int],
-    splits: dict,
-    device: torch.device,
-    methods: tuple[str, ...],
-    k: int,
-    *,
-    steps: int,
-    warmup_steps: int,
-    repeats: int,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Step time of the engine with `k` datasets per step under each loss weighting `methods` (the first is the
-    reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}. A method
-    that a run of these settings would refuse (e.g. one that needs every dataset in every step, or a solver that is
-    not installed) is not timed: "refused" maps it to the reason."""
-    if not methods:
-        return {"ratios": {}, "refused": {}}
-    # compiled: the warm-up also covers every combination's first graph of each size (k datasets from 12: a pass)
-    total = warmup_steps + (len(tasks) if cfg.train.compile else 0) + repeats * steps
-    loops, refused = {}, {}
-    for method in methods:
-        try:
-            mcfg = runnable(
-                dataclasses.replace(
-                    cfg,
-                    sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
-                    loss=dataclasses.replace(cfg.loss, weighting=method),
-                )
-            )
-        except MmptError as exc:
-            refused[method] = str(exc)
-            log(f"{method} at {k} datasets per step: refused ({exc})")
-            continue
-        torch.manual_seed(cfg.train.seed)
-        step = engine_step(mcfg, tasks, sizes, device)
-        plan = Sampler(
-            sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
-        ).plan(0)
-        loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
-        loops[method] = EngineLoop(step, loader, cfg.train.log_every_steps)
-        for _ in range(total - repeats * steps):
-            loops[method]()
-    seconds = {method: [] for method in loops}
-    for _ in range(repeats):
-        for method, loop in loops.items():
-            seconds[method].append(time_steps(loop, device, steps)["seconds"] / steps)
-    per_step = {method: median(values) for method, values in seconds.items()}
-    reference = next(iter(per_step), None)
-    ratios = {method: per_step[method] / per_step[reference] for method in per_step}
-    log("datasets per step " + str(k) + ": " + ", ".join(f"{m} {per_step[m] * 1e3:.0f} ms" for m in per_step))
-    return {
-        "ratios": ratios,
-        "seconds_per_step": per_step,
-        "refused": refused,
-        "tasks_per_step": k,
-        "reference": reference,
-        "turns": repeats,
-    }
-
-
-def runnable(cfg: Config, world_size: int = 1) -> Config:
-    """`cfg` if a run would accept it (the schema's rules between keys, then this machine's), else MmptError with the
-    one line a run prints: the benchmarks derive configs with dataclasses.replace, which checks nothing."""
-    checked = from_dict(to_dict(cfg))
-    check_run(checked, world_size)
-    return checked
-
-
-def measure_conflicts(
-    cfg,
-    tasks,
-    sizes: dict[str, int],
-    splits: dict,
-    device: torch.device,
-    sources: tuple[str, ...],
-    *,
-    steps: int,
-    warmup_steps: int,
-    repeats: int,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """What the gradient-conflict diagnostic costs, per source: the engine measuring at every step against the same
-    engine without it, timed in turns; the extra time of one measurement, as a fraction of the steps between two
-    measurements at the default interval (AUTO_EVERY_STEPS) and the interval that keeps it at 2 %."""
-    out = {}
-    total = warmup_steps + repeats * steps
-    for source in sources:
-        k, method = CONFLICT_CASES[source]
-        loops = {}
-        for every in (0, 1):
-            mcfg = dataclasses.replace(
-                cfg,
-                sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
-                loss=dataclasses.replace(cfg.loss, weighting=method),
-                train=dataclasses.replace(cfg.train, conflict_every_steps=every),
-            )
-            torch.manual_seed(cfg.train.seed)
-            step = engine_step(mcfg, tasks, sizes, device, splits)
-            assert every == 0 or step.conflicts.source == source, f"{source} case measures {step.conflicts.source}"
-            plan = Sampler(
-                sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
-            ).plan(0)
-            loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
-            loops[every] = EngineLoop(step, loader, cfg.train.log_every_steps)
-            for _ in range(warmup_steps):
-                loops[every]()
-        seconds = {every: [] for every in loops}
-        for _ in range(repeats):
-            for every, loop in loops.items():
-                seconds[every].append(time_steps(loop, device, steps)["seconds"] / steps)
-        off, on = median(seconds[0]), median(seconds[1])
-        extra = max(0.0, on - off)
-        out[source] = {
-            "tasks_per_step": k,
-            "weighting": method,
-            "seconds_per_step": off,
-            "seconds_per_measuring_step": on,
-            "extra_seconds_per_measurement": extra,  # 0 where the measuring step timed faster (noise)
-            "default_every_steps": AUTO_EVERY_STEPS,
-            "cost_at_default": extra / (AUTO_EVERY_STEPS * off),
-            "every_steps_for_2_percent": max(1, math.ceil(extra / (0.02 * off))),
-            "turns": repeats,
-        }
-        log(
-            f"gradient conflicts from {source} ({k} per step, {method}): step {off * 1e3:.0f} ms, measuring step "
-            f"{on * 1e3:.0f} ms: {out[source]['cost_at_default']:.2%} every {AUTO_EVERY_STEPS} steps"
-        )
-    return out
-
-
-def _input_description(resolution: int, input_size: int) -> str:
-    if input_size == resolution:
-        return f"{resolution} px as stored"
-    how = "zero-padded" if input_size > resolution else "resized"
-    return f"{resolution} px {how} to {input_size} px"
-
-
-def peak_flops(device_name: str, precision: str) -> float | None:
-    """The GPU's dense peak FLOP/s for `precision` (resolved; fp32 means TF32 when torch allows it), or None for a
-    GPU the table does not know."""
-    kind = precision if precision != "fp32" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-    for pattern, peaks in PEAK_FLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])", device_name):
-            return peaks[kind]
-    return None
-
-
 def _check_settings(
     batch_size: int, steps: int, warmup_steps: int, repeats: int, workers: int, input_size: int, resolution: int
 ) -> None:
@@ -572,77 +391,6 @@ def _check_settings(
         )
     if problems:
         raise MmptError("; ".join(problems))
-
-
-def format_table(result: dict) -> str:
-    """The figures as a Markdown table: measurement | engine | bare loop (the baseline) | engine / bare."""
-    s = result["settings"]
-    medians = result["img_s_median_over_turns"]
-    bare, engine = result["bare_img_s"], result["engine_img_s"]
-    rows = [
-        ("measurement", "engine", "bare loop", "engine / bare"),
-        ("img/s (median turn)", f"{engine:,.1f}", f"{bare:,.1f}", f"{result['engine_vs_bare']:.3f}"),
-        (
-            "img/s, median over turns",
-            f"{medians['engine']:,.1f}",
-            f"{medians['bare']:,.1f}",
-            f"{medians['engine'] / medians['bare']:.3f}",
-        ),
-        ("MFU", "-" if result["mfu"] is None else f"{result['mfu']:.1%}", "-", "-"),
-        ("time blocked on the loader", f"{result['engine_loader_wait_fraction']:.1%}", "-", "-"),
-        *_calibration_rows(result["norm_calibration"]),
-        ("peak memory (the larger loop)", f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB", "-", "-"),
-        ("model GFLOP per image (fwd+bwd)", f"{result['flops_per_image'] / 1e9:.3f}", "-", "-"),
-    ]
-    mtl = result["mtl"]
-    reference = mtl.get("seconds_per_step", {}).get(mtl.get("reference"))
-    for method, ratio in mtl["ratios"].items():
-        label = f"step time, {mtl['tasks_per_step']} datasets per step: {method} against {mtl['reference']}"
-        ms = f"{mtl['seconds_per_step'][method] * 1e3:,.0f} ms"
-        rows.append((label, ms, f"{reference * 1e3:,.0f} ms", f"{ratio:.2f}x"))
-    for method, reason in mtl.get("refused", {}).items():
-        rows.append((f"step time, {mtl['tasks_per_step']} datasets per step: {method}", "refused", "-", reason))
-    for source, c in result["conflicts"].items():
-        label = (
-            f"gradient-conflict diagnostic from {source} ({c['tasks_per_step']} per step, {c['weighting']}): "
-            "a measuring step against one without"
-        )
-        on, off = c["seconds_per_measuring_step"], c["seconds_per_step"]
-        rows.append((label, f"{on * 1e3:,.0f} ms", f"{off * 1e3:,.0f} ms", f"{on / off:.2f}x"))
-        rows.append(
-            (
-                f"  its cost every {c['default_every_steps']} steps "
-                f"(+{c['extra_seconds_per_measurement'] * 1e3:,.0f} ms per measurement)",
-                f"{c['cost_at_default']:.2%}",
-                "-",
-                f"2 % from every {c['every_steps_for_2_percent']} steps",
-            )
-        )
-    m = result["machine"]
-    return "\n".join(
-        [
-            markdown_table(rows),
-            f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
-            + (f" (train.precision {s['precision_setting']})" if s["precision_setting"] != s["precision"] else "")
-            + (", compiled" if s["compile"] else "")
-            + (", channels_last" if s["channels_last"] else "")
-            + f", determinism {'on' if s['deterministic'] else 'off'}, TF32 {'on' if s['tf32'] else 'off'}"
-            + (" (as training runs)" if s["as_training"] else " (training runs with determinism on, TF32 on)")
-            + f"; {s['device']} ({s['device_name'] or 'unknown'}), {m['cpus']} CPUs, {s['workers']} loader workers, "
-            f"{s['repeats']} turns of {s['steps']} timed steps each, load average {m['load_avg_at_start'][0]:.1f} "
-            f"at start, wall time {result['wall_s']:.0f} s",
-        ]
-    )
-
-
-def _calibration_rows(calibration: dict | None) -> list[tuple[str, str, str, str]]:
-    """The precise statistics' cost (model.norm_calibration_batches at its default) as a share of a MedMNIST+ epoch,
-    with a calibration batch against an engine step; no row for a backbone without BatchNorm."""
-    if calibration is None:
-        return []
-    label = f"norm calibration ({calibration['batches_per_dataset']} batches per dataset) / MedMNIST+ epoch"
-    value = f"{calibration['vs_epoch']:.2%} (a batch {calibration['batch_vs_step']:.2f}x a step)"
-    return [(label, value, "-", "-")]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

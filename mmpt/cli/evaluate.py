@@ -14,7 +14,7 @@ from mmpt.cli.common import Parser, flag_dest
 from mmpt.config import EVALUATE_FLAGS, parse_flag
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder
-from mmpt.norm import RECALIBRATION_IMAGES
+from mmpt.norm_calibration import RECALIBRATION_IMAGES
 from mmpt.rundir import RunDir
 from mmpt.runtime import Interrupted, interrupt_on_signals
 

@@ -40,7 +40,8 @@ from mmpt.config import Config, recorded_config, to_dict
 from mmpt.errors import MmptError
 from mmpt.io import atomic_write, check_output_folder, write_advice, write_bytes, write_text
 from mmpt.losses import build_loss
-from mmpt.norm import norm_layer_prefixes, plain_state_dict, saved_norm, transfer_norm_state
+from mmpt.norm import saved_norm
+from mmpt.norm_transfer import norm_layer_prefixes, plain_state_dict, transfer_norm_state
 from mmpt.recipe import backbone_of
 from mmpt.rundir import Results, RunDir
 from mmpt.runnames import DATA_RECORD

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from mmpt.choices import LAUNCHERS
-from mmpt.config import Config, time_minutes
+from mmpt.config import Config
 from mmpt.errors import MmptError
+from mmpt.launchconfig import time_minutes
 from mmpt.settings import to_dict
 
 # the launchers that run members as jobs; sequential is a series' own loop in this process (mmpt.experiments.series)

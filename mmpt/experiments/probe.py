@@ -33,7 +33,8 @@ from mmpt.experiments.members import left_out_error, left_out_line, series_runs
 from mmpt.io import atomic_write, write_json
 from mmpt.metrics import compute_metrics
 from mmpt.model import MultiTaskNet
-from mmpt.norm import has_batchnorm, recalibrate
+from mmpt.norm import has_batchnorm
+from mmpt.norm_calibration import recalibrate
 from mmpt.predict import TaskResult, metrics_table, write_predictions
 from mmpt.recipe import build_transform, load_backbone
 from mmpt.report import format_table, write_metrics
@@ -181,7 +182,7 @@ def probe(
     """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table.
 
     `method` (linear or knn), `k` and `batch_size` are the flags the CLI checked. `recalibrate_images`: first
-    re-estimate each dataset's BatchNorm statistics on that many of its own train images (mmpt.norm.recalibrate),
+    re-estimate each dataset's BatchNorm statistics on that many of its own train images (recalibrate),
     so each dataset's features come through its own statistics."""
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)

@@ -11,10 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import summary, tiny_config
-from test_experiments import assert_png
-from test_resume import crash_at_step
-from test_step import refuse_reads_from_mmpt
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import InputConfig, ModelConfig
@@ -26,6 +22,7 @@ from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.rundir import RunDir
 from mmpt.tasks import FLAGS, resolve_tasks
 from mmpt.train import run
+from tests.helpers import assert_png, crash_at_step, refuse_reads_from_mmpt, summary, tiny_config
 
 THREE = ["breast", "retina", "chest"]  # medmnist order: chest, retina, breast
 SOURCE_SETTINGS = {

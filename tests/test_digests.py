@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.mtl import METHODS, missing_solvers
 from mmpt.tasks import TASKS
 from mmpt.train import run
+from tests.helpers import REPO, tiny_config
 
 # read by torch, MKL and OpenBLAS when they load: the kernels every processor runs alike
 PORTABLE_ENVIRONMENT = {
@@ -139,7 +139,8 @@ def digests(tmp_path_factory) -> dict[str, str]:
     """Every digest this machine can compute, from one process in the portable numerics mode."""
     names = [QUICKSTART, *(m for m in METHODS if not missing_solvers(m))]
     done = subprocess.run(
-        [sys.executable, __file__, "--folder", str(tmp_path_factory.mktemp("digests")), *names],
+        [sys.executable, "-m", __name__, "--folder", str(tmp_path_factory.mktemp("digests")), *names],
+        cwd=REPO,
         env={**os.environ, **PORTABLE_ENVIRONMENT},
         capture_output=True,
         text=True,
@@ -164,7 +165,9 @@ if __name__ == "__main__":
     # in the process the fixture starts, or by hand to record digests: torch read the environment when it loaded,
     # so without the portable one this process starts again with it
     if any(os.environ.get(key) != value for key, value in PORTABLE_ENVIRONMENT.items()):
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **PORTABLE_ENVIRONMENT})
+        os.execve(
+            sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], {**os.environ, **PORTABLE_ENVIRONMENT}
+        )
     torch.backends.mkldnn.enabled = False
     torch.backends.nnpack.set_flags(False)
     torch.set_num_threads(1)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,55 +19,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import summary
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
 from mmpt.rundir import RunDir
 from mmpt.train import run
-
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-DATASETS = ["breast", "chest", "retina"]  # binary, multi-label, ordinal
-
-
-def ddp_config(root: Path, output: Path, **train) -> dict:
-    # test_vit has no BatchNorm: its forward does not depend on how the batch is split, so a 2-process run
-    # differs from the single-process one only by floating-point summation order
-    return {
-        "name": "ddp",
-        "output": str(output),
-        "data": {"root": str(root), "datasets": DATASETS, "num_workers": 0, "eval_batch_size": 64},
-        "model": {"backbone": "test_vit", "img_size": 32},
-        "input": {"mode": "pad"},
-        "optim": {"lr": 0.003},
-        "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4, **train},
-    }
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def torchrun(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [*TORCHRUN, "train.py", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, out[-3000:]
-    return out
+from tests.helpers import DDP_DATASETS as DATASETS
+from tests.helpers import ddp_config, finish, summary, torchrun, write_config
 
 
 def descendants(pid: int) -> list[int]:

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,8 +29,8 @@ from mmpt.errors import MmptError
 from mmpt.experiments.series import plan_series
 from mmpt.recipe import build_model, build_transform, load_backbone, load_initial_weights
 from mmpt.tasks import TASKS, resolve_tasks
+from tests.helpers import REPO, assert_png
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = ["pneumoniamnist", "breastmnist"]  # in medmnist's order, as every table lists them
 TRAIN_IMAGES = 64  # per dataset (val and test: 16 each)
 STEPS_PER_RUN = 4  # 64 train images of each of 2 datasets in batches of 32
@@ -120,14 +119,6 @@ def study(tmp_path_factory):
         individual=individual,
         state_after_stop=state_after_stop,
     )
-
-
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    image = matplotlib.image.imread(path)
-    height, width = image.shape[:2]
-    assert 200 <= width <= 5000 and 150 <= height <= 5000, (path, image.shape)
-    assert image[..., :3].std() > 0.02, f"{path} is (nearly) one flat colour"
 
 
 def test_series_stops_cleanly_and_resumes_where_it_stopped(study):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import summary, tiny_config
-from test_resume import crash_at_step
 
 from mmpt import checkpoint as ckpt
 from mmpt.cli import train_main
@@ -21,8 +18,8 @@ from mmpt.recipe import build_model, load_initial_weights
 from mmpt.rundir import RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
 STEPS_PER_EPOCH = 12  # 3 datasets x 128 images / batch 32
 

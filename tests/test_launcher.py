@@ -34,8 +34,8 @@ from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
 from mmpt.seriesdir import SeriesDir
 from mmpt.tasks import resolve_tasks
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "slurm_standin.py"
 SEEDS = "0,1,2"
 JOB = ["--cpus-per-job", "1"]  # one thread per job, as the sequential reference trains

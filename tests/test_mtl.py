@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import summary, tiny_config
 
 import mmpt.step
 from mmpt import checkpoint as ckpt
@@ -19,6 +18,7 @@ from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import ddp_config, finish, summary, tiny_config, torchrun, write_config
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
@@ -159,8 +159,6 @@ def test_effective_weights_go_to_tensorboard(trained):
 def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp_path):
     """FAMO under DDP: every rank sees the global losses, so the replicas and FAMO's state stay identical, and the
     run follows the single-process one up to the order of float sums."""
-    from test_distributed import ddp_config, finish, torchrun, write_config
-
     raw = ddp_config(synthetic_root, tmp_path / "ddp", epochs=1)
     raw["sampler"], raw["loss"] = {"tasks_per_step": "all"}, {"weighting": "famo"}
     out = finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
@@ -179,8 +177,6 @@ def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp
 
 
 def test_an_aggregator_under_torchrun_is_one_error_line_and_touches_nothing(synthetic_root, tmp_path):
-    from test_distributed import ddp_config, torchrun, write_config
-
     raw = ddp_config(synthetic_root, tmp_path / "upgrad", epochs=1)
     raw["sampler"], raw["loss"] = {"tasks_per_step": 2}, {"weighting": "upgrad"}
     process = torchrun("--config", str(write_config(tmp_path / "upgrad.yaml", raw)))

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import summary, tiny_config
-from test_resume import crash_at_step
 from torch import nn
 
 import mmpt.step
@@ -20,6 +18,7 @@ from mmpt.recipe import build_model, build_sampler
 from mmpt.rundir import RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, finish, summary, tiny_config, torchrun, write_config
 
 TWO = resolve_tasks("breast,retina")
 
@@ -328,9 +327,6 @@ def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_
 def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
     """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
     (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
-    from test_distributed import finish, torchrun, write_config
-    from test_distributed import summary as ddp_summary
-
     raw = {
         "name": "ddp",
         "output": str(tmp_path / "run"),
@@ -342,7 +338,7 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
     }
     finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
-    digests = ddp_summary(tmp_path / "run")["rank_digests"]
+    digests = summary(tmp_path / "run")["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
@@ -792,8 +788,6 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
 def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
     """2 gloo processes: every rank calibrates its shard of each batch and the ranks' averages are averaged, so
     the replicas agree and their statistics are the mean of the two shards' calibrations (not rank 0's alone)."""
-    from test_distributed import finish, torchrun, write_config
-
     from mmpt.config import recorded_config
     from mmpt.data.loader import shard
     from mmpt.data.store import open_data
@@ -838,11 +832,10 @@ def test_on_a_short_budget_the_calibrated_default_keeps_up_with_shared_statistic
     """12 synthetic datasets of 128 train images, configs/quickstart.yaml for 2 epochs (8 updates of each
     dataset's statistics): the running averages lag (mean test AUC 0.58 against 0.73 with shared statistics);
     calibrated before each validation, the default is within 0.02 of shared statistics or ahead."""
-    from pathlib import Path
 
     from mmpt.config import load_config
 
-    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    quickstart = REPO / "configs" / "quickstart.yaml"
     auc = {}
     for name, model in (("default", {}), ("shared", {"norm": "shared"})):
         cfg = load_config(

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import summary, tiny_config
 
 import mmpt.step
 import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
 
 
@@ -37,18 +36,6 @@ def resume_config(root, output, **sections):
         input={"mode": "pad", "augment": {"hflip": True, "rotate_degrees": 10.0}},
         **sections,
     )
-
-
-def crash_at_step(monkeypatch, crash_step: int) -> None:
-    """Make training raise when it reaches `crash_step` (0-based), as a crash between two steps would."""
-    real_step = mmpt.step.TrainStep.__call__
-
-    def crash_at(self, parts, step):
-        if step == crash_step:
-            raise RuntimeError("simulated crash")
-        return real_step(self, parts, step)
-
-    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", crash_at)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import summary, tiny_config
 from medmnist import Evaluator
 
 from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, to_dict
 from mmpt.tasks import FLAGS
+from tests.helpers import summary, tiny_config
 
 
 @pytest.fixture(scope="module")

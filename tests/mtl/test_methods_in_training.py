@@ -23,7 +23,7 @@ from tests.helpers import ddp_config, finish, summary, tiny_config, torchrun, wr
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
-# and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
+# and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in tests/mtl/test_methods.py only
 TRAINED = [
     n
     for n in METHODS
@@ -120,7 +120,7 @@ def test_monitored_validation_loss_is_the_unweighted_mean(trained):
 
 @pytest.mark.parametrize("method", ["famo"])
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tmp_path, trained, monkeypatch, method):
-    """FAMO's logits, their Adam state and its last step's losses are in last.pt (UW's state: test_weighting.py)."""
+    """FAMO's logits, their Adam state and its last step's losses are in last.pt (UW's state: test_methods.py)."""
     reference = summary(trained(method)[0])
     cfg = mtl_config(synthetic_root, tmp_path / method, method, checkpoint={"every_steps": 3})
     real_seed = mmpt.step.augmentation_seed

@@ -136,7 +136,7 @@ def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     for run in ("weighting-none/seed0", "weighting-none/seed1", "weighting-size/seed0", "weighting-size/seed1"):
         result = json.loads((study.out / run / "summary.json").read_text())
         assert result["steps"] == STEPS_PER_RUN, run
-    # it resumed with its own config (exactness of a resume from last.pt: tests/test_resume.py)
+    # it resumed with its own config (exactness of a resume from last.pt: tests/training/test_resume.py)
     cfg = load_config(study.out / "weighting-size" / "seed0" / "config.yaml")
     assert (cfg.loss.weighting, cfg.train.seed) == ("size", 0)
 

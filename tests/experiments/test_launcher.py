@@ -2,8 +2,8 @@
 series, nothing trained twice, a killed, preempted or failing member continued or reported, bad input refused.
 
 The SLURM path runs through submitit against stand-in sbatch, srun, scontrol, sacct, squeue and scancel scripts
-(tests/slurm_standin.py) that run the jobs on this machine. Each job imports torch and timm afresh, so the tests
-that run jobs take tens of seconds: they are marked slow, and the local launcher's tests share one series
+(slurm_standin.py beside this file) that run the jobs on this machine. Each job imports torch and timm afresh, so
+the tests that run jobs take tens of seconds: they are marked slow, and the local launcher's tests share one series
 (`local_series`: a killed member, a failing one, a launch while it runs, the reruns).
 """
 

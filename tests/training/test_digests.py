@@ -11,7 +11,7 @@ environment (read when torch loads, hence a new process), turns oneDNN and NNPAC
 thread count changes the order of sums). In this mode the digests are the same under every MKL_ENABLE_INSTRUCTIONS
 value. Only methods whose solvers are missing (cagrad and nash_mtl without the mtl-solvers extra) are skipped.
 
-    python tests/test_digests.py quickstart none upgrad      # prints the digests of these runs as JSON
+    python -m tests.training.test_digests quickstart none upgrad      # prints the digests of these runs as JSON
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def test_quickstart_like_run_keeps_its_digest(digests):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_weighting_method_keeps_its_digest(digests, method):
-    assert method in DIGESTS, f"record {method}'s digest: python tests/test_digests.py {method} (see the docstring)"
+    record = f"python -m tests.training.test_digests {method}"
+    assert method in DIGESTS, f"record {method}'s digest: {record} (see the docstring)"
     if missing_solvers(method):
         pytest.skip(f"{method} needs {', '.join(missing_solvers(method))} (the mtl-solvers extra)")
     assert digests[method] == DIGESTS[method]

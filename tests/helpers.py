@@ -19,6 +19,7 @@ import yaml
 import mmpt
 import mmpt.step
 from mmpt.config import load_config
+from mmpt.rundir import RunDir
 
 # the repository root: train.py, evaluate.py, configs/
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def tiny_config(root, output, **sections):
 
 def summary(run_dir: Path) -> dict:
     """The run's summary.json (final and best digests, steps, weighting, test means)."""
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads(RunDir(run_dir).summary.read_text())
 
 
 def crash_at_step(monkeypatch, crash_step: int) -> None:

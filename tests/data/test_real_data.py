@@ -11,6 +11,7 @@ import pytest
 from medmnist import INFO
 
 from mmpt.config import load_config
+from mmpt.rundir import RunDir
 from mmpt.train import run
 
 # Test AUC each dataset must reach after 300 steps of mm-PT from scratch (chance is 0.5). This run gives about
@@ -53,7 +54,7 @@ def test_mmpt_on_real_files_beats_chance_clearly_on_each(real_run):
     for flag in FLOORS:
         (record,) = cache.glob(f"{flag}_28/*/md5.txt")
         assert record.read_text().split()[0] == INFO[flag]["MD5"]
-    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    summary = json.loads(RunDir(cfg.run_dir).summary.read_text())
     assert summary["steps"] >= 300  # 3 epochs of 9 + 74 + 17 batches
     aucs = {flag: round(table[flag]["auc"], 4) for flag in FLOORS}
     print(f"real-data test AUC after {summary['steps']} steps: {aucs}")

@@ -16,6 +16,7 @@ from mmpt.data.store import open_data
 from mmpt.errors import MmptError
 from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 from mmpt.recipe import build_model, build_sampler, build_step
+from mmpt.rundir import RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 from tests.helpers import ddp_config, finish, summary, tiny_config, torchrun, write_config
@@ -112,7 +113,7 @@ def test_different_methods_give_different_weights(synthetic_root, step_data):
 def test_monitored_validation_loss_is_the_unweighted_mean(trained):
     """A weighting with unequal weights must not change which checkpoint is best: val_loss ignores the weights."""
     run_dir, _ = trained("manual")
-    (epoch,) = json.loads((run_dir / "val_history.json").read_text())["history"]
+    (epoch,) = json.loads(RunDir(run_dir).val_history.read_text())["history"]
     losses = [epoch["val"][flag]["loss"] for flag in DATASETS]
     assert epoch["val"]["mean"]["loss"] == pytest.approx(sum(losses) / len(losses))
     assert epoch["weights"] == pytest.approx(MANUAL)
@@ -135,7 +136,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     monkeypatch.undo()
-    assert ckpt.load(cfg.run_dir / "checkpoints" / ckpt.LAST)[ckpt.PROGRESS]["step"] == 3
+    assert ckpt.load(RunDir(cfg.run_dir).last)[ckpt.PROGRESS]["step"] == 3
     run(cfg, resume=True)
     assert summary(cfg.run_dir)["final_digest"] == reference["final_digest"]
 
@@ -149,7 +150,7 @@ def test_effective_weights_go_to_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = trained("uw")
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(str(RunDir(run_dir).tb), size_guidance={"scalars": 0}).Reload()
     for flag in DATASETS:
         values = [e.value for e in events.Scalars(f"weight/{flag}")]
         # UW's weight 0.5 exp(-s) starts at 0.5 and has moved once its log-variance has been trained
@@ -165,13 +166,13 @@ def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp
     record = summary(tmp_path / "ddp")
     assert record["world_size"] == 2 and record["rank_digests"] == [record["final_digest"]] * 2, out
     single = run(load_config(overrides=[{**raw, "output": str(tmp_path / "single")}]))
-    ddp_weights = ckpt.load(tmp_path / "ddp" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
-    single_weights = ckpt.load(tmp_path / "single" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    ddp_weights = ckpt.load(RunDir(tmp_path / "ddp").last)[ckpt.MODEL]
+    single_weights = ckpt.load(RunDir(tmp_path / "single").last)[ckpt.MODEL]
     gap = sum(((ddp_weights[k] - single_weights[k]).double() ** 2).sum() for k in single_weights).sqrt()
     norm = sum((w.double() ** 2).sum() for w in single_weights.values()).sqrt()
     assert gap / norm < 1e-3
-    ddp_history = json.loads((tmp_path / "ddp" / "val_history.json").read_text())["history"][-1]["weights"]
-    single_history = json.loads((tmp_path / "single" / "val_history.json").read_text())["history"][-1]["weights"]
+    ddp_history = json.loads(RunDir(tmp_path / "ddp").val_history.read_text())["history"][-1]["weights"]
+    single_history = json.loads(RunDir(tmp_path / "single").val_history.read_text())["history"][-1]["weights"]
     assert ddp_history == pytest.approx(single_history, rel=1e-3)
     assert single["mean"]["auc"] > 0.5
 

@@ -28,6 +28,7 @@ import torch
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.mtl import METHODS, missing_solvers
+from mmpt.rundir import RunDir
 from mmpt.tasks import TASKS
 from mmpt.train import run
 from tests.helpers import REPO, tiny_config
@@ -110,7 +111,7 @@ def method_config(root, output, method):
 
 def final_digest(cfg) -> str:
     run(cfg)
-    return json.loads((cfg.run_dir / "summary.json").read_text())["final_digest"]
+    return json.loads(RunDir(cfg.run_dir).summary.read_text())["final_digest"]
 
 
 def write_data(root: Path) -> None:

@@ -15,7 +15,7 @@ from mmpt import checkpoint as ckpt
 from mmpt.errors import MmptError
 from mmpt.norm import NormLayout, convert_norms, task_norms
 from mmpt.recipe import build_model, build_sampler
-from mmpt.rundir import RunDir
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 from tests.helpers import REPO, crash_at_step, finish, summary, tiny_config, torchrun, write_config
@@ -183,7 +183,7 @@ def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
 def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
     norm, reference, out = norm_reference
     assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
-    state = ckpt.load(out / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    state = ckpt.load(RunDir(out).best)[ckpt.MODEL]
     assert state["backbone.bn1.running_mean"].shape[0] == 3  # one row per dataset
     assert ("backbone.bn1.task_weight.2" in state) == (norm == "per_dataset")
 
@@ -363,7 +363,7 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
 
     from mmpt.cli import evaluate_main
 
-    best = shared_run / "checkpoints" / ckpt.BEST
+    best = RunDir(shared_run).best
     before = hashlib.sha256(best.read_bytes()).hexdigest()
     assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100"]) == 0
     assert (
@@ -374,10 +374,10 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
     )
     assert evaluate_main([str(shared_run)]) == 0
     assert hashlib.sha256(best.read_bytes()).hexdigest() == before
-    first = json.loads((shared_run / "eval" / "test-recalibrated" / "metrics.json").read_text())
-    assert first == json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert first != json.loads((shared_run / "eval" / "test" / "metrics.json").read_text())  # the statistics moved
-    record = json.loads((shared_run / "eval" / "test-recalibrated" / "recalibration.json").read_text())
+    first = json.loads(RunDir(shared_run).eval("test", recalibrated=True).metrics.read_text())
+    assert first == json.loads(Results(tmp_path / "again").metrics.read_text())
+    assert first != json.loads(RunDir(shared_run).eval("test").metrics.read_text())  # the statistics moved
+    record = json.loads(RunDir(shared_run).eval("test", recalibrated=True).recalibration.read_text())
     assert record["from"] == "shared" and record["images_per_dataset"] == {
         "breastmnist": 100,
         "retinamnist": 100,
@@ -397,13 +397,13 @@ def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_i
 
     common = ["--recalibrate-norm", "--recalibrate-images", "101", "--batch-size", batch_size, "--device", "cpu"]
     assert evaluate_main([str(shared_run), *common, "--output", str(tmp_path / "eval")]) == 0
-    assert json.loads((tmp_path / "eval" / "recalibration.json").read_text())["images_per_dataset"] == {
+    assert json.loads(Results(tmp_path / "eval").recalibration.read_text())["images_per_dataset"] == {
         "breastmnist": 101,
         "retinamnist": 101,
         "chestmnist": 101,
     }
     assert evaluate_main(["probe", str(shared_run), "--method", "knn", *common, "--output", str(tmp_path / "p")]) == 0
-    assert (tmp_path / "p" / "metrics.json").is_file()
+    assert Results(tmp_path / "p").metrics.is_file()
 
 
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
@@ -412,7 +412,7 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
     from mmpt.norm import recalibrate
     from mmpt.recipe import build_transform
 
-    state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
+    state = ckpt.load(RunDir(shared_run).best)
     from mmpt.config import from_dict
 
     cfg = from_dict(state[ckpt.CONFIG])
@@ -454,7 +454,7 @@ def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run,
         evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm", "--recalibrate-images", "64"])
         == 0
     )
-    assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()
+    assert Results(shared_run / "probe-knn-recalibrated").metrics.is_file()
 
 
 @pytest.mark.parametrize(
@@ -587,7 +587,7 @@ def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     run(norm_config(synthetic_root, auto, "auto", sampler={"tasks_per_step": 2}))
     assert "(model.norm auto: per_dataset_stats)" in capsys.readouterr().out
     assert summary(auto)["final_digest"] == reference["final_digest"]
-    weights = ckpt.load(auto / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    weights = ckpt.load(RunDir(auto).best)[ckpt.MODEL]
     assert saved_norm({k.removeprefix("backbone."): v for k, v in weights.items()}) == "per_dataset_stats"
     # a single-dataset fine-tune from it (auto -> shared) starts from that dataset's own statistics
     source, theirs, source_tasks = saved_model(tmp_path, "per_dataset_stats", "breast,retina")
@@ -605,9 +605,9 @@ def test_a_run_recorded_without_model_norm_reads_as_shared_whatever_the_default(
     old = to_dict(Config())
     del old["model"]["norm"]
     assert recorded_config(old).model.norm == "shared"
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert load_config(tmp_path / "config.yaml", recorded=True).model.norm == "shared"
-    assert load_config(tmp_path / "config.yaml").model.norm == Config().model.norm
+    RunDir(tmp_path).config.write_text(yaml.safe_dump(old))
+    assert load_config(RunDir(tmp_path).config, recorded=True).model.norm == "shared"
+    assert load_config(RunDir(tmp_path).config).model.norm == Config().model.norm
     assert recorded_config({**old, "model": {**old["model"], "norm": "per_dataset"}}).model.norm == "per_dataset"
 
 

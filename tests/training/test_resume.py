@@ -18,6 +18,7 @@ import mmpt.step
 import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
+from mmpt.rundir import RunDir
 from mmpt.train import run
 from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
@@ -61,7 +62,7 @@ def test_resume_after_crash_matches_uninterrupted_run(synthetic_root, tmp_path, 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     monkeypatch.undo()
-    saved = ckpt.load(out / "checkpoints" / ckpt.LAST)[ckpt.PROGRESS]
+    saved = ckpt.load(RunDir(out).last)[ckpt.PROGRESS]
     assert 0 < saved["step"] <= crash_step
 
     run(cfg, resume=True)
@@ -102,12 +103,12 @@ def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_roo
     # signal then arrives mid-epoch however fast the machine is
     marked = resume_config(synthetic_root, out, checkpoint={"every_steps": 2})
     proc = _start_training(_write_config(marked, tmp_path / "cfg.yaml"))
-    _wait_for(out / "checkpoints" / ckpt.LAST, proc)
+    _wait_for(RunDir(out).last, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert f"--resume {out}" in stderr and "SIGTERM" in stderr
-    assert (out / "checkpoints" / ckpt.LAST).is_file()
+    assert RunDir(out).last.is_file()
 
     run(cfg, resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
@@ -118,12 +119,12 @@ def test_sigkill_at_a_random_moment_then_resume_matches(synthetic_root, tmp_path
     # a checkpoint every step: the kill very likely lands during a write
     cfg = resume_config(synthetic_root, out, checkpoint={"every_steps": 1})
     proc = _start_training(_write_config(cfg, tmp_path / "cfg.yaml"))
-    _wait_for(out / "checkpoints" / ckpt.LAST, proc)
+    _wait_for(RunDir(out).last, proc)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
     proc.kill()
     proc.communicate(timeout=60)
     # no temp file may pass for a checkpoint; last.pt is whole
-    state = ckpt.load(out / "checkpoints" / ckpt.LAST)
+    state = ckpt.load(RunDir(out).last)
     assert state[ckpt.PROGRESS]["step"] > 0
 
     run(cfg, resume=True)
@@ -153,7 +154,7 @@ def test_time_based_checkpoint_bounds_what_a_crash_costs(synthetic_root, tmp_pat
         with pytest.raises(RuntimeError, match="simulated crash"):
             run(cfg)
         monkeypatch.undo()
-        last = out / "checkpoints" / ckpt.LAST
+        last = RunDir(out).last
         assert (ckpt.load(last)[ckpt.PROGRESS]["step"] if last.exists() else None) == kept
 
 
@@ -177,7 +178,7 @@ def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
     monkeypatch.undo()
     # the printed command pastes into a shell as it is, whatever the folder's name
     assert phase in str(stopped.value) and f"python train.py --resume {shlex.quote(str(out))}" in str(stopped.value)
-    assert not (out / "summary.json").exists()
+    assert not RunDir(out).summary.exists()
     run(resume_config(synthetic_root, out), resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
     assert summary(out)["best_digest"] == reference["best_digest"]
@@ -188,7 +189,7 @@ def test_a_last_pt_without_any_part_of_the_training_state_is_refused_and_left_as
 
     out = tmp_path / "run"
     run(resume_config(synthetic_root, out, train={"epochs": 1}))
-    last = out / "checkpoints" / ckpt.LAST
+    last = RunDir(out).last
     full = ckpt.load(last)
     parts = set(full) - {ckpt.FORMAT}
     state = {ckpt.MODEL, ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.STEP, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.RNG}
@@ -197,7 +198,7 @@ def test_a_last_pt_without_any_part_of_the_training_state_is_refused_and_left_as
     # named by the training state, which iterates the same mapping it saves
     for part in sorted(set(parts) - {ckpt.MODEL, ckpt.CONFIG}):
         ckpt.save(last, {k: v for k, v in full.items() if k not in (part, ckpt.FORMAT)})
-        before = (last.read_bytes(), (out / "config.yaml").read_bytes())
+        before = (last.read_bytes(), RunDir(out).config.read_bytes())
         with pytest.raises(MmptError, match=f"has no {part} state, so training cannot continue from it"):
             run(resume_config(synthetic_root, out, train={"epochs": 2}), resume=True)
-        assert (last.read_bytes(), (out / "config.yaml").read_bytes()) == before
+        assert (last.read_bytes(), RunDir(out).config.read_bytes()) == before

@@ -73,6 +73,10 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
         configure_determinism(0, True)
 
 
+# The --overwrite tests below check the on-disk layout itself: they spell the run folder's names out on purpose
+# (not through RunDir or mmpt.runnames), so that a renamed output fails here.
+
+
 def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_path, capsys):
     run = tmp_path / "run"
     prediction = "breastmnist_test_[AUC]0.812_[ACC]0.750@tiny.csv"

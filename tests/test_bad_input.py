@@ -864,6 +864,7 @@ def test_debug_raises_the_error_with_its_traceback(case, env):
     assert snapshot(env.run) == before
 
 
+@pytest.mark.slow
 def test_train_script_exits_2_with_one_line_and_debug_shows_the_traceback():
     script = Path(__file__).resolve().parents[1] / "train.py"
     plain = subprocess.run([sys.executable, str(script), "--datasets", "foo"], capture_output=True, text=True)
@@ -1040,6 +1041,7 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
     assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
 
 
+@pytest.mark.slow
 def test_train_script_into_a_folder_this_process_holds_is_refused(env):
     from mmpt.rundir import lock_run_dir
 

@@ -14,6 +14,9 @@ from mmpt.config import load_config
 from mmpt.rundir import RunDir
 from mmpt.train import run
 
+# every test trains on the real files (the module's run takes minutes on 2 cores)
+pytestmark = pytest.mark.slow
+
 # Test AUC each dataset must reach after 300 steps of mm-PT from scratch (chance is 0.5). This run gives about
 # 0.82, 0.96 and 0.70 on torch 2.14 with model.norm auto (0.72, 0.95 and 0.65 with shared BatchNorm statistics).
 # MedMNIST v2's ResNet-18 (28), trained for 100 epochs on each dataset alone: breast 0.901, pneumonia 0.944,

@@ -92,6 +92,7 @@ def quiet(fn, *args):
     return code, out.getvalue(), err.getvalue()
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A sweep (loss.weighting=none,size × seeds 0,1) stopped in its third run and resumed, and an individual
@@ -122,6 +123,7 @@ def study(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     code, out, err = study.stopped
     assert code == 130 and "run the same command again" in err
@@ -142,6 +144,7 @@ def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     assert (cfg.loss.weighting, cfg.train.seed) == ("size", 0)
 
 
+@pytest.mark.slow
 def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(study):
     code, _, _ = study.individual
     assert code == 0
@@ -156,6 +159,7 @@ def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(
             assert_png(Results(run_dir).loss_curves)
 
 
+@pytest.mark.slow
 def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
     summary = json.loads((study.out / "sweep.json").read_text())["variants"]
     assert set(summary) == {"weighting-none", "weighting-size", "individual"}
@@ -184,6 +188,7 @@ def _scores(run_dir: Path, flag: str) -> np.ndarray:
     return pd.read_csv(path, index_col=0, header=None).sort_index().values
 
 
+@pytest.mark.slow
 def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(study, tmp_path):
     a, b = study.out / "weighting-none" / "seed0", study.out / "weighting-size" / "seed0"
     code, out, _ = quiet(evaluate_main, ["compare", str(a), str(b), "--bootstrap", "100", "--output", str(tmp_path)])
@@ -230,6 +235,7 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
     assert_png(tmp_path / "compare_diff.png")
 
 
+@pytest.mark.slow
 def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
     mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
     code, _, _ = quiet(
@@ -254,6 +260,7 @@ def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp
     assert other["p_value"]["auc"] == test["p_value"]
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_path):
     a = study.out / "weighting-none" / "seed0"
     for change, message in (({"resolution": 64}, "64 px"), ("labels", "different breastmnist test sets")):
@@ -273,6 +280,7 @@ def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_pat
         assert not output.exists()
 
 
+@pytest.mark.slow
 def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(study, tmp_path, monkeypatch):
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -307,6 +315,7 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     assert Results(out).metrics.is_file()
 
 
+@pytest.mark.slow
 def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_results(study, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -338,6 +347,7 @@ def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_resu
     assert json.loads((tmp_path / "compare.json").read_text())["datasets"] == DATASETS
 
 
+@pytest.mark.slow
 def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
     out = tmp_path / "bare"
     code, _, _ = quiet(
@@ -361,6 +371,7 @@ def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
     assert (Results(out).predictions / "data.json").is_file() and list((out / "features").glob("*.npy"))
 
 
+@pytest.mark.slow
 def test_init_from_copies_backbone_and_matching_heads_only(study):
     source = study.out / "weighting-none" / "seed0"
     cfg = load_config(study.recipe, [{"data": {"datasets": ["breast", "chest"]}}])
@@ -386,6 +397,7 @@ def test_init_from_copies_backbone_and_matching_heads_only(study):
             load_initial_weights(model, source, cfg)
 
 
+@pytest.mark.slow
 def test_init_from_on_the_command_line(study, tmp_path):
     source = study.out / "weighting-none" / "seed0"
     refused = tmp_path / "vit"
@@ -410,6 +422,7 @@ def test_init_from_on_the_command_line(study, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
     run_dir = study.out / "weighting-none" / "seed0"
     assert quiet(evaluate_main, [str(run_dir), "--output", str(tmp_path), "--device", "cpu"])[0] == 0
@@ -473,6 +486,7 @@ def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypa
     assert "epochs: 7  # integer >= 1" in out
 
 
+@pytest.mark.slow
 def test_series_flags_with_bad_values_are_one_line_errors(study, tmp_path):
     for flags, message in (
         (["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
@@ -499,7 +513,7 @@ def test_experiment_recipes_follow_the_doerrich_protocol():
         assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem
 
 
-@pytest.mark.parametrize("flag", ["retinamnist", "chestmnist"])
+@pytest.mark.parametrize("flag", ["retinamnist", pytest.param("chestmnist", marks=pytest.mark.slow)])
 def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
     from mmpt.experiments.compare import paired_bootstrap
 

@@ -72,6 +72,7 @@ LOAD_WITH_TIMM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_timm_with_the_engines_features(run, tmp_path):
     run_dir, export = run
     x = torch.randn(3, 3, 32, 32)

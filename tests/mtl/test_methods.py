@@ -339,6 +339,7 @@ def test_another_torchjd_release_is_refused_naming_both_versions(installed):
     assert "pip install 'torchjd[quadprog-projector]~=0.18.0'" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_training_command_with_another_torchjd_is_one_error_line_and_writes_nothing(tmp_path):
     # importlib.metadata reports another TorchJD release; mmpt.mtl.build refuses it when it is imported
     script = (

@@ -157,6 +157,7 @@ def test_effective_weights_go_to_tensorboard(trained):
         assert values and all(0.3 < v < 0.7 for v in values) and values[-1] != 0.5
 
 
+@pytest.mark.slow
 def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp_path):
     """FAMO under DDP: every rank sees the global losses, so the replicas and FAMO's state stay identical, and the
     run follows the single-process one up to the order of float sums."""
@@ -177,6 +178,7 @@ def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp
     assert single["mean"]["auc"] > 0.5
 
 
+@pytest.mark.slow
 def test_an_aggregator_under_torchrun_is_one_error_line_and_touches_nothing(synthetic_root, tmp_path):
     raw = ddp_config(synthetic_root, tmp_path / "upgrad", epochs=1)
     raw["sampler"], raw["loss"] = {"tasks_per_step": 2}, {"weighting": "upgrad"}

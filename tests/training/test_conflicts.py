@@ -45,6 +45,7 @@ def conflict_config(root, output, source: str, every: int, **train):
     )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def runs(synthetic_root, tmp_path_factory):
     """For each source: the run folder with the diagnostic every 3 steps, and the summaries with it on and off."""
@@ -58,6 +59,7 @@ def runs(synthetic_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", list(SOURCE_SETTINGS))
+@pytest.mark.slow
 def test_the_diagnostic_changes_no_result(runs, source):
     run_dir, on, off = runs[source]
     assert on["final_digest"] == off["final_digest"] and on["best_digest"] == off["best_digest"]
@@ -77,6 +79,7 @@ def test_the_diagnostic_changes_no_result(runs, source):
     assert_png(RunDir(run_dir).gradient_conflicts_plot)
 
 
+@pytest.mark.slow
 def test_the_record_continues_exactly_across_a_resume(synthetic_root, tmp_path, runs, monkeypatch):
     run_dir, reference, _ = runs[BATCHES]
     out = tmp_path / "crashed"

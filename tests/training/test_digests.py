@@ -33,6 +33,9 @@ from mmpt.tasks import TASKS
 from mmpt.train import run
 from tests.helpers import REPO, tiny_config
 
+# every test reads the digests of one process that trains every method
+pytestmark = pytest.mark.slow
+
 # read by torch, MKL and OpenBLAS when they load: the kernels every processor runs alike
 PORTABLE_ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "default",

@@ -27,6 +27,9 @@ from mmpt.train import run
 from tests.helpers import DDP_DATASETS as DATASETS
 from tests.helpers import ddp_config, finish, summary, torchrun, write_config
 
+# every test starts torchrun with 2 processes or reads the runs they trained
+pytestmark = pytest.mark.slow
+
 
 def descendants(pid: int) -> list[int]:
     children = []

@@ -24,6 +24,7 @@ SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
 STEPS_PER_EPOCH = 12  # 3 datasets x 128 images / batch 32
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def source(synthetic_root, tmp_path_factory):
     """A 1-epoch mm-PT run of the three datasets: the weights the fine-tuning starts from."""
@@ -53,6 +54,7 @@ def reference(synthetic_root, source, tmp_path_factory):
     return summary(out)
 
 
+@pytest.mark.slow
 def test_the_probe_epochs_train_the_heads_on_a_frozen_backbone_whose_statistics_stay_as_loaded(
     synthetic_root, source, tmp_path, reference, monkeypatch
 ):
@@ -84,6 +86,7 @@ def test_the_probe_epochs_train_the_heads_on_a_frozen_backbone_whose_statistics_
 
 
 @pytest.mark.parametrize("crash_step", [6, 19])  # mid-probe, mid-fine-tuning
+@pytest.mark.slow
 def test_resume_mid_probe_or_mid_fine_tuning_matches_the_uninterrupted_run(
     synthetic_root, source, tmp_path, reference, monkeypatch, crash_step
 ):

@@ -158,6 +158,7 @@ def norm_config(root, output, norm, model=None, **sections):
     )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module", params=["per_dataset_stats", "per_dataset"])
 def norm_reference(request, synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"reference-{request.param}") / "run"
@@ -165,6 +166,7 @@ def norm_reference(request, synthetic_root, tmp_path_factory):
     return request.param, summary(out), out
 
 
+@pytest.mark.slow
 def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
     synthetic_root, tmp_path, monkeypatch, norm_reference
 ):
@@ -180,6 +182,7 @@ def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
     assert summary(out)["best_digest"] == reference["best_digest"]
 
 
+@pytest.mark.slow
 def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
     norm, reference, out = norm_reference
     assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
@@ -324,6 +327,7 @@ def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_
     assert torch.equal(stats_only["bn1.running_var"][0], theirs["backbone.bn1.running_var"])
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
     """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
     (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
@@ -342,6 +346,7 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def shared_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "run"
@@ -357,6 +362,7 @@ def shared_run(synthetic_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(shared_run, tmp_path):
     import hashlib
     import json
@@ -386,6 +392,7 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
 
 
 @pytest.mark.parametrize("batch_size", ["1", "2"])
+@pytest.mark.slow
 def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_image_batch(
     shared_run, tmp_path, batch_size
 ):
@@ -406,6 +413,7 @@ def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_i
     assert Results(tmp_path / "p").metrics.is_file()
 
 
+@pytest.mark.slow
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
     """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
     from mmpt.data.store import open_data
@@ -436,6 +444,7 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
     assert torch.equal(layer.weight, state[ckpt.MODEL]["backbone.conv1.1.weight"])  # affine untouched
 
 
+@pytest.mark.slow
 def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run, tmp_path):
     from mmpt.cli import evaluate_main
     from mmpt.data.store import open_data
@@ -576,6 +585,7 @@ def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)  # what auto resolves to
+@pytest.mark.slow
 def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     synthetic_root, tmp_path, norm_reference, capsys
 ):
@@ -746,6 +756,7 @@ def is_statistic(key: str) -> bool:
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)
+@pytest.mark.slow
 def test_calibration_changes_the_statistics_and_no_other_weight_of_a_run(synthetic_root, tmp_path, norm_reference):
     """With dropout and augmentation drawing random numbers: a run calibrated before each validation ends with
     the same weights (statistics aside) as the run without, so calibration draws from no training stream."""
@@ -761,6 +772,7 @@ def test_calibration_changes_the_statistics_and_no_other_weight_of_a_run(synthet
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats", "per_dataset"], indirect=True)
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthetic_root, norm_reference):
     """best.pt, which the test evaluates, holds its weights' statistics as calibrated before the validation that
     chose it: calibrating its weights again with that epoch's batches gives them bit for bit."""
@@ -785,6 +797,7 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
     assert reference["best_digest"] == ckpt.state_digest(best[ckpt.MODEL])
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
     """2 gloo processes: every rank calibrates its shard of each batch and the ranks' averages are averaged, so
     the replicas agree and their statistics are the mean of the two shards' calibrations (not rank 0's alone)."""

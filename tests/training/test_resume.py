@@ -39,6 +39,7 @@ def resume_config(root, output, **sections):
     )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def reference(synthetic_root, tmp_path_factory):
     """The uninterrupted run's summary (no intermediate checkpoints)."""
@@ -47,6 +48,7 @@ def reference(synthetic_root, tmp_path_factory):
     return summary(out)
 
 
+@pytest.mark.slow
 def test_checkpointing_every_step_does_not_change_the_trajectory(synthetic_root, tmp_path, reference):
     out = tmp_path / "every5"
     run(resume_config(synthetic_root, out, checkpoint={"every_steps": 5}))
@@ -55,6 +57,7 @@ def test_checkpointing_every_step_does_not_change_the_trajectory(synthetic_root,
 
 
 @pytest.mark.parametrize("crash_step", [7, 30, 47])  # mid-epoch 1, mid-epoch 2, last step of epoch 2
+@pytest.mark.slow
 def test_resume_after_crash_matches_uninterrupted_run(synthetic_root, tmp_path, reference, monkeypatch, crash_step):
     out = tmp_path / "crashed"
     cfg = resume_config(synthetic_root, out, checkpoint={"every_steps": 4})
@@ -96,6 +99,7 @@ def _write_config(cfg, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_root, tmp_path, reference):
     out = tmp_path / "sigterm"
     cfg = resume_config(synthetic_root, out)
@@ -114,6 +118,7 @@ def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_roo
     assert summary(out)["final_digest"] == reference["final_digest"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches(synthetic_root, tmp_path, reference):
     out = tmp_path / "sigkill"
     # a checkpoint every step: the kill very likely lands during a write
@@ -131,6 +136,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches(synthetic_root, tmp_path
     assert summary(out)["final_digest"] == reference["final_digest"]
 
 
+@pytest.mark.slow
 def test_resume_cli_continues_a_stopped_run(synthetic_root, tmp_path, reference, monkeypatch):
     from mmpt.cli import train_main
 
@@ -159,6 +165,7 @@ def test_time_based_checkpoint_bounds_what_a_crash_costs(synthetic_root, tmp_pat
 
 
 @pytest.mark.parametrize("call, phase", [(1, "during validation"), (4, "during the test evaluation")])
+@pytest.mark.slow
 def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
     synthetic_root, tmp_path, reference, monkeypatch, call, phase
 ):

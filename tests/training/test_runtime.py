@@ -40,6 +40,7 @@ PROBE = textwrap.dedent(
 )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def probe() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
@@ -47,6 +48,7 @@ def probe() -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_json_says_so(probe):
     on = probe["on"]
     assert on["cublas"] == ":4096:8" and on["env"]["cublas_workspace_config"] == ":4096:8"
@@ -59,6 +61,7 @@ def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_
     )  # torch seeded from seed 0
 
 
+@pytest.mark.slow
 def test_determinism_off_allows_tf32_and_cudnn_benchmark_and_env_json_says_so(probe):
     off = probe["off"]
     assert off["cublas"] is None

@@ -17,6 +17,7 @@ from mmpt.tasks import FLAGS
 from tests.helpers import summary, tiny_config
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def mmpt_run(synthetic_root, tmp_path_factory):
     """One mm-PT run over all 12 synthetic datasets (8 epochs), shared by the tests that read its outputs."""
@@ -28,6 +29,7 @@ def mmpt_run(synthetic_root, tmp_path_factory):
     return cfg, table
 
 
+@pytest.mark.slow
 def test_mmpt_run_learns_every_task_type(mmpt_run):
     _cfg, table = mmpt_run
     assert set(table) == set(FLAGS) | {"mean"}
@@ -37,6 +39,7 @@ def test_mmpt_run_learns_every_task_type(mmpt_run):
     assert table["mean"]["auc"] > 0.85
 
 
+@pytest.mark.slow
 def test_run_folder_has_every_output(mmpt_run):
     cfg, _ = mmpt_run
     run_dir = cfg.run_dir
@@ -62,6 +65,7 @@ def test_run_folder_has_every_output(mmpt_run):
     assert to_dict(load_config(run_dir / "config.yaml")) == to_dict(cfg)
 
 
+@pytest.mark.slow
 def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_root):
     cfg, table = mmpt_run
 
@@ -80,6 +84,7 @@ def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_ro
         assert LocalEvaluator.parse_and_evaluate(str(path)).AUC == pytest.approx(metrics.AUC)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_training_test_metrics(mmpt_run, tmp_path, capsys):
     cfg, table = mmpt_run
     out = tmp_path / "eval"
@@ -91,6 +96,7 @@ def test_evaluate_cli_reproduces_training_test_metrics(mmpt_run, tmp_path, capsy
     assert (out / "metrics.csv").is_file() and (out / "metrics.md").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
     cfg, _ = mmpt_run
     out = tmp_path / "eval_val"
@@ -138,6 +144,7 @@ def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
     assert json.loads(Results(out).metrics.read_text())["breastmnist"]["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_root, tmp_path):
     from mmpt.train import run
 
@@ -192,6 +199,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     }
 
 
+@pytest.mark.slow
 def test_tensorboard_has_per_dataset_losses_validation_metrics_learning_rates_and_throughput(mmpt_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,14 +1,12 @@
-"""Fixtures and helpers shared by the whole test suite (import helpers with `from conftest import ...`)."""
+"""Fixtures shared by the whole test suite (its helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS
 
@@ -37,24 +35,3 @@ def real_root() -> Path:
         )
     # the folder is shared and may be writable, so its default cache ({root}/.mmpt-cache) must not be used
     return REAL_ROOT
-
-
-def tiny_config(root, output, **sections):
-    """A small, fast config on the synthetic files in `root`; `sections` override (section -> dict)."""
-    raw = {
-        "name": "tiny",
-        "output": str(output),
-        "data": {"root": str(root), "num_workers": 0, "eval_batch_size": 128},
-        "model": {"backbone": "test_resnet"},
-        "input": {"mode": "native"},
-        "optim": {"lr": 0.003},
-        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 5},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    return load_config(overrides=[raw])
-
-
-def summary(run_dir: Path) -> dict:
-    """The run's summary.json (final and best digests, steps, weighting, test means)."""
-    return json.loads((run_dir / "summary.json").read_text())

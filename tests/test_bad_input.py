@@ -28,6 +28,7 @@ from mmpt.bench.__main__ import main as bench_main
 from mmpt.cli import evaluate_main, train_main
 from mmpt.data.synthetic import SYNTHETIC_KEY, synthetic_arrays, write_synthetic
 from mmpt.errors import MmptError
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 # A tiny, fast training command (the data root and the output folder are added per case).
@@ -219,27 +220,27 @@ def labels_count_mismatch(e: Env):
 
 
 def resume_without_checkpoint(e: Env):
-    (e.run / "checkpoints" / "last.pt").unlink()
+    RunDir(e.run).last.unlink()
     return train_main, ["--resume", str(e.run)]
 
 
 def resume_checkpoint_of_another_run(e: Env):
-    shutil.copy2(e.other_run / "checkpoints" / "last.pt", e.run / "checkpoints" / "last.pt")
+    shutil.copy2(RunDir(e.other_run).last, RunDir(e.run).last)
     return train_main, ["--resume", str(e.run)]
 
 
 def resume_from_a_copy_of_best(e: Env):
-    shutil.copy2(e.run / "checkpoints" / "best.pt", e.run / "checkpoints" / "last.pt")
+    shutil.copy2(RunDir(e.run).best, RunDir(e.run).last)
     return train_main, ["--resume", str(e.run), "--epochs", "2"]
 
 
 def eval_garbage_checkpoint(e: Env):
-    (e.run / "checkpoints" / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    RunDir(e.run).best.write_bytes(np.random.default_rng(0).bytes(4096))
     return evaluate_main, [str(e.run), "--device", "cpu"]
 
 
 def eval_truncated_checkpoint(e: Env):
-    best = e.run / "checkpoints" / "best.pt"
+    best = RunDir(e.run).best
     best.write_bytes(best.read_bytes()[:5000])
     return evaluate_main, [str(e.run), "--device", "cpu"]
 
@@ -263,22 +264,22 @@ def tamper_checkpoint(path: Path, change) -> None:
 
 
 def tampered_last(e: Env):
-    tamper_checkpoint(e.run / "checkpoints" / "last.pt", lambda t: t.add_(0.01))
+    tamper_checkpoint(RunDir(e.run).last, lambda t: t.add_(0.01))
     return e.resume("--epochs", "2")
 
 
 def tampered_best(e: Env):
-    tamper_checkpoint(e.run / "checkpoints" / "best.pt", lambda t: t.view(-1).__setitem__(0, 0.5))
+    tamper_checkpoint(RunDir(e.run).best, lambda t: t.view(-1).__setitem__(0, 0.5))
     return e.evaluate()
 
 
 def non_finite_best(e: Env):
-    tamper_checkpoint(e.run / "checkpoints" / "best.pt", lambda t: t.fill_(float("nan")))
+    tamper_checkpoint(RunDir(e.run).best, lambda t: t.fill_(float("nan")))
     return e.evaluate()
 
 
 def old_format_last(e: Env):
-    path = e.run / "checkpoints" / "last.pt"
+    path = RunDir(e.run).last
     state = torch.load(path, weights_only=True)
     del state[ckpt.DIGEST]
     torch.save(dict(state, **{ckpt.FORMAT: 1}), path)
@@ -741,7 +742,7 @@ CASES = [
         id="eval-json-file-as-checkpoint",
     ),
     pytest.param(
-        lambda e: (evaluate_main, ["--checkpoint", str(e.run / "checkpoints"), "--device", "cpu"]),
+        lambda e: (evaluate_main, ["--checkpoint", str(RunDir(e.run).checkpoints), "--device", "cpu"]),
         ["checkpoints is a folder", "checkpoints/best.pt"],
         id="eval-folder-as-checkpoint",
     ),
@@ -863,6 +864,7 @@ def test_debug_raises_the_error_with_its_traceback(case, env):
     assert snapshot(env.run) == before
 
 
+@pytest.mark.slow
 def test_train_script_exits_2_with_one_line_and_debug_shows_the_traceback():
     script = Path(__file__).resolve().parents[1] / "train.py"
     plain = subprocess.run([sys.executable, str(script), "--datasets", "foo"], capture_output=True, text=True)
@@ -886,7 +888,7 @@ NAN_MESSAGE = re.compile(
 
 def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_good_checkpoint(env, capsys):
     # an absurd learning rate blows the weights up after one update, so the next loss is not finite
-    resumed_at = ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["step"]
+    resumed_at = ckpt.load(RunDir(env.run).last)[ckpt.PROGRESS]["step"]
     before = snapshot(env.run)
     capsys.readouterr()
     code = train_main(["--resume", str(env.run), "--epochs", "3", "--lr", "1e38"])
@@ -896,7 +898,7 @@ def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_goo
     match = NAN_MESSAGE.search(line)
     assert match, line
     assert int(match.group(3)) == resumed_at + 1
-    assert f"last good checkpoint is {env.run / 'checkpoints' / 'last.pt'}" in line and "lower optim.lr" in line
+    assert f"last good checkpoint is {RunDir(env.run).last}" in line and "lower optim.lr" in line
     after = snapshot(env.run)
     # the resume's config (new lr and epochs) replaces config.yaml, whose earlier text is kept beside it;
     # a TensorBoard file is added; every other earlier output stays as it was
@@ -906,7 +908,7 @@ def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_goo
         k: v for k, v in before.items() if k != "config.yaml"
     }
     assert all(k.startswith("tb/") for k in set(after) - set(before) - {kept}), set(after) - set(before)
-    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["step"] == resumed_at
+    assert ckpt.load(RunDir(env.run).last)[ckpt.PROGRESS]["step"] == resumed_at
 
 
 def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
@@ -931,9 +933,9 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
     # with a checkpoint every step, the loss is checked every step: the interval is one step
     failed_step = int(match.group(4))
     assert int(match.group(3)) == failed_step
-    last = ckpt.load(out / "checkpoints" / "last.pt")
+    last = ckpt.load(RunDir(out).last)
     assert last[ckpt.PROGRESS]["step"] == failed_step - 1
-    assert not (out / "metrics.json").exists()
+    assert not Results(out).metrics.exists()
 
 
 # ---------------------------------------------------------------- a refused resume leaves the run resumable
@@ -945,7 +947,7 @@ def test_a_refused_resume_leaves_the_run_resumable(env, capsys):
     assert "optim.per_head" in one_error_line(capsys.readouterr().err)
     assert snapshot(env.run) == before
     assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
-    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.PROGRESS]["epoch"] == 2
+    assert ckpt.load(RunDir(env.run).last)[ckpt.PROGRESS]["epoch"] == 2
 
 
 def test_resume_on_changed_data_goes_on_with_allow_changed(env, capsys):
@@ -959,7 +961,7 @@ def test_resume_on_changed_data_goes_on_with_allow_changed(env, capsys):
         == 0
     )
     # the new checkpoint records the data it now trains on
-    assert ckpt.load(env.run / "checkpoints" / "last.pt")[ckpt.DATA]["breastmnist"]["mtime_ns"] == 1_000_000_000
+    assert ckpt.load(RunDir(env.run).last)[ckpt.DATA]["breastmnist"]["mtime_ns"] == 1_000_000_000
 
 
 def test_a_copy_of_the_data_with_its_times_kept_resumes(env):
@@ -989,14 +991,14 @@ def test_missing_data_for_evaluate_or_probe_offers_only_what_they_have(env, caps
 def test_a_new_evaluation_replaces_the_earlier_ones_files_in_its_folder(env):
     """Evaluating again (other datasets, another checkpoint) into the same eval folder leaves no earlier file beside
     the new ones: compare would read them as this evaluation's. Files mmpt did not write stay."""
-    eval_test = env.run / "eval" / "test"
+    eval_test = RunDir(env.run).eval("test").path
     assert evaluate_main([str(env.run), "--device", "cpu"]) == 0
-    assert len(list((eval_test / "predictions").glob("*_test_*.csv"))) == 2
+    assert len(list(Results(eval_test).predictions.glob("*_test_*.csv"))) == 2
     (eval_test / "notes.txt").write_text("mine")
     assert evaluate_main([str(env.run), "--device", "cpu", "--datasets", "retina"]) == 0
-    assert [p.name.split("_")[0] for p in (eval_test / "predictions").glob("*.csv")] == ["retinamnist"]
-    assert set(json.loads((eval_test / "metrics.json").read_text())) == {"retinamnist", "mean"}
-    assert set(json.loads((eval_test / "predictions" / "data.json").read_text())["datasets"]) == {"retinamnist"}
+    assert [p.name.split("_")[0] for p in Results(eval_test).predictions.glob("*.csv")] == ["retinamnist"]
+    assert set(json.loads(Results(eval_test).metrics.read_text())) == {"retinamnist", "mean"}
+    assert set(json.loads((Results(eval_test).predictions / "data.json").read_text())["datasets"]) == {"retinamnist"}
     assert not (eval_test / "confusion_breastmnist.png").exists() and (eval_test / "confusion_retinamnist.png").exists()
     assert (eval_test / "notes.txt").read_text() == "mine"
     # a probe's folder likewise
@@ -1005,7 +1007,7 @@ def test_a_new_evaluation_replaces_the_earlier_ones_files_in_its_folder(env):
     assert (
         evaluate_main(["probe", str(env.run), "--method", "knn", "--output", str(probe), "--datasets", "breast"]) == 0
     )
-    assert [p.name.split("_")[0] for p in (probe / "predictions").glob("*.csv")] == ["breastmnist"]
+    assert [p.name.split("_")[0] for p in Results(probe).predictions.glob("*.csv")] == ["breastmnist"]
 
 
 # ---------------------------------------------------------------- one run folder, one writer
@@ -1039,6 +1041,7 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
     assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
 
 
+@pytest.mark.slow
 def test_train_script_into_a_folder_this_process_holds_is_refused(env):
     from mmpt.rundir import lock_run_dir
 
@@ -1080,5 +1083,5 @@ def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys,
     assert evaluate_main([str(env.run), "--device", "cpu", "--output", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.splitlines() == [f"{sig.name} received: evaluation stopped; run the same command again to evaluate"]
-    assert not (out / "metrics.json").exists()
+    assert not Results(out).metrics.exists()
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are restored

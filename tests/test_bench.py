@@ -86,6 +86,7 @@ def test_sampler_counts_pages_shared_by_forked_workers_once():
         _finish(process)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_every_figure_and_its_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = [
@@ -139,6 +140,7 @@ def test_too_few_images_for_the_data_wait_steps_is_an_error_that_names_the_minim
     assert "--images must be >= (2 + --wait-steps) * --wait-batch-size = 32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_of_a_mapped_epoch_does_not_grow_with_the_data_while_an_in_ram_copy_does(tmp_path):
     # RGB 224 px sets of 1,000 and 3,000 images (144 and 431 MiB) in batches of 16 (2.4 MB): above its
     # baseline the loader holds the batches in flight, not the data. Memory only: independent of speed.
@@ -155,6 +157,7 @@ def test_memory_of_a_mapped_epoch_does_not_grow_with_the_data_while_an_in_ram_co
     assert in_ram["fraction"] > 0.9, in_ram
 
 
+@pytest.mark.slow
 def test_tiny_train_benchmark_times_bare_loop_and_engine_and_writes_every_key(tmp_path, capsys):
     # test_resnet as in the quickstart (28 px padded to 32), batches of 8 over all 12 synthetic datasets
     out = tmp_path / "train.json"

@@ -24,6 +24,7 @@ from mmpt.config import (
 )
 from mmpt.errors import MmptError
 from mmpt.recipe import check_run
+from mmpt.rundir import RunDir
 from mmpt.settings import parse_override
 from mmpt.tasks import FLAGS
 
@@ -194,7 +195,7 @@ def test_a_key_or_a_section_given_twice_is_refused_wherever_yaml_is_read(tmp_pat
     from mmpt.experiments.members import read_run_config
 
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("name: a\nname: b\n")
+    RunDir(tmp_path / "run").config.write_text("name: a\nname: b\n")
     with pytest.raises(MmptError, match=r"is not a config written by train.py.*'name' is given twice"):
         read_run_config(tmp_path / "run")
 

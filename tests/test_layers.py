@@ -192,6 +192,7 @@ def _fresh(code: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     names = sorted(m for m in MODULES if m != "mmpt.bench.__main__")
     _fresh("import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in names))

@@ -15,6 +15,7 @@ from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 TINY = [
@@ -122,7 +123,7 @@ def test_evaluate_refuses_a_crafted_checkpoint_without_running_code(tmp_path, ca
 
 def test_evaluate_of_a_run_refuses_a_crafted_best_checkpoint(run_copy, tmp_path, capsys):
     marker = tmp_path / "ran"
-    crafted_checkpoint(run_copy / "checkpoints" / "best.pt", marker)
+    crafted_checkpoint(RunDir(run_copy).best, marker)
     code = evaluate_main([str(run_copy), "--device", "cpu"])
     assert code == 2
     assert "best.pt is not plain tensor data" in one_error_line(capsys.readouterr().err)
@@ -132,7 +133,7 @@ def test_evaluate_of_a_run_refuses_a_crafted_best_checkpoint(run_copy, tmp_path,
 
 def test_resume_refuses_a_crafted_last_checkpoint_and_keeps_the_run_folder(run_copy, tmp_path, capsys):
     marker = tmp_path / "ran"
-    crafted_checkpoint(run_copy / "checkpoints" / "last.pt", marker)
+    crafted_checkpoint(RunDir(run_copy).last, marker)
     before = sorted((p.relative_to(run_copy), p.read_bytes()) for p in run_copy.rglob("*") if p.is_file())
     code = train_main(["--resume", str(run_copy), "--epochs", "2"])
     assert code == 2
@@ -150,7 +151,7 @@ def test_checkpoint_load_uses_weights_only(monkeypatch, run_copy):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    ckpt.load(run_copy / "checkpoints" / "best.pt")
+    ckpt.load(RunDir(run_copy).best)
     assert calls == [True]
 
 
@@ -183,7 +184,7 @@ def files_under(folder: Path) -> set[Path]:
 
 def test_evaluate_writes_only_to_its_output_whatever_output_the_checkpoint_names(run_copy, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    best = run_copy / "checkpoints" / "best.pt"
+    best = RunDir(run_copy).best
     rewrite_checkpoint_config(best, output=str(elsewhere), name="renamed")
     before = files_under(tmp_path)
     out = tmp_path / "chosen"
@@ -195,14 +196,14 @@ def test_evaluate_writes_only_to_its_output_whatever_output_the_checkpoint_names
     assert evaluate_main([str(run_copy), "--device", "cpu"]) == 0
     assert not elsewhere.exists()
     assert all(out in p.parents or run_copy / "eval" in p.parents for p in files_under(tmp_path) - before)
-    assert list((run_copy / "eval" / "test" / "predictions").glob("breastmnist_test_*@renamed.csv"))
+    assert list(RunDir(run_copy).eval("test").predictions.glob("breastmnist_test_*@renamed.csv"))
 
 
 def test_evaluate_never_writes_data_where_a_foreign_checkpoint_says(finished_run, run_copy, tmp_path):
     # a checkpoint from elsewhere asks for synthetic data, downloads and a cache in folders of its choosing
     root = finished_run[0]
     planted_root, planted_cache = tmp_path / "planted_root", tmp_path / "planted_cache"
-    best = run_copy / "checkpoints" / "best.pt"
+    best = RunDir(run_copy).best
     state = ckpt.load(best)
     state[ckpt.CONFIG]["data"].update(
         root=str(planted_root), cache_dir=str(planted_cache), synthetic=True, download=True
@@ -216,11 +217,11 @@ def test_evaluate_never_writes_data_where_a_foreign_checkpoint_says(finished_run
     # with --data-root (and --cache-dir) the checkpoint's data paths play no part
     assert evaluate_main([*argv, "--data-root", str(root), "--cache-dir", str(cache)]) == 0
     assert not planted_root.exists() and not planted_cache.exists()
-    assert (out / "metrics.json").is_file() and any(cache.iterdir())
+    assert Results(out).metrics.is_file() and any(cache.iterdir())
 
 
 def test_evaluate_refuses_a_checkpoint_whose_run_name_is_a_path(run_copy, tmp_path, capsys):
-    best = run_copy / "checkpoints" / "best.pt"
+    best = RunDir(run_copy).best
     rewrite_checkpoint_config(best, name="../../escape")
     before = files_under(tmp_path)
     code = evaluate_main(["--checkpoint", str(best), "--output", str(tmp_path / "out"), "--device", "cpu"])
@@ -231,13 +232,13 @@ def test_evaluate_refuses_a_checkpoint_whose_run_name_is_a_path(run_copy, tmp_pa
 
 def test_resume_writes_into_the_folder_given_not_the_output_stored_in_the_run(run_copy, tmp_path):
     elsewhere = tmp_path / "elsewhere"
-    config_path = run_copy / "config.yaml"
+    config_path = RunDir(run_copy).config
     config_path.write_text(yaml.safe_dump({**yaml.safe_load(config_path.read_text()), "output": str(elsewhere)}))
-    rewrite_checkpoint_config(run_copy / "checkpoints" / "last.pt", output=str(elsewhere))
+    rewrite_checkpoint_config(RunDir(run_copy).last, output=str(elsewhere))
     before = files_under(tmp_path)
     assert train_main(["--resume", str(run_copy), "--epochs", "2"]) == 0
     assert not elsewhere.exists()
     assert all(run_copy in p.parents for p in files_under(tmp_path) - before)
-    assert ckpt.load(run_copy / "checkpoints" / "last.pt")[ckpt.PROGRESS]["epoch"] == 2
+    assert ckpt.load(RunDir(run_copy).last)[ckpt.PROGRESS]["epoch"] == 2
     # the resumed run records the folder it really wrote to
     assert yaml.safe_load(config_path.read_text())["output"] == str(run_copy)

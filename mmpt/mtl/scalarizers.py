@@ -2,7 +2,7 @@
 
 Learned method parameters (UW, IMTL-L) are trained by an optimizer of the method's own. The state that resume
 needs of DWA and FAMO lives in TorchJD's private attributes: mmpt.mtl.torchjd_state reads and restores it (and
-checks the TorchJD release), and tests/test_weighting.py resumes every stateful method exactly.
+checks the TorchJD release), and tests/mtl/test_methods.py resumes every stateful method exactly.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ stateful methods DWA, FAMO and Nash-MTL (TorchJD keeps it in attributes of its o
 Those attributes are TorchJD 0.18's: another release may rename or change them, and a resume would then fail or,
 worse, continue from another state. So this module refuses, when it is imported (with mmpt.mtl.build, before any run
 folder is touched), any TorchJD but the supported 0.18.x, in one line naming both versions; setup.cfg pins the
-same release. tests/test_weighting.py resumes every stateful method to the uninterrupted digests.
+same release. tests/mtl/test_methods.py resumes every stateful method to the uninterrupted digests.
 """
 
 from __future__ import annotations

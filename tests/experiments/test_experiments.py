@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,9 +28,10 @@ from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.series import plan_series
 from mmpt.recipe import build_model, build_transform, load_backbone, load_initial_weights
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import TASKS, resolve_tasks
+from tests.helpers import REPO, assert_png
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = ["pneumoniamnist", "breastmnist"]  # in medmnist's order, as every table lists them
 TRAIN_IMAGES = 64  # per dataset (val and test: 16 each)
 STEPS_PER_RUN = 4  # 64 train images of each of 2 datasets in batches of 32
@@ -92,6 +92,7 @@ def quiet(fn, *args):
     return code, out.getvalue(), err.getvalue()
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A sweep (loss.weighting=none,size × seeds 0,1) stopped in its third run and resumed, and an individual
@@ -106,7 +107,7 @@ def study(tmp_path_factory):
         mp.setattr(mmpt.train, "StopSignal", stop_after(STOP_AT, mp))
         stopped = quiet(train_main, sweep)
     state_after_stop = {
-        p.relative_to(out).as_posix(): ((p / "summary.json").is_file(), (p / "checkpoints" / "last.pt").is_file())
+        p.relative_to(out).as_posix(): (RunDir(p).summary.is_file(), RunDir(p).last.is_file())
         for p in out.glob("weighting-*/seed*")
     }
     resumed = quiet(train_main, sweep)
@@ -122,14 +123,7 @@ def study(tmp_path_factory):
     )
 
 
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    image = matplotlib.image.imread(path)
-    height, width = image.shape[:2]
-    assert 200 <= width <= 5000 and 150 <= height <= 5000, (path, image.shape)
-    assert image[..., :3].std() > 0.02, f"{path} is (nearly) one flat colour"
-
-
+@pytest.mark.slow
 def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     code, out, err = study.stopped
     assert code == 130 and "run the same command again" in err
@@ -143,27 +137,29 @@ def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
     assert "[1/4] weighting-none/seed0: finished, skipped" in out
     assert "[3/4] weighting-size/seed0: continuing from last.pt" in out and "resumed at epoch 0, step 3" in out
     for run in ("weighting-none/seed0", "weighting-none/seed1", "weighting-size/seed0", "weighting-size/seed1"):
-        result = json.loads((study.out / run / "summary.json").read_text())
+        result = json.loads(RunDir(study.out / run).summary.read_text())
         assert result["steps"] == STEPS_PER_RUN, run
-    # it resumed with its own config (exactness of a resume from last.pt: tests/test_resume.py)
-    cfg = load_config(study.out / "weighting-size" / "seed0" / "config.yaml")
+    # it resumed with its own config (exactness of a resume from last.pt: tests/training/test_resume.py)
+    cfg = load_config(RunDir(study.out / "weighting-size" / "seed0").config)
     assert (cfg.loss.weighting, cfg.train.seed) == ("size", 0)
 
 
+@pytest.mark.slow
 def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(study):
     code, _, _ = study.individual
     assert code == 0
     for seed in (0, 1):
         for flag in DATASETS:
             run_dir = study.out / "individual" / f"seed{seed}" / flag
-            state = ckpt.load(run_dir / "checkpoints" / "best.pt")
+            state = ckpt.load(RunDir(run_dir).best)
             assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {flag}
-            config = load_config(run_dir / "config.yaml")
+            config = load_config(RunDir(run_dir).config)
             # the same recipe as the mm-PT side, apart from the dataset and seed
             assert (config.train.seed, config.model.backbone, config.optim.lr) == (seed, "test_resnet", 0.003)
-            assert_png(run_dir / "loss_curves.png")
+            assert_png(Results(run_dir).loss_curves)
 
 
+@pytest.mark.slow
 def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
     summary = json.loads((study.out / "sweep.json").read_text())["variants"]
     assert set(summary) == {"weighting-none", "weighting-size", "individual"}
@@ -171,7 +167,7 @@ def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
         assert entry["seeds"] == [0, 1]
         for flag in DATASETS:
             runs = [study.out / variant / f"seed{s}" / (flag if variant == "individual" else "") for s in (0, 1)]
-            aucs = [json.loads((r / "metrics.json").read_text())[flag]["auc"] for r in runs]
+            aucs = [json.loads(Results(r).metrics.read_text())[flag]["auc"] for r in runs]
             stats = entry["datasets"][flag]["auc"]
             assert stats["mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
             assert stats["std"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
@@ -188,10 +184,11 @@ def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
 
 
 def _scores(run_dir: Path, flag: str) -> np.ndarray:
-    (path,) = (run_dir / "predictions").glob(f"{flag}_test_*.csv")
+    (path,) = Results(run_dir).predictions.glob(f"{flag}_test_*.csv")
     return pd.read_csv(path, index_col=0, header=None).sort_index().values
 
 
+@pytest.mark.slow
 def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(study, tmp_path):
     a, b = study.out / "weighting-none" / "seed0", study.out / "weighting-size" / "seed0"
     code, out, _ = quiet(evaluate_main, ["compare", str(a), str(b), "--bootstrap", "100", "--output", str(tmp_path)])
@@ -238,6 +235,7 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
     assert_png(tmp_path / "compare_diff.png")
 
 
+@pytest.mark.slow
 def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
     mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
     code, _, _ = quiet(
@@ -249,8 +247,8 @@ def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp
     assert (ref["seeds"], other["seeds"]) == (2, 2)
     diffs = []
     for flag in DATASETS:
-        mine = [json.loads((individual / f"seed{s}" / flag / "metrics.json").read_text())[flag]["auc"] for s in (0, 1)]
-        theirs = [json.loads((mmpt_side / f"seed{s}" / "metrics.json").read_text())[flag]["auc"] for s in (0, 1)]
+        mine = [json.loads(Results(individual / f"seed{s}" / flag).metrics.read_text())[flag]["auc"] for s in (0, 1)]
+        theirs = [json.loads(Results(mmpt_side / f"seed{s}").metrics.read_text())[flag]["auc"] for s in (0, 1)]
         cell = other["datasets"][flag]["auc"]
         assert cell["value"] == pytest.approx(np.mean(mine), abs=1e-12)
         assert cell["std"] == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
@@ -262,13 +260,14 @@ def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp
     assert other["p_value"]["auc"] == test["p_value"]
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_path):
     a = study.out / "weighting-none" / "seed0"
     for change, message in (({"resolution": 64}, "64 px"), ("labels", "different breastmnist test sets")):
         other = tmp_path / f"other_{len(message)}"
-        shutil.copytree(a / "predictions", other / "predictions")
-        shutil.copy(a / "config.yaml", other / "config.yaml")
-        record_path = other / "predictions" / "data.json"
+        shutil.copytree(Results(a).predictions, Results(other).predictions)
+        shutil.copy(RunDir(a).config, RunDir(other).config)
+        record_path = Results(other).predictions / "data.json"
         record = json.loads(record_path.read_text())
         if change == "labels":
             record["datasets"]["breastmnist"]["labels_sha256"] = "0" * 64
@@ -281,6 +280,7 @@ def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_pat
         assert not output.exists()
 
 
+@pytest.mark.slow
 def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(study, tmp_path, monkeypatch):
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -288,7 +288,7 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     code, _, _ = quiet(evaluate_main, ["probe", str(source), "--method", "knn", "--k", "5", "--device", "cpu"])
     assert code == 0
     run_dir, result_dir = source / "seed0", source / "probe-knn" / "seed0"
-    table = json.loads((result_dir / "metrics.json").read_text())
+    table = json.loads(Results(result_dir).metrics.read_text())
     assert set(table) == {*DATASETS, "mean"}
     # features are the eval-mode backbone's (BatchNorm statistics frozen)
     model, cfg = load_backbone(run_dir)
@@ -312,9 +312,10 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     monkeypatch.setattr(probe_module, "extract_features", lambda *a, **k: pytest.fail("features were re-extracted"))
     out = tmp_path / "again"
     assert quiet(evaluate_main, ["probe", str(run_dir), "--method", "knn", "--output", str(out)])[0] == 0
-    assert (out / "metrics.json").is_file()
+    assert Results(out).metrics.is_file()
 
 
+@pytest.mark.slow
 def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_results(study, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -346,6 +347,7 @@ def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_resu
     assert json.loads((tmp_path / "compare.json").read_text())["datasets"] == DATASETS
 
 
+@pytest.mark.slow
 def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
     out = tmp_path / "bare"
     code, _, _ = quiet(
@@ -365,17 +367,18 @@ def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
         ],
     )
     assert code == 0
-    assert set(json.loads((out / "metrics.json").read_text())) == {*DATASETS, "mean"}
-    assert (out / "predictions" / "data.json").is_file() and list((out / "features").glob("*.npy"))
+    assert set(json.loads(Results(out).metrics.read_text())) == {*DATASETS, "mean"}
+    assert (Results(out).predictions / "data.json").is_file() and list((out / "features").glob("*.npy"))
 
 
+@pytest.mark.slow
 def test_init_from_copies_backbone_and_matching_heads_only(study):
     source = study.out / "weighting-none" / "seed0"
     cfg = load_config(study.recipe, [{"data": {"datasets": ["breast", "chest"]}}])
     model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
     chest_before = {k: v.clone() for k, v in model.heads["chestmnist"].state_dict().items()}
     assert load_initial_weights(model, source, cfg) == ["breastmnist"]
-    saved = ckpt.load(source / "checkpoints" / "best.pt")[ckpt.MODEL]
+    saved = ckpt.load(RunDir(source).best)[ckpt.MODEL]
     # model.norm auto: both keep per-dataset statistics; breast's row is copied (chest's comes from the mixture)
     ours, theirs = model.norm_tasks.index("breastmnist"), ["pneumoniamnist", "breastmnist"].index("breastmnist")
     for name, value in model.state_dict().items():
@@ -394,6 +397,7 @@ def test_init_from_copies_backbone_and_matching_heads_only(study):
             load_initial_weights(model, source, cfg)
 
 
+@pytest.mark.slow
 def test_init_from_on_the_command_line(study, tmp_path):
     source = study.out / "weighting-none" / "seed0"
     refused = tmp_path / "vit"
@@ -409,7 +413,7 @@ def test_init_from_on_the_command_line(study, tmp_path):
         ["--config", str(study.recipe), "--datasets", "breast", "--init-from", str(source), "--output", str(tuned)],
     )
     assert code == 0 and "backbone and heads of breastmnist" in out
-    assert load_config(tuned / "config.yaml").model.init_from == str(source)
+    assert load_config(RunDir(tuned).config).model.init_from == str(source)
     # mm-PFT: each seed of an individual series starts from the same seed of the mm-PT series
     cfg = load_config(study.recipe, [{"model": {"init_from": str(study.out / "weighting-none")}}])
     variants = plan_series(cfg, individual=True, seeds=[0, 1])
@@ -418,6 +422,7 @@ def test_init_from_on_the_command_line(study, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
     run_dir = study.out / "weighting-none" / "seed0"
     assert quiet(evaluate_main, [str(run_dir), "--output", str(tmp_path), "--device", "cpu"])[0] == 0
@@ -481,6 +486,7 @@ def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypa
     assert "epochs: 7  # integer >= 1" in out
 
 
+@pytest.mark.slow
 def test_series_flags_with_bad_values_are_one_line_errors(study, tmp_path):
     for flags, message in (
         (["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
@@ -507,7 +513,7 @@ def test_experiment_recipes_follow_the_doerrich_protocol():
         assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem
 
 
-@pytest.mark.parametrize("flag", ["retinamnist", "chestmnist"])
+@pytest.mark.parametrize("flag", ["retinamnist", pytest.param("chestmnist", marks=pytest.mark.slow)])
 def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
     from mmpt.experiments.compare import paired_bootstrap
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import summary, tiny_config
-from test_resume import crash_at_step
 
 from mmpt import checkpoint as ckpt
 from mmpt.cli import train_main
@@ -21,12 +18,13 @@ from mmpt.recipe import build_model, load_initial_weights
 from mmpt.rundir import RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
 STEPS_PER_EPOCH = 12  # 3 datasets x 128 images / batch 32
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def source(synthetic_root, tmp_path_factory):
     """A 1-epoch mm-PT run of the three datasets: the weights the fine-tuning starts from."""
@@ -56,6 +54,7 @@ def reference(synthetic_root, source, tmp_path_factory):
     return summary(out)
 
 
+@pytest.mark.slow
 def test_the_probe_epochs_train_the_heads_on_a_frozen_backbone_whose_statistics_stay_as_loaded(
     synthetic_root, source, tmp_path, reference, monkeypatch
 ):
@@ -87,6 +86,7 @@ def test_the_probe_epochs_train_the_heads_on_a_frozen_backbone_whose_statistics_
 
 
 @pytest.mark.parametrize("crash_step", [6, 19])  # mid-probe, mid-fine-tuning
+@pytest.mark.slow
 def test_resume_mid_probe_or_mid_fine_tuning_matches_the_uninterrupted_run(
     synthetic_root, source, tmp_path, reference, monkeypatch, crash_step
 ):

@@ -11,7 +11,11 @@ import pytest
 from medmnist import INFO
 
 from mmpt.config import load_config
+from mmpt.rundir import RunDir
 from mmpt.train import run
+
+# every test trains on the real files (the module's run takes minutes on 2 cores)
+pytestmark = pytest.mark.slow
 
 # Test AUC each dataset must reach after 300 steps of mm-PT from scratch (chance is 0.5). This run gives about
 # 0.82, 0.96 and 0.70 on torch 2.14 with model.norm auto (0.72, 0.95 and 0.65 with shared BatchNorm statistics).
@@ -53,7 +57,7 @@ def test_mmpt_on_real_files_beats_chance_clearly_on_each(real_run):
     for flag in FLOORS:
         (record,) = cache.glob(f"{flag}_28/*/md5.txt")
         assert record.read_text().split()[0] == INFO[flag]["MD5"]
-    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    summary = json.loads(RunDir(cfg.run_dir).summary.read_text())
     assert summary["steps"] >= 300  # 3 epochs of 9 + 74 + 17 batches
     aucs = {flag: round(table[flag]["auc"], 4) for flag in FLOORS}
     print(f"real-data test AUC after {summary['steps']} steps: {aucs}")

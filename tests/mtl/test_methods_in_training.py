@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import summary, tiny_config
 
 import mmpt.step
 from mmpt import checkpoint as ckpt
@@ -17,13 +16,15 @@ from mmpt.data.store import open_data
 from mmpt.errors import MmptError
 from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
 from mmpt.recipe import build_model, build_sampler, build_step
+from mmpt.rundir import RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import ddp_config, finish, summary, tiny_config, torchrun, write_config
 
 DATASETS = ["pneumoniamnist", "retinamnist"]  # binary and ordinal: 8 steps of 2 datasets per epoch
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra); `none` and
 # `manual` stand for the static ones (the synthetic splits have equal sizes, so size weights would all be 1),
-# and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in test_weighting.py only
+# and TorchJD's further aggregators (config, fairgrad, jd_mean) are trained in tests/mtl/test_methods.py only
 TRAINED = [
     n
     for n in METHODS
@@ -112,7 +113,7 @@ def test_different_methods_give_different_weights(synthetic_root, step_data):
 def test_monitored_validation_loss_is_the_unweighted_mean(trained):
     """A weighting with unequal weights must not change which checkpoint is best: val_loss ignores the weights."""
     run_dir, _ = trained("manual")
-    (epoch,) = json.loads((run_dir / "val_history.json").read_text())["history"]
+    (epoch,) = json.loads(RunDir(run_dir).val_history.read_text())["history"]
     losses = [epoch["val"][flag]["loss"] for flag in DATASETS]
     assert epoch["val"]["mean"]["loss"] == pytest.approx(sum(losses) / len(losses))
     assert epoch["weights"] == pytest.approx(MANUAL)
@@ -120,7 +121,7 @@ def test_monitored_validation_loss_is_the_unweighted_mean(trained):
 
 @pytest.mark.parametrize("method", ["famo"])
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tmp_path, trained, monkeypatch, method):
-    """FAMO's logits, their Adam state and its last step's losses are in last.pt (UW's state: test_weighting.py)."""
+    """FAMO's logits, their Adam state and its last step's losses are in last.pt (UW's state: test_methods.py)."""
     reference = summary(trained(method)[0])
     cfg = mtl_config(synthetic_root, tmp_path / method, method, checkpoint={"every_steps": 3})
     real_seed = mmpt.step.augmentation_seed
@@ -135,7 +136,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     monkeypatch.undo()
-    assert ckpt.load(cfg.run_dir / "checkpoints" / ckpt.LAST)[ckpt.PROGRESS]["step"] == 3
+    assert ckpt.load(RunDir(cfg.run_dir).last)[ckpt.PROGRESS]["step"] == 3
     run(cfg, resume=True)
     assert summary(cfg.run_dir)["final_digest"] == reference["final_digest"]
 
@@ -149,38 +150,36 @@ def test_effective_weights_go_to_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = trained("uw")
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(str(RunDir(run_dir).tb), size_guidance={"scalars": 0}).Reload()
     for flag in DATASETS:
         values = [e.value for e in events.Scalars(f"weight/{flag}")]
         # UW's weight 0.5 exp(-s) starts at 0.5 and has moved once its log-variance has been trained
         assert values and all(0.3 < v < 0.7 for v in values) and values[-1] != 0.5
 
 
+@pytest.mark.slow
 def test_a_scalarizer_trains_under_torchrun_like_one_process(synthetic_root, tmp_path):
     """FAMO under DDP: every rank sees the global losses, so the replicas and FAMO's state stay identical, and the
     run follows the single-process one up to the order of float sums."""
-    from test_distributed import ddp_config, finish, torchrun, write_config
-
     raw = ddp_config(synthetic_root, tmp_path / "ddp", epochs=1)
     raw["sampler"], raw["loss"] = {"tasks_per_step": "all"}, {"weighting": "famo"}
     out = finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
     record = summary(tmp_path / "ddp")
     assert record["world_size"] == 2 and record["rank_digests"] == [record["final_digest"]] * 2, out
     single = run(load_config(overrides=[{**raw, "output": str(tmp_path / "single")}]))
-    ddp_weights = ckpt.load(tmp_path / "ddp" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
-    single_weights = ckpt.load(tmp_path / "single" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    ddp_weights = ckpt.load(RunDir(tmp_path / "ddp").last)[ckpt.MODEL]
+    single_weights = ckpt.load(RunDir(tmp_path / "single").last)[ckpt.MODEL]
     gap = sum(((ddp_weights[k] - single_weights[k]).double() ** 2).sum() for k in single_weights).sqrt()
     norm = sum((w.double() ** 2).sum() for w in single_weights.values()).sqrt()
     assert gap / norm < 1e-3
-    ddp_history = json.loads((tmp_path / "ddp" / "val_history.json").read_text())["history"][-1]["weights"]
-    single_history = json.loads((tmp_path / "single" / "val_history.json").read_text())["history"][-1]["weights"]
+    ddp_history = json.loads(RunDir(tmp_path / "ddp").val_history.read_text())["history"][-1]["weights"]
+    single_history = json.loads(RunDir(tmp_path / "single").val_history.read_text())["history"][-1]["weights"]
     assert ddp_history == pytest.approx(single_history, rel=1e-3)
     assert single["mean"]["auc"] > 0.5
 
 
+@pytest.mark.slow
 def test_an_aggregator_under_torchrun_is_one_error_line_and_touches_nothing(synthetic_root, tmp_path):
-    from test_distributed import ddp_config, torchrun, write_config
-
     raw = ddp_config(synthetic_root, tmp_path / "upgrad", epochs=1)
     raw["sampler"], raw["loss"] = {"tasks_per_step": 2}, {"weighting": "upgrad"}
     process = torchrun("--config", str(write_config(tmp_path / "upgrad.yaml", raw)))

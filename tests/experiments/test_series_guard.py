@@ -25,6 +25,7 @@ from mmpt.cli import evaluate_main, train_main
 from mmpt.data.synthetic import write_synthetic
 from mmpt.distributed import resume_command
 from mmpt.io import write_text
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 SEEDS = (0, 1, 2)
@@ -90,7 +91,7 @@ def series_cmd(study, folder: Path, *extra: str) -> list[str]:
 
 def make_unfinished(folder: Path) -> None:
     """A run stopped after writing its predictions but before summary.json (as a kill at that moment leaves it)."""
-    (folder / "summary.json").unlink()
+    RunDir(folder).summary.unlink()
 
 
 # ---------------------------------------------------------------- refused: one line, exit 2, folder untouched
@@ -250,7 +251,7 @@ def init_from_series_without_the_seed(study, s):  # refused before seed 0's memb
 
 
 def init_from_a_seed_without_best(study, s):  # seed 1's source lost its best.pt: refused before seed 0 trains
-    (s / "seed1" / "checkpoints" / "best.pt").unlink()
+    RunDir(s / "seed1").best.unlink()
     return train_main, fine_tune(study, s, "0,1"), ["seed1/checkpoints/best.pt not found"]
 
 
@@ -303,7 +304,7 @@ def compare_output_is_file(study, s):
 
 
 def _edit_scores(s: Path, value: str) -> Path:
-    path = next((s / "seed1" / "predictions").glob("breastmnist_test_*.csv"))
+    path = next(Results(s / "seed1").predictions.glob("breastmnist_test_*.csv"))
     lines = path.read_text().splitlines()
     index, *cells = lines[3].split(",")
     lines[3] = ",".join([index, value, *cells[1:]])
@@ -421,7 +422,7 @@ def test_individual_with_a_per_dataset_norm_says_one_dataset_has_nothing_to_keep
 
 
 def _test_auc(run: Path) -> dict[str, float]:
-    table = json.loads((run / "metrics.json").read_text())
+    table = json.loads(Results(run).metrics.read_text())
     return {f: table[f]["auc"] for f in table if f != "mean"}
 
 
@@ -463,7 +464,7 @@ def test_partial_series_counts_finished_members_only_in_summarize_compare_and_pr
 
 def test_member_of_another_recipe_never_enters_the_summary(copy):
     # a run of another recipe in a member's folder (copied there, or trained by an older mmpt)
-    config = copy / "seed1" / "config.yaml"
+    config = RunDir(copy / "seed1").config
     raw = yaml.safe_load(config.read_text())
     raw["optim"]["weight_decay"] = 0.5
     config.write_text(yaml.safe_dump(raw))

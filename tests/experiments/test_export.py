@@ -21,6 +21,7 @@ from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.recipe import build_model, load_backbone, load_initial_weights
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 
@@ -71,6 +72,7 @@ LOAD_WITH_TIMM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_timm_with_the_engines_features(run, tmp_path):
     run_dir, export = run
     x = torch.randn(3, 3, 32, 32)
@@ -107,10 +109,10 @@ def test_export_carries_the_heads_with_medmnist_label_names_and_a_model_card(run
         keys = set(f.keys())
     assert heads["retinamnist"]["labels"] == [INFO["retinamnist"]["label"][str(i)] for i in range(5)]
     assert heads["breastmnist"]["task"] == "binary-class"
-    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    state = torch.load(RunDir(run_dir).best, weights_only=True)["model"]
     assert keys == {k.removeprefix("heads.") for k in state if k.startswith("heads.")}
     card = (export / "README.md").read_text()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(Results(run_dir).metrics.read_text())
     assert "breastmnist, retinamnist" in card and f"{metrics['retinamnist']['auc']:.4f}" in card
     assert "local-dir:" in card and "test_vit" in card
 
@@ -132,14 +134,14 @@ def test_init_from_and_probe_accept_an_export(run, tmp_path):
     cfg = load_config(export / "mmpt-config.yaml", [{"data": {"datasets": ["breastmnist"]}}])
     model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
     assert load_initial_weights(model, export, cfg) == ["breastmnist"]
-    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    state = torch.load(RunDir(run_dir).best, weights_only=True)["model"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     code, _out, err = quiet(
         evaluate_main, ["probe", str(export), "--method", "knn", "--k", "3", "--output", str(tmp_path / "probe")]
     )
     assert code == 0, err
-    assert len(list((tmp_path / "probe" / "predictions").glob("*_test_*.csv"))) == 2
+    assert len(list(Results(tmp_path / "probe").predictions.glob("*_test_*.csv"))) == 2
 
 
 @pytest.mark.parametrize("norm", ["per_dataset_stats", "per_dataset"])
@@ -242,7 +244,7 @@ def test_init_from_the_export_trains_bit_for_bit_as_init_from_the_run(norm_expor
             "--init-from",
             str(source),
         )
-        digests.append(json.loads((out / "summary.json").read_text())["final_digest"])
+        digests.append(json.loads(RunDir(out).summary.read_text())["final_digest"])
     assert digests[0] == digests[1]
 
 
@@ -253,7 +255,7 @@ def test_the_export_copies_every_shared_tensor_and_mixes_only_what_is_per_datase
     norm, run, export = norm_export
     trained = {
         k.removeprefix("backbone."): v
-        for k, v in torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"].items()
+        for k, v in torch.load(RunDir(run).best, weights_only=True)["model"].items()
         if k.startswith("backbone.")
     }
     exported = load_file(str(export / "model.safetensors"))
@@ -345,12 +347,12 @@ def test_the_card_reports_only_the_metrics_of_the_checkpoint_it_exports(run, tmp
     run_dir, _ = run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    last = copy / "checkpoints" / "last.pt"
+    last = RunDir(copy).last
     state = ckpt.load(last)
     for key in ("heads.breastmnist.weight", "heads.breastmnist.bias"):  # the head's scores reversed: AUC 1 - AUC
         state[ckpt.MODEL][key] = -state[ckpt.MODEL][key]
     ckpt.save(last, state)  # last's weights now differ from best's, whose test report metrics.json is
-    best_metrics = json.loads((copy / "metrics.json").read_text())
+    best_metrics = json.loads(Results(copy).metrics.read_text())
     best_row = f"| breastmnist | {best_metrics['breastmnist']['auc']:.4f} | {best_metrics['breastmnist']['acc']:.4f}"
 
     def card(*extra):
@@ -368,11 +370,11 @@ def test_the_card_reports_only_the_metrics_of_the_checkpoint_it_exports(run, tmp
     # evaluated: the card reports last's own metrics from eval/test
     code, _, err = quiet(evaluate_main, [str(copy), "--checkpoint", str(last), "--device", "cpu"])
     assert code == 0, err
-    evaluated = json.loads((copy / "eval" / "test" / "metrics.json").read_text())
+    evaluated = json.loads(RunDir(copy).eval("test").metrics.read_text())
     assert evaluated["breastmnist"]["auc"] != best_metrics["breastmnist"]["auc"]
     text = card("--checkpoint", "last")
     assert f"| breastmnist | {evaluated['breastmnist']['auc']:.4f}" in text and "`eval/test/metrics.json`" in text
     # an unfinished run: its card says so, and which epoch and step the weights are from
-    (copy / "summary.json").unlink()
+    RunDir(copy).summary.unlink()
     text = card("--checkpoint", "last")
     assert "written at step 4 after epoch 1 of 1; the run is unfinished" in text

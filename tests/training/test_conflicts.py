@@ -11,10 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import summary, tiny_config
-from test_experiments import assert_png
-from test_resume import crash_at_step
-from test_step import refuse_reads_from_mmpt
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import InputConfig, ModelConfig
@@ -26,6 +22,7 @@ from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.rundir import RunDir
 from mmpt.tasks import FLAGS, resolve_tasks
 from mmpt.train import run
+from tests.helpers import assert_png, crash_at_step, refuse_reads_from_mmpt, summary, tiny_config
 
 THREE = ["breast", "retina", "chest"]  # medmnist order: chest, retina, breast
 SOURCE_SETTINGS = {
@@ -48,6 +45,7 @@ def conflict_config(root, output, source: str, every: int, **train):
     )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def runs(synthetic_root, tmp_path_factory):
     """For each source: the run folder with the diagnostic every 3 steps, and the summaries with it on and off."""
@@ -61,6 +59,7 @@ def runs(synthetic_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", list(SOURCE_SETTINGS))
+@pytest.mark.slow
 def test_the_diagnostic_changes_no_result(runs, source):
     run_dir, on, off = runs[source]
     assert on["final_digest"] == off["final_digest"] and on["best_digest"] == off["best_digest"]
@@ -80,6 +79,7 @@ def test_the_diagnostic_changes_no_result(runs, source):
     assert_png(RunDir(run_dir).gradient_conflicts_plot)
 
 
+@pytest.mark.slow
 def test_the_record_continues_exactly_across_a_resume(synthetic_root, tmp_path, runs, monkeypatch):
     run_dir, reference, _ = runs[BATCHES]
     out = tmp_path / "crashed"

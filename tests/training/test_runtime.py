@@ -40,6 +40,7 @@ PROBE = textwrap.dedent(
 )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def probe() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
@@ -47,6 +48,7 @@ def probe() -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_json_says_so(probe):
     on = probe["on"]
     assert on["cublas"] == ":4096:8" and on["env"]["cublas_workspace_config"] == ":4096:8"
@@ -59,6 +61,7 @@ def test_determinism_on_sets_cublas_workspace_and_deterministic_kernels_and_env_
     )  # torch seeded from seed 0
 
 
+@pytest.mark.slow
 def test_determinism_off_allows_cudnn_benchmark_leaves_tf32_to_its_setting_and_env_json_says_so(probe):
     off = probe["off"]
     assert off["cublas"] is None
@@ -71,6 +74,10 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.warns(UserWarning, match="CUDA was initialised before mmpt set CUBLAS_WORKSPACE_CONFIG"):
         configure_determinism(0, True)
+
+
+# The --overwrite tests below check the on-disk layout itself: they spell the run folder's names out on purpose
+# (not through RunDir or mmpt.runnames), so that a renamed output fails here.
 
 
 def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_path, capsys):

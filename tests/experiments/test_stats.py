@@ -54,7 +54,8 @@ def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
         assert np.isnan(got[:, 0]).any()  # the undefined case was exercised
 
 
-@pytest.mark.parametrize("flag", FLAGS)
+# the 14-label chest task takes over 5 s
+@pytest.mark.parametrize("flag", [pytest.param(f, marks=pytest.mark.slow) if f == "chestmnist" else f for f in FLAGS])
 def test_vectorised_bootstrap_gives_the_intervals_of_the_per_resample_loop(flag):
     rng = np.random.default_rng(5)
     task, labels, scores = _data(flag, 40, 3, rng)
@@ -84,6 +85,7 @@ def series(tmp_path_factory):
     return write_series(root, list(FLAGS), seeds=2, max_images=70, seed=3)
 
 
+@pytest.mark.slow
 def test_compare_gives_the_same_intervals_on_either_path(series):
     metrics = ["auc", "acc", "balanced_acc", "kappa", "qwk", "mae"]
     loop = compare_runs(series, metrics=metrics, n_resamples=10, seed=2, resampling="loop")

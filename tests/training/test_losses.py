@@ -10,6 +10,7 @@ from mmpt.losses import CoralLoss, CornLoss, build_loss
 from mmpt.metrics import compute_metrics, predicted_grades
 from mmpt.model import CoralHead, build_head
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
+from tests.helpers import tiny_config
 
 # the first dataset of each task type: pathmnist, pneumoniamnist, chestmnist, retinamnist
 SPEC = {
@@ -266,8 +267,6 @@ def test_corn_learns_a_one_dimensional_ordinal_problem():
 def test_the_validation_loss_of_a_checkpoint_does_not_depend_on_the_eval_batch_size(synthetic_root, ordinal, tmp_path):
     """evaluate_all's loss is the mean over the split's loss terms (CORN: over its (image, threshold) pairs), at eval
     batch size 7 as at 64 and as over the whole split at once; train.monitor val_loss picks best.pt by it."""
-    from conftest import tiny_config
-
     from mmpt.data.store import open_data
     from mmpt.predict import evaluate_all, split_loader
     from mmpt.recipe import build_model, build_transform

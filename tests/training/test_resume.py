@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import summary, tiny_config
 
 import mmpt.step
 import mmpt.train
 from mmpt import checkpoint as ckpt
 from mmpt.config import to_dict
+from mmpt.rundir import RunDir
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
 
 
@@ -39,18 +39,7 @@ def resume_config(root, output, **sections):
     )
 
 
-def crash_at_step(monkeypatch, crash_step: int) -> None:
-    """Make training raise when it reaches `crash_step` (0-based), as a crash between two steps would."""
-    real_step = mmpt.step.TrainStep.__call__
-
-    def crash_at(self, parts, step):
-        if step == crash_step:
-            raise RuntimeError("simulated crash")
-        return real_step(self, parts, step)
-
-    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", crash_at)
-
-
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def reference(synthetic_root, tmp_path_factory):
     """The uninterrupted run's summary (no intermediate checkpoints)."""
@@ -59,6 +48,7 @@ def reference(synthetic_root, tmp_path_factory):
     return summary(out)
 
 
+@pytest.mark.slow
 def test_checkpointing_every_step_does_not_change_the_trajectory(synthetic_root, tmp_path, reference):
     out = tmp_path / "every5"
     run(resume_config(synthetic_root, out, checkpoint={"every_steps": 5}))
@@ -67,6 +57,7 @@ def test_checkpointing_every_step_does_not_change_the_trajectory(synthetic_root,
 
 
 @pytest.mark.parametrize("crash_step", [7, 30, 47])  # mid-epoch 1, mid-epoch 2, last step of epoch 2
+@pytest.mark.slow
 def test_resume_after_crash_matches_uninterrupted_run(synthetic_root, tmp_path, reference, monkeypatch, crash_step):
     out = tmp_path / "crashed"
     cfg = resume_config(synthetic_root, out, checkpoint={"every_steps": 4})
@@ -74,7 +65,7 @@ def test_resume_after_crash_matches_uninterrupted_run(synthetic_root, tmp_path, 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     monkeypatch.undo()
-    saved = ckpt.load(out / "checkpoints" / ckpt.LAST)[ckpt.PROGRESS]
+    saved = ckpt.load(RunDir(out).last)[ckpt.PROGRESS]
     assert 0 < saved["step"] <= crash_step
 
     run(cfg, resume=True)
@@ -108,6 +99,7 @@ def _write_config(cfg, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_root, tmp_path, reference):
     out = tmp_path / "sigterm"
     cfg = resume_config(synthetic_root, out)
@@ -115,34 +107,36 @@ def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_roo
     # signal then arrives mid-epoch however fast the machine is
     marked = resume_config(synthetic_root, out, checkpoint={"every_steps": 2})
     proc = _start_training(_write_config(marked, tmp_path / "cfg.yaml"))
-    _wait_for(out / "checkpoints" / ckpt.LAST, proc)
+    _wait_for(RunDir(out).last, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert f"--resume {out}" in stderr and "SIGTERM" in stderr
-    assert (out / "checkpoints" / ckpt.LAST).is_file()
+    assert RunDir(out).last.is_file()
 
     run(cfg, resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches(synthetic_root, tmp_path, reference):
     out = tmp_path / "sigkill"
     # a checkpoint every step: the kill very likely lands during a write
     cfg = resume_config(synthetic_root, out, checkpoint={"every_steps": 1})
     proc = _start_training(_write_config(cfg, tmp_path / "cfg.yaml"))
-    _wait_for(out / "checkpoints" / ckpt.LAST, proc)
+    _wait_for(RunDir(out).last, proc)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
     proc.kill()
     proc.communicate(timeout=60)
     # no temp file may pass for a checkpoint; last.pt is whole
-    state = ckpt.load(out / "checkpoints" / ckpt.LAST)
+    state = ckpt.load(RunDir(out).last)
     assert state[ckpt.PROGRESS]["step"] > 0
 
     run(cfg, resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
 
 
+@pytest.mark.slow
 def test_resume_cli_continues_a_stopped_run(synthetic_root, tmp_path, reference, monkeypatch):
     from mmpt.cli import train_main
 
@@ -166,11 +160,12 @@ def test_time_based_checkpoint_bounds_what_a_crash_costs(synthetic_root, tmp_pat
         with pytest.raises(RuntimeError, match="simulated crash"):
             run(cfg)
         monkeypatch.undo()
-        last = out / "checkpoints" / ckpt.LAST
+        last = RunDir(out).last
         assert (ckpt.load(last)[ckpt.PROGRESS]["step"] if last.exists() else None) == kept
 
 
 @pytest.mark.parametrize("call, phase", [(1, "during validation"), (4, "during the test evaluation")])
+@pytest.mark.slow
 def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
     synthetic_root, tmp_path, reference, monkeypatch, call, phase
 ):
@@ -190,7 +185,7 @@ def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
     monkeypatch.undo()
     # the printed command pastes into a shell as it is, whatever the folder's name
     assert phase in str(stopped.value) and f"python train.py --resume {shlex.quote(str(out))}" in str(stopped.value)
-    assert not (out / "summary.json").exists()
+    assert not RunDir(out).summary.exists()
     run(resume_config(synthetic_root, out), resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
     assert summary(out)["best_digest"] == reference["best_digest"]
@@ -201,7 +196,7 @@ def test_a_last_pt_without_any_part_of_the_training_state_is_refused_and_left_as
 
     out = tmp_path / "run"
     run(resume_config(synthetic_root, out, train={"epochs": 1}))
-    last = out / "checkpoints" / ckpt.LAST
+    last = RunDir(out).last
     full = ckpt.load(last)
     parts = set(full) - {ckpt.FORMAT}
     state = {ckpt.MODEL, ckpt.OPTIMIZERS, ckpt.WEIGHTING, ckpt.STEP, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.RNG}
@@ -210,7 +205,7 @@ def test_a_last_pt_without_any_part_of_the_training_state_is_refused_and_left_as
     # named by the training state, which iterates the same mapping it saves
     for part in sorted(set(parts) - {ckpt.MODEL, ckpt.CONFIG}):
         ckpt.save(last, {k: v for k, v in full.items() if k not in (part, ckpt.FORMAT)})
-        before = (last.read_bytes(), (out / "config.yaml").read_bytes())
+        before = (last.read_bytes(), RunDir(out).config.read_bytes())
         with pytest.raises(MmptError, match=f"has no {part} state, so training cannot continue from it"):
             run(resume_config(synthetic_root, out, train={"epochs": 2}), resume=True)
-        assert (last.read_bytes(), (out / "config.yaml").read_bytes()) == before
+        assert (last.read_bytes(), RunDir(out).config.read_bytes()) == before

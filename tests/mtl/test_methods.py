@@ -6,7 +6,6 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from mmpt.errors import MmptError
 from mmpt.mtl import METHODS, environment_problems, method_problems, missing_solvers, torchjd_state
 from mmpt.mtl.build import build_method
 from mmpt.precision import LossScale
+from tests.helpers import REPO
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}
 # every method this machine can run (cagrad and nash_mtl need the mtl-solvers extra)
@@ -340,6 +340,7 @@ def test_another_torchjd_release_is_refused_naming_both_versions(installed):
     assert "pip install 'torchjd[quadprog-projector]~=0.18.0'" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_training_command_with_another_torchjd_is_one_error_line_and_writes_nothing(tmp_path):
     # importlib.metadata reports another TorchJD release; mmpt.mtl.build refuses it when it is imported
     script = (
@@ -350,7 +351,7 @@ def test_a_training_command_with_another_torchjd_is_one_error_line_and_writes_no
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-c", script, "--config", "configs/quickstart.yaml", "--output", str(out)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         capture_output=True,
         text=True,
     )

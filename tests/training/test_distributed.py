@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,55 +19,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import summary
 
 from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
-from mmpt.rundir import RunDir
+from mmpt.rundir import Results, RunDir
 from mmpt.train import run
+from tests.helpers import DDP_DATASETS as DATASETS
+from tests.helpers import ddp_config, finish, summary, torchrun, write_config
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-DATASETS = ["breast", "chest", "retina"]  # binary, multi-label, ordinal
-
-
-def ddp_config(root: Path, output: Path, **train) -> dict:
-    # test_vit has no BatchNorm: its forward does not depend on how the batch is split, so a 2-process run
-    # differs from the single-process one only by floating-point summation order
-    return {
-        "name": "ddp",
-        "output": str(output),
-        "data": {"root": str(root), "datasets": DATASETS, "num_workers": 0, "eval_batch_size": 64},
-        "model": {"backbone": "test_vit", "img_size": 32},
-        "input": {"mode": "pad"},
-        "optim": {"lr": 0.003},
-        "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4, **train},
-    }
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def torchrun(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [*TORCHRUN, "train.py", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, out[-3000:]
-    return out
+# every test starts torchrun with 2 processes or reads the runs they trained
+pytestmark = pytest.mark.slow
 
 
 def descendants(pid: int) -> list[int]:
@@ -97,7 +56,7 @@ def ddp_runs(synthetic_root, tmp_path_factory):
     processes = {name: torchrun("--config", str(path)) for name, path in configs.items()}
 
     # kill -9 the whole killed job (torchrun and both workers) once it has written a mid-epoch last.pt
-    last = base / "killed" / "checkpoints" / ckpt.LAST
+    last = RunDir(base / "killed").last
     deadline = time.time() + 600
     while not last.is_file() and time.time() < deadline and processes["killed"].poll() is None:
         time.sleep(0.2)
@@ -118,7 +77,7 @@ def test_two_process_run_completes_with_identical_replicas(ddp_runs):
     assert s["world_size"] == 2 and s["steps"] == 2 * 3 * 8  # 2 epochs of 128 / 16 batches of 3 datasets
     assert s["rank_digests"] == [s["final_digest"]] * 2
     assert "world size: 2" in outputs["a"] and "about 8 per process" in outputs["a"]
-    assert json.loads((base / "a" / "env.json").read_text())["world_size"] == 2
+    assert json.loads(RunDir(base / "a").env.read_text())["world_size"] == 2
     assert s["test_mean"]["auc"] > 0.6
 
 
@@ -146,7 +105,7 @@ def test_per_dataset_affine_weights_train_outside_ddp_and_stay_identical_on_ever
     # in a step, the second step would have failed; the step averages them itself, so the replicas agree
     assert s["world_size"] == 2 and s["steps"] == 3 * 8
     assert s["rank_digests"] == [s["final_digest"]] * 2
-    weights = ckpt.load(base / "norm" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    weights = ckpt.load(RunDir(base / "norm").last)[ckpt.MODEL]
     rows = [weights[f"backbone.bn1.task_weight.{i}"] for i in range(len(DATASETS))]
     # every dataset's weights moved its own way from the shared start
     assert all(not torch.equal(rows[i], rows[j]) for i in range(len(rows)) for j in range(i))
@@ -154,7 +113,7 @@ def test_per_dataset_affine_weights_train_outside_ddp_and_stay_identical_on_ever
 
 def test_every_test_image_is_scored_exactly_once(ddp_runs, synthetic_root):
     base, _, _ = ddp_runs
-    files = sorted((base / "a" / "predictions").glob("*.csv"))
+    files = sorted(Results(base / "a").predictions.glob("*.csv"))
     assert [path.name.split("_")[0] for path in files] == ["breastmnist", "chestmnist", "retinamnist"]
     for path in files:
         flag = path.name.split("_")[0]
@@ -166,8 +125,8 @@ def test_every_test_image_is_scored_exactly_once(ddp_runs, synthetic_root):
 def test_distributed_run_matches_single_process_run_with_the_same_global_batch(ddp_runs, synthetic_root, tmp_path):
     base, _, _ = ddp_runs
     single = run(load_config(overrides=[ddp_config(synthetic_root, tmp_path / "single")]))
-    ddp_weights = ckpt.load(base / "a" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
-    single_weights = ckpt.load(tmp_path / "single" / "checkpoints" / ckpt.LAST)[ckpt.MODEL]
+    ddp_weights = ckpt.load(RunDir(base / "a").last)[ckpt.MODEL]
+    single_weights = ckpt.load(RunDir(tmp_path / "single").last)[ckpt.MODEL]
     # same plan, same global mean loss and averaged gradients: only the order of float32 sums differs
     # (8 + 8 rows and a 2-way all-reduce instead of 16 rows). Adam divides each update by the gradient's
     # scale, so a parameter whose gradient is near zero (a bias) can drift by a few lr over 48 steps; over
@@ -175,7 +134,7 @@ def test_distributed_run_matches_single_process_run_with_the_same_global_batch(d
     gap = sum(((ddp_weights[k] - single_weights[k]).double() ** 2).sum() for k in single_weights).sqrt()
     norm = sum((w.double() ** 2).sum() for w in single_weights.values()).sqrt()
     assert gap / norm < 1e-3
-    ddp_table = json.loads((base / "a" / "metrics.json").read_text())
+    ddp_table = json.loads(Results(base / "a").metrics.read_text())
     for flag in ("breastmnist", "chestmnist", "retinamnist"):
         assert ddp_table[flag]["auc"] == pytest.approx(single[flag]["auc"], abs=0.02)
 

@@ -11,7 +11,7 @@ environment (read when torch loads, hence a new process), turns oneDNN and NNPAC
 thread count changes the order of sums). In this mode the digests are the same under every MKL_ENABLE_INSTRUCTIONS
 value. Only methods whose solvers are missing (cagrad and nash_mtl without the mtl-solvers extra) are skipped.
 
-    python tests/test_digests.py quickstart none upgrad      # prints the digests of these runs as JSON
+    python -m tests.training.test_digests quickstart none upgrad      # prints the digests of these runs as JSON
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.mtl import METHODS, missing_solvers
+from mmpt.rundir import RunDir
 from mmpt.tasks import TASKS
 from mmpt.train import run
+from tests.helpers import REPO, tiny_config
+
+# every test reads the digests of one process that trains every method
+pytestmark = pytest.mark.slow
 
 # read by torch, MKL and OpenBLAS when they load: the kernels every processor runs alike
 PORTABLE_ENVIRONMENT = {
@@ -110,7 +114,7 @@ def method_config(root, output, method):
 
 def final_digest(cfg) -> str:
     run(cfg)
-    return json.loads((cfg.run_dir / "summary.json").read_text())["final_digest"]
+    return json.loads(RunDir(cfg.run_dir).summary.read_text())["final_digest"]
 
 
 def write_data(root: Path) -> None:
@@ -139,7 +143,8 @@ def digests(tmp_path_factory) -> dict[str, str]:
     """Every digest this machine can compute, from one process in the portable numerics mode."""
     names = [QUICKSTART, *(m for m in METHODS if not missing_solvers(m))]
     done = subprocess.run(
-        [sys.executable, __file__, "--folder", str(tmp_path_factory.mktemp("digests")), *names],
+        [sys.executable, "-m", __name__, "--folder", str(tmp_path_factory.mktemp("digests")), *names],
+        cwd=REPO,
         env={**os.environ, **PORTABLE_ENVIRONMENT},
         capture_output=True,
         text=True,
@@ -154,7 +159,8 @@ def test_quickstart_like_run_keeps_its_digest(digests):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_weighting_method_keeps_its_digest(digests, method):
-    assert method in DIGESTS, f"record {method}'s digest: python tests/test_digests.py {method} (see the docstring)"
+    record = f"python -m tests.training.test_digests {method}"
+    assert method in DIGESTS, f"record {method}'s digest: {record} (see the docstring)"
     if missing_solvers(method):
         pytest.skip(f"{method} needs {', '.join(missing_solvers(method))} (the mtl-solvers extra)")
     assert digests[method] == DIGESTS[method]
@@ -164,7 +170,9 @@ if __name__ == "__main__":
     # in the process the fixture starts, or by hand to record digests: torch read the environment when it loaded,
     # so without the portable one this process starts again with it
     if any(os.environ.get(key) != value for key, value in PORTABLE_ENVIRONMENT.items()):
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **PORTABLE_ENVIRONMENT})
+        os.execve(
+            sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], {**os.environ, **PORTABLE_ENVIRONMENT}
+        )
     torch.backends.mkldnn.enabled = False
     torch.backends.nnpack.set_flags(False)
     torch.set_num_threads(1)

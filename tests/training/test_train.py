@@ -7,15 +7,17 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import summary, tiny_config
 from medmnist import Evaluator
 
 from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, to_dict
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import FLAGS
+from tests.helpers import summary, tiny_config
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def mmpt_run(synthetic_root, tmp_path_factory):
     """One mm-PT run over all 12 synthetic datasets (8 epochs), shared by the tests that read its outputs."""
@@ -27,6 +29,7 @@ def mmpt_run(synthetic_root, tmp_path_factory):
     return cfg, table
 
 
+@pytest.mark.slow
 def test_mmpt_run_learns_every_task_type(mmpt_run):
     _cfg, table = mmpt_run
     assert set(table) == set(FLAGS) | {"mean"}
@@ -36,9 +39,11 @@ def test_mmpt_run_learns_every_task_type(mmpt_run):
     assert table["mean"]["auc"] > 0.85
 
 
+@pytest.mark.slow
 def test_run_folder_has_every_output(mmpt_run):
     cfg, _ = mmpt_run
     run_dir = cfg.run_dir
+    # the on-disk layout itself, spelled out on purpose (not through RunDir): a renamed output fails here
     for name in (
         "config.yaml",
         "env.json",
@@ -60,6 +65,7 @@ def test_run_folder_has_every_output(mmpt_run):
     assert to_dict(load_config(run_dir / "config.yaml")) == to_dict(cfg)
 
 
+@pytest.mark.slow
 def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_root):
     cfg, table = mmpt_run
 
@@ -67,7 +73,7 @@ def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_ro
         def __init__(self, flag, split, size=None, root=str(synthetic_root)):
             super().__init__(flag, split, size=size, root=root)
 
-    files = sorted((cfg.run_dir / "predictions").glob("*.csv"))
+    files = sorted(Results(cfg.run_dir).predictions.glob("*.csv"))
     assert sorted(path.name.split("_")[0] for path in files) == sorted(flag for flag in table if flag != "mean")
     for path in files:
         flag = path.name.split("_")[0]
@@ -78,17 +84,19 @@ def test_prediction_files_rescore_with_medmnist_evaluator(mmpt_run, synthetic_ro
         assert LocalEvaluator.parse_and_evaluate(str(path)).AUC == pytest.approx(metrics.AUC)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_training_test_metrics(mmpt_run, tmp_path, capsys):
     cfg, table = mmpt_run
     out = tmp_path / "eval"
     assert evaluate_main([str(cfg.run_dir), "--output", str(out), "--device", "cpu"]) == 0
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads(Results(out).metrics.read_text())
     for flag in FLAGS:
         assert evaluated[flag]["auc"] == pytest.approx(table[flag]["auc"], abs=1e-12)
     assert "mean" in capsys.readouterr().out
     assert (out / "metrics.csv").is_file() and (out / "metrics.md").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
     cfg, _ = mmpt_run
     out = tmp_path / "eval_val"
@@ -96,10 +104,10 @@ def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
         [str(cfg.run_dir), "--split", "val", "--datasets", "breast,retina", "--output", str(out), "--device", "cpu"]
     )
     assert code == 0
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads(Results(out).metrics.read_text())
     assert set(evaluated) == {"breastmnist", "retinamnist", "mean"}
     assert {"qwk", "mae"} <= set(evaluated["retinamnist"])
-    assert sorted(p.name.split("_")[1] for p in (out / "predictions").glob("*.csv")) == ["val", "val"]
+    assert sorted(p.name.split("_")[1] for p in Results(out).predictions.glob("*.csv")) == ["val", "val"]
 
 
 def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
@@ -131,11 +139,12 @@ def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
         ]
     )
     assert code == 0
-    state = ckpt.load(out / "checkpoints" / "best.pt")
+    state = ckpt.load(RunDir(out).best)
     assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {"breastmnist"}
-    assert json.loads((out / "metrics.json").read_text())["breastmnist"]["auc"] > 0.7
+    assert json.loads(Results(out).metrics.read_text())["breastmnist"]["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_root, tmp_path):
     from mmpt.train import run
 
@@ -174,15 +183,15 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     result = summary(cfg.run_dir)
     assert (result["epochs"], result["best_epoch"]) == (3, 1)
     assert "early stop: val_loss did not improve for 2 epochs" in capsys.readouterr().out
-    history = json.loads((cfg.run_dir / "val_history.json").read_text())["history"]
+    history = json.loads(RunDir(cfg.run_dir).val_history.read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    best = ckpt.load(cfg.run_dir / "checkpoints" / "best.pt")
+    best = ckpt.load(RunDir(cfg.run_dir).best)
     # best.pt is the subset of the training state its readers need: the weights, the config, progress, early
     # stopping, and the data's identity (the train sizes an export and --init-from mix statistics by)
     assert set(best) == {ckpt.FORMAT, ckpt.MODEL, ckpt.CONFIG, ckpt.PROGRESS, ckpt.EARLY_STOPPING, ckpt.DATA}
     assert best[ckpt.DATA]["retinamnist"]["train_images"] == 128
     assert best[ckpt.EARLY_STOPPING]["best_epoch"] == best[ckpt.PROGRESS]["epoch"] == 1
-    last = ckpt.load(cfg.run_dir / "checkpoints" / "last.pt")
+    last = ckpt.load(RunDir(cfg.run_dir).last)
     assert last[ckpt.EARLY_STOPPING] == {
         "best_metric": best[ckpt.EARLY_STOPPING]["best_metric"],
         "best_epoch": 1,
@@ -190,11 +199,12 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
     }
 
 
+@pytest.mark.slow
 def test_tensorboard_has_per_dataset_losses_validation_metrics_learning_rates_and_throughput(mmpt_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg, _ = mmpt_run
-    events = EventAccumulator(str(cfg.run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(str(RunDir(cfg.run_dir).tb), size_guidance={"scalars": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     for flag in FLAGS:
         assert {f"train/loss/{flag}", f"val/{flag}/auc", f"val/{flag}/acc", f"val/{flag}/loss", f"lr/{flag}"} <= tags, (

@@ -2,8 +2,8 @@
 series, nothing trained twice, a killed, preempted or failing member continued or reported, bad input refused.
 
 The SLURM path runs through submitit against stand-in sbatch, srun, scontrol, sacct, squeue and scancel scripts
-(tests/slurm_standin.py) that run the jobs on this machine. Each job imports torch and timm afresh, so the tests
-that run jobs take tens of seconds: they are marked slow, and the local launcher's tests share one series
+(slurm_standin.py beside this file) that run the jobs on this machine. Each job imports torch and timm afresh, so
+the tests that run jobs take tens of seconds: they are marked slow, and the local launcher's tests share one series
 (`local_series`: a killed member, a failing one, a launch while it runs, the reruns).
 """
 
@@ -33,10 +33,11 @@ from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
 from mmpt.launchconfig import time_minutes
+from mmpt.rundir import RunDir
 from mmpt.seriesdir import SeriesDir
 from mmpt.tasks import resolve_tasks
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "slurm_standin.py"
 SEEDS = "0,1,2"
 JOB = ["--cpus-per-job", "1"]  # one thread per job, as the sequential reference trains
@@ -51,7 +52,7 @@ def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
 
 def digests(folder: Path, seeds: str = SEEDS) -> dict[str, str]:
     return {
-        f"seed{s}": json.loads((folder / f"seed{s}" / "summary.json").read_text())["final_digest"]
+        f"seed{s}": json.loads(RunDir(folder / f"seed{s}").summary.read_text())["final_digest"]
         for s in seeds.split(",")
     }
 
@@ -150,11 +151,11 @@ def local_series(study, tmp_path_factory):
     work = tmp_path_factory.mktemp("local")
     out = work / "series"
     (out / "seed2").mkdir(parents=True)
-    (out / "seed2" / "checkpoints").write_text("a file where mmpt writes a folder")  # seed2's job fails
+    RunDir(out / "seed2").checkpoints.write_text("a file where mmpt writes a folder")  # seed2's job fails
     argv = series(study, out, "--launcher", "local", "--jobs", "2", *JOB)
     feeder = train_process(argv, work / "first.log")
     try:
-        wait_for(lambda: (out / "seed0" / "checkpoints" / "last.pt").is_file(), 240, "seed0's last.pt")
+        wait_for(lambda: RunDir(out / "seed0").last.is_file(), 240, "seed0's last.pt")
         controller = job_record(out)["members"]["seed0"]["pid"]
         (task,) = children(controller)
         os.kill(task, signal.SIGKILL)
@@ -169,11 +170,11 @@ def local_series(study, tmp_path_factory):
         log=(work / "first.log").read_text(),
         record=job_record(out),
         status=status(out),
-        seed0_finished=(out / "seed0" / "summary.json").is_file(),
+        seed0_finished=RunDir(out / "seed0").summary.is_file(),
         summarized=(out / "sweep.md").is_file(),
     )
 
-    (out / "seed2" / "checkpoints").unlink()
+    RunDir(out / "seed2").checkpoints.unlink()
     argv = series(study, out, "--launcher", "local", "--jobs", "1", *JOB)
     feeder = train_process(argv, work / "orphan.log")
     held: list[int] = []
@@ -304,7 +305,7 @@ def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(study, tmp_pa
         train_main, ["--config", str(study[1]), "--output", str(single), "--launcher", "local", *JOB]
     )
     assert code == 0, err + stdout
-    assert json.loads((single / "summary.json").read_text())["final_digest"] == study[2]["seed0"]
+    assert json.loads(RunDir(single).summary.read_text())["final_digest"] == study[2]["seed0"]
     assert not (single / "series.json").exists() and (single / "job.log").is_symlink()
     assert job_record(single)["members"][""]["job_id"] in (single / "job.log").read_text()
     assert status(single)["."][0] == "finished"
@@ -335,8 +336,8 @@ def sbatch_options(state: Path, job_id: str) -> dict:
 def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_path, slurm, monkeypatch):
     out = tmp_path / "series"
     (out / "seed2").mkdir(parents=True)
-    (out / "seed2" / "checkpoints").write_text("a file where mmpt writes a folder")  # seed2's job fails
-    monkeypatch.setenv("SLURM_STANDIN_PREEMPT", f"0:{out / 'seed0' / 'checkpoints' / 'last.pt'}")
+    RunDir(out / "seed2").checkpoints.write_text("a file where mmpt writes a folder")  # seed2's job fails
+    monkeypatch.setenv("SLURM_STANDIN_PREEMPT", f"0:{RunDir(out / 'seed0').last}")
     argv = series(
         study,
         out,
@@ -403,7 +404,7 @@ def test_a_slurm_job_with_several_processes_trains_one_run_under_torch_distribut
     assert "summary_job" not in job_record(out)  # one run: nothing to summarize
     wait_for(lambda: (slurm / "state" / job_id).read_text() in ("COMPLETED", "FAILED"), 300, "the job", 0.2)
     assert (slurm / "state" / job_id).read_text() == "COMPLETED", (out / "job.log").read_text()
-    result = json.loads((out / "summary.json").read_text())
+    result = json.loads(RunDir(out).summary.read_text())
     assert result["world_size"] == 2 and result["rank_digests"] == [result["final_digest"]] * 2
     assert f"job {job_id} on " in (out / "job.log").read_text() and "2 process(es)" in (out / "job.log").read_text()
     assert status(out)["."][:2] == ["finished", job_id]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +22,7 @@ from mmpt.recipe import build_model
 from mmpt.step import dropout_seed
 from mmpt.tasks import resolve_tasks
 from mmpt.trainlog import numerics_description, resumed_line
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.helpers import REPO
 
 # ---------------------------------------------------------------------------------------------
 # resume across GPU counts
@@ -128,7 +125,8 @@ def test_each_rank_draws_its_own_dropout_masks_from_seed_step_and_rank():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """Every check of the GPU check on the CPU, with the JSON file it writes and its table."""
+    """Every check of the GPU check on the CPU, with the JSON file it writes and its table (about a minute: its
+    users are marked slow)."""
     out = tmp_path_factory.mktemp("gpu-check")
     result = run_gpu_check(device="cpu", workdir=out / "work", json_path=out / "gpu.json", log=lambda line: None)
     return result, json.loads((out / "gpu.json").read_text())
@@ -141,6 +139,7 @@ def test_bench_gpu_help_names_every_check():
     assert "--device" in out.stdout and all(name in out.stdout for name in CHECKS)
 
 
+@pytest.mark.slow
 def test_the_cpu_dry_run_runs_every_check_and_writes_its_json(dry_run):
     result, written = dry_run
     assert written["complete"] and list(written["checks"]) == list(CHECKS)
@@ -152,6 +151,7 @@ def test_the_cpu_dry_run_runs_every_check_and_writes_its_json(dry_run):
     assert not any(p is False for p in judged.values()), judged
 
 
+@pytest.mark.slow
 def test_the_dry_run_step_reads_nothing_back_for_static_and_loss_based_methods(dry_run):
     cases = dry_run[1]["checks"]["sync"]["cases"]
     assert {(c["weighting"], c["tasks_per_step"]) for c in cases} >= {("none", 1), ("none", 4), ("uw", 1), ("uw", 4)}
@@ -159,6 +159,7 @@ def test_the_dry_run_step_reads_nothing_back_for_static_and_loss_based_methods(d
     assert all(c["syncs"] == 0 for c in cases if c["family"] != "gradient-based")
 
 
+@pytest.mark.slow
 def test_compile_over_12_datasets_with_per_dataset_statistics_compiles_at_most_a_few_graphs(dry_run):
     """One dataset per step over all 12, each split ending in a partial batch (4 batch sizes): at most 3 graphs,
     where reading the dataset index as a Python int compiled one per dataset (and per size)."""
@@ -168,12 +169,14 @@ def test_compile_over_12_datasets_with_per_dataset_statistics_compiles_at_most_a
     assert 1 <= stats["graphs"] <= 3
 
 
+@pytest.mark.slow
 def test_compile_with_upgrad_at_two_datasets_per_step_runs(dry_run):
     """TorchJD differentiates the Jacobian's rows one by one through the compiled backward (no vmap)."""
     upgrad = dry_run[1]["checks"]["compile"]["upgrad"]
     assert upgrad["finite"] and upgrad["steps"] == 12 and upgrad["graphs"] <= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "upgrad", "nash_mtl", "fairgrad"])
 def test_fp16_updates_the_backbone_as_much_as_bf16(dry_run, method):
     """The Jacobian is unscaled before Nash-MTL and FairGrad see it (neither is positively homogeneous): the first

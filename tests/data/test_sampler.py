@@ -63,6 +63,7 @@ def test_every_batch_of_every_medmnist_train_split_is_trainable_and_covers_it_on
         assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n)), task
 
 
+@pytest.mark.slow
 def test_no_batch_size_leaves_a_single_image_batchnorm_batch_on_any_medmnist_train_split():
     """The one rule for batches BatchNorm trains on (BATCHNORM_MIN_IMAGES = 2 per dataset's part of a step), at every
     batch size from 2 to 1024 (every documented one: 2, 16, 32, 64, 128, 256, ...) on every medmnist train split:

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import summary, tiny_config
-from test_resume import crash_at_step
 from torch import nn
 
 import mmpt.step
@@ -17,9 +15,10 @@ from mmpt import checkpoint as ckpt
 from mmpt.errors import MmptError
 from mmpt.norm import NormLayout, convert_norms, task_norms
 from mmpt.recipe import build_model, build_sampler
-from mmpt.rundir import RunDir
+from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
+from tests.helpers import REPO, crash_at_step, finish, summary, tiny_config, torchrun, write_config
 
 TWO = resolve_tasks("breast,retina")
 
@@ -159,6 +158,7 @@ def norm_config(root, output, norm, model=None, **sections):
     )
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module", params=["per_dataset_stats", "per_dataset"])
 def norm_reference(request, synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"reference-{request.param}") / "run"
@@ -166,6 +166,7 @@ def norm_reference(request, synthetic_root, tmp_path_factory):
     return request.param, summary(out), out
 
 
+@pytest.mark.slow
 def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
     synthetic_root, tmp_path, monkeypatch, norm_reference
 ):
@@ -181,10 +182,11 @@ def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
     assert summary(out)["best_digest"] == reference["best_digest"]
 
 
+@pytest.mark.slow
 def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
     norm, reference, out = norm_reference
     assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
-    state = ckpt.load(out / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    state = ckpt.load(RunDir(out).best)[ckpt.MODEL]
     assert state["backbone.bn1.running_mean"].shape[0] == 3  # one row per dataset
     assert ("backbone.bn1.task_weight.2" in state) == (norm == "per_dataset")
 
@@ -325,12 +327,10 @@ def test_init_from_a_shared_norm_run_copies_its_statistics_to_every_dataset(tmp_
     assert torch.equal(stats_only["bn1.running_var"][0], theirs["backbone.bn1.running_var"])
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and_weights(synthetic_root, tmp_path):
     """2 gloo processes, per-dataset affine weights (left out of DDP, averaged by the step) and statistics
     (DDP's buffer broadcast): the replicas' digests, buffers included, agree."""
-    from test_distributed import finish, torchrun, write_config
-    from test_distributed import summary as ddp_summary
-
     raw = {
         "name": "ddp",
         "output": str(tmp_path / "run"),
@@ -342,10 +342,11 @@ def test_under_torchrun_every_rank_ends_with_the_same_per_dataset_statistics_and
         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
     }
     finish(torchrun("--config", str(write_config(tmp_path / "ddp.yaml", raw))))
-    digests = ddp_summary(tmp_path / "run")["rank_digests"]
+    digests = summary(tmp_path / "run")["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+# every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
 def shared_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "run"
@@ -361,13 +362,14 @@ def shared_run(synthetic_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(shared_run, tmp_path):
     import hashlib
     import json
 
     from mmpt.cli import evaluate_main
 
-    best = shared_run / "checkpoints" / ckpt.BEST
+    best = RunDir(shared_run).best
     before = hashlib.sha256(best.read_bytes()).hexdigest()
     assert evaluate_main([str(shared_run), "--recalibrate-norm", "--recalibrate-images", "100"]) == 0
     assert (
@@ -378,10 +380,10 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
     )
     assert evaluate_main([str(shared_run)]) == 0
     assert hashlib.sha256(best.read_bytes()).hexdigest() == before
-    first = json.loads((shared_run / "eval" / "test-recalibrated" / "metrics.json").read_text())
-    assert first == json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert first != json.loads((shared_run / "eval" / "test" / "metrics.json").read_text())  # the statistics moved
-    record = json.loads((shared_run / "eval" / "test-recalibrated" / "recalibration.json").read_text())
+    first = json.loads(RunDir(shared_run).eval("test", recalibrated=True).metrics.read_text())
+    assert first == json.loads(Results(tmp_path / "again").metrics.read_text())
+    assert first != json.loads(RunDir(shared_run).eval("test").metrics.read_text())  # the statistics moved
+    record = json.loads(RunDir(shared_run).eval("test", recalibrated=True).recalibration.read_text())
     assert record["from"] == "shared" and record["images_per_dataset"] == {
         "breastmnist": 100,
         "retinamnist": 100,
@@ -390,6 +392,7 @@ def test_recalibrate_norm_is_deterministic_and_leaves_the_checkpoint_unchanged(s
 
 
 @pytest.mark.parametrize("batch_size", ["1", "2"])
+@pytest.mark.slow
 def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_image_batch(
     shared_run, tmp_path, batch_size
 ):
@@ -401,22 +404,23 @@ def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_i
 
     common = ["--recalibrate-norm", "--recalibrate-images", "101", "--batch-size", batch_size, "--device", "cpu"]
     assert evaluate_main([str(shared_run), *common, "--output", str(tmp_path / "eval")]) == 0
-    assert json.loads((tmp_path / "eval" / "recalibration.json").read_text())["images_per_dataset"] == {
+    assert json.loads(Results(tmp_path / "eval").recalibration.read_text())["images_per_dataset"] == {
         "breastmnist": 101,
         "retinamnist": 101,
         "chestmnist": 101,
     }
     assert evaluate_main(["probe", str(shared_run), "--method", "knn", *common, "--output", str(tmp_path / "p")]) == 0
-    assert (tmp_path / "p" / "metrics.json").is_file()
+    assert Results(tmp_path / "p").metrics.is_file()
 
 
+@pytest.mark.slow
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
     """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
     from mmpt.data.store import open_data
     from mmpt.norm_calibration import recalibrate
     from mmpt.recipe import build_transform
 
-    state = ckpt.load(shared_run / "checkpoints" / ckpt.BEST)
+    state = ckpt.load(RunDir(shared_run).best)
     from mmpt.config import from_dict
 
     cfg = from_dict(state[ckpt.CONFIG])
@@ -440,6 +444,7 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
     assert torch.equal(layer.weight, state[ckpt.MODEL]["backbone.conv1.1.weight"])  # affine untouched
 
 
+@pytest.mark.slow
 def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run, tmp_path):
     from mmpt.cli import evaluate_main
     from mmpt.data.store import open_data
@@ -458,7 +463,7 @@ def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run,
         evaluate_main(["probe", str(shared_run), "--method", "knn", "--recalibrate-norm", "--recalibrate-images", "64"])
         == 0
     )
-    assert (shared_run / "probe-knn-recalibrated" / "metrics.json").is_file()
+    assert Results(shared_run / "probe-knn-recalibrated").metrics.is_file()
 
 
 @pytest.mark.parametrize(
@@ -580,6 +585,7 @@ def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)  # what auto resolves to
+@pytest.mark.slow
 def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     synthetic_root, tmp_path, norm_reference, capsys
 ):
@@ -591,7 +597,7 @@ def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     run(norm_config(synthetic_root, auto, "auto", sampler={"tasks_per_step": 2}))
     assert "(model.norm auto: per_dataset_stats)" in capsys.readouterr().out
     assert summary(auto)["final_digest"] == reference["final_digest"]
-    weights = ckpt.load(auto / "checkpoints" / ckpt.BEST)[ckpt.MODEL]
+    weights = ckpt.load(RunDir(auto).best)[ckpt.MODEL]
     assert saved_norm({k.removeprefix("backbone."): v for k, v in weights.items()}) == "per_dataset_stats"
     # a single-dataset fine-tune from it (auto -> shared) starts from that dataset's own statistics
     source, theirs, source_tasks = saved_model(tmp_path, "per_dataset_stats", "breast,retina")
@@ -609,9 +615,9 @@ def test_a_run_recorded_without_model_norm_reads_as_shared_whatever_the_default(
     old = to_dict(Config())
     del old["model"]["norm"]
     assert recorded_config(old).model.norm == "shared"
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert load_config(tmp_path / "config.yaml", recorded=True).model.norm == "shared"
-    assert load_config(tmp_path / "config.yaml").model.norm == Config().model.norm
+    RunDir(tmp_path).config.write_text(yaml.safe_dump(old))
+    assert load_config(RunDir(tmp_path).config, recorded=True).model.norm == "shared"
+    assert load_config(RunDir(tmp_path).config).model.norm == Config().model.norm
     assert recorded_config({**old, "model": {**old["model"], "norm": "per_dataset"}}).model.norm == "per_dataset"
 
 
@@ -750,6 +756,7 @@ def is_statistic(key: str) -> bool:
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats"], indirect=True)
+@pytest.mark.slow
 def test_calibration_changes_the_statistics_and_no_other_weight_of_a_run(synthetic_root, tmp_path, norm_reference):
     """With dropout and augmentation drawing random numbers: a run calibrated before each validation ends with
     the same weights (statistics aside) as the run without, so calibration draws from no training stream."""
@@ -765,6 +772,7 @@ def test_calibration_changes_the_statistics_and_no_other_weight_of_a_run(synthet
 
 
 @pytest.mark.parametrize("norm_reference", ["per_dataset_stats", "per_dataset"], indirect=True)
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthetic_root, norm_reference):
     """best.pt, which the test evaluates, holds its weights' statistics as calibrated before the validation that
     chose it: calibrating its weights again with that epoch's batches gives them bit for bit."""
@@ -789,12 +797,11 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
     assert reference["best_digest"] == ckpt.state_digest(best[ckpt.MODEL])
 
 
+@pytest.mark.slow
 def test_under_torchrun_without_sync_norm_the_calibration_averages_the_ranks_shards(synthetic_root, tmp_path):
     """2 gloo processes, model.sync_norm false: every rank calibrates its shard of each batch and the ranks' averages
     are averaged, so
     the replicas agree and their statistics are the mean of the two shards' calibrations (not rank 0's alone)."""
-    from test_distributed import finish, torchrun, write_config
-
     from mmpt.config import recorded_config
     from mmpt.data.loader import shard
     from mmpt.data.store import open_data
@@ -844,11 +851,10 @@ def test_on_a_short_budget_the_calibrated_default_keeps_up_with_shared_statistic
     """12 synthetic datasets of 128 train images, configs/quickstart.yaml for 2 epochs (8 updates of each
     dataset's statistics): the running averages lag (mean test AUC 0.58 against 0.73 with shared statistics);
     calibrated before each validation, the default is within 0.02 of shared statistics or ahead."""
-    from pathlib import Path
 
     from mmpt.config import load_config
 
-    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    quickstart = REPO / "configs" / "quickstart.yaml"
     auc = {}
     for name, model in (("default", {}), ("shared", {"norm": "shared"})):
         cfg = load_config(

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import mmpt
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.store import open_data
 from mmpt.recipe import build_model, build_sampler, build_step
 from mmpt.tasks import resolve_tasks
-
-MMPT_DIR = str(Path(mmpt.__file__).parent)
+from tests.helpers import refuse_reads_from_mmpt
 
 
 def make_step(root: Path, precision: str = "fp32"):
@@ -42,23 +39,6 @@ def make_step(root: Path, precision: str = "fp32"):
     step = build_step(cfg, model, losses, sampler, torch.device("cpu"))
     loader = plan_loader({f: d.splits["train"] for f, d in data.items()}, sampler.plan(0), num_workers=0)
     return step, model, loader
-
-
-def refuse_reads_from_mmpt(monkeypatch) -> list[str]:
-    """Make Tensor.item, bool(tensor), float(tensor) and tolist raise when mmpt's own code calls them."""
-    calls = []
-    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
-        real = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, _real=real, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(MMPT_DIR):
-                calls.append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
-                raise AssertionError(f"host-device synchronisation: Tensor.{_name} called from {caller}")
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
-    return calls
 
 
 def test_step_never_reads_a_value_back_from_the_device(synthetic_root, monkeypatch):

@@ -1,0 +1,126 @@
+"""Helpers shared by the test modules: import them with `from tests.helpers import ...` (fixtures live in conftest.py).
+
+Configs (tiny_config, ddp_config), a run's summary, a simulated crash, a guard against reads from the device,
+a PNG check, and torchrun with 2 CPU processes as users launch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import torch
+import yaml
+
+import mmpt
+import mmpt.step
+from mmpt.config import load_config
+from mmpt.rundir import RunDir
+
+# the repository root: train.py, evaluate.py, configs/
+REPO = Path(__file__).resolve().parents[1]
+MMPT_DIR = str(Path(mmpt.__file__).parent)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+DDP_DATASETS = ["breast", "chest", "retina"]  # binary, multi-label, ordinal
+
+
+def tiny_config(root, output, **sections):
+    """A small, fast config on the synthetic files in `root`; `sections` override (section -> dict)."""
+    raw = {
+        "name": "tiny",
+        "output": str(output),
+        "data": {"root": str(root), "num_workers": 0, "eval_batch_size": 128},
+        "model": {"backbone": "test_resnet"},
+        "input": {"mode": "native"},
+        "optim": {"lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "progress": False, "log_every_steps": 5},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return load_config(overrides=[raw])
+
+
+def summary(run_dir: Path) -> dict:
+    """The run's summary.json (final and best digests, steps, weighting, test means)."""
+    return json.loads(RunDir(run_dir).summary.read_text())
+
+
+def crash_at_step(monkeypatch, crash_step: int) -> None:
+    """Make training raise when it reaches `crash_step` (0-based), as a crash between two steps would."""
+    real_step = mmpt.step.TrainStep.__call__
+
+    def crash_at(self, parts, step):
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+        return real_step(self, parts, step)
+
+    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", crash_at)
+
+
+def refuse_reads_from_mmpt(monkeypatch) -> list[str]:
+    """Make Tensor.item, bool(tensor), float(tensor) and tolist raise when mmpt's own code calls them."""
+    calls = []
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(MMPT_DIR):
+                calls.append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
+                raise AssertionError(f"host-device synchronisation: Tensor.{_name} called from {caller}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    return calls
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    image = matplotlib.image.imread(path)
+    height, width = image.shape[:2]
+    assert 200 <= width <= 5000 and 150 <= height <= 5000, (path, image.shape)
+    assert image[..., :3].std() > 0.02, f"{path} is (nearly) one flat colour"
+
+
+def ddp_config(root: Path, output: Path, **train) -> dict:
+    # test_vit has no BatchNorm: its forward does not depend on how the batch is split, so a 2-process run
+    # differs from the single-process one only by floating-point summation order
+    return {
+        "name": "ddp",
+        "output": str(output),
+        "data": {"root": str(root), "datasets": DDP_DATASETS, "num_workers": 0, "eval_batch_size": 64},
+        "model": {"backbone": "test_vit", "img_size": 32},
+        "input": {"mode": "pad"},
+        "optim": {"lr": 0.003},
+        "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4, **train},
+    }
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def torchrun(*args: str) -> subprocess.Popen:
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 train.py ARGS` in its own session."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [*TORCHRUN, "train.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-3000:]
+    return out

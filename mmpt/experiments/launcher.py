@@ -363,7 +363,8 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         executor.update_parameters(**params)
         with _sbatch_errors(f"the job array of {len(todo)} members"), executor.batch():
-            jobs = [executor.submit(MemberJob(v, labels[v.path])) for v in todo]
+            # each job on the CPU threads it asked for (--cpus-per-job), not on every core of the node it lands on
+            jobs = [executor.submit(MemberJob(v, labels[v.path], plan.cpus_per_job)) for v in todo]
         submission["array"] = jobs[0].job_id.split("_")[0]
         for variant, job in zip(todo, jobs):
             record["members"][variant.path] = {

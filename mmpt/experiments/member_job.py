@@ -5,6 +5,7 @@ them.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,12 +31,14 @@ class MemberJob(Checkpointable):
     def __init__(self, variant: Variant, label: str, threads: int | None = None) -> None:
         self.variant = variant
         self.label = label
-        self.threads = threads
+        self.threads = threads  # CPU threads of the whole job; None: SLURM's cpus-per-task where it says, else torch's
 
     def __call__(self) -> str:
         env = submitit.JobEnvironment()
-        if self.threads:
-            torch.set_num_threads(max(1, self.threads // env.num_tasks))
+        # SLURM_CPUS_PER_TASK is per process already; a job's `threads` are shared by its processes
+        per_process = self.threads // env.num_tasks if self.threads else int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+        if per_process:
+            torch.set_num_threads(max(1, per_process))
         if env.num_tasks > 1:
             # the job's CUDA_VISIBLE_DEVICES already holds its GPUs; each rank takes cuda:<local rank> of them
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -1,15 +1,19 @@
 """Helpers shared by the test modules: import them with `from tests.helpers import ...` (fixtures live in conftest.py).
 
 Configs (tiny_config, ddp_config), a run's summary, a simulated crash, a guard against reads from the device,
-a PNG check, and torchrun with 2 CPU processes as users launch it.
+a PNG check, torchrun with 2 CPU processes as users launch it, and what the launcher's tests read (a command's
+output, `evaluate.py status` as rows, the job record, the stand-in sbatch's options).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -20,6 +24,7 @@ import mmpt
 import mmpt.step
 from mmpt.config import load_config
 from mmpt.rundir import RunDir
+from mmpt.seriesdir import SeriesDir
 
 # the repository root: train.py, evaluate.py, configs/
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +131,57 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out[-3000:]
     return out
+
+
+# ---------------------------------------------------------------- the launcher's tests
+
+
+def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command's main function (train_main, evaluate_main) run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = fn(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def digests(folder: Path, seeds: str) -> dict[str, str]:
+    """seed<k> -> final_digest of a series' seed runs."""
+    return {
+        f"seed{s}": json.loads(RunDir(folder / f"seed{s}").summary.read_text())["final_digest"]
+        for s in seeds.split(",")
+    }
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.01):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def job_status(folder: Path) -> dict[str, list[str]]:
+    """evaluate.py status: member -> its row's cells (state, job, detail); "_text": the whole output."""
+    from mmpt.cli import evaluate_main
+
+    code, out, err = quiet(evaluate_main, ["status", str(folder)])
+    assert code == 0, err
+    rows = {}
+    for line in out.splitlines()[2:]:
+        if line.startswith(("progress:", "summary job")):
+            break
+        member, rest = line.split(maxsplit=1)
+        state = "not started" if rest.startswith("not started") else rest.split()[0]
+        rows[member] = [state, *rest.removeprefix(state).split(maxsplit=1)]
+    return rows | {"_text": out}
+
+
+def job_record(folder: Path) -> dict:
+    return json.loads(SeriesDir(folder).jobs_record.read_text())
+
+
+def sbatch_options(state: Path, job_id: str) -> dict:
+    """The options the stand-in sbatch (tests/experiments/slurm_standin.py) got for a job."""
+    return json.loads((state / "jobs" / f"{job_id}.json").read_text())["options"]

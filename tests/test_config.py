@@ -105,14 +105,16 @@ def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch)
     """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
     docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
     from mmpt import configdoc
-    from mmpt.cli.train import _flag_overrides, train_parser
+    from mmpt.cli.common import flag_overrides
+    from mmpt.cli.train import train_parser
     from mmpt.settings import Key, declaration
 
     spec = declaration("say more", resume=True, result=False, flag="--verbose")
     monkeypatch.setitem(SETTINGS, "train.verbose", Key("train.verbose", bool, spec, False))
     monkeypatch.setitem(configdoc.NAMED_FLAGS, "--verbose", "train.verbose")
     monkeypatch.setattr(configdoc, "RESUME_MAY_CHANGE", RESUME_MAY_CHANGE | {"train.verbose"})
-    assert _flag_overrides(train_parser().parse_args(["--verbose"])) == {"train": {"verbose": True}}
+    args = train_parser().parse_args(["--verbose"])
+    assert flag_overrides(args, configdoc.NAMED_FLAGS) == {"train": {"verbose": True}}
     for block in configdoc.BLOCKS:
         page = tmp_path / block.page
         page.parent.mkdir(parents=True, exist_ok=True)

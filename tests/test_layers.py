@@ -82,6 +82,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments.launch_plan",
         "mmpt.experiments.member_job",
         "mmpt.experiments.launcher",
+        "mmpt.experiments.probe_launch",
     },
     # what a user runs
     "entry points": {

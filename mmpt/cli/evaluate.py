@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmpt.cli.common import Parser, flag_dest
-from mmpt.config import EVALUATE_FLAGS, parse_flag
+from mmpt.cli.common import LAUNCH_FLAGS, Parser, add_setting_flag, check_launch_resources, flag_dest, flag_overrides
+from mmpt.config import EVALUATE_FLAGS, load_config, parse_flag
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder
 from mmpt.norm_calibration import RECALIBRATION_IMAGES
@@ -100,6 +100,14 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size")
     p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
+    launcher = p.add_argument_group(
+        "launcher",
+        "probe the runs of a series as jobs through submitit, one job per run: several at a time on this machine "
+        "(local) or as a SLURM job array (slurm); run the same command again to submit the probes that are missing "
+        "or stale, and watch them with: evaluate.py status OUTPUT",
+    )
+    for flag, key in LAUNCH_FLAGS.items():
+        add_setting_flag(launcher, flag, key)
 
 
 def _status_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,6 +304,14 @@ def _probe(args: argparse.Namespace) -> int:
         recalibrate_images=_recalibrate_images(a.recalibrate_norm, a.recalibrate_images),
     )
     output = Path(a.output) if a.output else None
+    settings = load_config(None, [flag_overrides(a, LAUNCH_FLAGS)]).launch  # checked as the launch.* keys are
+    check_launch_resources(a, settings.launcher)
+    if settings.launcher != "sequential":
+        if a.backbone:
+            raise MmptError("a bare --backbone is one probe, run in this process; drop --launcher")
+        from mmpt.experiments.probe_launch import launch_probes
+
+        return launch_probes(Path(a.run), settings, output=output, require_complete=a.require_complete, **common)
     if a.backbone:
         probe_backbone(
             a.backbone, pretrained=a.pretrained, config=a.config, resolution=a.resolution, output=output, **common

@@ -10,15 +10,12 @@ import functools
 import os
 import sys
 
-from mmpt.cli.common import Parser, flag_dest
-from mmpt.config import NAMED_FLAGS, SETTINGS, load_config
-from mmpt.configdoc import annotated_yaml, flag_help
+from mmpt.cli.common import LAUNCH_KEYS, Parser, add_setting_flag, check_launch_resources, flag_overrides
+from mmpt.config import NAMED_FLAGS, load_config
+from mmpt.configdoc import annotated_yaml
 from mmpt.errors import MmptError
 from mmpt.rundir import RunDir
-from mmpt.settings import deep_merge, nested, parse_override
-
-# the launch.* keys (where a series' members train); their flags form train.py's launcher group
-LAUNCH_KEYS = frozenset(key for key in SETTINGS if key.startswith("launch."))
+from mmpt.settings import parse_override
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -35,12 +32,7 @@ def train_parser() -> argparse.ArgumentParser:
         "nor running, and watch them with: evaluate.py status RUN",
     )
     for flag, key in NAMED_FLAGS.items():
-        help_text = flag_help(key).replace("%", "%%")
-        group = launcher if key in LAUNCH_KEYS else p
-        if SETTINGS[key].hint is bool:  # a switch: sets the key to the value that is not its default
-            group.add_argument(flag, action="store_true", help=help_text)
-        else:
-            group.add_argument(flag, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
+        add_setting_flag(launcher if key in LAUNCH_KEYS else p, flag, key)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run folder")
@@ -71,21 +63,9 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_overrides(args: argparse.Namespace) -> dict:
-    """The named flags as a nested override dict (only those given); their text is checked as the key's value."""
-    out: dict = {}
-    for flag, key in NAMED_FLAGS.items():
-        value = getattr(args, flag_dest(flag))
-        if SETTINGS[key].hint is bool:
-            value = (not SETTINGS[key].default) if value else None
-        if value is not None:
-            out = deep_merge(out, nested(key, value))
-    return out
-
-
 def build_train_config(args: argparse.Namespace):
     """Defaults <- YAML (--config, or the run's config.yaml with --resume) <- --set <- named flags."""
-    overrides = [parse_override(s) for s in args.set] + [_flag_overrides(args)]
+    overrides = [parse_override(s) for s in args.set] + [flag_overrides(args, NAMED_FLAGS)]
     if args.resume:
         run = RunDir(args.resume)
         if args.config:
@@ -102,16 +82,7 @@ def build_train_config(args: argparse.Namespace):
 def train_command(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = build_train_config(args)
-    resources = [
-        flag
-        for flag, key in NAMED_FLAGS.items()
-        if key in LAUNCH_KEYS and key != "launch.launcher" and getattr(args, flag_dest(flag)) is not None
-    ]
-    if resources and cfg.launch.launcher == "sequential":
-        raise MmptError(
-            f"{resources[0]} is a job's setting and goes with --launcher local or slurm; add --launcher, "
-            f"or drop {resources[0]}"
-        )
+    check_launch_resources(args, cfg.launch.launcher)
     # a series is planned (every member's config checked) before --print-config, so it refuses what a run refuses
     variants = _plan_series(args, cfg) if args.individual or args.sweep or args.seeds is not None else None
     if args.print_config:
@@ -164,11 +135,12 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
 
     if cfg.launch.launcher != "sequential":
         from mmpt.experiments.launch_plan import plan_launch
-        from mmpt.experiments.launcher import launch
+        from mmpt.experiments.launcher import launch_series
 
-        plan = plan_launch(cfg, len(variants))  # this machine or cluster, before series.json is written
+        # this machine or cluster, checked before series.json is written
+        plan = plan_launch(cfg.launch, len(variants), cfg.checkpoint.every_minutes)
         print(f"series of {len(variants)} runs under {cfg.run_dir}")
-        train = functools.partial(launch, root=cfg.run_dir, plan=plan, series=True)
+        train = functools.partial(launch_series, root=cfg.run_dir, plan=plan, series=True)
         return run_series(variants, overwrite=overwrite, base=cfg, train=train)
     print(f"series of {len(variants)} runs under {cfg.run_dir}")
     try:
@@ -183,10 +155,10 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
 def _launch_run(args: argparse.Namespace, cfg) -> int:
     """A single run with a launcher: a series of one member, the run folder itself."""
     from mmpt.experiments.launch_plan import plan_launch
-    from mmpt.experiments.launcher import launch
+    from mmpt.experiments.launcher import launch_series
     from mmpt.experiments.series import Variant, check_member
 
-    plan = plan_launch(cfg, 1)
+    plan = plan_launch(cfg.launch, 1, cfg.checkpoint.every_minutes)
     variant = Variant("", cfg)
     check_member(variant, overwrite=args.overwrite)
-    return launch([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False)
+    return launch_series([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False)

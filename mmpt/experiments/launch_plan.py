@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from mmpt.choices import LAUNCHERS
-from mmpt.config import Config
 from mmpt.errors import MmptError
-from mmpt.launchconfig import time_minutes
+from mmpt.launchconfig import LaunchConfig, time_minutes
 from mmpt.settings import to_dict
 
 # the launchers that run members as jobs; sequential is a series' own loop in this process (mmpt.experiments.series)
@@ -121,15 +120,15 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def plan_launch(cfg: Config, members: int) -> LaunchPlan:
-    """Check the launch settings of `cfg` against this machine (local) or cluster (slurm), before anything is
-    written or submitted; raises MmptError with one line that says what to change."""
-    launch = cfg.launch
+def plan_launch(launch: LaunchConfig, members: int, checkpoint_minutes: float | None = None) -> LaunchPlan:
+    """Check the launch settings against this machine (local) or cluster (slurm), before anything is written or
+    submitted; raises MmptError with one line that says what to change. `checkpoint_minutes`: how often a member
+    writes last.pt (checkpoint.every_minutes; None for jobs that write none, such as probes)."""
     assert launch.launcher in JOB_LAUNCHERS, f"no launcher to plan for {launch.launcher!r}"
     time_min = time_minutes(launch.time) if launch.time is not None else None
     if time_min is None and launch.launcher == "slurm":
         time_min = SLURM_TIME_MIN
-    every = cfg.checkpoint.every_minutes
+    every = checkpoint_minutes
     if time_min is not None and every and time_min <= every:
         raise MmptError(
             f"the time limit per job ({time_min:g} min) is not longer than one checkpoint interval "

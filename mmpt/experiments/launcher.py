@@ -34,6 +34,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +45,7 @@ from submitit.helpers import environment_variables
 
 from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import LaunchPlan, cpu_cores
-from mmpt.experiments.member_job import MemberJob, summarize_series
+from mmpt.experiments.member_job import Member, TrainMember, summarize_series
 from mmpt.experiments.series import Variant
 from mmpt.experiments.status import (
     FINISHED,
@@ -60,7 +61,7 @@ from mmpt.experiments.status import (
     write_jobs,
 )
 from mmpt.experiments.summary import summarize
-from mmpt.rundir import RunDir, prepare_run_dir
+from mmpt.rundir import RunDir
 from mmpt.seriesdir import SeriesDir
 
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
@@ -71,6 +72,14 @@ SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one
 
 
 # ---------------------------------------------------------------- submitting
+
+
+def launch_series(
+    variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool = True
+) -> int:
+    """`launch` for the members of a training series (a single run: a series of one member, `series` False)."""
+    name = "" if series else variants[0].cfg.name
+    return launch([TrainMember(v) for v in variants], overwrite, root=root, plan=plan, series=series, name=name)
 
 
 def _now() -> str:
@@ -112,12 +121,23 @@ def series_lock(root: Path, record: dict):
         os.close(fd)
 
 
-def launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool = True) -> int:
-    """Submit the members of `variants` that are neither finished nor running nor queued (with `overwrite`: every
+def launch(
+    members: list[Member],
+    overwrite: bool,
+    *,
+    root: Path,
+    plan: LaunchPlan,
+    series: bool = True,
+    name: str = "",
+    record: dict | None = None,
+) -> int:
+    """Submit the `members` that are neither finished nor running nor queued (with `overwrite`: every
     member not running or queued, its earlier outputs removed first) as jobs; return the exit code.
 
     local: waits for its jobs and summarizes the series (`series`) at the end: 0, or 1 when a member failed;
-    130 when interrupted. slurm: returns 0 after submitting the array and the summary job.
+    130 when interrupted. slurm: returns 0 after submitting the array and the summary job. `name`: the SLURM
+    jobs' name (default: the folder's). `record`: entries of the job record that say what the members are (the
+    probes' kind and request; mmpt.experiments.status reads them).
     Raises MmptError before submitting anything when a member is busy and `overwrite` asks to train it again,
     or when sbatch refuses the jobs.
     """
@@ -126,7 +146,9 @@ def launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: Launch
     created = not jobs.exists()
     try:
         with series_lock(root, read_jobs(root)):
-            return _launch(variants, overwrite, root=root, plan=plan, series=series)
+            return _launch(
+                members, overwrite, root=root, plan=plan, series=series, name=name or root.name, extra=record or {}
+            )
     except MmptError:
         # refused before anything was submitted: leave no empty jobs/ behind
         if created and jobs.is_dir() and not any(jobs.iterdir()):
@@ -134,10 +156,12 @@ def launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: Launch
         raise
 
 
-def _launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool) -> int:
-    record = read_jobs(root)
-    states = member_states(root, [v.path for v in variants], record)
-    busy = [states[v.path] for v in variants if states[v.path].state in (RUNNING, QUEUED)]
+def _launch(
+    members: list[Member], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool, name: str, extra: dict
+) -> int:
+    record = read_jobs(root) | extra
+    states = member_states(root, [m.path for m in members], record, finished=_finished(members))
+    busy = [states[m.path] for m in members if states[m.path].state in (RUNNING, QUEUED)]
     if overwrite and busy:
         first = busy[0]
         cancel = f"scancel {first.job_id}" if first.launcher == "slurm" else f"kill {first.job_id}"
@@ -145,48 +169,53 @@ def _launch(variants: list[Variant], overwrite: bool, *, root: Path, plan: Launc
             f"{first.path or root} is {first.state} as job {first.job_id}, and --overwrite would train it a "
             f"second time at once; wait for it, or stop it ({cancel}), then run the command again"
         )
-    finished = {v.path for v in variants if states[v.path].state == FINISHED}
+    finished = {m.path for m in members if states[m.path].state == FINISHED}
     todo = [
-        v for v in variants if states[v.path].state not in (RUNNING, QUEUED) and (overwrite or v.path not in finished)
+        m for m in members if states[m.path].state not in (RUNNING, QUEUED) and (overwrite or m.path not in finished)
     ]
-    counts = f"{len(variants)} member{'s' if len(variants) > 1 else ''}: " + ", ".join(
+    counts = f"{len(members)} member{'s' if len(members) > 1 else ''}: " + ", ".join(
         [
             f"{0 if overwrite else len(finished)} finished",
             f"{len(busy)} running or queued",
             f"{len(todo)} to {'submit' if plan.launcher == 'slurm' else 'start'}",
         ]
     )
-    for v in todo if overwrite else ():
-        prepare_run_dir(v.cfg.run_dir, resume=False, overwrite=True)
+    for m in todo if overwrite else ():
+        m.clear()
     if plan.launcher == "slurm":
-        return _launch_slurm(variants, todo, busy, root, plan, record, series, counts)
-    return _launch_local(variants, todo, busy, root, plan, record, series, counts)
+        return _launch_slurm(members, todo, busy, root, plan, record, series, counts, name)
+    return _launch_local(members, todo, busy, root, plan, record, series, counts)
 
 
-def _labels(variants: list[Variant]) -> dict[str, str]:
-    return {v.path: f"[{i}/{len(variants)}] {v.path or v.cfg.run_dir}" for i, v in enumerate(variants, 1)}
+def _finished(members: list[Member]) -> Callable[[str], bool]:
+    by_path = {m.path: m for m in members}
+    return lambda path: by_path[path].finished()
 
 
-def _submission(plan: LaunchPlan, todo: list[Variant], **extra) -> dict:
+def _labels(members: list[Member]) -> dict[str, str]:
+    return {m.path: f"[{i}/{len(members)}] {m.path or m.folder}" for i, m in enumerate(members, 1)}
+
+
+def _submission(plan: LaunchPlan, todo: list[Member], **extra) -> dict:
     return {
         "at": _now(),
         "launcher": plan.launcher,
         "settings": plan.settings,
-        "members": [v.path for v in todo],
+        "members": [m.path for m in todo],
         "host": socket.gethostname(),
         "pid": os.getpid(),
         **extra,
     }
 
 
-def _finish(root: Path, series: bool, variants: list[Variant], failed: list[str]) -> int:
+def _finish(root: Path, series: bool, members: list[Member], failed: list[str]) -> int:
     """Summarize the series as a sequential one does (when a member has finished); 1 when a member failed."""
-    states = member_states(root, [v.path for v in variants])
+    states = member_states(root, [m.path for m in members], finished=_finished(members))
     if series and any(s.state == FINISHED for s in states.values()):
         summarize(root)
     if failed:
         print(
-            f"{len(failed)} of {len(variants)} members failed: "
+            f"{len(failed)} of {len(members)} members failed: "
             + "; ".join(f"{path or root} (log {states[path].log})" for path in failed)
             + "; fix the cause and run the same command again to train them",
             file=sys.stderr,
@@ -212,8 +241,9 @@ class _LocalJob:
         return self.job.state == "RUNNING" if self.job is not None else process_alive(self.pid, self.started)
 
 
-def _launch_local(variants, todo, busy, root, plan, record, series, counts) -> int:
-    labels = _labels(variants)
+def _launch_local(members, todo, busy, root, plan, record, series, counts) -> int:
+    labels = _labels(members)
+    by_path = {m.path: m for m in members}
     each = (
         f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} (CUDA_VISIBLE_DEVICES) and "
         if plan.gpus_per_job
@@ -242,24 +272,24 @@ def _launch_local(variants, todo, busy, root, plan, record, series, counts) -> i
             if record.get("feeder", {}).get("pid") != me["pid"]:
                 _write_local(root, record, me, queue)
             while queue and free:
-                variant, slot = queue.pop(0), free.pop(0)
-                job = _submit_local(variant, plan.slots[slot], labels[variant.path], root, plan)
+                member, slot = queue.pop(0), free.pop(0)
+                job = _submit_local(member, plan.slots[slot], labels[member.path], root, plan)
                 pid = int(job.job_id)
-                running[variant.path] = _LocalJob(variant.path, job.job_id, slot, pid, process_start(pid), job)
-                record["members"][variant.path] = {
+                running[member.path] = _LocalJob(member.path, job.job_id, slot, pid, process_start(pid), job)
+                record["members"][member.path] = {
                     "launcher": "local",
                     "job_id": job.job_id,
                     "pid": pid,
-                    "started": running[variant.path].started,
+                    "started": running[member.path].started,
                     "gpus": list(plan.slots[slot]),
                     "threads": plan.threads,
                     "log": _relative(job.paths.stdout, root),
                     "submitted": _now(),
                 }
                 _write_local(root, record, me, queue)  # at once: a job the record misses could start twice
-                link_log(variant.cfg.run_dir, job.paths.stdout)
+                link_log(member.folder, job.paths.stdout)
                 where = f" on GPU {','.join(map(str, plan.slots[slot]))}" if plan.slots[slot] else ""
-                print(f"{labels[variant.path]}: started as local job {job.job_id}{where}", flush=True)
+                print(f"{labels[member.path]}: started as local job {job.job_id}{where}", flush=True)
             time.sleep(POLL_S)
             for path, job in list(running.items()):
                 if job.alive():
@@ -268,7 +298,7 @@ def _launch_local(variants, todo, busy, root, plan, record, series, counts) -> i
                 if job.slot is not None:
                     free.append(job.slot)
                 log = root / record["members"][path]["log"]
-                if RunDir(root / path).summary.is_file():
+                if by_path[path].finished():
                     print(f"{labels[path]}: finished (local job {job.job_id})", flush=True)
                 else:
                     failed.append(path)
@@ -285,18 +315,18 @@ def _launch_local(variants, todo, busy, root, plan, record, series, counts) -> i
     finally:
         record.pop("feeder", None)
         write_jobs(root, record)
-    return _finish(root, series, variants, failed)
+    return _finish(root, series, members, failed)
 
 
-def _write_local(root: Path, record: dict, me: dict, queue: list[Variant]) -> None:
+def _write_local(root: Path, record: dict, me: dict, queue: list[Member]) -> None:
     """Write the job record with this process as the one that starts the members still queued (status shows them)."""
-    record["feeder"] = {**me, "pending": [v.path for v in queue]}
+    record["feeder"] = {**me, "pending": [m.path for m in queue]}
     write_jobs(root, record)
 
 
-def _submit_local(variant: Variant, gpus: tuple[int, ...], label: str, root: Path, plan: LaunchPlan):
+def _submit_local(member: Member, gpus: tuple[int, ...], label: str, root: Path, plan: LaunchPlan):
     # one folder per member: submitit names a local job's files by its pid, which the system reuses
-    executor = submitit.LocalExecutor(folder=SeriesDir(root).local_jobs(variant.path), max_num_timeout=MAX_REQUEUES)
+    executor = submitit.LocalExecutor(folder=SeriesDir(root).local_jobs(member.path), max_num_timeout=MAX_REQUEUES)
     executor.update_parameters(
         timeout_min=plan.time_min or NO_LIMIT_MIN,
         gpus_per_node=len(gpus),
@@ -306,7 +336,7 @@ def _submit_local(variant: Variant, gpus: tuple[int, ...], label: str, root: Pat
     )
     threads = str(max(1, plan.threads // max(1, len(gpus))))
     with environment_variables(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
-        return executor.submit(MemberJob(variant, label, plan.threads))
+        return executor.submit(member.job(label, plan.threads))
 
 
 # ---------------------------------------------------------------- slurm: one job array and a summary job
@@ -346,10 +376,9 @@ def _sbatch_errors(what: str):
         ) from None
 
 
-def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> int:
-    labels = _labels(variants)
+def _launch_slurm(members, todo, busy, root, plan, record, series, counts, name) -> int:
+    labels = _labels(members)
     folder = SeriesDir(root).slurm_jobs
-    name = variants[0].cfg.name if not series else root.name
     params = _slurm_parameters(plan, name)
     gpus = f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} per node" if plan.gpus_per_job else "no GPU"
     print(
@@ -364,10 +393,10 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
         executor.update_parameters(**params)
         with _sbatch_errors(f"the job array of {len(todo)} members"), executor.batch():
             # each job on the CPU threads it asked for (--cpus-per-job), not on every core of the node it lands on
-            jobs = [executor.submit(MemberJob(v, labels[v.path], plan.cpus_per_job)) for v in todo]
+            jobs = [executor.submit(m.job(labels[m.path], plan.cpus_per_job)) for m in todo]
         submission["array"] = jobs[0].job_id.split("_")[0]
-        for variant, job in zip(todo, jobs):
-            record["members"][variant.path] = {
+        for member, job in zip(todo, jobs):
+            record["members"][member.path] = {
                 "launcher": "slurm",
                 "job_id": job.job_id,
                 "log": _relative(job.paths.stdout, root),
@@ -375,14 +404,14 @@ def _launch_slurm(variants, todo, busy, root, plan, record, series, counts) -> i
             }
         record["submissions"].append(submission)
         write_jobs(root, record)  # at once: a job the record misses could be submitted twice
-        for variant, job in zip(todo, jobs):
-            link_log(variant.cfg.run_dir, job.paths.stdout)
+        for member, job in zip(todo, jobs):
+            link_log(member.folder, job.paths.stdout)
         print(
             f"submitted job array {submission['array']}: {len(jobs)} job{'s' if len(jobs) > 1 else ''}; "
             f"each member's {RunDir(root).job_log.name} links its log"
         )
     # the summary waits for every job of the series folder (another command's members too: mm-PT and individual)
-    others = [path for path in record["members"] if path not in {v.path for v in variants}]
+    others = [path for path in record["members"] if path not in {m.path for m in members}]
     busy = busy + [s for s in member_states(root, others, record).values() if s.state in (RUNNING, QUEUED)]
     waits = sorted({job_id.split("_")[0] for job_id in [s.job_id for s in busy] + [submission.get("array")] if job_id})
     if not waits:

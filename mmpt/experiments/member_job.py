@@ -1,6 +1,7 @@
-"""What a launcher's job runs: one member of a series (`MemberJob`), or the summary of the series after its
-SLURM array (`summarize_series`). submitit pickles them by this module's name; mmpt.experiments.launcher submits
-them.
+"""What a launcher launches (`Member`: a member of a training series, `TrainMember`, or the probe of one run,
+mmpt.experiments.probe_launch.ProbeMember) and what their jobs run: one member of a series (`MemberJob`), the
+probe of one run (`ProbeJob`), or the summary of the series after its SLURM array (`summarize_series`). submitit
+pickles them by this module's name; mmpt.experiments.launcher submits them.
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import submitit
 import torch
@@ -17,7 +21,53 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 from mmpt.errors import MmptError
 from mmpt.experiments.series import Variant, train_member
 from mmpt.experiments.summary import summarize
+from mmpt.rundir import RunDir, prepare_run_dir
 from mmpt.trainstate import Stopped
+
+
+class Member(Protocol):
+    """One job of a launch: a member of a series (TrainMember), or the probe of one run
+    (mmpt.experiments.probe_launch.ProbeMember)."""
+
+    path: str  # relative to the launch folder ("" for the folder itself); the job record's key
+
+    @property
+    def folder(self) -> Path:
+        """Where its outputs go; job.log there links its job's log."""
+
+    def finished(self) -> bool:
+        """Whether its outputs are complete, so that a rerun of the command submits it no more."""
+
+    def clear(self) -> None:
+        """Remove its earlier outputs (--overwrite)."""
+
+    def job(self, label: str, threads: int | None) -> Callable[[], str]:
+        """What its job runs (pickled by submitit): `threads` CPU threads for the whole job, None: the scheduler's."""
+
+
+@dataclass(frozen=True)
+class TrainMember:
+    """A member of a training series: finished with summary.json; its job runs `train_member`, as a sequential
+    series does."""
+
+    variant: Variant
+
+    @property
+    def path(self) -> str:
+        return self.variant.path
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.variant.cfg.run_dir)
+
+    def finished(self) -> bool:
+        return RunDir(self.folder).summary.is_file()
+
+    def clear(self) -> None:
+        prepare_run_dir(self.folder, resume=False, overwrite=True)
+
+    def job(self, label: str, threads: int | None) -> MemberJob:
+        return MemberJob(self.variant, label, threads)
 
 
 class MemberJob(Checkpointable):
@@ -73,6 +123,37 @@ class MemberJob(Checkpointable):
         """The job that continues this one after a time limit or preemption: the same member, which resumes from
         the last.pt that training wrote when the signal came (the member's whole state is in its run folder)."""
         return DelayedSubmission(MemberJob(self.variant, self.label, self.threads))
+
+
+class ProbeJob(Checkpointable):
+    """The probe of one run of a series as a submitit job (`evaluate.py probe --launcher`): `probe_leaf`, as a
+    sequential probe runs it for each run. A probe keeps no state worth saving: after a time limit or preemption
+    the requeued job probes again (the features it extracted are cached)."""
+
+    def __init__(self, leaf: str, out: str, kwargs: dict, label: str, threads: int | None = None) -> None:
+        self.leaf = leaf
+        self.out = out
+        self.kwargs = kwargs  # probe_leaf's: method, request, k, datasets, data_root, ...
+        self.label = label
+        self.threads = threads
+
+    def __call__(self) -> str:
+        from mmpt.experiments.probe import probe_leaf  # scikit-learn: only in the job that probes
+
+        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+        if threads:
+            torch.set_num_threads(threads)
+        env = submitit.JobEnvironment()
+        print(f"{self.label}: job {env.job_id} on {env.hostname}", flush=True)
+        try:
+            probe_leaf(Path(self.leaf), Path(self.out), **self.kwargs)
+        except MmptError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return "finished"
+
+    def checkpoint(self) -> DelayedSubmission:
+        return DelayedSubmission(ProbeJob(self.leaf, self.out, self.kwargs, self.label, self.threads))
 
 
 def summarize_series(root: str) -> None:

@@ -41,7 +41,7 @@ from mmpt.report import format_table, write_metrics
 from mmpt.rundir import FeatureCache, Results, RunDir, clear_results, probe_output
 from mmpt.runtime import configure_determinism
 from mmpt.tasks import MULTI_LABEL, SPLITS, TaskSpec, resolve_tasks
-from mmpt.weights import is_export
+from mmpt.weights import HEADS, NORM, WEIGHTS, is_export
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # logistic regression's inverse regularisation, chosen on val
 
@@ -178,12 +178,14 @@ def probe(
     batch_size: int | None = None,
     name: str | None = None,
     recalibrate_images: int | None = None,
+    record: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Probe `model`'s frozen backbone on each dataset; write evaluate.py's files into `output`; return the table.
 
     `method` (linear or knn), `k` and `batch_size` are the flags the CLI checked. `recalibrate_images`: first
     re-estimate each dataset's BatchNorm statistics on that many of its own train images (recalibrate),
-    so each dataset's features come through its own statistics."""
+    so each dataset's features come through its own statistics. `record`: further entries of probe.json (the
+    request and the weights it probed, by which a launcher's rerun knows a finished probe)."""
     tasks = resolve_tasks(datasets) if datasets else resolve_tasks(cfg.data.datasets)
     data, root = open_eval_data(cfg, tasks, data_root, cache_dir)
     configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
@@ -226,26 +228,55 @@ def probe(
             "chosen": chosen,
             "backbone": cfg.model.backbone,
             "feature_dim": int(next(iter(extracted.values()))["train"].shape[1]),
+            **(record or {}),
         },
     )
     print(f"{method} probe of {run_name}:\n{format_table(table)}\nwritten to {output}")
     return table
 
 
-def probe_runs(
-    source: Path, *, method: str, output: Path | None = None, require_complete: bool = False, **kwargs
-) -> list[Path]:
-    """Probe every finished run at or under `source` (a run, an individual folder, a folder of seeds).
+def probe_request(
+    method: str, k: int, datasets: str | None, data_root: str | None, batch_size, recalibrate_images: int | None
+) -> dict:
+    """What a probe's results depend on besides the weights, as probe.json records it (`request`): a launcher's
+    rerun counts a probe as finished only when it was made with exactly this request."""
+    return {
+        "method": method,
+        "k": k if method == "knn" else None,
+        "datasets": datasets,
+        "data_root": str(Path(data_root).absolute()) if data_root else None,
+        "batch_size": batch_size,
+        "recalibrate_images": recalibrate_images,
+    }
+
+
+def leaf_weights(leaf: Path) -> str | None:
+    """The identity of the weights a probe of `leaf` reads: a run's best_digest (summary.json), or the SHA-256 of
+    an export's weight files; None when the run records none."""
+    if is_export(leaf):
+        digest = hashlib.sha256()
+        for name in (WEIGHTS, HEADS, NORM):
+            if (leaf / name).is_file():
+                with (leaf / name).open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
+    try:
+        return json.loads(RunDir(leaf).summary.read_text()).get("best_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def probe_leaves(source: Path, method: str, output: Path | None, recalibrated: bool, require_complete: bool):
+    """(results folder, the finished runs at or under `source`) for `probe_runs` and the launcher.
 
     Runs count as in `summarize` and `compare` (mmpt.experiments.members.series_runs): an unfinished run, or
     one of another recipe than its series asks, is named and left out (an MmptError with `require_complete`).
-    Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as
-    it reads the runs. Raises MmptError when `source` holds no finished run with checkpoints/best.pt.
+    Raises MmptError when `source` holds no finished run with checkpoints/best.pt.
     """
     source = Path(source)
     if not source.is_dir():
         raise MmptError(f"run folder {source} not found; pass a run, an individual/ folder or a folder of seeds")
-    recalibrated = kwargs.get("recalibrate_images") is not None
     output = Path(output) if output else probe_output(source, method, recalibrated).path
     if is_export(source):
         finished, left_out = [source], []  # a backbone written by evaluate.py export
@@ -262,11 +293,42 @@ def probe_runs(
         )
     if left_out:
         print(left_out_line(left_out, source))
+    return output, leaves
+
+
+def probe_leaf(leaf: Path, out: Path, *, method: str, request: dict, **kwargs) -> dict[str, dict[str, float]]:
+    """Probe one finished run (or export) `leaf` into `out`, recording the request and the weights in probe.json:
+    what a sequential probe of a series does for each run, and what a launcher's job does for its one."""
+    recalibrated = kwargs.get("recalibrate_images") is not None
+    model, cfg = load_backbone(leaf)
+    record = {"request": request, "weights": leaf_weights(leaf)}
+    return probe(model, cfg, out, method=method, features=RunDir(leaf).features(recalibrated), record=record, **kwargs)
+
+
+def probe_runs(
+    source: Path, *, method: str, output: Path | None = None, require_complete: bool = False, **kwargs
+) -> list[Path]:
+    """Probe every finished run at or under `source` (a run, an individual folder, a folder of seeds), one after
+    another in this process (evaluate.py probe --launcher runs them as jobs: mmpt.experiments.probe_launch).
+
+    Results mirror the layout under `output` (default SOURCE/probe-<method>), so `compare` reads them as it reads
+    the runs. `kwargs`: `probe`'s (k, datasets, data_root, cache_dir, device, batch_size, recalibrate_images).
+    """
+    source = Path(source)
+    recalibrated = kwargs.get("recalibrate_images") is not None
+    output, leaves = probe_leaves(source, method, output, recalibrated, require_complete)
+    request = probe_request(
+        method,
+        kwargs.get("k", 11),
+        kwargs.get("datasets"),
+        kwargs.get("data_root"),
+        kwargs.get("batch_size"),
+        kwargs.get("recalibrate_images"),
+    )
     written = []
     for leaf in leaves:
-        model, cfg = load_backbone(leaf)
         out = output / leaf.relative_to(source)
-        probe(model, cfg, out, method=method, features=RunDir(leaf).features(recalibrated), **kwargs)
+        probe_leaf(leaf, out, method=method, request=request, **kwargs)
         written.append(out)
     return written
 

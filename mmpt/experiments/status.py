@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,11 @@ import submitit
 from mmpt.errors import MmptError
 from mmpt.experiments.members import member_status, read_series, series_of
 from mmpt.io import read_json, write_json
-from mmpt.rundir import RunDir
+from mmpt.rundir import Results, RunDir
 from mmpt.seriesdir import SeriesDir
 
 FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED = "finished", "running", "queued", "failed", "not started"
+TRAIN, PROBE = "train", "probe"  # what a job record's members do (its "kind"; train when it names none)
 UNKNOWN = "unknown"  # a SLURM job, where SLURM cannot be asked (the status command only)
 STATES = (FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED, UNKNOWN)
 
@@ -170,15 +172,45 @@ def _age(path: Path) -> str:
     return f"{minutes:.0f} min ago" if minutes < 120 else f"{minutes / 60:.1f} h ago"
 
 
+def probe_finished(results: Results, request: dict | None, weights: str | None = None) -> bool:
+    """Whether `results` hold a probe with exactly this request (method, k, datasets, ...; None: any) and, where
+    `weights` is given, of exactly these weights (the probed run's best_digest, or an export's digest)."""
+    try:
+        written = json.loads(results.probe_record.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(written, dict) or not results.metrics.is_file():
+        return False
+    return (request is None or written.get("request") == request) and (
+        weights is None or written.get("weights") == weights
+    )
+
+
+def _finished_by_record(root: Path, record: dict) -> Callable[[str], bool]:
+    """What finished means for the members of a job record: summary.json for training (a series, or a run),
+    a probe.json of the record's request for a series' probes (`evaluate.py probe --launcher`)."""
+    if record.get("kind") == PROBE:
+        return lambda path: probe_finished(Results(root / path), record.get("request"))
+    return lambda path: RunDir(root / path).summary.is_file()
+
+
 def member_states(
-    root: Path, paths: list[str], record: dict | None = None, *, strict: bool = True
+    root: Path,
+    paths: list[str],
+    record: dict | None = None,
+    *,
+    strict: bool = True,
+    finished: Callable[[str], bool] | None = None,
 ) -> dict[str, MemberState]:
     """The state of each member (`paths` relative to the series folder `root`; "" for a single run).
 
+    `finished(path)`: whether a member's outputs are complete (default: as its job record's kind says).
     Raises MmptError when SLURM cannot be asked about a member's job; with `strict` off, such a member is UNKNOWN.
     """
     root = Path(root)
     record = read_jobs(root) if record is None else record
+    finished = finished or _finished_by_record(root, record)
+    training = record.get("kind", TRAIN) == TRAIN
     jobs = {path: record["members"].get(path) for path in paths}
     slurm_ids = [job["job_id"] for job in jobs.values() if job and job.get("launcher") == "slurm"]
     try:
@@ -197,9 +229,9 @@ def member_states(
         if log is not None and folder.job_log.is_symlink():
             log = folder.job_log  # the member's own link to it
         common = dict(job_id=job["job_id"] if job else None, launcher=job["launcher"] if job else None, log=log)
-        if folder.summary.is_file():
-            why = member_status(folder.path)
-            detail = f"left out of statistics: {why}" if why else _took(folder)
+        if finished(path):
+            why = member_status(folder.path) if training else None
+            detail = f"left out of statistics: {why}" if why else _took(folder) if training else ""
             out[path] = MemberState(path, FINISHED, detail=detail, **common)
             continue
         last = folder.last
@@ -261,11 +293,15 @@ def series_members(root: Path) -> list[str]:
     run, series = RunDir(root), SeriesDir(root)
     if series.record.is_file():
         return list(read_series(root)["members"])
+    if series.jobs_record.is_file():
+        record = read_jobs(root)
+        if record.get("kind") == PROBE:  # the probes of a series (evaluate.py probe --launcher)
+            return list(record.get("order") or record["members"])
     if series.jobs_record.is_file() or run.config.is_file() or run.summary.is_file():
         return [""]
     raise MmptError(
         f"{root} is neither a series folder ({series.record.name}) nor a run folder; pass the folder a train.py "
-        "command wrote (runs/<name>)"
+        "command wrote (runs/<name>), or the results folder of evaluate.py probe --launcher"
     )
 
 
@@ -281,6 +317,9 @@ def format_status(root: Path) -> str:
         paths = series_members(root)
         kind = "series" if paths != [""] else "run"
     record = read_jobs(root)
+    if record.get("kind") == PROBE:
+        request = record.get("request") or {}
+        kind = f"{request.get('method', 'the')} probes in"
     states = member_states(root, paths, record, strict=False)
     counts = {s: sum(m.state == s for m in states.values()) for s in STATES}
     launchers = sorted({m.launcher for m in states.values() if m.launcher})
@@ -302,7 +341,7 @@ def format_status(root: Path) -> str:
     progress += "".join(f", {counts[s]} {s}" for s in STATES[1:] if counts[s])
     used = [f"{gpu:.3g} GPU-hours"] if gpu else []
     used += [f"{cpu:.3g} CPU core-hours"] if cpu else []
-    if done:
+    if done and record.get("kind") != PROBE:  # a probe records no wall time
         lines.append(
             f"{progress}; {' and '.join(used) or 'no hours'} in the finished members (summary.json wall times)"
         )

@@ -18,88 +18,28 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
-from mmpt.cli import evaluate_main, train_main
+from mmpt.cli import train_main
 from mmpt.config import load_config
-from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
 from mmpt.launchconfig import time_minutes
 from mmpt.rundir import RunDir
 from mmpt.seriesdir import SeriesDir
-from mmpt.tasks import resolve_tasks
-from tests.helpers import REPO
+from tests.helpers import REPO, digests, job_record, job_status, quiet, sbatch_options, wait_for
 
-STANDIN = Path(__file__).resolve().parent / "slurm_standin.py"
-SEEDS = "0,1,2"
+SEEDS = "0,1,2"  # the seeds of the `study` series (conftest.py)
 JOB = ["--cpus-per-job", "1"]  # one thread per job, as the sequential reference trains
-
-
-def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fn(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def digests(folder: Path, seeds: str = SEEDS) -> dict[str, str]:
-    return {
-        f"seed{s}": json.loads(RunDir(folder / f"seed{s}").summary.read_text())["final_digest"]
-        for s in seeds.split(",")
-    }
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.01):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """Data and recipe of a 3-seed series (2 epochs of 8 steps, last.pt every 4 steps: a stop or a kill after the
-    first one continues mid-epoch), and the sequential series' digests, trained in this process with one thread."""
-    base = tmp_path_factory.mktemp("launcher")
-    data = base / "data"
-    write_synthetic(data, 28, resolve_tasks("breast,pneumonia"), train_samples=64, seed=0)
-    recipe = base / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "jobs",
-                "data": {"root": str(data), "datasets": ["breast", "pneumonia"], "num_workers": 0},
-                "model": {"backbone": "test_resnet"},
-                "input": {"mode": "native"},
-                "optim": {"lr": 0.003},
-                "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "progress": False, "log_every_steps": 4},
-                "checkpoint": {"every_steps": 4},
-            }
-        )
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code, _, err = quiet(train_main, ["--config", str(recipe), "--output", str(base / "seq"), "--seeds", SEEDS])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, err
-    return base, recipe, digests(base / "seq")
 
 
 def series(study, out: Path, *extra: str, seeds: str = SEEDS) -> list[str]:
@@ -113,24 +53,6 @@ def train_process(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, str(REPO / "train.py"), *argv], stdout=out, stderr=subprocess.STDOUT, env=env
         )
-
-
-def status(folder: Path) -> dict[str, list[str]]:
-    """evaluate.py status: member -> its row's cells (state, job, detail)."""
-    code, out, err = quiet(evaluate_main, ["status", str(folder)])
-    assert code == 0, err
-    rows = {}
-    for line in out.splitlines()[2:]:
-        if line.startswith(("progress:", "summary job")):
-            break
-        member, rest = line.split(maxsplit=1)
-        state = "not started" if rest.startswith("not started") else rest.split()[0]
-        rows[member] = [state, *rest.removeprefix(state).split(maxsplit=1)]
-    return rows | {"_text": out}
-
-
-def job_record(folder: Path) -> dict:
-    return json.loads(SeriesDir(folder).jobs_record.read_text())
 
 
 # ---------------------------------------------------------------- local: N members at a time on this machine
@@ -169,7 +91,7 @@ def local_series(study, tmp_path_factory):
         code=code,
         log=(work / "first.log").read_text(),
         record=job_record(out),
-        status=status(out),
+        status=job_status(out),
         seed0_finished=RunDir(out / "seed0").summary.is_file(),
         summarized=(out / "sweep.md").is_file(),
     )
@@ -187,7 +109,7 @@ def local_series(study, tmp_path_factory):
             os.kill(pid, signal.SIGSTOP)
         feeder.kill()  # the launching process dies; its job lives on
         feeder.wait()
-        orphaned = status(out)
+        orphaned = job_status(out)
         log, err = io.StringIO(), io.StringIO()
 
         def release() -> None:  # seed0 goes on once the launch in this process has counted it as running
@@ -232,7 +154,8 @@ def test_local_jobs_give_the_digests_of_the_sequential_series(study, local_serie
     assert "2 at a time, each on 1 CPU thread (OMP_NUM_THREADS=1" in local_series.first.log
     code, stdout, err = local_series.rerun
     assert code == 0, err + stdout
-    assert digests(out) == study[2]  # seed1 trained once, seed0 killed and continued, seed2 started after its failure
+    # seed1 trained once, seed0 killed and continued, seed2 started after its failure
+    assert digests(out, SEEDS) == study[2]
     assert set(record["members"]) == {"seed0", "seed1", "seed2"}
     assert [s["settings"]["jobs"] for s in record["submissions"]] == [2, 1, 1]
     for member in ("seed0", "seed1", "seed2"):
@@ -240,7 +163,7 @@ def test_local_jobs_give_the_digests_of_the_sequential_series(study, local_serie
         assert (out / member / "job.log").resolve() == (out / job["log"]).resolve()
         assert f"job {job['job_id']}" in (out / member / "job.log").read_text()
     assert (out / "sweep.md").is_file()  # summarized as a sequential series is
-    rows = status(out)
+    rows = job_status(out)
     assert [rows[f"seed{k}"][:2] for k in range(3)] == [
         ["finished", record["members"][f"seed{k}"]["job_id"]] for k in range(3)
     ]
@@ -262,7 +185,7 @@ def test_a_killed_member_continues_exactly_and_a_failing_member_does_not_stop_th
     assert "1 finished, 0 running or queued, 2 to start" in local_series.orphan_log
     assert local_series.record["members"]["seed1"] == first.record["members"]["seed1"]
     assert "seed0: continuing from last.pt" in (out / "seed0" / "job.log").read_text()
-    assert digests(out) == study[2]
+    assert digests(out, SEEDS) == study[2]
 
 
 @pytest.mark.slow
@@ -287,7 +210,7 @@ def test_a_rerun_counts_the_jobs_of_a_launch_that_died_and_submits_nothing_twice
     # one job at a time: seed2 started once seed0's job had ended
     assert stdout.index(f"finished (local job {job['job_id']})") < stdout.index("seed2: started as local job")
     assert local_series.record["members"]["seed0"] == job  # not submitted a second time
-    assert digests(local_series.out) == study[2]
+    assert digests(local_series.out, SEEDS) == study[2]
 
 
 @pytest.mark.slow
@@ -308,28 +231,10 @@ def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(study, tmp_pa
     assert json.loads(RunDir(single).summary.read_text())["final_digest"] == study[2]["seed0"]
     assert not (single / "series.json").exists() and (single / "job.log").is_symlink()
     assert job_record(single)["members"][""]["job_id"] in (single / "job.log").read_text()
-    assert status(single)["."][0] == "finished"
+    assert job_status(single)["."][0] == "finished"
 
 
 # ---------------------------------------------------------------- slurm: one job array, through stand-in tools
-
-
-@pytest.fixture
-def slurm(tmp_path, monkeypatch):
-    """PATH with stand-in sbatch, srun, scontrol, sacct, squeue and scancel; their state folder."""
-    bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
-    bin_dir.mkdir()
-    for tool in ("sbatch", "srun", "scontrol", "sacct", "squeue", "scancel"):
-        script = bin_dir / tool
-        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" {tool} "$@"\n')
-        script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_STANDIN_DIR", str(state))
-    return state
-
-
-def sbatch_options(state: Path, job_id: str) -> dict:
-    return json.loads((state / "jobs" / f"{job_id}.json").read_text())["options"]
 
 
 @pytest.mark.slow
@@ -350,7 +255,7 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     record = job_record(out)
     array = record["members"]["seed0"]["job_id"].split("_")[0]
     assert [record["members"][f"seed{k}"]["job_id"] for k in range(3)] == [f"{array}_{k}" for k in range(3)]
-    rows = status(out)  # two at a time: seed2 waits while seed0 and seed1 start
+    rows = job_status(out)  # two at a time: seed2 waits while seed0 and seed1 start
     assert rows["seed2"][:2] == ["queued", f"{array}_2"] and "SLURM PENDING" in rows["seed2"][2]
     # the array and its resources, as sbatch got them from submitit
     options = sbatch_options(slurm, array)
@@ -369,7 +274,7 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     assert [(slurm / "runs" / f"{array}_{k}").read_text() for k in range(3)] == ["2", "1", "1"]
     assert digests(out, "0,1") == {k: v for k, v in study[2].items() if k in ("seed0", "seed1")}
     assert json.loads((out / "sweep.json").read_text())["left_out"] == {"seed2": "unfinished"}
-    rows = status(out)
+    rows = job_status(out)
     assert rows["seed0"][:2] == ["finished", f"{array}_0"] and rows["seed1"][:2] == ["finished", f"{array}_1"]
     assert rows["seed2"][:2] == ["failed", f"{array}_2"] and "SLURM FAILED" in rows["seed2"][2]
     assert f"log {out / 'seed2' / 'job.log'}: error: " in rows["seed2"][2] and "named checkpoints" in rows["seed2"][2]
@@ -386,7 +291,7 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     resubmitted = again["members"]["seed2"]["job_id"]
     assert "_" not in resubmitted and "array" not in sbatch_options(slurm, resubmitted)  # one job, not an array
     assert sbatch_options(slurm, again["summary_job"])["dependency"] == f"afterany:{resubmitted}"
-    rows = status(out)
+    rows = job_status(out)
     assert rows["seed2"][:2] == ["queued", resubmitted] and "SLURM PENDING" in rows["seed2"][2]
     assert f"summary job {again['summary_job']}: SLURM PENDING" in rows["_text"]
 
@@ -407,7 +312,7 @@ def test_a_slurm_job_with_several_processes_trains_one_run_under_torch_distribut
     result = json.loads(RunDir(out).summary.read_text())
     assert result["world_size"] == 2 and result["rank_digests"] == [result["final_digest"]] * 2
     assert f"job {job_id} on " in (out / "job.log").read_text() and "2 process(es)" in (out / "job.log").read_text()
-    assert status(out)["."][:2] == ["finished", job_id]
+    assert job_status(out)["."][:2] == ["finished", job_id]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing submitted
@@ -462,7 +367,7 @@ def test_status_names_the_members_that_never_started(study, tmp_path):
     out = tmp_path / "series"
     out.mkdir()
     shutil.copyfile(SeriesDir(study[0] / "seq").record, SeriesDir(out).record)  # the series, none of its runs
-    rows = status(out)
+    rows = job_status(out)
     assert [rows[f"seed{k}"][:2] for k in range(3)] == [["not started", "-"]] * 3
     assert "progress: 0 of 3 finished (0%), 3 not started" in rows["_text"]
 

@@ -1,0 +1,115 @@
+"""The probes of a series' runs as jobs (`evaluate.py probe RUN --launcher`): one job per run with the results of
+the sequential probe, a rerun that probes only what is missing or stale, a SLURM array, bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mmpt.cli import evaluate_main
+from tests.helpers import job_record, job_status, quiet, sbatch_options
+
+
+@pytest.fixture(scope="module")
+def runs(study, tmp_path_factory):
+    """A copy of the study's 3-seed series (a probe caches features in each run) and its sequential linear probes
+    (in ../sequential), made in this process with one thread, as each job probes."""
+    folder = tmp_path_factory.mktemp("probes") / "seq"
+    shutil.copytree(study[0] / "seq", folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["probe", str(folder), "--method", "linear", "--output", str(folder.parent / "sequential")]
+        code, _, err = quiet(evaluate_main, argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    return folder
+
+
+def probe_argv(runs, out, *extra: str) -> list[str]:
+    return ["probe", str(runs), "--method", "linear", "--output", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_probes_as_local_jobs_give_the_sequential_results_and_a_rerun_probes_only_what_is_stale(runs, tmp_path):
+    out = tmp_path / "jobs"
+    argv = probe_argv(runs, out, "--launcher", "local", "--jobs", "3", "--cpus-per-job", "1")
+    code, stdout, err = quiet(evaluate_main, argv)
+    assert code == 0, err + stdout
+    assert "3 members: 0 finished, 0 running or queued, 3 to start; 3 at a time" in stdout
+    for k in range(3):
+        sequential = runs.parent / "sequential" / f"seed{k}"
+        for name in ("metrics.json", "predictions/data.json"):
+            assert (out / f"seed{k}" / name).read_text() == (sequential / name).read_text(), (k, name)
+        job = json.loads((out / f"seed{k}" / "probe.json").read_text())
+        assert job == json.loads((sequential / "probe.json").read_text())  # the request and weights too
+    record = job_record(out)
+    assert record["kind"] == "probe" and record["order"] == ["seed0", "seed1", "seed2"]
+    rows = job_status(out)
+    jobs = [record["members"][f"seed{k}"]["job_id"] for k in range(3)]
+    assert [rows[f"seed{k}"][:2] for k in range(3)] == [["finished", job] for job in jobs]
+    assert rows["_text"].startswith(f"linear probes in {out}: 3 members (launcher: local)")
+    assert "progress: 3 of 3 finished (100%)" in rows["_text"]
+
+    # the same command probes nothing; a run trained again (another best_digest) and a probe of another request
+    # (here another --datasets) are probed again, and only they
+    code, stdout, _ = quiet(evaluate_main, argv)
+    assert code == 0 and "3 finished, 0 running or queued, 0 to start" in stdout
+    for k, key, value in ((1, "weights", "0" * 64), (2, "request", {"datasets": "breast"})):
+        path = out / f"seed{k}" / "probe.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    code, stdout, err = quiet(evaluate_main, argv)
+    assert code == 0 and "1 finished, 0 running or queued, 2 to start" in stdout, err + stdout
+    again = job_record(out)["members"]
+    assert again["seed0"]["job_id"] == jobs[0] and {again["seed1"]["job_id"], again["seed2"]["job_id"]}.isdisjoint(jobs)
+    for k in (1, 2):
+        sequential = runs.parent / "sequential" / f"seed{k}" / "probe.json"
+        assert (out / f"seed{k}" / "probe.json").read_text() == sequential.read_text()
+
+
+def test_probes_as_a_slurm_array(runs, tmp_path, slurm, monkeypatch):
+    monkeypatch.setenv("SLURM_STANDIN_HOLD", "1")  # sbatch records the jobs and runs nothing: they stay PENDING
+    out = tmp_path / "knn"
+    argv = ["probe", str(runs), "--method", "knn", "--k", "5", "--output", str(out), "--launcher", "slurm"]
+    code, stdout, err = quiet(evaluate_main, [*argv, "--partition", "gpu", "--gpus-per-job", "1", "--time", "30"])
+    assert code == 0, err + stdout
+    record = job_record(out)
+    array = record["members"]["seed0"]["job_id"].split("_")[0]
+    assert [record["members"][f"seed{k}"]["job_id"] for k in range(3)] == [f"{array}_{k}" for k in range(3)]
+    assert record["kind"] == "probe" and record["request"]["k"] == 5 and "summary_job" not in record
+    options = sbatch_options(slurm, array)
+    assert options["array"] == "0-2%3" and options["partition"] == "gpu" and options["gpus-per-node"] == "1"
+    assert options["time"] == "30" and options["job-name"] == "probe-knn"
+    rows = job_status(out)
+    assert [rows[f"seed{k}"][0] for k in range(3)] == ["queued"] * 3 and "SLURM PENDING" in rows["seed0"][2]
+    assert rows["_text"].startswith(f"knn probes in {out}: 3 members (launcher: slurm)")
+    assert all((out / f"seed{k}" / "job.log").is_symlink() for k in range(3))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--jobs", "2"], ["--jobs is a job's setting", "--launcher"]),
+        (["--launcher", "local", "--jobs", "0"], ["launch.jobs must be >= 1, got 0"]),
+        (["--launcher", "local", "--gpus-per-job", "2"], ["one device", "--gpus-per-job above 1"]),
+        (["--launcher", "slurm"], ["--launcher slurm needs SLURM's sbatch and srun on PATH"]),
+    ],
+)
+def test_bad_probe_launches_are_one_line_before_anything_is_written(runs, tmp_path, monkeypatch, extra, words):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch here
+    out = tmp_path / "out"
+    code, _, err = quiet(evaluate_main, probe_argv(runs, out, *extra))
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not out.exists()
+
+
+def test_a_bare_backbone_is_not_launched(tmp_path):
+    argv = ["probe", "--backbone", "test_resnet", "--method", "knn", "--launcher", "local"]
+    code, _, err = quiet(evaluate_main, argv)
+    assert code == 2 and err.strip() == "error: a bare --backbone is one probe, run in this process; drop --launcher"

@@ -113,11 +113,12 @@ def write_config(path: Path, raw: dict) -> Path:
     return path
 
 
-def torchrun(*args: str) -> subprocess.Popen:
-    """`python -m torch.distributed.run --standalone --nproc_per_node 2 train.py ARGS` in its own session."""
+def torchrun(*args: str, script: str = "train.py") -> subprocess.Popen:
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 train.py ARGS` in its own session (`script`:
+    another script, relative to the repository)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [*TORCHRUN, "train.py", *args],
+        [*TORCHRUN, script, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

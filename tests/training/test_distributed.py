@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from mmpt.rundir import Results, RunDir
 from mmpt.train import run
 from tests.helpers import DDP_DATASETS as DATASETS
 from tests.helpers import ddp_config, finish, summary, torchrun, write_config
+
+TRAIN_CONFIGS = "tests/training/train_configs.py"  # several configs in one torchrun job
 
 # every test starts torchrun with 2 processes or reads the runs they trained
 pytestmark = pytest.mark.slow
@@ -178,14 +181,11 @@ def loss_config(root: Path, output: Path, datasets: list[str], ordinal: str) -> 
 def loss_runs(synthetic_root, tmp_path_factory):
     """Each loss's 2-process run (started side by side) and its single-process twin: last.pt's weights."""
     base = tmp_path_factory.mktemp("losses")
-    processes = {
-        name: torchrun(
-            "--config", str(write_config(base / f"{name}.yaml", loss_config(synthetic_root, base / name, *run_args)))
-        )
+    configs = [
+        str(write_config(base / f"{name}.yaml", loss_config(synthetic_root, base / name, *run_args)))
         for name, run_args in LOSS_RUNS.items()
-    }
-    for process in processes.values():
-        finish(process)
+    ]
+    finish(torchrun(*configs, script=TRAIN_CONFIGS))  # one job trains them one after another
     weights = {}
     for name, run_args in LOSS_RUNS.items():
         run(load_config(overrides=[loss_config(synthetic_root, base / f"{name}-single", *run_args)]))
@@ -234,13 +234,15 @@ def norm_config(root: Path, output: Path, norm: str, sync: bool) -> dict:
 def norm_runs(synthetic_root, tmp_path_factory):
     """Each BatchNorm run on 2 processes, and the single-process twins: last.pt's weights and the start lines."""
     base = tmp_path_factory.mktemp("norm")
-    processes = {
-        name: torchrun(
-            "--config", str(write_config(base / f"{name}.yaml", norm_config(synthetic_root, base / name, *a)))
-        )
+    configs = {
+        str(write_config(base / f"{name}.yaml", norm_config(synthetic_root, base / name, *a))): name
         for name, a in NORM_RUNS.items()
     }
-    outputs = {name: finish(process) for name, process in processes.items()}
+    out = finish(torchrun(*configs, script=TRAIN_CONFIGS))  # one job trains them one after another
+    # each run's own lines: from its train_configs.py line to the next one
+    parts = re.split(r"^train_configs\.py: (.+)$", out, flags=re.MULTILINE)[1:]
+    outputs = {configs[path]: text for path, text in zip(parts[::2], parts[1::2])}
+    assert outputs.keys() == set(NORM_RUNS), out[-2000:]
     weights = {name: ckpt.load(RunDir(base / name).last)[ckpt.MODEL] for name in NORM_RUNS}
     for norm in ("per_dataset_stats", "shared"):
         run(load_config(overrides=[norm_config(synthetic_root, base / f"{norm}-single", norm, True)]))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS
@@ -15,6 +16,18 @@ REAL_DATA_VARIABLE = "MMPT_REAL_DATA"
 REAL_ROOT = Path(
     os.environ.get(REAL_DATA_VARIABLE) or Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 ).expanduser()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`), each worker trains on its share of the cores, and so do the processes its tests
+    start: N workers with torch's default of one thread per core would oversubscribe them (on 2 cores, 4 threads
+    that wait on each other make every run several times slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -308,7 +308,7 @@ def _launch_local(members, todo, busy, root, plan, record, series, counts) -> in
     except KeyboardInterrupt:
         print(
             "interrupted: jobs that still run go on (python evaluate.py status "
-            f"{root}); run the same command again to start the rest and summarize",
+            f"{root}); run the same command again to start the rest" + (" and summarize" if series else ""),
             file=sys.stderr,
         )
         return 130

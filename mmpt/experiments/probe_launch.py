@@ -41,7 +41,7 @@ class ProbeMember:
         clear_results(self.folder)
 
     def job(self, label: str, threads: int | None) -> ProbeJob:
-        return ProbeJob(str(self.leaf), str(self.folder), self.kwargs, label, threads)
+        return ProbeJob(str(self.leaf.absolute()), str(self.folder.absolute()), self.kwargs, label, threads)
 
 
 def launch_probes(
@@ -77,6 +77,10 @@ def launch_probes(
         kwargs.get("batch_size"),
         kwargs.get("recalibrate_images"),
     )
+    # a job may start in another folder (a SLURM node): its paths are absolute
+    for key in ("data_root", "cache_dir"):
+        if kwargs.get(key):
+            kwargs[key] = str(Path(kwargs[key]).absolute())
     members = []
     for leaf in leaves:
         path = leaf.relative_to(source).as_posix()

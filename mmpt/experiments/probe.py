@@ -235,18 +235,17 @@ def probe(
     return table
 
 
-def probe_request(
-    method: str, k: int, datasets: str | None, data_root: str | None, batch_size, recalibrate_images: int | None
-) -> dict:
-    """What a probe's results depend on besides the weights, as probe.json records it (`request`): a launcher's
-    rerun counts a probe as finished only when it was made with exactly this request."""
+def probe_request(method: str, kwargs: dict) -> dict:
+    """What a probe's results depend on besides the weights, from `probe`'s keyword arguments, as probe.json records
+    it (`request`): a launcher's rerun counts a probe as finished only when it was made with exactly this request."""
+    data_root = kwargs.get("data_root")
     return {
         "method": method,
-        "k": k if method == "knn" else None,
-        "datasets": datasets,
+        "k": kwargs.get("k", 11) if method == "knn" else None,
+        "datasets": kwargs.get("datasets"),
         "data_root": str(Path(data_root).absolute()) if data_root else None,
-        "batch_size": batch_size,
-        "recalibrate_images": recalibrate_images,
+        "batch_size": kwargs.get("batch_size"),
+        "recalibrate_images": kwargs.get("recalibrate_images"),
     }
 
 
@@ -317,14 +316,7 @@ def probe_runs(
     source = Path(source)
     recalibrated = kwargs.get("recalibrate_images") is not None
     output, leaves = probe_leaves(source, method, output, recalibrated, require_complete)
-    request = probe_request(
-        method,
-        kwargs.get("k", 11),
-        kwargs.get("datasets"),
-        kwargs.get("data_root"),
-        kwargs.get("batch_size"),
-        kwargs.get("recalibrate_images"),
-    )
+    request = probe_request(method, kwargs)
     written = []
     for leaf in leaves:
         out = output / leaf.relative_to(source)

@@ -69,14 +69,7 @@ def launch_probes(
     record = read_jobs(output)
     if record["members"] and record.get("kind") != PROBE:
         raise MmptError(f"{output} holds the jobs of a training series; pass another --output for the probes")
-    request = probe_request(
-        method,
-        kwargs.get("k", 11),
-        kwargs.get("datasets"),
-        kwargs.get("data_root"),
-        kwargs.get("batch_size"),
-        kwargs.get("recalibrate_images"),
-    )
+    request = probe_request(method, kwargs)
     # a job may start in another folder (a SLURM node): its paths are absolute
     for key in ("data_root", "cache_dir"):
         if kwargs.get(key):

@@ -15,14 +15,17 @@ from tests.helpers import job_record, job_status, quiet, sbatch_options
 
 @pytest.fixture(scope="module")
 def runs(study, tmp_path_factory):
-    """A copy of the study's 3-seed series (a probe caches features in each run) and its sequential linear probes
-    (in ../sequential), made in this process with one thread, as each job probes."""
-    folder = tmp_path_factory.mktemp("probes") / "seq"
-    shutil.copytree(study[0] / "seq", folder)
+    """A copy of the study's 3-seed series (a probe caches features in each run), and the sequential linear probes
+    of another copy (in ../sequential), made in this process with one thread, as each job probes: the jobs extract
+    their own features."""
+    base = tmp_path_factory.mktemp("probes")
+    folder = base / "seq"
+    for copy in (folder, base / "seq-sequential"):
+        shutil.copytree(study[0] / "seq", copy)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        argv = ["probe", str(folder), "--method", "linear", "--output", str(folder.parent / "sequential")]
+        argv = ["probe", str(base / "seq-sequential"), "--method", "linear", "--output", str(base / "sequential")]
         code, _, err = quiet(evaluate_main, argv)
     finally:
         torch.set_num_threads(threads)
@@ -38,8 +41,10 @@ def probe_argv(runs, out, *extra: str) -> list[str]:
 def test_probes_as_local_jobs_give_the_sequential_results_and_a_rerun_probes_only_what_is_stale(runs, tmp_path):
     out = tmp_path / "jobs"
     argv = probe_argv(runs, out, "--launcher", "local", "--jobs", "3", "--cpus-per-job", "1")
+    assert not any(runs.glob("seed*/features"))  # the jobs extract the features themselves
     code, stdout, err = quiet(evaluate_main, argv)
     assert code == 0, err + stdout
+    assert all((runs / f"seed{k}" / "features").is_dir() for k in range(3))
     assert "3 members: 0 finished, 0 running or queued, 3 to start; 3 at a time" in stdout
     for k in range(3):
         sequential = runs.parent / "sequential" / f"seed{k}"

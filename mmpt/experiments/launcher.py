@@ -31,6 +31,7 @@ import fcntl
 import io
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -143,16 +144,19 @@ def launch(
     """
     root = Path(root)
     jobs = SeriesDir(root).jobs
-    created = not jobs.exists()
+    made = [folder for folder in (root, jobs) if not folder.exists()]
     try:
         with series_lock(root, read_jobs(root)):
             return _launch(
                 members, overwrite, root=root, plan=plan, series=series, name=name or root.name, extra=record or {}
             )
     except MmptError:
-        # refused before anything was submitted: leave no empty jobs/ behind
-        if created and jobs.is_dir() and not any(jobs.iterdir()):
-            jobs.rmdir()
+        # refused before any job was recorded (a busy member, a launch in progress, sbatch's refusal): leave none
+        # of the folders this launch made behind (submitit's files of the refused jobs included)
+        if jobs in made and jobs.is_dir() and not SeriesDir(root).jobs_record.exists():
+            shutil.rmtree(jobs)
+        if root in made and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
         raise
 
 

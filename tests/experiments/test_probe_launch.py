@@ -114,6 +114,16 @@ def test_bad_probe_launches_are_one_line_before_anything_is_written(runs, tmp_pa
     assert not out.exists()
 
 
+def test_a_probe_launch_that_sbatch_refuses_is_one_line_and_leaves_no_folder(runs, tmp_path, slurm):
+    sbatch = tmp_path / "bin" / "sbatch"  # the slurm fixture's stand-in, replaced by one that refuses every job
+    sbatch.write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: nope" >&2\nexit 1\n')
+    out = tmp_path / "out"
+    code, _, err = quiet(evaluate_main, probe_argv(runs, out, "--launcher", "slurm", "--partition", "nope"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: sbatch refused the job array of 3 members") and "invalid partition" in err, err
+    assert not out.exists()
+
+
 def test_a_bare_backbone_is_not_launched(tmp_path):
     argv = ["probe", "--backbone", "test_resnet", "--method", "knn", "--launcher", "local"]
     code, _, err = quiet(evaluate_main, argv)

@@ -25,6 +25,14 @@ from mmpt.rundir import RunDir, prepare_run_dir
 from mmpt.trainstate import Stopped
 
 
+def set_job_threads(threads: int | None, tasks: int) -> None:
+    """torch's CPU threads in one of a job's `tasks` processes: its share of the job's `threads`, else SLURM's
+    cpus-per-task (per process already), else torch's default."""
+    per_process = threads // tasks if threads else int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+    if per_process:
+        torch.set_num_threads(max(1, per_process))
+
+
 class Member(Protocol):
     """One job of a launch: a member of a series (TrainMember), or the probe of one run
     (mmpt.experiments.probe_launch.ProbeMember)."""
@@ -85,10 +93,7 @@ class MemberJob(Checkpointable):
 
     def __call__(self) -> str:
         env = submitit.JobEnvironment()
-        # SLURM_CPUS_PER_TASK is per process already; a job's `threads` are shared by its processes
-        per_process = self.threads // env.num_tasks if self.threads else int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-        if per_process:
-            torch.set_num_threads(max(1, per_process))
+        set_job_threads(self.threads, env.num_tasks)
         if env.num_tasks > 1:
             # the job's CUDA_VISIBLE_DEVICES already holds its GPUs; each rank takes cuda:<local rank> of them
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -140,10 +145,8 @@ class ProbeJob(Checkpointable):
     def __call__(self) -> str:
         from mmpt.experiments.probe import probe_leaf  # scikit-learn: only in the job that probes
 
-        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-        if threads:
-            torch.set_num_threads(threads)
         env = submitit.JobEnvironment()
+        set_job_threads(self.threads, env.num_tasks)
         print(f"{self.label}: job {env.job_id} on {env.hostname}", flush=True)
         try:
             probe_leaf(Path(self.leaf), Path(self.out), **self.kwargs)

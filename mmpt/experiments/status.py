@@ -230,8 +230,10 @@ def member_states(
             log = folder.job_log  # the member's own link to it
         common = dict(job_id=job["job_id"] if job else None, launcher=job["launcher"] if job else None, log=log)
         if finished(path):
-            why = member_status(folder.path) if training else None
-            detail = f"left out of statistics: {why}" if why else _took(folder) if training else ""
+            detail = ""
+            if training:  # a probe has no summary.json to read
+                why = member_status(folder.path)
+                detail = f"left out of statistics: {why}" if why else _took(folder)
             out[path] = MemberState(path, FINISHED, detail=detail, **common)
             continue
         last = folder.last

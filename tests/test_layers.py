@@ -74,6 +74,7 @@ LAYERS: dict[str, set[str]] = {
         "mmpt.experiments.series",
         "mmpt.experiments.summary",
         "mmpt.experiments.stats",
+        "mmpt.experiments.delta_m",
         "mmpt.experiments.compare",
         "mmpt.experiments.compare_report",
         "mmpt.experiments.probe",

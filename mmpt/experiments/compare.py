@@ -24,6 +24,7 @@ from joblib import Parallel, delayed
 from scipy import stats
 
 from mmpt.errors import MmptError
+from mmpt.experiments.delta_m import LOWER_IS_BETTER, delta_m, delta_m_bootstrap, delta_m_interval, delta_m_undefined
 from mmpt.experiments.members import SEED_DIR, left_out_error, member_status
 from mmpt.experiments.stats import (
     CONFIDENCE,
@@ -41,7 +42,6 @@ from mmpt.settings import load_yaml
 from mmpt.tasks import FLAGS, TASKS
 
 METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")
-LOWER_IS_BETTER = {"mae"}
 
 
 @dataclass(frozen=True)
@@ -325,32 +325,6 @@ def _bounds(name: str, low: float, high: float, reason: str | None) -> dict:
     return {f"{name}_low": math.nan, f"{name}_high": math.nan, f"{name}_undefined": why}
 
 
-def delta_m(reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]) -> float:
-    """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref; NaN
-    when a term is undefined (`delta_m_undefined` says which), never a mean over fewer terms than it states."""
-    terms = []
-    for flag, ref in reference.items():
-        for m in metrics:
-            if m in ref and m in other.get(flag, {}):
-                sign = -1.0 if m in LOWER_IS_BETTER else 1.0
-                terms.append(sign * (other[flag][m] - ref[m]) / ref[m] if ref[m] != 0 else math.nan)
-    return 100.0 * float(np.mean(terms)) if terms else math.nan
-
-
-def delta_m_undefined(
-    reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]
-) -> str | None:
-    """Why delta_m is NaN: the first term with an undefined value or a reference value of 0, or None."""
-    for flag, ref in reference.items():
-        for m in metrics:
-            if m in ref and m in other.get(flag, {}):
-                if not math.isfinite(ref[m] + other[flag][m]):
-                    return f"{m} of {flag} is undefined"
-                if ref[m] == 0:
-                    return f"the reference's {m} of {flag} is 0, so its relative change is undefined"
-    return None
-
-
 def wilcoxon_over_datasets(differences: list[float], lower_is_better: bool) -> dict:
     """Paired Wilcoxon signed-rank test over datasets of seed-mean differences; counts better/worse."""
     d = np.asarray(differences, dtype=float)
@@ -443,8 +417,15 @@ def compare_runs(
         ci=ci,
         resampling=resampling,
     )
+    # Δm's interval: every dataset resampled from its own generator, Δm on each joint resample
+    models = {f: [(scores[i][f], rules[i][f]) for i in range(len(runs))] for f in datasets}
+    replicates = delta_m_bootstrap(labels, models, present, metrics, n_resamples=n_resamples, seed=seed, jobs=jobs)
     # an AUC whose class has fewer than two test images on a side has no interval, by either method
     undefined_auc = {f: auc_interval_undefined(TASKS[f], labels[f]) for f in datasets if "auc" in present[f]}
+    # nor has Δm, when one of its terms has none
+    no_auc_interval = next(
+        (f"the auc interval of {f} is undefined: {why}" for f, why in undefined_auc.items() if why), None
+    )
 
     out = {
         "reference": names[0],
@@ -484,8 +465,12 @@ def compare_runs(
                 if i > 0:
                     entry["mean"][m]["diff"] = entry["mean"][m]["value"] - out["runs"][0]["mean"][m]["value"]
         entry["delta_m"] = 0.0 if i == 0 else delta_m(values[0], values[i], metrics)
-        if i > 0 and delta_m_undefined(values[0], values[i], metrics):
-            entry["delta_m_undefined"] = delta_m_undefined(values[0], values[i], metrics)
+        if i > 0:
+            why = delta_m_undefined(values[0], values[i], metrics)
+            low, high, why_interval = delta_m_interval(replicates[i - 1])
+            entry.update(_bounds("delta_m_ci", low, high, why or no_auc_interval or why_interval))
+            if why:
+                entry["delta_m_undefined"] = why
         if i > 0 and len(run.seeds) > 1 and len(runs[0].seeds) > 1:
             tests = {
                 m: wilcoxon_over_datasets(

@@ -67,10 +67,18 @@ def format_compare(result: dict) -> str:
     if undefined:
         lines += ["## Intervals that cannot be computed (nan above)", ""]
         lines += [f"- {flag} {m}: {why}" for (flag, m), why in undefined.items()] + [""]
-    lines += [f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)", ""]
+    lines += [
+        f"## Δm over {', '.join(result['metrics'])} (LibMTL, % relative to the reference)",
+        "",
+        f"[{int(b['confidence_level'] * 100)}% interval]: the paired bootstrap over the test images of every dataset "
+        f"({b['n_resamples']} joint resamples, each dataset resampled on its own, percentile); the spread over "
+        "training seeds is not in it.",
+        "",
+    ]
     for r in runs[1:]:
-        why = f" ({r['delta_m_undefined']})" if r.get("delta_m_undefined") else ""
-        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %{why}")
+        why = r.get("delta_m_undefined") or r.get("delta_m_ci_undefined")
+        interval = f" [{_num(r.get('delta_m_ci_low'), True)}, {_num(r.get('delta_m_ci_high'), True)}]"
+        lines.append(f"- {r['name']}: {_num(r['delta_m'], True)} %{interval}" + (f" ({why})" if why else ""))
     tested = [r for r in runs[1:] if "wilcoxon" in r]
     if tested:
         lines += ["", "## Wilcoxon signed-rank test over datasets (seed means, two-sided)", ""]
@@ -109,9 +117,9 @@ def write_compare(result: dict, output: Path) -> list[Path]:
                 rows.append([r["name"], flag, m, *(c.get(k, "") for k in fields)])
         for m, c in r["mean"].items():
             rows.append([r["name"], "mean", m, c["value"], "", "", "", c.get("diff", ""), "", "", "", ""])
-        rows.append(
-            [r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *[""] * (len(fields) - 1)]
-        )
+        interval = [r.get("delta_m_ci_low", ""), r.get("delta_m_ci_high", ""), "", "", "", ""]
+        why = r.get("delta_m_undefined") or r.get("delta_m_ci_undefined", "")
+        rows.append([r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *interval, why, ""])
     write_csv(csv_path, rows)
     write_text(md_path, format_compare(result))
     metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]

@@ -130,7 +130,7 @@ class _Model:
     grades: tuple[int, int] | None  # (first column, classes) of the ordinal grade confusion
 
 
-class _Dataset:
+class PreparedDataset:
     """All models of all runs on one dataset's test images, prepared for weighted evaluation."""
 
     def __init__(
@@ -255,10 +255,10 @@ def weighted_metrics(
     each image counted as often as `counts` (resamples × images) says. Equals mmpt.metrics.compute_metrics
     on the resampled rows."""
     counts = np.ascontiguousarray(np.asarray(counts, dtype=np.float64).T)
-    return _Dataset(task, labels, runs, metrics).metric_values(counts)
+    return PreparedDataset(task, labels, runs, metrics).metric_values(counts)
 
 
-def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+def draw_counts(indices: np.ndarray, n: int) -> np.ndarray:
     """resamples × n draws of image indices -> n × resamples counts (float64)."""
     b = len(indices)
     flat = (indices * b + np.arange(b)[:, None]).ravel()
@@ -300,12 +300,12 @@ def bootstrap_dataset(
     """
     labels = np.asarray(labels).reshape(len(labels), -1)
     n, width = len(labels), len(metrics)
-    prepared = _Dataset(task, labels, runs, metrics)
+    prepared = PreparedDataset(task, labels, runs, metrics)
 
     def statistic(indices, axis=-1):
         # indices: resamples × images, the paired draws (scipy resamples the index of the observations)
         indices = np.atleast_2d(indices)
-        values = prepared.metric_values(_counts(indices, n))
+        values = prepared.metric_values(draw_counts(indices, n))
         reference = values[0]
         out = [reference] + [part for mine in values[1:] for part in (mine, mine - reference)]
         return np.concatenate(out, axis=1).T  # outputs × resamples

@@ -248,6 +248,9 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
     for run in result["runs"]:
         cell = run["datasets"]["pneumoniamnist"]["auc"]
         assert cell["ci_low"] < cell["value"] < cell["ci_high"] and "ci_undefined" not in cell
+    other = result["runs"][1]  # Δm itself is defined; its interval is not, as one of its terms has none
+    assert math.isfinite(other["delta_m"]) and math.isnan(other["delta_m_ci_low"])
+    assert other["delta_m_ci_undefined"].startswith("the auc interval of breastmnist is undefined: class 1")
     if ci == "delong":  # where defined, DeLong's interval is the definition's
         scores = [read_scores(load_run(run).seeds[0]["pneumoniamnist"]) for run in runs]  # as compare read them
         positive = pneumonia[:, 0] == 1
@@ -269,6 +272,7 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
     assert "[+nan, +nan]" not in breast_row and "[nan, nan]" in breast_row.split("|")[-2]  # the difference too
     assert "[0.0000, 1.0000]" not in markdown and "[-1.0000, +1.0000]" not in markdown
     assert f"- breastmnist auc: {why['breastmnist']}" in markdown
+    assert f"% [nan, nan] (the auc interval of breastmnist is undefined: {why['breastmnist']}" in markdown
     import csv
 
     rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
@@ -281,7 +285,7 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
 
 
 def test_delta_m_is_undefined_not_a_mean_over_fewer_terms():
-    from mmpt.experiments.compare import delta_m, delta_m_undefined
+    from mmpt.experiments.delta_m import delta_m, delta_m_undefined
 
     reference = {"a": {"auc": 0.8, "acc": 0.5}, "b": {"auc": math.nan, "acc": 0.5}}
     other = {"a": {"auc": 0.9, "acc": 0.5}, "b": {"auc": 0.7, "acc": 0.6}}
@@ -289,3 +293,76 @@ def test_delta_m_is_undefined_not_a_mean_over_fewer_terms():
     assert delta_m_undefined(reference, other, ["auc", "acc"]) == "auc of b is undefined"
     assert delta_m(reference, other, ["acc"]) == pytest.approx(10.0)
     assert delta_m_undefined(reference, other, ["acc"]) is None
+
+
+# ---------------------------------------------------------------- Δm's interval
+
+
+def test_delta_m_replicates_are_delta_m_on_each_joint_resample_of_independently_drawn_test_sets():
+    """Each replicate is LibMTL's Δm of the seed means recomputed by compute_metrics on the resampled rows of
+    every dataset (mae lower is better, the ordinal grade rule of each side), each dataset drawn from its own
+    generator; the chunking of the draws changes nothing."""
+    from mmpt.experiments.delta_m import delta_m, delta_m_bootstrap, resampled_metrics
+    from mmpt.tasks import FLAGS as ORDER
+
+    rng = np.random.default_rng(11)
+    data = {flag: _data(flag, n, 3, rng) for flag, n in (("breastmnist", 30), ("bloodmnist", 30), ("retinamnist", 36))}
+    rules = {f: ("median", "argmax") if TASKS[f].task_type == ORDINAL else ("argmax", "argmax") for f in data}
+    models = {f: [(scores[:1], rules[f][0]), (scores[1:], rules[f][1])] for f, (_, _, scores) in data.items()}
+    present = {f: _metrics(task) for f, (task, _, _) in data.items()}
+    metrics = ["auc", "acc", "kappa", "mae"]
+    labels = {f: y for f, (_, y, _) in data.items()}
+    (replicates,) = delta_m_bootstrap(labels, models, present, metrics, n_resamples=12, seed=4)
+    draws = {f: np.random.default_rng([4, ORDER.index(f)]).integers(0, len(y), (12, len(y))) for f, y in labels.items()}
+    assert not np.array_equal(draws["breastmnist"], draws["bloodmnist"])  # same size, independent draws
+    for b in range(12):
+        sides = [{}, {}]
+        for f, (task, y, _) in data.items():
+            rows = draws[f][b]
+            for side, (seeds, rule) in enumerate(models[f]):
+                per_seed = [compute_metrics(task, y[rows], s[rows], present[f], rule) for s in seeds]
+                sides[side][f] = {m: float(np.mean([v[m] for v in per_seed])) for m in present[f]}
+        assert replicates[b] == pytest.approx(delta_m(sides[0], sides[1], metrics), abs=1e-9, nan_ok=True)
+    assert np.isfinite(replicates).sum() >= 6 and np.ptp(replicates[np.isfinite(replicates)]) > 1.0
+    one_chunk = resampled_metrics(
+        "retinamnist", labels["retinamnist"], models["retinamnist"], present["retinamnist"], n_resamples=12, seed=4
+    )
+    chunks = resampled_metrics(
+        "retinamnist",
+        labels["retinamnist"],
+        models["retinamnist"],
+        present["retinamnist"],
+        n_resamples=12,
+        seed=4,
+        chunk_values=36 * 5,
+    )
+    for whole, chunked in zip(one_chunk, chunks):
+        np.testing.assert_array_equal(whole, chunked)
+
+
+def test_compare_gives_delta_m_an_interval_zero_for_a_copy_of_the_reference(series, tmp_path):
+    """A copy of the reference: Δm 0 on every resample, so [0, 0]; another run: an interval with width around
+    its Δm, the same whichever --ci the per-dataset AUC intervals take, written to compare.md and compare.csv."""
+    import csv
+    import shutil
+
+    from mmpt.experiments.compare_report import write_compare
+
+    copy = tmp_path / "copy"
+    shutil.copytree(series[0], copy)
+    result = compare_runs([series[0], copy, series[1]], metrics=["auc", "acc"], n_resamples=200, seed=3)
+    same, other = result["runs"][1], result["runs"][2]
+    assert (same["delta_m"], same["delta_m_ci_low"], same["delta_m_ci_high"]) == (0.0, 0.0, 0.0)
+    assert other["delta_m_ci_low"] < other["delta_m"] < other["delta_m_ci_high"]
+    assert other["delta_m_ci_high"] - other["delta_m_ci_low"] > 1.0  # random scores on 70 images: wide
+    delong = compare_runs([series[0], series[1]], metrics=["auc", "acc"], n_resamples=200, seed=3, ci="delong")
+    assert (delong["runs"][1]["delta_m_ci_low"], delong["runs"][1]["delta_m_ci_high"]) == (
+        other["delta_m_ci_low"],
+        other["delta_m_ci_high"],
+    )
+    write_compare(result, tmp_path / "out")
+    line = f"- {series[1]}: {other['delta_m']:+.4f} % [{other['delta_m_ci_low']:+.4f}, {other['delta_m_ci_high']:+.4f}]"
+    assert line in (tmp_path / "out" / "compare.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
+    row = next(r for r in rows if r["run"] == str(series[1]) and r["dataset"] == "delta_m_percent")
+    assert float(row["ci_low"]) == pytest.approx(other["delta_m_ci_low"])

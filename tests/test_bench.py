@@ -283,3 +283,4 @@ def test_compare_benchmark_times_both_paths_and_finds_them_equal(tmp_path, capsy
     assert result["max_interval_difference"] < 1e-9
     printed = capsys.readouterr().out
     assert "extrapolated linearly from 4 resamples" in printed and "load average" in printed
+    assert result["delta_m_s"] > 0 and "of which Δm's interval" in printed

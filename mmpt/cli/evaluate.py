@@ -54,7 +54,11 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         "the first is the reference",
     )
     p.add_argument("--output", help="where to write compare.{md,csv,json,png} (default: the first run's folder)")
-    p.add_argument("--metrics", default="auc,acc", help="comma-separated metrics (default auc,acc)")
+    p.add_argument(
+        "--metrics",
+        default="auc,acc",
+        help="comma-separated metrics (default auc,acc; qwk and mae: ordinal datasets only)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", default="0", help="seed of the resampling (default 0), checked as train.seed")
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")

@@ -402,6 +402,13 @@ def compare_runs(
         {f: {m: float(np.mean(v)) for m, v in per_seed[i][f].items() if v} for f in datasets} for i in range(len(runs))
     ]
     present = {f: [m for m in metrics if m in values[0][f]] for f in datasets}
+    unmeasured = [f for f in datasets if not present[f]]  # none of `metrics` applies (qwk, mae: ordinal only)
+    datasets = [f for f in datasets if present[f]]
+    if not datasets:
+        raise MmptError(
+            f"--metrics {','.join(metrics)} applies to none of the compared datasets ({', '.join(unmeasured)}): "
+            "qwk and mae are for ordinal datasets (retinamnist); add a metric such as auc or acc"
+        )
     if ci not in CI_METHODS:
         raise MmptError(f"unknown interval '{ci}' in --ci; choose from {', '.join(CI_METHODS)}")
     interval = _intervals(
@@ -431,7 +438,8 @@ def compare_runs(
         "reference": names[0],
         "metrics": metrics,
         "datasets": datasets,
-        "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets)),
+        "left_out": sorted({f for r in runs for f in r.datasets} - set(datasets) - set(unmeasured)),
+        "unmeasured": unmeasured,
         "left_out_runs": {str(folder): why for folder, why in left_out_runs},
         "bootstrap": {
             "n_resamples": n_resamples,

@@ -32,6 +32,11 @@ def format_compare(result: dict) -> str:
         lines[-2] += " AUC intervals: DeLong's (normal, paired for Δ), not the bootstrap."
     if result["left_out"]:
         lines += [f"Datasets not in every run, left out: {', '.join(result['left_out'])}", ""]
+    if result.get("unmeasured"):
+        lines += [
+            f"Datasets none of {', '.join(result['metrics'])} applies to, left out: {', '.join(result['unmeasured'])}",
+            "",
+        ]
     if result.get("left_out_runs"):
         lines += [
             "Runs left out of the statistics: "

@@ -109,11 +109,14 @@ def delta_m_bootstrap(
     """Per run after the reference: Δm of each joint resample of the datasets' test images. `models[flag]`: per
     run, its seeds' scores and grade rule; `present[flag]`: the metrics of that dataset. `jobs` processes
     resample the datasets in parallel (joblib); the result is the same."""
+    flags = [flag for flag in models if set(present[flag]) & set(metrics)]
+    if not flags:  # no metric of `metrics` on any dataset: Δm is undefined, as its point value
+        return [np.full(n_resamples, np.nan) for _ in range(len(next(iter(models.values()))) - 1)]
     resampled = Parallel(n_jobs=jobs)(
         delayed(resampled_metrics)(flag, labels[flag], models[flag], present[flag], n_resamples=n_resamples, seed=seed)
-        for flag in models
+        for flag in flags
     )
-    return delta_m_replicates(dict(zip(models, resampled)), present, metrics)
+    return delta_m_replicates(dict(zip(flags, resampled)), present, metrics)
 
 
 def delta_m_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, str | None]:

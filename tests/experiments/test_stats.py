@@ -366,3 +366,22 @@ def test_compare_gives_delta_m_an_interval_zero_for_a_copy_of_the_reference(seri
     rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
     row = next(r for r in rows if r["run"] == str(series[1]) and r["dataset"] == "delta_m_percent")
     assert float(row["ci_low"]) == pytest.approx(other["delta_m_ci_low"])
+
+
+def test_compare_leaves_out_a_dataset_none_of_the_metrics_applies_to(tmp_path):
+    """qwk and mae exist for ordinal datasets only: asked for alone, a binary dataset has nothing to compare and is
+    left out (named); with no dataset left, one line says what to do (it was a KeyError traceback)."""
+    from mmpt.bench.compare import write_series
+    from mmpt.errors import MmptError
+    from mmpt.experiments.compare_report import format_compare
+
+    series = write_series(tmp_path, ["breastmnist", "retinamnist"], seeds=1, max_images=40)
+    result = compare_runs(series, metrics=["qwk"], n_resamples=30, seed=0)
+    assert result["datasets"] == ["retinamnist"] and result["unmeasured"] == ["breastmnist"]
+    assert result["left_out"] == []
+    other = result["runs"][1]
+    assert other["delta_m_ci_low"] <= other["delta_m"] <= other["delta_m_ci_high"]
+    assert "Datasets none of qwk applies to, left out: breastmnist" in format_compare(result)
+    only_breast = write_series(tmp_path / "breast", ["breastmnist"], seeds=1, max_images=40)
+    with pytest.raises(MmptError, match=r"^--metrics qwk,mae applies to none of the compared datasets \(breastmnist\)"):
+        compare_runs(only_breast, metrics=["qwk", "mae"], n_resamples=30)

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from joblib import Parallel, delayed
 
-from mmpt.experiments.stats import CHUNK_VALUES, CONFIDENCE, PreparedDataset, draw_counts
+from mmpt.experiments.stats import CHUNK_VALUES, CONFIDENCE, PreparedDataset, draw_counts, resamples_per_chunk
 from mmpt.tasks import FLAGS, TASKS
 
 LOWER_IS_BETTER = {"mae"}
@@ -68,7 +68,7 @@ def resampled_metrics(
     n = len(labels)
     prepared = PreparedDataset(TASKS[flag], labels, runs, metrics)
     rng = np.random.default_rng([seed, FLAGS.index(flag)])
-    batch = max(1, min(n_resamples, chunk_values // max(n, 1)))
+    batch = resamples_per_chunk(n_resamples, n, chunk_values)
     chunks = []
     for start in range(0, n_resamples, batch):
         indices = rng.integers(0, n, (min(batch, n_resamples - start), n))

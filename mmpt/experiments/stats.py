@@ -281,6 +281,11 @@ def percentile_interval(result, confidence: float = CONFIDENCE) -> tuple[np.ndar
     return low, high
 
 
+def resamples_per_chunk(n_resamples: int, n: int, chunk_values: int = CHUNK_VALUES) -> int:
+    """How many resamples of n images to evaluate at once: about `chunk_values` (resample, image) values."""
+    return max(1, min(n_resamples, chunk_values // max(n, 1)))
+
+
 def bootstrap_dataset(
     task: TaskSpec,
     labels: np.ndarray,
@@ -310,7 +315,7 @@ def bootstrap_dataset(
         out = [reference] + [part for mine in values[1:] for part in (mine, mine - reference)]
         return np.concatenate(out, axis=1).T  # outputs × resamples
 
-    batch = max(1, min(n_resamples, chunk_values // max(n, 1)))
+    batch = resamples_per_chunk(n_resamples, n, chunk_values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an undefined AUC in some resample is left out of its interval below
         result = stats.bootstrap(

@@ -148,7 +148,7 @@ def _time_delta_m_interval(series: list[Path], flags: list[str], resamples: int,
     models = {f: [([read_scores(member[f]) for member in run.seeds], "argmax") for run in runs] for f in flags}
     present = {f: list(METRICS) for f in flags}
     start = time.perf_counter()
-    delta_m_bootstrap(labels, models, present, list(METRICS), n_resamples=resamples, seed=0, jobs=jobs)
+    delta_m_bootstrap(labels, models, present, n_resamples=resamples, seed=0, jobs=jobs)
     return time.perf_counter() - start
 
 

@@ -426,7 +426,7 @@ def compare_runs(
     )
     # Δm's interval: every dataset resampled from its own generator, Δm on each joint resample
     models = {f: [(scores[i][f], rules[i][f]) for i in range(len(runs))] for f in datasets}
-    replicates = delta_m_bootstrap(labels, models, present, metrics, n_resamples=n_resamples, seed=seed, jobs=jobs)
+    replicates = delta_m_bootstrap(labels, models, present, n_resamples=n_resamples, seed=seed, jobs=jobs)
     # an AUC whose class has fewer than two test images on a side has no interval, by either method
     undefined_auc = {f: auc_interval_undefined(TASKS[f], labels[f]) for f in datasets if "auc" in present[f]}
     # nor has Δm, when one of its terms has none

@@ -28,14 +28,19 @@ def _terms(reference: dict[str, dict[str, float]], other: dict[str, dict[str, fl
     return [(flag, m) for flag, ref in reference.items() for m in metrics if m in ref and m in other.get(flag, {})]
 
 
+def _relative_change(metric: str, reference, mine):
+    """One term of Δm, (−1)^{lower is better} (M − M_ref) / M_ref, for numbers or arrays of resamples; NaN where
+    the reference is 0."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    reference, mine = np.asarray(reference, dtype=float), np.asarray(mine, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(reference != 0, sign * (mine - reference) / reference, np.nan)
+
+
 def delta_m(reference: dict[str, dict[str, float]], other: dict[str, dict[str, float]], metrics: list[str]) -> float:
     """LibMTL's Δm in percent: mean over datasets and metrics of (−1)^{lower is better} (M − M_ref) / M_ref; NaN
     when a term is undefined (`delta_m_undefined` says which), never a mean over fewer terms than it states."""
-    terms = []
-    for flag, m in _terms(reference, other, metrics):
-        ref = reference[flag][m]
-        sign = -1.0 if m in LOWER_IS_BETTER else 1.0
-        terms.append(sign * (other[flag][m] - ref) / ref if ref != 0 else math.nan)
+    terms = [_relative_change(m, reference[flag][m], other[flag][m]) for flag, m in _terms(reference, other, metrics)]
     return 100.0 * float(np.mean(terms)) if terms else math.nan
 
 
@@ -76,22 +81,17 @@ def resampled_metrics(
     return [np.concatenate([chunk[r] for chunk in chunks]) for r in range(len(runs))]
 
 
-def delta_m_replicates(resampled: dict[str, list[np.ndarray]], present: dict[str, list[str]], metrics: list[str]):
+def delta_m_replicates(resampled: dict[str, list[np.ndarray]], present: dict[str, list[str]]) -> list[np.ndarray]:
     """Per run after the reference: Δm of each joint resample (NaN where a term is undefined in it), from
     `resampled_metrics` of every dataset (`present[flag]`: the metrics it computed, in its column order)."""
     runs = len(next(iter(resampled.values())))
     out = []
     for r in range(1, runs):
-        terms = []
-        for flag, per_run in resampled.items():
-            for m in metrics:
-                if m not in present[flag]:
-                    continue
-                j = present[flag].index(m)
-                ref, mine = per_run[0][:, j], per_run[r][:, j]
-                sign = -1.0 if m in LOWER_IS_BETTER else 1.0
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    terms.append(np.where(ref != 0, sign * (mine - ref) / ref, np.nan))
+        terms = [
+            _relative_change(m, per_run[0][:, j], per_run[r][:, j])
+            for flag, per_run in resampled.items()
+            for j, m in enumerate(present[flag])
+        ]
         out.append(100.0 * np.mean(np.stack(terms, axis=1), axis=1))
     return out
 
@@ -100,23 +100,20 @@ def delta_m_bootstrap(
     labels: dict[str, np.ndarray],
     models: dict[str, list[tuple[list[np.ndarray], str]]],
     present: dict[str, list[str]],
-    metrics: list[str],
     *,
     n_resamples: int,
     seed: int,
     jobs: int = 1,
 ) -> list[np.ndarray]:
     """Per run after the reference: Δm of each joint resample of the datasets' test images. `models[flag]`: per
-    run, its seeds' scores and grade rule; `present[flag]`: the metrics of that dataset. `jobs` processes
-    resample the datasets in parallel (joblib); the result is the same."""
-    flags = [flag for flag in models if set(present[flag]) & set(metrics)]
-    if not flags:  # no metric of `metrics` on any dataset: Δm is undefined, as its point value
-        return [np.full(n_resamples, np.nan) for _ in range(len(next(iter(models.values()))) - 1)]
+    run, its seeds' scores and grade rule; `present[flag]`: the metrics Δm takes of that dataset (at least one:
+    compare leaves out a dataset none of its metrics applies to). `jobs` processes resample the datasets in parallel
+    (joblib); the result is the same."""
     resampled = Parallel(n_jobs=jobs)(
         delayed(resampled_metrics)(flag, labels[flag], models[flag], present[flag], n_resamples=n_resamples, seed=seed)
-        for flag in flags
+        for flag in models
     )
-    return delta_m_replicates(dict(zip(flags, resampled)), present, metrics)
+    return delta_m_replicates(dict(zip(models, resampled)), present)
 
 
 def delta_m_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, str | None]:

@@ -10,6 +10,7 @@ import torch
 
 from mmpt.data.synthetic import write_synthetic
 from mmpt.tasks import TASKS
+from tests import tolerances
 
 # the real MedMNIST files: the folder MMPT_REAL_DATA names, else the project's CI location beside the repository
 REAL_DATA_VARIABLE = "MMPT_REAL_DATA"
@@ -28,6 +29,15 @@ def pytest_configure(config: pytest.Config) -> None:
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(variable, threads)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if os.environ.get(tolerances.VARIABLE):
+        tolerances.install()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With MMPT_RECORD_TOLERANCES set: each worker writes the tolerance its comparisons used (tests/tolerances.py)."""
+    if os.environ.get(tolerances.VARIABLE):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        tolerances.write(Path(os.environ[tolerances.VARIABLE]), worker)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from mmpt.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 from mmpt.train import run
 from tests.helpers import REPO, crash_at_step, finish, summary, tiny_config, torchrun, write_config
+from tests.tolerances import above, below
 
 TWO = resolve_tasks("breast,retina")
 
@@ -185,7 +186,7 @@ def test_a_per_dataset_norm_run_resumes_to_the_uninterrupted_digests(
 @pytest.mark.slow
 def test_a_per_dataset_norm_run_learns_and_checkpoints_its_statistics(norm_reference):
     norm, reference, out = norm_reference
-    assert reference["test_mean"]["auc"] > 0.6  # synthetic data carry a learnable signal; chance is 0.5
+    assert above(reference["test_mean"]["auc"], 0.6)  # synthetic data carry a learnable signal; chance is 0.5
     state = ckpt.load(RunDir(out).best)[ckpt.MODEL]
     assert state["backbone.bn1.running_mean"].shape[0] == 3  # one row per dataset
     assert ("backbone.bn1.task_weight.2" in state) == (norm == "per_dataset")
@@ -869,7 +870,7 @@ def test_on_a_short_budget_the_calibrated_default_keeps_up_with_shared_statistic
             ],
         )
         auc[name] = run(cfg)["mean"]["auc"]
-    assert auc["default"] >= auc["shared"] - 0.02, auc
+    assert above(auc["default"] - auc["shared"], -0.02), auc
 
 
 def test_the_layout_as_a_tensor_normalises_as_the_per_segment_batchnorm(synthetic_root):
@@ -899,5 +900,5 @@ def test_the_layout_as_a_tensor_normalises_as_the_per_segment_batchnorm(syntheti
         results.append((features.detach(), grads, model.backbone.state_dict()))
     (f1, g1, s1), (f2, g2, s2) = results
     assert torch.allclose(f1, f2, atol=1e-4)
-    assert all((g1[k] - g2[k]).norm() <= 1e-4 * g1[k].norm() + 1e-6 for k in g1)
+    assert below(max(float((g1[k] - g2[k]).norm() / (1e-4 * g1[k].norm() + 1e-6)) for k in g1), 1.0)
     assert all(torch.allclose(s1[k].float(), s2[k].float(), atol=1e-5) for k in s1)

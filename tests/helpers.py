@@ -21,10 +21,10 @@ import torch
 import yaml
 
 import mmpt
-import mmpt.step
+import mmpt.training.step
 from mmpt.config import load_config
-from mmpt.rundir import RunDir
-from mmpt.seriesdir import SeriesDir
+from mmpt.runs.rundir import RunDir
+from mmpt.runs.seriesdir import SeriesDir
 
 # the repository root: train.py, evaluate.py, configs/
 REPO = Path(__file__).resolve().parents[1]
@@ -58,14 +58,14 @@ def summary(run_dir: Path) -> dict:
 
 def crash_at_step(monkeypatch, crash_step: int) -> None:
     """Make training raise when it reaches `crash_step` (0-based), as a crash between two steps would."""
-    real_step = mmpt.step.TrainStep.__call__
+    real_step = mmpt.training.step.TrainStep.__call__
 
     def crash_at(self, parts, step):
         if step == crash_step:
             raise RuntimeError("simulated crash")
         return real_step(self, parts, step)
 
-    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", crash_at)
+    monkeypatch.setattr(mmpt.training.step.TrainStep, "__call__", crash_at)
 
 
 def refuse_reads_from_mmpt(monkeypatch) -> list[str]:

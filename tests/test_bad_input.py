@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmpt import checkpoint as ckpt
-from mmpt.bench.__main__ import main as bench_main
+from benchmarks.__main__ import main as bench_main
 from mmpt.cli import evaluate_main, train_main
 from mmpt.data.synthetic import SYNTHETIC_KEY, synthetic_arrays, write_synthetic
 from mmpt.errors import MmptError
-from mmpt.rundir import Results, RunDir
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 # A tiny, fast training command (the data root and the output folder are added per case).
@@ -1018,7 +1018,7 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from mmpt.rundir import lock_run_dir; "
+            "import sys, time; from pathlib import Path; from mmpt.runs.rundir import lock_run_dir; "
             "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
             str(env.run),
         ],
@@ -1043,7 +1043,7 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
 
 @pytest.mark.slow
 def test_train_script_into_a_folder_this_process_holds_is_refused(env):
-    from mmpt.rundir import lock_run_dir
+    from mmpt.runs.rundir import lock_run_dir
 
     lock_run_dir(env.run)  # held by the test process until it ends
     before = snapshot(env.run)
@@ -1069,15 +1069,15 @@ def test_train_script_into_a_folder_this_process_holds_is_refused(env):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_evaluate_stopped_by_a_signal_prints_one_line_and_exits_130(env, capsys, monkeypatch, sig):
-    import mmpt.evaluate
+    import mmpt.evaluation.evaluate
 
-    real = mmpt.evaluate.evaluate_all
+    real = mmpt.evaluation.evaluate.evaluate_all
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), sig)  # arrives in the middle of evaluation
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mmpt.evaluate, "evaluate_all", signalled)
+    monkeypatch.setattr(mmpt.evaluation.evaluate, "evaluate_all", signalled)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out = env.tmp / "eval"
     assert evaluate_main([str(env.run), "--device", "cpu", "--output", str(out)]) == 130

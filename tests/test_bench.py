@@ -8,11 +8,11 @@ import textwrap
 import medmnist
 import pytest
 
-from mmpt.bench.__main__ import main
-from mmpt.bench.common import MemorySampler, descendants, pss_anon_shmem, rss_anon_shmem
-from mmpt.bench.data import format_table, measure_memory
-from mmpt.bench.datafiles import write_memory_set
-from mmpt.bench.train_report import format_table as format_train_table
+from benchmarks.__main__ import main
+from benchmarks.common import MemorySampler, descendants, pss_anon_shmem, rss_anon_shmem
+from benchmarks.data import format_table, measure_memory
+from benchmarks.datafiles import write_memory_set
+from benchmarks.train_report import format_table as format_train_table
 from mmpt.tasks import resolve_tasks
 
 MB = 1 << 20

@@ -16,17 +16,16 @@ from mmpt.config import (
     SETTINGS,
     check_value,
     config_yaml,
+    fixed_key_changes,
     load_config,
     parse_flag,
-    recipe_changes,
     to_dict,
-    value_of,
 )
+from mmpt.config.settings import parse_override, value_of
 from mmpt.errors import MmptError
-from mmpt.recipe import check_run
-from mmpt.rundir import RunDir
-from mmpt.settings import parse_override
+from mmpt.runs.rundir import RunDir
 from mmpt.tasks import FLAGS
+from mmpt.training.build import check_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -95,7 +94,7 @@ def test_datasets_are_stored_as_medmnist_flags_in_medmnist_order():
 
 def test_the_generated_docs_match_the_declarations():
     """docs/settings.md, and the resume keys, named flags and methods blocks inside hand-written pages."""
-    from mmpt.configdoc import REGENERATE, stale_pages
+    from mmpt.config.docs import REGENERATE, stale_pages
 
     stale = [str(p.relative_to(CONFIGS.parent)) for p in stale_pages()]
     assert stale == [], f"out of date: {', '.join(stale)}; regenerate with: {REGENERATE}"
@@ -104,10 +103,10 @@ def test_the_generated_docs_match_the_declarations():
 def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch):
     """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
     docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
-    from mmpt import configdoc
     from mmpt.cli.common import flag_overrides
     from mmpt.cli.train import train_parser
-    from mmpt.settings import Key, declaration
+    from mmpt.config import docs as configdoc
+    from mmpt.config.settings import Key, declaration
 
     spec = declaration("say more", resume=True, result=False, flag="--verbose")
     monkeypatch.setitem(SETTINGS, "train.verbose", Key("train.verbose", bool, spec, False))
@@ -194,7 +193,7 @@ def test_a_key_or_a_section_given_twice_is_refused_wherever_yaml_is_read(tmp_pat
     recipe.write_text("defaults: &d {epochs: 3, batch_size: 8}\ntrain:\n  <<: *d\n  epochs: 5\n")
     with pytest.raises(MmptError, match="unknown key 'defaults'"):  # the merge itself is accepted
         load_config(recipe)
-    from mmpt.experiments.members import read_run_config
+    from mmpt.runs.members import read_run_config
 
     (tmp_path / "run").mkdir()
     RunDir(tmp_path / "run").config.write_text("name: a\nname: b\n")
@@ -243,7 +242,7 @@ def test_a_number_of_hundreds_of_digits_is_refused_in_one_short_line(override, m
 
 
 def test_every_setting_is_documented_with_its_bounds_in_print_config():
-    from mmpt.configdoc import annotated_yaml
+    from mmpt.config.docs import annotated_yaml
 
     text = annotated_yaml(load_config())
     for key, k in SETTINGS.items():
@@ -432,15 +431,15 @@ def test_a_change_of_any_recipe_key_is_a_recipe_change(key):
     current = to_dict(value_of(saved, key))
     current = tuple(current) if isinstance(current, list) else current
     changed = _replaced(saved, key, _another_value(key, current))
-    assert [c[0] for c in recipe_changes(saved, changed)] == [key]
-    assert recipe_changes(saved, saved) == []
+    assert [c[0] for c in fixed_key_changes(saved, changed)] == [key]
+    assert fixed_key_changes(saved, saved) == []
 
 
 @pytest.mark.parametrize("key", sorted(RESUME_MAY_CHANGE))
 def test_a_resume_may_change_the_keys_declared_so(key):
     saved = load_config()
     current = to_dict(value_of(saved, key))
-    assert recipe_changes(saved, _replaced(saved, key, _another_value(key, current))) == []
+    assert fixed_key_changes(saved, _replaced(saved, key, _another_value(key, current))) == []
 
 
 def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_recipe_change():
@@ -448,12 +447,12 @@ def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_recipe_cha
         return load_config(None, [parse_override(s) for s in sets])
 
     uw = cfg("loss.weighting=uw", "loss.weighting_args={lr: 0.01}")
-    assert recipe_changes(uw, cfg("loss.weighting=uw", "loss.weighting_args={lr: 0.02}")) == [
+    assert fixed_key_changes(uw, cfg("loss.weighting=uw", "loss.weighting_args={lr: 0.02}")) == [
         ("loss.weighting_args", {"lr": 0.01}, {"lr": 0.02})
     ]
-    assert [c[0] for c in recipe_changes(uw, cfg("loss.weighting=uw"))] == ["loss.weighting_args"]
+    assert [c[0] for c in fixed_key_changes(uw, cfg("loss.weighting=uw"))] == ["loss.weighting_args"]
     manual = ("loss.weighting=manual", "data.datasets=breast,retina")
-    assert recipe_changes(
+    assert fixed_key_changes(
         cfg(*manual, "loss.weights={breast: 1, retina: 2}"), cfg(*manual, "loss.weights={breast: 1, retina: 3}")
     ) == [("loss.weights", {"breastmnist": 1.0, "retinamnist": 2.0}, {"breastmnist": 1.0, "retinamnist": 3.0})]
 

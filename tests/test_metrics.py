@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from medmnist.evaluator import getACC, getAUC
 
-from mmpt.metrics import compute_metrics, mean_metrics
+from mmpt.evaluation.metrics import compute_metrics, mean_metrics
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
-from mmpt.rundir import Results, RunDir
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 TINY = [

@@ -91,6 +91,7 @@ def install() -> None:
     """Wrap the suite's comparisons so that each records its used fraction (only when VARIABLE is set)."""
     global _installed
     import pytest
+
     ApproxScalar = type(pytest.approx(1.0))
 
     def torch_allclose(real):

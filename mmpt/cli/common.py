@@ -8,9 +8,9 @@ import os
 import sys
 
 from mmpt.config import NAMED_FLAGS, SETTINGS
-from mmpt.configdoc import flag_help
+from mmpt.config.docs import flag_help
+from mmpt.config.settings import deep_merge, nested
 from mmpt.errors import MmptError
-from mmpt.settings import deep_merge, nested
 
 # the launch.* keys (where a series' members, or a series' probes, run as jobs); their flags form a launcher group
 LAUNCH_KEYS = frozenset(key for key in SETTINGS if key.startswith("launch."))

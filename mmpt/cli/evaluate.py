@@ -14,9 +14,9 @@ from mmpt.cli.common import LAUNCH_FLAGS, Parser, add_setting_flag, check_launch
 from mmpt.config import EVALUATE_FLAGS, load_config, parse_flag
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder
-from mmpt.norm_calibration import RECALIBRATION_IMAGES
-from mmpt.rundir import RunDir
-from mmpt.runtime import Interrupted, interrupt_on_signals
+from mmpt.model.calibration import RECALIBRATION_IMAGES
+from mmpt.runs.rundir import RunDir
+from mmpt.runtime.process import Interrupted, interrupt_on_signals
 
 REQUIRE_COMPLETE = "refuse a series with an unfinished run (default: name it and leave it out)"
 RECALIBRATE_IMAGES = (
@@ -232,7 +232,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
         raise MmptError("evaluate one run at a time, or compare several with evaluate.py compare")
     _check_flags(datasets=args.datasets, output=args.output)
     recalibrate_images = _recalibrate_images(args.recalibrate_norm, args.recalibrate_images)
-    from mmpt.evaluate import evaluate_checkpoint
+    from mmpt.evaluation.evaluate import evaluate_checkpoint
 
     run = RunDir(args.runs[0]) if args.runs else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run.best
@@ -262,8 +262,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     seed = parse_flag("--seed", "train.seed", args.seed)  # the resampling seed has the train seed's range
     _check_flags(bootstrap=args.bootstrap, jobs=args.jobs, metrics=args.metrics, output=args.output)
-    from mmpt.experiments.compare import compare_runs
-    from mmpt.experiments.compare_report import format_compare, write_compare
+    from mmpt.analysis.compare import compare_runs
+    from mmpt.analysis.report import format_compare, write_compare
 
     result = compare_runs(
         [Path(r) for r in args.runs],
@@ -295,7 +295,7 @@ def _probe(args: argparse.Namespace) -> int:
         raise MmptError("probe a run or a bare --backbone, not both")
     if not a.backbone and not a.run:
         raise MmptError("pass a run folder to probe, or --backbone NAME for a bare backbone")
-    from mmpt.experiments.probe import probe_backbone, probe_runs
+    from mmpt.evaluation.probe import probe_backbone, probe_runs
 
     common = dict(
         method=a.method,
@@ -326,7 +326,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mmpt.experiments.export import export_run
+    from mmpt.model.export import export_run
 
     paths = export_run(Path(args.run), Path(args.output), checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"written: {', '.join(str(p) for p in paths)}")

@@ -12,10 +12,10 @@ import sys
 
 from mmpt.cli.common import LAUNCH_KEYS, Parser, add_setting_flag, check_launch_resources, flag_overrides
 from mmpt.config import NAMED_FLAGS, load_config
-from mmpt.configdoc import annotated_yaml
+from mmpt.config.docs import annotated_yaml
+from mmpt.config.settings import parse_override
 from mmpt.errors import MmptError
-from mmpt.rundir import RunDir
-from mmpt.settings import parse_override
+from mmpt.runs.rundir import RunDir
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def train_command(argv: list[str]) -> int:
         return _train_series(cfg, variants, overwrite=args.overwrite)
     # imported here, as in every command of mmpt.cli: training imports timm and TorchJD, slow for --help and errors
     from mmpt.experiments.series import check_single_run_folder
-    from mmpt.train import Stopped, run
+    from mmpt.training.loop import Stopped, run
 
     check_single_run_folder(cfg.run_dir, resume=bool(args.resume))
     if cfg.launch.launcher != "sequential":
@@ -131,7 +131,7 @@ def _plan_series(args: argparse.Namespace, cfg) -> list:
 def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
     from mmpt.experiments.series import run_series
     from mmpt.experiments.summary import summarize
-    from mmpt.train import Stopped
+    from mmpt.training.loop import Stopped
 
     if cfg.launch.launcher != "sequential":
         from mmpt.experiments.launch_plan import plan_launch

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmpt.choices import LAST_BATCH
+from mmpt.config.choices import LAST_BATCH
 from mmpt.errors import MmptError
 
 # spawn-key tags that keep the streams apart (SeedSequence pads short entropy with zeros, so

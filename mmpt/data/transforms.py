@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpt.choices import INPUT_MODES, INTERPOLATIONS, PAD_VALUES
 from mmpt.config import AugmentConfig
+from mmpt.config.choices import INPUT_MODES, INTERPOLATIONS, PAD_VALUES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +42,7 @@ class DeviceTransform:
         interpolation: str = "bilinear",
         augment: AugmentConfig | None = None,
     ) -> None:
-        """The options are those of input.* (mmpt.choices), checked where the config was loaded."""
+        """The options are those of input.* (mmpt.config.choices), checked where the config was loaded."""
         for value, known in ((mode, INPUT_MODES), (pad_value, PAD_VALUES), (interpolation, INTERPOLATIONS)):
             assert value in known, f"transform option {value!r} is not one of {', '.join(known)}"
         assert input_size >= 1, f"input size must be >= 1, got {input_size}"

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmpt.choices import LAUNCHERS
+from mmpt.config.choices import LAUNCHERS
+from mmpt.config.launch import LaunchConfig, time_minutes
+from mmpt.config.settings import to_dict
 from mmpt.errors import MmptError
-from mmpt.launchconfig import LaunchConfig, time_minutes
-from mmpt.settings import to_dict
 
 # the launchers that run members as jobs; sequential is a series' own loop in this process (mmpt.experiments.series)
 JOB_LAUNCHERS = ("local", "slurm")

@@ -18,8 +18,8 @@ job's log as job.log.
 - Several GPUs per member (or several nodes): one process per GPU under torch.distributed, from the job's
   environment (submitit's TorchDistributedEnvironment); the engine's distributed code is the same as under torchrun.
 - Time limit or preemption: SLURM (and submitit's local controller) send SIGUSR2; training stops after the step,
-  writes last.pt (mmpt.runtime.StopSignal), and hands the signal back to submitit, which asks `MemberJob.checkpoint`
-  for the job to run next (the same member, which resumes from last.pt) and requeues it.
+  writes last.pt (mmpt.runtime.process.StopSignal), and hands the signal back to submitit, which asks
+  `MemberJob.checkpoint` for the job to run next (the same member, which resumes from last.pt) and requeues it.
 - A rerun of the same command submits only members that are neither finished nor running nor queued; a job that
   fails leaves its member unfinished (its log says why) and the others go on.
 """
@@ -62,8 +62,8 @@ from mmpt.experiments.status import (
     write_jobs,
 )
 from mmpt.experiments.summary import summarize
-from mmpt.rundir import RunDir
-from mmpt.seriesdir import SeriesDir
+from mmpt.runs.rundir import RunDir
+from mmpt.runs.seriesdir import SeriesDir
 
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
 MAX_REQUEUES = 100

@@ -21,8 +21,8 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 from mmpt.errors import MmptError
 from mmpt.experiments.series import Variant, train_member
 from mmpt.experiments.summary import summarize
-from mmpt.rundir import RunDir, prepare_run_dir
-from mmpt.trainstate import Stopped
+from mmpt.runs.rundir import RunDir, prepare_run_dir
+from mmpt.training.state import Stopped
 
 
 def set_job_threads(threads: int | None, tasks: int) -> None:
@@ -143,7 +143,7 @@ class ProbeJob(Checkpointable):
         self.threads = threads
 
     def __call__(self) -> str:
-        from mmpt.experiments.probe import probe_leaf  # scikit-learn: only in the job that probes
+        from mmpt.evaluation.probe import probe_leaf  # scikit-learn: only in the job that probes
 
         env = submitit.JobEnvironment()
         set_job_threads(self.threads, env.num_tasks)

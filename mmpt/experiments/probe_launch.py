@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpt.config.launch import LaunchConfig
 from mmpt.errors import MmptError
+from mmpt.evaluation.probe import leaf_weights, probe_leaves, probe_request
 from mmpt.experiments.launch_plan import plan_launch
 from mmpt.experiments.launcher import launch
 from mmpt.experiments.member_job import ProbeJob
-from mmpt.experiments.probe import leaf_weights, probe_leaves, probe_request
 from mmpt.experiments.status import PROBE, probe_finished, read_jobs
-from mmpt.launchconfig import LaunchConfig
-from mmpt.rundir import Results, clear_results
+from mmpt.runs.rundir import Results, clear_results
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from mmpt import checkpoint as ckpt
 from mmpt.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, Config, check_value, config_differences, from_dict
+from mmpt.config.settings import deep_merge, load_yaml, nested, to_dict
 from mmpt.errors import MmptError
-from mmpt.experiments.members import (
+from mmpt.io import json_text, write_bytes, write_json
+from mmpt.model.weights import require_weights
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.members import (
     SEED_DIR,
     _first_difference,
     _recorded_config,
@@ -37,12 +40,9 @@ from mmpt.experiments.members import (
     read_series,
     series_of,
 )
-from mmpt.io import json_text, write_bytes, write_json
-from mmpt.rundir import RunDir
-from mmpt.seriesdir import SeriesDir
-from mmpt.settings import deep_merge, load_yaml, nested, to_dict
-from mmpt.train import run
-from mmpt.weights import require_weights
+from mmpt.runs.rundir import RunDir
+from mmpt.runs.seriesdir import SeriesDir
+from mmpt.training.loop import run
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def run_series(
     (default: each variant in turn in this process, skipping finished runs and continuing interrupted ones; a
     launcher passes its own, which runs the same `train_member` as jobs). Returns what `train` returns.
 
-    Raises MmptError before anything runs when a member would mix recipes; mmpt.train.Stopped when a run was
+    Raises MmptError before anything runs when a member would mix recipes; mmpt.training.loop.Stopped when a run was
     stopped by SIGINT/SIGTERM/SIGUSR2 (its last.pt written).
     """
     train = train or _train_variants

@@ -25,10 +25,10 @@ from pathlib import Path
 import submitit
 
 from mmpt.errors import MmptError
-from mmpt.experiments.members import member_status, read_series, series_of
 from mmpt.io import read_json, write_json
-from mmpt.rundir import Results, RunDir
-from mmpt.seriesdir import SeriesDir
+from mmpt.runs.members import member_status, read_series, series_of
+from mmpt.runs.rundir import Results, RunDir
+from mmpt.runs.seriesdir import SeriesDir
 
 FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED = "finished", "running", "queued", "failed", "not started"
 TRAIN, PROBE = "train", "probe"  # what a job record's members do (its "kind"; train when it names none)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from mmpt.errors import MmptError
-from mmpt.experiments.members import SEED_DIR, left_out_error, left_out_line, series_runs
+from mmpt.evaluation.metrics import mean_metrics
+from mmpt.evaluation.plots import plot_grouped_bars
+from mmpt.evaluation.tables import COLUMNS
 from mmpt.io import write_csv, write_json, write_text
-from mmpt.metrics import mean_metrics
-from mmpt.plots import plot_grouped_bars
-from mmpt.report import COLUMNS
-from mmpt.rundir import RunDir
-from mmpt.seriesdir import SeriesDir
+from mmpt.runs.members import SEED_DIR, left_out_error, left_out_line, series_runs
+from mmpt.runs.rundir import RunDir
+from mmpt.runs.seriesdir import SeriesDir
 from mmpt.tasks import FLAGS
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae")

@@ -8,13 +8,13 @@ Under fp16 the Jacobian is unscaled and checked before it is aggregated (`LossSc
 the true Jacobian, never inf or NaN (its solver runs on the host), and a step whose scaled Jacobian overflowed is
 skipped as the gradient scaler skips one. Where torch.vmap, TorchJD's default, cannot run the backward pass (a
 compiled backbone; BatchNorm in bf16 or fp16) the recipe has the Jacobian's rows differentiated one by one
-(`jacobian_chunk_size` 1, TorchJD's parallel_chunk_size; mmpt.recipe.jacobian_chunk_size).
+(`jacobian_chunk_size` 1, TorchJD's parallel_chunk_size; mmpt.model.build.jacobian_chunk_size).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,10 +22,18 @@ from torch import Tensor, nn
 from torchjd import aggregation
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from mmpt.conflicts import jacobian_gramian
 from mmpt.mtl import torchjd_state
 from mmpt.mtl.base import Context, Method
-from mmpt.precision import LossScale
+from mmpt.runtime.precision import LossScale
+
+
+def jacobian_gramian(params: Sequence[Tensor]) -> Tensor:
+    """The Gramian J J^T (k×k) of the Jacobian that torchjd's mtl_backward stored in the parameters' `.jac`."""
+    total = None
+    for p in params:
+        rows = p.jac.flatten(1).float()  # k×numel
+        total = rows @ rows.T if total is None else total + rows @ rows.T
+    return total
 
 
 class AggregatorState(NamedTuple):
@@ -60,32 +68,31 @@ class AggregatorMethod:
         self.shared_params = shared_params
         self.jacobian_chunk_size = jacobian_chunk_size  # None: every row at once (vmap); 1: one by one
         self._last: dict[str, Tensor] = {}
-        # the gradient-conflict diagnostic asks for the Gramian of a step's Jacobian (k×k, on the device)
-        self.keep_gramian = False
-        self.gramian: Tensor | None = None
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
+    def backward(
+        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+    ) -> Tensor | None:
         mtl_backward(
             [scale(loss) for loss in losses.values()],
             features=features,
             shared_params=self.shared_params,
             parallel_chunk_size=self.jacobian_chunk_size,
         )
-        self.gramian = None
         if not scale.unscale_([p.jac for p in self.shared_params]):
             # fp16 overflow: no aggregation; an infinite gradient makes the scaler skip the backbone's step and lower
             # its scale, as after any overflow (the heads' finite gradients step, each optimizer judged on its own)
             for p in self.shared_params:
                 del p.jac
             self.shared_params[0].grad = torch.full_like(self.shared_params[0], math.inf)
-            return  # the weights of the last aggregated step stay the record
+            return None  # the weights of the last aggregated step stay the record
         # read before jac_to_grad frees the Jacobian: no extra backward pass
-        self.gramian = jacobian_gramian(self.shared_params) if self.keep_gramian else None
+        found = jacobian_gramian(self.shared_params) if gramian else None
         weights = jac_to_grad(self.shared_params, self.aggregator)
         scale.rescale_([p.grad for p in self.shared_params if p.grad is not None])
         if weights is None:
             weights = torch.full((len(losses),), math.nan, device=features.device)
         self._last = dict(zip(losses, weights.detach().unbind()))
+        return found
 
     def dataset_weights(self) -> dict[str, Tensor]:
         return self._last
@@ -109,7 +116,7 @@ def aggregator(
     return build
 
 
-# the build function of each gradient-based method (declared in mmpt.mtl.methods)
+# the build function of each gradient-based method (declared in mmpt.config.methods)
 AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "upgrad": aggregator(lambda n, a: aggregation.UPGrad()),
     "pcgrad": aggregator(lambda n, a: aggregation.PCGrad()),

@@ -1,7 +1,7 @@
 """The interface every multi-task method implements (`Method`), what build functions receive (`Context`), and
 `MethodRun`: the method as a run uses it (named in the checkpoint, its weights averaged for the epoch record).
 
-Words: a *method* is what loss.weighting names (declared by a `mmpt.mtl.methods.MethodSpec`, implemented by a
+Words: a *method* is what loss.weighting names (declared by a `mmpt.config.methods.MethodSpec`, implemented by a
 `Method`); its *dataset weights* are the effective weight of each dataset's loss in a step; the model's weights
 are never called that here.
 """
@@ -15,14 +15,18 @@ import torch
 from torch import Tensor
 
 from mmpt.errors import MmptError
-from mmpt.precision import LossScale
+from mmpt.runtime.precision import LossScale
 
 
 class Method(Protocol):
     """What the training step needs from a multi-task method (static, loss-based or gradient-based)."""
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
-        """Run this step's backward pass.
+    def backward(
+        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+    ) -> Tensor | None:
+        """Run this step's backward pass; return the Gramian of the step's per-dataset gradients on the backbone when
+        `gramian` asks for it and the method has it at no extra cost (gradient-based methods: k×k, on the device; None
+        after an fp16 overflow), else None (the gradient-conflict diagnostic then measures it another way).
 
         losses: per-dataset mean loss of the step (0-dim, unweighted), keyed by flag in the step's order;
         under DDP each value is the global mean with the local rank's gradient. features: the backbone's
@@ -68,11 +72,15 @@ class MethodRun:
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: LossScale) -> None:
-        self.method.backward(losses, features, scale)
+    def backward(
+        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+    ) -> Tensor | None:
+        """The method's backward pass (`Method.backward`); its dataset weights summed for the epoch's record."""
+        found = self.method.backward(losses, features, scale, gramian=gramian)
         for t, w in self.method.dataset_weights().items():
             self._sums[t] = self._sums[t] + w if t in self._sums else w.clone()
             self._counts[t] = self._counts.get(t, 0) + 1
+        return found
 
     def dataset_weights(self) -> dict[str, Tensor]:
         return self.method.dataset_weights()

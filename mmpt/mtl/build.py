@@ -1,4 +1,4 @@
-"""Building a weighting method: the build function of every method declared in mmpt.mtl.methods.
+"""Building a weighting method: the build function of every method declared in mmpt.config.methods.
 
 Imports the implementations (torch, TorchJD); the declarations alone are `mmpt.mtl.METHODS`.
 """
@@ -10,9 +10,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from mmpt.config.methods import GRADIENT, LOSS, METHODS, STATIC
 from mmpt.mtl.aggregators import AGGREGATOR_BUILDERS
 from mmpt.mtl.base import Context, MethodRun
-from mmpt.mtl.methods import GRADIENT, LOSS, METHODS, STATIC
 from mmpt.mtl.scalarizers import SCALARIZER_BUILDERS
 from mmpt.mtl.static import STATIC_BUILDERS
 
@@ -46,7 +46,7 @@ def build_method(
     (gradient-based methods). manual_weights: loss.weights (methods that read them). jacobian_chunk_size: rows of a
     gradient-based method's Jacobian differentiated at once (None: all, with torch.vmap; 1: one by one).
     The name, the args and what the method needs were checked where the config was loaded and by the run's
-    environment check (mmpt.mtl.methods: method_problems, environment_problems).
+    environment check (mmpt.config.methods: method_problems, environment_problems).
     """
     assert name in BUILDERS, f"unknown loss.weighting {name!r} reached build_method"
     flags = list(train_sizes)

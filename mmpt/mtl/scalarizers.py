@@ -59,7 +59,9 @@ class ScalarizerMethod:
         self.steps = 0  # backward calls so far (DWA's epoch clock)
         self._last: dict[str, Tensor] = {}
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+    def backward(
+        self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor], *, gramian: bool = False
+    ) -> None:
         self.hooks.before(self, losses)
         values, total = self.scalarize(losses)
         grads = torch.autograd.grad(total, [values, *self.learned], allow_unused=True)
@@ -234,7 +236,7 @@ def famo(flags: list[str], args: dict, ctx: Context) -> Method:
     return ScalarizerMethod(flags, _joint(method, flags, True), method, [], None, _FAMOHooks())
 
 
-# the build function of each loss-based method (declared in mmpt.mtl.methods)
+# the build function of each loss-based method (declared in mmpt.config.methods)
 SCALARIZER_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "uw": learned_per_dataset(lambda: scalarization.UW(())),
     "imtl_l": learned_per_dataset(lambda: scalarization.IMTLL(())),

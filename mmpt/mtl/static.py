@@ -19,7 +19,9 @@ class StaticMethod:
         self._as_tensors = {t: torch.tensor(w) for t, w in weights.items()}  # made once, not per step
         self._last: dict[str, Tensor] = {}
 
-    def backward(self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor]) -> None:
+    def backward(
+        self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor], *, gramian: bool = False
+    ) -> None:
         total = sum(self._weights[t] * loss for t, loss in losses.items())
         scale(total).backward()
         self._last = {t: self._as_tensors[t] for t in losses}
@@ -50,7 +52,7 @@ def manual(flags: list[str], args: dict, ctx: Context) -> Method:
     return StaticMethod({t: float(ctx.manual_weights[t]) for t in flags})
 
 
-# the build function of each static method (declared in mmpt.mtl.methods)
+# the build function of each static method (declared in mmpt.config.methods)
 STATIC_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "none": by_size(lambda n, lo, hi: 1.0),
     "size": by_size(lambda n, lo, hi: lo / n),

@@ -11,8 +11,8 @@ import pytest
 from medmnist import INFO
 
 from mmpt.config import load_config
-from mmpt.rundir import RunDir
-from mmpt.train import run
+from mmpt.runs.rundir import RunDir
+from mmpt.training.loop import run
 from tests.tolerances import above
 
 # every test trains on the real files (the module's run takes minutes on 2 cores)

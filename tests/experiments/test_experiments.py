@@ -18,17 +18,17 @@ import torch
 import yaml
 from medmnist.evaluator import getACC, getAUC
 
-import mmpt.experiments.probe as probe_module
-import mmpt.step
-import mmpt.train
-from mmpt import checkpoint as ckpt
+import mmpt.evaluation.probe as probe_module
+import mmpt.training.loop
+import mmpt.training.step
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, to_dict
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.series import plan_series
-from mmpt.recipe import build_model, build_transform, load_backbone, load_initial_weights
-from mmpt.rundir import Results, RunDir
+from mmpt.model.build import build_model, build_transform, load_backbone, load_initial_weights
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import TASKS, resolve_tasks
 from tests.helpers import REPO, assert_png
 
@@ -63,13 +63,13 @@ def stop_after(steps: int, mp: pytest.MonkeyPatch):
     """A StopSignal stand-in that reports SIGINT once `steps` training steps have run, counted over every run of
     the series (as a Ctrl-C during that step would: the step finishes, then the loop sees the signal)."""
     taken = {"n": 0}
-    real_step = mmpt.step.TrainStep.__call__
+    real_step = mmpt.training.step.TrainStep.__call__
 
     def counting_step(self, parts, step):
         taken["n"] += 1
         return real_step(self, parts, step)
 
-    mp.setattr(mmpt.step.TrainStep, "__call__", counting_step)
+    mp.setattr(mmpt.training.step.TrainStep, "__call__", counting_step)
 
     class StopAfter:
         def __enter__(self):
@@ -104,7 +104,7 @@ def study(tmp_path_factory):
     out = base / "runs" / "study"
     sweep = ["--config", str(recipe), "--output", str(out), "--sweep", "loss.weighting=none,size", "--seeds", "0,1"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mmpt.train, "StopSignal", stop_after(STOP_AT, mp))
+        mp.setattr(mmpt.training.loop, "StopSignal", stop_after(STOP_AT, mp))
         stopped = quiet(train_main, sweep)
     state_after_stop = {
         p.relative_to(out).as_posix(): (RunDir(p).summary.is_file(), RunDir(p).last.is_file())
@@ -431,7 +431,7 @@ def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
 
 
 def test_confusion_matrices_per_label_for_multi_label_tasks():
-    from mmpt.predict import confusion_matrices
+    from mmpt.evaluation.predict import confusion_matrices
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, (50, 14))
@@ -446,7 +446,7 @@ def test_confusion_matrices_per_label_for_multi_label_tasks():
 
 
 def test_loss_curves_plot_train_and_val_losses_and_tolerate_a_history_without_train_losses(tmp_path):
-    from mmpt.plots import plot_loss_curves
+    from mmpt.evaluation.plots import plot_loss_curves
 
     history = [
         {
@@ -515,7 +515,7 @@ def test_experiment_recipes_follow_the_doerrich_protocol():
 
 @pytest.mark.parametrize("flag", ["retinamnist", pytest.param("chestmnist", marks=pytest.mark.slow)])
 def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
-    from mmpt.experiments.compare import paired_bootstrap
+    from mmpt.analysis.compare import paired_bootstrap
 
     task, rng = TASKS[flag], np.random.default_rng(1)
     n, k = 80, task.num_classes

@@ -16,12 +16,12 @@ import torch
 import yaml
 from medmnist import INFO
 
-from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
-from mmpt.recipe import build_model, load_backbone, load_initial_weights
-from mmpt.rundir import Results, RunDir
+from mmpt.model.build import build_model, load_backbone, load_initial_weights
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
 
 

@@ -26,12 +26,12 @@ import torch
 
 from mmpt.cli import train_main
 from mmpt.config import load_config
+from mmpt.config.launch import time_minutes
 from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import parse_slurm_args
 from mmpt.experiments.status import process_start
-from mmpt.launchconfig import time_minutes
-from mmpt.rundir import RunDir
-from mmpt.seriesdir import SeriesDir
+from mmpt.runs.rundir import RunDir
+from mmpt.runs.seriesdir import SeriesDir
 from tests.helpers import REPO, digests, job_record, job_status, quiet, sbatch_options, wait_for
 
 SEEDS = "0,1,2"  # the seeds of the `study` series (conftest.py)
@@ -397,7 +397,7 @@ def test_overwrite_refuses_a_member_that_is_still_running(study, tmp_path, monke
 
 
 def test_launcher_benchmark_refuses_bad_settings_in_one_line(capsys):
-    from mmpt.bench.__main__ import main
+    from benchmarks.__main__ import main
 
     assert main(["launcher", "--jobs", "0"]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --jobs must be >= 1, got 0"]

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.data.synthetic import write_synthetic
-from mmpt.distributed import resume_command
 from mmpt.io import write_text
-from mmpt.rundir import Results, RunDir
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
+from mmpt.runtime.distributed import resume_command
 from mmpt.tasks import resolve_tasks
 
 SEEDS = (0, 1, 2)

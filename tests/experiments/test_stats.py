@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from mmpt.experiments.compare import compare_runs, load_run, paired_bootstrap, read_scores
-from mmpt.experiments.stats import bootstrap_dataset, delong_components, delong_intervals, weighted_metrics
-from mmpt.metrics import compute_metrics
+from mmpt.analysis.compare import compare_runs, load_run, paired_bootstrap, read_scores
+from mmpt.analysis.stats import bootstrap_dataset, delong_components, delong_intervals, weighted_metrics
+from mmpt.evaluation.metrics import compute_metrics
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
 
 # one dataset of each task type
@@ -79,7 +79,7 @@ def test_vectorised_bootstrap_gives_the_intervals_of_the_per_resample_loop(flag)
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    from mmpt.bench.compare import write_series
+    from benchmarks.compare import write_series
 
     root = tmp_path_factory.mktemp("series")
     return write_series(root, list(FLAGS), seeds=2, max_images=70, seed=3)
@@ -105,7 +105,7 @@ def test_compare_delong_replaces_only_the_auc_intervals(series):
     delong = compare_runs(series, metrics=["auc", "acc"], n_resamples=25, seed=2, ci="delong")
     assert delong["auc_interval"] == "delong" and boot["auc_interval"] == "bootstrap"
     labels = np.load(series[0].parent / "data" / "breastmnist.npz")["test_labels"]
-    from mmpt.experiments.compare import load_run, read_scores
+    from mmpt.analysis.compare import load_run, read_scores
 
     scores = [[read_scores(m["breastmnist"]) for m in load_run(s).seeds] for s in series]
     expected = delong_intervals(TASKS["breastmnist"], labels, scores)
@@ -190,8 +190,8 @@ def test_delong_interval_of_a_multi_class_mean_auc_matches_the_bootstrap_spread(
 
 def _runs_with_labels(root, labels: dict, rng) -> list:
     """Two single-seed runs (random scores) evaluated on these test labels, as compare reads them."""
-    from mmpt.predict import TaskResult, write_predictions
-    from mmpt.rundir import Results
+    from mmpt.evaluation.predict import TaskResult, write_predictions
+    from mmpt.runs.rundir import Results
 
     data = root / "data"
     data.mkdir(parents=True)
@@ -218,7 +218,7 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
     clipped to [0, 1] and [−1, 1]; the other datasets keep their intervals, DeLong's equal to the definition's."""
     import json
 
-    from mmpt.experiments.compare_report import write_compare
+    from mmpt.analysis.report import write_compare
 
     rng = np.random.default_rng(4)
     breast = np.zeros((60, 1), np.int64)
@@ -285,7 +285,7 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
 
 
 def test_delta_m_is_undefined_not_a_mean_over_fewer_terms():
-    from mmpt.experiments.delta_m import delta_m, delta_m_undefined
+    from mmpt.analysis.delta_m import delta_m, delta_m_undefined
 
     reference = {"a": {"auc": 0.8, "acc": 0.5}, "b": {"auc": math.nan, "acc": 0.5}}
     other = {"a": {"auc": 0.9, "acc": 0.5}, "b": {"auc": 0.7, "acc": 0.6}}
@@ -302,7 +302,7 @@ def test_delta_m_replicates_are_delta_m_on_each_joint_resample_of_independently_
     """Each replicate is LibMTL's Δm of the seed means recomputed by compute_metrics on the resampled rows of
     every dataset (mae lower is better, the ordinal grade rule of each side), each dataset drawn from its own
     generator; the chunking of the draws changes nothing."""
-    from mmpt.experiments.delta_m import delta_m, delta_m_bootstrap, resampled_metrics
+    from mmpt.analysis.delta_m import delta_m, delta_m_bootstrap, resampled_metrics
     from mmpt.tasks import FLAGS as ORDER
 
     rng = np.random.default_rng(11)
@@ -346,7 +346,7 @@ def test_compare_gives_delta_m_an_interval_zero_for_a_copy_of_the_reference(seri
     import csv
     import shutil
 
-    from mmpt.experiments.compare_report import write_compare
+    from mmpt.analysis.report import write_compare
 
     copy = tmp_path / "copy"
     shutil.copytree(series[0], copy)
@@ -371,9 +371,9 @@ def test_compare_gives_delta_m_an_interval_zero_for_a_copy_of_the_reference(seri
 def test_compare_leaves_out_a_dataset_none_of_the_metrics_applies_to(tmp_path):
     """qwk and mae exist for ordinal datasets only: asked for alone, a binary dataset has nothing to compare and is
     left out (named); with no dataset left, one line says what to do (it was a KeyError traceback)."""
-    from mmpt.bench.compare import write_series
+    from benchmarks.compare import write_series
+    from mmpt.analysis.report import format_compare
     from mmpt.errors import MmptError
-    from mmpt.experiments.compare_report import format_compare
 
     series = write_series(tmp_path, ["breastmnist", "retinamnist"], seeds=1, max_images=40)
     result = compare_runs(series, metrics=["qwk"], n_resamples=30, seed=0)

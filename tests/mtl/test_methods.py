@@ -13,10 +13,11 @@ from torch import nn
 from torchjd import scalarization
 
 from mmpt.config import load_config
+from mmpt.config.methods import METHODS, environment_problems, method_problems, missing_solvers
 from mmpt.errors import MmptError
-from mmpt.mtl import METHODS, environment_problems, method_problems, missing_solvers, torchjd_state
+from mmpt.mtl import torchjd_state
 from mmpt.mtl.build import build_method
-from mmpt.precision import LossScale
+from mmpt.runtime.precision import LossScale
 from tests.helpers import REPO
 
 SIZES = {"pathmnist": 89996, "breastmnist": 546, "retinamnist": 1080}

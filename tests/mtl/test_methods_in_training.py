@@ -8,17 +8,18 @@ import json
 import pytest
 import torch
 
-import mmpt.step
-from mmpt import checkpoint as ckpt
+import mmpt.training.step
 from mmpt.config import load_config
+from mmpt.config.methods import ALL, METHODS, STATIC, missing_solvers
 from mmpt.data.loader import plan_loader
 from mmpt.data.store import open_data
 from mmpt.errors import MmptError
-from mmpt.mtl import ALL, METHODS, STATIC, missing_solvers
-from mmpt.recipe import build_model, build_sampler, build_step
-from mmpt.rundir import RunDir
+from mmpt.model.build import build_model
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import RunDir
 from mmpt.tasks import resolve_tasks
-from mmpt.train import run
+from mmpt.training.build import build_sampler, build_step
+from mmpt.training.loop import run
 from tests.helpers import ddp_config, finish, summary, tiny_config, torchrun, write_config
 from tests.tolerances import above, below
 
@@ -125,7 +126,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tm
     """FAMO's logits, their Adam state and its last step's losses are in last.pt (UW's state: test_methods.py)."""
     reference = summary(trained(method)[0])
     cfg = mtl_config(synthetic_root, tmp_path / method, method, checkpoint={"every_steps": 3})
-    real_seed = mmpt.step.augmentation_seed
+    real_seed = mmpt.training.step.augmentation_seed
     crash_step = 5  # of 8 (every dataset in every step)
 
     def crash_at(seed, step, rank):
@@ -133,7 +134,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(synthetic_root, tm
             raise RuntimeError("simulated crash")
         return real_seed(seed, step, rank)
 
-    monkeypatch.setattr(mmpt.step, "augmentation_seed", crash_at)
+    monkeypatch.setattr(mmpt.training.step, "augmentation_seed", crash_at)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     monkeypatch.undo()

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mmpt.config.methods import METHODS, missing_solvers
 from mmpt.data.sampler import Sampler
 from mmpt.data.synthetic import write_synthetic
-from mmpt.mtl import METHODS, missing_solvers
 from mmpt.mtl.static import StaticMethod
-from mmpt.rundir import RunDir
+from mmpt.runs.rundir import RunDir
 from mmpt.tasks import TASKS
-from mmpt.train import run
+from mmpt.training.loop import run
 from tests.helpers import tiny_config
 
 QUICKSTART = "quickstart"

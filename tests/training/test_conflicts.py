@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpt import checkpoint as ckpt
 from mmpt.config import InputConfig, ModelConfig
-from mmpt.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP, conflict_interval, conflict_source
 from mmpt.data.loader import Part
 from mmpt.data.store import open_data
-from mmpt.plots import conflict_figure, conflict_title, plot_gradient_conflicts
-from mmpt.recipe import build_model, build_sampler, build_step
-from mmpt.rundir import RunDir
+from mmpt.evaluation.plots import conflict_figure, conflict_title, plot_gradient_conflicts
+from mmpt.model.build import build_model
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import RunDir
 from mmpt.tasks import FLAGS, resolve_tasks
-from mmpt.train import run
+from mmpt.training.build import build_sampler, build_step
+from mmpt.training.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP, conflict_interval, conflict_source
+from mmpt.training.loop import run
 from tests.helpers import assert_png, crash_at_step, refuse_reads_from_mmpt, summary, tiny_config
 
 THREE = ["breast", "retina", "chest"]  # medmnist order: chest, retina, breast

@@ -21,10 +21,10 @@ import pytest
 import torch
 import yaml
 
-from mmpt import checkpoint as ckpt
 from mmpt.config import load_config
-from mmpt.rundir import Results, RunDir
-from mmpt.train import run
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
+from mmpt.training.loop import run
 from tests.helpers import DDP_DATASETS as DATASETS
 from tests.helpers import ddp_config, finish, summary, torchrun, write_config
 from tests.tolerances import above, below

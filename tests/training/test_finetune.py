@@ -9,15 +9,15 @@ import io
 import pytest
 import torch
 
-from mmpt import checkpoint as ckpt
 from mmpt.cli import train_main
 from mmpt.config import CheckpointConfig
 from mmpt.errors import MmptError
-from mmpt.optim import BACKBONE
-from mmpt.recipe import build_model, load_initial_weights
-from mmpt.rundir import RunDir
+from mmpt.model.build import build_model, load_initial_weights
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import RunDir
 from mmpt.tasks import resolve_tasks
-from mmpt.train import run
+from mmpt.training.loop import run
+from mmpt.training.optim import BACKBONE
 from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}

@@ -1,6 +1,6 @@
 """The paths a GPU run takes, checked on the CPU: resume across GPU counts, train.precision auto and train.tf32,
 compile with per-dataset BatchNorm and with a gradient-based method, fp16 with gradient-based methods, and
-`python -m mmpt.bench gpu`, whose CPU dry run (tiny models, a few images) exercises every check's code path."""
+`python -m benchmarks gpu`, whose CPU dry run (tiny models, a few images) exercises every check's code path."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import sys
 import pytest
 import torch
 
-from mmpt import checkpoint as ckpt
-from mmpt.bench.gpu import format_table, run_gpu_check
-from mmpt.bench.gpu_context import CHECKS, TINY, Context
+from benchmarks.gpu import format_table, run_gpu_check
+from benchmarks.gpu_context import CHECKS, TINY, Context
 from mmpt.config import load_config, recorded_config, to_dict
-from mmpt.distributed import SINGLE
 from mmpt.errors import MmptError
-from mmpt.precision import resolve_precision
-from mmpt.recipe import build_model
-from mmpt.step import dropout_seed
+from mmpt.model.build import build_model
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runtime.distributed import SINGLE
+from mmpt.runtime.precision import resolve_precision
 from mmpt.tasks import resolve_tasks
-from mmpt.trainlog import numerics_description, resumed_line
+from mmpt.training.log import numerics_description, resumed_line
+from mmpt.training.step import dropout_seed
 from tests.helpers import REPO
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_tf32_is_its_own_setting_and_the_start_line_says_it_on_cuda():
 
 def test_tf32_follows_train_tf32_with_determinism_on():
     probe = (
-        "import torch; from mmpt.runtime import configure_determinism\n"
+        "import torch; from mmpt.runtime.process import configure_determinism\n"
         "configure_determinism(0, True, True); a = torch.backends.cuda.matmul.allow_tf32\n"
         "configure_determinism(0, True, False); b = torch.backends.cuda.matmul.allow_tf32\n"
         "print(a, b, torch.are_deterministic_algorithms_enabled())"
@@ -120,7 +120,7 @@ def test_each_rank_draws_its_own_dropout_masks_from_seed_step_and_rank():
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m mmpt.bench gpu: the CPU dry run
+# python -m benchmarks gpu: the CPU dry run
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def dry_run(tmp_path_factory):
 
 def test_bench_gpu_help_names_every_check():
     out = subprocess.run(
-        [sys.executable, "-m", "mmpt.bench", "gpu", "--help"], capture_output=True, text=True, check=True, cwd=REPO
+        [sys.executable, "-m", "benchmarks", "gpu", "--help"], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert "--device" in out.stdout and all(name in out.stdout for name in CHECKS)
 
@@ -201,7 +201,7 @@ def test_fp16_updates_the_backbone_as_much_as_bf16(dry_run, method):
     ],
 )
 def test_the_peak_table_tells_the_h100_and_h200_variants_and_the_h20_apart(name, bf16):
-    from mmpt.bench.train_report import peak_flops
+    from benchmarks.train_report import peak_flops
 
     assert peak_flops(name, "bf16") == bf16
 

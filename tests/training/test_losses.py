@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from mmpt.errors import MmptError
-from mmpt.losses import CoralLoss, CornLoss, build_loss
-from mmpt.metrics import compute_metrics, predicted_grades
-from mmpt.model import CoralHead, build_head
+from mmpt.evaluation.metrics import compute_metrics, predicted_grades
+from mmpt.model.losses import CoralLoss, CornLoss, build_loss
+from mmpt.model.net import CoralHead, build_head
 from mmpt.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
 from tests.helpers import tiny_config
 from tests.tolerances import above, below
@@ -269,8 +269,8 @@ def test_the_validation_loss_of_a_checkpoint_does_not_depend_on_the_eval_batch_s
     """evaluate_all's loss is the mean over the split's loss terms (CORN: over its (image, threshold) pairs), at eval
     batch size 7 as at 64 and as over the whole split at once; train.monitor val_loss picks best.pt by it."""
     from mmpt.data.store import open_data
-    from mmpt.predict import evaluate_all, split_loader
-    from mmpt.recipe import build_model, build_transform
+    from mmpt.evaluation.predict import evaluate_all, split_loader
+    from mmpt.model.build import build_model, build_transform
     from mmpt.tasks import resolve_tasks
 
     cfg = tiny_config(

@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 
-from mmpt.backbones import BACKBONES, create_backbone, resolve_backbone
 from mmpt.config import load_config
+from mmpt.config.settings import parse_override
 from mmpt.errors import MmptError
-from mmpt.recipe import build_model, build_transform
-from mmpt.settings import parse_override
+from mmpt.model.backbones import BACKBONES, create_backbone, resolve_backbone
+from mmpt.model.build import build_model, build_transform
 from mmpt.tasks import FLAGS, TASKS, resolve_tasks
 
 

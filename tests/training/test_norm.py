@@ -10,14 +10,15 @@ import timm
 import torch
 from torch import nn
 
-import mmpt.step
-from mmpt import checkpoint as ckpt
+import mmpt.training.step
 from mmpt.errors import MmptError
-from mmpt.norm import NormLayout, convert_norms, task_norms
-from mmpt.recipe import build_model, build_sampler
-from mmpt.rundir import Results, RunDir
+from mmpt.model.build import build_model
+from mmpt.model.norm import NormLayout, convert_norms, task_norms
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
-from mmpt.train import run
+from mmpt.training.build import build_sampler
+from mmpt.training.loop import run
 from tests.helpers import REPO, crash_at_step, finish, summary, tiny_config, torchrun, write_config
 from tests.tolerances import above, below
 
@@ -204,7 +205,7 @@ def test_model_norm_cannot_change_on_resume(synthetic_root, tmp_path, monkeypatc
 
 def test_shared_and_per_dataset_runs_of_one_seed_see_the_same_plan(synthetic_root, tmp_path, monkeypatch):
     seen: dict[str, list] = {}
-    real_step = mmpt.step.TrainStep.__call__
+    real_step = mmpt.training.step.TrainStep.__call__
 
     def record(self, parts, step):
         seen.setdefault(self.model.norm, []).append(
@@ -212,7 +213,7 @@ def test_shared_and_per_dataset_runs_of_one_seed_see_the_same_plan(synthetic_roo
         )
         return real_step(self, parts, step)
 
-    monkeypatch.setattr(mmpt.step.TrainStep, "__call__", record)
+    monkeypatch.setattr(mmpt.training.step.TrainStep, "__call__", record)
     for norm in ("shared", "per_dataset_stats"):
         run(
             tiny_config(
@@ -250,7 +251,7 @@ def saved_model(tmp_path, norm: str, datasets: str):
 
 
 def target_model(norm: str, datasets: str, source):
-    from mmpt.recipe import load_initial_weights
+    from mmpt.model.build import load_initial_weights
 
     cfg = tiny_config(
         "/nonexistent",
@@ -418,8 +419,8 @@ def test_recalibration_at_the_smallest_evaluation_batch_sizes_trains_no_single_i
 def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_run):
     """With the whole split in one batch the first BatchNorm's statistics are exactly the batch's (by hand)."""
     from mmpt.data.store import open_data
-    from mmpt.norm_calibration import recalibrate
-    from mmpt.recipe import build_transform
+    from mmpt.model.build import build_transform
+    from mmpt.model.calibration import recalibrate
 
     state = ckpt.load(RunDir(shared_run).best)
     from mmpt.config import from_dict
@@ -449,8 +450,8 @@ def test_recalibration_sets_each_datasets_statistics_to_its_own_images(shared_ru
 def test_probe_features_of_a_dataset_come_through_its_own_statistics(shared_run, tmp_path):
     from mmpt.cli import evaluate_main
     from mmpt.data.store import open_data
-    from mmpt.experiments.probe import extract_features
-    from mmpt.recipe import load_backbone
+    from mmpt.evaluation.probe import extract_features
+    from mmpt.model.build import load_backbone
 
     model, cfg = load_backbone(shared_run)
     model.split_norm_statistics()
@@ -525,8 +526,8 @@ def test_start_lines_state_each_datasets_share_of_steps_and_passes_over_its_imag
 def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
     from pathlib import Path
 
-    from mmpt.distributed import SINGLE
-    from mmpt.trainlog import describe
+    from mmpt.runtime.distributed import SINGLE
+    from mmpt.training.log import describe
 
     cfg = tiny_config(
         "/nonexistent",
@@ -546,14 +547,14 @@ def test_the_start_lines_show_the_exposure_and_the_norm(tmp_path):
 
 
 def test_a_batch_of_one_is_refused_with_per_dataset_batchnorm_too():
-    from mmpt.model import check_batch_size
+    from mmpt.model.net import check_batch_size
 
     with pytest.raises(MmptError, match="cannot train on one image"):
         check_batch_size(model_with("per_dataset"), 1)
 
 
 def test_a_datasets_plain_state_dict_loads_into_timm_and_gives_its_features():
-    from mmpt.norm_transfer import plain_state_dict
+    from mmpt.model.transfer import plain_state_dict
 
     model = model_with("per_dataset").eval()
     with torch.no_grad():
@@ -590,7 +591,7 @@ def test_auto_keeps_statistics_apart_only_where_there_is_batchnorm_and_more_than
 def test_an_auto_run_is_the_per_dataset_stats_run_and_its_checkpoint_says_so(
     synthetic_root, tmp_path, norm_reference, capsys
 ):
-    from mmpt.norm import saved_norm
+    from mmpt.model.norm import saved_norm
 
     norm, reference, _out = norm_reference
     assert norm == "per_dataset_stats"
@@ -646,7 +647,7 @@ def test_no_calibration_batch_or_rank_shard_of_one_holds_a_single_image_for_any_
     from mmpt.config import Config
     from mmpt.data.loader import shard
     from mmpt.data.sampler import batch_count
-    from mmpt.norm_calibration import calibration_batches
+    from mmpt.model.calibration import calibration_batches
 
     sizes = sorted({info["n_samples"]["train"] for info in medmnist.INFO.values()})
     assert len(sizes) == 18 and sizes[0] == 546
@@ -677,7 +678,7 @@ def test_no_calibration_batch_or_rank_shard_of_one_holds_a_single_image_for_any_
 def test_calibration_batches_are_a_pure_function_of_seed_and_epoch_and_draw_from_no_training_stream():
     import random
 
-    from mmpt.norm_calibration import calibration_batches
+    from mmpt.model.calibration import calibration_batches
 
     np.random.seed(3)
     random.seed(3)
@@ -705,7 +706,7 @@ def test_calibration_batches_are_a_pure_function_of_seed_and_epoch_and_draw_from
 
 def calibration_model(synthetic_root, norm="per_dataset_stats"):
     from mmpt.data.store import open_data
-    from mmpt.recipe import build_transform
+    from mmpt.model.build import build_transform
 
     cfg = tiny_config(synthetic_root, "/nonexistent", data={"datasets": ["breast", "retina"]}, model={"norm": norm})
     tasks = resolve_tasks(cfg.data.datasets)
@@ -721,7 +722,7 @@ def calibration_model(synthetic_root, norm="per_dataset_stats"):
 
 
 def test_calibration_sets_each_datasets_statistics_to_the_average_over_its_batches_by_hand(synthetic_root):
-    from mmpt.norm_calibration import calibrate_norms, calibration_batches
+    from mmpt.model.calibration import calibrate_norms, calibration_batches
 
     model, transform, splits = calibration_model(synthetic_root)
     before = copy.deepcopy(model.state_dict())
@@ -779,7 +780,7 @@ def test_best_checkpoint_holds_the_statistics_calibrated_for_its_weights(synthet
     chose it: calibrating its weights again with that epoch's batches gives them bit for bit."""
     from mmpt.config import recorded_config
     from mmpt.data.store import open_data
-    from mmpt.recipe import build_transform, calibrate_statistics
+    from mmpt.model.build import build_transform, calibrate_statistics
 
     _norm, reference, out = norm_reference
     best = ckpt.load(RunDir(out).best)
@@ -806,8 +807,8 @@ def test_under_torchrun_without_sync_norm_the_calibration_averages_the_ranks_sha
     from mmpt.config import recorded_config
     from mmpt.data.loader import shard
     from mmpt.data.store import open_data
-    from mmpt.norm_calibration import calibration_batches, estimate_statistics
-    from mmpt.recipe import build_transform
+    from mmpt.model.build import build_transform
+    from mmpt.model.calibration import calibration_batches, estimate_statistics
 
     raw = {
         "name": "ddp",

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from mmpt.backbones import create_backbone
 from mmpt.config import load_config
 from mmpt.errors import MmptError
-from mmpt.optim import BACKBONE, SHARED, build_optimizers, check_layer_decay
-from mmpt.recipe import build_model
+from mmpt.model.backbones import create_backbone
+from mmpt.model.build import build_model
 from mmpt.tasks import resolve_tasks
+from mmpt.training.optim import BACKBONE, SHARED, build_optimizers, check_layer_decay
 
 TASKS = ("a", "b", "c")
 

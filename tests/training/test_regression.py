@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpt.mtl import METHODS, missing_solvers
+from mmpt.config.methods import METHODS, missing_solvers
 from tests.helpers import REPO
 from tests.training.regression import QUICKSTART, run_names
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mmpt.step
-import mmpt.train
-from mmpt import checkpoint as ckpt
+import mmpt.training.loop
+import mmpt.training.step
 from mmpt.config import to_dict
-from mmpt.rundir import RunDir
-from mmpt.train import run
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import RunDir
+from mmpt.training.loop import run
 from tests.helpers import REPO, crash_at_step, summary, tiny_config
 
 SMALL = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
@@ -171,7 +171,7 @@ def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
 ):
     # evaluate_all runs once per epoch (3) and once for the test report: a signal arrives in its `call`-th run
     out = tmp_path / "a run; with spaces"
-    real, calls = mmpt.train.evaluate_all, []
+    real, calls = mmpt.training.loop.evaluate_all, []
 
     def signalled(*args, stop, **kwargs):
         calls.append(1)
@@ -179,8 +179,8 @@ def test_stop_during_validation_or_test_resumes_to_the_uninterrupted_result(
             stop.received = "SIGTERM"
         return real(*args, stop=stop, **kwargs)
 
-    monkeypatch.setattr(mmpt.train, "evaluate_all", signalled)
-    with pytest.raises(mmpt.train.Stopped) as stopped:
+    monkeypatch.setattr(mmpt.training.loop, "evaluate_all", signalled)
+    with pytest.raises(mmpt.training.loop.Stopped) as stopped:
         run(resume_config(synthetic_root, out))
     monkeypatch.undo()
     # the printed command pastes into a shell as it is, whatever the folder's name

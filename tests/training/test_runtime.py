@@ -13,14 +13,14 @@ import torch
 
 from mmpt.errors import MmptError
 from mmpt.io import write_text
-from mmpt.rundir import RunDir, prepare_run_dir
-from mmpt.runtime import configure_determinism
+from mmpt.runs.rundir import RunDir, prepare_run_dir
+from mmpt.runtime.process import configure_determinism
 
 # The switches are global, so they are set in a fresh interpreter (off first: on sets an env variable for good).
 PROBE = textwrap.dedent(
     """
     import json, os, torch
-    from mmpt.runtime import configure_determinism, environment
+    from mmpt.runtime.process import configure_determinism, environment
     result = {}
     for mode in (False, True):
         configure_determinism(0, mode)
@@ -77,7 +77,7 @@ def test_determinism_warns_when_cuda_started_before_the_cublas_setting(monkeypat
 
 
 # The --overwrite tests below check the on-disk layout itself: they spell the run folder's names out on purpose
-# (not through RunDir or mmpt.runnames), so that a renamed output fails here.
+# (not through RunDir or mmpt.runs.names), so that a renamed output fails here.
 
 
 def test_overwrite_clears_mmpt_outputs_by_name_and_keeps_everything_else(tmp_path, capsys):

@@ -10,8 +10,9 @@ import torch
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.store import open_data
-from mmpt.recipe import build_model, build_sampler, build_step
+from mmpt.model.build import build_model
 from mmpt.tasks import resolve_tasks
+from mmpt.training.build import build_sampler, build_step
 from tests.helpers import refuse_reads_from_mmpt
 
 
@@ -68,7 +69,7 @@ def test_step_trains_in_reduced_precision(synthetic_root, precision):
 
 
 def test_augmentation_differs_across_ranks_and_replays_from_seed_step_and_rank():
-    from mmpt.step import augmentation_seed
+    from mmpt.training.step import augmentation_seed
 
     assert augmentation_seed(0, 5, 0) == augmentation_seed(0, 5, 0)
     assert (

@@ -9,10 +9,10 @@ import pytest
 import torch
 from medmnist import Evaluator
 
-from mmpt import checkpoint as ckpt
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config, to_dict
-from mmpt.rundir import Results, RunDir
+from mmpt.runs import checkpoint as ckpt
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import FLAGS
 from tests.helpers import summary, tiny_config
 from tests.tolerances import above
@@ -22,7 +22,7 @@ from tests.tolerances import above
 @pytest.fixture(scope="module")
 def mmpt_run(synthetic_root, tmp_path_factory):
     """One mm-PT run over all 12 synthetic datasets (8 epochs), shared by the tests that read its outputs."""
-    from mmpt.train import run
+    from mmpt.training.loop import run
 
     out = tmp_path_factory.mktemp("runs") / "all12"
     cfg = tiny_config(synthetic_root, out, train={"epochs": 8})
@@ -147,7 +147,7 @@ def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_root, tmp_path):
-    from mmpt.train import run
+    from mmpt.training.loop import run
 
     small = {"datasets": ["breast", "retina", "chest"], "num_workers": 0}
     digests = []
@@ -168,7 +168,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(synthetic_r
 
 
 def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(synthetic_root, tmp_path, capsys):
-    from mmpt.train import run
+    from mmpt.training.loop import run
 
     # an LR far below float32 resolution leaves the weights as they are, so validation never improves after
     # epoch 1; test_vit has no BatchNorm statistics that would move anyway (and runs in native mode at 28 px)

@@ -2,7 +2,8 @@
 
 The distributed tests' side runs (one per loss, one per BatchNorm setting) share one torchrun job this way, where a
 job per config would start torchrun and two workers, each importing torch and timm afresh. The process group is
-made by the first run and joined by the next (mmpt.distributed.init), as each run of train.py would make its own.
+made by the first run and joined by the next (mmpt.runtime.distributed.init), as each run of train.py would make
+its own.
 """
 
 import sys

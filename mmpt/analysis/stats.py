@@ -1,0 +1,469 @@
+"""Paired statistics over test images: a vectorised paired bootstrap of every metric, and DeLong's AUC interval.
+
+Bootstrap. One call of scipy.stats.bootstrap per dataset (`paired=True`, percentile, the seed's generator)
+draws each resample of test images once, as index rows; every model of every run is evaluated on it. A
+resample is turned into counts (how often each image was drawn), and every metric is a function of
+weighted counts, computed for a chunk of resamples at once:
+- AUC (Mann–Whitney form, ties counted half): per score column, one sort of the smaller side (positives
+  or negatives) and, for each image of the other side, how many of those lie below it (ties half); a
+  resample's AUC is then one cumulative sum of the smaller side's counts and one sparse product that sums
+  the other side's counts by that number. One-vs-rest per class for multi-class and ordinal (the mean
+  over classes, as medmnist), per label for multi-label, the positive column for binary.
+- acc, balanced_acc, kappa, qwk, mae: from each resample's weighted confusion matrix, one sparse product.
+The draws are scipy's, so the intervals equal those of the per-resample loop (mmpt.analysis.compare.
+paired_bootstrap, kept for the test that checks this and for the benchmark) to rounding.
+
+DeLong. `delong_components` gives each AUC and each test image's structural component (DeLong, DeLong &
+Clarke-Pearson 1988, computed from midranks as Sun & Xu 2014, O(n log n)); the variance of any linear
+combination of AUCs on the same images (a seed mean, a paired difference) is the squared norm of the
+same combination of components. For a binary AUC and for the difference of two binary AUCs this is
+exactly DeLong's (co)variance S10/m + S01/n. medmnist's multi-class and multi-label AUC is a mean of
+per-class (one-vs-rest) or per-label AUCs whose positive/negative split differs from class to class;
+its interval is that of this mean, with the covariance of the per-class AUCs estimated from the same
+per-image components (each class's components scaled by its own split, as DeLong scales one AUC's).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+from scipy import stats
+
+from mmpt.evaluation.metrics import THRESHOLD, compute_metrics, predicted_grades
+from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
+
+CONFIDENCE = 0.95
+BOOTSTRAP_BATCH = 20  # resamples per statistic call of the loop path: bounds memory (batch × images × classes)
+CHUNK_VALUES = 1 << 22  # resamples × images per chunk: bounds memory (a few float64 arrays of this size)
+
+
+# ---------------------------------------------------------------- per-model inputs, independent of the resample
+
+
+@dataclass
+class _AucColumn:
+    """One binary AUC problem of one model, prepared once. The smaller side (positives or negatives) is
+    `cumulated`, sorted by score; `slots` maps every image of the other side to the number of cumulated
+    images scoring below it (a tie counts half: half a 1 at `below`, half at `at most as high`)."""
+
+    cumulated: np.ndarray  # indices of the smaller side, sorted by score
+    slots: scipy.sparse.csr_matrix  # (cumulated + 1) × images
+    cumulated_positives: bool
+
+
+def _auc_column(positive: np.ndarray, score: np.ndarray) -> _AucColumn:
+    # the cumulative sum runs over the smaller side (a class is a small share of the images)
+    cumulated_positives = bool(positive.sum() < len(positive) / 2)
+    cumulated = np.flatnonzero(positive if cumulated_positives else ~positive)
+    cumulated = cumulated[np.argsort(score[cumulated], kind="stable")]
+    other = np.flatnonzero(~positive if cumulated_positives else positive)
+    below = np.searchsorted(score[cumulated], score[other], side="left")
+    through = np.searchsorted(score[cumulated], score[other], side="right")
+    # duplicate entries add up: an image without ties gets 0.5 + 0.5 at one slot
+    slots = scipy.sparse.csr_matrix(
+        (np.full(2 * len(other), 0.5), (np.concatenate([below, through]), np.concatenate([other, other]))),
+        shape=(len(cumulated) + 1, len(positive)),
+    )
+    return _AucColumn(cumulated, slots, cumulated_positives)
+
+
+def _auc_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(positive mask, score) of each binary AUC whose mean is medmnist's AUC of the task."""
+    if task.task_type == BINARY:
+        return [(labels[:, 0] == 1, scores[:, -1])]
+    if task.task_type == MULTI_LABEL:
+        return [(labels[:, k] == 1, scores[:, k]) for k in range(task.num_classes)]
+    return [(labels[:, 0] == k, scores[:, k]) for k in range(task.num_classes)]
+
+
+def auc_interval_undefined(task: TaskSpec, labels: np.ndarray) -> str | None:
+    """Why no interval of medmnist's AUC of `task` on these test labels can be computed, or None: one of the binary
+    problems it averages (a class one-vs-rest, a label, the positive class) has fewer than two test images on a
+    side. DeLong's variance divides by m(m−1) and n(n−1); a bootstrap that draws one image again and again says
+    nothing about its class. The reason names the first such class."""
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    width = max(2, task.num_classes)
+    for k, (positive, _) in enumerate(_auc_problems(task, labels, np.zeros((len(labels), width)))):
+        m, n = int(positive.sum()), int((~positive).sum())
+        if min(m, n) >= 2:
+            continue
+        count = min(m, n)
+        images = f"{count} test image{'' if count == 1 else 's'}"
+        if task.task_type == BINARY:
+            shown = 1 if m < 2 else 0
+            what = f"class {shown} ({task.class_names[shown]}) has {images}"
+        elif task.task_type == MULTI_LABEL:
+            what = f"label {k} ({task.class_names[k]}) is {'positive' if m < 2 else 'negative'} in {images}"
+        elif m < 2:
+            what = f"class {k} ({task.class_names[k]}) has {images}"
+        else:
+            what = f"all but {images} are class {k} ({task.class_names[k]})"
+        return f"{what}; an AUC interval needs two on each side of every class"
+    return None
+
+
+def clipped(low: float, high: float, lowest: float, highest: float) -> tuple[float, float]:
+    """(low, high) within [lowest, highest]. NaN stays NaN: Python's max and min would turn it into a bound, and an
+    interval that cannot be computed would print as [0, 1]."""
+    return float(np.clip(low, lowest, highest)), float(np.clip(high, lowest, highest))
+
+
+def _class_problems(task: TaskSpec, labels: np.ndarray, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(true class, predicted class, classes) of each problem whose mean acc/balanced_acc/kappa is the task's."""
+    if task.task_type == BINARY:
+        return [(labels[:, 0], (scores[:, -1] > THRESHOLD).astype(np.int64), 2)]
+    if task.task_type == MULTI_LABEL:
+        return [(labels[:, k], (scores[:, k] > THRESHOLD).astype(np.int64), 2) for k in range(task.num_classes)]
+    return [(labels[:, 0], scores.argmax(axis=1), task.num_classes)]
+
+
+@dataclass
+class _Model:
+    """One model's (one seed's) prepared inputs and where its confusion counts sit in the shared sparse matrix."""
+
+    auc: list[_AucColumn]
+    confusions: list[tuple[int, int]]  # (first column, classes) of each class problem
+    grades: tuple[int, int] | None  # (first column, classes) of the ordinal grade confusion
+
+
+class PreparedDataset:
+    """All models of all runs on one dataset's test images, prepared for weighted evaluation."""
+
+    def __init__(
+        self, task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str]
+    ):
+        self.task, self.metrics, self.n = task, list(metrics), len(labels)
+        labels = np.asarray(labels).reshape(len(labels), -1)
+        need_confusion = bool({"acc", "balanced_acc", "kappa"} & set(metrics))
+        need_grades = task.task_type == ORDINAL and bool({"qwk", "mae"} & set(metrics))
+        rows, cols, width = [], [], 0
+        self.runs: list[list[_Model]] = []
+        for seeds, grade_rule in runs:
+            models = []
+            for scores in seeds:
+                scores = np.asarray(scores, dtype=np.float64)
+                auc = [_auc_column(p, s) for p, s in _auc_problems(task, labels, scores)] if "auc" in metrics else []
+                confusions = []
+                if need_confusion:
+                    for true, predicted, classes in _class_problems(task, labels, scores):
+                        rows.append(np.arange(self.n))
+                        cols.append(width + true * classes + predicted)
+                        confusions.append((width, classes))
+                        width += classes * classes
+                grades = None
+                if need_grades:
+                    k = task.num_classes
+                    rows.append(np.arange(self.n))
+                    cols.append(width + labels[:, 0] * k + predicted_grades(scores, grade_rule))
+                    grades = (width, k)
+                    width += k * k
+                models.append(_Model(auc, confusions, grades))
+            self.runs.append(models)
+        # images × (confusion cells of every problem of every model): one 1 per image and problem
+        self.cells = (
+            scipy.sparse.csc_matrix(
+                (np.ones(sum(len(r) for r in rows)), (np.concatenate(rows), np.concatenate(cols))),
+                shape=(self.n, width),
+            )
+            if rows
+            else None
+        )
+
+    def metric_values(self, counts: np.ndarray) -> list[np.ndarray]:
+        """Per run: resamples × metrics, the seed mean of each metric per resample (counts: images × resamples)."""
+        cells = np.asarray((self.cells.T @ counts).T) if self.cells is not None else None  # resamples × cells
+        out = []
+        for models in self.runs:
+            per_seed = [self._model_metrics(model, counts, cells) for model in models]
+            out.append(np.mean(np.stack(per_seed), axis=0))
+        return out
+
+    def _model_metrics(self, model: _Model, counts: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+        b = counts.shape[1]
+        values = {}
+        if model.auc:
+            # sum then divide, in class order, as medmnist does
+            total = counts.sum(axis=0)
+            aucs = [_weighted_auc(c, counts, total) for c in model.auc]
+            values["auc"] = sum(aucs) / len(aucs)
+        if model.confusions:
+            per_problem = [_confusion_metrics(cells[:, s : s + k * k].reshape(b, k, k)) for s, k in model.confusions]
+            for name in ("acc", "balanced_acc", "kappa"):
+                values[name] = sum(p[name] for p in per_problem) / len(per_problem)
+        if model.grades is not None:
+            s, k = model.grades
+            confusion = cells[:, s : s + k * k].reshape(b, k, k)
+            grade = np.arange(k)
+            distance = grade[:, None] - grade[None, :]
+            values["qwk"] = _kappa(confusion, distance.astype(np.float64) ** 2)
+            values["mae"] = (confusion * np.abs(distance)).sum(axis=(1, 2)) / confusion.sum(axis=(1, 2))
+        return np.stack([values[m] for m in self.metrics], axis=1)  # resamples × metrics
+
+
+def _weighted_auc(column: _AucColumn, counts: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Mann–Whitney AUC (ties half) of each resample (counts: images × resamples; total: the images of each
+    resample); NaN where a side is empty."""
+    # image rows are contiguous: the gather copies rows, the cumulative sum adds rows
+    cumulated = counts[column.cumulated]  # smaller side × resamples, in score order
+    cumulative = np.zeros((cumulated.shape[0] + 1, counts.shape[1]))
+    np.cumsum(cumulated, axis=0, out=cumulative[1:])
+    # other-side counts by how many cumulated images lie below them: (cumulated + 1) × resamples
+    by_slot = column.slots @ counts
+    below_pairs = np.einsum("ij,ij->j", cumulative, by_slot)  # (other, cumulated) pairs, cumulated below
+    pairs = (total - cumulative[-1]) * cumulative[-1]
+    # positives cumulated: a positive beats a negative unless it lies below it
+    beaten = pairs - below_pairs if column.cumulated_positives else below_pairs
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, beaten / pairs, np.nan)
+
+
+def _kappa(confusion: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Cohen's kappa of each resample's confusion (resamples × K × K), as scikit-learn; NaN where undefined."""
+    total = confusion.sum(axis=(1, 2))
+    # outer(predicted totals, true totals) / total, as scikit-learn (the weights are symmetric)
+    expected = confusion.sum(axis=1)[:, :, None] * confusion.sum(axis=2)[:, None, :] / total[:, None, None]
+    numerator = (weights * confusion).sum(axis=(1, 2))
+    denominator = (weights * expected).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator != 0, 1 - numerator / denominator, np.nan)
+
+
+def _confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """acc, balanced_acc (mean recall over the true classes present), kappa from resamples × true × predicted."""
+    k = confusion.shape[1]
+    total = confusion.sum(axis=(1, 2))
+    correct = np.trace(confusion, axis1=1, axis2=2)
+    true_totals = confusion.sum(axis=2)
+    present = true_totals > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, np.diagonal(confusion, axis1=1, axis2=2) / true_totals, 0.0)
+    return {
+        "acc": correct / total,
+        "balanced_acc": recall.sum(axis=1) / present.sum(axis=1),
+        "kappa": _kappa(confusion, 1.0 - np.eye(k)),
+    }
+
+
+def weighted_metrics(
+    task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str], counts: np.ndarray
+) -> list[np.ndarray]:
+    """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric with
+    each image counted as often as `counts` (resamples × images) says. Equals mmpt.evaluation.metrics.compute_metrics
+    on the resampled rows."""
+    counts = np.ascontiguousarray(np.asarray(counts, dtype=np.float64).T)
+    return PreparedDataset(task, labels, runs, metrics).metric_values(counts)
+
+
+def draw_counts(indices: np.ndarray, n: int) -> np.ndarray:
+    """resamples × n draws of image indices -> n × resamples counts (float64)."""
+    b = len(indices)
+    flat = (indices * b + np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(n, b).astype(np.float64)
+
+
+def percentile_interval(result, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of a scipy BootstrapResult; outputs undefined in some resamples (AUC when a class is
+    absent) take the percentile interval of the resamples where they are defined."""
+    low = np.atleast_1d(result.confidence_interval.low).astype(float)
+    high = np.atleast_1d(result.confidence_interval.high).astype(float)
+    undefined = np.isnan(low) | np.isnan(high)
+    if undefined.any():
+        distribution = np.atleast_2d(result.bootstrap_distribution)
+        alpha = (1 - confidence) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-NaN rows stay NaN
+            q = np.nanquantile(distribution, [alpha, 1 - alpha], axis=-1)
+        low, high = np.where(undefined, q[0], low), np.where(undefined, q[1], high)
+    return low, high
+
+
+def resamples_per_chunk(n_resamples: int, n: int, chunk_values: int = CHUNK_VALUES) -> int:
+    """How many resamples of n images to evaluate at once: about `chunk_values` (resample, image) values."""
+    return max(1, min(n_resamples, chunk_values // max(n, 1)))
+
+
+def bootstrap_dataset(
+    task: TaskSpec,
+    labels: np.ndarray,
+    runs: list[tuple[list[np.ndarray], str]],
+    metrics: list[str],
+    *,
+    n_resamples: int,
+    seed: int,
+    chunk_values: int = CHUNK_VALUES,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Percentile intervals of every run on one dataset, from one paired resampling of its test images.
+
+    `runs`: per run, its seeds' score arrays and its grade rule; the first run is the reference. Returns per
+    run (low, high): for the reference len(metrics) values (its seed-mean metrics); for every other run
+    2 × len(metrics): its metrics, then each difference (run − reference) on the same resamples. The same
+    output as paired_bootstrap (below) per (run, dataset) pair, for every pair at once.
+    """
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    n, width = len(labels), len(metrics)
+    prepared = PreparedDataset(task, labels, runs, metrics)
+
+    def statistic(indices, axis=-1):
+        # indices: resamples × images, the paired draws (scipy resamples the index of the observations)
+        indices = np.atleast_2d(indices)
+        values = prepared.metric_values(draw_counts(indices, n))
+        reference = values[0]
+        out = [reference] + [part for mine in values[1:] for part in (mine, mine - reference)]
+        return np.concatenate(out, axis=1).T  # outputs × resamples
+
+    batch = resamples_per_chunk(n_resamples, n, chunk_values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an undefined AUC in some resample is left out of its interval below
+        result = stats.bootstrap(
+            (np.arange(n),),
+            statistic,
+            n_resamples=n_resamples,
+            batch=batch,
+            vectorized=True,
+            paired=True,
+            axis=0,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    low, high = percentile_interval(result)
+    intervals = [(low[:width], high[:width])]
+    for r in range(1, len(runs)):
+        start = width + (r - 1) * 2 * width
+        intervals.append((low[start : start + 2 * width], high[start : start + 2 * width]))
+    return intervals
+
+
+# ---------------------------------------------------------------- DeLong
+
+
+def delong_components(positive: np.ndarray, score: np.ndarray) -> tuple[float, np.ndarray]:
+    """(AUC, per-image structural components ψ) of one binary problem, from midranks (Sun & Xu 2014).
+
+    ψ of a positive image is (V10 − AUC)/√(m(m−1)), of a negative (V01 − AUC)/√(n(n−1)) (m positives,
+    n negatives; V10: the share of negatives it beats, ties half; V01: the share of positives that beat
+    it), so Σψ_a ψ_b over images is DeLong's covariance S10/m + S01/n of two AUCs on the same images.
+    NaN (AUC and every ψ) when either side has fewer than two images.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    m, k = int(positive.sum()), int((~positive).sum())
+    psi = np.full(len(score), np.nan)
+    if m < 2 or k < 2:
+        return (math.nan if min(m, k) == 0 else _mann_whitney(positive, score, m, k)), psi
+    combined = stats.rankdata(score)
+    v10 = (combined[positive] - stats.rankdata(score[positive])) / k
+    v01 = 1.0 - (combined[~positive] - stats.rankdata(score[~positive])) / m
+    auc = float(v10.mean())
+    psi[positive] = (v10 - auc) / math.sqrt(m * (m - 1))
+    psi[~positive] = (v01 - auc) / math.sqrt(k * (k - 1))
+    return auc, psi
+
+
+def _mann_whitney(positive, score, m, k) -> float:
+    ranks = stats.rankdata(score)
+    return float((ranks[positive].sum() - m * (m + 1) / 2) / (m * k))
+
+
+def delong_intervals(
+    task: TaskSpec,
+    labels: np.ndarray,
+    runs: list[list[np.ndarray]],
+    confidence: float = CONFIDENCE,
+) -> list[tuple[float, float, float, float] | tuple[float, float]]:
+    """DeLong intervals of medmnist's AUC (the seed mean) of each run on one dataset's test images.
+
+    Returns for the reference (low, high); for every other run (low, high, diff_low, diff_high), the
+    difference being run − reference, paired on the same images. Normal intervals value ± z·√var,
+    clipped to [0, 1] (differences to [−1, 1]); NaN, never a clipped bound, where a class (or label) has
+    fewer than two images on a side.
+    """
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    values, components = [], []
+    for seeds in runs:
+        # a run's AUC is the mean over seeds of the mean over classes: one mean of its (seed, class) AUCs
+        aucs, psis = [], []
+        for scores in seeds:
+            for positive, score in _auc_problems(task, labels, np.asarray(scores, dtype=np.float64)):
+                a, p = delong_components(positive, score)
+                aucs.append(a)
+                psis.append(p)
+        values.append(float(np.mean(aucs)))
+        components.append(np.mean(psis, axis=0))  # images: ψ of the run's mean AUC
+
+    def interval(value: float, psi: np.ndarray, lowest: float) -> tuple[float, float]:
+        half = z * math.sqrt(float(psi @ psi))  # NaN where a class has fewer than two images on a side
+        return clipped(value - half, value + half, lowest, 1.0)
+
+    out = [interval(values[0], components[0], 0.0)]
+    for value, psi in zip(values[1:], components[1:]):
+        out.append(interval(value, psi, 0.0) + interval(value - values[0], psi - components[0], -1.0))
+    return out
+
+
+# ------------------------------------------------ the loop path (one resample at a time), for tests and benchmarks
+
+
+def _metric_vector(
+    task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str], grade_rule: str = "argmax"
+) -> np.ndarray:
+    """Mean over the models (seeds) of each metric: len(metrics) values."""
+    values = [compute_metrics(task, labels, s, metrics, grade_rule) for s in scores]
+    return np.array([np.mean([v[m] for v in values]) for m in metrics])
+
+
+def paired_bootstrap(
+    task,
+    labels: np.ndarray,
+    reference: list[np.ndarray],
+    other: list[np.ndarray] | None,
+    metrics: list[str],
+    *,
+    n_resamples: int,
+    seed: int,
+    grade_rules: tuple[str, str] = ("argmax", "argmax"),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
+
+    Outputs: the seed-mean of each metric of `reference` when `other` is None; else that of `other`
+    followed by each difference (other − reference) on the same resampled images. Returns (low, high).
+    Resamples in which a metric is undefined (AUC when a class is absent) are left out of its interval.
+    """
+    samples = [labels, *reference, *(other or [])]
+    width = labels.shape[1]
+    n_ref = len(reference)
+
+    def statistic(*arrays, axis=-1):
+        # each array: columns × resamples × images (scipy moved the image axis last and indexed it)
+        out = []
+        for b in range(arrays[0].shape[1]):
+            y = arrays[0][:, b, :].T[:, :width]
+            s = [a[:, b, :].T for a in arrays[1:]]
+            ref = _metric_vector(task, y, s[:n_ref], metrics, grade_rules[0])
+            if other is None:
+                out.append(ref)
+            else:
+                mine = _metric_vector(task, y, s[n_ref:], metrics, grade_rules[1])
+                out.append(np.concatenate([mine, mine - ref]))
+        return np.stack(out, axis=-1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
+        result = stats.bootstrap(
+            samples,
+            statistic,
+            n_resamples=n_resamples,
+            batch=BOOTSTRAP_BATCH,
+            vectorized=True,
+            paired=True,
+            axis=0,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    return percentile_interval(result)  # resamples that miss a class are left out of that AUC's interval

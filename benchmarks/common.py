@@ -1,8 +1,5 @@
-"""What the benchmarks share: a work folder, synthetic files, clocks, memory meters, the engine's step, output.
-
-Nothing here imports timm at module level: the data benchmark's memory scenarios run in fresh processes
-whose baseline must stay the interpreter and torch alone (the engine's parts are imported in `engine_step`).
-"""
+"""What the benchmarks share: a work folder, synthetic files, clocks, memory meters, output. The engine they time
+is built by the training setup itself (`benchmarks.loops.engine`)."""
 
 from __future__ import annotations
 
@@ -19,13 +16,9 @@ from pathlib import Path
 
 import torch
 
-from mmpt.config import Config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.io import check_output_folder, write_json
-from mmpt.model.build import build_model
 from mmpt.tasks import TaskSpec
-from mmpt.training.build import build_sampler, build_step
-from mmpt.training.step import TrainStep
 
 MEMORY_INTERVAL_S = 0.02
 
@@ -171,28 +164,6 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
-
-
-# ---------------------------------------------------------------------------------------------
-# the engine's step, assembled as the training recipe assembles it
-
-
-def engine_step(
-    cfg: Config,
-    tasks: Sequence[TaskSpec],
-    sizes: dict[str, int],
-    device: torch.device,
-    splits: dict | None = None,
-    compile_backend: str = "inductor",
-) -> TrainStep:
-    """The model of `cfg` (every task's head) on `device` and the `TrainStep` that `mmpt.training.loop.run` would
-    assemble for it (`mmpt.model.build.build_step`, single process), in training mode. `splits` (flag -> train
-    SplitData): where the gradient-conflict diagnostic draws its batches, as in training."""
-    model, losses = build_model(cfg, list(tasks))
-    model.to(device)
-    model.train()
-    sampler = build_sampler(cfg, sizes)
-    return build_step(cfg, model, losses, sampler, device, train_splits=splits, compile_backend=compile_backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import torch
 from benchmarks.common import (
     MEMORY_INTERVAL_S,
     MemorySampler,
-    engine_step,
     machine,
     markdown_table,
     pss_anon_shmem,
@@ -55,10 +54,11 @@ from benchmarks.datafiles import (
     write_memory_set,
     write_throughput_files,
 )
+from benchmarks.loops import engine
 from mmpt.config import load_config
 from mmpt.data.loader import plan_loader
 from mmpt.data.sampler import Sampler
-from mmpt.data.store import open_task
+from mmpt.data.store import TaskData, open_task
 from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from mmpt.errors import MmptError
 from mmpt.tasks import TASKS
@@ -225,21 +225,25 @@ def measure_data_wait(
     """
     split = memory_split(path, in_ram=False)
     steps = warmup_steps + timed_steps
-    plan = Sampler({MEMORY_TASK: len(split)}, batch_size).plan(0)
-    assert len(plan) >= steps, f"{len(split)} images give {len(plan)} batches of {batch_size}, fewer than {steps} steps"
+    available = len(split) // batch_size + (len(split) % batch_size > 0)
+    assert available >= steps, f"{len(split)} images give {available} batches of {batch_size}, fewer than {steps} steps"
     cfg = load_config(
         overrides=[
             {
-                "data": {"datasets": [MEMORY_TASK]},
+                "data": {"datasets": [MEMORY_TASK], "num_workers": workers},
                 "model": {"backbone": backbone, "img_size": input_size},
                 "input": {"mode": "pad"},
+                "sampler": {"steps_per_epoch": steps},
                 "train": {"batch_size": batch_size, "epochs": 1, "device": "cpu"},
             }
         ]
     )
     torch.manual_seed(0)
-    step = engine_step(cfg, [TASKS[MEMORY_TASK]], {MEMORY_TASK: len(split)}, torch.device("cpu"))
-    batches = iter(plan_loader({MEMORY_TASK: split}, plan[:steps], num_workers=workers, seed=0))
+    # the run's own step and loader over the memory-mapped file
+    data = {MEMORY_TASK: TaskData(TASKS[MEMORY_TASK], split.shape[1], {"train": split})}
+    setup = engine(cfg, torch.device("cpu"), data=data)
+    step = setup.step
+    batches = iter(setup.train_loader(0))
     wait_s = step_s = 0.0
     for number in range(steps):
         start = time.perf_counter()

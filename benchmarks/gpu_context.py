@@ -3,18 +3,16 @@ and the context each check receives (see benchmarks.gpu)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import mmpt
-from benchmarks.common import engine_step
+from benchmarks.loops import engine
 from benchmarks.train_mtl import runnable
 from mmpt.config import Config, load_config
-from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
-from mmpt.data.store import open_data
 from mmpt.data.synthetic import write_synthetic
 from mmpt.runtime.process import configure_determinism
 from mmpt.tasks import FLAGS, resolve_tasks
@@ -115,23 +113,14 @@ class Context:
 
     def step_and_batches(self, cfg: Config, steps: int, pin: bool = True, compile_backend: str | None = None):
         """The engine's step for `cfg` (seeded) and the first `steps` steps of its plan's batches, already loaded
-        (`compile_backend`: torch.compile's under train.compile, default the check's)."""
+        (`compile_backend`: torch.compile's under train.compile, default the check's); and the run's data."""
+        cfg = runnable(
+            dataclasses.replace(
+                cfg,
+                data=dataclasses.replace(cfg.data, num_workers=0, pin_memory=pin),
+                sampler=dataclasses.replace(cfg.sampler, steps_per_epoch=steps),
+            )
+        )
         configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
-        tasks = resolve_tasks(cfg.data.datasets)
-        data = open_data(cfg.data, tasks)
-        splits = {flag: d.splits["train"] for flag, d in data.items()}
-        sizes = {flag: len(split) for flag, split in splits.items()}
-        backend = compile_backend or self.compile_backend
-        step = engine_step(cfg, tasks, sizes, self.device, splits, compile_backend=backend)
-        s = cfg.sampler
-        plan = Sampler(
-            sizes,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            steps_per_epoch=steps,
-            tasks_per_step=s.tasks_per_step,
-            last_batch=s.last_batch,
-        ).plan(0)
-        pin = pin and self.device.type == "cuda"
-        batches = list(plan_loader(splits, plan, num_workers=0, pin_memory=pin))
-        return step, batches, data
+        setup = engine(cfg, self.device, compile_backend=compile_backend or self.compile_backend)
+        return setup.step, list(setup.train_loader(0)), setup.data

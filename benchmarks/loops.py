@@ -14,8 +14,17 @@ from mmpt.model.backbones import create_backbone
 from mmpt.runtime.precision import autocast, grad_scaler
 from mmpt.training.build import optimizer_arguments
 from mmpt.training.optim import SHARED, build_optimizers
+from mmpt.training.setup import Setup, set_up
 
 BARE_CLASSES = 9  # the bare loop's one head: PathMNIST's 9 classes
+
+
+def engine(cfg, device: torch.device, *, data: dict | None = None, compile_backend: str = "inductor") -> Setup:
+    """What a training run of `cfg` trains with (`mmpt.training.setup.set_up`, one process), its model in training
+    mode: the step and the loaders the benchmarks time are training's own. `data`: splits already opened."""
+    setup = set_up(cfg, device=device, data=data, compile_backend=compile_backend)
+    setup.model.train()
+    return setup
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    engine_step,
     machine,
     median,
     peak_rss_bytes,
@@ -41,14 +40,12 @@ from benchmarks.common import (
     write_result,
     write_synthetic_files,
 )
-from benchmarks.loops import BareLoop, EngineLoop, time_steps
+from benchmarks.loops import BareLoop, EngineLoop, engine, time_steps
 from benchmarks.train_mtl import CONFLICT_CASES, MTL_METHODS, measure_conflicts, measure_mtl_steps
 from benchmarks.train_report import format_table, input_description, peak_flops
 from mmpt.config import Config, DataConfig, TrainConfig, load_config
 from mmpt.config.choices import DEVICE_NAMES, PRECISIONS
-from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler, batches_per_task
-from mmpt.data.store import open_data
+from mmpt.data.sampler import batches_per_task
 from mmpt.errors import MmptError
 from mmpt.model.backbones import resolve_backbone
 from mmpt.runtime.distributed import select_device
@@ -174,27 +171,19 @@ def run_train_benchmark(
         log(f"writing synthetic files of {len(tasks)} datasets at {resolution} px into {root}")
         # one full batch per dataset and pass: each step reads a whole split, through the real store
         write_synthetic_files(root, resolution, tasks, train_samples=batch_size)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
-        data = open_data(cfg.data, tasks)
-        sizes = {flag: len(d.splits["train"]) for flag, d in data.items()}
-        splits = {flag: d.splits["train"] for flag, d in data.items()}
-
+        total_steps = warmup_steps + compile_warmup + repeats * steps
+        # the run's own data, plan and loader: `total_steps` full batches, the benchmark's loader workers
+        timed = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, root=str(root), num_workers=workers),
+            sampler=dataclasses.replace(cfg.sampler, steps_per_epoch=total_steps, last_batch="drop"),
+        )
         configure_determinism(cfg.train.seed, cfg.determinism, cfg.train.tf32)
         bare = BareLoop(cfg, torch_device)
         flops_per_step = bare.flops()
-        step = engine_step(cfg, tasks, sizes, torch_device)
-
-        total_steps = warmup_steps + compile_warmup + repeats * steps
-        plan = Sampler(sizes, batch_size, cfg.train.seed, steps_per_epoch=total_steps, last_batch="drop").plan(0)
-        loader = plan_loader(
-            splits,
-            plan,
-            num_workers=workers,
-            pin_memory=cfg.data.pin_memory and torch_device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch_factor,
-            seed=cfg.train.seed,
-            epoch=0,
-        )
+        setup = engine(timed, torch_device)
+        step, splits, loader = setup.step, setup.train_splits, setup.train_loader(0)
+        cfg = timed
         loops = {"bare": bare, "engine": EngineLoop(step, loader, cfg.train.log_every_steps)}
         for loop in loops.values():
             for _ in range(warmup_steps):
@@ -243,9 +232,7 @@ def run_train_benchmark(
         save()
         mtl = measure_mtl_steps(
             cfg,
-            tasks,
-            sizes,
-            splits,
+            len(tasks),
             torch_device,
             mtl_methods,
             mtl_tasks_per_step,
@@ -258,9 +245,6 @@ def run_train_benchmark(
         save()
         conflicts = measure_conflicts(
             cfg,
-            tasks,
-            sizes,
-            splits,
             torch_device,
             conflict_sources,
             steps=steps,

@@ -10,14 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import (
-    engine_step,
-    median,
-)
-from benchmarks.loops import EngineLoop, time_steps
+from benchmarks.common import median
+from benchmarks.loops import EngineLoop, engine, time_steps
 from mmpt.config import Config, from_dict, to_dict
-from mmpt.data.loader import plan_loader
-from mmpt.data.sampler import Sampler
 from mmpt.errors import MmptError
 from mmpt.training.build import check_run
 from mmpt.training.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
@@ -31,9 +26,7 @@ CONFLICT_CASES = {BATCHES: (1, "none"), STEP: (4, "none"), GRAMIAN: (4, "upgrad"
 
 def measure_mtl_steps(
     cfg,
-    tasks,
-    sizes: dict[str, int],
-    splits: dict,
+    datasets: int,
     device: torch.device,
     methods: tuple[str, ...],
     k: int,
@@ -50,14 +43,17 @@ def measure_mtl_steps(
     if not methods:
         return {"ratios": {}, "refused": {}}
     # compiled: the warm-up also covers every combination's first graph of each size (k datasets from 12: a pass)
-    total = warmup_steps + (len(tasks) if cfg.train.compile else 0) + repeats * steps
+    total = warmup_steps + (datasets if cfg.train.compile else 0) + repeats * steps
     loops, refused = {}, {}
     for method in methods:
         try:
             mcfg = runnable(
                 dataclasses.replace(
                     cfg,
-                    sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+                    data=dataclasses.replace(cfg.data, num_workers=0),
+                    sampler=dataclasses.replace(
+                        cfg.sampler, tasks_per_step=k, steps_per_epoch=total, last_batch="drop"
+                    ),
                     loss=dataclasses.replace(cfg.loss, weighting=method),
                 )
             )
@@ -66,12 +62,8 @@ def measure_mtl_steps(
             log(f"{method} at {k} datasets per step: refused ({exc})")
             continue
         torch.manual_seed(cfg.train.seed)
-        step = engine_step(mcfg, tasks, sizes, device)
-        plan = Sampler(
-            sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
-        ).plan(0)
-        loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
-        loops[method] = EngineLoop(step, loader, cfg.train.log_every_steps)
+        setup = engine(mcfg, device)
+        loops[method] = EngineLoop(setup.step, setup.train_loader(0), cfg.train.log_every_steps)
         for _ in range(total - repeats * steps):
             loops[method]()
     seconds = {method: [] for method in loops}
@@ -102,9 +94,6 @@ def runnable(cfg: Config, world_size: int = 1) -> Config:
 
 def measure_conflicts(
     cfg,
-    tasks,
-    sizes: dict[str, int],
-    splits: dict,
     device: torch.device,
     sources: tuple[str, ...],
     *,
@@ -124,18 +113,16 @@ def measure_conflicts(
         for every in (0, 1):
             mcfg = dataclasses.replace(
                 cfg,
-                sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total),
+                data=dataclasses.replace(cfg.data, num_workers=0),
+                sampler=dataclasses.replace(cfg.sampler, tasks_per_step=k, steps_per_epoch=total, last_batch="drop"),
                 loss=dataclasses.replace(cfg.loss, weighting=method),
                 train=dataclasses.replace(cfg.train, conflict_every_steps=every),
             )
             torch.manual_seed(cfg.train.seed)
-            step = engine_step(mcfg, tasks, sizes, device, splits)
+            setup = engine(mcfg, device)
+            step = setup.step
             assert every == 0 or step.conflicts.source == source, f"{source} case measures {step.conflicts.source}"
-            plan = Sampler(
-                sizes, cfg.train.batch_size, cfg.train.seed, steps_per_epoch=total, last_batch="drop", tasks_per_step=k
-            ).plan(0)
-            loader = plan_loader(splits, plan, num_workers=0, pin_memory=device.type == "cuda")
-            loops[every] = EngineLoop(step, loader, cfg.train.log_every_steps)
+            loops[every] = EngineLoop(step, setup.train_loader(0), cfg.train.log_every_steps)
             for _ in range(warmup_steps):
                 loops[every]()
         seconds = {every: [] for every in loops}

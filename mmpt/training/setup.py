@@ -88,18 +88,20 @@ def set_up(
     device: torch.device | None = None,
     *,
     saved: dict | None = None,
+    data: dict[str, TaskData] | None = None,
     compile_backend: str = "inductor",
 ) -> Setup:
-    """Build everything a run of `cfg` trains with, on `device` (default: train.device's CPU), in training order.
+    """Build everything a run of `cfg` trains with, on `device` (default: the CPU), in training order.
 
     `saved`: the checkpoint a resume continues (its data must match, its precision is kept, --init-from is not
-    applied again). Call it after the process is seeded (mmpt.runtime.process.configure_determinism): the model's
-    initial weights follow the seed. Raises MmptError, on every rank, for anything bad input causes.
+    applied again). `data`: splits already opened (a benchmark's own memory-mapped file); default: cfg.data's
+    files. Call it after the process is seeded (mmpt.runtime.process.configure_determinism): the model's initial
+    weights follow the seed. Raises MmptError, on every rank, for anything bad input causes.
     """
     device = device or torch.device("cpu")
     tasks = resolve_tasks(cfg.data.datasets)
     check_run(cfg, world.world_size)  # backbone, optimizer, world size, weighting and its solvers
-    data = open_data(cfg.data, tasks)
+    data = data if data is not None else open_data(cfg.data, tasks)
     if saved is not None:
         check_resume_data(saved, data, cfg.data.allow_changed)
     model, losses = build_model(cfg, tasks)  # after seeding: the initial weights follow the seed

@@ -199,11 +199,3 @@ def cpu_name() -> str:
 def write_result(path: str | Path, result: dict) -> None:
     """Write the figures as strict JSON (non-finite floats as null), atomically."""
     write_json(Path(path), result)
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    """Rows of cells (the first one the header) as a Markdown table with padded columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)

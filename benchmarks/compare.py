@@ -1,13 +1,15 @@
-"""Compare benchmark: `evaluate.py compare` of two seed series over MedMNIST+'s test sets, vectorised against the loop.
+"""Compare benchmark: `evaluate.py compare` of two seed series over MedMNIST+'s test sets, its bootstrap against the
+per-resample loop.
 
     python -m benchmarks compare [--resamples 1000] [--old-resamples 20] [--jobs 1] [--json PATH]
 
 Writes, in a work folder, what `compare` reads: one npz of test labels per dataset (random, every class
 present) and two folders of 3 seeds (seed<k>/predictions/, the engine's own prediction writer), random
-scores at the real test sizes of all 12 datasets (medmnist.INFO). Then times `compare_runs` (every file
-read, every metric, both sides) with the vectorised bootstrap at --resamples, and the per-resample loop (the
-baseline) at --old-resamples, extrapolated linearly to --resamples (its cost is one loop turn per resample; the
-file reading it also scales is a second or so, so the estimate errs high by that). Both paths run once on
+scores at the real test sizes of all 12 datasets (medmnist.INFO). Then times `compare_runs` whole (every file
+read, every metric, both sides, Δm's interval) at --resamples, and Δm's resampling alone; and the per-dataset
+intervals of every run two ways on the same scores: the package's vectorised bootstrap (one resampling per dataset,
+every run on it) at --resamples, and the per-resample loop (benchmarks/baselines.py, the baseline) at
+--old-resamples, extrapolated linearly to --resamples (its cost is one loop turn per resample). Both run once on
 the same --old-resamples draws and their largest interval difference is reported.
 
 A benchmark, not a test: the figures are printed beside their baseline (the loop) and written to --json, never
@@ -25,12 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from joblib import Parallel, delayed
 
-from benchmarks.common import machine, markdown_table, work_folder, write_result
+from benchmarks.baselines import loop_intervals
+from benchmarks.common import machine, work_folder, write_result
 from mmpt.analysis.compare import compare_runs, load_run, read_labels, read_scores
 from mmpt.analysis.delta_m import delta_m_bootstrap
+from mmpt.analysis.stats import bootstrap_dataset
 from mmpt.errors import MmptError
 from mmpt.evaluation.predict import TaskResult, write_predictions
+from mmpt.io import markdown_table
 from mmpt.runs.rundir import Results
 from mmpt.tasks import BINARY, MULTI_LABEL, TASKS, resolve_tasks
 
@@ -84,7 +90,7 @@ def run_compare_benchmark(
     workdir: str | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Time compare's vectorised path and its per-resample loop (extrapolated); return the figures."""
+    """Time compare, Δm's interval, and the per-dataset intervals vectorised and by the loop (extrapolated)."""
     if resamples < 1 or old_resamples < 0 or seeds < 1:
         raise MmptError("--resamples and --seeds must be at least 1, --old-resamples at least 0")
     if max_images is not None and max_images < 16:
@@ -107,57 +113,65 @@ def run_compare_benchmark(
         log(f"writing labels and 2 × {seeds} prediction folders of {len(flags)} datasets in {work}")
         series = write_series(work, flags, seeds, max_images)
 
-        def timed(resampling: str, n: int) -> tuple[float, dict]:
-            start = time.perf_counter()
-            out = compare_runs(series, metrics=METRICS, n_resamples=n, seed=0, jobs=jobs, resampling=resampling)
-            return time.perf_counter() - start, out
-
-        log(f"vectorised, {resamples} resamples ...")
-        result["new_s"], _ = timed("vectorised", resamples)
-        log(f"  {result['new_s']:.1f} s")
+        start = time.perf_counter()
+        compare_runs(series, metrics=METRICS, n_resamples=resamples, seed=0, jobs=jobs)
+        result["compare_s"] = time.perf_counter() - start
+        log(f"compare, {resamples} resamples: {result['compare_s']:.1f} s")
+        labels, models = _inputs(series, flags)
         log("of which Δm's interval (a second resampling of every dataset) ...")
-        result["delta_m_s"] = _time_delta_m_interval(series, flags, resamples, jobs)
+        start = time.perf_counter()
+        delta_m_bootstrap(labels, models, {f: list(METRICS) for f in flags}, n_resamples=resamples, seed=0, jobs=jobs)
+        result["delta_m_s"] = time.perf_counter() - start
         log(f"  {result['delta_m_s']:.1f} s")
+        log(f"the per-dataset intervals, vectorised, {resamples} resamples ...")
+        result["new_s"], _ = _vectorised(labels, models, resamples, jobs)
+        log(f"  {result['new_s']:.1f} s")
         if old_resamples:
-            log(f"loop, {old_resamples} resamples (extrapolated to {resamples}) ...")
-            old_s, old = timed("loop", old_resamples)
-            _, new = timed("vectorised", old_resamples)
+            log(f"the per-dataset intervals, loop, {old_resamples} resamples (extrapolated to {resamples}) ...")
+            start = time.perf_counter()
+            old = loop_intervals(labels, models, list(METRICS), n_resamples=old_resamples, seed=0, jobs=jobs)
+            old_s = time.perf_counter() - start
+            _, new = _vectorised(labels, models, old_resamples, jobs)
             result["old_measured_s"] = old_s
             result["old_measured_resamples"] = old_resamples
             result["old_s"] = old_s * resamples / old_resamples
             result["old_extrapolated"] = old_resamples != resamples
             result["ratio"] = result["old_s"] / result["new_s"]
-            result["max_interval_difference"] = max(
-                abs(a[k] - b[k])
-                for ra, rb in zip(old["runs"], new["runs"])
-                for f in ra["datasets"]
-                for m in ra["datasets"][f]
-                for a, b in [(ra["datasets"][f][m], rb["datasets"][f][m])]
-                for k in ("ci_low", "ci_high", "diff_ci_low", "diff_ci_high")
-                if k in a
+            result["max_interval_difference"] = float(
+                max(np.nanmax(np.abs(np.asarray(old[key]) - np.asarray(new[key]))) for key in old)
             )
             log(f"  {old_s:.1f} s measured, {result['old_s']:.0f} s extrapolated")
     result["load_avg_at_end"] = os.getloadavg()
     return result
 
 
-def _time_delta_m_interval(series: list[Path], flags: list[str], resamples: int, jobs: int) -> float:
-    """Seconds of Δm's resampling alone, on the files compare reads (read before the clock starts)."""
+def _inputs(series: list[Path], flags: list[str]) -> tuple[dict, dict]:
+    """What compare reads of the series: each dataset's test labels, and per run its seeds' scores and grade rule."""
     runs = [load_run(path) for path in series]
     labels = {f: read_labels(runs[0].seeds[0][f], f) for f in flags}
     models = {f: [([read_scores(member[f]) for member in run.seeds], "argmax") for run in runs] for f in flags}
-    present = {f: list(METRICS) for f in flags}
+    return labels, models
+
+
+def _vectorised(labels: dict, models: dict, resamples: int, jobs: int) -> tuple[float, dict]:
+    """Seconds of the package's per-dataset intervals of every run, and the intervals per (run index, dataset)."""
     start = time.perf_counter()
-    delta_m_bootstrap(labels, models, present, n_resamples=resamples, seed=0, jobs=jobs)
-    return time.perf_counter() - start
+    found = Parallel(n_jobs=jobs)(
+        delayed(bootstrap_dataset)(TASKS[f], labels[f], models[f], list(METRICS), n_resamples=resamples, seed=0)
+        for f in models
+    )
+    seconds = time.perf_counter() - start
+    return seconds, {(i, f): per_run[i] for f, per_run in zip(models, found) for i in range(len(per_run))}
 
 
 def format_table(result: dict) -> str:
     """The figures as a Markdown table: the vectorised path, the loop beside it, and how the loop's was obtained."""
-    rows = [["path", "wall s", "note"], ["vectorised", f"{result['new_s']:.1f}", f"{result['resamples']} resamples"]]
-    if "delta_m_s" in result:
-        share = f"{result['delta_m_s'] / result['new_s']:.0%} of the vectorised compare"
-        rows.append(["of which Δm's interval", f"{result['delta_m_s']:.1f}", share])
+    rows = [
+        ["part", "wall s", "note"],
+        ["compare, whole", f"{result['compare_s']:.1f}", f"{result['resamples']} resamples"],
+        ["Δm's interval", f"{result['delta_m_s']:.1f}", f"{result['delta_m_s'] / result['compare_s']:.0%} of compare"],
+        ["per-dataset intervals, vectorised", f"{result['new_s']:.1f}", f"{result['resamples']} resamples"],
+    ]
     if "old_s" in result:
         note = (
             f"extrapolated linearly from {result['old_measured_resamples']} resamples "
@@ -165,7 +179,7 @@ def format_table(result: dict) -> str:
             if result["old_extrapolated"]
             else "measured"
         )
-        rows.append(["per-resample loop (baseline)", f"{result['old_s']:.0f}", note])
+        rows.append(["per-dataset intervals, per-resample loop (baseline)", f"{result['old_s']:.0f}", note])
         rows.append(["ratio", f"{result['ratio']:.0f}×", "loop / vectorised"])
     sizes = "full test sizes" if result["max_images"] is None else f"at most {result['max_images']} images"
     lines = [
@@ -174,7 +188,7 @@ def format_table(result: dict) -> str:
         f"load average {result['machine']['load_avg_at_start'][0]:.1f} at start, "
         f"{result['load_avg_at_end'][0]:.1f} at end",
         "",
-        markdown_table(rows),
+        markdown_table(rows[0], rows[1:]),
         "",
     ]
     if "max_interval_difference" in result:

@@ -39,7 +39,6 @@ from benchmarks.common import (
     MEMORY_INTERVAL_S,
     MemorySampler,
     machine,
-    markdown_table,
     pss_anon_shmem,
     rss_anon_shmem,
     work_folder,
@@ -61,6 +60,7 @@ from mmpt.data.sampler import Sampler
 from mmpt.data.store import TaskData, open_task
 from mmpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from mmpt.errors import MmptError
+from mmpt.io import markdown_table
 from mmpt.tasks import TASKS
 
 PIPELINES = ("loader", "loader+transform", "pil")
@@ -442,7 +442,7 @@ def format_table(result: dict) -> str:
     wait = result["data_wait"]
     label = f"data wait, {wait['backbone']} batch {wait['batch_size']}, {wait['seconds_per_step']:.2f} s/step"
     rows.append((label, f"{wait['fraction']:.1%}", "-", "-"))
-    lines = [markdown_table(rows)]
+    lines = [markdown_table(rows[0], rows[1:])]
     load = result["machine"]["load_avg_at_start"][0]
     lines.append(
         f"\n{result['machine']['cpus']} CPUs, {workers} workers, batch {result['settings']['batch_size']}, "

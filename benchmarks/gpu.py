@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table, work_folder, write_result
+from benchmarks.common import machine, work_folder, write_result
 from benchmarks.gpu_checks import (
     check_compile,
     check_determinism,
@@ -47,6 +47,7 @@ from benchmarks.gpu_checks import (
 from benchmarks.gpu_context import CHECKS, GPU, TINY, Context
 from mmpt.config.choices import DEVICE_NAMES
 from mmpt.errors import MmptError
+from mmpt.io import markdown_table
 from mmpt.runtime.distributed import select_device
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def format_table(result: dict) -> str:
     overall = {None: "not judged (not a CUDA device)", True: "every judged figure passes", False: "some figure FAILS"}
     return "\n".join(
         [
-            markdown_table(rows),
+            markdown_table(rows[0], rows[1:]),
             f"{m['device_name']} ({result['device']}), torch {m['torch']}, {m['cpus']} CPUs, compile backend "
             f"{result['compile_backend']}, wall time {result['wall_s']:.0f} s: {overall[result['passed']]}",
         ]

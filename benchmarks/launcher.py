@@ -27,9 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import machine, markdown_table, median, work_folder, write_result, write_synthetic_files
+from benchmarks.common import machine, median, work_folder, write_result, write_synthetic_files
 from mmpt.errors import MmptError
 from mmpt.experiments.launch_plan import cpu_cores
+from mmpt.io import markdown_table
 from mmpt.tasks import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,4 +172,4 @@ def format_table(result: dict) -> str:
         f"{s['jobs']} jobs with {s['job_threads']} each; load average at start "
         f"{result['machine']['load_avg_at_start'][0]:.1f}"
     )
-    return head + "\n\n" + markdown_table(rows)
+    return head + "\n\n" + markdown_table(rows[0], rows[1:])

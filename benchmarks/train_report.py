@@ -6,9 +6,7 @@ import re
 
 import torch
 
-from benchmarks.common import (
-    markdown_table,
-)
+from mmpt.io import markdown_table
 
 # Dense peak FLOP/s (no 2:4 sparsity) by GPU, from NVIDIA's data sheets, which print the tensor-core figures with
 # sparsity (twice these); "tf32" is float32 on tensor cores (train.tf32). The first pattern found as a whole word in
@@ -96,7 +94,7 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     return "\n".join(
         [
-            markdown_table(rows),
+            markdown_table(rows[0], rows[1:]),
             f"{s['timm_name']}, input {s['input']}, batch {s['batch_size']}, {s['precision']}"
             + (f" (train.precision {s['precision_setting']})" if s["precision_setting"] != s["precision"] else "")
             + (", compiled" if s["compile"] else "")

@@ -157,6 +157,20 @@ def write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
     write_text(path, text.getvalue())
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, align: str | None = None) -> str:
+    """A Markdown table (no trailing newline): `header`, then `rows` of cells. `align`: one letter per column, `l`
+    left or `r` right (default: the first column left, the others right, as numbers read); a `|` in a cell is
+    escaped. The one writer of the Markdown tables mmpt writes (metrics, compare, summaries, cards, docs)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    assert len(align) == len(header), f"one alignment per column: {align!r} for {len(header)} columns"
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
 def read_json(path: Path, fix: str) -> Any:
     """Read a JSON file mmpt wrote. Raises MmptError naming the file and `fix` when it is unreadable or malformed."""
     try:

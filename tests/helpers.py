@@ -8,6 +8,7 @@ output, `evaluate.py status` as rows, the job record, the stand-in sbatch's opti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 MMPT_DIR = str(Path(mmpt.__file__).parent)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 DDP_DATASETS = ["breast", "chest", "retina"]  # binary, multi-label, ordinal
+
+
+# The flags of a tiny, fast training command: a data root and an output folder are added per use, and a later flag
+# overrides one of these (argparse keeps the last).
+TINY_RUN = (
+    *("--backbone", "test_resnet", "--epochs", "1", "--batch-size", "16", "--device", "cpu"),
+    *("--set", "input.mode=native", "--set", "data.num_workers=0", "--set", "train.progress=false"),
+    *("--set", "data.eval_batch_size=64"),
+)
 
 
 def tiny_config(root, output, **sections):
@@ -137,12 +147,26 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
 # ---------------------------------------------------------------- the launcher's tests
 
 
-def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a command's main function (train_main, evaluate_main) run in this process."""
+def quiet(fn, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command's main function (train_main(argv), evaluate_main(argv)) run in this
+    process."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fn(argv)
+        code = fn(*args)
     return code, out.getvalue(), err.getvalue()
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every entry under `folder`: a file's relative path -> (sha256 of its bytes, mtime_ns), a folder's -> ("dir", 0);
+    {} when `folder` does not exist. Equal snapshots: nothing was written, removed or touched."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        if p.is_file()
+        else ("dir", 0)
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def digests(folder: Path, seeds: str) -> dict[str, str]:

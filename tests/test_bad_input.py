@@ -8,7 +8,6 @@ is cleared, even with --overwrite.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,26 +29,8 @@ from mmpt.errors import MmptError
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
+from tests.helpers import TINY_RUN, folder_snapshot
 
-# A tiny, fast training command (the data root and the output folder are added per case).
-TINY = [
-    "--backbone",
-    "test_resnet",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--set",
-    "input.mode=native",
-    "--set",
-    "data.num_workers=0",
-    "--set",
-    "train.progress=false",
-    "--set",
-    "data.eval_batch_size=64",
-]
 SAMPLES = 32  # train images per synthetic dataset
 
 
@@ -88,7 +69,7 @@ class Env:
             "--output",
             str(self.run),
             "--overwrite",
-            *TINY,
+            *TINY_RUN,
             "--datasets",
             "breast,retina",
             *extra,
@@ -107,19 +88,6 @@ class Env:
         return root
 
 
-def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns)."""
-    return (
-        {
-            str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))
-            if p.is_file()
-        }
-        if folder.exists()
-        else {}
-    )
-
-
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data root, a 1-epoch run on breast+retina, a 1-epoch run on pneumonia), trained once for the module."""
@@ -127,7 +95,7 @@ def finished_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = base / "data"
     write_synthetic(root, 28, resolve_tasks("breast,retina,pneumonia,chest"), train_samples=SAMPLES)
     run, other = base / "run", base / "other"
-    common = ["--data-root", str(root), *TINY]
+    common = ["--data-root", str(root), *TINY_RUN]
     assert train_main([*common, "--output", str(run), "--datasets", "breast,retina"]) == 0
     assert train_main([*common, "--output", str(other), "--datasets", "pneumonia"]) == 0
     return root, run, other
@@ -346,7 +314,7 @@ def malformed(e: Env, name: str, data: bytes):
     return e.resume()
 
 
-# Resume must not change what defines the recipe: (key, flags that change it).
+# Resume must not change a fixed key (what a run computes): (key, flags that change it).
 RESUME_REFUSALS = [
     ("optim.per_head", ["--set", "optim.per_head=false"]),
     ("optim.name", ["--set", "optim.name=sgd"]),
@@ -833,7 +801,7 @@ def one_error_line(err: str) -> str:
 @pytest.mark.parametrize("case, words", CASES)
 def test_bad_input_prints_one_line_exits_2_and_keeps_the_run_folder(case, words, env, capsys):
     main, argv = case(env)
-    before = snapshot(env.run)
+    before = folder_snapshot(env.run)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
@@ -841,7 +809,7 @@ def test_bad_input_prints_one_line_exits_2_and_keeps_the_run_folder(case, words,
     line = one_error_line(err)
     for word in words:
         assert word in line, f"{word!r} missing from: {line}"
-    assert snapshot(env.run) == before, "the run folder's earlier outputs changed"
+    assert folder_snapshot(env.run) == before, "the run folder's earlier outputs changed"
     assert not (env.tmp / "never_ran").exists()  # a refused --resume creates no folder
 
 
@@ -858,10 +826,10 @@ def test_bad_input_prints_one_line_exits_2_and_keeps_the_run_folder(case, words,
 )
 def test_debug_raises_the_error_with_its_traceback(case, env):
     main, argv = case(env)
-    before = snapshot(env.run)
+    before = folder_snapshot(env.run)
     with pytest.raises(MmptError):
         main([*argv, "--debug"])
-    assert snapshot(env.run) == before
+    assert folder_snapshot(env.run) == before
 
 
 @pytest.mark.slow
@@ -889,7 +857,7 @@ NAN_MESSAGE = re.compile(
 def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_good_checkpoint(env, capsys):
     # an absurd learning rate blows the weights up after one update, so the next loss is not finite
     resumed_at = ckpt.load(RunDir(env.run).last)[ckpt.PROGRESS]["step"]
-    before = snapshot(env.run)
+    before = folder_snapshot(env.run)
     capsys.readouterr()
     code = train_main(["--resume", str(env.run), "--epochs", "3", "--lr", "1e38"])
     err = capsys.readouterr().err
@@ -899,7 +867,7 @@ def test_nan_loss_on_resume_stops_naming_dataset_and_step_and_keeps_the_last_goo
     assert match, line
     assert int(match.group(3)) == resumed_at + 1
     assert f"last good checkpoint is {RunDir(env.run).last}" in line and "lower optim.lr" in line
-    after = snapshot(env.run)
+    after = folder_snapshot(env.run)
     # the resume's config (new lr and epochs) replaces config.yaml, whose earlier text is kept beside it;
     # a TensorBoard file is added; every other earlier output stays as it was
     kept = f"config.before-resume-at-step{resumed_at}.yaml"
@@ -919,7 +887,7 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
             str(env.root),
             "--output",
             str(out),
-            *TINY,
+            *TINY_RUN,
             "--datasets",
             "breast,retina",
             "--lr",
@@ -942,10 +910,10 @@ def test_nan_loss_keeps_the_checkpoint_of_the_last_finite_step(env, capsys):
 
 
 def test_a_refused_resume_leaves_the_run_resumable(env, capsys):
-    before = snapshot(env.run)
+    before = folder_snapshot(env.run)
     assert train_main(["--resume", str(env.run), "--set", "optim.per_head=false"]) == 2
     assert "optim.per_head" in one_error_line(capsys.readouterr().err)
-    assert snapshot(env.run) == before
+    assert folder_snapshot(env.run) == before
     assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 0
     assert ckpt.load(RunDir(env.run).last)[ckpt.PROGRESS]["epoch"] == 2
 
@@ -1028,13 +996,13 @@ def test_a_second_process_into_a_locked_run_folder_is_refused_and_kill_9_leaves_
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        before = snapshot(env.run)
+        before = folder_snapshot(env.run)
         assert train_main(["--resume", str(env.run), "--epochs", "2"]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert "is in use by another mmpt process" in line and "--output DIR" in line
         assert train_main([*env.train()[1]]) == 2  # --overwrite is refused too, before it removes anything
         assert "is in use by another mmpt process" in one_error_line(capsys.readouterr().err)
-        assert snapshot(env.run) == before
+        assert folder_snapshot(env.run) == before
     finally:
         holder.kill()
         holder.wait()
@@ -1046,7 +1014,7 @@ def test_train_script_into_a_folder_this_process_holds_is_refused(env):
     from mmpt.runs.rundir import lock_run_dir
 
     lock_run_dir(env.run)  # held by the test process until it ends
-    before = snapshot(env.run)
+    before = folder_snapshot(env.run)
     proc = subprocess.run(
         [
             sys.executable,
@@ -1061,7 +1029,7 @@ def test_train_script_into_a_folder_this_process_holds_is_refused(env):
     )
     assert proc.returncode == 2
     assert "is in use by another mmpt process" in one_error_line(proc.stderr)
-    assert snapshot(env.run) == before
+    assert folder_snapshot(env.run) == before
 
 
 # ---------------------------------------------------------------- evaluate.py stops cleanly on a signal

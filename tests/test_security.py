@@ -17,27 +17,9 @@ from mmpt.errors import MmptError
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
+from tests.helpers import TINY_RUN
 
-TINY = [
-    "--backbone",
-    "test_resnet",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--set",
-    "input.mode=native",
-    "--set",
-    "data.num_workers=0",
-    "--set",
-    "train.progress=false",
-    "--set",
-    "data.eval_batch_size=64",
-    "--datasets",
-    "breast",
-]
+TINY = [*TINY_RUN, "--datasets", "breast"]
 
 
 class CreatesFile:

@@ -6,9 +6,10 @@ A run given to `compare` is one of
 - a folder of seeds (seed0/, seed1/, ...: each a single run or an individual folder).
 
 The first run is the reference. Every number is recomputed from the prediction files (medmnist Evaluator CSV)
-and the labels of the data files, with the medmnist-exact metrics of mmpt.evaluation.metrics. The resampling is
-scipy.stats.bootstrap with `paired=True`: one resample of test images is applied to every model of both
-sides, so a difference's interval is paired; a fixed seed gives the same resamples to every run and dataset.
+and the labels of the data files, with the medmnist-exact metrics of mmpt.evaluation.metrics. The resampling
+(mmpt.analysis.stats.resample_metrics: scipy.stats.bootstrap's paired draws) applies one resample of test images to
+every model of every run, so a difference's interval is paired; a fixed seed gives the same resamples to every run
+and dataset.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from mmpt.analysis.stats import (
     auc_interval_undefined,
     bootstrap_dataset,
     delong_intervals,
-    paired_bootstrap,
 )
 from mmpt.config.settings import load_yaml
 from mmpt.errors import MmptError
@@ -254,41 +254,24 @@ def read_scores(pred: Prediction) -> np.ndarray:
 CI_METHODS = ("bootstrap", "delong")
 
 
-def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, seed, jobs, ci, resampling) -> dict:
-    """(low, high) per (run index, dataset), laid out as paired_bootstrap returns them."""
+def _intervals(runs, datasets, labels, scores, rules, present, *, n_resamples, seed, jobs, ci) -> dict:
+    """(low, high) per (run index, dataset): the reference's metrics, every other run's metrics and differences."""
     delong = ci == "delong"
     booted = {f: [m for m in present[f] if not (delong and m == "auc")] for f in datasets}
-    if resampling == "loop":
-        pairs = [(i, f) for i in range(len(runs)) for f in datasets if booted[f]]
-        found = Parallel(n_jobs=jobs)(
-            delayed(paired_bootstrap)(
-                TASKS[f],
-                labels[f],
-                scores[0][f],
-                None if i == 0 else scores[i][f],
-                booted[f],
-                n_resamples=n_resamples,
-                seed=seed,
-                grade_rules=(rules[0][f], rules[i][f]),
-            )
-            for i, f in pairs
+    # one resampling per dataset, every run evaluated on it
+    shown = [f for f in datasets if booted[f]]
+    found = Parallel(n_jobs=jobs)(
+        delayed(bootstrap_dataset)(
+            TASKS[f],
+            labels[f],
+            [(scores[i][f], rules[i][f]) for i in range(len(runs))],
+            booted[f],
+            n_resamples=n_resamples,
+            seed=seed,
         )
-        booted_interval = dict(zip(pairs, found))
-    else:
-        # one resampling per dataset, every run evaluated on it
-        shown = [f for f in datasets if booted[f]]
-        found = Parallel(n_jobs=jobs)(
-            delayed(bootstrap_dataset)(
-                TASKS[f],
-                labels[f],
-                [(scores[i][f], rules[i][f]) for i in range(len(runs))],
-                booted[f],
-                n_resamples=n_resamples,
-                seed=seed,
-            )
-            for f in shown
-        )
-        booted_interval = {(i, f): per_run[i] for f, per_run in zip(shown, found) for i in range(len(runs))}
+        for f in shown
+    )
+    booted_interval = {(i, f): per_run[i] for f, per_run in zip(shown, found) for i in range(len(runs))}
     if not delong:
         return booted_interval
     interval = {}
@@ -351,14 +334,11 @@ def compare_runs(
     jobs: int = 1,
     require_complete: bool = False,
     ci: str = "bootstrap",
-    resampling: str = "vectorised",
 ) -> dict:
     """Everything compare.json holds (see the module docstring); raises MmptError for unusable input.
 
     `jobs` processes run the bootstrap of datasets in parallel (joblib); the result is the same.
     `ci`: "bootstrap" (every metric), or "delong" (AUC from DeLong's variance, the others bootstrapped).
-    `resampling`: "vectorised" (mmpt.analysis.stats, one resampling per dataset for every run) or "loop"
-    (paired_bootstrap per run and dataset, one resample at a time: the same intervals, for tests and benchmarks).
     Runs left out (unfinished, or of another recipe than their series asks) are named in "left_out_runs";
     with `require_complete` they are an MmptError.
     """
@@ -422,7 +402,6 @@ def compare_runs(
         seed=seed,
         jobs=jobs,
         ci=ci,
-        resampling=resampling,
     )
     # Δm's interval: every dataset resampled from its own generator, Δm on each joint resample
     models = {f: [(scores[i][f], rules[i][f]) for i in range(len(runs))] for f in datasets}

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from joblib import Parallel, delayed
 
-from mmpt.analysis.stats import CHUNK_VALUES, CONFIDENCE, PreparedDataset, draw_counts, resamples_per_chunk
+from mmpt.analysis.stats import CHUNK_VALUES, CONFIDENCE, resample_metrics
 from mmpt.tasks import FLAGS, TASKS
 
 LOWER_IS_BETTER = {"mae"}
@@ -66,19 +66,12 @@ def resampled_metrics(
     seed: int,
     chunk_values: int = CHUNK_VALUES,
 ) -> list[np.ndarray]:
-    """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric on each
-    resample of `flag`'s test images. The draws are rows of `rng.integers(0, n, (n_resamples, n))` from this
-    dataset's own generator, taken in chunks of rows (the same rows whichever the chunk)."""
-    labels = np.asarray(labels).reshape(len(labels), -1)
-    n = len(labels)
-    prepared = PreparedDataset(TASKS[flag], labels, runs, metrics)
+    """Per run (its seeds' scores, its grade rule): resamples × metrics on each resample of `flag`'s test images,
+    drawn by the one resampling engine (mmpt.analysis.stats.resample_metrics) from this dataset's own generator."""
     rng = np.random.default_rng([seed, FLAGS.index(flag)])
-    batch = resamples_per_chunk(n_resamples, n, chunk_values)
-    chunks = []
-    for start in range(0, n_resamples, batch):
-        indices = rng.integers(0, n, (min(batch, n_resamples - start), n))
-        chunks.append(prepared.metric_values(draw_counts(indices, n)))
-    return [np.concatenate([chunk[r] for chunk in chunks]) for r in range(len(runs))]
+    return resample_metrics(
+        TASKS[flag], labels, runs, metrics, n_resamples=n_resamples, rng=rng, chunk_values=chunk_values
+    )
 
 
 def delta_m_replicates(resampled: dict[str, list[np.ndarray]], present: dict[str, list[str]]) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from mmpt.evaluation.plots import plot_differences, plot_grouped_bars
-from mmpt.io import write_csv, write_json, write_text
+from mmpt.io import markdown_table, write_csv, write_json, write_text
 from mmpt.runs.rundir import Results
 
 
@@ -45,7 +45,7 @@ def format_compare(result: dict) -> str:
         ]
     for m in result["metrics"]:
         header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
-        lines += [f"## {m}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        rows = []
         for flag in result["datasets"]:
             cells = [flag]
             for r in runs:
@@ -64,10 +64,10 @@ def format_compare(result: dict) -> str:
                     if c is None
                     else f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]"
                 )
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
         mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
         mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
-        lines += ["| " + " | ".join(mean) + " |", ""]
+        lines += [f"## {m}", "", markdown_table(header, [*rows, mean]), ""]
     undefined = _undefined_intervals(result)
     if undefined:
         lines += ["## Intervals that cannot be computed (nan above)", ""]

@@ -1,8 +1,11 @@
 """Paired statistics over test images: a vectorised paired bootstrap of every metric, and DeLong's AUC interval.
 
-Bootstrap. One call of scipy.stats.bootstrap per dataset (`paired=True`, percentile, the seed's generator)
-draws each resample of test images once, as index rows; every model of every run is evaluated on it. A
-resample is turned into counts (how often each image was drawn), and every metric is a function of
+Bootstrap. One resampling engine (`resample_metrics`) serves the per-dataset intervals and Δm's
+(mmpt.analysis.delta_m): each resample of a dataset's test images is one row of `rng.integers(0, n, (resamples, n))`,
+drawn once, and every model of every run is evaluated on it. These are the draws scipy.stats.bootstrap makes with
+`paired=True` and that generator, and the intervals are its percentile ones (NaN resamples left out), so they equal
+the per-resample loop over scipy (benchmarks/baselines.py, the tests' oracle and the benchmark's baseline) to
+rounding. A resample is turned into counts (how often each image was drawn), and every metric is a function of
 weighted counts, computed for a chunk of resamples at once:
 - AUC (Mann–Whitney form, ties counted half): per score column, one sort of the smaller side (positives
   or negatives) and, for each image of the other side, how many of those lie below it (ties half); a
@@ -10,9 +13,6 @@ weighted counts, computed for a chunk of resamples at once:
   the other side's counts by that number. One-vs-rest per class for multi-class and ordinal (the mean
   over classes, as medmnist), per label for multi-label, the positive column for binary.
 - acc, balanced_acc, kappa, qwk, mae: from each resample's weighted confusion matrix, one sparse product.
-The draws are scipy's, so the intervals equal those of the per-resample loop (mmpt.analysis.compare.
-paired_bootstrap, kept for the test that checks this and for the benchmark) to rounding.
-
 DeLong. `delong_components` gives each AUC and each test image's structural component (DeLong, DeLong &
 Clarke-Pearson 1988, computed from midranks as Sun & Xu 2014, O(n log n)); the variance of any linear
 combination of AUCs on the same images (a seed mean, a paired difference) is the squared norm of the
@@ -33,11 +33,10 @@ import numpy as np
 import scipy.sparse
 from scipy import stats
 
-from mmpt.evaluation.metrics import THRESHOLD, compute_metrics, predicted_grades
+from mmpt.evaluation.metrics import THRESHOLD, predicted_grades
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 
 CONFIDENCE = 0.95
-BOOTSTRAP_BATCH = 20  # resamples per statistic call of the loop path: bounds memory (batch × images × classes)
 CHUNK_VALUES = 1 << 22  # resamples × images per chunk: bounds memory (a few float64 arrays of this size)
 
 
@@ -248,16 +247,6 @@ def _confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def weighted_metrics(
-    task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str], counts: np.ndarray
-) -> list[np.ndarray]:
-    """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric with
-    each image counted as often as `counts` (resamples × images) says. Equals mmpt.evaluation.metrics.compute_metrics
-    on the resampled rows."""
-    counts = np.ascontiguousarray(np.asarray(counts, dtype=np.float64).T)
-    return PreparedDataset(task, labels, runs, metrics).metric_values(counts)
-
-
 def draw_counts(indices: np.ndarray, n: int) -> np.ndarray:
     """resamples × n draws of image indices -> n × resamples counts (float64)."""
     b = len(indices)
@@ -265,25 +254,44 @@ def draw_counts(indices: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=b * n).reshape(n, b).astype(np.float64)
 
 
-def percentile_interval(result, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) of a scipy BootstrapResult; outputs undefined in some resamples (AUC when a class is
-    absent) take the percentile interval of the resamples where they are defined."""
-    low = np.atleast_1d(result.confidence_interval.low).astype(float)
-    high = np.atleast_1d(result.confidence_interval.high).astype(float)
-    undefined = np.isnan(low) | np.isnan(high)
-    if undefined.any():
-        distribution = np.atleast_2d(result.bootstrap_distribution)
-        alpha = (1 - confidence) / 2
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # all-NaN rows stay NaN
-            q = np.nanquantile(distribution, [alpha, 1 - alpha], axis=-1)
-        low, high = np.where(undefined, q[0], low), np.where(undefined, q[1], high)
+def percentile_interval(distribution: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) per output of a resamples × outputs distribution: the percentile interval (linear interpolation,
+    as scipy.stats.bootstrap's), over the resamples where the output is defined (AUC when a class is absent from a
+    resample is NaN there); NaN where it is defined in none."""
+    alpha = (1 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-NaN outputs stay NaN
+        low, high = np.nanquantile(np.asarray(distribution, dtype=float), [alpha, 1 - alpha], axis=0)
     return low, high
 
 
 def resamples_per_chunk(n_resamples: int, n: int, chunk_values: int = CHUNK_VALUES) -> int:
     """How many resamples of n images to evaluate at once: about `chunk_values` (resample, image) values."""
     return max(1, min(n_resamples, chunk_values // max(n, 1)))
+
+
+def resample_metrics(
+    task: TaskSpec,
+    labels: np.ndarray,
+    runs: list[tuple[list[np.ndarray], str]],
+    metrics: list[str],
+    *,
+    n_resamples: int,
+    rng: np.random.Generator,
+    chunk_values: int = CHUNK_VALUES,
+) -> list[np.ndarray]:
+    """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric on each
+    resample of the test images. The resamples are the rows of `rng.integers(0, n, (n_resamples, n))`, drawn in
+    chunks of about `chunk_values` values (the same rows whatever the chunk)."""
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    n = len(labels)
+    prepared = PreparedDataset(task, labels, runs, metrics)
+    batch = resamples_per_chunk(n_resamples, n, chunk_values)
+    chunks = []
+    for start in range(0, n_resamples, batch):
+        indices = rng.integers(0, n, (min(batch, n_resamples - start), n))
+        chunks.append(prepared.metric_values(draw_counts(indices, n)))
+    return [np.concatenate([chunk[r] for chunk in chunks]) for r in range(len(runs))]
 
 
 def bootstrap_dataset(
@@ -296,45 +304,20 @@ def bootstrap_dataset(
     seed: int,
     chunk_values: int = CHUNK_VALUES,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Percentile intervals of every run on one dataset, from one paired resampling of its test images.
+    """Percentile intervals of every run on one dataset, from one paired resampling of its test images (`seed`'s
+    generator: scipy.stats.bootstrap's draws).
 
     `runs`: per run, its seeds' score arrays and its grade rule; the first run is the reference. Returns per
     run (low, high): for the reference len(metrics) values (its seed-mean metrics); for every other run
-    2 × len(metrics): its metrics, then each difference (run − reference) on the same resamples. The same
-    output as paired_bootstrap (below) per (run, dataset) pair, for every pair at once.
+    2 × len(metrics): its metrics, then each difference (run − reference) on the same resamples.
     """
-    labels = np.asarray(labels).reshape(len(labels), -1)
-    n, width = len(labels), len(metrics)
-    prepared = PreparedDataset(task, labels, runs, metrics)
-
-    def statistic(indices, axis=-1):
-        # indices: resamples × images, the paired draws (scipy resamples the index of the observations)
-        indices = np.atleast_2d(indices)
-        values = prepared.metric_values(draw_counts(indices, n))
-        reference = values[0]
-        out = [reference] + [part for mine in values[1:] for part in (mine, mine - reference)]
-        return np.concatenate(out, axis=1).T  # outputs × resamples
-
-    batch = resamples_per_chunk(n_resamples, n, chunk_values)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an undefined AUC in some resample is left out of its interval below
-        result = stats.bootstrap(
-            (np.arange(n),),
-            statistic,
-            n_resamples=n_resamples,
-            batch=batch,
-            vectorized=True,
-            paired=True,
-            axis=0,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-    low, high = percentile_interval(result)
-    intervals = [(low[:width], high[:width])]
-    for r in range(1, len(runs)):
-        start = width + (r - 1) * 2 * width
-        intervals.append((low[start : start + 2 * width], high[start : start + 2 * width]))
+    values = resample_metrics(
+        task, labels, runs, metrics, n_resamples=n_resamples, rng=np.random.default_rng(seed), chunk_values=chunk_values
+    )
+    reference = values[0]
+    intervals = [percentile_interval(reference)]
+    for mine in values[1:]:
+        intervals.append(percentile_interval(np.concatenate([mine, mine - reference], axis=1)))
     return intervals
 
 
@@ -404,66 +387,3 @@ def delong_intervals(
     for value, psi in zip(values[1:], components[1:]):
         out.append(interval(value, psi, 0.0) + interval(value - values[0], psi - components[0], -1.0))
     return out
-
-
-# ------------------------------------------------ the loop path (one resample at a time), for tests and benchmarks
-
-
-def _metric_vector(
-    task, labels: np.ndarray, scores: list[np.ndarray], metrics: list[str], grade_rule: str = "argmax"
-) -> np.ndarray:
-    """Mean over the models (seeds) of each metric: len(metrics) values."""
-    values = [compute_metrics(task, labels, s, metrics, grade_rule) for s in scores]
-    return np.array([np.mean([v[m] for v in values]) for m in metrics])
-
-
-def paired_bootstrap(
-    task,
-    labels: np.ndarray,
-    reference: list[np.ndarray],
-    other: list[np.ndarray] | None,
-    metrics: list[str],
-    *,
-    n_resamples: int,
-    seed: int,
-    grade_rules: tuple[str, str] = ("argmax", "argmax"),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile intervals (2 × outputs) from scipy.stats.bootstrap with paired=True over test images.
-
-    Outputs: the seed-mean of each metric of `reference` when `other` is None; else that of `other`
-    followed by each difference (other − reference) on the same resampled images. Returns (low, high).
-    Resamples in which a metric is undefined (AUC when a class is absent) are left out of its interval.
-    """
-    samples = [labels, *reference, *(other or [])]
-    width = labels.shape[1]
-    n_ref = len(reference)
-
-    def statistic(*arrays, axis=-1):
-        # each array: columns × resamples × images (scipy moved the image axis last and indexed it)
-        out = []
-        for b in range(arrays[0].shape[1]):
-            y = arrays[0][:, b, :].T[:, :width]
-            s = [a[:, b, :].T for a in arrays[1:]]
-            ref = _metric_vector(task, y, s[:n_ref], metrics, grade_rules[0])
-            if other is None:
-                out.append(ref)
-            else:
-                mine = _metric_vector(task, y, s[n_ref:], metrics, grade_rules[1])
-                out.append(np.concatenate([mine, mine - ref]))
-        return np.stack(out, axis=-1)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an undefined AUC in some resample makes the interval NaN, reported as such
-        result = stats.bootstrap(
-            samples,
-            statistic,
-            n_resamples=n_resamples,
-            batch=BOOTSTRAP_BATCH,
-            vectorized=True,
-            paired=True,
-            axis=0,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-    return percentile_interval(result)  # resamples that miss a class are left out of that AUC's interval

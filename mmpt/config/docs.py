@@ -1,4 +1,4 @@
-"""The settings in words, from their declarations (mmpt.config) and the registries (mmpt.mtl.METHODS).
+"""The settings in words, from their declarations (mmpt.config) and the registries (mmpt.config.methods.METHODS).
 
 `train.py --print-config` and `--help` read them here; so do the generated docs: docs/settings.md whole, and
 marked blocks inside hand-written pages (`<!-- generated: NAME -->` ... `<!-- end: NAME -->`): the keys a
@@ -7,7 +7,7 @@ declaration or a method with
 
     python -m mmpt.config.docs --write
 
-(tests/test_config.py fails while a generated text and the declarations differ; `--check` says which.)
+(tests/test_docs.py fails while a generated text and the declarations differ; `--check` says which.)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 from mmpt.config import EVALUATE_FLAGS, NAMED_FLAGS, RESUME_MAY_CHANGE, SETTINGS, Config
 from mmpt.config.methods import ALL, CORE_SOLVERS, METHODS, SEVERAL
 from mmpt.config.settings import Key, number_text
+from mmpt.io import markdown_table
 
 REGENERATE = "python -m mmpt.config.docs --write"
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,16 +93,12 @@ def annotated_yaml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
 def settings_markdown() -> str:
     """docs/settings.md: every setting with its allowed values, default, whether a resume may change it, and doc."""
     lines = [
         "# Settings",
         "",
-        "Generated from the declarations in `mmpt/config.py`; do not edit by hand. Regenerate with",
+        "Generated from the declarations in `mmpt/config/schema.py`; do not edit by hand. Regenerate with",
         f"`{REGENERATE}` (a test fails while this file and the declarations differ).",
         "",
         "```bash",
@@ -110,14 +107,13 @@ def settings_markdown() -> str:
         "```",
         "",
         "Set a key in a YAML recipe, with `--set section.key=value`, or with its named flag (`--epochs`, ...).",
-        "*Resume* says whether `train.py --resume` accepts a new value; every other key defines the recipe and",
+        "*Resume* says whether `train.py --resume` accepts a new value; every other key is fixed for the run and",
         "a resume that changes it is refused (mappings such as `loss.weighting_args` compared whole).",
         "*Result* says whether the key changes what a run computes; a series ignores the keys that do not, and",
         "refuses to sweep them.",
         "",
-        "| key | allowed values | default | resume | result | flag | meaning |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for key, k in SETTINGS.items():
         flags = [f"`{f}`" for f in dict.fromkeys((k.spec.flag, k.spec.evaluate_flag)) if f]
         cells = [
@@ -129,8 +125,9 @@ def settings_markdown() -> str:
             ", ".join(flags),
             k.spec.doc,
         ]
-        lines.append(_row(cells))
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    header = ["key", "allowed values", "default", "resume", "result", "flag", "meaning"]
+    return "\n".join([*lines, markdown_table(header, rows, align="l" * len(header))]) + "\n"
 
 
 # ---------------------------------------------------------------- blocks inside hand-written pages
@@ -148,14 +145,19 @@ def flag_list() -> str:
 
 def flag_table() -> str:
     """The named flags of train.py, and the flags of evaluate.py and probe that stand for a config key."""
-    lines = ["| `train.py` flag | config key | allowed values | what it does |", "|---|---|---|---|"]
+    rows = []
     for flag, key in NAMED_FLAGS.items():
         k = SETTINGS[key]
         what = f"sets it to {_scalar(not k.default)}: {k.spec.doc}" if k.hint is bool else k.spec.doc
-        lines.append(_row([f"`{flag}`", f"`{key}`", "" if k.hint is bool else allowed_text(key), what]))
-    lines += ["", "| `evaluate.py` / `probe` flag | checked as config key |", "|---|---|"]
-    lines += [_row([f"`{flag}`", f"`{key}`"]) for flag, key in EVALUATE_FLAGS.items()]
-    return "\n".join(lines)
+        rows.append([f"`{flag}`", f"`{key}`", "" if k.hint is bool else allowed_text(key), what])
+    evaluate = [[f"`{flag}`", f"`{key}`"] for flag, key in EVALUATE_FLAGS.items()]
+    return "\n".join(
+        [
+            markdown_table(["`train.py` flag", "config key", "allowed values", "what it does"], rows, align="llll"),
+            "",
+            markdown_table(["`evaluate.py` / `probe` flag", "checked as config key"], evaluate, align="ll"),
+        ]
+    )
 
 
 def _tasks_cell(tasks: str) -> str:
@@ -169,19 +171,24 @@ def _option_cell(k: Key) -> str:
 
 
 def methods_table() -> str:
-    """The weighting methods as mmpt.mtl.METHODS declares them."""
-    lines = [
-        "| `loss.weighting` | kind | `tasks_per_step` | DDP | `loss.weighting_args` (allowed, default) | reference |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The weighting methods as mmpt.config.methods.METHODS declares them."""
+    rows = []
     for name, m in METHODS.items():
         kind = f"{m.kind.removesuffix('-based')}, {m.summary}"
         if set(m.needs) - set(CORE_SOLVERS):
             kind += ", needs `mtl-solvers`"
         options = "; ".join(_option_cell(k) for k in m.args.values())
         ddp = "yes" if m.distributed else "no"
-        lines.append(_row([f"`{name}`", kind, _tasks_cell(m.tasks), ddp, options, m.reference]))
-    return "\n".join(lines)
+        rows.append([f"`{name}`", kind, _tasks_cell(m.tasks), ddp, options, m.reference])
+    header = [
+        "`loss.weighting`",
+        "kind",
+        "`tasks_per_step`",
+        "DDP",
+        "`loss.weighting_args` (allowed, default)",
+        "reference",
+    ]
+    return markdown_table(header, rows, align="l" * len(header))
 
 
 @dataclasses.dataclass(frozen=True)

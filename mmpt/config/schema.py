@@ -7,7 +7,7 @@ values, the flags of train.py, `--print-config`, the generated docs (mmpt.config
 (`RESUME_MAY_CHANGE`, `fixed_key_changes`) and series membership (`RESULT_NEUTRAL`) all read these declarations.
 The rules between keys are checked where a config is loaded (`from_dict`), so `--print-config` refuses what a
 run refuses; what depends on the machine (timm's models, installed solvers, the world size) is checked by the
-recipe (mmpt.model.build.check_run). Every problem is collected and raised as one MmptError naming each key.
+run's checks (mmpt.training.build.check_run). Every problem is collected and raised as one MmptError naming each key.
 
 It imports no component: the registries it takes choices from are light (mmpt.config.choices, mmpt.config.methods).
 """
@@ -371,7 +371,7 @@ class Config:
 # Every setting, by dotted key, in declaration order.
 SETTINGS: dict[str, Key] = declared(Config)
 # Config keys a resume may change: where and how fast the run goes, how long, what it logs and keeps, and the
-# learning rate and clipping (the fixes the NaN message suggests). Every other key defines the recipe.
+# learning rate and clipping (the fixes the NaN message suggests). Every other key is fixed for a run (a fixed key).
 RESUME_MAY_CHANGE = frozenset(key for key, k in SETTINGS.items() if k.spec.resume)
 # Keys that say where and how a run goes but not what it computes: a finished run may differ from the recipe
 # a series asks for in these alone, and a sweep over them would train identical runs.

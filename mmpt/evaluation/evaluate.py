@@ -1,4 +1,4 @@
-"""The evaluation recipe: a checkpoint's metrics and predictions on one split of each of its datasets."""
+"""Evaluating a checkpoint: a checkpoint's metrics and predictions on one split of each of its datasets."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from mmpt.errors import MmptError
-from mmpt.io import read_json, write_csv, write_json, write_text
+from mmpt.io import markdown_table, read_json, write_csv, write_json, write_text
 from mmpt.runs.rundir import Results
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
@@ -36,10 +36,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 def format_markdown(table: dict[str, dict[str, float]]) -> str:
     columns = _columns(table)
-    lines = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, *(_cell(row.get(c)) for c in columns)] for name, row in table.items()]
+    return markdown_table(["dataset", *columns], rows) + "\n"
 
 
 def write_metrics(results: Results, table: dict[str, dict[str, float]]) -> list[Path]:

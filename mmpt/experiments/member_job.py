@@ -18,6 +18,7 @@ import submitit
 import torch
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
+from mmpt.config import recorded_config, to_dict
 from mmpt.errors import MmptError
 from mmpt.experiments.series import Variant, train_member
 from mmpt.experiments.summary import summarize
@@ -91,6 +92,19 @@ class MemberJob(Checkpointable):
         self.label = label
         self.threads = threads  # CPU threads of the whole job; None: SLURM's cpus-per-task where it says, else torch's
 
+    def __getstate__(self) -> dict:
+        """What submitit pickles: plain values only (the config as its record), so that a job requeued after an
+        upgrade of mmpt reads its config as any record of an earlier release is read (mmpt.config.recorded_config)."""
+        path, config = self.variant.path, to_dict(self.variant.cfg)
+        return {"path": path, "config": config, "label": self.label, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        if "variant" in state:  # pickled by the release before the packages: its config as that release's classes
+            old = state["variant"]
+            state = {"path": old.path, "config": _plain(old.cfg), "label": state["label"], "threads": state["threads"]}
+        self.variant = Variant(state["path"], recorded_config(state["config"]))
+        self.label, self.threads = state["label"], state["threads"]
+
     def __call__(self) -> str:
         env = submitit.JobEnvironment()
         set_job_threads(self.threads, env.num_tasks)
@@ -157,6 +171,17 @@ class ProbeJob(Checkpointable):
 
     def checkpoint(self) -> DelayedSubmission:
         return DelayedSubmission(ProbeJob(self.leaf, self.out, self.kwargs, self.label, self.threads))
+
+
+def _plain(value):
+    """A config object of an earlier release as the plain values it holds (the fields it had, nested)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain(item) for name, item in vars(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _plain(item) for name, item in value.items()}
+    return value
 
 
 def summarize_series(root: str) -> None:

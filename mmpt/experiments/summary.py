@@ -17,7 +17,7 @@ from mmpt.errors import MmptError
 from mmpt.evaluation.metrics import mean_metrics
 from mmpt.evaluation.plots import plot_grouped_bars
 from mmpt.evaluation.tables import COLUMNS
-from mmpt.io import write_csv, write_json, write_text
+from mmpt.io import markdown_table, write_csv, write_json, write_text
 from mmpt.runs.members import SEED_DIR, left_out_error, left_out_line, series_runs
 from mmpt.runs.rundir import RunDir
 from mmpt.runs.seriesdir import SeriesDir
@@ -141,15 +141,11 @@ def format_sweep(summary: dict) -> str:
             if c in SUMMARY_METRICS and (c in entry["mean"] or any(c in s for s in entry["datasets"].values()))
         ]
         seeds = ", ".join(map(str, entry["seeds"])) or "one run"
-        lines = [
-            f"### {variant} (seeds: {seeds})",
-            "",
-            "| dataset | " + " | ".join(columns) + " |",
-            "|---|" + "---:|" * len(columns),
+        rows = [
+            [flag, *(_fmt(stats.get(c)) for c in columns)]
+            for flag, stats in [*entry["datasets"].items(), ("mean", entry["mean"])]
         ]
-        for flag, stats in [*entry["datasets"].items(), ("mean", entry["mean"])]:
-            lines.append(f"| {flag} | " + " | ".join(_fmt(stats.get(c)) for c in columns) + " |")
-        blocks.append("\n".join(lines))
+        blocks.append(f"### {variant} (seeds: {seeds})\n\n" + markdown_table(["dataset", *columns], rows))
     return "\n\n".join(blocks) + "\n"
 
 

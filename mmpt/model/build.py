@@ -126,7 +126,7 @@ def load_initial_weights(model: MultiTaskNet, source: str | Path, cfg: Config) -
     saved = recorded_config(state[ckpt.CONFIG])
     theirs, ours = resolve_backbone(saved.model.backbone), resolve_backbone(cfg.model.backbone)
     # another resolution or input.mode is refused even where the weights would fit (a padded or native
-    # backbone): fine-tuning on other input is another experiment, not mm-PFT as the recipe states it
+    # backbone): fine-tuning on other input is another experiment, not mm-PFT as the protocol states it
     if (
         theirs != ours
         or model_input_size(saved) != model_input_size(cfg)

@@ -36,7 +36,7 @@ from timm.models import save_for_hf
 
 from mmpt.config import Config, recorded_config, to_dict
 from mmpt.errors import MmptError
-from mmpt.io import atomic_write, check_output_folder, write_advice, write_bytes, write_text
+from mmpt.io import atomic_write, check_output_folder, markdown_table, write_advice, write_bytes, write_text
 from mmpt.model import backbones
 from mmpt.model.build import backbone_of
 from mmpt.model.losses import build_loss
@@ -215,7 +215,7 @@ def model_card(run: Path, cfg: Config, checkpoint: str, state: dict, facts: Card
         f"{tuple(round(s, 4) for s in facts.std)} (config.json, pretrained_cfg)",
         "",
         *norm_card_lines(facts.norm, list(facts.heads)),
-        "## Training recipe",
+        "## Training recipe (its config)",
         "",
         f"- datasets: {', '.join(facts.heads)}",
         "- train images: "
@@ -360,11 +360,10 @@ def test_metrics_lines(run: Path, checkpoint: str, state: dict) -> list[str]:
         + (" with 95% intervals from `evaluate.py compare` (compare.json)" if intervals else "")
         + ".",
         "",
-        "| dataset | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
     ]
+    rows = []
     for flag, row in table.items():
-        cells = []
+        cells = [flag]
         for m in names:
             value = row.get(m)
             cell = "-" if value is None else f"{value:.4f}"
@@ -372,5 +371,5 @@ def test_metrics_lines(run: Path, checkpoint: str, state: dict) -> list[str]:
             if ci and value is not None and ci.get("ci_low") is not None and ci.get("ci_high") is not None:
                 cell += f" [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
             cells.append(cell)
-        out.append(f"| {flag} | " + " | ".join(cells) + " |")
-    return out
+        rows.append(cells)
+    return [*out, *markdown_table(["dataset", *names], rows).splitlines()]

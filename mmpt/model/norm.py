@@ -335,9 +335,6 @@ def task_parameter_names(module: nn.Module) -> list[str]:
     ]
 
 
-# --- moving statistics between checkpoints of different norm settings (--init-from) -----------------------------
-
-
 def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False, calibration_batches: int = 0) -> str:
     """The start line on normalization (`norm` as applied; `auto`: chosen by model.norm auto; `calibration_batches`:
     model.norm_calibration_batches)."""
@@ -352,6 +349,3 @@ def describe_norm(norm: str, tasks: Sequence[str], auto: bool = False, calibrati
             "each dataset (model.norm_calibration_batches)"
         )
     return line
-
-
-# --- re-estimation: each dataset's statistics as the average over batches of its own training images -------------

@@ -7,8 +7,8 @@ Nash-MTL's state between steps lives in TorchJD's own attributes: mmpt.mtl.torch
 Under fp16 the Jacobian is unscaled and checked before it is aggregated (`LossScale.unscale_`): an aggregator sees
 the true Jacobian, never inf or NaN (its solver runs on the host), and a step whose scaled Jacobian overflowed is
 skipped as the gradient scaler skips one. Where torch.vmap, TorchJD's default, cannot run the backward pass (a
-compiled backbone; BatchNorm in bf16 or fp16) the recipe has the Jacobian's rows differentiated one by one
-(`jacobian_chunk_size` 1, TorchJD's parallel_chunk_size; mmpt.model.build.jacobian_chunk_size).
+compiled backbone; BatchNorm in bf16 or fp16) mmpt.training.build has the Jacobian's rows differentiated one by one
+(`jacobian_chunk_size` 1, TorchJD's parallel_chunk_size; mmpt.training.build.jacobian_chunk_size).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Building a weighting method: the build function of every method declared in mmpt.config.methods.
 
-Imports the implementations (torch, TorchJD); the declarations alone are `mmpt.mtl.METHODS`.
+Imports the implementations (torch, TorchJD); the declarations alone are `mmpt.config.methods.METHODS`.
 """
 
 from __future__ import annotations

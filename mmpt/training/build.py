@@ -102,7 +102,7 @@ def build_step(
     one dataset; without them that source stays off). `precision`: what it trains in (`run_precision`; None:
     train.precision resolved for `device`). `compile_backend`: torch.compile's backend under train.compile.
 
-    The one place the recipe and the benchmarks assemble a step.
+    The one place a step is assembled (mmpt.training.setup calls it for training and the benchmarks).
     """
     precision = precision or resolve_precision(cfg.train.precision, device)
     optimizers = build_optimizers(
@@ -156,7 +156,7 @@ def jacobian_chunk_size(compiled: bool, precision: str, model: MultiTaskNet) -> 
 
 def run_precision(cfg: Config, device: torch.device, saved: dict | None = None) -> str:
     """What a run trains in: train.precision, `auto` resolved for `device` when the run starts; on resume, what the
-    checkpoint `saved` trained in (an auto run keeps its first decision on any device; any other value is a recipe
+    checkpoint `saved` trained in (an auto run keeps its first decision on any device; any other value is a fixed
     key, the same in the checkpoint)."""
     if saved is not None and "precision" in saved.get(ckpt.STEP, {}):
         return saved[ckpt.STEP]["precision"]

@@ -137,7 +137,7 @@ class GradientConflicts:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        assert list(state["tasks"]) == list(self.tasks), "the checkpoint's datasets are the run's (a recipe key)"
+        assert list(state["tasks"]) == list(self.tasks), "the checkpoint's datasets are the run's (a fixed key)"
         self.steps = state["steps"].tolist()
         self.matrices = state["cosine"].tolist()
         self.pending, self._fresh = [], len(self.steps)

@@ -1,6 +1,6 @@
 """The training step: batch to device, transform, forward, loss, weighting, backward, optimizer steps.
 
-The one copy that the training recipe and the benchmarks call. It never waits on the device: no
+The one copy that the training loop and the benchmarks call. It never waits on the device: no
 `.item()`, no `if tensor`, no blocking copy. Loss values for logs and the non-finite check are summed
 on the device and read by the caller once per logging interval (`read_losses`).
 
@@ -247,7 +247,7 @@ class TrainStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        # the recipe built this step in the checkpoint's precision (mmpt.model.build.run_precision)
+        # mmpt.training.build built this step in the checkpoint's precision (run_precision)
         assert state.get("precision", self.precision) == self.precision, "resumed in another precision"
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

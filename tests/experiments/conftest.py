@@ -23,7 +23,7 @@ _CLUSTERS = itertools.count(1)  # each test's stand-in cluster numbers its jobs 
 
 
 @pytest.fixture(scope="session")
-def study(tmp_path_factory):
+def sequential_series(tmp_path_factory):
     """Data and recipe of a 3-seed series (2 epochs of 8 steps, last.pt every 4 steps: a stop or a kill after the
     first one continues mid-epoch), and the sequential series' digests, trained in this process with one thread:
     (folder, recipe, digests); the series is folder/seq (read it, never write into it)."""

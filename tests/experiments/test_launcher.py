@@ -42,8 +42,8 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def series(study, out: Path, *extra: str, seeds: str = SEEDS) -> list[str]:
-    return ["--config", str(study[1]), "--output", str(out), "--seeds", seeds, *extra]
+def series(sequential_series, out: Path, *extra: str, seeds: str = SEEDS) -> list[str]:
+    return ["--config", str(sequential_series[1]), "--output", str(out), "--seeds", seeds, *extra]
 
 
 def train_process(argv: list[str], log: Path) -> subprocess.Popen:
@@ -59,7 +59,7 @@ def train_process(argv: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def local_series(study, tmp_path_factory):
+def local_series(sequential_series, tmp_path_factory):
     """One series of 3 seeds with the local launcher, shared by the local tests; returns what each step left.
 
     1. train.py, in its own process, 2 jobs at a time: seed2's job fails (a file where mmpt writes a folder),
@@ -74,7 +74,7 @@ def local_series(study, tmp_path_factory):
     out = work / "series"
     (out / "seed2").mkdir(parents=True)
     RunDir(out / "seed2").checkpoints.write_text("a file where mmpt writes a folder")  # seed2's job fails
-    argv = series(study, out, "--launcher", "local", "--jobs", "2", *JOB)
+    argv = series(sequential_series, out, "--launcher", "local", "--jobs", "2", *JOB)
     feeder = train_process(argv, work / "first.log")
     try:
         wait_for(lambda: RunDir(out / "seed0").last.is_file(), 240, "seed0's last.pt")
@@ -97,7 +97,7 @@ def local_series(study, tmp_path_factory):
     )
 
     RunDir(out / "seed2").checkpoints.unlink()
-    argv = series(study, out, "--launcher", "local", "--jobs", "1", *JOB)
+    argv = series(sequential_series, out, "--launcher", "local", "--jobs", "1", *JOB)
     feeder = train_process(argv, work / "orphan.log")
     held: list[int] = []
     try:
@@ -149,13 +149,13 @@ def local_series(study, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_local_jobs_give_the_digests_of_the_sequential_series(study, local_series):
+def test_local_jobs_give_the_digests_of_the_sequential_series(sequential_series, local_series):
     out, record = local_series.out, local_series.record
     assert "2 at a time, each on 1 CPU thread (OMP_NUM_THREADS=1" in local_series.first.log
     code, stdout, err = local_series.rerun
     assert code == 0, err + stdout
     # seed1 trained once, seed0 killed and continued, seed2 started after its failure
-    assert digests(out, SEEDS) == study[2]
+    assert digests(out, SEEDS) == sequential_series[2]
     assert set(record["members"]) == {"seed0", "seed1", "seed2"}
     assert [s["settings"]["jobs"] for s in record["submissions"]] == [2, 1, 1]
     for member in ("seed0", "seed1", "seed2"):
@@ -171,7 +171,9 @@ def test_local_jobs_give_the_digests_of_the_sequential_series(study, local_serie
 
 
 @pytest.mark.slow
-def test_a_killed_member_continues_exactly_and_a_failing_member_does_not_stop_the_others(study, local_series):
+def test_a_killed_member_continues_exactly_and_a_failing_member_does_not_stop_the_others(
+    sequential_series, local_series
+):
     out, first = local_series.out, local_series.first
     assert first.code == 1
     assert "2 of 3 members failed" in first.log and "seed1: finished" in first.log
@@ -185,7 +187,7 @@ def test_a_killed_member_continues_exactly_and_a_failing_member_does_not_stop_th
     assert "1 finished, 0 running or queued, 2 to start" in local_series.orphan_log
     assert local_series.record["members"]["seed1"] == first.record["members"]["seed1"]
     assert "seed0: continuing from last.pt" in (out / "seed0" / "job.log").read_text()
-    assert digests(out, SEEDS) == study[2]
+    assert digests(out, SEEDS) == sequential_series[2]
 
 
 @pytest.mark.slow
@@ -198,7 +200,7 @@ def test_a_second_launch_while_the_first_runs_is_refused_and_submits_nothing(loc
 
 
 @pytest.mark.slow
-def test_a_rerun_counts_the_jobs_of_a_launch_that_died_and_submits_nothing_twice(study, local_series):
+def test_a_rerun_counts_the_jobs_of_a_launch_that_died_and_submits_nothing_twice(sequential_series, local_series):
     job, rows = local_series.orphaned_job, local_series.orphaned_status
     assert rows["seed0"][:2] == ["running", job["job_id"]]
     # seed2 waited for a slot of the launch that died: its latest job is still the one that failed
@@ -210,7 +212,7 @@ def test_a_rerun_counts_the_jobs_of_a_launch_that_died_and_submits_nothing_twice
     # one job at a time: seed2 started once seed0's job had ended
     assert stdout.index(f"finished (local job {job['job_id']})") < stdout.index("seed2: started as local job")
     assert local_series.record["members"]["seed0"] == job  # not submitted a second time
-    assert digests(local_series.out, SEEDS) == study[2]
+    assert digests(local_series.out, SEEDS) == sequential_series[2]
 
 
 @pytest.mark.slow
@@ -222,13 +224,13 @@ def test_the_same_command_on_a_finished_series_starts_nothing(local_series):
 
 
 @pytest.mark.slow
-def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(study, tmp_path):
+def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(sequential_series, tmp_path):
     single = tmp_path / "single"
     code, stdout, err = quiet(
-        train_main, ["--config", str(study[1]), "--output", str(single), "--launcher", "local", *JOB]
+        train_main, ["--config", str(sequential_series[1]), "--output", str(single), "--launcher", "local", *JOB]
     )
     assert code == 0, err + stdout
-    assert json.loads(RunDir(single).summary.read_text())["final_digest"] == study[2]["seed0"]
+    assert json.loads(RunDir(single).summary.read_text())["final_digest"] == sequential_series[2]["seed0"]
     assert not (single / "series.json").exists() and (single / "job.log").is_symlink()
     assert job_record(single)["members"][""]["job_id"] in (single / "job.log").read_text()
     assert job_status(single)["."][0] == "finished"
@@ -238,13 +240,13 @@ def test_a_single_run_with_a_launcher_is_one_job_in_its_own_folder(study, tmp_pa
 
 
 @pytest.mark.slow
-def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_path, slurm, monkeypatch):
+def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(sequential_series, tmp_path, slurm, monkeypatch):
     out = tmp_path / "series"
     (out / "seed2").mkdir(parents=True)
     RunDir(out / "seed2").checkpoints.write_text("a file where mmpt writes a folder")  # seed2's job fails
     monkeypatch.setenv("SLURM_STANDIN_PREEMPT", f"0:{RunDir(out / 'seed0').last}")
     argv = series(
-        study,
+        sequential_series,
         out,
         *("--launcher", "slurm", "--partition", "gpu", "--time", "1:30:00", "--mem", "4G", "--jobs", "2"),
         *JOB,
@@ -272,7 +274,7 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
     assert "SIGUSR2: stopped at step" in log and "submitit requeues the job" in log
     assert "Requeued job" in log and "seed0: continuing from last.pt" in log
     assert [(slurm / "runs" / f"{array}_{k}").read_text() for k in range(3)] == ["2", "1", "1"]
-    assert digests(out, "0,1") == {k: v for k, v in study[2].items() if k in ("seed0", "seed1")}
+    assert digests(out, "0,1") == {k: v for k, v in sequential_series[2].items() if k in ("seed0", "seed1")}
     assert json.loads((out / "sweep.json").read_text())["left_out"] == {"seed2": "unfinished"}
     rows = job_status(out)
     assert rows["seed0"][:2] == ["finished", f"{array}_0"] and rows["seed1"][:2] == ["finished", f"{array}_1"]
@@ -297,10 +299,10 @@ def test_slurm_array_requeue_after_sigusr2_failed_member_and_status(study, tmp_p
 
 
 @pytest.mark.slow
-def test_a_slurm_job_with_several_processes_trains_one_run_under_torch_distributed(study, tmp_path, slurm):
+def test_a_slurm_job_with_several_processes_trains_one_run_under_torch_distributed(sequential_series, tmp_path, slurm):
     # a single run with a launcher is a one-member series; 2 "GPUs" give 2 processes (gloo on the CPU here)
     out = tmp_path / "run"
-    argv = ["--config", str(study[1]), "--output", str(out), "--launcher", "slurm", "--gpus-per-job", "2"]
+    argv = ["--config", str(sequential_series[1]), "--output", str(out), "--launcher", "slurm", "--gpus-per-job", "2"]
     code, stdout, err = quiet(train_main, argv)
     assert code == 0, err + stdout
     job_id = job_record(out)["members"][""]["job_id"]
@@ -339,10 +341,12 @@ def refused(argv: list[str], folder: Path) -> str:
         (["--launcher", "local", "--time", "tomorrow"], ["launch.time must be minutes"]),
     ],
 )
-def test_bad_launch_settings_are_one_line_before_anything_is_submitted(study, tmp_path, monkeypatch, extra, words):
+def test_bad_launch_settings_are_one_line_before_anything_is_submitted(
+    sequential_series, tmp_path, monkeypatch, extra, words
+):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch here
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # and no GPU
-    line = refused(series(study, tmp_path / "series", *extra), tmp_path / "series")
+    line = refused(series(sequential_series, tmp_path / "series", *extra), tmp_path / "series")
     assert all(w in line for w in words), line
 
 
@@ -357,22 +361,24 @@ def test_bad_launch_settings_are_one_line_before_anything_is_submitted(study, tm
         (["--time", "60", "--mem", "lots"], ["launch.mem must be memory as SLURM writes it"]),
     ],
 )
-def test_bad_slurm_settings_are_one_line_before_anything_is_submitted(study, tmp_path, slurm, extra, words):
-    line = refused(series(study, tmp_path / "series", "--launcher", "slurm", *extra), tmp_path / "series")
+def test_bad_slurm_settings_are_one_line_before_anything_is_submitted(sequential_series, tmp_path, slurm, extra, words):
+    line = refused(series(sequential_series, tmp_path / "series", "--launcher", "slurm", *extra), tmp_path / "series")
     assert all(w in line for w in words), line
     assert not (slurm / "jobs").exists()  # sbatch never ran
 
 
-def test_status_names_the_members_that_never_started(study, tmp_path):
+def test_status_names_the_members_that_never_started(sequential_series, tmp_path):
     out = tmp_path / "series"
     out.mkdir()
-    shutil.copyfile(SeriesDir(study[0] / "seq").record, SeriesDir(out).record)  # the series, none of its runs
+    shutil.copyfile(
+        SeriesDir(sequential_series[0] / "seq").record, SeriesDir(out).record
+    )  # the series, none of its runs
     rows = job_status(out)
     assert [rows[f"seed{k}"][:2] for k in range(3)] == [["not started", "-"]] * 3
     assert "progress: 0 of 3 finished (0%), 3 not started" in rows["_text"]
 
 
-def test_overwrite_refuses_a_member_that_is_still_running(study, tmp_path, monkeypatch):
+def test_overwrite_refuses_a_member_that_is_still_running(sequential_series, tmp_path, monkeypatch):
     out = tmp_path / "series"
     SeriesDir(out).jobs.mkdir(parents=True)
     me = process_start(os.getpid())
@@ -391,7 +397,9 @@ def test_overwrite_refuses_a_member_that_is_still_running(study, tmp_path, monke
             }
         )
     )
-    code, _, err = quiet(train_main, series(study, out, "--launcher", "local", *JOB, "--overwrite", seeds="0,1"))
+    code, _, err = quiet(
+        train_main, series(sequential_series, out, "--launcher", "local", *JOB, "--overwrite", seeds="0,1")
+    )
     assert code == 2 and "seed0 is running as job" in err and "--overwrite would train it a second time" in err
     assert not (out / "seed1").exists()
 

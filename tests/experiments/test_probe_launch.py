@@ -14,14 +14,14 @@ from tests.helpers import job_record, job_status, quiet, sbatch_options
 
 
 @pytest.fixture(scope="module")
-def runs(study, tmp_path_factory):
+def runs(sequential_series, tmp_path_factory):
     """A copy of the study's 3-seed series (a probe caches features in each run), and the sequential linear probes
     of another copy (in ../sequential), made in this process with one thread, as each job probes: the jobs extract
     their own features."""
     base = tmp_path_factory.mktemp("probes")
     folder = base / "seq"
     for copy in (folder, base / "seq-sequential"):
-        shutil.copytree(study[0] / "seq", copy)
+        shutil.copytree(sequential_series[0] / "seq", copy)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -7,9 +7,6 @@ compare and probe; a run of another recipe never enters a summary.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,34 +24,14 @@ from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.runtime.distributed import resume_command
 from mmpt.tasks import resolve_tasks
+from tests.helpers import folder_snapshot, quiet
 
 SEEDS = (0, 1, 2)
 DATASETS = "breast,pneumonia"
 
 
-def quiet(fn, argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fn(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under `folder`: relative path -> (sha256 of its bytes, mtime_ns); every folder -> ("dir", 0)."""
-    return (
-        {
-            str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            if p.is_file()
-            else ("dir", 0)
-            for p in sorted(folder.rglob("*"))
-        }
-        if folder.exists()
-        else {}
-    )
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def finished_series(tmp_path_factory):
     """A finished series of three 1-epoch seeds (test_resnet, 32 synthetic images per dataset), and its recipe."""
     base = tmp_path_factory.mktemp("guard")
     data = base / "data"
@@ -79,14 +56,14 @@ def study(tmp_path_factory):
 
 
 @pytest.fixture
-def copy(study, tmp_path) -> Path:
+def copy(finished_series, tmp_path) -> Path:
     """A copy of the finished series to refuse commands on."""
-    shutil.copytree(study[2], tmp_path / "series")
+    shutil.copytree(finished_series[2], tmp_path / "series")
     return tmp_path / "series"
 
 
-def series_cmd(study, folder: Path, *extra: str) -> list[str]:
-    return ["--config", str(study[1]), "--output", str(folder), "--seeds", "0,1,2", *extra]
+def series_cmd(finished_series, folder: Path, *extra: str) -> list[str]:
+    return ["--config", str(finished_series[1]), "--output", str(folder), "--seeds", "0,1,2", *extra]
 
 
 def make_unfinished(folder: Path) -> None:
@@ -97,64 +74,68 @@ def make_unfinished(folder: Path) -> None:
 # ---------------------------------------------------------------- refused: one line, exit 2, folder untouched
 
 
-def changed_recipe(study, s):  # a finished member trained with another weight decay
+def changed_recipe(finished_series, s):  # a finished member trained with another weight decay
     return (
         train_main,
-        series_cmd(study, s, "--set", "optim.weight_decay=0.5"),
+        series_cmd(finished_series, s, "--set", "optim.weight_decay=0.5"),
         ["optim.weight_decay", "0.5", "--overwrite", "--output"],
     )
 
 
-def changed_lr(study, s):  # a key a resume may change still changes a finished run's result
-    return train_main, series_cmd(study, s, "--lr", "0.5"), ["optim.lr", "0.5", "--overwrite"]
+def changed_lr(finished_series, s):  # a key a resume may change still changes a finished run's result
+    return train_main, series_cmd(finished_series, s, "--lr", "0.5"), ["optim.lr", "0.5", "--overwrite"]
 
 
-def changed_member_without_record(study, s):  # series.json lost: each finished member still checks its recipe
+def changed_member_without_record(finished_series, s):  # series.json lost: each finished member still checks its recipe
     (s / "series.json").unlink()
     return (
         train_main,
-        series_cmd(study, s, "--set", "optim.weight_decay=0.3"),
+        series_cmd(finished_series, s, "--set", "optim.weight_decay=0.3"),
         ["finished run", "seed0", "optim.weight_decay", "0.3"],
     )
 
 
-def unfinished_member_changed(study, s):  # an unfinished member follows --resume's rule
+def unfinished_member_changed(finished_series, s):  # an unfinished member follows --resume's rule
     (s / "series.json").unlink()
     make_unfinished(s / "seed0")
     return (
         train_main,
-        series_cmd(study, s, "--set", "optim.weight_decay=0.5"),
+        series_cmd(finished_series, s, "--set", "optim.weight_decay=0.5"),
         ["interrupted run", "seed0", "optim.weight_decay", "cannot change mid-run"],
     )
 
 
-def single_run_in_series(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s), "--overwrite"], ["series folder", "--output"]
-
-
-def single_run_over_member(study, s):
+def single_run_in_series(finished_series, s):
     return (
         train_main,
-        ["--config", str(study[1]), "--output", str(s / "seed1"), "--overwrite"],
+        ["--config", str(finished_series[1]), "--output", str(s), "--overwrite"],
+        ["series folder", "--output"],
+    )
+
+
+def single_run_over_member(finished_series, s):
+    return (
+        train_main,
+        ["--config", str(finished_series[1]), "--output", str(s / "seed1"), "--overwrite"],
         ["run seed1 of the series", "--output"],
     )
 
 
-def series_in_run_folder(study, s):
+def series_in_run_folder(finished_series, s):
     return (
         train_main,
-        ["--config", str(study[1]), "--output", str(s / "seed1"), "--seeds", "5"],
+        ["--config", str(finished_series[1]), "--output", str(s / "seed1"), "--seeds", "5"],
         ["single run's folder", "--output"],
     )
 
 
-def series_missing_data(study, s):  # refused by the first run's checks: no series folder is left behind
+def series_missing_data(finished_series, s):  # refused by the first run's checks: no series folder is left behind
     (s.parent / "empty").mkdir()
     return (
         train_main,
         [
             "--config",
-            str(study[1]),
+            str(finished_series[1]),
             "--output",
             str(s.parent / "new"),
             "--seeds",
@@ -166,65 +147,77 @@ def series_missing_data(study, s):  # refused by the first run's checks: no seri
     )
 
 
-def rerun_missing_data(study, s):  # a new member refused by its checks: series.json is as it was
+def rerun_missing_data(finished_series, s):  # a new member refused by its checks: series.json is as it was
     return (
         train_main,
-        series_cmd(study, s, "--seeds", "0,1,2,3", "--data-root", str(s.parent / "nowhere")),
+        series_cmd(finished_series, s, "--seeds", "0,1,2,3", "--data-root", str(s.parent / "nowhere")),
         ["not found"],
     )
 
 
-def sweep_seed_with_seeds(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "train.seed=3,4"), ["train.seed", "--seeds"]
+def sweep_seed_with_seeds(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--sweep", "train.seed=3,4"), ["train.seed", "--seeds"]
 
 
-def seed_with_seeds(study, s):
-    return train_main, series_cmd(study, s, "--seed", "3"), ["--seed", "--seeds"]
+def seed_with_seeds(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--seed", "3"), ["--seed", "--seeds"]
 
 
-def sweep_output(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "output=a,b"), ["output", "does not change"]
+def sweep_output(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--sweep", "output=a,b"), ["output", "does not change"]
 
 
-def sweep_name(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "name=a,b"), ["name", "does not change"]
+def sweep_name(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--sweep", "name=a,b"), ["name", "does not change"]
 
 
-def sweep_neutral_key(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "data.num_workers=0,1"), ["data.num_workers", "does not change"]
-
-
-def sweep_empty_item(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "loss.weighting=none,,size"), ["empty value"]
-
-
-def sweep_value_twice(study, s):
-    return train_main, series_cmd(study, s, "--sweep", "loss.weighting=none,none"), ["twice"]
-
-
-def seeds_empty(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s), "--seeds", ""], ["--seeds expects"]
-
-
-def seeds_empty_item(study, s):
-    return train_main, ["--config", str(study[1]), "--output", str(s), "--seeds", "0,,1"], ["--seeds expects"]
-
-
-def sweep_datasets_individual(study, s):
+def sweep_neutral_key(finished_series, s):
     return (
         train_main,
-        ["--config", str(study[1]), "--output", str(s), "--individual", "--sweep", "data.datasets=breast,pneumonia"],
+        series_cmd(finished_series, s, "--sweep", "data.num_workers=0,1"),
+        ["data.num_workers", "does not change"],
+    )
+
+
+def sweep_empty_item(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--sweep", "loss.weighting=none,,size"), ["empty value"]
+
+
+def sweep_value_twice(finished_series, s):
+    return train_main, series_cmd(finished_series, s, "--sweep", "loss.weighting=none,none"), ["twice"]
+
+
+def seeds_empty(finished_series, s):
+    return train_main, ["--config", str(finished_series[1]), "--output", str(s), "--seeds", ""], ["--seeds expects"]
+
+
+def seeds_empty_item(finished_series, s):
+    return train_main, ["--config", str(finished_series[1]), "--output", str(s), "--seeds", "0,,1"], ["--seeds expects"]
+
+
+def sweep_datasets_individual(finished_series, s):
+    return (
+        train_main,
+        [
+            "--config",
+            str(finished_series[1]),
+            "--output",
+            str(s),
+            "--individual",
+            "--sweep",
+            "data.datasets=breast,pneumonia",
+        ],
         ["--individual", "--datasets"],
     )
 
 
-def init_from_other_size(study, s):
+def init_from_other_size(finished_series, s):
     out = s.parent / "fine"
     return (
         train_main,
         [
             "--config",
-            str(study[1]),
+            str(finished_series[1]),
             "--output",
             str(out),
             "--datasets",
@@ -238,36 +231,36 @@ def init_from_other_size(study, s):
     )
 
 
-def fine_tune(study, s, seeds: str, *extra: str) -> list[str]:
+def fine_tune(finished_series, s, seeds: str, *extra: str) -> list[str]:
     """An individual series fine-tuned from the seeds of the finished series `s`, into a new folder beside it."""
     return [
-        *["--config", str(study[1]), "--output", str(s.parent / "fine"), "--individual", "--seeds", seeds],
+        *["--config", str(finished_series[1]), "--output", str(s.parent / "fine"), "--individual", "--seeds", seeds],
         *["--init-from", str(s), *extra],
     ]
 
 
-def init_from_series_without_the_seed(study, s):  # refused before seed 0's members train, not after
-    return train_main, fine_tune(study, s, "0,5"), ["seed0, seed1, seed2", "without seed5/", "--seeds"]
+def init_from_series_without_the_seed(finished_series, s):  # refused before seed 0's members train, not after
+    return train_main, fine_tune(finished_series, s, "0,5"), ["seed0, seed1, seed2", "without seed5/", "--seeds"]
 
 
-def init_from_a_seed_without_best(study, s):  # seed 1's source lost its best.pt: refused before seed 0 trains
+def init_from_a_seed_without_best(finished_series, s):  # seed 1's source lost its best.pt: refused before seed 0 trains
     RunDir(s / "seed1").best.unlink()
-    return train_main, fine_tune(study, s, "0,1"), ["seed1/checkpoints/best.pt not found"]
+    return train_main, fine_tune(finished_series, s, "0,1"), ["seed1/checkpoints/best.pt not found"]
 
 
-def individual_norm_sweep(study, s):  # one dataset per run: every model.norm trains the same model
+def individual_norm_sweep(finished_series, s):  # one dataset per run: every model.norm trains the same model
     return (
         train_main,
-        fine_tune(study, s, "0", "--sweep", "model.norm=shared,per_dataset_stats"),
+        fine_tune(finished_series, s, "0", "--sweep", "model.norm=shared,per_dataset_stats"),
         ["--sweep model.norm with --individual", "nothing to keep apart"],
     )
 
 
-def summarize_a_single_run(study, s):  # it is no series: no sweep.* files in the run folder
+def summarize_a_single_run(finished_series, s):  # it is no series: no sweep.* files in the run folder
     return evaluate_main, ["summarize", str(s / "seed0")], ["seed0 is a single run, not a series", "compare"]
 
 
-def compare_a_run_with_itself(study, s):  # the same run under two spellings of its path
+def compare_a_run_with_itself(finished_series, s):  # the same run under two spellings of its path
     return (*compare(s / "seed0", Path(f"{s}/./seed0/")), ["are the same run", "pass each run once"])
 
 
@@ -278,27 +271,27 @@ def compare(s, *extra):
     return evaluate_main, ["compare", str(s), str(s / "seed0"), *extra]
 
 
-def compare_jobs_zero(study, s):
+def compare_jobs_zero(finished_series, s):
     return (*compare(s, "--jobs", "0"), ["--jobs", "-1"])
 
 
-def compare_negative_seed(study, s):
+def compare_negative_seed(finished_series, s):
     return (*compare(s, "--seed", "-1"), ["--seed must be >= 0, got -1"])
 
 
-def compare_huge_bootstrap(study, s):
+def compare_huge_bootstrap(finished_series, s):
     return (*compare(s, "--bootstrap", "10000000"), ["--bootstrap", "100,000"])
 
 
-def compare_zero_bootstrap(study, s):
+def compare_zero_bootstrap(finished_series, s):
     return (*compare(s, "--bootstrap", "0"), ["--bootstrap", "1..100,000"])
 
 
-def compare_empty_metric(study, s):
+def compare_empty_metric(finished_series, s):
     return (*compare(s, "--metrics", "auc,,acc"), ["--metrics", "empty item"])
 
 
-def compare_output_is_file(study, s):
+def compare_output_is_file(finished_series, s):
     (s.parent / "a_file").write_text("x")
     return (*compare(s, "--output", str(s.parent / "a_file")), ["is a file, not a folder"])
 
@@ -312,40 +305,40 @@ def _edit_scores(s: Path, value: str) -> Path:
     return path
 
 
-def nonfinite_score(study, s):
+def nonfinite_score(finished_series, s):
     path = _edit_scores(s, "nan")
     return (*compare(s / "seed0", s / "seed1"), [path.name, "line 4", "nan", "[0, 1]"])
 
 
-def out_of_range_score(study, s):
+def out_of_range_score(finished_series, s):
     path = _edit_scores(s, "1.5")
     return (*compare(s / "seed0", s / "seed1"), [path.name, "line 4", "1.5"])
 
 
-def summarize_require_complete(study, s):
+def summarize_require_complete(finished_series, s):
     make_unfinished(s / "seed2")
     return evaluate_main, ["summarize", str(s), "--require-complete"], ["seed2", "unfinished", "--require-complete"]
 
 
-def compare_require_complete(study, s):
+def compare_require_complete(finished_series, s):
     make_unfinished(s / "seed2")
     return (*compare(s, "--require-complete"), ["seed2", "unfinished"])
 
 
-def probe_require_complete(study, s):
+def probe_require_complete(finished_series, s):
     make_unfinished(s / "seed2")
     return evaluate_main, ["probe", str(s), "--method", "knn", "--require-complete"], ["seed2", "unfinished"]
 
 
-def probe_k_zero(study, s):
+def probe_k_zero(finished_series, s):
     return evaluate_main, ["probe", str(s / "seed0"), "--method", "knn", "--k", "0"], ["--k", ">= 1", "got 0"]
 
 
-def probe_batch_zero(study, s):
+def probe_batch_zero(finished_series, s):
     return evaluate_main, ["probe", str(s / "seed0"), "--method", "knn", "--batch-size", "0"], ["--batch-size"]
 
 
-def probe_unknown_backbone(study, s):
+def probe_unknown_backbone(finished_series, s):
     return (
         evaluate_main,
         ["probe", "--backbone", "zzqqxx", "--method", "knn", "--output", str(s / "p")],
@@ -397,21 +390,23 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_refused_in_one_line_with_the_folder_untouched(study, copy, case):
-    main, argv, words = case(study, copy)
-    before = snapshot(copy.parent)
+def test_refused_in_one_line_with_the_folder_untouched(finished_series, copy, case):
+    main, argv, words = case(finished_series, copy)
+    before = folder_snapshot(copy.parent)
     code, _, err = quiet(main, argv)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert all(w in lines[0] for w in words), (words, lines[0])
     assert len(lines[0]) < 600, lines[0]  # a line to read, not a registry dump
-    assert snapshot(copy.parent) == before
+    assert folder_snapshot(copy.parent) == before
 
 
 @pytest.mark.parametrize("norm, said", [("per_dataset_stats", True), ("per_dataset", True), ("auto", False)])
-def test_individual_with_a_per_dataset_norm_says_one_dataset_has_nothing_to_keep_apart(study, tmp_path, norm, said):
+def test_individual_with_a_per_dataset_norm_says_one_dataset_has_nothing_to_keep_apart(
+    finished_series, tmp_path, norm, said
+):
     (tmp_path / "empty").mkdir()  # the series stops at its first run's data check, after its start lines
-    argv = ["--config", str(study[1]), "--output", str(tmp_path / "ind"), "--individual", "--seeds", "0"]
+    argv = ["--config", str(finished_series[1]), "--output", str(tmp_path / "ind"), "--individual", "--seeds", "0"]
     code, out, _ = quiet(train_main, [*argv, "--set", f"model.norm={norm}", "--data-root", str(tmp_path / "empty")])
     assert code == 2
     note = f"note: model.norm {norm} keeps BatchNorm statistics apart per dataset, but each run of --individual"
@@ -476,18 +471,27 @@ def test_member_of_another_recipe_never_enters_the_summary(copy):
     assert "optim.weight_decay=0.5" in sweep["left_out"]["seed1"]
 
 
-def test_rerun_of_a_finished_series_skips_its_runs_and_keeps_its_summary(study, copy):
-    code, out, err = quiet(train_main, series_cmd(study, copy))
+def test_rerun_of_a_finished_series_skips_its_runs_and_keeps_its_summary(finished_series, copy):
+    code, out, err = quiet(train_main, series_cmd(finished_series, copy))
     assert code == 0, err
     assert out.count("finished, skipped") == 3
     record = json.loads((copy / "series.json").read_text())
     assert sorted(record["members"]) == ["seed0", "seed1", "seed2"]
 
 
-def test_knn_probe_says_when_k_exceeds_the_training_images(study, tmp_path):
+def test_knn_probe_says_when_k_exceeds_the_training_images(finished_series, tmp_path):
     code, out, err = quiet(
         evaluate_main,
-        ["probe", str(study[2] / "seed0"), "--method", "knn", "--k", "1000", "--output", str(tmp_path / "knn")],
+        [
+            "probe",
+            str(finished_series[2] / "seed0"),
+            "--method",
+            "knn",
+            "--k",
+            "1000",
+            "--output",
+            str(tmp_path / "knn"),
+        ],
     )
     assert code == 0, err
     assert "fewer than --k 1000" in out

@@ -33,7 +33,7 @@ def train_step(backbone, heads, optimizers, task: str) -> None:
     optimizers.zero_grad()
 
 
-def snapshot(module: nn.Module) -> list[torch.Tensor]:
+def parameter_copies(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
@@ -47,12 +47,12 @@ def test_a_step_updates_the_backbone_and_the_sampled_head_only(per_head):
     optimizers = build_optimizers(
         backbone, heads, dict.fromkeys(TASKS, 10), epochs=1, lr=0.1, weight_decay=0.05, per_head=per_head
     )
-    before = {"backbone": snapshot(backbone), **{t: snapshot(h) for t, h in heads.items()}}
+    before = {"backbone": parameter_copies(backbone), **{t: parameter_copies(h) for t, h in heads.items()}}
     train_step(backbone, heads, optimizers, "b")
-    assert not same(snapshot(backbone), before["backbone"])
-    assert not same(snapshot(heads["b"]), before["b"])
+    assert not same(parameter_copies(backbone), before["backbone"])
+    assert not same(parameter_copies(heads["b"]), before["b"])
     # untouched, weight decay included
-    assert same(snapshot(heads["a"]), before["a"]) and same(snapshot(heads["c"]), before["c"])
+    assert same(parameter_copies(heads["a"]), before["a"]) and same(parameter_copies(heads["c"]), before["c"])
 
 
 def test_one_optimizer_for_the_backbone_and_one_per_head_each_with_its_own_schedule():
@@ -126,7 +126,9 @@ def test_state_dict_restores_moments_update_counts_and_learning_rates():
     train_step(backbone, heads, optimizers, "c")
     torch.manual_seed(1)
     train_step(backbone2, heads2, restored, "c")
-    assert same(snapshot(backbone), snapshot(backbone2)) and same(snapshot(heads["c"]), snapshot(heads2["c"]))
+    assert same(parameter_copies(backbone), parameter_copies(backbone2)) and same(
+        parameter_copies(heads["c"]), parameter_copies(heads2["c"])
+    )
 
 
 # --- layer-wise LR decay (optim.layer_decay) and a frozen backbone (LP-FT) -------------------------------------------
@@ -201,16 +203,16 @@ def test_a_frozen_backbone_keeps_its_weights_and_its_schedule_starts_when_it_unf
         backbone, heads, dict.fromkeys(TASKS, 4), epochs=3, probe_epochs=1, lr=0.1, warmup_epochs=1
     )
     optimizers.frozen = frozenset({BACKBONE})
-    before = snapshot(backbone)
+    before = parameter_copies(backbone)
     for task in TASKS * 4:
         train_step(backbone, heads, optimizers, task)
-    assert same(snapshot(backbone), before)  # weight decay included
+    assert same(parameter_copies(backbone), before)  # weight decay included
     assert BACKBONE not in optimizers.updates and optimizers.updates == dict.fromkeys(TASKS, 4)
     assert optimizers.learning_rates()[BACKBONE] == pytest.approx(0.1 * 1e-3)  # the warmup's start, unmoved
     optimizers.frozen = frozenset()
     for task in TASKS * 4:
         train_step(backbone, heads, optimizers, task)
-    assert not same(snapshot(backbone), before)
+    assert not same(parameter_copies(backbone), before)
     # warmup over 12 of the backbone's own updates, then the cosine over 24 (its two epochs): half way at 12
     assert optimizers.updates[BACKBONE] == 12
     assert optimizers.learning_rates()[BACKBONE] == pytest.approx(0.1 * 0.5)

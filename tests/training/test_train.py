@@ -14,7 +14,7 @@ from mmpt.config import load_config, to_dict
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import FLAGS
-from tests.helpers import summary, tiny_config
+from tests.helpers import TINY_RUN, summary, tiny_config
 from tests.tolerances import above
 
 
@@ -113,32 +113,8 @@ def test_evaluate_cli_restricts_datasets_and_split(mmpt_run, tmp_path):
 
 def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
     out = tmp_path / "breast"
-    code = train_main(
-        [
-            "--datasets",
-            "breast",
-            "--data-root",
-            str(synthetic_root),
-            "--output",
-            str(out),
-            "--backbone",
-            "test_resnet",
-            "--epochs",
-            "2",
-            "--device",
-            "cpu",
-            "--set",
-            "input.mode=native",
-            "--set",
-            "data.num_workers=0",
-            "--set",
-            "train.progress=false",
-            "--set",
-            "optim.lr=0.003",
-            "--batch-size",
-            "16",
-        ]
-    )
+    argv = ["--datasets", "breast", "--data-root", str(synthetic_root), "--output", str(out), *TINY_RUN]
+    code = train_main([*argv, "--epochs", "2", "--set", "optim.lr=0.003"])
     assert code == 0
     state = ckpt.load(RunDir(out).best)
     assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {"breastmnist"}

@@ -1,10 +1,8 @@
-"""Experiments end to end on a tiny synthetic study: series (sweep × seeds, interrupted and resumed; individual),
+"""Experiments end to end on a tiny synthetic sweep_study: series (sweep × seeds, interrupted and resumed; individual),
 summaries, comparisons with statistics recomputed independently, frozen-backbone probes, plots, --print-config."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +20,7 @@ import mmpt.evaluation.probe as probe_module
 import mmpt.training.loop
 import mmpt.training.step
 from mmpt.cli import evaluate_main, train_main
-from mmpt.config import load_config, to_dict
+from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
 from mmpt.errors import MmptError
 from mmpt.experiments.series import plan_series
@@ -30,7 +28,7 @@ from mmpt.model.build import build_model, build_transform, load_backbone, load_i
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import TASKS, resolve_tasks
-from tests.helpers import REPO, assert_png
+from tests.helpers import assert_png, quiet
 
 DATASETS = ["pneumoniamnist", "breastmnist"]  # in medmnist's order, as every table lists them
 TRAIN_IMAGES = 64  # per dataset (val and test: 16 each)
@@ -85,16 +83,9 @@ def stop_after(steps: int, mp: pytest.MonkeyPatch):
     return StopAfter
 
 
-def quiet(fn, *args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fn(*args)
-    return code, out.getvalue(), err.getvalue()
-
-
 # every test that uses this fixture is marked slow: its runs and theirs take more than about 5 s
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def sweep_study(tmp_path_factory):
     """A sweep (loss.weighting=none,size × seeds 0,1) stopped in its third run and resumed, and an individual
     series (2 datasets × seeds 0,1) in the same folder: 8 runs of 1 epoch on 64 synthetic images per dataset."""
     base = tmp_path_factory.mktemp("study")
@@ -124,33 +115,33 @@ def study(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_series_stops_cleanly_and_resumes_where_it_stopped(study):
-    code, out, err = study.stopped
+def test_series_stops_cleanly_and_resumes_where_it_stopped(sweep_study):
+    code, out, err = sweep_study.stopped
     assert code == 130 and "run the same command again" in err
-    assert study.state_after_stop == {
+    assert sweep_study.state_after_stop == {
         "weighting-none/seed0": (True, True),
         "weighting-none/seed1": (True, True),
         "weighting-size/seed0": (False, True),  # stopped after its third step, last.pt written
     }
-    code, out, _ = study.resumed
+    code, out, _ = sweep_study.resumed
     assert code == 0
     assert "[1/4] weighting-none/seed0: finished, skipped" in out
     assert "[3/4] weighting-size/seed0: continuing from last.pt" in out and "resumed at epoch 0, step 3" in out
     for run in ("weighting-none/seed0", "weighting-none/seed1", "weighting-size/seed0", "weighting-size/seed1"):
-        result = json.loads(RunDir(study.out / run).summary.read_text())
+        result = json.loads(RunDir(sweep_study.out / run).summary.read_text())
         assert result["steps"] == STEPS_PER_RUN, run
     # it resumed with its own config (exactness of a resume from last.pt: tests/training/test_resume.py)
-    cfg = load_config(RunDir(study.out / "weighting-size" / "seed0").config)
+    cfg = load_config(RunDir(sweep_study.out / "weighting-size" / "seed0").config)
     assert (cfg.loss.weighting, cfg.train.seed) == ("size", 0)
 
 
 @pytest.mark.slow
-def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(study):
-    code, _, _ = study.individual
+def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(sweep_study):
+    code, _, _ = sweep_study.individual
     assert code == 0
     for seed in (0, 1):
         for flag in DATASETS:
-            run_dir = study.out / "individual" / f"seed{seed}" / flag
+            run_dir = sweep_study.out / "individual" / f"seed{seed}" / flag
             state = ckpt.load(RunDir(run_dir).best)
             assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {flag}
             config = load_config(RunDir(run_dir).config)
@@ -160,27 +151,27 @@ def test_individual_series_trains_one_single_dataset_model_per_dataset_and_seed(
 
 
 @pytest.mark.slow
-def test_summary_holds_mean_and_std_over_seeds_per_variant(study):
-    summary = json.loads((study.out / "sweep.json").read_text())["variants"]
+def test_summary_holds_mean_and_std_over_seeds_per_variant(sweep_study):
+    summary = json.loads((sweep_study.out / "sweep.json").read_text())["variants"]
     assert set(summary) == {"weighting-none", "weighting-size", "individual"}
     for variant, entry in summary.items():
         assert entry["seeds"] == [0, 1]
         for flag in DATASETS:
-            runs = [study.out / variant / f"seed{s}" / (flag if variant == "individual" else "") for s in (0, 1)]
+            runs = [sweep_study.out / variant / f"seed{s}" / (flag if variant == "individual" else "") for s in (0, 1)]
             aucs = [json.loads(Results(r).metrics.read_text())[flag]["auc"] for r in runs]
             stats = entry["datasets"][flag]["auc"]
             assert stats["mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
             assert stats["std"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
         per_seed_mean = [np.mean([entry["datasets"][f]["acc"]["values"][s] for f in DATASETS]) for s in (0, 1)]
         assert entry["mean"]["acc"]["mean"] == pytest.approx(np.mean(per_seed_mean), abs=1e-12)
-    rows = pd.read_csv(study.out / "sweep.csv")
+    rows = pd.read_csv(sweep_study.out / "sweep.csv")
     assert set(rows["variant"]) == set(summary)
-    assert "± " in (study.out / "sweep.md").read_text()
-    assert_png(study.out / "sweep.png")
+    assert "± " in (sweep_study.out / "sweep.md").read_text()
+    assert_png(sweep_study.out / "sweep.png")
     # summarize on demand rewrites the same numbers
-    before = (study.out / "sweep.json").read_text()
-    assert quiet(evaluate_main, ["summarize", str(study.out)])[0] == 0
-    assert (study.out / "sweep.json").read_text() == before
+    before = (sweep_study.out / "sweep.json").read_text()
+    assert quiet(evaluate_main, ["summarize", str(sweep_study.out)])[0] == 0
+    assert (sweep_study.out / "sweep.json").read_text() == before
 
 
 def _scores(run_dir: Path, flag: str) -> np.ndarray:
@@ -189,12 +180,12 @@ def _scores(run_dir: Path, flag: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(study, tmp_path):
-    a, b = study.out / "weighting-none" / "seed0", study.out / "weighting-size" / "seed0"
+def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(sweep_study, tmp_path):
+    a, b = sweep_study.out / "weighting-none" / "seed0", sweep_study.out / "weighting-size" / "seed0"
     code, out, _ = quiet(evaluate_main, ["compare", str(a), str(b), "--bootstrap", "100", "--output", str(tmp_path)])
     assert code == 0 and "Δm" in out
     result = json.loads((tmp_path / "compare.json").read_text())
-    labels = {f: np.load(study.data / f"{f}.npz")["test_labels"] for f in DATASETS}
+    labels = {f: np.load(sweep_study.data / f"{f}.npz")["test_labels"] for f in DATASETS}
     kinds = {f: TASKS[f].task_type for f in DATASETS}
     # Δm (LibMTL): mean over datasets and metrics of the relative change, in percent
     terms = []
@@ -236,8 +227,8 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
 
 
 @pytest.mark.slow
-def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp_path):
-    mmpt_side, individual = study.out / "weighting-none", study.out / "individual"
+def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(sweep_study, tmp_path):
+    mmpt_side, individual = sweep_study.out / "weighting-none", sweep_study.out / "individual"
     code, _, _ = quiet(
         evaluate_main, ["compare", str(mmpt_side), str(individual), "--bootstrap", "20", "--output", str(tmp_path)]
     )
@@ -261,8 +252,8 @@ def test_compare_of_seed_folders_gives_std_and_wilcoxon_over_datasets(study, tmp
 
 
 @pytest.mark.slow
-def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_path):
-    a = study.out / "weighting-none" / "seed0"
+def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(sweep_study, tmp_path):
+    a = sweep_study.out / "weighting-none" / "seed0"
     for change, message in (({"resolution": 64}, "64 px"), ("labels", "different breastmnist test sets")):
         other = tmp_path / f"other_{len(message)}"
         shutil.copytree(Results(a).predictions, Results(other).predictions)
@@ -281,10 +272,10 @@ def test_compare_refuses_runs_evaluated_on_other_data_in_one_line(study, tmp_pat
 
 
 @pytest.mark.slow
-def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(study, tmp_path, monkeypatch):
+def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(sweep_study, tmp_path, monkeypatch):
     from sklearn.neighbors import KNeighborsClassifier
 
-    source = study.out / "weighting-none"
+    source = sweep_study.out / "weighting-none"
     code, _, _ = quiet(evaluate_main, ["probe", str(source), "--method", "knn", "--k", "5", "--device", "cpu"])
     assert code == 0
     run_dir, result_dir = source / "seed0", source / "probe-knn" / "seed0"
@@ -293,7 +284,7 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
     # features are the eval-mode backbone's (BatchNorm statistics frozen)
     model, cfg = load_backbone(run_dir)
     model.eval()
-    split = np.load(study.data / "breastmnist.npz")
+    split = np.load(sweep_study.data / "breastmnist.npz")
     test_features = np.load(run_dir / "features" / "breastmnist_28_test.npy")
     with torch.no_grad():
         # through breast's own BatchNorm statistics (model.norm auto keeps them per dataset)
@@ -316,18 +307,18 @@ def test_knn_probe_on_a_folder_of_seeds_uses_frozen_features_and_caches_them(stu
 
 
 @pytest.mark.slow
-def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_results(study, tmp_path):
+def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_results(sweep_study, tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    individual = study.out / "individual"
+    individual = sweep_study.out / "individual"
     assert quiet(evaluate_main, ["probe", str(individual), "--method", "linear", "--device", "cpu"])[0] == 0
     result_dir = individual / "probe-linear" / "seed0" / "breastmnist"
     chosen = json.loads((result_dir / "probe.json").read_text())["chosen"]["breastmnist"]
     features = individual / "seed0" / "breastmnist" / "features"
     x = {s: np.load(features / f"breastmnist_28_{s}.npy") for s in ("train", "val")}
-    split = np.load(study.data / "breastmnist.npz")
+    split = np.load(sweep_study.data / "breastmnist.npz")
     val_aucs = []
     for c in probe_module.C_GRID:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
@@ -336,9 +327,9 @@ def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_resu
     assert chosen["C"] == probe_module.C_GRID[int(np.argmax(val_aucs))]
     assert chosen["val_auc"] == pytest.approx(max(val_aucs), abs=1e-9)
     # compare takes probe results as it takes runs: kNN of mm-PT vs linear of individual models, seeds both sides
-    knn = study.out / "weighting-none" / "probe-knn"
+    knn = sweep_study.out / "weighting-none" / "probe-knn"
     if not knn.exists():
-        assert quiet(evaluate_main, ["probe", str(study.out / "weighting-none"), "--method", "knn"])[0] == 0
+        assert quiet(evaluate_main, ["probe", str(sweep_study.out / "weighting-none"), "--method", "knn"])[0] == 0
     code, _, _ = quiet(
         evaluate_main,
         ["compare", str(knn), str(individual / "probe-linear"), "--bootstrap", "20", "--output", str(tmp_path)],
@@ -348,7 +339,7 @@ def test_linear_probe_chooses_regularisation_on_val_and_compare_takes_probe_resu
 
 
 @pytest.mark.slow
-def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
+def test_probe_of_a_bare_backbone_is_the_untrained_reference(sweep_study, tmp_path):
     out = tmp_path / "bare"
     code, _, _ = quiet(
         evaluate_main,
@@ -357,7 +348,7 @@ def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
             "--backbone",
             "test_resnet",
             "--config",
-            str(study.recipe),
+            str(sweep_study.recipe),
             "--method",
             "knn",
             "--output",
@@ -372,9 +363,9 @@ def test_probe_of_a_bare_backbone_is_the_untrained_reference(study, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_copies_backbone_and_matching_heads_only(study):
-    source = study.out / "weighting-none" / "seed0"
-    cfg = load_config(study.recipe, [{"data": {"datasets": ["breast", "chest"]}}])
+def test_init_from_copies_backbone_and_matching_heads_only(sweep_study):
+    source = sweep_study.out / "weighting-none" / "seed0"
+    cfg = load_config(sweep_study.recipe, [{"data": {"datasets": ["breast", "chest"]}}])
     model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
     chest_before = {k: v.clone() for k, v in model.heads["chestmnist"].state_dict().items()}
     assert load_initial_weights(model, source, cfg) == ["breastmnist"]
@@ -391,153 +382,73 @@ def test_init_from_copies_backbone_and_matching_heads_only(study):
     for name, value in model.heads["chestmnist"].state_dict().items():
         assert torch.equal(value, chest_before[name])
     for other in ({"model": {"backbone": "test_vit"}}, {"model": {"img_size": 32}, "input": {"mode": "pad"}}):
-        cfg = load_config(study.recipe, [other])
+        cfg = load_config(sweep_study.recipe, [other])
         model, _ = build_model(cfg, resolve_tasks(cfg.data.datasets))
         with pytest.raises(MmptError, match="initialise from a run with the same backbone"):
             load_initial_weights(model, source, cfg)
 
 
 @pytest.mark.slow
-def test_init_from_on_the_command_line(study, tmp_path):
-    source = study.out / "weighting-none" / "seed0"
+def test_init_from_on_the_command_line(sweep_study, tmp_path):
+    source = sweep_study.out / "weighting-none" / "seed0"
     refused = tmp_path / "vit"
     code, _, err = quiet(
         train_main,
-        ["--config", str(study.recipe), "--init-from", str(source), "--backbone", "test_vit", "--output", str(refused)],
+        [
+            "--config",
+            str(sweep_study.recipe),
+            "--init-from",
+            str(source),
+            "--backbone",
+            "test_vit",
+            "--output",
+            str(refused),
+        ],
     )
     assert code == 2 and err.startswith("error: model.init_from") and err.count("\n") == 1
     assert not refused.exists()
     tuned = tmp_path / "tuned"
     code, out, _ = quiet(
         train_main,
-        ["--config", str(study.recipe), "--datasets", "breast", "--init-from", str(source), "--output", str(tuned)],
+        [
+            "--config",
+            str(sweep_study.recipe),
+            "--datasets",
+            "breast",
+            "--init-from",
+            str(source),
+            "--output",
+            str(tuned),
+        ],
     )
     assert code == 0 and "backbone and heads of breastmnist" in out
     assert load_config(RunDir(tuned).config).model.init_from == str(source)
     # mm-PFT: each seed of an individual series starts from the same seed of the mm-PT series
-    cfg = load_config(study.recipe, [{"model": {"init_from": str(study.out / "weighting-none")}}])
+    cfg = load_config(sweep_study.recipe, [{"model": {"init_from": str(sweep_study.out / "weighting-none")}}])
     variants = plan_series(cfg, individual=True, seeds=[0, 1])
     assert [(v.path, v.cfg.model.init_from) for v in variants] == [
-        (f"individual/seed{s}/{f}", str(study.out / "weighting-none" / f"seed{s}")) for s in (0, 1) for f in DATASETS
+        (f"individual/seed{s}/{f}", str(sweep_study.out / "weighting-none" / f"seed{s}"))
+        for s in (0, 1)
+        for f in DATASETS
     ]
 
 
 @pytest.mark.slow
-def test_evaluate_writes_confusion_matrices_and_loss_curves(study, tmp_path):
-    run_dir = study.out / "weighting-none" / "seed0"
+def test_evaluate_writes_confusion_matrices_and_loss_curves(sweep_study, tmp_path):
+    run_dir = sweep_study.out / "weighting-none" / "seed0"
     assert quiet(evaluate_main, [str(run_dir), "--output", str(tmp_path), "--device", "cpu"])[0] == 0
     for name in ("confusion_breastmnist.png", "confusion_pneumoniamnist.png", "loss_curves.png"):
         assert_png(tmp_path / name)
 
 
-def test_confusion_matrices_per_label_for_multi_label_tasks():
-    from mmpt.evaluation.predict import confusion_matrices
-
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, (50, 14))
-    scores = rng.random((50, 14))
-    panels = confusion_matrices(TASKS["chestmnist"], labels, scores)
-    assert len(panels) == 14
-    matrix, names = panels["chest: " + TASKS["chestmnist"].class_names[3]]
-    assert names == ["no", "yes"] and matrix.sum() == 50
-    assert matrix[1, 1] == np.sum((labels[:, 3] == 1) & (scores[:, 3] > 0.5))
-    ((matrix, names),) = confusion_matrices(TASKS["retinamnist"], labels[:, :1] * 4, scores[:, :5]).values()
-    assert matrix.shape == (5, 5) and matrix[4].sum() == np.sum(labels[:, 0] == 1)
-
-
-def test_loss_curves_plot_train_and_val_losses_and_tolerate_a_history_without_train_losses(tmp_path):
-    from mmpt.evaluation.plots import plot_loss_curves
-
-    history = [
-        {
-            "epoch": e,
-            "val": {"breastmnist": {"loss": 1 / e}, "retinamnist": {"loss": 2 / e}, "mean": {"loss": 1.5 / e}},
-            "train_loss": {"breastmnist": 1.2 / e, "retinamnist": 2.5 / e},
-        }
-        for e in (1, 2, 3)
-    ]
-    assert_png(plot_loss_curves(history, tmp_path / "both.png"))
-    for entry in history:
-        del entry["train_loss"]
-    assert_png(plot_loss_curves(history, tmp_path / "val_only.png"))
-    assert plot_loss_curves([], tmp_path / "none.png") is None
-
-
-def test_print_config_shows_every_key_with_its_allowed_values(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, out, _ = quiet(
-        train_main,
-        [
-            "--print-config",
-            "--config",
-            str(REPO / "configs" / "quickstart.yaml"),
-            "--epochs",
-            "7",
-            "--set",
-            "loss.weighting=size",
-        ],
-    )
-    assert code == 0 and not (tmp_path / "runs").exists()
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", [{"train": {"epochs": 7}, "loss": {"weighting": "size"}}])
-    assert to_dict(load_config(overrides=[yaml.safe_load(out)])) == to_dict(cfg)
-    lines = [line for line in out.splitlines() if not line.rstrip().endswith(":")]
-    assert all("  # " in line for line in lines)
-    assert "weighting: size  # none | size" in out and "mode: pad  # pad" in out and "| native" in out
-    assert "epochs: 7  # integer >= 1" in out
-
-
 @pytest.mark.slow
-def test_series_flags_with_bad_values_are_one_line_errors(study, tmp_path):
+def test_series_flags_with_bad_values_are_one_line_errors(sweep_study, tmp_path):
     for flags, message in (
         (["--sweep", "optim.nope=1,2"], "unknown key 'optim.nope'"),
         (["--sweep", "loss.weighting=none,heavy"], "loss.weighting must be one of"),
         (["--seeds", "0,x"], "--seeds expects"),
     ):
         output = tmp_path / "never"
-        code, _, err = quiet(train_main, ["--config", str(study.recipe), "--output", str(output), *flags])
+        code, _, err = quiet(train_main, ["--config", str(sweep_study.recipe), "--output", str(output), *flags])
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert not output.exists()
-
-
-def test_experiment_recipes_follow_the_doerrich_protocol():
-    recipes = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
-    runnable = [p for p in recipes if p.name != "protocol.yaml"]
-    assert len(runnable) == 16  # {mm-PT, individual} × {ResNet-18, ViT-B/16} × {28, 64, 128, 224}
-    for path in runnable:
-        assert yaml.safe_load(path.read_text())["base"] == "protocol.yaml", path
-        cfg = load_config(path)
-        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == ("adamw", 1e-4, "cosine", 64)
-        assert (cfg.train.epochs, cfg.train.patience, cfg.train.monitor) == (100, 5, "val_loss")
-        assert (cfg.input.mode, cfg.model.img_size, cfg.model.pretrained) == ("pad", 224, True)
-        assert not any(to_dict(cfg.input.augment)[k] for k in ("hflip", "vflip", "random_resized_crop"))
-        assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem
-
-
-@pytest.mark.parametrize("flag", ["retinamnist", pytest.param("chestmnist", marks=pytest.mark.slow)])
-def test_paired_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores(flag):
-    from mmpt.analysis.compare import paired_bootstrap
-
-    task, rng = TASKS[flag], np.random.default_rng(1)
-    n, k = 80, task.num_classes
-    labels = rng.integers(0, 2 if task.label_width > 1 else k, (n, task.label_width))
-    if task.label_width == 1:
-        labels[:k, 0] = np.arange(k)  # every grade present
-    scores_a, scores_b = rng.random((n, k)), rng.random((n, k))
-    low, high = paired_bootstrap(task, labels, [scores_a], [scores_b], ["auc"], n_resamples=30, seed=3)
-    kind = task.task_type
-
-    def interval(statistic):
-        res = scipy.stats.bootstrap(
-            (np.arange(n),),
-            statistic,
-            vectorized=False,
-            n_resamples=30,
-            method="percentile",
-            rng=np.random.default_rng(3),
-        )
-        return res.confidence_interval.low, res.confidence_interval.high
-
-    expected_value = interval(lambda i: getAUC(labels[i], scores_b[i], kind))
-    expected_diff = interval(lambda i: getAUC(labels[i], scores_b[i], kind) - getAUC(labels[i], scores_a[i], kind))
-    np.testing.assert_allclose([low[0], high[0]], expected_value, atol=1e-12)
-    np.testing.assert_allclose([low[1], high[1]], expected_diff, atol=1e-12)

@@ -1,7 +1,5 @@
 """evaluate.py export: a run's backbone as a timm model folder that plain timm loads, with heads and a model card."""
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,14 +21,7 @@ from mmpt.model.build import build_model, load_backbone, load_initial_weights
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import resolve_tasks
-
-
-def quiet(fn, *args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fn(*args)
-    return code, out.getvalue(), err.getvalue()
-
+from tests.helpers import TINY_RUN, quiet
 
 DATASETS = ["breastmnist", "retinamnist"]
 
@@ -207,11 +198,7 @@ def own_sizes_data(tmp_path_factory):
 
 
 def _train(root, output, *extra):
-    argv = [
-        *["--data-root", str(root), "--output", str(output), "--backbone", "test_resnet", "--epochs", "1"],
-        *["--batch-size", "8", "--device", "cpu", "--set", "input.mode=native", "--set", "data.num_workers=0"],
-        *["--set", "train.progress=false", *extra],
-    ]
+    argv = ["--data-root", str(root), "--output", str(output), *TINY_RUN, "--batch-size", "8", *extra]
     code, _, err = quiet(train_main, argv)
     assert code == 0, err
     return output

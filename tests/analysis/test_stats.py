@@ -1,11 +1,20 @@
+from __future__ import annotations
+
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
+import scipy.stats
+from medmnist.evaluator import getAUC
 
-from mmpt.analysis.compare import compare_runs, load_run, paired_bootstrap, read_scores
-from mmpt.analysis.stats import bootstrap_dataset, delong_components, delong_intervals, weighted_metrics
+from benchmarks.baselines import loop_intervals, paired_bootstrap
+from mmpt.analysis.compare import compare_runs, load_run, read_labels, read_scores
+from mmpt.analysis.stats import PreparedDataset, bootstrap_dataset, delong_components, delong_intervals
+from mmpt.errors import MmptError
 from mmpt.evaluation.metrics import compute_metrics
+from mmpt.runs.rundir import Results
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
 
 # one dataset of each task type
@@ -38,13 +47,15 @@ def _metrics(task) -> list[str]:
 @pytest.mark.parametrize("flag", FLAGS)
 @pytest.mark.parametrize("n", [12, 90])
 def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
+    """The bootstrap's metrics of weighted counts (each image counted as often as a resample drew it) are medmnist's
+    metrics recomputed on the resampled rows."""
     rng = np.random.default_rng(n)
     task, labels, scores = _data(flag, n, 2, rng)
     metrics = _metrics(task)
     indices = rng.integers(0, n, (15, n))
     counts = np.stack([np.bincount(i, minlength=n) for i in indices])
     for rule in ("argmax", "median") if task.task_type == ORDINAL else ("argmax",):
-        got = weighted_metrics(task, labels, [(scores, rule)], metrics, counts)[0]
+        got = PreparedDataset(task, labels, [(scores, rule)], metrics).metric_values(counts.T.astype(float))[0]
         for b, i in enumerate(indices):
             per_seed = [compute_metrics(task, labels[i], s[i], metrics, rule) for s in scores]
             expected = [np.mean([v[m] for v in per_seed]) for m in metrics]
@@ -86,18 +97,28 @@ def series(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compare_gives_the_same_intervals_on_either_path(series):
+def test_compare_gives_the_intervals_of_the_per_resample_loop(series):
     metrics = ["auc", "acc", "balanced_acc", "kappa", "qwk", "mae"]
-    loop = compare_runs(series, metrics=metrics, n_resamples=10, seed=2, resampling="loop")
-    vectorised = compare_runs(series, metrics=metrics, n_resamples=10, seed=2)
+    result = compare_runs(series, metrics=metrics, n_resamples=10, seed=2)
+    runs = [load_run(path) for path in series]
+    labels = {f: read_labels(runs[0].seeds[0][f], f) for f in FLAGS}
+    models = {f: [([read_scores(m[f]) for m in run.seeds], run.seeds[0][f].grade_rule) for run in runs] for f in FLAGS}
     checked = 0
-    for old, new in zip(loop["runs"], vectorised["runs"]):
-        for flag, cells in old["datasets"].items():
-            for m, cell in cells.items():
-                for key, value in cell.items():
-                    assert new["datasets"][flag][m][key] == pytest.approx(value, abs=1e-9, nan_ok=True), (flag, m, key)
-                    checked += 1
-    assert checked > 50
+    for flag in FLAGS:
+        present = [m for m in metrics if m in result["runs"][0]["datasets"][flag]]
+        loop = loop_intervals({flag: labels[flag]}, {flag: models[flag]}, present, n_resamples=10, seed=2)
+        for i, run in enumerate(result["runs"]):
+            low, high = loop[(i, flag)]
+            for j, m in enumerate(present):
+                cell = run["datasets"][flag][m]
+                assert cell["ci_low"] == pytest.approx(low[j], abs=1e-9, nan_ok=True), (flag, m)
+                assert cell["ci_high"] == pytest.approx(high[j], abs=1e-9, nan_ok=True), (flag, m)
+                if i:
+                    k = len(present) + j
+                    assert cell["diff_ci_low"] == pytest.approx(low[k], abs=1e-9, nan_ok=True), (flag, m)
+                    assert cell["diff_ci_high"] == pytest.approx(high[k], abs=1e-9, nan_ok=True), (flag, m)
+                checked += 1
+    assert checked > 30
 
 
 def test_compare_delong_replaces_only_the_auc_intervals(series):
@@ -178,7 +199,7 @@ def test_delong_interval_of_a_multi_class_mean_auc_matches_the_bootstrap_spread(
     runs = [[rng.random((n, task.num_classes)) + strength * onehot] for strength in (0.3, 0.5)]
     (low, high), (_, _, diff_low, diff_high) = delong_intervals(task, labels, runs)
     counts = rng.multinomial(n, np.full(n, 1 / n), size=1500)
-    values = weighted_metrics(task, labels, [(r, "argmax") for r in runs], ["auc"], counts)
+    values = PreparedDataset(task, labels, [(r, "argmax") for r in runs], ["auc"]).metric_values(counts.T.astype(float))
     z = 1.959963984540054
     boot_se, boot_diff_se = values[0][:, 0].std(ddof=1), (values[1] - values[0])[:, 0].std(ddof=1)
     assert (high - low) / (2 * z) == pytest.approx(boot_se, rel=0.12)
@@ -191,7 +212,6 @@ def test_delong_interval_of_a_multi_class_mean_auc_matches_the_bootstrap_spread(
 def _runs_with_labels(root, labels: dict, rng) -> list:
     """Two single-seed runs (random scores) evaluated on these test labels, as compare reads them."""
     from mmpt.evaluation.predict import TaskResult, write_predictions
-    from mmpt.runs.rundir import Results
 
     data = root / "data"
     data.mkdir(parents=True)
@@ -216,7 +236,6 @@ def test_an_auc_with_a_one_image_class_has_no_interval_and_says_why(ci, tmp_path
     """DeLong's variance needs two images on each side of every class; such an AUC's interval and its difference's
     are NaN (null in compare.json, `nan` with the reason in compare.md), by either method, where they used to be
     clipped to [0, 1] and [−1, 1]; the other datasets keep their intervals, DeLong's equal to the definition's."""
-    import json
 
     from mmpt.analysis.report import write_compare
 
@@ -344,7 +363,6 @@ def test_compare_gives_delta_m_an_interval_zero_for_a_copy_of_the_reference(seri
     """A copy of the reference: Δm 0 on every resample, so [0, 0]; another run: an interval with width around
     its Δm, the same whichever --ci the per-dataset AUC intervals take, written to compare.md and compare.csv."""
     import csv
-    import shutil
 
     from mmpt.analysis.report import write_compare
 
@@ -373,7 +391,6 @@ def test_compare_leaves_out_a_dataset_none_of_the_metrics_applies_to(tmp_path):
     left out (named); with no dataset left, one line says what to do (it was a KeyError traceback)."""
     from benchmarks.compare import write_series
     from mmpt.analysis.report import format_compare
-    from mmpt.errors import MmptError
 
     series = write_series(tmp_path, ["breastmnist", "retinamnist"], seeds=1, max_images=40)
     result = compare_runs(series, metrics=["qwk"], n_resamples=30, seed=0)
@@ -385,3 +402,34 @@ def test_compare_leaves_out_a_dataset_none_of_the_metrics_applies_to(tmp_path):
     only_breast = write_series(tmp_path / "breast", ["breastmnist"], seeds=1, max_images=40)
     with pytest.raises(MmptError, match=r"^--metrics qwk,mae applies to none of the compared datasets \(breastmnist\)"):
         compare_runs(only_breast, metrics=["qwk", "mae"], n_resamples=30)
+
+
+@pytest.mark.parametrize("flag", ["retinamnist", pytest.param("chestmnist", marks=pytest.mark.slow)])
+def test_the_bootstrap_resamples_whole_rows_of_multi_column_labels_and_scores_as_scipy_does(flag):
+    """compare's intervals are scipy.stats.bootstrap's (paired, percentile) of medmnist's own getAUC."""
+    task, rng = TASKS[flag], np.random.default_rng(1)
+    n, k = 80, task.num_classes
+    labels = rng.integers(0, 2 if task.label_width > 1 else k, (n, task.label_width))
+    if task.label_width == 1:
+        labels[:k, 0] = np.arange(k)  # every grade present
+    scores_a, scores_b = rng.random((n, k)), rng.random((n, k))
+    _, (low, high) = bootstrap_dataset(
+        task, labels, [([scores_a], "argmax"), ([scores_b], "argmax")], ["auc"], n_resamples=30, seed=3
+    )
+    kind = task.task_type
+
+    def interval(statistic):
+        res = scipy.stats.bootstrap(
+            (np.arange(n),),
+            statistic,
+            vectorized=False,
+            n_resamples=30,
+            method="percentile",
+            rng=np.random.default_rng(3),
+        )
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    expected_value = interval(lambda i: getAUC(labels[i], scores_b[i], kind))
+    expected_diff = interval(lambda i: getAUC(labels[i], scores_b[i], kind) - getAUC(labels[i], scores_a[i], kind))
+    np.testing.assert_allclose([low[0], high[0]], expected_value, atol=1e-12)
+    np.testing.assert_allclose([low[1], high[1]], expected_diff, atol=1e-12)

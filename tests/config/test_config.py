@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from mmpt.cli import evaluate_main, train_main
 from mmpt.config import (
     RESUME_MAY_CHANGE,
     SETTINGS,
@@ -26,8 +28,9 @@ from mmpt.errors import MmptError
 from mmpt.runs.rundir import RunDir
 from mmpt.tasks import FLAGS
 from mmpt.training.build import check_run
+from tests.helpers import REPO, TINY_RUN, folder_snapshot
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO / "configs"
 
 
 @pytest.mark.parametrize("recipe", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -92,14 +95,6 @@ def test_datasets_are_stored_as_medmnist_flags_in_medmnist_order():
 # ---------------------------------------------------------------- one declaration per setting
 
 
-def test_the_generated_docs_match_the_declarations():
-    """docs/settings.md, and the resume keys, named flags and methods blocks inside hand-written pages."""
-    from mmpt.config.docs import REGENERATE, stale_pages
-
-    stale = [str(p.relative_to(CONFIGS.parent)) for p in stale_pages()]
-    assert stale == [], f"out of date: {', '.join(stale)}; regenerate with: {REGENERATE}"
-
-
 def test_a_new_key_with_a_flag_needs_only_its_declaration(tmp_path, monkeypatch):
     """A result-neutral key with a flag reaches train.py's flags, the flag table, the resume keys and
     docs/settings.md through its declaration alone (here added to SETTINGS as `setting(...)` would add it)."""
@@ -140,7 +135,6 @@ def test_declared_facts_replace_the_hand_kept_lists():
 
 def test_print_config_refuses_the_two_key_rules_a_run_refuses(capsys):
     """A rule between keys is checked where a config is loaded, so --print-config refuses it as the run would."""
-    from mmpt.cli import train_main
 
     argv = ["--print-config", "--set", "model.norm=per_dataset", "--set", "loss.weighting=upgrad"]
     assert train_main([*argv, "--set", "sampler.tasks_per_step=2"]) == 2
@@ -164,7 +158,6 @@ def test_print_config_refuses_the_two_key_rules_a_run_refuses(capsys):
 def test_print_config_refuses_the_series_a_run_refuses(flags, words, capsys):
     """--print-config plans the series the flags ask for, so it refuses every sweep key and every combination of
     keys that training the series would refuse (in one line, exit 2), and prints only what would train."""
-    from mmpt.cli import train_main
 
     assert train_main(["--print-config", "--datasets", "breast,retina", *flags]) == 2
     err = capsys.readouterr().err
@@ -337,7 +330,6 @@ def test_evaluation_flags_are_checked_as_their_config_keys(flag, key, text, mess
 
 
 def test_evaluate_refuses_an_empty_data_root_in_one_line(tmp_path, capsys):
-    from mmpt.cli import evaluate_main
 
     assert evaluate_main([str(tmp_path), "--data-root", ""]) == 2
     assert capsys.readouterr().err == "error: --data-root must not be empty, got ''\n"
@@ -383,7 +375,7 @@ def test_importing_the_cli_leaves_the_cublas_setting_to_determinism():
     assert out.stdout.strip() == "None"
 
 
-# ---------------------------------------------------------------- resume refuses every recipe change
+# ---------------------------------------------------------------- resume refuses every change of a fixed key
 
 
 def _another_value(key: str, current):
@@ -416,17 +408,17 @@ def _replaced(cfg, key: str, value):
     return dataclasses.replace(cfg, **{head: _replaced(getattr(cfg, head), rest, value)})
 
 
-RECIPE_KEYS = [key for key in SETTINGS if key not in RESUME_MAY_CHANGE]
+FIXED_KEYS = [key for key in SETTINGS if key not in RESUME_MAY_CHANGE]
 
 
-def test_the_recipe_keys_are_every_key_but_the_declared_resume_may_change_ones():
-    assert "loss.weighting_args" in RECIPE_KEYS and "loss.weights" in RECIPE_KEYS and "optim.per_head" in RECIPE_KEYS
+def test_the_fixed_keys_are_every_key_but_the_declared_resume_may_change_ones():
+    assert "loss.weighting_args" in FIXED_KEYS and "loss.weights" in FIXED_KEYS and "optim.per_head" in FIXED_KEYS
     assert {"optim.lr", "train.epochs", "data.root", "checkpoint.every_minutes"} <= RESUME_MAY_CHANGE
-    assert len(RECIPE_KEYS) + len(RESUME_MAY_CHANGE) == len(SETTINGS)
+    assert len(FIXED_KEYS) + len(RESUME_MAY_CHANGE) == len(SETTINGS)
 
 
-@pytest.mark.parametrize("key", RECIPE_KEYS)
-def test_a_change_of_any_recipe_key_is_a_recipe_change(key):
+@pytest.mark.parametrize("key", FIXED_KEYS)
+def test_a_change_of_any_fixed_key_is_refused_on_resume(key):
     saved = load_config(None, [parse_override("loss.weighting=uw"), parse_override("loss.weighting_args={lr: 0.01}")])
     current = to_dict(value_of(saved, key))
     current = tuple(current) if isinstance(current, list) else current
@@ -442,7 +434,7 @@ def test_a_resume_may_change_the_keys_declared_so(key):
     assert fixed_key_changes(saved, _replaced(saved, key, _another_value(key, current))) == []
 
 
-def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_recipe_change():
+def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_fixed_key_change():
     def cfg(*sets):
         return load_config(None, [parse_override(s) for s in sets])
 
@@ -460,49 +452,18 @@ def test_a_method_option_or_a_manual_weight_changed_by_one_entry_is_a_recipe_cha
 @pytest.fixture(scope="module")
 def uw_run(synthetic_root, tmp_path_factory) -> Path:
     """A finished 1-epoch run with a weighting method that takes an option."""
-    from mmpt.cli import train_main
 
     run = tmp_path_factory.mktemp("uw") / "run"
     assert (
         train_main(
             [
-                "--data-root",
-                str(synthetic_root),
-                "--output",
-                str(run),
-                "--backbone",
-                "test_resnet",
-                "--datasets",
-                "breast,retina",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "16",
-                "--device",
-                "cpu",
-                "--set",
-                "input.mode=native",
-                "--set",
-                "data.num_workers=0",
-                "--set",
-                "train.progress=false",
-                "--set",
-                "loss.weighting=uw",
-                "--set",
-                "loss.weighting_args={lr: 0.01}",
+                *("--data-root", str(synthetic_root), "--output", str(run), *TINY_RUN, "--datasets", "breast,retina"),
+                *("--set", "loss.weighting=uw", "--set", "loss.weighting_args={lr: 0.01}"),
             ]
         )
         == 0
     )
     return run
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.mark.parametrize(
@@ -512,70 +473,29 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
         (["--set", "input.augment.hflip=true"], "input.augment.hflip"),
     ],
 )
-def test_train_resume_refuses_a_recipe_change_in_one_line_and_leaves_the_run_as_it_was(uw_run, capsys, flags, key):
-    from mmpt.cli import train_main
+def test_train_resume_refuses_a_fixed_key_change_in_one_line_and_leaves_the_run_as_it_was(uw_run, capsys, flags, key):
 
-    before = _snapshot(uw_run)
+    before = folder_snapshot(uw_run)
     capsys.readouterr()
     assert train_main(["--resume", str(uw_run), "--epochs", "2", *flags]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert f"was trained with {key}=" in err and f"{key} cannot change mid-run" in err, err
-    assert _snapshot(uw_run) == before
+    assert folder_snapshot(uw_run) == before
 
 
 # ---------------------------------------------------------------- the README and docs/
 
-REPO = CONFIGS.parent
-DOC_PAGES = (
-    "training-and-settings",
-    "multi-task-optimization",
-    "experiments-and-statistics",
-    "reproducibility-and-errors",
-    "scaling",
-    "benchmarks",
-    "settings",
-)
 
-
-def _documents() -> dict[str, str]:
-    return {
-        "README.md": (REPO / "README.md").read_text(encoding="utf-8"),
-        **{f"docs/{name}.md": (REPO / "docs" / f"{name}.md").read_text(encoding="utf-8") for name in DOC_PAGES},
-    }
-
-
-def test_the_readme_is_short_and_links_every_docs_page_and_each_page_opens_with_an_example():
-    docs = _documents()
-    readme = docs["README.md"]
-    assert len(readme.splitlines()) <= 160
-    for name in DOC_PAGES:
-        text = docs[f"docs/{name}.md"]
-        assert f"docs/{name}.md" in readme, name
-        assert text.startswith("# "), name
-        section = text.find("\n## ")
-        assert "```bash" in text and (section == -1 or text.index("```bash") < section), f"{name}: example first"
-    for path, text in docs.items():
-        for target in re.findall(r"\]\(([^)#:]+\.md)\)", text):
-            assert (REPO / path).parent.joinpath(target).is_file(), f"{path} links to a missing {target}"
-
-
-def test_every_documented_train_command_parses_and_its_config_is_valid(monkeypatch):
-    import shlex
-
-    from mmpt.cli.train import build_train_config, train_parser
-
-    monkeypatch.chdir(REPO)  # recipes are named relative to the repository
-    commands = []
-    for path, text in _documents().items():
-        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                words = shlex.split(line, comments=True)
-                if "train.py" in words and "--resume" not in words:
-                    commands.append((path, words[words.index("train.py") + 1 :]))
-    assert len(commands) >= 15
-    for path, argv in commands:
-        try:
-            build_train_config(train_parser().parse_args(argv))
-        except MmptError as exc:
-            raise AssertionError(f"{path}: train.py {' '.join(argv)}: {exc}") from None
+def test_experiment_recipes_follow_the_doerrich_protocol():
+    recipes = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    runnable = [p for p in recipes if p.name != "protocol.yaml"]
+    assert len(runnable) == 16  # {mm-PT, individual} × {ResNet-18, ViT-B/16} × {28, 64, 128, 224}
+    for path in runnable:
+        assert yaml.safe_load(path.read_text())["base"] == "protocol.yaml", path
+        cfg = load_config(path)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == ("adamw", 1e-4, "cosine", 64)
+        assert (cfg.train.epochs, cfg.train.patience, cfg.train.monitor) == (100, 5, "val_loss")
+        assert (cfg.input.mode, cfg.model.img_size, cfg.model.pretrained) == ("pad", 224, True)
+        assert not any(to_dict(cfg.input.augment)[k] for k in ("hflip", "vflip", "random_resized_crop"))
+        assert cfg.model.backbone in ("resnet18", "vit_b16") and str(cfg.data.resolution) in path.stem

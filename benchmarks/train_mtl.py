@@ -13,13 +13,15 @@ import torch
 from benchmarks.common import median
 from benchmarks.loops import EngineLoop, engine, time_steps
 from mmpt.config import Config, from_dict, to_dict
+from mmpt.config.methods import GRADIENT, METHODS
 from mmpt.errors import MmptError
 from mmpt.training.build import check_run
 from mmpt.training.conflicts import AUTO_EVERY_STEPS, BATCHES, GRAMIAN, STEP
 
 # loss weightings whose step time the benchmark compares at several datasets per step: the static sum (the
-# weighted mean's cost) and two Jacobian aggregators (one backward per dataset, then the aggregation)
+# weighted mean's cost) and two Jacobian aggregators, each on both Jacobian paths (loss.jacobian)
 MTL_METHODS = ("none", "upgrad", "pcgrad")
+JACOBIAN_PATHS = ("one_pass", "autojac")
 # the gradient-conflict diagnostic's sources, each timed as (datasets per step, loss weighting) of a run that uses it
 CONFLICT_CASES = {BATCHES: (1, "none"), STEP: (4, "none"), GRAMIAN: (4, "upgrad")}
 
@@ -37,15 +39,21 @@ def measure_mtl_steps(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Step time of the engine with `k` datasets per step under each loss weighting `methods` (the first is the
-    reference), timed in turns; returns {"ratios": {method: median s/step over the reference's}, ...}. A method
-    that a run of these settings would refuse (e.g. one that needs every dataset in every step, or a solver that is
-    not installed) is not timed: "refused" maps it to the reason."""
+    reference), timed in turns; returns {"ratios": {label: median s/step over the reference's}, ...}. A gradient-based
+    method is timed on both Jacobian paths (loss.jacobian one_pass and autojac: labels `<method>.one_pass`,
+    `<method>.autojac`). A method or path that a run of these settings would refuse (e.g. one that needs every dataset
+    in every step, or a solver that is not installed) is not timed: "refused" maps its label to the reason."""
     if not methods:
         return {"ratios": {}, "refused": {}}
     # compiled: the warm-up also covers every combination's first graph of each size (k datasets from 12: a pass)
     total = warmup_steps + (datasets if cfg.train.compile else 0) + repeats * steps
     loops, refused = {}, {}
-    for method in methods:
+    variants = [
+        (f"{method}.{path}" if METHODS[method].kind == GRADIENT else method, method, path)
+        for method in methods
+        for path in (JACOBIAN_PATHS if METHODS[method].kind == GRADIENT else ("auto",))
+    ]
+    for label, method, path in variants:
         try:
             mcfg = runnable(
                 dataclasses.replace(
@@ -54,18 +62,18 @@ def measure_mtl_steps(
                     sampler=dataclasses.replace(
                         cfg.sampler, tasks_per_step=k, steps_per_epoch=total, last_batch="drop"
                     ),
-                    loss=dataclasses.replace(cfg.loss, weighting=method),
+                    loss=dataclasses.replace(cfg.loss, weighting=method, jacobian=path),
                 )
             )
+            torch.manual_seed(cfg.train.seed)
+            setup = engine(mcfg, device)
         except MmptError as exc:
-            refused[method] = str(exc)
-            log(f"{method} at {k} datasets per step: refused ({exc})")
+            refused[label] = str(exc)
+            log(f"{label} at {k} datasets per step: refused ({exc})")
             continue
-        torch.manual_seed(cfg.train.seed)
-        setup = engine(mcfg, device)
-        loops[method] = EngineLoop(setup.step, setup.train_loader(0), cfg.train.log_every_steps)
+        loops[label] = EngineLoop(setup.step, setup.train_loader(0), cfg.train.log_every_steps)
         for _ in range(total - repeats * steps):
-            loops[method]()
+            loops[label]()
     seconds = {method: [] for method in loops}
     for _ in range(repeats):
         for method, loop in loops.items():

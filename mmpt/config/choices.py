@@ -24,6 +24,10 @@ PAD_VALUES = ("normalized_zero", "black")
 INTERPOLATIONS = ("bilinear", "bicubic")
 # sampler.last_batch: the policy for a split's last partial batch (mmpt.data.sampler)
 LAST_BATCH = ("keep", "drop")
+# loss.jacobian: how a gradient-based method gets the Jacobian of a step's losses (mmpt.training.build.jacobian_path):
+# each dataset's own forward pass with views of the shared weights and one backward pass, or TorchJD's mtl_backward
+# (one backward pass per dataset of the step); auto takes one_pass where it computes the same Jacobian
+JACOBIAN_PATHS = ("auto", "one_pass", "autojac")
 # train.monitor: what early stopping and best.pt follow
 MONITORS = ("val_loss", "val_auc")
 # launch.launcher: where a series' members train (sequential: mmpt.experiments.series; local, slurm:

@@ -156,6 +156,34 @@ METHODS: dict[str, MethodSpec] = {
         SEVERAL,
     ),
     "jd_mean": MethodSpec(GRADIENT, "plain mean through the Jacobian path (a baseline for its cost)"),
+    # stateful aggregators keep one entry per row of the Jacobian: the same datasets in every step (ALL)
+    "gradvac": MethodSpec(
+        GRADIENT,
+        "each pair's cosine raised toward its moving target",
+        "Wang et al. 2021 (Gradient Vaccine)",
+        options(
+            option("beta", 0.5, "decay of the moving cosine targets", gt=0, le=1),
+            option("eps", 1e-8, "added to the denominators", ge=0),
+        ),
+        ALL,
+    ),
+    "excess_mtl": MethodSpec(
+        GRADIENT,
+        "weights raised for the tasks with the larger excess risk",
+        "He et al. 2024 (ExcessMTL)",
+        options(
+            option("robust_step_size", 1.0, "step size of the exponentiated weight update", gt=0),
+            option("n_warmup_steps", 0, "steps of uniform weights that set the excess-risk baseline", whole=True, ge=0),
+        ),
+        ALL,
+    ),
+    "cr_mogm": MethodSpec(
+        GRADIENT,
+        "MGDA's weights smoothed by a moving average",
+        "Zhou et al. 2022 (CR-MOGM)",
+        options(option("alpha", 0.9, "weight of the previous weights in the moving average", ge=0, lt=1)),
+        ALL,
+    ),
 }
 
 

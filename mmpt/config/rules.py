@@ -46,6 +46,7 @@ def cross_problems(cfg: Any, default_root: str) -> list[str]:
             f"loss.weighting={cfg.loss.weighting} (a gradient-based method, aggregating the Jacobian of the shared "
             "backbone) does not train; use model.norm per_dataset_stats or a static or loss-based weighting"
         )
+    problems += _jacobian_problems(cfg)
     if cfg.train.compile and cfg.model.norm == "per_dataset":
         # its per-dataset affine weights are picked by host integers: a compiled graph per dataset and mix of them
         problems.append(
@@ -61,6 +62,31 @@ def cross_problems(cfg: Any, default_root: str) -> list[str]:
         weights=weights,
         datasets=flags,
     )
+
+
+def _jacobian_problems(cfg: Any) -> list[str]:
+    """loss.jacobian names a path only a gradient-based method takes; one_pass forwards each dataset on its own, which a
+    compiled backbone and fp16's loss scaling do not (a backbone's shared BatchNorm is checked once it is built)."""
+    path = cfg.loss.jacobian
+    if path == "auto":
+        return []
+    if METHODS[cfg.loss.weighting].kind != GRADIENT:
+        return [
+            f"loss.jacobian {path} chooses how a gradient-based method gets its Jacobian, but "
+            f"loss.weighting={cfg.loss.weighting} takes none; leave loss.jacobian auto"
+        ]
+    problems = []
+    if path == "one_pass" and cfg.train.compile:
+        problems.append(
+            "loss.jacobian one_pass runs each dataset's own forward pass, which train.compile does not "
+            "compile; set loss.jacobian autojac (or auto) or train.compile false"
+        )
+    if path == "one_pass" and cfg.train.precision == "fp16":
+        problems.append(
+            "loss.jacobian one_pass does not take fp16's loss scaling; set loss.jacobian autojac (or auto) "
+            "or train.precision bf16"
+        )
+    return problems
 
 
 def _probe_problems(cfg: Any) -> list[str]:

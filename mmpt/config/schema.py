@@ -26,6 +26,7 @@ from mmpt.config.choices import (
     DEVICE_NAMES,
     INPUT_MODES,
     INTERPOLATIONS,
+    JACOBIAN_PATHS,
     LAST_BATCH,
     MONITORS,
     NORMS,
@@ -230,6 +231,14 @@ class LossConfig:
     )
     weights: dict[str, float] = setting(
         {}, "loss.weighting manual: one weight per trained dataset", allowed="a mapping of dataset to weight >= 0"
+    )
+    jacobian: str = setting(
+        "auto",
+        "how a gradient-based loss.weighting gets the Jacobian of the step's losses: one_pass (each dataset's own "
+        "forward pass, the whole Jacobian from one backward pass), autojac (TorchJD's mtl_backward: one backward pass "
+        "per dataset), auto (one_pass where the datasets' forward passes are independent: no compile, no fp16, no "
+        "BatchNorm statistics shared across datasets; docs/multi-task-optimization.md)",
+        choices=JACOBIAN_PATHS,
     )
 
 

@@ -233,8 +233,30 @@ def conflict_title(steps: list[int], every_steps: int) -> str:
 
 
 def plot_gradient_conflicts(
-    mean: np.ndarray, tasks: tuple[str, ...] | list[str], steps: list[int], every_steps: int, path: Path
+    mean: np.ndarray,
+    tasks: tuple[str, ...] | list[str],
+    steps: list[int],
+    every_steps: int,
+    path: Path,
+    norm_ratios: np.ndarray | None = None,
 ) -> Path:
-    """The heat map of the mean gradient cosine of every pair of datasets (see conflict_figure)."""
+    """The heat map of the mean gradient cosine of every pair of datasets (see conflict_figure) and, beside it, each
+    dataset's mean gradient-norm ratio (its gradient's norm over the mean of the datasets measured with it; 1: equal
+    magnitudes) as bars: angle and magnitude in one picture."""
     fig, _ = conflict_figure(mean, tasks, conflict_title(steps, every_steps))
+    if norm_ratios is not None:
+        names = [t.removesuffix("mnist") for t in tasks]
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 2.6, height)
+        bars = fig.add_axes((0.8, 0.18, 0.17, 0.66))
+        fig.subplots_adjust(right=0.62)
+        values = np.nan_to_num(np.asarray(norm_ratios, dtype=float), nan=0.0)
+        bars.barh(range(len(tasks)), values, color="0.45")
+        bars.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        bars.set_yticks(range(len(tasks)), names, fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlabel("gradient norm / mean", fontsize=8)
+        bars.tick_params(axis="x", labelsize=7)
+        for side in ("top", "right"):
+            bars.spines[side].set_visible(False)
     return _save(fig, path)

@@ -45,6 +45,9 @@ class AggregatorState(NamedTuple):
 
 # Nash-MTL keeps its last weights and Gramian normalisation (NumPy) between steps: saved as tensors
 NASH_MTL_STATE = AggregatorState(torchjd_state.nash_mtl_state, torchjd_state.load_nash_mtl_state)
+GRADVAC_STATE = AggregatorState(torchjd_state.gradvac_state, torchjd_state.load_gradvac_state)
+EXCESS_MTL_STATE = AggregatorState(torchjd_state.excess_mtl_state, torchjd_state.load_excess_mtl_state)
+CR_MOGM_STATE = AggregatorState(torchjd_state.cr_mogm_state, torchjd_state.load_cr_mogm_state)
 
 
 class AggregatorMethod:
@@ -70,14 +73,23 @@ class AggregatorMethod:
         self._last: dict[str, Tensor] = {}
 
     def backward(
-        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+        self,
+        losses: dict[str, Tensor],
+        features: Tensor | list[Tensor],
+        scale: LossScale,
+        *,
+        gramian: bool = False,
+        views: list[list[Tensor]] | None = None,
     ) -> Tensor | None:
-        mtl_backward(
-            [scale(loss) for loss in losses.values()],
-            features=features,
-            shared_params=self.shared_params,
-            parallel_chunk_size=self.jacobian_chunk_size,
-        )
+        if views is None:
+            mtl_backward(
+                [scale(loss) for loss in losses.values()],
+                features=features,
+                shared_params=self.shared_params,
+                parallel_chunk_size=self.jacobian_chunk_size,
+            )
+        else:
+            self._one_pass_jacobian(losses, scale, views)
         if not scale.unscale_([p.jac for p in self.shared_params]):
             # fp16 overflow: no aggregation; an infinite gradient makes the scaler skip the backbone's step and lower
             # its scale, as after any overflow (the heads' finite gradients step, each optimizer judged on its own)
@@ -90,9 +102,32 @@ class AggregatorMethod:
         weights = jac_to_grad(self.shared_params, self.aggregator)
         scale.rescale_([p.grad for p in self.shared_params if p.grad is not None])
         if weights is None:
-            weights = torch.full((len(losses),), math.nan, device=features.device)
+            weights = torch.full((len(losses),), math.nan, device=self.shared_params[0].device)
         self._last = dict(zip(losses, weights.detach().unbind()))
         return found
+
+    def _one_pass_jacobian(self, losses: dict[str, Tensor], scale: LossScale, views: list[list[Tensor]]) -> None:
+        """The Jacobian into `.jac` from one backward pass (loss.jacobian one_pass): each dataset's forward pass used
+        its own views of the shared parameters, so the backward pass of the summed losses hands each view its dataset's
+        gradient (a hook keeps it) and each head its own loss's gradient, as mtl_backward does."""
+        assert all(len(per) == len(self.shared_params) for per in views), "a view of every shared parameter"
+        rows: list[list[Tensor | None]] = [[None] * len(self.shared_params) for _ in views]
+
+        def keep(t: int, i: int):
+            def hook(grad: Tensor) -> None:
+                rows[t][i] = grad
+
+            return hook
+
+        handles = [view.register_hook(keep(t, i)) for t, per in enumerate(views) for i, view in enumerate(per)]
+        try:
+            scale(sum(losses.values())).backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, p in enumerate(self.shared_params):
+            p.grad = None  # the rows' plain sum, which the aggregation replaces
+            p.jac = torch.stack([row[i] if row[i] is not None else torch.zeros_like(p) for row in rows])
 
     def dataset_weights(self) -> dict[str, Tensor]:
         return self._last
@@ -138,4 +173,17 @@ AGGREGATOR_BUILDERS: dict[str, Callable[[list[str], dict, Context], Method]] = {
     "config": aggregator(lambda n, a: aggregation.ConFIG()),
     "fairgrad": aggregator(lambda n, a: aggregation.FairGrad(alpha=a["alpha"])),
     "jd_mean": aggregator(lambda n, a: aggregation.Mean()),
+    "gradvac": aggregator(lambda n, a: aggregation.GradVac(beta=a["beta"], eps=a["eps"]), GRADVAC_STATE),
+    "excess_mtl": aggregator(
+        lambda n, a: aggregation.ExcessMTL(
+            robust_step_size=a["robust_step_size"], n_warmup_steps=int(a["n_warmup_steps"])
+        ),
+        EXCESS_MTL_STATE,
+    ),
+    "cr_mogm": aggregator(
+        lambda n, a: aggregation.GramianWeightedAggregator(
+            aggregation.CRMOGMWeighting(aggregation.MGDAWeighting(), alpha=a["alpha"])
+        ),
+        CR_MOGM_STATE,
+    ),
 }

@@ -22,7 +22,13 @@ class Method(Protocol):
     """What the training step needs from a multi-task method (static, loss-based or gradient-based)."""
 
     def backward(
-        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+        self,
+        losses: dict[str, Tensor],
+        features: Tensor | list[Tensor],
+        scale: LossScale,
+        *,
+        gramian: bool = False,
+        views: list[list[Tensor]] | None = None,
     ) -> Tensor | None:
         """Run this step's backward pass; return the Gramian of the step's per-dataset gradients on the backbone when
         `gramian` asks for it and the method has it at no extra cost (gradient-based methods: k×k, on the device; None
@@ -30,7 +36,9 @@ class Method(Protocol):
 
         losses: per-dataset mean loss of the step (0-dim, unweighted), keyed by flag in the step's order;
         under DDP each value is the global mean with the local rank's gradient. features: the backbone's
-        output for the whole step (N_total×F, the datasets' slices in the order of `losses`). scale: the
+        output for the whole step (N_total×F, the datasets' slices in the order of `losses`), or on the one-pass
+        path (loss.jacobian) each dataset's own. views: on the one-pass path, per dataset the views of the backbone's
+        parameters its forward pass used (in the order of the backbone's parameters); None otherwise. scale: the
         fp16 GradScaler's scale (identity otherwise), applied to a scalar before .backward(); an aggregator
         unscales its Jacobian with it before aggregating (`LossScale.unscale_`).
         Scalarizers and static weights never synchronise with the device; aggregators do (their solvers
@@ -73,10 +81,16 @@ class MethodRun:
         self._counts: dict[str, int] = {}
 
     def backward(
-        self, losses: dict[str, Tensor], features: Tensor, scale: LossScale, *, gramian: bool = False
+        self,
+        losses: dict[str, Tensor],
+        features: Tensor | list[Tensor],
+        scale: LossScale,
+        *,
+        gramian: bool = False,
+        views: list[list[Tensor]] | None = None,
     ) -> Tensor | None:
         """The method's backward pass (`Method.backward`); its dataset weights summed for the epoch's record."""
-        found = self.method.backward(losses, features, scale, gramian=gramian)
+        found = self.method.backward(losses, features, scale, gramian=gramian, views=views)
         for t, w in self.method.dataset_weights().items():
             self._sums[t] = self._sums[t] + w if t in self._sums else w.clone()
             self._counts[t] = self._counts.get(t, 0) + 1

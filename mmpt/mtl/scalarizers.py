@@ -60,7 +60,13 @@ class ScalarizerMethod:
         self._last: dict[str, Tensor] = {}
 
     def backward(
-        self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor], *, gramian: bool = False
+        self,
+        losses: dict[str, Tensor],
+        features: Tensor | list[Tensor],
+        scale: Callable[[Tensor], Tensor],
+        *,
+        gramian: bool = False,
+        views: list[list[Tensor]] | None = None,
     ) -> None:
         self.hooks.before(self, losses)
         values, total = self.scalarize(losses)

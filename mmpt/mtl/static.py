@@ -20,7 +20,13 @@ class StaticMethod:
         self._last: dict[str, Tensor] = {}
 
     def backward(
-        self, losses: dict[str, Tensor], features: Tensor, scale: Callable[[Tensor], Tensor], *, gramian: bool = False
+        self,
+        losses: dict[str, Tensor],
+        features: Tensor | list[Tensor],
+        scale: Callable[[Tensor], Tensor],
+        *,
+        gramian: bool = False,
+        views: list[list[Tensor]] | None = None,
     ) -> None:
         total = sum(self._weights[t] * loss for t, loss in losses.items())
         scale(total).backward()

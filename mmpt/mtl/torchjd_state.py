@@ -1,5 +1,6 @@
 """Every read and write of TorchJD's private state, in one place: what exact resume saves and restores of the
-stateful methods DWA, FAMO and Nash-MTL (TorchJD keeps it in attributes of its own, not behind state_dict).
+stateful methods DWA, FAMO, Nash-MTL, GradVac, ExcessMTL and CR-MOGM (TorchJD keeps it in attributes of its own, not
+behind state_dict).
 
 Those attributes are TorchJD 0.18's: another release may rename or change them, and a resume would then fail or,
 worse, continue from another state. So this module refuses, when it is imported (with mmpt.mtl.build, before any run
@@ -30,7 +31,7 @@ def check_version(installed: str | None) -> None:
         return
     found = f"TorchJD {installed} is installed" if installed is not None else "the installed TorchJD has no version"
     raise TorchJDVersionError(
-        f"mmpt supports TorchJD {SUPPORTED}.x (it saves and restores the state of DWA, FAMO and Nash-MTL from "
+        f"mmpt supports TorchJD {SUPPORTED}.x (it saves and restores the state of its stateful methods from "
         f"TorchJD's own attributes), but {found}; install the supported release: {INSTALL}"
     )
 
@@ -107,3 +108,56 @@ def load_nash_mtl_state(nash_mtl: aggregation.NashMTL, state: dict) -> None:
     if weighting.step > 0:
         # NashMTL builds its solver problem on its first call only; rebuild it around the restored weights
         weighting._init_optim_problem()
+
+
+# ---------------------------------------------------------------- GradVac: the EMA of each pair's cosine target
+
+
+def gradvac_state(gradvac: aggregation.GradVac) -> dict:
+    weighting = gradvac.gramian_weighting
+    return {} if weighting._phi_t is None else {"phi_t": weighting._phi_t}
+
+
+def load_gradvac_state(gradvac: aggregation.GradVac, state: dict) -> None:
+    weighting = gradvac.gramian_weighting
+    weighting.reset()
+    if "phi_t" in state:
+        phi_t = state["phi_t"].clone()
+        weighting._phi_t, weighting._state_key = phi_t, (phi_t.shape[0], phi_t.dtype)
+
+
+# ---------------------------------------------------------------- ExcessMTL: the squared-gradient sums and the weights
+
+EXCESS_MTL_TENSORS = ("_weights", "_sq_grad_sum", "_initial_w", "_warmup_w_sum")
+
+
+def excess_mtl_state(excess_mtl: aggregation.ExcessMTL) -> dict:
+    weighting = excess_mtl.weighting
+    if weighting._sq_grad_sum is None:
+        return {}
+    state = {name: getattr(weighting, name) for name in EXCESS_MTL_TENSORS if getattr(weighting, name) is not None}
+    return state | {"n_steps": weighting._n_steps}
+
+
+def load_excess_mtl_state(excess_mtl: aggregation.ExcessMTL, state: dict) -> None:
+    weighting = excess_mtl.weighting
+    weighting.reset()
+    if not state:
+        return
+    for name in EXCESS_MTL_TENSORS:
+        setattr(weighting, name, state[name].clone() if name in state else None)
+    weighting._n_steps = state["n_steps"]
+    matrix = weighting._sq_grad_sum  # m × n, as the Jacobian it accumulates
+    weighting._state_key = (matrix.shape[0], matrix.shape[1], matrix.dtype, matrix.device)
+
+
+# ---------------------------------------------------------------- CR-MOGM: the moving average of the weights
+
+
+def cr_mogm_state(aggregator: aggregation.GramianWeightedAggregator) -> dict:
+    weighting = aggregator.gramian_weighting
+    return {} if weighting._lambda is None else {"lambda": weighting._lambda}
+
+
+def load_cr_mogm_state(aggregator: aggregation.GramianWeightedAggregator, state: dict) -> None:
+    aggregator.gramian_weighting._lambda = state["lambda"].clone() if "lambda" in state else None

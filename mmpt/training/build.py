@@ -142,7 +142,36 @@ def build_step(
         compile_backend=compile_backend,
         sync_norm=cfg.model.sync_norm,
         conflicts=build_conflicts(cfg, list(model.heads), world, train_splits),
+        jacobian=jacobian_path(cfg.loss.jacobian, cfg.loss.weighting, cfg.train.compile, precision, model),
     )
+
+
+ONE_PASS, AUTOJAC = "one_pass", "autojac"
+
+
+def jacobian_path(setting: str, weighting: str, compiled: bool, precision: str, model: MultiTaskNet) -> str | None:
+    """How the step's gradient-based method gets the Jacobian of the step's losses (loss.jacobian as applied; None for
+    a method that takes none).
+
+    one_pass runs each dataset's forward pass on its own with views of the shared weights, so that one backward pass
+    of the summed losses gives each view its dataset's gradient: the whole Jacobian for one backward pass. It equals
+    TorchJD's mtl_backward (autojac: one backward pass per dataset, over the whole step) where a dataset's losses do
+    not depend on the other datasets' images: not with BatchNorm statistics shared across the step's datasets
+    (model.norm shared on a BatchNorm backbone), and it takes neither a compiled backbone nor fp16's loss scaling.
+    `auto` takes it wherever it applies. Raises MmptError where loss.jacobian one_pass asks for it and it does not.
+    """
+    if METHODS[weighting].kind != GRADIENT:
+        return None
+    shared_statistics = model.norm == "shared" and has_batchnorm(model.backbone)
+    if setting == AUTOJAC or (setting == "auto" and (compiled or precision == "fp16" or shared_statistics)):
+        return AUTOJAC
+    if shared_statistics:
+        raise MmptError(
+            "loss.jacobian one_pass runs each dataset's forward pass on its own, but with model.norm shared the "
+            "backbone's BatchNorm statistics mix the step's datasets, so its Jacobian would not be the step's; set "
+            "model.norm per_dataset_stats (or auto), or loss.jacobian autojac (or auto)"
+        )
+    return ONE_PASS
 
 
 def jacobian_chunk_size(compiled: bool, precision: str, model: MultiTaskNet) -> int | None:

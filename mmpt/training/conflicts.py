@@ -16,8 +16,11 @@ digests and every other output are bitwise those of a run without it):
   forked, BatchNorm buffers are restored afterwards and the gradients come from `torch.autograd.grad` (no .grad,
   no optimizer state touched).
 
-cos_ij = G_ij / sqrt(G_ii G_jj) over the backbone's shared parameters (per-dataset BatchNorm weights excluded).
-Matrices stay on the device until read at a logging interval or a checkpoint (`fresh`, `state_dict`).
+cos_ij = G_ij / sqrt(G_ii G_jj) over the backbone's shared parameters (per-dataset BatchNorm weights excluded), and
+beside the angles the magnitudes: each dataset's gradient norm sqrt(G_ii) and its ratio to the mean norm of the
+datasets measured with it (a ratio far from 1 means one dataset's gradient dominates the sum, whatever the angles;
+Elich et al. 2024 find magnitude, not angle, explains most of the gap between multi-task and single-task training).
+Measurements stay on the device until read at a logging interval or a checkpoint (`fresh`, `state_dict`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,22 @@ def conflict_source(several_per_step: bool, gradient_based: bool, world_size: in
     if several_per_step and gradient_based:
         return GRAMIAN
     return STEP if several_per_step and world_size == 1 else BATCHES
+
+
+def norm_ratios(norms: Sequence[float]) -> list[float]:
+    """Each gradient norm over the mean of the measured (non-NaN) ones; NaN where not measured or all are 0."""
+    measured = [v for v in norms if not math.isnan(v)]
+    mean = sum(measured) / len(measured) if measured else math.nan
+    return [v / mean if mean > 0 else math.nan for v in norms]
+
+
+def _nanmean(values: list, shape: tuple[int, ...]) -> np.ndarray:
+    """The mean over the first axis, ignoring NaN (NaN where every value is)."""
+    if not values:
+        return np.full(shape, np.nan)
+    stack = np.asarray(values, dtype=float)
+    counts = (~np.isnan(stack)).sum(axis=0)
+    return np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
 
 
 def conflict_interval(setting: int | None, source: str, num_tasks: int) -> int:
@@ -95,9 +114,11 @@ class GradientConflicts:
         self.tasks, self.every_steps, self.source = tuple(tasks), every_steps, source
         self.seed, self.batch_size, self.splits, self.is_main = seed, batch_size, splits or {}, is_main
         self.index = {task: i for i, task in enumerate(self.tasks)}
-        self.pending: list[tuple[int, Tensor]] = []  # (step, T×T on the device), not read yet
+        # (step, T×(T+1) on the device: the cosines, then each dataset's gradient norm), not read yet
+        self.pending: list[tuple[int, Tensor]] = []
         self.steps: list[int] = []
-        self.matrices: list[list[list[float]]] = []  # T×T each, NaN where a pair was not measured
+        self.matrices: list[list[list[float]]] = []  # T×T cosines each, NaN where a pair was not measured
+        self.norms: list[list[float]] = []  # T gradient norms each, NaN for a dataset not measured
         self._fresh = 0  # records not yet handed out by `fresh`
         self._images: dict[str, np.ndarray] = {}
 
@@ -105,17 +126,23 @@ class GradientConflicts:
         """Whether the step after `step` steps (0-based count before it) measures."""
         return (step + 1) % self.every_steps == 0
 
-    def record(self, step: int, tasks: Sequence[str], matrix: Tensor) -> None:
-        """Keep the k×k cosine `matrix` of `tasks` (the step's datasets, in its order), measured in step `step` + 1."""
-        full = torch.full((len(self.tasks), len(self.tasks)), math.nan, device=matrix.device)
-        rows = torch.tensor([self.index[t] for t in tasks], device=matrix.device)
-        full[rows[:, None], rows[None, :]] = matrix.detach().float()
+    def record(self, step: int, tasks: Sequence[str], gramian: Tensor) -> None:
+        """Keep the cosines and gradient norms from the k×k Gramian (inner products of the per-dataset gradients) of
+        `tasks` (the step's datasets, in its order), measured in step `step` + 1; nothing is read from the device."""
+        g = gramian.detach().float()
+        norms = g.diagonal().clamp(min=0).sqrt()
+        n = len(self.tasks)
+        full = torch.full((n, n + 1), math.nan, device=g.device)
+        rows = torch.tensor([self.index[t] for t in tasks], device=g.device)
+        full[rows[:, None], rows[None, :]] = cosines(g)
+        full[rows, n] = norms
         self.pending.append((step + 1, full))
 
-    def fresh(self) -> list[tuple[int, list[list[float]]]]:
-        """Read what is pending from the device (one read) and return every (step, matrix) not handed out before."""
+    def fresh(self) -> list[tuple[int, list[list[float]], list[float]]]:
+        """Read what is pending from the device (one read) and return every (step, cosines, norms) not handed out
+        before."""
         self._read()
-        out = list(zip(self.steps[self._fresh :], self.matrices[self._fresh :]))
+        out = list(zip(self.steps[self._fresh :], self.matrices[self._fresh :], self.norms[self._fresh :]))
         self._fresh = len(self.steps)
         return out
 
@@ -123,48 +150,65 @@ class GradientConflicts:
         if self.pending:
             values = torch.stack([m for _, m in self.pending]).tolist()
             self.steps += [s for s, _ in self.pending]
-            self.matrices += values
+            self.matrices += [[row[:-1] for row in value] for value in values]
+            self.norms += [[row[-1] for row in value] for value in values]
             self.pending = []
 
     def state_dict(self) -> dict:
-        """Every matrix measured so far (read from the device first), for a resume to continue the record."""
+        """Every measurement so far (read from the device first), for a resume to continue the record."""
         self._read()
         n = len(self.tasks)
         return {
             "tasks": list(self.tasks),
             "steps": torch.tensor(self.steps, dtype=torch.long),
             "cosine": torch.tensor(self.matrices, dtype=torch.float32).reshape(-1, n, n),
+            "norm": torch.tensor(self.norms, dtype=torch.float32).reshape(-1, n),
         }
 
     def load_state_dict(self, state: dict) -> None:
         assert list(state["tasks"]) == list(self.tasks), "the checkpoint's datasets are the run's (a fixed key)"
         self.steps = state["steps"].tolist()
         self.matrices = state["cosine"].tolist()
+        # a checkpoint of a release that measured angles only: its earlier measurements have no norms
+        self.norms = state["norm"].tolist() if "norm" in state else [[math.nan] * len(self.tasks)] * len(self.steps)
         self.pending, self._fresh = [], len(self.steps)
 
     def record_json(self) -> dict:
-        """What gradient_conflicts.json holds: the datasets (medmnist order), how and how often, every matrix."""
+        """What gradient_conflicts.json holds: the datasets (medmnist order), how and how often, every measurement
+        (the cosines, each dataset's gradient norm and its ratio to the mean norm of that measurement's datasets)."""
         self._read()
+
+        def number(v: float) -> float | None:
+            return None if math.isnan(v) else v
+
+        measurements = []
+        for s, m, norms in zip(self.steps, self.matrices, self.norms):
+            ratios = norm_ratios(norms)
+            measurements.append(
+                {
+                    "step": s,
+                    "cosine": [[number(v) for v in row] for row in m],
+                    "grad_norm": {t: number(v) for t, v in zip(self.tasks, norms)},
+                    "grad_norm_ratio": {t: number(v) for t, v in zip(self.tasks, ratios)},
+                }
+            )
         return {
             "datasets": list(self.tasks),
             "every_steps": self.every_steps,
             "source": self.source,
             "source_description": SOURCES[self.source],
-            "measurements": [
-                {"step": s, "cosine": [[None if math.isnan(v) else v for v in row] for row in m]}
-                for s, m in zip(self.steps, self.matrices)
-            ],
+            "measurements": measurements,
         }
 
     def mean(self) -> np.ndarray:
-        """The T×T mean over every measurement (NaN for a pair never measured)."""
+        """The T×T mean cosine over every measurement (NaN for a pair never measured)."""
         self._read()
-        if not self.matrices:
-            return np.full((len(self.tasks),) * 2, np.nan)
-        stack = np.asarray(self.matrices, dtype=float)
-        counts = (~np.isnan(stack)).sum(axis=0)
-        sums = np.nansum(stack, axis=0)
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return _nanmean(self.matrices, (len(self.tasks),) * 2)
+
+    def mean_norm_ratios(self) -> np.ndarray:
+        """Each dataset's mean gradient-norm ratio over the measurements that covered it (NaN: never measured)."""
+        self._read()
+        return _nanmean([norm_ratios(n) for n in self.norms], (len(self.tasks),))
 
     # --- the `batches` source ----------------------------------------------------------------------------------
 
@@ -203,11 +247,12 @@ class GradientConflicts:
             )
             for task, (images, labels) in batches.items()
         }
-        matrix = batch_gradient_cosines(model, inputs, losses, shared, forward=forward, device=device, scale=scale)
-        self.record(step, self.tasks, matrix)
+        self.record(
+            step, self.tasks, batch_gramian(model, inputs, losses, shared, forward=forward, device=device, scale=scale)
+        )
 
 
-def batch_gradient_cosines(
+def batch_gramian(
     model: nn.Module,
     inputs: dict[str, tuple[Tensor, Tensor]],
     losses: dict,
@@ -217,8 +262,8 @@ def batch_gradient_cosines(
     device: torch.device,
     scale: Callable[[Tensor], Tensor] = lambda loss: loss,
 ) -> Tensor:
-    """The k×k cosines of the gradients on `shared` of each dataset's loss on its batch ({task: (x, labels)}),
-    with `model` in the mode it is in; the global RNG, the model's buffers and every .grad are left as they were."""
+    """The k×k Gramian of the gradients on `shared` of each dataset's loss on its batch ({task: (x, labels)}), with
+    `model` in the mode it is in; the global RNG, the model's buffers and every .grad are left as they were."""
     buffers = [b.detach().clone() for b in model.buffers()]
     gradients = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -228,4 +273,4 @@ def batch_gradient_cosines(
     with torch.no_grad():
         for buffer, saved in zip(model.buffers(), buffers):
             buffer.copy_(saved)
-    return cosines(gramian(gradients))
+    return gramian(gradients)

@@ -20,7 +20,7 @@ from mmpt.model.norm import describe_norm, has_batchnorm
 from mmpt.runs.names import GRADIENT_CONFLICTS, GRADIENT_CONFLICTS_PLOT
 from mmpt.runs.rundir import RunDir
 from mmpt.runtime.distributed import World
-from mmpt.training.conflicts import SOURCES, GradientConflicts
+from mmpt.training.conflicts import SOURCES, GradientConflicts, norm_ratios
 from mmpt.training.optim import BACKBONE, Optimizers, layer_scales
 from mmpt.training.step import TrainStep
 
@@ -59,15 +59,20 @@ class Log:
         if train_step.conflicts is not None:  # read with the losses: at logging intervals and before every checkpoint
             self.conflicts(train_step.conflicts.tasks, train_step.conflicts.fresh())
 
-    def conflicts(self, tasks: tuple[str, ...], measured: list[tuple[int, list[list[float]]]]) -> None:
-        """One TensorBoard scalar per pair of datasets and measurement: grad_cosine/<dataset>~<dataset>."""
+    def conflicts(self, tasks: tuple[str, ...], measured: list[tuple[int, list[list[float]], list[float]]]) -> None:
+        """TensorBoard scalars per measurement: grad_cosine/<dataset>~<dataset> for each pair, grad_norm/<dataset>
+        and grad_norm_ratio/<dataset> (to the mean norm of the measurement's datasets) for each dataset."""
         if self.writer is None:
             return
-        for at, matrix in measured:
+        for at, matrix, norms in measured:
             for i, a in enumerate(tasks):
                 for j, b in enumerate(tasks[:i]):
                     if not math.isnan(matrix[i][j]):
                         self.writer.add_scalar(f"grad_cosine/{b}~{a}", matrix[i][j], at)
+            for task, norm, ratio in zip(tasks, norms, norm_ratios(norms)):
+                if not math.isnan(norm):
+                    self.writer.add_scalar(f"grad_norm/{task}", norm, at)
+                    self.writer.add_scalar(f"grad_norm_ratio/{task}", ratio, at)
 
     def train(self, global_step: int, learning_rates: dict[str, float], weights: dict, bar) -> None:
         rate = self.images_seen / max(time.time() - self.tick, 1e-9)
@@ -149,6 +154,7 @@ def describe(
     lines.append(
         f"loss weighting: {cfg.loss.weighting}"
         + (f" {dict(cfg.loss.weighting_args)}" if cfg.loss.weighting_args else "")
+        + (jacobian_description(cfg, train_step) if train_step is not None and train_step.jacobian else "")
     )
     lines.append(f"model: {cfg.model.backbone}, input {input_description(cfg, model)}")
     if cfg.train.probe_epochs:
@@ -216,6 +222,23 @@ def probe_description(cfg: Config) -> str:
     )
 
 
+def jacobian_description(cfg: Config, train_step: TrainStep) -> str:
+    """How the step's gradient-based method gets its Jacobian, and why when loss.jacobian auto chose autojac."""
+    if train_step.jacobian == "one_pass":
+        return "; Jacobian in one pass (each dataset's own forward pass, one backward pass; loss.jacobian)"
+    why = ""
+    if cfg.loss.jacobian == "auto":
+        why = (
+            "compiled backbone"
+            if cfg.train.compile
+            else "fp16"
+            if train_step.precision == "fp16"
+            else "BatchNorm statistics shared across datasets"
+        )
+        why = f", as loss.jacobian auto chose for the {why}"
+    return f"; Jacobian by TorchJD's mtl_backward (one backward pass per dataset{why})"
+
+
 def conflicts_description(conflicts: GradientConflicts | None) -> str:
     """The start line of the gradient-conflict diagnostic: how often, from what, and where it goes."""
     if conflicts is None:
@@ -224,19 +247,26 @@ def conflicts_description(conflicts: GradientConflicts | None) -> str:
             "with one dataset per step that costs one forward and backward pass per dataset each time)"
         )
     return (
-        f"gradient conflicts between datasets: every {conflicts.every_steps} steps, from {SOURCES[conflicts.source]}; "
-        f"in TensorBoard (grad_cosine/), {GRADIENT_CONFLICTS} and, at the end, {GRADIENT_CONFLICTS_PLOT}"
+        f"gradient conflicts and magnitudes between datasets: every {conflicts.every_steps} steps, from "
+        f"{SOURCES[conflicts.source]}; in TensorBoard (grad_cosine/, grad_norm/, grad_norm_ratio/), "
+        f"{GRADIENT_CONFLICTS} and, at the end of a run that measured at least once, {GRADIENT_CONFLICTS_PLOT}"
     )
 
 
 def write_conflicts(run: RunDir, conflicts: GradientConflicts) -> None:
-    """gradient_conflicts.json (every measurement) and gradient_conflicts.png (their mean as a heat map)."""
+    """gradient_conflicts.json (every measurement) and gradient_conflicts.png (the mean cosines as a heat map, the mean
+    gradient-norm ratios as bars); no picture when nothing was measured (a run shorter than the interval)."""
     record = conflicts.record_json()
     write_json(run.gradient_conflicts, record)
     steps = [m["step"] for m in record["measurements"]]
     if steps:
         plot_gradient_conflicts(
-            conflicts.mean(), conflicts.tasks, steps, conflicts.every_steps, run.gradient_conflicts_plot
+            conflicts.mean(),
+            conflicts.tasks,
+            steps,
+            conflicts.every_steps,
+            run.gradient_conflicts_plot,
+            norm_ratios=conflicts.mean_norm_ratios(),
         )
 
 

@@ -206,6 +206,7 @@ def test_report(setup: Setup, state: TrainingState, stop: StopSignal, started: f
                 "weighting": cfg.loss.weighting,
                 "weighting_args": dict(cfg.loss.weighting_args),
                 "tasks_per_step": cfg.sampler.tasks_per_step,
+                "jacobian": train_step.jacobian,  # the path a gradient-based method took (null: none)
                 "world_size": world.world_size,
                 "rank_digests": rank_digests,
                 "precision": train_step.precision,

@@ -26,7 +26,7 @@ from mmpt.model.norm import has_batchnorm, task_parameter_names
 from mmpt.mtl.base import MethodRun
 from mmpt.runtime.distributed import SINGLE, World, all_reduce_mean_, data_parallel, mean_over_ranks
 from mmpt.runtime.precision import LossScale, autocast, grad_scaler, resolve_precision
-from mmpt.training.conflicts import BATCHES, GRAMIAN, STEP, GradientConflicts, cosines, gramian
+from mmpt.training.conflicts import BATCHES, GRAMIAN, STEP, GradientConflicts, gramian
 from mmpt.training.optim import BACKBONE, Optimizers
 
 DROPOUT_STREAM = 0x64726F70  # keeps the dropout seeds apart from the augmentation's
@@ -77,6 +77,7 @@ class TrainStep:
         compile_backend: str = "inductor",
         sync_norm: bool = True,
         conflicts: GradientConflicts | None = None,
+        jacobian: str | None = None,
     ) -> None:
         self.model, self.losses, self.optimizers, self.method_run = model, losses, optimizers, method_run
         self.transform = transform.to(device)
@@ -121,6 +122,11 @@ class TrainStep:
         self.conflicts = conflicts
         own = set(task_parameter_names(model.backbone))
         self.shared_params = [p for n, p in model.backbone.named_parameters() if p.requires_grad and n not in own]
+        # a gradient-based method's Jacobian (mmpt.training.build.jacobian_path): one_pass forwards each dataset with
+        # its own views of every trained backbone parameter (in the order of the method's shared parameters)
+        self.jacobian = jacobian
+        self.one_pass = jacobian == "one_pass"
+        self._viewed = {n: p for n, p in model.backbone.named_parameters() if p.requires_grad}
 
     def freeze_backbone(self, frozen: bool) -> None:
         """LP-FT's probe phase (`frozen`): the steps train the heads only. The backbone runs without gradients and
@@ -154,20 +160,26 @@ class TrainStep:
             images = part.images.to(self.device, non_blocking=True)
             inputs.append(self.transform(images, generator=self.generator, train=True))
             labels.append(part.labels.to(self.device, non_blocking=True))
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # N_total×3×S×S
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # per-dataset norm: which slice of x is which dataset's (sizes are host-side, no sync)
-        self.model.set_norm_layout(
-            [(p.task, len(y)) for p, y in zip(parts, labels)], as_tensor=self.compiled, world=self.norm_world
-        )
+        views = None
+        if self.one_pass and not self.backbone_frozen:
+            features, views = self._forward_per_dataset(parts, inputs)
+        else:
+            x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # N_total×3×S×S
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # per-dataset norm: which slice of x is which dataset's (sizes are host-side, no sync)
+            self.model.set_norm_layout(
+                [(p.task, len(y)) for p, y in zip(parts, labels)], as_tensor=self.compiled, world=self.norm_world
+            )
+            with autocast(self.device, self.precision):
+                if self.backbone_frozen:
+                    with torch.no_grad():  # the plain module: no DDP gradient hooks, no compiled graph for no-grad mode
+                        features = self.model.backbone(x)  # N_total×F
+                else:
+                    features = self.backbone(x)  # N_total×F
         with autocast(self.device, self.precision):
-            if self.backbone_frozen:
-                with torch.no_grad():  # the plain module: no DDP gradient hooks, no compiled graph for no-grad mode
-                    features = self.model.backbone(x)  # N_total×F
-            else:
-                features = self.backbone(x)  # N_total×F
-            logits = [self.model.heads[p.task](f) for p, f in zip(parts, features.split([len(y) for y in labels]))]
+            per_dataset = features if views is not None else features.split([len(y) for y in labels])
+            logits = [self.model.heads[p.task](f) for p, f in zip(parts, per_dataset)]
         losses = {
             part.task: self._global_mean(self.losses[part.task](z.float(), y, self.world), len(y), part.global_size)
             for part, z, y in zip(parts, logits, labels)
@@ -178,15 +190,15 @@ class TrainStep:
                 torch.autograd.grad(self.loss_scale(loss), self.shared_params, retain_graph=True, allow_unused=True)
                 for loss in losses.values()
             ]
-            self.conflicts.record(step, tasks, cosines(gramian(gradients)))
+            self.conflicts.record(step, tasks, gramian(gradients))
         if self.backbone_frozen and self.gradient_based:
             # no Jacobian of a frozen backbone to aggregate: each head takes its own loss's gradient, as mtl_backward
             # gives the task-specific parameters
             self.loss_scale(sum(losses.values())).backward()
         else:
-            found = self.method_run.backward(losses, features, self.loss_scale, gramian=source == GRAMIAN)
+            found = self.method_run.backward(losses, features, self.loss_scale, gramian=source == GRAMIAN, views=views)
             if found is not None and len(tasks) > 1:  # none where fp16 overflowed and the step is skipped
-                self.conflicts.record(step, tasks, cosines(found))
+                self.conflicts.record(step, tasks, found)
         all_reduce_mean_(self.world, [p.grad for p in self._heads_of(tasks) if p.grad is not None])
         self.optimizers.step(tasks, self.scaler)
         self.optimizers.zero_grad(tasks)
@@ -209,6 +221,23 @@ class TrainStep:
             return loss
         local = loss * (local_size * self.world.world_size / global_size)
         return mean_over_ranks(self.world, local.detach()) + (local - local.detach())
+
+    def _forward_per_dataset(self, parts: list[Part], inputs: list[Tensor]) -> tuple[list[Tensor], list[list[Tensor]]]:
+        """The one-pass path's forward: each dataset's images through the backbone on their own, with views of every
+        trained backbone parameter of its own (`Tensor.view_as`: no copy), so that one backward pass of the summed
+        losses gives each view its dataset's gradient. Returns each dataset's features (N_t×F) and its views (in the
+        order of the backbone's parameters). Each pass normalises its dataset alone, as the per-dataset BatchNorm
+        layers of a joint pass do; dropout draws each dataset's masks in its own pass."""
+        features, views = [], []
+        for part, x in zip(parts, inputs):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            own = {name: p.view_as(p) for name, p in self._viewed.items()}
+            self.model.set_norm_layout([(part.task, len(x))])
+            with autocast(self.device, self.precision):
+                features.append(torch.func.functional_call(self.model.backbone, own, (x,)))  # N_t×F
+            views.append(list(own.values()))
+        return features, views
 
     def _diagnostic_forward(self, x: Tensor, task: str) -> Tensor:
         """`task`'s logits for the conflict diagnostic's batch: the plain backbone (no DDP hooks, no compiled graph),

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mmpt.config.methods import METHODS, missing_solvers
+from mmpt.config.methods import GRADIENT, METHODS, missing_solvers
 from mmpt.data.sampler import Sampler
 from mmpt.data.synthetic import write_synthetic
 from mmpt.mtl.static import StaticMethod
@@ -42,9 +42,15 @@ MANUAL = {"pneumoniamnist": 1.0, "retinamnist": 2.0, "breastmnist": 0.5}
 LOSS_TAG, WEIGHT_TAG = "train/loss/", "weight/"
 
 
+ONE_PASS = ".one_pass"  # a gradient-based method's run on the one-pass Jacobian path (per-dataset statistics)
+
+
 def run_names() -> list[str]:
-    """Every run this machine can train: the quickstart-like one and each method whose solvers are installed."""
-    return [QUICKSTART, *(m for m in METHODS if not missing_solvers(m))]
+    """Every run this machine can train: the quickstart-like one, each method whose solvers are installed, and each
+    gradient-based one also on the one-pass path (loss.jacobian: its runs above, with shared BatchNorm statistics,
+    take TorchJD's mtl_backward)."""
+    methods = [m for m in METHODS if not missing_solvers(m)]
+    return [QUICKSTART, *methods, *(m + ONE_PASS for m in methods if METHODS[m].kind == GRADIENT)]
 
 
 def quickstart_config(root, output, lr: float = 0.003):
@@ -64,6 +70,7 @@ def quickstart_config(root, output, lr: float = 0.003):
 
 
 def method_config(root, output, method: str, lr: float = 0.01):
+    method, one_pass = method.removesuffix(ONE_PASS), method.endswith(ONE_PASS)
     tasks_per_step = "all" if METHODS[method].tasks == "all" else 2
     loss = {"weighting": method, "weights": MANUAL if method == "manual" else {}, "ordinal": "coral"}
     return tiny_config(
@@ -71,7 +78,8 @@ def method_config(root, output, method: str, lr: float = 0.01):
         output,
         data={"datasets": list(SIZES)},
         sampler={"tasks_per_step": tasks_per_step, "steps_per_epoch": 3},
-        model={"norm": "shared"},  # as when these runs were first pinned
+        # shared statistics, as when these runs were first pinned; per-dataset ones for the one-pass Jacobian
+        model={"norm": "per_dataset_stats" if one_pass else "shared"},
         loss=loss,
         optim={"lr": lr},
         train={"epochs": 2, "batch_size": 8, "log_every_steps": 1},
@@ -115,6 +123,7 @@ def values(run_dir: Path) -> dict:
         "weight": scalars(folder.tb, WEIGHT_TAG),
         "test_mean": summary["test_mean"],
         "final_digest": summary["final_digest"],
+        "jacobian": summary.get("jacobian"),
     }
 
 
@@ -152,7 +161,7 @@ def main(argv: list[str]) -> None:
     if names[:1] and names[0].startswith("--"):
         changes, names = apply_change(names[0]), names[1:]
     names = names or run_names()
-    unknown = [n for n in names if n != QUICKSTART and n not in METHODS]
+    unknown = [n for n in names if n not in run_names()]
     assert not unknown, f"not a run of this module: {unknown}"
     with tempfile.TemporaryDirectory(prefix="mmpt-regression-") as folder:
         out.write_text(json.dumps(train_values(names, Path(folder), **changes), indent=1))

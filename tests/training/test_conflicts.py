@@ -77,6 +77,11 @@ def test_the_diagnostic_changes_no_result(runs, source):
         assert covered.sum() == (9 if source == BATCHES else 4)
         assert np.allclose(np.diag(cosine)[np.diag(covered)], 1, atol=1e-5)
         assert np.allclose(cosine[covered], cosine.T[covered]) and np.all(np.abs(cosine[covered]) <= 1 + 1e-5)
+        # each measured dataset's gradient norm, and its ratio to the mean of those measured with it
+        norms = {t: v for t, v in m["grad_norm"].items() if v is not None}
+        assert len(norms) == (3 if source == BATCHES else 2) and all(v > 0 for v in norms.values())
+        mean = sum(norms.values()) / len(norms)
+        assert all(m["grad_norm_ratio"][t] == pytest.approx(v / mean) for t, v in norms.items())
     assert_png(RunDir(run_dir).gradient_conflicts_plot)
 
 
@@ -142,7 +147,7 @@ def test_one_batch_of_each_dataset_gives_the_cosines_of_their_gradients_and_leav
     )
     monkeypatch.undo()
     assert calls == []
-    ((at, matrix),) = conflicts.fresh()
+    ((at, matrix, norms),) = conflicts.fresh()
     assert at == 5
     # by hand: each dataset's batch for that step, its gradient on the backbone, the cosine of each pair
     grads = {}
@@ -153,6 +158,8 @@ def test_one_batch_of_each_dataset_gives_the_cosines_of_their_gradients_and_leav
             model, losses, task, step.transform(torch.from_numpy(images)), torch.from_numpy(labels)
         )
     for i, a in enumerate(conflicts.tasks):
+        # the magnitude beside the angle: each dataset's gradient norm on the backbone
+        assert norms[i] == pytest.approx(grads[a].norm().item(), rel=2e-5), a
         for j, b in enumerate(conflicts.tasks):
             expected = F.cosine_similarity(grads[a], grads[b], dim=0).item()
             assert matrix[i][j] == pytest.approx(expected, abs=2e-5), (a, b)
@@ -176,7 +183,7 @@ def test_a_step_of_several_datasets_gives_the_cosines_of_its_own_gradients(synth
     step(parts, 0)
     monkeypatch.undo()
     assert source != STEP or calls == []  # the measurement adds no read from the device to the step
-    ((_, matrix),) = step.conflicts.fresh()
+    ((_, matrix, norms),) = step.conflicts.fresh()
     # by hand: the step's forward of both slices together (as it normalises them), each dataset's loss backward
     x = torch.cat([step.transform(p.images) for p in parts])
     grads = []
@@ -190,6 +197,9 @@ def test_a_step_of_several_datasets_gives_the_cosines_of_its_own_gradients(synth
     expected = F.cosine_similarity(grads[0], grads[1], dim=0).item()
     assert matrix[row["breastmnist"]][row["chestmnist"]] == pytest.approx(expected, abs=2e-5)
     assert np.isnan(matrix[row["retinamnist"]][row["chestmnist"]])  # not in the step
+    assert norms[row["breastmnist"]] == pytest.approx(grads[0].norm().item(), rel=2e-5)
+    assert norms[row["chestmnist"]] == pytest.approx(grads[1].norm().item(), rel=2e-5)
+    assert np.isnan(norms[row["retinamnist"]])
 
 
 def test_the_heat_map_has_one_cell_per_pair_coloured_by_its_value(tmp_path):

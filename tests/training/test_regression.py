@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from mmpt.config.methods import METHODS, missing_solvers
+from mmpt.config.methods import GRADIENT, METHODS, missing_solvers
 from tests.helpers import REPO
-from tests.training.regression import QUICKSTART, run_names
+from tests.training.regression import ONE_PASS, QUICKSTART, run_names
 
 # every test reads the values of one process that trains every run
 pytestmark = pytest.mark.slow
@@ -96,13 +96,27 @@ def test_quickstart_like_run_keeps_its_losses_and_test_metrics(values, pinned):
     assert violations(values[QUICKSTART], pinned["runs"][QUICKSTART]) == []
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+EVERY_RUN = [*METHODS, *(m + ONE_PASS for m in METHODS if METHODS[m].kind == GRADIENT)]
+
+
+@pytest.mark.parametrize("method", EVERY_RUN)
 def test_every_weighting_method_keeps_its_losses_weights_and_test_metrics(values, pinned, method):
+    """Every method, and every gradient-based one again on the one-pass Jacobian path (`<method>.one_pass`)."""
     record = "python -m tests.kernel_configs values DIR --record (see the docstring)"
     assert method in pinned["runs"], f"pin {method}'s values: {record}"
-    if missing_solvers(method):
-        pytest.skip(f"{method} needs {', '.join(missing_solvers(method))} (the mtl-solvers extra)")
+    missing = missing_solvers(method.removesuffix(ONE_PASS))
+    if missing:
+        pytest.skip(f"{method} needs {', '.join(missing)} (the mtl-solvers extra)")
     assert violations(values[method], pinned["runs"][method]) == []
+
+
+def test_the_runs_take_the_jacobian_path_they_pin(values):
+    """The one-pass runs take it (per-dataset statistics); the others, with statistics shared across the step's
+    datasets, take mtl_backward (loss.jacobian auto); a method without a Jacobian takes neither."""
+    for name, run in values.items():
+        method = name.removesuffix(ONE_PASS)
+        expected = None if name == QUICKSTART or METHODS[method].kind != GRADIENT else "autojac"
+        assert run["jacobian"] == ("one_pass" if name.endswith(ONE_PASS) else expected), name
 
 
 @pytest.mark.parametrize(

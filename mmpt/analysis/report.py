@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mmpt.evaluation.plots import plot_differences, plot_grouped_bars
+from mmpt.evaluation.plots import plot_differences, plot_forest, plot_grouped_bars
 from mmpt.io import markdown_table, write_csv, write_json, write_text
 from mmpt.runs.rundir import Results
 
@@ -109,7 +109,8 @@ def _undefined_intervals(result: dict) -> dict[tuple[str, str], str]:
 
 
 def write_compare(result: dict, output: Path) -> list[Path]:
-    """compare.{json,csv,md}, compare_auc.png (values with intervals) and compare_diff.png (paired differences)."""
+    """compare.{json,csv,md}, compare_auc.png (values with intervals), compare_diff.png (paired differences) and
+    compare_forest.png (Δm and every dataset's difference, one row per run)."""
     written = Results(output)
     json_path, csv_path, md_path = written.compare_files
     write_json(json_path, result)
@@ -156,4 +157,34 @@ def write_compare(result: dict, output: Path) -> list[Path]:
             "difference to the reference",
         )
     )
+    paths.append(plot_forest(*forest_rows(result, metric), written.compare_forest_plot, forest_title(result, metric)))
     return paths
+
+
+def forest_rows(result: dict, metric: str) -> tuple[dict[str, dict[str, tuple]], list[str]]:
+    """The forest plot's rows (run -> column -> (estimate, low, high)) and columns: Δm in %, then the difference in
+    `metric` of every dataset, each with its paired interval."""
+    delta_m = f"Δm (%, {','.join(result['metrics'])})"
+    rows = {}
+    for r in result["runs"][1:]:
+        rows[r["name"]] = {
+            delta_m: (r["delta_m"], r.get("delta_m_ci_low", math.nan), r.get("delta_m_ci_high", math.nan))
+        }
+        for flag, cells in r["datasets"].items():
+            if metric in cells:
+                c = cells[metric]
+                rows[r["name"]][f"Δ {metric} {flag.removesuffix('mnist')}"] = (
+                    c["diff"],
+                    c["diff_ci_low"],
+                    c["diff_ci_high"],
+                )
+    columns = [delta_m, *(f"Δ {metric} {flag.removesuffix('mnist')}" for flag in result["datasets"])]
+    return rows, columns
+
+
+def forest_title(result: dict, metric: str) -> str:
+    b = result["bootstrap"]
+    return (
+        f"against {result['reference']}: Δm and Δ {metric}, {int(b['confidence_level'] * 100)}% paired intervals over "
+        "the test images (blue: above 0, red: below)"
+    )

@@ -193,9 +193,10 @@ def plot_differences(
     return _save(fig, path)
 
 
-def conflict_figure(mean: np.ndarray, tasks: tuple[str, ...] | list[str], title: str):
+def conflict_figure(mean: np.ndarray, tasks: tuple[str, ...] | list[str], title: str, norm_ratios=None):
     """(figure, axes) of the gradient-conflict heat map: one cell per pair of datasets (rows tasks[1:], columns
-    tasks[:-1], the lower triangle), its value printed in it, a diverging colormap centred on 0."""
+    tasks[:-1], the lower triangle), its value printed in it, a diverging colormap centred on 0; with `norm_ratios`
+    (one per dataset), a second panel of bars: each dataset's mean gradient-norm ratio, 1 (equal magnitudes) marked."""
     from matplotlib.colors import TwoSlopeNorm
 
     plt = _pyplot()
@@ -208,7 +209,13 @@ def conflict_figure(mean: np.ndarray, tasks: tuple[str, ...] | list[str], title:
     finite = np.abs(cells[np.isfinite(cells)])
     # the colour scale: symmetric about 0, at least ±0.05 so that noise around 0 stays pale
     bound = max(0.05, float(np.ceil(finite.max() * 20) / 20)) if finite.size else 1.0
-    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * n, 1.6 + 0.5 * n), dpi=110)
+    size = (2.2 + 0.62 * n, 1.6 + 0.5 * n)
+    if norm_ratios is None:
+        fig, ax = plt.subplots(figsize=size, dpi=110)
+    else:
+        fig, (ax, bars) = plt.subplots(
+            1, 2, figsize=(size[0] + 2.4, size[1]), dpi=110, gridspec_kw={"width_ratios": [3, 1.2]}
+        )
     image = ax.imshow(np.ma.masked_invalid(cells), cmap="RdBu", norm=TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound))
     for i in range(n - 1):
         for j in range(i + 1):
@@ -222,6 +229,17 @@ def conflict_figure(mean: np.ndarray, tasks: tuple[str, ...] | list[str], title:
         ax.spines[side].set_visible(False)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine (< 0: conflict)")
     ax.set_title(title, fontsize=9)
+    if norm_ratios is not None:
+        values = np.nan_to_num(np.asarray(norm_ratios, dtype=float), nan=0.0)
+        bars.barh(range(n), values, color="0.45")
+        bars.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        bars.set_yticks(range(n), names, fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlabel("gradient norm / mean", fontsize=8)
+        bars.set_title("magnitude", fontsize=9)
+        bars.tick_params(axis="x", labelsize=7)
+        for side in ("top", "right"):
+            bars.spines[side].set_visible(False)
     return fig, ax
 
 
@@ -240,23 +258,36 @@ def plot_gradient_conflicts(
     path: Path,
     norm_ratios: np.ndarray | None = None,
 ) -> Path:
-    """The heat map of the mean gradient cosine of every pair of datasets (see conflict_figure) and, beside it, each
-    dataset's mean gradient-norm ratio (its gradient's norm over the mean of the datasets measured with it; 1: equal
-    magnitudes) as bars: angle and magnitude in one picture."""
-    fig, _ = conflict_figure(mean, tasks, conflict_title(steps, every_steps))
-    if norm_ratios is not None:
-        names = [t.removesuffix("mnist") for t in tasks]
-        width, height = fig.get_size_inches()
-        fig.set_size_inches(width + 2.6, height)
-        bars = fig.add_axes((0.8, 0.18, 0.17, 0.66))
-        fig.subplots_adjust(right=0.62)
-        values = np.nan_to_num(np.asarray(norm_ratios, dtype=float), nan=0.0)
-        bars.barh(range(len(tasks)), values, color="0.45")
-        bars.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-        bars.set_yticks(range(len(tasks)), names, fontsize=7)
-        bars.invert_yaxis()
-        bars.set_xlabel("gradient norm / mean", fontsize=8)
-        bars.tick_params(axis="x", labelsize=7)
-        for side in ("top", "right"):
-            bars.spines[side].set_visible(False)
+    """The heat map of the mean gradient cosine of every pair of datasets and, beside it, each dataset's mean
+    gradient-norm ratio (its gradient's norm over the mean of the datasets measured with it; 1: equal magnitudes):
+    angle and magnitude in one picture (see conflict_figure)."""
+    fig, _ = conflict_figure(mean, tasks, conflict_title(steps, every_steps), norm_ratios)
+    return _save(fig, path)
+
+
+def plot_forest(rows: dict[str, dict[str, tuple[float, float, float]]], columns: list[str], path: Path, title: str):
+    """A forest plot: one row per run (`rows`: run -> column -> (estimate, low, high)), one panel per column (Δm,
+    then each dataset's difference), each estimate a dot on its interval's line, 0 (no difference) dashed; a run
+    without a column leaves it blank. Read down a panel to rank the runs, across a row to see where a run's Δm comes
+    from."""
+    plt = _pyplot()
+    runs = list(rows)
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(2.0 + 2.2 * len(columns), 1.0 + 0.34 * len(runs)), sharey=True, squeeze=False
+    )
+    y = np.arange(len(runs))
+    for ax, column in zip(axes[0], columns):
+        v = np.array([rows[r].get(column, (np.nan,) * 3) for r in runs], dtype=float)
+        errors = np.abs(np.stack([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]]))
+        colours = ["tab:blue" if lo > 0 else "tab:red" if hi < 0 else "0.3" for _, lo, hi in v]
+        for i in range(len(runs)):
+            ax.errorbar(v[i, 0], y[i], xerr=np.nan_to_num(errors[:, i : i + 1]), fmt="o", color=colours[i], capsize=2)
+        _mark_undefined(ax, y, v[:, 0], errors, vertical=False)
+        ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(column, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, runs, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -13,7 +13,8 @@ runs/<name>/
   metrics.{json,csv,md}, predictions/, loss_curves.png   best.pt's test report (a `Results` folder)
   eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
   features[-recalibrated]/              the probes' cached features (a `FeatureCache`)
-  compare.{json,csv,md}, compare_<metric>.png, compare_diff.png   evaluate.py compare with this run first
+  compare.{json,csv,md}, compare_<metric>.png, compare_diff.png, compare_forest.png   evaluate.py compare with this
+                                        run first
   job.log                               a link to the log of the job that trains it (train.py --launcher)
 
 runs/<name>/                            a series (mmpt.experiments.series): its members' run folders
@@ -39,6 +40,7 @@ GRADIENT_CONFLICTS_PLOT = "gradient_conflicts.png"
 METRICS_FILES = ("metrics.json", "metrics.csv", "metrics.md")
 COMPARE_FILES = ("compare.json", "compare.csv", "compare.md")
 COMPARE_DIFF_PLOT = "compare_diff.png"
+COMPARE_FOREST_PLOT = "compare_forest.png"
 RECALIBRATION_RECORD = "recalibration.json"
 PROBE_RECORD = "probe.json"
 DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
@@ -88,6 +90,7 @@ RUN_FILES = (
     GRADIENT_CONFLICTS_PLOT,
     *COMPARE_FILES,
     COMPARE_DIFF_PLOT,
+    COMPARE_FOREST_PLOT,
 )
 RUN_FILE_PATTERNS = (
     re.compile(r"(config|env)\.before-resume-at-step\d+\.(yaml|json)"),  # records kept by a resume (before_resume)

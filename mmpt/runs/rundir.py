@@ -20,6 +20,7 @@ from mmpt.runs.names import (
     CHECKPOINTS,
     COMPARE_DIFF_PLOT,
     COMPARE_FILES,
+    COMPARE_FOREST_PLOT,
     CONFIG,
     CONFUSION_FILE,
     DATA_RECORD,
@@ -115,6 +116,11 @@ class Results:
     def compare_diff_plot(self) -> Path:
         """compare_diff.png: the paired differences to the first run."""
         return self.path / COMPARE_DIFF_PLOT
+
+    @property
+    def compare_forest_plot(self) -> Path:
+        """compare_forest.png: Δm and each dataset's difference to the first run, one row per run."""
+        return self.path / COMPARE_FOREST_PLOT
 
 
 @dataclass(frozen=True)

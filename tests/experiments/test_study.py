@@ -19,6 +19,7 @@ from medmnist.evaluator import getACC, getAUC
 import mmpt.evaluation.probe as probe_module
 import mmpt.training.loop
 import mmpt.training.step
+from mmpt.analysis.report import forest_rows
 from mmpt.cli import evaluate_main, train_main
 from mmpt.config import load_config
 from mmpt.data.synthetic import write_synthetic
@@ -224,6 +225,14 @@ def test_compare_reports_delta_m_and_paired_intervals_recomputed_independently(s
         assert (tmp_path / name).is_file()
     assert_png(tmp_path / "compare_auc.png")
     assert_png(tmp_path / "compare_diff.png")
+    # the forest plot: Δm and each dataset's AUC difference of the other run, with the intervals above
+    rows, columns = forest_rows(result, "auc")
+    name = result["runs"][1]["name"]
+    assert columns == ["Δm (%, auc,acc)", *(f"Δ auc {f.removesuffix('mnist')}" for f in result["datasets"])]
+    other = result["runs"][1]
+    assert rows[name][columns[0]] == (other["delta_m"], other["delta_m_ci_low"], other["delta_m_ci_high"])
+    assert rows[name]["Δ auc breast"] == (cell["diff"], cell["diff_ci_low"], cell["diff_ci_high"])
+    assert_png(tmp_path / "compare_forest.png")
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mmpt.analysis.pages import write_pages
+from mmpt.evaluation.metrics import PER_CLASS
 from mmpt.evaluation.plots import plot_differences, plot_forest, plot_grouped_bars
 from mmpt.io import markdown_table, write_csv, write_json, write_text
 from mmpt.runs.rundir import Results
@@ -44,30 +46,8 @@ def format_compare(result: dict) -> str:
             "",
         ]
     for m in result["metrics"]:
-        header = ["dataset"] + [f"{r['name']}" for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
-        rows = []
-        for flag in result["datasets"]:
-            cells = [flag]
-            for r in runs:
-                c = r["datasets"][flag].get(m)
-                cells.append(
-                    "-"
-                    if c is None
-                    else _num(c["value"])
-                    + (f" ± {c['std']:.4f}" if "std" in c else "")
-                    + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-                )
-            for r in runs[1:]:
-                c = r["datasets"][flag].get(m)
-                cells.append(
-                    "-"
-                    if c is None
-                    else f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]"
-                )
-            rows.append(cells)
-        mean = ["**mean**"] + [_num(r["mean"].get(m, {}).get("value")) for r in runs]
-        mean += [_num(r["mean"].get(m, {}).get("diff"), True) for r in runs[1:]]
-        lines += [f"## {m}", "", markdown_table(header, [*rows, mean]), ""]
+        header, rows = metric_table(result, m)
+        lines += [f"## {m}", "", markdown_table(header, rows), ""]
     undefined = _undefined_intervals(result)
     if undefined:
         lines += ["## Intervals that cannot be computed (nan above)", ""]
@@ -93,7 +73,64 @@ def format_compare(result: dict) -> str:
                     f"- {r['name']} {m}: p = {_num(t['p_value'])}, better on {t['better']}, "
                     f"worse on {t['worse']} of {t['datasets']} datasets"
                 )
+    if "per_class" in runs[0]:
+        lines += [
+            "",
+            "## Per class (one-vs-rest; a multi-label dataset: per label)",
+            "",
+            "Each class's value for the reference [interval], then each run's paired difference [interval]; "
+            "support: the class's test images. Precision is nan for a class never predicted.",
+            "",
+        ]
+        for flag in result["datasets"]:
+            header, rows = per_class_table(result, flag)
+            lines += [f"### {flag}", "", markdown_table(header, rows, align="ll" + "r" * (len(header) - 2)), ""]
     return "\n".join(lines) + "\n"
+
+
+def _value_cell(c: dict | None) -> str:
+    """value ± std [low, high] of a compare cell ("-" where the run has none)."""
+    if c is None:
+        return "-"
+    return (
+        _num(c["value"])
+        + (f" ± {c['std']:.4f}" if "std" in c else "")
+        + f" [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+    )
+
+
+def _diff_cell(c: dict | None) -> str:
+    """difference [low, high] of a compare cell to the reference."""
+    if c is None:
+        return "-"
+    return f"{_num(c['diff'], True)} [{_num(c['diff_ci_low'], True)}, {_num(c['diff_ci_high'], True)}]"
+
+
+def metric_table(result: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    """The table of one metric: a row per dataset (each run's value ± std [interval], then each other run's paired
+    difference [interval]) and the mean row."""
+    runs = result["runs"]
+    header = ["dataset"] + [r["name"] for r in runs] + [f"Δ {r['name']}" for r in runs[1:]]
+    rows = []
+    for flag in result["datasets"]:
+        cells = [flag, *(_value_cell(r["datasets"][flag].get(metric)) for r in runs)]
+        rows.append(cells + [_diff_cell(r["datasets"][flag].get(metric)) for r in runs[1:]])
+    mean = ["**mean**"] + [_num(r["mean"].get(metric, {}).get("value")) for r in runs]
+    mean += [_num(r["mean"].get(metric, {}).get("diff"), True) for r in runs[1:]]
+    return header, [*rows, mean]
+
+
+def per_class_table(result: dict, flag: str) -> tuple[list[str], list[list[str]]]:
+    """One dataset's per-class table: a row per class and metric, with its support, the reference's value and
+    every other run's paired difference."""
+    runs = result["runs"]
+    header = ["class", "metric", "support", runs[0]["name"], *(f"Δ {r['name']}" for r in runs[1:])]
+    rows = []
+    for name, support in result["support"][flag].items():
+        for m in PER_CLASS:
+            cells = [name, m, f"{int(support)}", _value_cell(runs[0]["per_class"][flag][name][m])]
+            rows.append(cells + [_diff_cell(r["per_class"][flag][name][m]) for r in runs[1:]])
+    return header, rows
 
 
 def _undefined_intervals(result: dict) -> dict[tuple[str, str], str]:
@@ -108,9 +145,10 @@ def _undefined_intervals(result: dict) -> dict[tuple[str, str], str]:
     return found
 
 
-def write_compare(result: dict, output: Path) -> list[Path]:
-    """compare.{json,csv,md}, compare_auc.png (values with intervals), compare_diff.png (paired differences) and
-    compare_forest.png (Δm and every dataset's difference, one row per run)."""
+def write_compare(result: dict, output: Path, command: str = "") -> list[Path]:
+    """compare.{json,csv,md}, compare_auc.png (values with intervals), compare_diff.png (paired differences),
+    compare_forest.png (Δm and every dataset's difference, one row per run), compare_per_class.csv (with per-class
+    cells), and compare.html and compare.tex (mmpt.analysis.pages; `command`: the command line the page names)."""
     written = Results(output)
     json_path, csv_path, md_path = written.compare_files
     write_json(json_path, result)
@@ -127,7 +165,8 @@ def write_compare(result: dict, output: Path) -> list[Path]:
         why = r.get("delta_m_undefined") or r.get("delta_m_ci_undefined", "")
         rows.append([r["name"], "delta_m_percent", ",".join(result["metrics"]), r["delta_m"], *interval, why, ""])
     write_csv(csv_path, rows)
-    write_text(md_path, format_compare(result))
+    markdown = format_compare(result)
+    write_text(md_path, markdown)
     metric = "auc" if "auc" in result["metrics"] else result["metrics"][0]
     bars = {
         r["name"]: {
@@ -158,7 +197,26 @@ def write_compare(result: dict, output: Path) -> list[Path]:
         )
     )
     paths.append(plot_forest(*forest_rows(result, metric), written.compare_forest_plot, forest_title(result, metric)))
+    if "per_class" in result["runs"][0]:
+        paths.append(write_per_class_csv(result, written.compare_per_class))
+    tables = {m: metric_table(result, m) for m in result["metrics"]}
+    paths += write_pages(result, markdown, tables, written, command)
     return paths
+
+
+def write_per_class_csv(result: dict, path: Path) -> Path:
+    """compare_per_class.csv: a row per run, dataset, class and metric, with the values of compare.csv."""
+    fields = ["value", "ci_low", "ci_high", "std", "diff", "diff_ci_low", "diff_ci_high"]
+    rows = [["run", "dataset", "class", "support", "metric", *fields]]
+    for r in result["runs"]:
+        for flag, classes in r["per_class"].items():
+            for name, cells in classes.items():
+                support = result["support"][flag][name]
+                rows += [
+                    [r["name"], flag, name, int(support), m, *(c.get(k, "") for k in fields)] for m, c in cells.items()
+                ]
+    write_csv(path, rows)
+    return path
 
 
 def forest_rows(result: dict, metric: str) -> tuple[dict[str, dict[str, tuple]], list[str]]:

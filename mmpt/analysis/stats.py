@@ -13,6 +13,9 @@ weighted counts, computed for a chunk of resamples at once:
   the other side's counts by that number. One-vs-rest per class for multi-class and ordinal (the mean
   over classes, as medmnist), per label for multi-label, the positive column for binary.
 - acc, balanced_acc, kappa, qwk, mae: from each resample's weighted confusion matrix, one sparse product.
+- ece: each image's calibration gap (correct − confidence) sits in its confidence bin, which no resample moves; a
+  resample's ECE is one sparse product (the gap sums per bin), their absolute values summed over its images;
+  brier and nll: weighted means of per-image values, one dense product.
 DeLong. `delong_components` gives each AUC and each test image's structural component (DeLong, DeLong &
 Clarke-Pearson 1988, computed from midranks as Sun & Xu 2014, O(n log n)); the variance of any linear
 combination of AUCs on the same images (a seed mean, a paired difference) is the squared norm of the
@@ -33,7 +36,16 @@ import numpy as np
 import scipy.sparse
 from scipy import stats
 
-from mmpt.evaluation.metrics import THRESHOLD, predicted_grades
+from mmpt.evaluation.metrics import (
+    CALIBRATION,
+    ECE_BINS,
+    THRESHOLD,
+    calibration_problems,
+    confidence_bins,
+    f1_score,
+    per_class_predictions,
+    predicted_grades,
+)
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TaskSpec
 
 CONFIDENCE = 0.95
@@ -127,25 +139,38 @@ class _Model:
     auc: list[_AucColumn]
     confusions: list[tuple[int, int]]  # (first column, classes) of each class problem
     grades: tuple[int, int] | None  # (first column, classes) of the ordinal grade confusion
+    # (first gap column, problems) in the calibration-gap matrix and (brier, nll) columns of the per-image values
+    calibration: tuple[int, int, int, int] | None = None
+    per_class: tuple[int, int] | None = None  # (first column, classes) of the (hits, true, predicted) counts
 
 
 class PreparedDataset:
     """All models of all runs on one dataset's test images, prepared for weighted evaluation."""
 
     def __init__(
-        self, task: TaskSpec, labels: np.ndarray, runs: list[tuple[list[np.ndarray], str]], metrics: list[str]
+        self,
+        task: TaskSpec,
+        labels: np.ndarray,
+        runs: list[tuple[list[np.ndarray], str]],
+        metrics: list[str],
+        bins: int = ECE_BINS,
     ):
-        self.task, self.metrics, self.n = task, list(metrics), len(labels)
+        self.task, self.metrics, self.n, self.bins = task, list(metrics), len(labels), bins
         labels = np.asarray(labels).reshape(len(labels), -1)
         need_confusion = bool({"acc", "balanced_acc", "kappa"} & set(metrics))
         need_grades = task.task_type == ORDINAL and bool({"qwk", "mae"} & set(metrics))
+        need_calibration = bool(set(CALIBRATION) & set(metrics))
+        # per-class metrics are named <metric>@<class index> (mmpt.evaluation.metrics.PER_CLASS)
+        need_per_class = any("@" in m for m in metrics)
+        gap_rows, gap_cols, gap_values, gap_width, per_image = [], [], [], 0, []
         rows, cols, width = [], [], 0
         self.runs: list[list[_Model]] = []
         for seeds, grade_rule in runs:
             models = []
             for scores in seeds:
                 scores = np.asarray(scores, dtype=np.float64)
-                auc = [_auc_column(p, s) for p, s in _auc_problems(task, labels, scores)] if "auc" in metrics else []
+                want_auc = "auc" in metrics or any(m.startswith("auc@") for m in metrics)
+                auc = [_auc_column(p, s) for p, s in _auc_problems(task, labels, scores)] if want_auc else []
                 confusions = []
                 if need_confusion:
                     for true, predicted, classes in _class_problems(task, labels, scores):
@@ -160,8 +185,40 @@ class PreparedDataset:
                     cols.append(width + labels[:, 0] * k + predicted_grades(scores, grade_rule))
                     grades = (width, k)
                     width += k * k
-                models.append(_Model(auc, confusions, grades))
+                per_class = None
+                if need_per_class:
+                    problems = per_class_predictions(task, labels, scores, grade_rule)
+                    for k, (true, predicted, _) in enumerate(problems):
+                        for j, hit in enumerate((true & predicted, true, predicted)):
+                            rows.append(np.flatnonzero(hit))
+                            cols.append(np.full(int(hit.sum()), width + 3 * k + j))
+                    per_class = (width, len(problems))
+                    width += 3 * len(problems)
+                calibration = None
+                if need_calibration:
+                    problems = calibration_problems(task, labels, scores, grade_rule)
+                    for p, (confidence, correct, _, _) in enumerate(problems):
+                        gap_rows.append(np.arange(self.n))
+                        gap_cols.append(gap_width + p * bins + confidence_bins(confidence, bins))
+                        gap_values.append(correct - confidence)
+                    per_image += [
+                        np.mean([b for *_, b, _ in problems], axis=0),
+                        np.mean([n for *_, n in problems], axis=0),
+                    ]
+                    calibration = (gap_width, len(problems), len(per_image) - 2, len(per_image) - 1)
+                    gap_width += len(problems) * bins
+                models.append(_Model(auc, confusions, grades, calibration, per_class))
             self.runs.append(models)
+        # images × (bins of every calibration problem of every model): each image's gap in its confidence bin
+        self.gaps = (
+            scipy.sparse.csc_matrix(
+                (np.concatenate(gap_values), (np.concatenate(gap_rows), np.concatenate(gap_cols))),
+                shape=(self.n, gap_width),
+            )
+            if gap_rows
+            else None
+        )
+        self.per_image = np.stack(per_image, axis=1) if per_image else None  # images × (brier, nll of each model)
         # images × (confusion cells of every problem of every model): one 1 per image and problem
         self.cells = (
             scipy.sparse.csc_matrix(
@@ -175,20 +232,42 @@ class PreparedDataset:
     def metric_values(self, counts: np.ndarray) -> list[np.ndarray]:
         """Per run: resamples × metrics, the seed mean of each metric per resample (counts: images × resamples)."""
         cells = np.asarray((self.cells.T @ counts).T) if self.cells is not None else None  # resamples × cells
+        gaps = np.asarray((self.gaps.T @ counts).T) if self.gaps is not None else None  # resamples × bins
+        sums = (counts.T @ self.per_image) if self.per_image is not None else None  # resamples × per-image columns
         out = []
         for models in self.runs:
-            per_seed = [self._model_metrics(model, counts, cells) for model in models]
+            per_seed = [self._model_metrics(model, counts, cells, gaps, sums) for model in models]
             out.append(np.mean(np.stack(per_seed), axis=0))
         return out
 
-    def _model_metrics(self, model: _Model, counts: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+    def _model_metrics(self, model: _Model, counts: np.ndarray, cells, gaps, sums) -> np.ndarray:
         b = counts.shape[1]
         values = {}
+        if model.calibration is not None:
+            first, problems, brier, nll = model.calibration
+            total = counts.sum(axis=0)
+            per_problem = np.abs(gaps[:, first : first + problems * self.bins]).reshape(b, problems, self.bins)
+            values["ece"] = per_problem.sum(axis=2).mean(axis=1) / total
+            values["brier"], values["nll"] = sums[:, brier] / total, sums[:, nll] / total
         if model.auc:
             # sum then divide, in class order, as medmnist does
             total = counts.sum(axis=0)
             aucs = [_weighted_auc(c, counts, total) for c in model.auc]
             values["auc"] = sum(aucs) / len(aucs)
+            for k in range(len(model.auc) if len(model.auc) > 1 else 2):  # binary: one AUC serves both classes
+                values[f"auc@{k}"] = aucs[min(k, len(aucs) - 1)]
+        if model.per_class is not None:
+            first, classes = model.per_class
+            hits, true, predicted = cells[:, first : first + 3 * classes].reshape(b, classes, 3).transpose(2, 0, 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                precision, recall = hits / predicted, hits / true
+            f1 = f1_score(precision, recall)
+            for k in range(classes):
+                values[f"precision@{k}"], values[f"recall@{k}"], values[f"f1@{k}"] = (
+                    precision[:, k],
+                    recall[:, k],
+                    f1[:, k],
+                )
         if model.confusions:
             per_problem = [_confusion_metrics(cells[:, s : s + k * k].reshape(b, k, k)) for s, k in model.confusions]
             for name in ("acc", "balanced_acc", "kappa"):
@@ -279,13 +358,14 @@ def resample_metrics(
     n_resamples: int,
     rng: np.random.Generator,
     chunk_values: int = CHUNK_VALUES,
+    bins: int = ECE_BINS,
 ) -> list[np.ndarray]:
     """Per run (its seeds' scores, its grade rule): resamples × metrics, the seed mean of each metric on each
     resample of the test images. The resamples are the rows of `rng.integers(0, n, (n_resamples, n))`, drawn in
     chunks of about `chunk_values` values (the same rows whatever the chunk)."""
     labels = np.asarray(labels).reshape(len(labels), -1)
     n = len(labels)
-    prepared = PreparedDataset(task, labels, runs, metrics)
+    prepared = PreparedDataset(task, labels, runs, metrics, bins)
     batch = resamples_per_chunk(n_resamples, n, chunk_values)
     chunks = []
     for start in range(0, n_resamples, batch):
@@ -303,6 +383,7 @@ def bootstrap_dataset(
     n_resamples: int,
     seed: int,
     chunk_values: int = CHUNK_VALUES,
+    bins: int = ECE_BINS,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Percentile intervals of every run on one dataset, from one paired resampling of its test images (`seed`'s
     generator: scipy.stats.bootstrap's draws).
@@ -311,8 +392,9 @@ def bootstrap_dataset(
     run (low, high): for the reference len(metrics) values (its seed-mean metrics); for every other run
     2 × len(metrics): its metrics, then each difference (run − reference) on the same resamples.
     """
+    rng = np.random.default_rng(seed)
     values = resample_metrics(
-        task, labels, runs, metrics, n_resamples=n_resamples, rng=np.random.default_rng(seed), chunk_values=chunk_values
+        task, labels, runs, metrics, n_resamples=n_resamples, rng=rng, chunk_values=chunk_values, bins=bins
     )
     reference = values[0]
     intervals = [percentile_interval(reference)]

@@ -7,11 +7,13 @@ those keys are.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from mmpt.cli.common import LAUNCH_FLAGS, Parser, add_setting_flag, check_launch_resources, flag_dest, flag_overrides
-from mmpt.config import EVALUATE_FLAGS, load_config, parse_flag
+from mmpt.config import EVALUATE_FLAGS, SETTINGS, load_config, parse_flag
+from mmpt.config.choices import CALIBRATIONS
 from mmpt.errors import MmptError
 from mmpt.io import check_output_folder
 from mmpt.model.calibration import RECALIBRATION_IMAGES
@@ -19,6 +21,8 @@ from mmpt.runs.rundir import RunDir
 from mmpt.runtime.process import Interrupted, interrupt_on_signals
 
 REQUIRE_COMPLETE = "refuse a series with an unfinished run (default: name it and leave it out)"
+ECE_BINS = "equal-width confidence bins of the ECE (default: the run's evaluation.ece_bins)"
+COMPARE_ECE_BINS = "equal-width confidence bins of the ECE (default: evaluation.ece_bins's default, 15)"
 RECALIBRATE_IMAGES = (
     f"with --recalibrate-norm: train images per dataset (default {RECALIBRATION_IMAGES}, or the whole split if smaller)"
 )
@@ -43,6 +47,13 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         "the checkpoint is not changed); results go to RUN_DIR/eval/<split>-recalibrated",
     )
     p.add_argument("--recalibrate-images", type=int, metavar="N", help=RECALIBRATE_IMAGES)
+    p.add_argument(
+        "--calibrate",
+        choices=CALIBRATIONS,
+        help="also fit a temperature per dataset (per label of chestmnist) on the val split and write the "
+        "evaluation of the scaled scores into OUTPUT/calibrated/ (the raw results unchanged beside it)",
+    )
+    p.add_argument("--ece-bins", help=ECE_BINS)
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +75,13 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder with the npz files the runs were evaluated on (default: the runs')")
     p.add_argument("--jobs", type=int, default=1, help="processes for the bootstrap (default 1; -1: every core)")
     p.add_argument("--require-complete", action="store_true", help=REQUIRE_COMPLETE)
+    p.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also each class's (each label's) precision, recall, F1 and AUC with intervals and paired differences "
+        "(runs of the same datasets)",
+    )
+    p.add_argument("--ece-bins", help=COMPARE_ECE_BINS)
     p.add_argument(
         "--ci",
         choices=("bootstrap", "delong"),
@@ -251,6 +269,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
                 device=args.device,
                 batch_size=args.batch_size,
                 recalibrate_images=recalibrate_images,
+                calibrate=args.calibrate,
+                ece_bins=args.ece_bins,
             )
     except Interrupted as exc:
         # evaluation keeps no state worth saving: stop at once; files already written are whole (atomic writes)
@@ -260,6 +280,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    args = _check_evaluation_flags(args)
     seed = parse_flag("--seed", "train.seed", args.seed)  # the resampling seed has the train seed's range
     _check_flags(bootstrap=args.bootstrap, jobs=args.jobs, metrics=args.metrics, output=args.output)
     from mmpt.analysis.compare import compare_runs
@@ -274,8 +295,14 @@ def _compare(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         require_complete=args.require_complete,
         ci=args.ci,
+        ece_bins=SETTINGS["evaluation.ece_bins"].default if args.ece_bins is None else args.ece_bins,
+        per_class=args.per_class,
     )
-    paths = write_compare(result, Path(args.output) if args.output else Path(args.runs[0]))
+    paths = write_compare(
+        result,
+        Path(args.output) if args.output else Path(args.runs[0]),
+        command=f"python evaluate.py {shlex.join(args.argv)}",
+    )
     print(format_compare(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
     return 0
@@ -355,4 +382,5 @@ def evaluate_command(argv: list[str]) -> int:
     if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv = ["run", *argv]  # the default subcommand
     args = evaluate_parser().parse_args(argv)
+    args.argv = list(argv)  # the command line, for the records that name it (compare.html)
     return COMMANDS[args.command](args)

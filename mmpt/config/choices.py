@@ -28,8 +28,10 @@ LAST_BATCH = ("keep", "drop")
 # each dataset's own forward pass with views of the shared weights and one backward pass, or TorchJD's mtl_backward
 # (one backward pass per dataset of the step); auto takes one_pass where it computes the same Jacobian
 JACOBIAN_PATHS = ("auto", "one_pass", "autojac")
-# train.monitor: what early stopping and best.pt follow
-MONITORS = ("val_loss", "val_auc")
+# train.monitor: what early stopping and best.pt follow (mmpt.training.monitor)
+MONITORS = ("val_loss", "val_auc", "val_delta_m", "val_auc_gain")
+# evaluate.py --calibrate: post-hoc calibration of the scores (mmpt.evaluation.temperature)
+CALIBRATIONS = ("temperature",)
 # launch.launcher: where a series' members train (sequential: mmpt.experiments.series; local, slurm:
 # mmpt.experiments.launcher)
 LAUNCHERS = ("sequential", "local", "slurm")

@@ -4,11 +4,36 @@ is loaded (mmpt.config.from_dict), so `--print-config` refuses what a run refuse
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from mmpt.config.methods import GRADIENT, METHODS, method_problems
+from mmpt.errors import MmptError
 from mmpt.tasks import resolve_tasks
+
+# A run name: one safe path component (no separators, not '.' or '..').
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def run_name_problem(name: str) -> str | None:
+    """What is wrong with the run name `name`, or None: it is a folder under runs/ and the @run part of prediction
+    files, so it must not hold a path."""
+    if RUN_NAME.fullmatch(name) and name not in (".", ".."):
+        return None
+    return (
+        f"must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
+        f"got {name!r}; to write elsewhere, set output (--output DIR)"
+    )
+
+
+def datasets_problem(names: tuple[str, ...]) -> str | None:
+    """What is wrong with data.datasets, or None."""
+    try:
+        resolve_tasks(names)
+    except MmptError as exc:
+        return f"must name MedMNIST+ datasets: {exc}"
+    return None
 
 
 def tasks_per_step_problem(k: int | str, datasets: int | None = None) -> str | None:
@@ -35,6 +60,7 @@ def cross_problems(cfg: Any, default_root: str) -> list[str]:
         )
     problems += _probe_problems(cfg)
     flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
+    problems += _monitor_problems(cfg)
     k = cfg.sampler.tasks_per_step
     problem = tasks_per_step_problem(k, len(flags))
     if problem:
@@ -87,6 +113,20 @@ def _jacobian_problems(cfg: Any) -> list[str]:
             "or train.precision bf16"
         )
     return problems
+
+
+def _monitor_problems(cfg: Any) -> list[str]:
+    """train.monitor_reference goes with val_delta_m, which needs it; the folder itself is read before training
+    (mmpt.training.build.check_run)."""
+    monitor, reference = cfg.train.monitor, cfg.train.monitor_reference
+    if monitor == "val_delta_m" and reference is None:
+        return [
+            "train.monitor val_delta_m is relative to individually trained runs: set train.monitor_reference to "
+            "their individual/ folder, or use train.monitor val_auc_gain (no reference needed)"
+        ]
+    if reference is not None and monitor != "val_delta_m":
+        return [f"train.monitor_reference is read by train.monitor val_delta_m only (monitor: {monitor}); drop it"]
+    return []
 
 
 def _probe_problems(cfg: Any) -> list[str]:

@@ -15,7 +15,6 @@ It imports no component: the registries it takes choices from are light (mmpt.co
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,13 @@ from mmpt.config.choices import (
 )
 from mmpt.config.launch import LaunchConfig
 from mmpt.config.methods import METHODS
-from mmpt.config.rules import cross_problems, dataset_flag, tasks_per_step_problem
+from mmpt.config.rules import (
+    cross_problems,
+    dataset_flag,
+    datasets_problem,
+    run_name_problem,
+    tasks_per_step_problem,
+)
 from mmpt.config.settings import (
     Key,
     build,
@@ -54,27 +59,6 @@ from mmpt.config.settings import (
 )
 from mmpt.errors import MmptError
 from mmpt.tasks import FLAGS, RESOLUTIONS, TASKS, resolve_tasks
-
-# A run name: one safe path component (no separators, not '.' or '..').
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def _run_name_problem(name: str) -> str | None:
-    # the name is a folder under runs/ and the @run part of prediction files, so it must not hold a path
-    if RUN_NAME.fullmatch(name) and name not in (".", ".."):
-        return None
-    return (
-        f"must be letters, digits, '.', '_' or '-' (it names runs/<name> and the prediction files), "
-        f"got {name!r}; to write elsewhere, set output (--output DIR)"
-    )
-
-
-def _datasets_problem(names: tuple[str, ...]) -> str | None:
-    try:
-        resolve_tasks(names)
-    except MmptError as exc:
-        return f"must name MedMNIST+ datasets: {exc}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -97,7 +81,7 @@ class DataConfig:
     datasets: tuple[str, ...] = setting(
         FLAGS,
         "the datasets trained together (one: individual training)",
-        check=_datasets_problem,
+        check=datasets_problem,
         allowed="all, or a list of: " + ", ".join(t.short for t in TASKS.values()),
         flag="--datasets",
     )
@@ -309,8 +293,17 @@ class TrainConfig:
     )
     monitor: str = setting(
         "val_loss",
-        "val_loss (unweighted mean over datasets, lower is better) or val_auc (mean, higher)",
+        "what best.pt and early stopping follow: val_loss (the unweighted mean over datasets, lower is better), "
+        "val_auc (the mean AUC), val_delta_m (Δm over AUC and ACC against the individually trained runs of "
+        "train.monitor_reference: each dataset relative to what it reaches alone) or val_auc_gain (the mean share of "
+        "each dataset's AUC headroom closed since epoch 1; no reference); "
+        "docs/training-and-settings.md#which-checkpoint-is-best",
         choices=MONITORS,
+    )
+    monitor_reference: str | None = setting(
+        None,
+        "with train.monitor val_delta_m: the individual/ folder of finished single-dataset runs of this run's datasets "
+        "(or the series holding it, or a folder of its seed<k>/), whose best validation AUC and ACC are the reference",
     )
     probe_epochs: int = setting(
         0,
@@ -350,8 +343,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    ece_bins: int = setting(
+        15,
+        "equal-width confidence bins of the expected calibration error (ece) in every metrics table and compare",
+        ge=1,
+        le=1000,
+        resume=True,
+        result=False,
+        evaluate_flag="--ece-bins",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
-    name: str = setting("mmpt", "the run's name", check=_run_name_problem, resume=True, result=False)
+    name: str = setting("mmpt", "the run's name", check=run_name_problem, resume=True, result=False)
     output: str | None = setting(
         None, "run folder; null = runs/{name}", resume=True, result=False, flag="--output", evaluate_flag="--output"
     )
@@ -370,6 +376,7 @@ class Config:
     optim: OptimConfig = section(OptimConfig, "optimizers and learning-rate schedules")
     train: TrainConfig = section(TrainConfig, "the training loop")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "when last.pt is written besides epoch ends")
+    evaluation: EvaluationConfig = section(EvaluationConfig, "how the metrics are computed")
     launch: LaunchConfig = section(LaunchConfig, "where a series' members train: this process, local jobs or SLURM")
 
     @property

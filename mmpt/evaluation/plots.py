@@ -89,6 +89,56 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_reliability(panels: dict[str, dict[str, np.ndarray]], path: Path, title: str) -> Path:
+    """Reliability diagrams: per panel (`panels`: title -> mmpt.evaluation.metrics.reliability's bins), each bin's
+    accuracy as a bar over its confidence range, the diagonal of perfect calibration, the gap between the bar and
+    the bin's mean confidence shaded, and each bin's image count above it (empty bins left blank)."""
+    plt = _pyplot()
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
+    for ax, (panel, bins) in zip(axes.flat, panels.items()):
+        edges, count = bins["edges"], bins["count"]
+        left, width = edges[:-1], np.diff(edges)
+        filled = count > 0
+        accuracy = np.where(filled, bins["accuracy"], 0.0)
+        confidence = np.where(filled, bins["confidence"], 0.0)
+        ax.bar(
+            left[filled],
+            accuracy[filled],
+            width[filled],
+            align="edge",
+            color="tab:blue",
+            edgecolor="white",
+            label="accuracy",
+        )
+        gap_low, gap_high = np.minimum(accuracy, confidence), np.maximum(accuracy, confidence)
+        ax.bar(
+            left[filled],
+            (gap_high - gap_low)[filled],
+            width[filled],
+            bottom=gap_low[filled],
+            align="edge",
+            color=(0.84, 0.15, 0.16, 0.25),
+            edgecolor="tab:red",
+            linewidth=0.6,
+            label="gap to the mean confidence",
+        )
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        for x, w, a, n in zip(left[filled], width[filled], accuracy[filled], count[filled]):
+            ax.text(x + w / 2, min(a, 0.93) + 0.02, f"{int(n)}", ha="center", va="bottom", fontsize=5, rotation=90)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("confidence", fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+        ax.set_title(panel, fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_confusion(matrices: dict[str, np.ndarray], names: dict[str, list[str]], path: Path, title: str) -> Path:
     """Panels of confusion matrices (rows: true class, columns: predicted), each with its counts.
 
@@ -273,7 +323,7 @@ def plot_forest(rows: dict[str, dict[str, tuple[float, float, float]]], columns:
     plt = _pyplot()
     runs = list(rows)
     fig, axes = plt.subplots(
-        1, len(columns), figsize=(2.0 + 2.2 * len(columns), 1.0 + 0.34 * len(runs)), sharey=True, squeeze=False
+        1, len(columns), figsize=(2.0 + 2.2 * len(columns), max(2.6, 1.6 + 0.34 * len(runs))), sharey=True, squeeze=False
     )
     y = np.arange(len(runs))
     for ax, column in zip(axes[0], columns):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,8 +16,18 @@ from sklearn.metrics import confusion_matrix
 from mmpt.data.loader import eval_loader
 from mmpt.data.store import TaskData
 from mmpt.data.transforms import DeviceTransform
-from mmpt.evaluation.metrics import THRESHOLD, compute_metrics, mean_metrics
-from mmpt.evaluation.plots import plot_confusion
+from mmpt.evaluation.metrics import (
+    ECE_BINS,
+    THRESHOLD,
+    calibration_problems,
+    compute_metrics,
+    expected_calibration_error,
+    mean_metrics,
+    per_class_metrics,
+    reliability,
+)
+from mmpt.evaluation.plots import plot_confusion, plot_reliability
+from mmpt.evaluation.tables import write_metrics, write_per_class
 from mmpt.io import write_json, write_text
 from mmpt.model.losses import TaskLoss
 from mmpt.model.net import MultiTaskNet
@@ -34,6 +45,7 @@ class TaskResult:
     scores: np.ndarray  # N×K class scores (medmnist's convention)
     metrics: dict[str, float]  # includes "loss"
     grade_rule: str = "argmax"  # how the ordinal task's grade follows from the scores (metrics.predicted_grades)
+    logits: np.ndarray | None = None  # N×outputs, float64, where evaluate_all was asked to keep them
 
 
 def split_loader(
@@ -69,6 +81,8 @@ def evaluate_all(
     precision: str = "fp32",
     world: World = SINGLE,
     stop: StopSignal | None = None,
+    ece_bins: int = ECE_BINS,
+    keep_logits: bool = False,
 ) -> dict[str, TaskResult]:
     """Run each task's head over its split as `loader` (an `eval_loader`) yields it; return labels, scores and
     metrics (with the mean loss: each loss's terms summed over the split over their number, so it does not
@@ -76,10 +90,12 @@ def evaluate_all(
 
     Under torchrun each rank scores its contiguous shards and they are gathered in rank order, so every
     image is scored exactly once and every rank returns the same results. Raises Interrupted when `stop`
-    has received a signal (checked between batches; across ranks, once at the end).
+    has received a signal (checked between batches; across ranks, once at the end). `keep_logits`: each result
+    also holds the head's logits (temperature scaling fits them).
     """
     model.eval()
     scores: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
+    kept: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
     labels: dict[str, list[np.ndarray]] = {flag: [] for flag in tasks}
     # each loss's terms summed, and counted, over the split: the mean over the split whatever the batch size
     loss_sums = {flag: torch.zeros(2, dtype=torch.float64, device=device) for flag in tasks}
@@ -94,16 +110,23 @@ def evaluate_all(
         loss_sums[flag] += torch.stack(losses[flag].sum_and_count(logits, y)).double()
         scores[flag].append(losses[flag].scores(logits).cpu().numpy())
         labels[flag].append(y_cpu.numpy())
+        if keep_logits:
+            kept[flag].append(logits.cpu().numpy())
     if stop is not None and any_rank(world, stop.received is not None)[0]:
         raise Interrupted(stop.received or "a stop signal on another rank")
-    return {
-        flag: _result(task, scores[flag], labels[flag], loss_sums[flag], world, losses[flag].grade_rule)
-        for flag, task in tasks.items()
-    }
+    results = {}
+    for flag, task in tasks.items():
+        result = _result(task, scores[flag], labels[flag], loss_sums[flag], world, losses[flag].grade_rule, ece_bins)
+        if keep_logits:
+            empty = np.zeros((0, losses[flag].num_outputs))
+            logits = gather_rows(world, np.concatenate(kept[flag]) if kept[flag] else empty).astype(np.float64)
+            result = dataclasses.replace(result, logits=logits)
+        results[flag] = result
+    return results
 
 
 def _result(
-    task: TaskSpec, scores: list, labels: list, loss_sum: torch.Tensor, world: World, grade_rule: str
+    task: TaskSpec, scores: list, labels: list, loss_sum: torch.Tensor, world: World, grade_rule: str, bins: int
 ) -> TaskResult:
     """Gather one task's shards from every rank (in rank order) and compute its metrics."""
     empty_scores, empty_labels = np.zeros((0, task.num_classes)), np.zeros((0, task.label_width), np.int64)
@@ -111,9 +134,16 @@ def _result(
     all_labels = gather_rows(world, np.concatenate(labels) if labels else empty_labels)
     total, count = loss_sum.tolist()
     loss = sum_over_ranks(world, total) / sum_over_ranks(world, count)
+    return scored(task, all_labels, all_scores, loss, grade_rule, bins)
+
+
+def scored(
+    task: TaskSpec, labels: np.ndarray, scores: np.ndarray, loss: float, grade_rule: str, bins: int
+) -> TaskResult:
+    """A TaskResult of `scores` with its metrics and its mean `loss`."""
     # MAE and kappa of the ordinal task use the loss's own grade rule (CORAL/CORN: the median, not the argmax)
-    metrics = {"loss": loss, **compute_metrics(task, all_labels, all_scores, grade_rule=grade_rule)}
-    return TaskResult(labels=all_labels, scores=all_scores, metrics=metrics, grade_rule=grade_rule)
+    metrics = {"loss": loss, **compute_metrics(task, labels, scores, grade_rule=grade_rule, bins=bins)}
+    return TaskResult(labels=labels, scores=scores, metrics=metrics, grade_rule=grade_rule)
 
 
 def metrics_table(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:
@@ -137,6 +167,7 @@ def write_predictions(
     run: str,
     data_root: str | None = None,
     weights_sha256: str | None = None,
+    checkpoint: str | None = None,
 ) -> list[Path]:
     """Write each task's scores in medmnist Evaluator's CSV format (index column, no header).
 
@@ -158,6 +189,7 @@ def write_predictions(
         "run": run,
         "data_root": data_root,
         "weights_sha256": weights_sha256,
+        "checkpoint": checkpoint,  # the file evaluated (absolute), so a page can find the run's recipe
         "datasets": {
             flag: {
                 "images": len(result.labels),
@@ -188,6 +220,77 @@ def confusion_matrices(
     predicted = (scores[:, -1] > THRESHOLD).astype(int) if task.task_type == BINARY else scores.argmax(axis=1)
     classes = list(range(task.num_classes))
     return {name: (confusion_matrix(labels[:, 0], predicted, labels=classes), list(task.class_names))}
+
+
+def reliability_panels(
+    task: TaskSpec, labels: np.ndarray, scores: np.ndarray, grade_rule: str = "argmax", bins: int = ECE_BINS
+) -> dict[str, dict[str, np.ndarray]]:
+    """Panel title -> the reliability bins of the top-label confidence the ECE uses (one panel; one per label of a
+    multi-label task), the panel's ECE in its title."""
+    problems = calibration_problems(task, labels, scores, grade_rule)
+    names = [f"{task.short}: {c}" for c in task.class_names] if task.task_type == MULTI_LABEL else [task.short]
+    panels = {}
+    for name, (confidence, correct, _, _) in zip(names, problems):
+        ece = expected_calibration_error(confidence, correct, bins)
+        panels[f"{name} (ECE {ece:.3f})"] = reliability(confidence, correct, bins)
+    return panels
+
+
+def plot_reliabilities(
+    data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], output: Results, bins: int
+) -> list[Path]:
+    """reliability_<flag>.png per dataset in the `output` folder."""
+    return [
+        plot_reliability(
+            reliability_panels(data_tasks[flag], r.labels, r.scores, r.grade_rule, bins),
+            output.reliability(flag),
+            f"{flag}: reliability\n{bins} equal-width bins, their images on the bars",
+        )
+        for flag, r in results.items()
+    ]
+
+
+PICTURES = ("confusion", "reliability")
+
+
+def write_results(
+    output: Results,
+    tasks: dict[str, TaskSpec],
+    results: dict[str, TaskResult],
+    *,
+    resolution: int,
+    split: str,
+    run: str,
+    data_root: str | None,
+    weights_sha256: str | None,
+    checkpoint: str | None,
+    pictures: tuple[str, ...],
+    bins: int = ECE_BINS,
+) -> dict[str, dict[str, float]]:
+    """Write one evaluation into `output`: metrics.{json,csv,md}, metrics_per_class.{csv,md}, the medmnist-format
+    predictions and their data.json, and the `pictures` of PICTURES named (a confusion matrix, a reliability
+    diagram, per dataset). Returns the metrics table."""
+    table = metrics_table(results)
+    write_metrics(output, table)
+    write_per_class(
+        output, {f: per_class_metrics(tasks[f], r.labels, r.scores, r.grade_rule) for f, r in results.items()}
+    )
+    write_predictions(
+        output.predictions,
+        results,
+        resolution,
+        split,
+        run=run,
+        data_root=data_root,
+        weights_sha256=weights_sha256,
+        checkpoint=checkpoint,
+    )
+    assert set(pictures) <= set(PICTURES), f"pictures are among {PICTURES}, got {pictures}"
+    if "confusion" in pictures:
+        plot_confusions(tasks, results, output)
+    if "reliability" in pictures:
+        plot_reliabilities(tasks, results, output, bins)
+    return table
 
 
 def plot_confusions(data_tasks: dict[str, TaskSpec], results: dict[str, TaskResult], output: Results) -> list[Path]:

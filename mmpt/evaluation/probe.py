@@ -35,9 +35,9 @@ from mmpt.model.build import build_transform, load_backbone
 from mmpt.model.calibration import recalibrate
 from mmpt.model.net import MultiTaskNet
 from mmpt.model.norm import has_batchnorm
-from mmpt.model.weights import HEADS, NORM, WEIGHTS, is_export
+from mmpt.model.weights import is_export
 from mmpt.runs import checkpoint as ckpt
-from mmpt.runs.members import left_out_error, left_out_line, series_runs
+from mmpt.runs.members import leaf_weights, left_out_error, left_out_line, series_runs
 from mmpt.runs.rundir import FeatureCache, Results, RunDir, clear_results, probe_output
 from mmpt.runtime.distributed import select_device
 from mmpt.runtime.process import configure_determinism
@@ -249,23 +249,6 @@ def probe_request(method: str, kwargs: dict) -> dict:
     }
 
 
-def leaf_weights(leaf: Path) -> str | None:
-    """The identity of the weights a probe of `leaf` reads: a run's best_digest (summary.json), or the SHA-256 of
-    an export's weight files; None when the run records none."""
-    if is_export(leaf):
-        digest = hashlib.sha256()
-        for name in (WEIGHTS, HEADS, NORM):
-            if (leaf / name).is_file():
-                with (leaf / name).open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-        return digest.hexdigest()
-    try:
-        return json.loads(RunDir(leaf).summary.read_text()).get("best_digest")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def probe_leaves(source: Path, method: str, output: Path | None, recalibrated: bool, require_complete: bool):
     """(results folder, the finished runs at or under `source`) for `probe_runs` and the launcher.
 
@@ -300,7 +283,8 @@ def probe_leaf(leaf: Path, out: Path, *, method: str, request: dict, **kwargs) -
     what a sequential probe of a series does for each run, and what a launcher's job does for its one."""
     recalibrated = kwargs.get("recalibrate_images") is not None
     model, cfg = load_backbone(leaf)
-    record = {"request": request, "weights": leaf_weights(leaf)}
+    # the run probed, by its absolute path: status and compare check that its weights are still these
+    record = {"request": request, "weights": leaf_weights(leaf), "leaf": str(Path(leaf).absolute())}
     return probe(model, cfg, out, method=method, features=RunDir(leaf).features(recalibrated), record=record, **kwargs)
 
 

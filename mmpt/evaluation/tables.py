@@ -10,7 +10,7 @@ from mmpt.io import markdown_table, read_json, write_csv, write_json, write_text
 from mmpt.runs.rundir import Results
 
 # Columns in display order; a dataset shows "-" for a metric it does not have.
-COLUMNS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "loss")
+COLUMNS = ("auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "ece", "brier", "nll", "loss")
 
 
 def _columns(table: dict[str, dict[str, float]]) -> list[str]:
@@ -51,6 +51,30 @@ def write_metrics(results: Results, table: dict[str, dict[str, float]]) -> list[
     )
     write_text(md_path, format_markdown(table))
     return [json_path, csv_path, md_path]
+
+
+PER_CLASS_COLUMNS = ("precision", "recall", "f1", "auc", "support")
+
+
+def per_class_rows(per_class: dict[str, dict[str, dict[str, float]]]) -> list[list]:
+    """One row per dataset and class (label): dataset, class, then PER_CLASS_COLUMNS."""
+    return [
+        [flag, name, *(cells[c] for c in PER_CLASS_COLUMNS)]
+        for flag, classes in per_class.items()
+        for name, cells in classes.items()
+    ]
+
+
+def write_per_class(results: Results, per_class: dict[str, dict[str, dict[str, float]]]) -> list[Path]:
+    """metrics_per_class.csv and .md: each class's (each label's) precision, recall, F1, one-vs-rest AUC and support
+    (`per_class`: dataset -> class -> metric -> value, mmpt.evaluation.metrics.per_class_metrics)."""
+    csv_path, md_path = results.per_class_files
+    rows = per_class_rows(per_class)
+    header = ["dataset", "class", *PER_CLASS_COLUMNS]
+    write_csv(csv_path, [header, *rows])
+    shown = [[flag, name, *(_cell(v) for v in values[:-1]), f"{int(values[-1])}"] for flag, name, *values in rows]
+    write_text(md_path, markdown_table(header, shown) + "\n")
+    return [csv_path, md_path]
 
 
 def read_history(path: Path) -> list[dict]:

@@ -351,7 +351,8 @@ def test_metrics_lines(run: Path, checkpoint: str, state: dict) -> list[str]:
             intervals = mine[0]["datasets"] if mine else {}
         except (ValueError, KeyError, TypeError):
             intervals = {}
-    names = [m for m in ("auc", "acc", "balanced_acc", "kappa") if any(m in row for row in table.values())]
+    shown = ("auc", "acc", "balanced_acc", "kappa", "ece", "brier", "nll")
+    names = [m for m in shown if any(m in row for row in table.values())]
     where = results.metrics.relative_to(run).as_posix() if results.metrics.is_relative_to(run) else results.metrics
     out = [
         "## Test metrics",
@@ -372,4 +373,51 @@ def test_metrics_lines(run: Path, checkpoint: str, state: dict) -> list[str]:
                 cell += f" [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
             cells.append(cell)
         rows.append(cells)
-    return [*out, *markdown_table(["dataset", *names], rows).splitlines()]
+    out += markdown_table(["dataset", *names], rows).splitlines()
+    if any(m in names for m in ("ece", "brier", "nll")):
+        out += [
+            "",
+            "ece (expected calibration error over equal-width confidence bins), brier and nll say whether a predicted "
+            "probability comes true as often as it says; lower is better.",
+        ]
+    digest = ckpt.state_digest(state[ckpt.MODEL])
+    # evaluate.py --calibrate writes into eval/test, whichever evaluation the table above came from
+    return out + next(filter(None, (calibrated_lines(r, digest) for r in (results, folder.eval("test")))), [])
+
+
+def calibrated_lines(results: Results, digest: str) -> list[str]:
+    """The calibration of these weights after temperature scaling, where `evaluate.py --calibrate temperature`
+    evaluated exactly them (its calibrated/ folder and temperature.json): the temperatures and the test ece, brier
+    and nll before and after."""
+    calibrated = results.calibrated
+    record = _read_json(results.temperatures)
+    if _read_json(calibrated.predictions / DATA_RECORD).get("weights_sha256") != digest or not record:
+        return []
+    before, after = _read_json(results.metrics), _read_json(calibrated.metrics)
+    rows = []
+    for flag, entry in record.get("datasets", {}).items():
+        t = entry.get("temperature")
+        shown = f"{t:.3f}" if isinstance(t, float) else f"{min(t):.3f}..{max(t):.3f} (per label)"
+        rows.append(
+            [
+                flag,
+                shown,
+                *(
+                    f"{before.get(flag, {}).get(m, float('nan')):.4f} -> {after.get(flag, {}).get(m, float('nan')):.4f}"
+                    for m in ("ece", "brier", "nll")
+                ),
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "### After temperature scaling",
+        "",
+        "One temperature per dataset (per label for multi-label), fitted on the validation split by `evaluate.py "
+        "--calibrate temperature`; the predicted classes, and so the accuracy, are unchanged. Test values before -> "
+        "after:",
+        "",
+        *markdown_table(["dataset", "temperature", "ece", "brier", "nll"], rows).splitlines(),
+        *(f"- {flag}: not calibrated ({why})" for flag, why in record.get("not_calibrated", {}).items()),
+    ]

@@ -11,10 +11,14 @@ runs/<name>/
   gradient_conflicts.{json,png}         the gradient-conflict diagnostic's measurements and their heat map
   summary.json                          digests of the final and best weights, steps, the best epoch
   metrics.{json,csv,md}, predictions/, loss_curves.png   best.pt's test report (a `Results` folder)
-  eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png)
+  metrics_per_class.{csv,md}            its per-class table
+  eval/<split>[-recalibrated]/          evaluate.py's results (a `Results` folder, with confusion_<flag>.png and
+                                        reliability_<flag>.png)
+    temperature.json, calibrated/       --calibrate temperature: the fitted temperatures and a `Results` folder of
+                                        the calibrated scores
   features[-recalibrated]/              the probes' cached features (a `FeatureCache`)
-  compare.{json,csv,md}, compare_<metric>.png, compare_diff.png, compare_forest.png   evaluate.py compare with this
-                                        run first
+  compare.{json,csv,md,html,tex}, compare_per_class.csv, compare_<metric>.png, compare_diff.png,
+  compare_forest.png                    evaluate.py compare with this run first
   job.log                               a link to the log of the job that trains it (train.py --launcher)
 
 runs/<name>/                            a series (mmpt.experiments.series): its members' run folders
@@ -38,11 +42,22 @@ LOSS_CURVES_PLOT = "loss_curves.png"
 GRADIENT_CONFLICTS = "gradient_conflicts.json"
 GRADIENT_CONFLICTS_PLOT = "gradient_conflicts.png"
 METRICS_FILES = ("metrics.json", "metrics.csv", "metrics.md")
+PER_CLASS_FILES = ("metrics_per_class.csv", "metrics_per_class.md")
+TEMPERATURE_RECORD = "temperature.json"  # evaluate.py --calibrate temperature: what was fitted
+CALIBRATED = "calibrated"  # the Results folder of the temperature-scaled scores, inside evaluate.py's
 COMPARE_FILES = ("compare.json", "compare.csv", "compare.md")
+COMPARE_PAGES = ("compare.html", "compare.tex")  # the page to open, the table to paste
+COMPARE_PER_CLASS = "compare_per_class.csv"  # compare --per-class
 COMPARE_DIFF_PLOT = "compare_diff.png"
 COMPARE_FOREST_PLOT = "compare_forest.png"
 RECALIBRATION_RECORD = "recalibration.json"
 PROBE_RECORD = "probe.json"
+# a folder written by `evaluate.py export` (mmpt.model.export)
+EXPORT_WEIGHTS = "model.safetensors"  # the backbone, as timm's save_for_hf writes it
+EXPORT_TIMM_CONFIG = "config.json"
+EXPORT_HEADS = "heads.safetensors"  # one head per dataset, keys `<flag>.<parameter>`
+EXPORT_NORM = "norm.safetensors"  # per-dataset BatchNorm entries, keys `<flag>.<timm key>` (model.norm runs only)
+EXPORT_RUN_CONFIG = "mmpt-config.yaml"  # the run's resolved recipe
 DATA_RECORD = "data.json"  # beside the prediction files: what they were evaluated on
 FEATURE_MANIFEST = "manifest.json"
 SERIES_RECORD = "series.json"
@@ -77,6 +92,7 @@ PREDICTION_FILE = re.compile(
     r"(?P<flag>[a-z]+mnist)(?:_(?P<size>\d+))?_(?P<split>train|val|test)_\[AUC\].+_\[ACC\].+@.+\.csv"
 )
 CONFUSION_FILE = re.compile(r"confusion_[a-z]+mnist\.png")  # see Results.confusion
+RELIABILITY_FILE = re.compile(r"reliability_[a-z]+mnist\.png")  # see Results.reliability
 # what train.py and evaluate.py compare write at the top of a run folder
 RUN_FILES = (
     CONFIG,
@@ -84,11 +100,14 @@ RUN_FILES = (
     SUMMARY,
     VAL_HISTORY,
     *METRICS_FILES,
+    *PER_CLASS_FILES,
     VAL_AUC_PLOT,
     LOSS_CURVES_PLOT,
     GRADIENT_CONFLICTS,
     GRADIENT_CONFLICTS_PLOT,
     *COMPARE_FILES,
+    *COMPARE_PAGES,
+    COMPARE_PER_CLASS,
     COMPARE_DIFF_PLOT,
     COMPARE_FOREST_PLOT,
 )

@@ -16,11 +16,14 @@ from pathlib import Path
 from mmpt.errors import MmptError
 from mmpt.runs.names import (
     BEST,
+    CALIBRATED,
     CHECKPOINT_FILE,
     CHECKPOINTS,
     COMPARE_DIFF_PLOT,
     COMPARE_FILES,
     COMPARE_FOREST_PLOT,
+    COMPARE_PAGES,
+    COMPARE_PER_CLASS,
     CONFIG,
     CONFUSION_FILE,
     DATA_RECORD,
@@ -38,17 +41,20 @@ from mmpt.runs.names import (
     LAUNCHER_ENTRIES,
     LOSS_CURVES_PLOT,
     METRICS_FILES,
+    PER_CLASS_FILES,
     PREDICTION_FILE,
     PREDICTIONS,
     PROBE_PREFIX,
     PROBE_RECORD,
     RECALIBRATED,
     RECALIBRATION_RECORD,
+    RELIABILITY_FILE,
     RUN_FILE_PATTERNS,
     RUN_FILES,
     SUMMARY,
     TB,
     TEMP_FILE,
+    TEMPERATURE_RECORD,
     VAL_AUC_PLOT,
     VAL_HISTORY,
 )
@@ -90,8 +96,27 @@ class Results:
     def loss_curves(self) -> Path:
         return self.path / LOSS_CURVES_PLOT
 
+    @property
+    def per_class_files(self) -> tuple[Path, Path]:
+        """metrics_per_class.csv and .md: each class's precision, recall, F1, AUC and support."""
+        return tuple(self.path / name for name in PER_CLASS_FILES)
+
     def confusion(self, flag: str) -> Path:
         return self.path / f"confusion_{flag}.png"
+
+    def reliability(self, flag: str) -> Path:
+        """reliability_<flag>.png: accuracy against confidence per bin, with the bins' image counts."""
+        return self.path / f"reliability_{flag}.png"
+
+    @property
+    def temperatures(self) -> Path:
+        """What --calibrate temperature fitted (evaluate.py)."""
+        return self.path / TEMPERATURE_RECORD
+
+    @property
+    def calibrated(self) -> Results:
+        """The results of the temperature-scaled scores (evaluate.py --calibrate temperature)."""
+        return Results(self.path / CALIBRATED)
 
     @property
     def recalibration(self) -> Path:
@@ -111,6 +136,16 @@ class Results:
     def compare_plot(self, metric: str) -> Path:
         """compare_<metric>.png: each run's values with their intervals."""
         return self.path / f"compare_{metric}.png"
+
+    @property
+    def compare_pages(self) -> tuple[Path, Path]:
+        """compare.html (tables and pictures in one self-contained page) and compare.tex (the main table)."""
+        return tuple(self.path / name for name in COMPARE_PAGES)
+
+    @property
+    def compare_per_class(self) -> Path:
+        """compare_per_class.csv: each class's values, differences and intervals (compare --per-class)."""
+        return self.path / COMPARE_PER_CLASS
 
     @property
     def compare_diff_plot(self) -> Path:
@@ -256,6 +291,25 @@ def probe_output(source: Path, method: str, recalibrated: bool = False) -> Resul
 _RUN_LOCKS: dict[tuple[int, int], int] = {}
 
 
+def in_use(run_dir: Path) -> bool:
+    """Whether another process holds `run_dir`'s lock (lock_run_dir): a run training there now."""
+    if fcntl is None or not Path(run_dir).is_dir():
+        return False
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        stat = os.fstat(fd)
+        if (stat.st_dev, stat.st_ino) in _RUN_LOCKS:
+            return False  # this process's own
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def lock_run_dir(run_dir: Path) -> None:
     """Create `run_dir` if needed and hold an exclusive lock on it for the life of this process.
 
@@ -342,8 +396,8 @@ def _is_feature(name: str) -> bool:
 
 def _is_result_file(name: str) -> bool:
     """What an evaluation writes into its Results folder besides predictions/."""
-    names = (*METRICS_FILES, LOSS_CURVES_PLOT, RECALIBRATION_RECORD, PROBE_RECORD)
-    return name in names or bool(CONFUSION_FILE.fullmatch(name) or TEMP_FILE.fullmatch(name))
+    names = (*METRICS_FILES, *PER_CLASS_FILES, LOSS_CURVES_PLOT, RECALIBRATION_RECORD, PROBE_RECORD, TEMPERATURE_RECORD)
+    return name in names or any(p.fullmatch(name) for p in (CONFUSION_FILE, RELIABILITY_FILE, TEMP_FILE))
 
 
 def _is_run_file(name: str) -> bool:
@@ -381,13 +435,19 @@ def _clear(
 
 
 def _clear_results(folder: Path, kept: list[str], base: Path) -> None:
-    """An evaluation's Results folder: its files and its predictions/."""
-    predictions = Results(folder).predictions
+    """An evaluation's Results folder: its files, its predictions/ and the Results folder of its calibrated scores."""
+    results = Results(folder)
+    predictions, calibrated = results.predictions, results.calibrated.path
     if predictions.is_symlink() or predictions.is_dir():
         _clear(predictions, _is_prediction, kept, base)
-    _clear(folder, _is_result_file, kept, base, handled=(predictions.name,))
-    if predictions.exists():
-        kept.append(str(predictions.relative_to(base)))
+    if calibrated.is_symlink():
+        calibrated.unlink()
+    elif calibrated.is_dir():
+        _clear_results(calibrated, kept, base)
+    _clear(folder, _is_result_file, kept, base, handled=(predictions.name, calibrated.name))
+    for path in (predictions, calibrated):
+        if path.exists() and not any(k.startswith(str(path.relative_to(base))) for k in kept):
+            kept.append(str(path.relative_to(base)))
 
 
 def clear_results(folder: Path) -> list[str]:

@@ -24,8 +24,9 @@ from mmpt.mtl.build import build_method
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runtime.distributed import SINGLE, World
 from mmpt.runtime.precision import resolve_precision
-from mmpt.tasks import FLAGS
+from mmpt.tasks import FLAGS, resolve_tasks
 from mmpt.training.conflicts import BATCHES, GradientConflicts, conflict_interval, conflict_source
+from mmpt.training.monitor import load_reference
 from mmpt.training.optim import build_optimizers, check_optimizer_name
 from mmpt.training.step import TrainStep
 
@@ -50,8 +51,21 @@ def check_run(cfg: Config, world_size: int = 1) -> None:
         except MmptError as exc:
             problems.append(str(exc))
     problems += environment_problems(cfg.loss.weighting, world_size)  # e.g. an aggregator under DDP, a solver
+    if cfg.train.monitor_reference is not None:
+        try:
+            monitor_reference(cfg)
+        except MmptError as exc:
+            problems.append(str(exc))
     if problems:
         raise MmptError("; ".join(problems))
+
+
+def monitor_reference(cfg: Config) -> dict[str, dict[str, float]] | None:
+    """train.monitor val_delta_m's reference values (dataset -> auc, acc), None for the other monitors."""
+    if cfg.train.monitor_reference is None:
+        return None
+    flags = [t.flag for t in resolve_tasks(cfg.data.datasets)]
+    return load_reference(cfg.train.monitor_reference, flags, cfg.data.resolution)
 
 
 def build_sampler(cfg: Config, sizes: dict[str, int]) -> Sampler:

@@ -93,17 +93,24 @@ class Log:
     def epoch_losses(self) -> dict[str, float]:
         """Each dataset's mean train loss over the epoch; starts the next epoch's sums."""
         means = {task: total / count for task, (total, count) in self.epoch.items()}
-        self.epoch = {}
+        self.epoch.clear()  # in place: the checkpoint holds this object
         return means
 
-    def validation(self, epoch: int, val: dict[str, dict[str, float]], improved: bool) -> None:
+    def validation(
+        self, epoch: int, val: dict[str, dict[str, float]], improved: bool, monitor: dict[str, float]
+    ) -> None:
+        """The epoch's validation line and scalars; `monitor`: train.monitor's name and value (shown where it is
+        neither of the two means the line always shows)."""
         if not self.world.is_main:
             return
         for name, row in val.items():
             for metric, value in row.items():
                 self.writer.add_scalar(f"val/{name}/{metric}", value, epoch)
+        ((name, value),) = monitor.items()
+        self.writer.add_scalar(f"val/monitor/{name}", value, epoch)
+        shown = "" if name in ("val_loss", "val_auc") else f"  {name} {value:.4f}"
         print(
-            f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}"
+            f"epoch {epoch}: val mean auc {val['mean']['auc']:.4f}  loss {val['mean']['loss']:.4f}{shown}"
             + ("  (best)" if improved else "")
         )
 

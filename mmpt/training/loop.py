@@ -17,9 +17,10 @@ from tqdm import tqdm
 from mmpt.config import Config, config_yaml
 from mmpt.data.store import cache_location
 from mmpt.evaluation.plots import plot_history, plot_loss_curves
-from mmpt.evaluation.predict import TaskResult, evaluate_all, metrics_table, write_predictions
-from mmpt.evaluation.tables import format_table, write_metrics
-from mmpt.io import write_json, write_text
+from mmpt.evaluation.predict import TaskResult, evaluate_all, metrics_table, write_results
+from mmpt.evaluation.tables import format_table
+from mmpt.io import read_json, write_json, write_text
+from mmpt.model.weights import checkpoint_path
 from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import RunDir, lock_run_dir, prepare_run_dir
 from mmpt.runtime import distributed
@@ -129,7 +130,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
                 state.save()  # the epoch's steps are kept; its validation runs again on resume
                 raise state.stopped(stop.received, "validation") from None
             improved = state.end_epoch(epoch, val, log.epoch_losses(), train_step.method_run.mean_dataset_weights())
-            log.validation(epoch + 1, val, improved)
+            log.validation(epoch + 1, val, improved, progress.history[-1]["monitor"])
             if world.is_main:
                 write_json(run.val_history, {"history": progress.history})
                 if train_step.conflicts is not None:
@@ -163,6 +164,7 @@ def evaluate(setup: Setup, loader, stop: StopSignal | None = None) -> dict[str, 
         precision=step.precision,
         world=setup.world,
         stop=stop,
+        ece_bins=setup.cfg.evaluation.ece_bins,
     )
 
 
@@ -181,15 +183,17 @@ def test_report(setup: Setup, state: TrainingState, stop: StopSignal, started: f
     results = evaluate(setup, setup.eval_loader("test"), stop)
     table = metrics_table(results)
     if world.is_main:
-        write_metrics(run.results, table)
-        write_predictions(
-            run.results.predictions,
+        write_results(
+            run.results,
+            setup.specs,
             results,
-            cfg.data.resolution,
-            "test",
+            resolution=cfg.data.resolution,
+            split="test",
             run=cfg.name,
             data_root=str(cfg.data.root),
             weights_sha256=best_digest,
+            checkpoint=str(state.best.resolve()),
+            pictures=(),  # evaluate.py draws them; a run's test report stays quick
         )
         plot_history(progress.history, run.val_auc_plot)
         plot_loss_curves(progress.history, run.results.loss_curves)

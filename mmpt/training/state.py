@@ -25,6 +25,8 @@ from mmpt.runs import checkpoint as ckpt
 from mmpt.runs.rundir import RunDir
 from mmpt.runtime import distributed
 from mmpt.runtime.distributed import World, any_rank
+from mmpt.training.build import monitor_reference
+from mmpt.training.monitor import HIGHER_IS_BETTER, monitored
 from mmpt.training.step import TrainStep
 
 # what best.pt holds: the weights and what their readers (evaluate, export, --init-from, probes) need to know
@@ -73,6 +75,7 @@ class EarlyStopping:
     best_metric: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the monitored metric last improved
+    reference: dict | None = None  # train.monitor val_delta_m's reference values (dataset -> auc, acc), as read
 
     def update(self, epoch: int, metric: float) -> bool:
         """Record epoch `epoch`'s (1-based) monitored value; return whether it improved on the best."""
@@ -90,9 +93,22 @@ class EarlyStopping:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "reference": self.reference,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; a run monitored against a reference continues only against the same values."""
+        saved = state.get("reference")  # absent from checkpoints before val_delta_m: they had no reference
+        if saved != self.reference:
+            raise MmptError(
+                "train.monitor_reference's runs give other validation values than when this run started "
+                f"({saved} then, {self.reference} now), so best.pt would be chosen by two criteria; restore the "
+                "reference runs, or start over with --overwrite"
+            )
         self.best_metric, self.best_epoch, self.bad_epochs = (
             state["best_metric"],
             state["best_epoch"],
@@ -157,9 +173,10 @@ class TrainingState:
         self.cfg, self.world = cfg, world
         self.progress = Progress(world_size=world.world_size)
         self.early_stopping = EarlyStopping(
-            higher_is_better=cfg.train.monitor == "val_auc",
+            higher_is_better=HIGHER_IS_BETTER[cfg.train.monitor],
             patience=cfg.train.patience,
             probe_epochs=cfg.train.probe_epochs,
+            reference=monitor_reference(cfg),
         )
         # checkpoint key -> part, in load order (the random states last); a new stateful part is one entry here
         self.parts: dict[str, Stateful] = {
@@ -241,9 +258,9 @@ class TrainingState:
                 "weights": {task: float(w) for task, w in weights.items()},
             }
         )
-        improved = self.early_stopping.update(
-            epoch + 1, val["mean"]["auc" if self.early_stopping.higher_is_better else "loss"]
-        )
+        value = monitored(self.cfg.train.monitor, val, progress.history, self.early_stopping.reference)
+        progress.history[-1]["monitor"] = {self.cfg.train.monitor: value}
+        improved = self.early_stopping.update(epoch + 1, value)
         progress.done = self.early_stopping.stop
         if improved and self.world.is_main:
             ckpt.save(self.best, self.state_dict(BEST_PARTS))

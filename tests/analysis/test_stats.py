@@ -10,10 +10,11 @@ import scipy.stats
 from medmnist.evaluator import getAUC
 
 from benchmarks.baselines import loop_intervals, paired_bootstrap
-from mmpt.analysis.compare import compare_runs, load_run, read_labels, read_scores
+from mmpt.analysis.compare import compare_runs
+from mmpt.analysis.inputs import load_run, read_labels, read_scores
 from mmpt.analysis.stats import PreparedDataset, bootstrap_dataset, delong_components, delong_intervals
 from mmpt.errors import MmptError
-from mmpt.evaluation.metrics import compute_metrics
+from mmpt.evaluation.metrics import CALIBRATION, PER_CLASS, class_labels, compute_metrics, per_class_metrics
 from mmpt.runs.rundir import Results
 from mmpt.tasks import BINARY, MULTI_LABEL, ORDINAL, TASKS
 
@@ -41,7 +42,8 @@ def _data(flag: str, n: int, seeds: int, rng: np.random.Generator):
 
 
 def _metrics(task) -> list[str]:
-    return ["auc", "acc", "balanced_acc", "kappa"] + (["qwk", "mae"] if task.task_type == ORDINAL else [])
+    ordinal = ["qwk", "mae"] if task.task_type == ORDINAL else []
+    return ["auc", "acc", "balanced_acc", "kappa", *ordinal, *CALIBRATION]
 
 
 @pytest.mark.parametrize("flag", FLAGS)
@@ -63,6 +65,24 @@ def test_weighted_metrics_equal_compute_metrics_on_the_resampled_rows(flag, n):
             np.testing.assert_allclose(got[b], expected, rtol=0, atol=1e-9, equal_nan=True)
     if n == 12 and task.task_type != BINARY:
         assert np.isnan(got[:, 0]).any()  # the undefined case was exercised
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_weighted_per_class_metrics_equal_per_class_metrics_on_the_resampled_rows(flag):
+    """compare --per-class's bootstrap: each class's precision, recall, F1 and AUC of weighted counts are those of
+    the resampled rows."""
+    rng = np.random.default_rng(3)
+    task, labels, scores = _data(flag, 60, 2, rng)
+    classes = class_labels(task)
+    names = [f"{m}@{k}" for k in range(len(classes)) for m in PER_CLASS]
+    indices = rng.integers(0, 60, (6, 60))
+    counts = np.stack([np.bincount(i, minlength=60) for i in indices])
+    rule = "median" if task.task_type == ORDINAL else "argmax"
+    got = PreparedDataset(task, labels, [(scores, rule)], names).metric_values(counts.T.astype(float))[0]
+    for b, i in enumerate(indices):
+        per_seed = [per_class_metrics(task, labels[i], s[i], rule) for s in scores]
+        expected = [np.mean([p[classes[int(n.split("@")[1])]][n.split("@")[0]] for p in per_seed]) for n in names]
+        np.testing.assert_allclose(got[b], expected, rtol=0, atol=1e-9, equal_nan=True)
 
 
 # the 14-label chest task takes over 5 s
@@ -126,7 +146,7 @@ def test_compare_delong_replaces_only_the_auc_intervals(series):
     delong = compare_runs(series, metrics=["auc", "acc"], n_resamples=25, seed=2, ci="delong")
     assert delong["auc_interval"] == "delong" and boot["auc_interval"] == "bootstrap"
     labels = np.load(series[0].parent / "data" / "breastmnist.npz")["test_labels"]
-    from mmpt.analysis.compare import load_run, read_scores
+    from mmpt.analysis.inputs import load_run, read_scores
 
     scores = [[read_scores(m["breastmnist"]) for m in load_run(s).seeds] for s in series]
     expected = delong_intervals(TASKS["breastmnist"], labels, scores)

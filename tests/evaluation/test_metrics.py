@@ -34,7 +34,7 @@ def test_every_metric_is_a_python_float():
     task = TASKS["retinamnist"]
     labels, scores = _random_labels_and_scores(task, np.random.default_rng(0))
     metrics = compute_metrics(task, labels, scores)
-    assert set(metrics) == {"auc", "acc", "balanced_acc", "kappa", "qwk", "mae"}
+    assert set(metrics) == {"auc", "acc", "balanced_acc", "kappa", "qwk", "mae", "ece", "brier", "nll"}
     assert all(type(v) is float for v in metrics.values())
 
 
@@ -116,3 +116,94 @@ def test_metrics_accept_one_dimensional_labels(task_type):
     task = next(t for t in TASKS.values() if t.task_type == task_type)
     labels, scores = _random_labels_and_scores(task, np.random.default_rng(1))
     assert compute_metrics(task, labels[:, 0], scores) == compute_metrics(task, labels, scores)
+
+
+def _ece_by_loop(confidence, correct, bins):
+    """ECE as Guo et al. write it: for each bin (lo, hi] of confidence (the first [0, hi]), |acc − conf| weighted."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = (confidence >= lo) & (confidence < hi) if b < bins - 1 else (confidence >= lo)
+        if inside.any():
+            total += inside.sum() / len(confidence) * abs(correct[inside].mean() - confidence[inside].mean())
+    return total
+
+
+@pytest.mark.parametrize("flag", ["breastmnist", "dermamnist", "chestmnist", "retinamnist"])
+@pytest.mark.parametrize("bins", [1, 15, 40])
+def test_calibration_metrics_equal_scikit_learn_and_the_textbook_ece(flag, bins):
+    """Brier and NLL equal scikit-learn's (per label for a multi-label task, then averaged); the ECE is the
+    equal-width binned |accuracy − confidence| of the predicted class, computed here bin by bin."""
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    task = TASKS[flag]
+    labels, scores = _random_labels_and_scores(task, np.random.default_rng(bins))
+    if task.task_type == BINARY:
+        scores = np.stack([1 - scores[:, 1], scores[:, 1]], axis=1)
+    got = compute_metrics(task, labels, scores, bins=bins)
+    if task.task_type == MULTI_LABEL:
+        y, p = labels, scores
+        brier = np.mean([brier_score_loss(y[:, k], p[:, k]) for k in range(task.num_classes)])
+        nll = np.mean([log_loss(y[:, k], p[:, k], labels=[0, 1]) for k in range(task.num_classes)])
+        eces = []
+        for k in range(task.num_classes):
+            predicted = p[:, k] > 0.5
+            confidence = np.where(predicted, p[:, k], 1 - p[:, k])
+            eces.append(_ece_by_loop(confidence, (predicted == (y[:, k] == 1)).astype(float), bins))
+        ece = np.mean(eces)
+    elif task.task_type == BINARY:
+        y, p = labels[:, 0], scores[:, 1]
+        brier, nll = brier_score_loss(y, p), log_loss(y, p, labels=[0, 1])
+        predicted = p > 0.5
+        ece = _ece_by_loop(np.where(predicted, p, 1 - p), (predicted == (y == 1)).astype(float), bins)
+    else:
+        y = labels[:, 0]
+        onehot = np.eye(task.num_classes)[y]
+        brier = np.mean(((scores - onehot) ** 2).sum(axis=1))  # the multi-class Brier score over the one-hot vector
+        nll = log_loss(y, scores, labels=list(range(task.num_classes)))
+        predicted = scores.argmax(axis=1)  # CE heads: the argmax (ordinal with the median rule: see below)
+        ece = _ece_by_loop(scores.max(axis=1), (predicted == y).astype(float), bins)
+    assert got["brier"] == pytest.approx(brier, rel=1e-12)
+    assert got["nll"] == pytest.approx(nll, rel=1e-9)
+    assert got["ece"] == pytest.approx(ece, rel=1e-9, abs=1e-12)
+
+
+def test_ordinal_calibration_uses_the_grade_rule_of_the_loss():
+    """With CORAL/CORN's median rule, the ECE's predicted grade and its confidence follow that rule."""
+    task = TASKS["retinamnist"]
+    labels = np.array([[0], [1], [2], [4]])
+    scores = np.array([[0.4, 0.05, 0.05, 0.05, 0.45]] * 4)  # argmax 4; median: P(y > k) > 0.5 for k = 0, 1 -> grade 2
+    argmax = compute_metrics(task, labels, scores, ["ece"], "argmax", bins=10)["ece"]
+    median = compute_metrics(task, labels, scores, ["ece"], "median", bins=10)["ece"]
+    assert argmax == pytest.approx(abs(0.25 - 0.45))  # predicts 4 with 0.45: right once in four
+    assert median == pytest.approx(abs(0.25 - 0.05))  # predicts 2 with 0.05: right once in four
+
+
+@pytest.mark.parametrize("flag", ["breastmnist", "dermamnist", "chestmnist"])
+def test_per_class_metrics_equal_scikit_learn(flag):
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+    from mmpt.evaluation.metrics import per_class_metrics
+
+    task = TASKS[flag]
+    labels, scores = _random_labels_and_scores(task, np.random.default_rng(7))
+    if task.task_type == BINARY:
+        scores = np.stack([1 - scores[:, 1], scores[:, 1]], axis=1)
+    got = per_class_metrics(task, labels, scores)
+    names = list(task.class_names)
+    assert list(got) == names
+    if task.task_type == MULTI_LABEL:
+        for k, name in enumerate(names):
+            p, r, f, s = precision_recall_fscore_support(labels[:, k], scores[:, k] > 0.5, average="binary")
+            expected = {"precision": p, "recall": r, "f1": f, "support": labels[:, k].sum()}
+            expected["auc"] = roc_auc_score(labels[:, k], scores[:, k])
+            assert got[name] == pytest.approx(expected, rel=1e-12)
+        return
+    predicted = (scores[:, 1] > 0.5).astype(int) if task.task_type == BINARY else scores.argmax(axis=1)
+    p, r, f, s = precision_recall_fscore_support(
+        labels[:, 0], predicted, labels=range(len(names)), zero_division=np.nan
+    )
+    for k, name in enumerate(names):
+        auc = roc_auc_score(labels[:, 0] == k, scores[:, k])
+        expected = {"precision": p[k], "recall": r[k], "f1": f[k], "support": s[k], "auc": auc}
+        assert got[name] == pytest.approx(expected, rel=1e-12, nan_ok=True)

@@ -173,6 +173,7 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(s
         "best_metric": best[ckpt.EARLY_STOPPING]["best_metric"],
         "best_epoch": 1,
         "bad_epochs": 2,
+        "reference": None,  # train.monitor val_delta_m's reference values: none for val_loss
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import sys
 
 from mmpt.cli.common import LAUNCH_KEYS, Parser, add_setting_flag, check_launch_resources, flag_overrides
@@ -15,6 +16,7 @@ from mmpt.config import NAMED_FLAGS, load_config
 from mmpt.config.docs import annotated_yaml
 from mmpt.config.settings import parse_override
 from mmpt.errors import MmptError
+from mmpt.runs.members import read_series, series_of
 from mmpt.runs.rundir import RunDir
 
 
@@ -75,12 +77,23 @@ def build_train_config(args: argparse.Namespace):
                 f"cannot resume {run.path}: it has no {run.config.name}; pass a run folder written by train.py"
             )
         overrides.append({"output": str(run.path)})
+        owner = series_of(run.path)
+        if args.launcher is None:
+            # a resume trains here, whatever launcher trained the run before (a member's config records its own)
+            overrides.append({"launch": {"launcher": "sequential"}})
+        elif owner is not None and owner[1] in (read_series(owner[0]) or {}).get("members", {}):
+            raise MmptError(
+                f"{run.path} is a member of the series in {owner[0]}, whose launcher keeps its jobs: continue it "
+                "with the series' own command, or here (in this process) without --launcher"
+            )
         return load_config(run.config, overrides, recorded=True)
     return load_config(args.config, overrides)
 
 
 def train_command(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
+    # the command that continues what this one starts (a stopped member's job names it): the same, less --overwrite
+    args.again = "python train.py " + shlex.join(a for a in argv if a != "--overwrite")
     cfg = build_train_config(args)
     check_launch_resources(args, cfg.launch.launcher)
     # a series is planned (every member's config checked) before --print-config, so it refuses what a run refuses
@@ -94,7 +107,7 @@ def train_command(argv: list[str]) -> int:
         note = individual_norm_note(cfg, args.individual)
         if note:
             print(note)
-        return _train_series(cfg, variants, overwrite=args.overwrite)
+        return _train_series(cfg, variants, overwrite=args.overwrite, command=args.again)
     # imported here, as in every command of mmpt.cli: training imports timm and TorchJD, slow for --help and errors
     from mmpt.experiments.series import check_single_run_folder
     from mmpt.training.loop import Stopped, run
@@ -128,7 +141,7 @@ def _plan_series(args: argparse.Namespace, cfg) -> list:
     return plan_series(cfg, individual=args.individual, sweeps=sweeps, seeds=seeds)
 
 
-def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
+def _train_series(cfg, variants: list, *, overwrite: bool, command: str = "") -> int:
     from mmpt.experiments.series import run_series
     from mmpt.experiments.summary import summarize
     from mmpt.training.loop import Stopped
@@ -140,7 +153,7 @@ def _train_series(cfg, variants: list, *, overwrite: bool) -> int:
         # this machine or cluster, checked before series.json is written
         plan = plan_launch(cfg.launch, len(variants), cfg.checkpoint.every_minutes)
         print(f"series of {len(variants)} runs under {cfg.run_dir}")
-        train = functools.partial(launch_series, root=cfg.run_dir, plan=plan, series=True)
+        train = functools.partial(launch_series, root=cfg.run_dir, plan=plan, series=True, command=command)
         return run_series(variants, overwrite=overwrite, base=cfg, train=train)
     print(f"series of {len(variants)} runs under {cfg.run_dir}")
     try:
@@ -161,4 +174,4 @@ def _launch_run(args: argparse.Namespace, cfg) -> int:
     plan = plan_launch(cfg.launch, 1, cfg.checkpoint.every_minutes)
     variant = Variant("", cfg)
     check_member(variant, overwrite=args.overwrite)
-    return launch_series([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False)
+    return launch_series([variant], args.overwrite, root=cfg.run_dir, plan=plan, series=False, command=args.again)

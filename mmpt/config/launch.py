@@ -102,6 +102,17 @@ class LaunchConfig:
         result=False,
         flag="--time",
     )
+    retries: int = setting(
+        1,
+        "resubmissions of a member whose job crashed (a node failure, an out-of-memory kill, an exception without an "
+        "error: line), each continuing from last.pt; never one refused by bad input or stopped by a signal. 1: a "
+        "cluster's one-off failure costs no rerun by hand, and a crash that repeats costs one attempt more",
+        ge=0,
+        le=10,
+        resume=True,
+        result=False,
+        flag="--retries",
+    )
     partition: str | None = setting(
         None, "SLURM partition; null = the cluster's default", resume=True, result=False, flag="--partition"
     )

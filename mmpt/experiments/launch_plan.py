@@ -23,6 +23,9 @@ from mmpt.errors import MmptError
 JOB_LAUNCHERS = ("local", "slurm")
 assert LAUNCHERS == ("sequential", *JOB_LAUNCHERS), f"launch.launcher choices {LAUNCHERS} are not those implemented"
 
+# how long before a job's time limit submitit sends the stop signal (its executors' signal_delay_s defaults): a
+# job whose limit is not longer than this is stopped as it starts
+SIGNAL_MARGIN_S = {"local": 30, "slurm": 90}
 # a SLURM job without --time: a limit nearly every GPU partition allows, and short jobs start sooner (backfill)
 SLURM_TIME_MIN = 240
 # sbatch options the launcher sets itself, and the setting to use instead
@@ -62,6 +65,7 @@ class LaunchPlan:
     mem: str | None
     sbatch_options: dict
     settings: dict  # the launch section as given, for the record
+    retries: int = 0  # resubmissions of a member whose job crashed (launch.retries)
 
 
 def parse_slurm_args(text: str) -> dict[str, str | bool]:
@@ -128,12 +132,15 @@ def plan_launch(launch: LaunchConfig, members: int, checkpoint_minutes: float | 
     time_min = time_minutes(launch.time) if launch.time is not None else None
     if time_min is None and launch.launcher == "slurm":
         time_min = SLURM_TIME_MIN
-    every = checkpoint_minutes
-    if time_min is not None and every and time_min <= every:
+    every = checkpoint_minutes or 0.0
+    margin = SIGNAL_MARGIN_S[launch.launcher] / 60
+    if time_min is not None and time_min <= margin + every:
+        interval = f" plus one checkpoint interval (checkpoint.every_minutes {every:g})" if every else ""
         raise MmptError(
-            f"the time limit per job ({time_min:g} min) is not longer than one checkpoint interval "
-            f"(checkpoint.every_minutes {every:g}): a job would reach its limit before writing last.pt; pass a "
-            f"longer --time, or --set checkpoint.every_minutes={max(1, math.floor(time_min / 2))}"
+            f"the time limit per job ({time_min:g} min) is not longer than the {launch.launcher} launcher's stop "
+            f"signal margin ({SIGNAL_MARGIN_S[launch.launcher]} s before the limit){interval}: a job would be "
+            f"stopped before it trained or wrote last.pt; pass --time {math.ceil(2 * (margin + every)) + 1} or "
+            "longer" + (f", or --set checkpoint.every_minutes={max(1, math.floor(time_min / 2))}" if every else "")
         )
     common = dict(
         launcher=launch.launcher,
@@ -143,6 +150,7 @@ def plan_launch(launch: LaunchConfig, members: int, checkpoint_minutes: float | 
         partition=launch.partition,
         mem=launch.mem,
         settings=to_dict(launch),
+        retries=launch.retries,
     )
     if launch.launcher == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]

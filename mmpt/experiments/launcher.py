@@ -10,11 +10,15 @@ as a sequential series (skip when finished, continue from last.pt, else start). 
 files go to the series folder's jobs/ (mmpt.experiments.status reads them); each member's folder links its
 job's log as job.log.
 
-- local: submitit's LocalExecutor runs each member as its own process group; this process starts --jobs of them,
-  starts the next when one ends, and summarizes the series at the end. Each job gets its own GPUs
+- local (mmpt.experiments.local_jobs): submitit's LocalExecutor runs each member in a session of its own (a
+  Ctrl-C stops this process, not the jobs); this process starts --jobs of them, starts the next when one ends,
+  starts a crashed one again (launch.retries), and summarizes the series at the end. Each job gets its own GPUs
   (CUDA_VISIBLE_DEVICES) or, on a machine without GPUs, its share of the cores (OMP_NUM_THREADS).
 - slurm: one job array (submitit's SlurmExecutor, `executor.batch()`), at most --jobs running at once, and a
-  summary job that runs when they have all ended (dependency afterany); this process returns after submitting.
+  summary job that runs when they have all ended (dependency afterany): it resubmits the members whose jobs
+  crashed (launch.retries), else summarizes; this process returns after submitting.
+- --overwrite: each job removes its member's earlier outputs when it starts, so a launch the scheduler refuses
+  removes nothing.
 - Several GPUs per member (or several nodes): one process per GPU under torch.distributed, from the job's
   environment (submitit's TorchDistributedEnvironment); the engine's distributed code is the same as under torchrun.
 - Time limit or preemption: SLURM (and submitit's local controller) send SIGUSR2; training stops after the step,
@@ -32,43 +36,40 @@ import io
 import math
 import os
 import shutil
-import socket
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
-from submitit.helpers import environment_variables
 
+from mmpt.config import load_config, recorded_config
 from mmpt.errors import MmptError
-from mmpt.experiments.launch_plan import LaunchPlan, cpu_cores
-from mmpt.experiments.member_job import Member, TrainMember, summarize_series
+from mmpt.experiments.job_records import attempts, finished_by, link_log, member_labels, now, relative, submission_entry
+from mmpt.experiments.launch_plan import LaunchPlan, plan_launch
+from mmpt.experiments.local_jobs import launch_local
+from mmpt.experiments.member_job import Member, TrainMember
 from mmpt.experiments.series import Variant
 from mmpt.experiments.status import (
+    CRASH,
+    FAILED,
     FINISHED,
     QUEUED,
     RUNNING,
     SLURM_QUEUED,
-    last_log_line,
+    failure_kind,
     member_states,
     process_alive,
-    process_start,
     read_jobs,
     slurm_states,
     write_jobs,
 )
 from mmpt.experiments.summary import summarize
+from mmpt.runs.members import read_series
 from mmpt.runs.rundir import RunDir
 from mmpt.runs.seriesdir import SeriesDir
 
 # times a member may reach its time limit and be requeued; each requeue continues from last.pt, so it progresses
 MAX_REQUEUES = 100
-NO_LIMIT_MIN = 365 * 24 * 60  # a local job without --time
-POLL_S = 0.5  # how often the local launcher looks at its jobs
 SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one plot
 
 
@@ -76,29 +77,12 @@ SUMMARY_TIME_MIN = 30  # the SLURM summary job reads metrics files and draws one
 
 
 def launch_series(
-    variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool = True
+    variants: list[Variant], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool = True, command: str = ""
 ) -> int:
     """`launch` for the members of a training series (a single run: a series of one member, `series` False)."""
     name = "" if series else variants[0].cfg.name
-    return launch([TrainMember(v) for v in variants], overwrite, root=root, plan=plan, series=series, name=name)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _relative(path: Path, root: Path) -> str:
-    return os.path.relpath(Path(path).absolute(), Path(root).absolute())
-
-
-def link_log(member_dir: Path, log: Path) -> None:
-    """Point `member_dir`/job.log at the member's current job log (a relative link, replaced atomically)."""
-    member_dir.mkdir(parents=True, exist_ok=True)
-    link = RunDir(member_dir).job_log
-    temp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    temp.unlink(missing_ok=True)
-    temp.symlink_to(os.path.relpath(Path(log).absolute(), member_dir.absolute()))
-    os.replace(temp, link)
+    members = [TrainMember(v) for v in variants]
+    return launch(members, overwrite, root=root, plan=plan, series=series, name=name, command=command)
 
 
 @contextlib.contextmanager
@@ -131,6 +115,7 @@ def launch(
     series: bool = True,
     name: str = "",
     record: dict | None = None,
+    command: str = "",
 ) -> int:
     """Submit the `members` that are neither finished nor running nor queued (with `overwrite`: every
     member not running or queued, its earlier outputs removed first) as jobs; return the exit code.
@@ -138,7 +123,8 @@ def launch(
     local: waits for its jobs and summarizes the series (`series`) at the end: 0, or 1 when a member failed;
     130 when interrupted. slurm: returns 0 after submitting the array and the summary job. `name`: the SLURM
     jobs' name (default: the folder's). `record`: entries of the job record that say what the members are (the
-    probes' kind and request; mmpt.experiments.status reads them).
+    probes' kind and request; mmpt.experiments.status reads them). `command`: the command that continues the
+    members (the launch's own, without --overwrite), which a stopped member's job names.
     Raises MmptError before submitting anything when a member is busy and `overwrite` asks to train it again,
     or when sbatch refuses the jobs.
     """
@@ -148,7 +134,13 @@ def launch(
     try:
         with series_lock(root, read_jobs(root)):
             return _launch(
-                members, overwrite, root=root, plan=plan, series=series, name=name or root.name, extra=record or {}
+                members,
+                overwrite,
+                root=root,
+                plan=plan,
+                series=series,
+                name=name or root.name,
+                extra=(record or {}) | ({"command": command} if command else {}),
             )
     except MmptError:
         # refused before any job was recorded (a busy member, a launch in progress, sbatch's refusal): leave none
@@ -164,8 +156,18 @@ def _launch(
     members: list[Member], overwrite: bool, *, root: Path, plan: LaunchPlan, series: bool, name: str, extra: dict
 ) -> int:
     record = read_jobs(root) | extra
-    states = member_states(root, [m.path for m in members], record, finished=_finished(members))
+    states = member_states(root, [m.path for m in members], record, finished=finished_by(members))
     busy = [states[m.path] for m in members if states[m.path].state in (RUNNING, QUEUED)]
+    foreign = next((b for b in busy if b.launcher != plan.launcher), None)
+    if foreign is not None:
+        # a launcher waits for and counts only its own jobs: local cannot poll a SLURM job, nor SLURM's summary job
+        # wait on a local process; a member trained by a process no record names cannot be waited for at all
+        by = f"as a {foreign.launcher} job ({foreign.job_id})" if foreign.launcher else "by another process"
+        again = f"run the command with --launcher {foreign.launcher}" if foreign.launcher else "wait for it"
+        raise MmptError(
+            f"{foreign.path or root} is {foreign.state} {by}, and this launch uses --launcher {plan.launcher}; "
+            f"{again}, or wait until it has ended, so that one launcher keeps every running member"
+        )
     if overwrite and busy:
         first = busy[0]
         cancel = f"scancel {first.job_id}" if first.launcher == "slurm" else f"kill {first.job_id}"
@@ -184,163 +186,12 @@ def _launch(
             f"{len(todo)} to {'submit' if plan.launcher == 'slurm' else 'start'}",
         ]
     )
-    for m in todo if overwrite else ():
-        m.clear()
+    # --overwrite: each job removes its member's earlier outputs when it starts, never this process before the
+    # scheduler has accepted it (a refused sbatch leaves every finished member as it was)
+    fresh = {m.path for m in todo} if overwrite else set()
     if plan.launcher == "slurm":
-        return _launch_slurm(members, todo, busy, root, plan, record, series, counts, name)
-    return _launch_local(members, todo, busy, root, plan, record, series, counts)
-
-
-def _finished(members: list[Member]) -> Callable[[str], bool]:
-    by_path = {m.path: m for m in members}
-    return lambda path: by_path[path].finished()
-
-
-def _labels(members: list[Member]) -> dict[str, str]:
-    return {m.path: f"[{i}/{len(members)}] {m.path or m.folder}" for i, m in enumerate(members, 1)}
-
-
-def _submission(plan: LaunchPlan, todo: list[Member], **extra) -> dict:
-    return {
-        "at": _now(),
-        "launcher": plan.launcher,
-        "settings": plan.settings,
-        "members": [m.path for m in todo],
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        **extra,
-    }
-
-
-def _finish(root: Path, series: bool, members: list[Member], failed: list[str]) -> int:
-    """Summarize the series as a sequential one does (when a member has finished); 1 when a member failed."""
-    states = member_states(root, [m.path for m in members], finished=_finished(members))
-    if series and any(s.state == FINISHED for s in states.values()):
-        summarize(root)
-    if failed:
-        print(
-            f"{len(failed)} of {len(members)} members failed: "
-            + "; ".join(f"{path or root} (log {states[path].log})" for path in failed)
-            + "; fix the cause and run the same command again to train them",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-# ---------------------------------------------------------------- local: N jobs at a time on this machine
-
-
-@dataclass
-class _LocalJob:
-    path: str
-    job_id: str
-    slot: int | None
-    pid: int
-    started: str | None
-    job: submitit.LocalJob | None = None  # None: started by an earlier launch
-
-    def alive(self) -> bool:
-        # our own child is polled (and reaped) through its Popen; one from an earlier launch by its pid
-        return self.job.state == "RUNNING" if self.job is not None else process_alive(self.pid, self.started)
-
-
-def _launch_local(members, todo, busy, root, plan, record, series, counts) -> int:
-    labels = _labels(members)
-    by_path = {m.path: m for m in members}
-    each = (
-        f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} (CUDA_VISIBLE_DEVICES) and "
-        if plan.gpus_per_job
-        else ""
-    )
-    print(
-        f"local launcher: {counts}; {plan.jobs} at a time, each on {each}{plan.threads} CPU thread"
-        f"{'s' if plan.threads > 1 else ''} (OMP_NUM_THREADS={plan.threads}; {cpu_cores()} cores)"
-        + (f", time limit {plan.time_min:g} min" if plan.time_min else "")
-    )
-    free = list(range(len(plan.slots)))
-    running: dict[str, _LocalJob] = {}
-    for state in busy:  # started by an earlier launch: they hold their GPUs and count against --jobs
-        job = record["members"][state.path]
-        slot = next((i for i in free if list(plan.slots[i]) == job.get("gpus")), free[0] if free else None)
-        if slot is not None:
-            free.remove(slot)
-        running[state.path] = _LocalJob(state.path, state.job_id, slot, job["pid"], job.get("started"))
-        print(f"{labels[state.path]}: running as local job {state.job_id} (started earlier)")
-    queue = list(todo)
-    record["submissions"].append(_submission(plan, todo))
-    failed: list[str] = []
-    me = {"pid": os.getpid(), "started": process_start(os.getpid())}
-    try:
-        while queue or running:
-            if record.get("feeder", {}).get("pid") != me["pid"]:
-                _write_local(root, record, me, queue)
-            while queue and free:
-                member, slot = queue.pop(0), free.pop(0)
-                job = _submit_local(member, plan.slots[slot], labels[member.path], root, plan)
-                pid = int(job.job_id)
-                running[member.path] = _LocalJob(member.path, job.job_id, slot, pid, process_start(pid), job)
-                record["members"][member.path] = {
-                    "launcher": "local",
-                    "job_id": job.job_id,
-                    "pid": pid,
-                    "started": running[member.path].started,
-                    "gpus": list(plan.slots[slot]),
-                    "threads": plan.threads,
-                    "log": _relative(job.paths.stdout, root),
-                    "submitted": _now(),
-                }
-                _write_local(root, record, me, queue)  # at once: a job the record misses could start twice
-                link_log(member.folder, job.paths.stdout)
-                where = f" on GPU {','.join(map(str, plan.slots[slot]))}" if plan.slots[slot] else ""
-                print(f"{labels[member.path]}: started as local job {job.job_id}{where}", flush=True)
-            time.sleep(POLL_S)
-            for path, job in list(running.items()):
-                if job.alive():
-                    continue
-                del running[path]
-                if job.slot is not None:
-                    free.append(job.slot)
-                log = root / record["members"][path]["log"]
-                if by_path[path].finished():
-                    print(f"{labels[path]}: finished (local job {job.job_id})", flush=True)
-                else:
-                    failed.append(path)
-                    print(
-                        f"{labels[path]}: failed (local job {job.job_id}): {last_log_line(log)}; log {log}", flush=True
-                    )
-    except KeyboardInterrupt:
-        print(
-            "interrupted: jobs that still run go on (python evaluate.py status "
-            f"{root}); run the same command again to start the rest" + (" and summarize" if series else ""),
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        record.pop("feeder", None)
-        write_jobs(root, record)
-    return _finish(root, series, members, failed)
-
-
-def _write_local(root: Path, record: dict, me: dict, queue: list[Member]) -> None:
-    """Write the job record with this process as the one that starts the members still queued (status shows them)."""
-    record["feeder"] = {**me, "pending": [m.path for m in queue]}
-    write_jobs(root, record)
-
-
-def _submit_local(member: Member, gpus: tuple[int, ...], label: str, root: Path, plan: LaunchPlan):
-    # one folder per member: submitit names a local job's files by its pid, which the system reuses
-    executor = submitit.LocalExecutor(folder=SeriesDir(root).local_jobs(member.path), max_num_timeout=MAX_REQUEUES)
-    executor.update_parameters(
-        timeout_min=plan.time_min or NO_LIMIT_MIN,
-        gpus_per_node=len(gpus),
-        visible_gpus=gpus,
-        tasks_per_node=max(1, len(gpus)),
-        stderr_to_stdout=True,
-    )
-    threads = str(max(1, plan.threads // max(1, len(gpus))))
-    with environment_variables(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
-        return executor.submit(member.job(label, plan.threads))
+        return _launch_slurm(members, todo, busy, root, plan, record, series, counts, name, fresh)
+    return launch_local(members, todo, busy, root, plan, record, series, counts, fresh)
 
 
 # ---------------------------------------------------------------- slurm: one job array and a summary job
@@ -380,8 +231,8 @@ def _sbatch_errors(what: str):
         ) from None
 
 
-def _launch_slurm(members, todo, busy, root, plan, record, series, counts, name) -> int:
-    labels = _labels(members)
+def _launch_slurm(members, todo, busy, root, plan, record, series, counts, name, fresh) -> int:
+    labels = member_labels(members)
     folder = SeriesDir(root).slurm_jobs
     params = _slurm_parameters(plan, name)
     gpus = f"{plan.gpus_per_job} GPU{'s' if plan.gpus_per_job > 1 else ''} per node" if plan.gpus_per_job else "no GPU"
@@ -391,20 +242,22 @@ def _launch_slurm(members, todo, busy, root, plan, record, series, counts, name)
         + f"each job: {plan.nodes} node{'s' if plan.nodes > 1 else ''}, {gpus}, time limit {params['time']} min"
         + (f", partition {plan.partition}" if plan.partition else "")
     )
-    submission = _submission(plan, todo)
+    submission = submission_entry(plan, todo)
     if todo:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
         executor.update_parameters(**params)
         with _sbatch_errors(f"the job array of {len(todo)} members"), executor.batch():
             # each job on the CPU threads it asked for (--cpus-per-job), not on every core of the node it lands on
-            jobs = [executor.submit(m.job(labels[m.path], plan.cpus_per_job)) for m in todo]
+            command = record.get("command", "")
+            jobs = [executor.submit(m.job(labels[m.path], plan.cpus_per_job, m.path in fresh, command)) for m in todo]
         submission["array"] = jobs[0].job_id.split("_")[0]
         for member, job in zip(todo, jobs):
             record["members"][member.path] = {
+                **attempts(root, record, member.path),
                 "launcher": "slurm",
                 "job_id": job.job_id,
-                "log": _relative(job.paths.stdout, root),
-                "submitted": _now(),
+                "log": relative(job.paths.stdout, root),
+                "submitted": now(),
             }
         record["submissions"].append(submission)
         write_jobs(root, record)  # at once: a job the record misses could be submitted twice
@@ -447,3 +300,45 @@ def _launch_slurm(members, todo, busy, root, plan, record, series, counts, name)
         write_jobs(root, record)
     print(f"watch them with: python evaluate.py status {root}")
     return 0
+
+
+# ---------------------------------------------------------------- retries after the SLURM array (the summary job)
+
+
+def retry_crashed(root: Path) -> bool:
+    """Resubmit the members of a SLURM-launched series whose jobs crashed, within launch.retries (the summary job
+    runs this when the array has ended; a new summary job then waits for the resubmitted ones). Returns whether
+    any was resubmitted."""
+    record = read_jobs(root)
+    settings = (record.get("submissions") or [{}])[-1].get("settings") or {}
+    retries = int(settings.get("retries") or 0)
+    recorded = read_series(root)
+    if settings.get("launcher") != "slurm" or not retries or recorded is None:
+        return False
+    variants = [Variant(path, recorded_config(config)) for path, config in recorded["members"].items()]
+    states = member_states(root, [v.path for v in variants], record)
+    crashed = [
+        v
+        for v in variants
+        if states[v.path].state == FAILED
+        and failure_kind(states[v.path].log) == CRASH
+        and len(record["members"].get(v.path, {}).get("attempts", [])) < retries
+    ]
+    if not crashed:
+        return False
+    launch_settings = load_config(overrides=[{"launch": settings}]).launch
+    plan = plan_launch(launch_settings, len(crashed), crashed[0].cfg.checkpoint.every_minutes)
+    print(f"{len(crashed)} member(s) crashed: submitting them again (launch.retries {retries})", flush=True)
+    members = [TrainMember(v) for v in crashed]
+    launch(members, False, root=root, plan=plan, series=True, command=record.get("command", ""))
+    return True
+
+
+def summarize_series(root: str) -> None:
+    """The SLURM summary job: resubmit the members whose jobs crashed (launch.retries; a new summary job follows
+    them), else summarize the series (as a sequential series does at its end)."""
+    try:
+        if not retry_crashed(Path(root)):
+            summarize(Path(root))
+    except MmptError as exc:
+        print(f"error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from mmpt.config import recorded_config, to_dict
 from mmpt.errors import MmptError
 from mmpt.experiments.series import Variant, train_member
 from mmpt.experiments.summary import summarize
-from mmpt.runs.rundir import RunDir, prepare_run_dir
+from mmpt.runs.rundir import RunDir, clear_results
 from mmpt.training.state import Stopped
 
 
@@ -47,11 +47,10 @@ class Member(Protocol):
     def finished(self) -> bool:
         """Whether its outputs are complete, so that a rerun of the command submits it no more."""
 
-    def clear(self) -> None:
-        """Remove its earlier outputs (--overwrite)."""
-
-    def job(self, label: str, threads: int | None) -> Callable[[], str]:
-        """What its job runs (pickled by submitit): `threads` CPU threads for the whole job, None: the scheduler's."""
+    def job(self, label: str, threads: int | None, fresh: bool = False, command: str = "") -> Callable[[], str]:
+        """What its job runs (pickled by submitit): `threads` CPU threads for the whole job, None: the scheduler's;
+        `fresh` (--overwrite): the job first removes the member's earlier outputs, once it runs (so a launch the
+        scheduler refuses removes nothing); `command`: the command that launched it (a stopped job names it)."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,8 @@ class TrainMember:
     def finished(self) -> bool:
         return RunDir(self.folder).summary.is_file()
 
-    def clear(self) -> None:
-        prepare_run_dir(self.folder, resume=False, overwrite=True)
-
-    def job(self, label: str, threads: int | None) -> MemberJob:
-        return MemberJob(self.variant, label, threads)
+    def job(self, label: str, threads: int | None, fresh: bool = False, command: str = "") -> MemberJob:
+        return MemberJob(self.variant, label, threads, fresh, command)
 
 
 class MemberJob(Checkpointable):
@@ -87,16 +83,21 @@ class MemberJob(Checkpointable):
     preemption) is handed back to submitit once training has written last.pt, so that it requeues the job.
     """
 
-    def __init__(self, variant: Variant, label: str, threads: int | None = None) -> None:
+    def __init__(
+        self, variant: Variant, label: str, threads: int | None = None, fresh: bool = False, command: str = ""
+    ) -> None:
         self.variant = variant
         self.label = label
         self.threads = threads  # CPU threads of the whole job; None: SLURM's cpus-per-task where it says, else torch's
+        self.fresh = fresh  # --overwrite: start the member over (its earlier outputs removed) when the job runs
+        self.command = command  # the launch command, which continues a stopped member
 
     def __getstate__(self) -> dict:
         """What submitit pickles: plain values only (the config as its record), so that a job requeued after an
         upgrade of mmpt reads its config as any record of an earlier release is read (mmpt.config.recorded_config)."""
         path, config = self.variant.path, to_dict(self.variant.cfg)
-        return {"path": path, "config": config, "label": self.label, "threads": self.threads}
+        state = {"path": path, "config": config, "label": self.label, "threads": self.threads}
+        return state | {"fresh": self.fresh, "command": self.command}
 
     def __setstate__(self, state: dict) -> None:
         if "variant" in state:  # pickled by the release before the packages: its config as that release's classes
@@ -104,6 +105,8 @@ class MemberJob(Checkpointable):
             state = {"path": old.path, "config": _plain(old.cfg), "label": state["label"], "threads": state["threads"]}
         self.variant = Variant(state["path"], recorded_config(state["config"]))
         self.label, self.threads = state["label"], state["threads"]
+        self.fresh = state.get("fresh", False)  # a job queued before --overwrite moved into the job: never fresh
+        self.command = state.get("command", "")
 
     def __call__(self) -> str:
         env = submitit.JobEnvironment()
@@ -115,14 +118,14 @@ class MemberJob(Checkpointable):
         if main:
             print(f"{self.label}: job {env.job_id} on {env.hostname}, {env.num_tasks} process(es)", flush=True)
         try:
-            train_member(self.variant, overwrite=False, label=self.label)
+            train_member(self.variant, overwrite=self.fresh, label=self.label)
         except Stopped as exc:
             preempted = exc.signal == f"SIG{submitit.JobEnvironment.USR_SIG}"
             if main:
                 print(str(exc), file=sys.stderr)
                 print(
                     f"{self.label}: stopped by {exc.signal or 'another rank'} with last.pt written; "
-                    + ("submitit requeues the job" if preempted else "run the series command again to continue it"),
+                    + ("submitit requeues the job" if preempted else f"to continue it, run again: {self._again()}"),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -141,7 +144,13 @@ class MemberJob(Checkpointable):
     def checkpoint(self) -> DelayedSubmission:
         """The job that continues this one after a time limit or preemption: the same member, which resumes from
         the last.pt that training wrote when the signal came (the member's whole state is in its run folder)."""
-        return DelayedSubmission(MemberJob(self.variant, self.label, self.threads))
+        # the same member, continuing: never fresh again
+        return DelayedSubmission(MemberJob(self.variant, self.label, self.threads, command=self.command))
+
+    def _again(self) -> str:
+        """The command that continues this member: the launch command (as the launcher gives it: without
+        --overwrite), else the resume of its folder in this process."""
+        return self.command or f"python train.py --resume {self.variant.cfg.run_dir}"
 
 
 class ProbeJob(Checkpointable):
@@ -149,12 +158,15 @@ class ProbeJob(Checkpointable):
     sequential probe runs it for each run. A probe keeps no state worth saving: after a time limit or preemption
     the requeued job probes again (the features it extracted are cached)."""
 
-    def __init__(self, leaf: str, out: str, kwargs: dict, label: str, threads: int | None = None) -> None:
+    def __init__(
+        self, leaf: str, out: str, kwargs: dict, label: str, threads: int | None = None, fresh: bool = False
+    ) -> None:
         self.leaf = leaf
         self.out = out
         self.kwargs = kwargs  # probe_leaf's: method, request, k, datasets, data_root, ...
         self.label = label
         self.threads = threads
+        self.fresh = fresh  # --overwrite: remove the earlier probe's results when the job runs
 
     def __call__(self) -> str:
         from mmpt.evaluation.probe import probe_leaf  # scikit-learn: only in the job that probes
@@ -163,6 +175,8 @@ class ProbeJob(Checkpointable):
         set_job_threads(self.threads, env.num_tasks)
         print(f"{self.label}: job {env.job_id} on {env.hostname}", flush=True)
         try:
+            if self.fresh:
+                clear_results(Path(self.out))
             probe_leaf(Path(self.leaf), Path(self.out), **self.kwargs)
         except MmptError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -185,7 +199,8 @@ def _plain(value):
 
 
 def summarize_series(root: str) -> None:
-    """The SLURM summary job: summarize the series (as a sequential series does at its end)."""
+    """The summary job that a release before launch.retries queued (submitit unpickles it by this name): summarize the
+    series. The launcher now submits mmpt.experiments.launcher.summarize_series, which also retries crashed members."""
     try:
         summarize(Path(root))
     except MmptError as exc:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from mmpt.config.launch import LaunchConfig
 from mmpt.errors import MmptError
-from mmpt.evaluation.probe import leaf_weights, probe_leaves, probe_request
+from mmpt.evaluation.probe import probe_leaves, probe_request
 from mmpt.experiments.launch_plan import plan_launch
 from mmpt.experiments.launcher import launch
 from mmpt.experiments.member_job import ProbeJob
 from mmpt.experiments.status import PROBE, probe_finished, read_jobs
-from mmpt.runs.rundir import Results, clear_results
+from mmpt.runs.members import leaf_weights
+from mmpt.runs.rundir import Results
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,8 @@ class ProbeMember:
     def finished(self) -> bool:
         return self.weights is not None and probe_finished(Results(self.folder), self.kwargs["request"], self.weights)
 
-    def clear(self) -> None:
-        clear_results(self.folder)
-
-    def job(self, label: str, threads: int | None) -> ProbeJob:
-        return ProbeJob(str(self.leaf.absolute()), str(self.folder.absolute()), self.kwargs, label, threads)
+    def job(self, label: str, threads: int | None, fresh: bool = False, command: str = "") -> ProbeJob:
+        return ProbeJob(str(self.leaf.absolute()), str(self.folder.absolute()), self.kwargs, label, threads, fresh)
 
 
 def launch_probes(

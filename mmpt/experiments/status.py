@@ -26,20 +26,29 @@ import submitit
 
 from mmpt.errors import MmptError
 from mmpt.io import read_json, write_json
-from mmpt.runs.members import member_status, read_series, series_of
-from mmpt.runs.rundir import Results, RunDir
+from mmpt.runs.members import member_status, probe_stale, read_series, series_of
+from mmpt.runs.rundir import Results, RunDir, in_use
 from mmpt.runs.seriesdir import SeriesDir
 
 FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED = "finished", "running", "queued", "failed", "not started"
+INTERRUPTED = "interrupted"  # stopped with last.pt written (a signal, Ctrl-C): the same command continues it
 TRAIN, PROBE = "train", "probe"  # what a job record's members do (its "kind"; train when it names none)
 UNKNOWN = "unknown"  # a SLURM job, where SLURM cannot be asked (the status command only)
-STATES = (FINISHED, RUNNING, QUEUED, FAILED, NOT_STARTED, UNKNOWN)
+STATES = (FINISHED, RUNNING, QUEUED, INTERRUPTED, FAILED, NOT_STARTED, UNKNOWN)
+LAUNCHERS = ("local", "slurm")  # what a job record's entries may name
 
-# SLURM job states (sacct/squeue) a member waits in, and those it trains in; every other state has ended
+# SLURM job states (sacct/squeue) a member waits in, and those it trains in; every other state has ended. submitit
+# (1.5.3 and later) counts PREEMPTED as not done: SLURM requeues a preempted job, so its member is still running
 SLURM_QUEUED = frozenset(
-    {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
+    {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD", "READY"}
 )
-SLURM_RUNNING = frozenset({"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"})
+SLURM_RUNNING = frozenset({"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "PREEMPTED"})
+# why a job ended without finishing its member (failure_kind): bad input (its `error:` line; never retried), a stop
+# signal (the member saved last.pt; the same command continues it), or a crash (a node failure, an out-of-memory
+# kill, an exception without an `error:` line: launch.retries resubmits it)
+INPUT, STOPPED, CRASH, COMPLETED = "input", "stopped", "crash", "completed"
+STOP_LINE = "stopped by "  # what a member's job prints when a signal stopped it (mmpt.experiments.member_job)
+COMPLETED_LINE = "Job completed successfully"  # what submitit logs when a job's function returned
 
 
 @dataclass(frozen=True)
@@ -58,15 +67,36 @@ class MemberState:
 
 
 def read_jobs(root: Path) -> dict:
-    """The job records of a series folder: {"members": {path: job}, "submissions": [...], "feeder": ...}."""
+    """The job records of a series folder: {"members": {path: job}, "submissions": [...], "feeder": ...}.
+    Raises MmptError, naming the entry, when the record or one of its entries is not what a launcher writes."""
     path = SeriesDir(root).jobs_record
     if not path.is_file():
         return {"members": {}, "submissions": []}
     record = read_json(path, "it records the jobs a launcher submitted; restore it, or delete it to submit again")
     if not isinstance(record, dict) or not isinstance(record.get("members"), dict):
         raise MmptError(f"{path} is not a job record written by train.py's launcher; restore it, or delete it")
+    for member, job in record["members"].items():
+        problem = _entry_problem(job)
+        if problem:
+            raise MmptError(
+                f"{path}: the entry of member {member or '.'} {problem}; restore the record, or delete that entry "
+                "(the member is then submitted again when it is not finished)"
+            )
     record.setdefault("submissions", [])
     return record
+
+
+def _entry_problem(job) -> str | None:
+    """What is wrong with one member's job record entry, or None."""
+    if not isinstance(job, dict):
+        return "is not a mapping"
+    if job.get("launcher") not in LAUNCHERS:
+        return f"names the launcher {job.get('launcher')!r}, not one of {', '.join(LAUNCHERS)}"
+    if not isinstance(job.get("job_id"), str) or not job["job_id"]:
+        return "has no job id"
+    if job["launcher"] == "local" and not isinstance(job.get("pid"), int):
+        return "has no process id"
+    return None
 
 
 def write_jobs(root: Path, record: dict) -> None:
@@ -156,15 +186,35 @@ def squeue_states() -> dict[str, str]:
 # ---------------------------------------------------------------- members
 
 
-def last_log_line(log: Path | None) -> str:
-    """The line that says why a job ended: the last `error:` line of its log, else its last line ("" without one)."""
+def _log_tail(log: Path | None) -> list[str]:
+    """The non-empty lines of the last 64 KiB of a job's log ([] without one)."""
     if log is None or not log.is_file():
-        return ""
+        return []
     with log.open("rb") as f:
         f.seek(max(0, log.stat().st_size - 65536))
-        lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def last_log_line(log: Path | None) -> str:
+    """The line that says why a job ended: the last `error:` line of its log, else its last stop line (a signal
+    stopped it), else its last line ("" without one)."""
+    lines = _log_tail(log)
     errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or [""])[-1]
+    stops = [line for line in lines if STOP_LINE in line]
+    return (errors or stops or lines or [""])[-1]
+
+
+def failure_kind(log: Path | None) -> str:
+    """How a job ended, from its log's last telling line: COMPLETED (submitit's own line), INPUT (an `error:`
+    line), STOPPED (a stop signal, last.pt written), else CRASH (killed, or an exception without an `error:`)."""
+    for line in reversed(_log_tail(log)):
+        if line.startswith("error:"):
+            return INPUT
+        if STOP_LINE in line:
+            return STOPPED
+        if COMPLETED_LINE in line:
+            return COMPLETED
+    return CRASH
 
 
 def _age(path: Path) -> str:
@@ -190,7 +240,10 @@ def _finished_by_record(root: Path, record: dict) -> Callable[[str], bool]:
     """What finished means for the members of a job record: summary.json for training (a series, or a run),
     a probe.json of the record's request for a series' probes (`evaluate.py probe --launcher`)."""
     if record.get("kind") == PROBE:
-        return lambda path: probe_finished(Results(root / path), record.get("request"))
+        # and still of the weights the probed run has: a probe of a run trained again since is stale
+        return lambda path: (
+            probe_finished(Results(root / path), record.get("request")) and (probe_stale(Results(root / path)) is None)
+        )
     return lambda path: RunDir(root / path).summary.is_file()
 
 
@@ -229,6 +282,21 @@ def member_states(
         if log is not None and folder.job_log.is_symlink():
             log = folder.job_log  # the member's own link to it
         common = dict(job_id=job["job_id"] if job else None, launcher=job["launcher"] if job else None, log=log)
+        attempts = _attempts(job)
+        # a live job first: one submitted with --overwrite starts the member over, whatever it holds now
+        alive, scheduler = _job_alive(job, slurm)
+        if alive == UNKNOWN:
+            out[path] = MemberState(path, UNKNOWN, detail=scheduler, **common)
+            continue
+        last = folder.last
+        saved = f"last.pt written {_age(last)}" if last.is_file() else ""
+        if alive:
+            state = QUEUED if alive == QUEUED else RUNNING
+            over = "to start over (--overwrite)" if job.get("fresh") else ""
+            shown = scheduler if state == QUEUED or scheduler not in ("", "SLURM RUNNING") else ""  # e.g. PREEMPTED
+            detail = "; ".join(filter(None, [shown, over, attempts, saved]))
+            out[path] = MemberState(path, state, detail=detail, **common)
+            continue
         if finished(path):
             detail = ""
             if training:  # a probe has no summary.json to read
@@ -236,29 +304,45 @@ def member_states(
                 detail = f"left out of statistics: {why}" if why else _took(folder)
             out[path] = MemberState(path, FINISHED, detail=detail, **common)
             continue
-        last = folder.last
-        saved = f"last.pt written {_age(last)}" if last.is_file() else ""
-        if job is None or path in waiting:
-            state = QUEUED if path in waiting else NOT_STARTED
-            out[path] = MemberState(path, state, detail=saved or ("waiting for a free slot" if path in waiting else ""))
+        if path in waiting:
+            out[path] = MemberState(path, QUEUED, detail=saved or "waiting for a free slot", **common)
             continue
-        if job["launcher"] == "local":
-            alive = process_alive(job.get("pid"), job.get("started"))
-            state, scheduler = (RUNNING, "") if alive else (FAILED, "ended without summary.json")
-        elif slurm[job["job_id"]].startswith(UNKNOWN):
-            out[path] = MemberState(path, UNKNOWN, detail=slurm[job["job_id"]].partition(": ")[2], **common)
+        if training and in_use(folder.path):  # trained by a process no record names (a sequential series)
+            out[path] = MemberState(path, RUNNING, detail="; ".join(filter(None, ["in this folder's lock", saved])))
             continue
-        else:
-            scheduler = slurm[job["job_id"]]
-            state = QUEUED if scheduler in SLURM_QUEUED else RUNNING if scheduler in SLURM_RUNNING else FAILED
-            scheduler = f"SLURM {scheduler}"
-        if state == FAILED:
-            why = last_log_line(log)
-            detail = "; ".join(filter(None, [scheduler, saved, f"log {log}: {why}" if why else f"log {log}"]))
-        else:
-            detail = "; ".join(filter(None, [scheduler if state == QUEUED else "", saved]))
-        out[path] = MemberState(path, state, detail=detail, **common)
+        if job is None:
+            state = INTERRUPTED if last.is_file() else NOT_STARTED
+            out[path] = MemberState(path, state, detail=saved)
+            continue
+        kind = failure_kind(log)
+        if kind == STOPPED and last.is_file():
+            detail = "; ".join(filter(None, [scheduler, saved, "the same command continues it"]))
+            out[path] = MemberState(path, INTERRUPTED, detail=detail, **common)
+            continue
+        why = last_log_line(log)
+        detail = "; ".join(filter(None, [scheduler, attempts, saved, f"log {log}: {why}" if why else f"log {log}"]))
+        out[path] = MemberState(path, FAILED, detail=detail, **common)
     return out
+
+
+def _attempts(job: dict | None) -> str:
+    """ "attempt k" of a job resubmitted after a crash (launch.retries), else ""."""
+    earlier = (job or {}).get("attempts") or []
+    return f"attempt {len(earlier) + 1} (after {', '.join(a['job_id'] for a in earlier)})" if earlier else ""
+
+
+def _job_alive(job: dict | None, slurm: dict[str, str]) -> tuple[bool | str, str]:
+    """(False, RUNNING, QUEUED or UNKNOWN; what the scheduler says) of a member's latest job."""
+    if job is None:
+        return False, ""
+    if job["launcher"] == "local":
+        alive = process_alive(job.get("pid"), job.get("started"))
+        return (RUNNING if alive else False), ("" if alive else "local job ended")
+    state = slurm[job["job_id"]]
+    if state.startswith(UNKNOWN):
+        return UNKNOWN, state.partition(": ")[2]
+    alive = QUEUED if state in SLURM_QUEUED else RUNNING if state in SLURM_RUNNING else False
+    return alive, f"SLURM {state}"
 
 
 def _took(folder: RunDir) -> str:
@@ -310,11 +394,17 @@ def series_members(root: Path) -> list[str]:
 def format_status(root: Path) -> str:
     """The status of a series (or single run) folder, its progress and hours, as `evaluate.py status` prints it."""
     root = Path(root)
+    if not root.exists():
+        raise MmptError(f"{root} does not exist; pass the folder a train.py command wrote (runs/<name>)")
     if not root.is_dir():
-        raise MmptError(f"{root} not found; pass the folder a train.py command wrote (runs/<name>)")
+        raise MmptError(f"{root} is a file; pass the folder a train.py command wrote (runs/<name>)")
     owner = series_of(root)
-    if owner is not None and owner[1] in (read_series(owner[0]) or {}).get("members", {}):
+    members = list((read_series(owner[0]) or {}).get("members", {})) if owner is not None else []
+    inside = [m for m in members if owner is not None and m.startswith(owner[1] + "/")]
+    if owner is not None and owner[1] in members:
         root, paths, kind = owner[0], [owner[1]], "member of the series"  # its job is in the series' record
+    elif inside:  # a part of a series: its individual/ folder, a variant, a seed
+        root, paths, kind = owner[0], inside, f"{owner[1]}/ of the series"
     else:
         paths = series_members(root)
         kind = "series" if paths != [""] else "run"

@@ -21,23 +21,16 @@ from mmpt.config.settings import load_yaml
 from mmpt.data.store import TRAIN_IMAGES
 from mmpt.errors import MmptError
 from mmpt.runs import checkpoint as ckpt
-from mmpt.runs.rundir import RunDir
+from mmpt.runs.members import is_export
+from mmpt.runs.names import EXPORT_HEADS, EXPORT_NORM, EXPORT_RUN_CONFIG, EXPORT_TIMM_CONFIG, EXPORT_WEIGHTS
+from mmpt.runs.rundir import RunDir, in_use
 from mmpt.tasks import resolve_tasks
 
-# The files of an export folder (mmpt.model.export writes them)
-WEIGHTS = "model.safetensors"  # the backbone, as timm's save_for_hf writes it
-TIMM_CONFIG = "config.json"
-HEADS = "heads.safetensors"  # one head per dataset, keys `<flag>.<parameter>`
-NORM = "norm.safetensors"  # per-dataset BatchNorm entries, keys `<flag>.<timm key>` (model.norm runs only)
-RUN_CONFIG = "mmpt-config.yaml"  # the run's resolved recipe
+# The files of an export folder (mmpt.model.export writes them; mmpt.runs.names spells them)
+WEIGHTS, TIMM_CONFIG, HEADS, NORM = EXPORT_WEIGHTS, EXPORT_TIMM_CONFIG, EXPORT_HEADS, EXPORT_NORM
+RUN_CONFIG = EXPORT_RUN_CONFIG
 # norm.safetensors' metadata: the run's own train split sizes, by which model.safetensors' statistics are mixed
 TRAIN_IMAGES_METADATA = "mmpt_train_images"
-
-
-def is_export(path: str | Path) -> bool:
-    """Whether `path` is a folder written by `evaluate.py export`."""
-    path = Path(path)
-    return path.is_dir() and all((path / name).is_file() for name in (WEIGHTS, TIMM_CONFIG, RUN_CONFIG))
 
 
 def checkpoint_path(source: str | Path) -> Path:
@@ -59,9 +52,33 @@ def train_sizes(state: dict, datasets: Sequence[str]) -> tuple[dict[str, int], b
 
 def require_weights(source: str | Path) -> None:
     """Raise MmptError (as reading it would) unless `source` is an export folder or names a checkpoint file that
-    exists (a run folder: its checkpoints/best.pt); a cheap check before work that reads it later."""
+    exists (a run folder: its checkpoints/best.pt), of a run that has finished and is not training now (see
+    check_finished_source); a cheap check before work that reads it later."""
     if not is_export(source) and not checkpoint_path(source).is_file():
         raise ckpt.missing_error(checkpoint_path(source))
+    check_finished_source(source)
+
+
+def check_finished_source(source: str | Path) -> None:
+    """Raise MmptError when `source` (model.init_from) is a run folder, or a checkpoint in one, whose run is training
+    now or has not finished: its best.pt is an intermediate one, which a run started from it would never name. An
+    export, or a checkpoint file outside a run folder, is taken as given."""
+    if is_export(source):
+        return
+    run = RunDir.of_checkpoint(checkpoint_path(source))
+    if run is None:
+        return
+    if in_use(run.path):
+        raise MmptError(
+            f"model.init_from {source}: {run.path} is training now, so its best.pt may still change; wait until it "
+            "has finished, then start this run"
+        )
+    if not run.summary.is_file():
+        raise MmptError(
+            f"model.init_from {source}: {run.path} has not finished (no {run.summary.name}), so its best.pt is an "
+            f"intermediate one; finish it first (python train.py --resume {run.path}), or copy the checkpoint out of "
+            "its run folder to start from it as it is"
+        )
 
 
 def read_weights(source: str | Path) -> tuple[Path, dict]:

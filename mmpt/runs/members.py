@@ -7,6 +7,7 @@ and only when trained with the recipe recorded for it; the others are named with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,8 @@ from mmpt.config import RESULT_NEUTRAL, Config, config_differences, recorded_con
 from mmpt.config.settings import load_yaml
 from mmpt.errors import MmptError
 from mmpt.io import read_json
-from mmpt.runs.rundir import RunDir
+from mmpt.runs.names import EXPORT_HEADS, EXPORT_NORM, EXPORT_RUN_CONFIG, EXPORT_TIMM_CONFIG, EXPORT_WEIGHTS
+from mmpt.runs.rundir import Results, RunDir
 from mmpt.runs.seriesdir import SeriesDir, is_output_folder, run_candidates
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
@@ -159,3 +161,48 @@ def left_out_line(left_out: list[tuple[Path, str]], root: Path | None = None) ->
             return str(p)
 
     return "left out of the statistics: " + "; ".join(f"{name(p)} ({why})" for p, why in left_out)
+
+
+# ---------------------------------------------------------------- exports and probes
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `evaluate.py export`."""
+    path = Path(path)
+    return path.is_dir() and all(
+        (path / name).is_file() for name in (EXPORT_WEIGHTS, EXPORT_TIMM_CONFIG, EXPORT_RUN_CONFIG)
+    )
+
+
+def leaf_weights(leaf: Path) -> str | None:
+    """The identity of the weights a probe of `leaf` reads: a run's best_digest (summary.json), or the SHA-256 of
+    an export's weight files; None when the run records none."""
+    if is_export(leaf):
+        digest = hashlib.sha256()
+        for name in (EXPORT_WEIGHTS, EXPORT_HEADS, EXPORT_NORM):
+            if (leaf / name).is_file():
+                with (leaf / name).open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
+    try:
+        return json.loads(RunDir(leaf).summary.read_text()).get("best_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def probe_stale(results: Results) -> str | None:
+    """Why a probe's results are stale (the run it probed has other weights now: retrained, or gone), or None
+    (current, or a probe that records no run: a bare backbone's, or one written before probes recorded it)."""
+    try:
+        written = json.loads(results.probe_record.read_text())
+    except (OSError, ValueError):
+        return None
+    leaf = written.get("leaf") if isinstance(written, dict) else None
+    if not leaf:
+        return None
+    if not Path(leaf).exists():
+        return f"the run it probed, {leaf}, is gone"
+    if leaf_weights(Path(leaf)) != written.get("weights"):
+        return f"the run it probed, {leaf}, has other weights now (trained again): probe it again"
+    return None

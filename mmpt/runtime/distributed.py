@@ -48,7 +48,8 @@ def launched_by_torchrun() -> bool:
 
 
 def resume_command(run_dir) -> str:
-    """What to run to continue `run_dir`: with the launcher this process was started by.
+    """What to run to continue `run_dir`: with the launcher this process was started by (a launcher's job: submitit
+    requeues it after a time limit, and the launch command continues it otherwise).
 
     Under torchrun the hint repeats its world (nodes and processes per node; on several nodes add the
     rendezvous options this run was started with), and says that torchrun's own failure report follows.
@@ -56,6 +57,11 @@ def resume_command(run_dir) -> str:
     import shlex
 
     target = f"train.py --resume {shlex.quote(str(run_dir))}"
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # a launcher's job (its processes exported as torchrun's, several)
+        return (
+            "a time limit or preemption: submitit requeues this job, which continues from it; another stop: run the "
+            "launch command again (or python " + target + " here)"
+        )
     if not launched_by_torchrun():
         return f"continue with: python {target}"
     world_size = int(os.environ["WORLD_SIZE"])

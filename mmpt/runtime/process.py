@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,11 +111,21 @@ def interrupt_on_signals() -> Iterator[None]:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
 
 
-class StopSignal:
-    """Turns SIGINT/SIGTERM/SIGUSR2 into a flag the loop checks after each step, so a stop never splits a step."""
+# A stop signal delivered again within this many seconds is the same stop: `timeout`, srun, submitit's controller
+# and a terminal can each deliver one (to the process and to its group), and writing the stop checkpoint of a large
+# model takes seconds. A signal after it means "stop now, without saving".
+REPEAT_WINDOW_S = 30.0
 
-    def __init__(self):
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM/SIGUSR2 into a flag the loop checks after each step, so a stop never splits a step.
+
+    Repeats within REPEAT_WINDOW_S of the first are one stop; a signal after that raises KeyboardInterrupt."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S):
         self.received: str | None = None
+        self.window_s = window_s
+        self._at: float | None = None
         self._previous = {}
 
     def __enter__(self) -> StopSignal:
@@ -123,9 +134,10 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal means: stop now
+        if self.received is None:
+            self.received, self._at = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self._at > self.window_s:  # a second stop, well after the first: stop now
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -28,11 +28,12 @@ from mmpt.training.step import TrainStep
 class Log:
     """Train losses (read from the device once per call of `losses`), TensorBoard on rank 0, the progress bar."""
 
-    def __init__(self, tb_dir: Path, world: World, steps_done: int) -> None:
+    def __init__(self, tb_dir: Path, world: World, steps_done: int, epoch_sums: dict | None = None) -> None:
         self.world = world
         self.writer = SummaryWriter(str(tb_dir)) if world.is_main else None
         self.interval: dict[str, list[float]] = {}  # task -> [loss sum, steps] since the last log line
-        self.epoch: dict[str, list[float]] = {}  # the same since the epoch began
+        # the same since the epoch began: the checkpoint's (Progress.epoch_loss_sums), so a resume continues them
+        self.epoch: dict[str, list[float]] = {} if epoch_sums is None else epoch_sums
         self.first_unchecked_step = steps_done + 1
         self.tick, self.images_seen = time.time(), 0
 

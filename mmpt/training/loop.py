@@ -57,6 +57,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         with agree_on_errors(world):
             state.load_state_dict(saved)  # refuses a checkpoint without every part (a copy of best.pt)
     progress = state.progress
+    if saved is None:  # what this run starts from, recorded for good (summary.json "start")
+        progress.start = start_record(cfg, model)
     if world.is_main:
         # a resume that changes the config (e.g. --epochs) or the machine keeps the earlier record beside the new one
         resumed = saved is not None
@@ -84,7 +86,7 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
         if saved is not None:
             print(resumed_line(saved[ckpt.PROGRESS], world, cfg, model, cuda_states=state.parts[ckpt.RNG].cuda))
 
-    log = Log(run.tb, world, steps_done=progress.step)
+    log = Log(run.tb, world, steps_done=progress.step, epoch_sums=progress.epoch_loss_sums)
     val_loader = setup.eval_loader("val")  # built once: its workers persist
     with StopSignal() as stop:
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -151,6 +153,17 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[s
     return table
 
 
+def start_record(cfg: Config, model) -> dict:
+    """The weights a run starts from: their digest (mmpt.runs.checkpoint.state_digest), and with model.init_from its
+    source and, where the source is a run folder, the digest of the best.pt it copied."""
+    record = {"weights_sha256": ckpt.state_digest(model.state_dict()), "init_from": cfg.model.init_from}
+    if cfg.model.init_from:
+        source = RunDir.of_checkpoint(checkpoint_path(cfg.model.init_from))
+        if source is not None and source.summary.is_file():
+            record["init_from_best_digest"] = read_json(source.summary, "train the source run again").get("best_digest")
+    return record
+
+
 def evaluate(setup: Setup, loader, stop: StopSignal | None = None) -> dict[str, TaskResult]:
     """Every dataset of `loader` (val or test) through the run's model as its step transforms and computes it."""
     step = setup.step
@@ -211,6 +224,7 @@ def test_report(setup: Setup, state: TrainingState, stop: StopSignal, started: f
                 "weighting_args": dict(cfg.loss.weighting_args),
                 "tasks_per_step": cfg.sampler.tasks_per_step,
                 "jacobian": train_step.jacobian,  # the path a gradient-based method took (null: none)
+                "start": progress.start,  # the weights training started from
                 "world_size": world.world_size,
                 "rank_digests": rank_digests,
                 "precision": train_step.precision,

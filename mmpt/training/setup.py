@@ -21,6 +21,7 @@ from mmpt.evaluation.predict import split_loader
 from mmpt.model.build import build_model, load_initial_weights
 from mmpt.model.losses import TaskLoss
 from mmpt.model.net import MultiTaskNet, check_batch_size
+from mmpt.model.weights import check_finished_source
 from mmpt.runtime.distributed import SINGLE, World
 from mmpt.tasks import TaskSpec, resolve_tasks
 from mmpt.training.build import build_sampler, build_step, check_run, run_precision
@@ -108,6 +109,7 @@ def set_up(
     check_batch_size(model, cfg.train.batch_size)
     check_layer_decay(cfg.optim.layer_decay, model.backbone, cfg.model.backbone)
     if cfg.model.init_from and saved is None:
+        check_finished_source(cfg.model.init_from)
         load_initial_weights(model, cfg.model.init_from, cfg)
     train_splits = {flag: task_data.splits["train"] for flag, task_data in data.items()}
     sampler = build_sampler(cfg, {t.flag: len(train_splits[t.flag]) for t in tasks})

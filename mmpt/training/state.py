@@ -41,6 +41,10 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+# Progress fields added after a checkpoint format was released (an earlier checkpoint lacks them) and their defaults
+ADDED_LATER = {"epoch_loss_sums": dict, "start": dict}
+
+
 @dataclass
 class Progress:
     """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
@@ -51,6 +55,10 @@ class Progress:
     done: bool = False  # training ended (all epochs, or early stopping); only the test report may remain
     world_size: int = 1  # processes that trained the last steps (the global batch is the same for any)
     history: list = field(default_factory=list)  # per-epoch train losses, validation tables and weights
+    # each dataset's [train loss sum, steps] since the epoch began (mmpt.training.log.Log's, the same object), so a
+    # resumed epoch's mean train loss is the uninterrupted one's
+    epoch_loss_sums: dict = field(default_factory=dict)
+    start: dict = field(default_factory=dict)  # the weights training started from: their digest, model.init_from's
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,7 +66,7 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; world_size stays this run's (the saved one names who trained so far)."""
         for name in (f.name for f in dataclasses.fields(self) if f.name != "world_size"):
-            setattr(self, name, state[name])
+            setattr(self, name, state[name] if name in state or name not in ADDED_LATER else ADDED_LATER[name]())
 
 
 @dataclass

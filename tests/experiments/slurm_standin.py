@@ -10,7 +10,8 @@ background runner that waits for its dependencies (afterany), runs its array tas
 command once per task of the job (one node: SLURM_PROCID and SLURM_LOCALID 0..SLURM_NTASKS-1), each into the
 job's output file of its task, and, when $SLURM_STANDIN_PREEMPT is "<array index>:<file>", sends SIGUSR2 to the
 first run of that array task as soon as the file exists (a preemption while it trains: the file is the member's
-last.pt). With $SLURM_STANDIN_HOLD set, sbatch records the jobs and runs nothing (they stay PENDING).
+last.pt). With $SLURM_STANDIN_HOLD set, sbatch records the jobs and runs nothing (they stay PENDING); with
+$SLURM_STANDIN_PARTITIONS (comma-separated), sbatch refuses any other --partition, as a cluster does.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def sbatch(args: list[str]) -> int:
         if match:
             value = match.group(2)
             options[match.group(1)] = True if value is None else value.strip("'")
+    partitions = os.environ.get("SLURM_STANDIN_PARTITIONS")  # the cluster's partitions, where a test names them
+    if partitions and options.get("partition") not in (None, *partitions.split(",")):
+        print("sbatch: error: invalid partition specified: " + options["partition"], file=sys.stderr)
+        print("sbatch: error: Batch job submission failed: Invalid partition name specified", file=sys.stderr)
+        return 1
     job_id = str(_next_id())
     array = re.fullmatch(r"0-(\d+)%(\d+)", options.get("array", ""))
     tasks = [f"{job_id}_{i}" for i in range(int(array.group(1)) + 1)] if array else [job_id]

@@ -46,12 +46,17 @@ def series(sequential_series, out: Path, *extra: str, seeds: str = SEEDS) -> lis
     return ["--config", str(sequential_series[1]), "--output", str(out), "--seeds", seeds, *extra]
 
 
-def train_process(argv: list[str], log: Path) -> subprocess.Popen:
-    """train.py in its own process (so that the test can kill it), its output to `log`."""
+def train_process(argv: list[str], log: Path, new_session: bool = False) -> subprocess.Popen:
+    """train.py in its own process (so that the test can kill it), its output to `log`; `new_session`: in a session
+    of its own, as a terminal's foreground job (a Ctrl-C there goes to its whole process group)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, str(REPO / "train.py"), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=new_session,
         )
 
 
@@ -74,16 +79,21 @@ def local_series(sequential_series, tmp_path_factory):
     out = work / "series"
     (out / "seed2").mkdir(parents=True)
     RunDir(out / "seed2").checkpoints.write_text("a file where mmpt writes a folder")  # seed2's job fails
-    argv = series(sequential_series, out, "--launcher", "local", "--jobs", "2", *JOB)
+    # no retry: seed0's kill stays a failure that the next launch continues (retries: test_launcher_safety.py)
+    argv = series(sequential_series, out, "--launcher", "local", "--jobs", "2", "--retries", "0", *JOB)
     feeder = train_process(argv, work / "first.log")
     try:
         wait_for(lambda: RunDir(out / "seed0").last.is_file(), 240, "seed0's last.pt")
         controller = job_record(out)["members"]["seed0"]["pid"]
         (task,) = children(controller)
         os.kill(task, signal.SIGKILL)
-        during = job_record(out)["members"]
-        second = quiet(train_main, argv)  # while the first launch runs
-        after_second = job_record(out)["members"]
+        os.kill(feeder.pid, signal.SIGSTOP)  # held while the second launch tries: only the second may write
+        try:
+            during = job_record(out)["members"]
+            second = quiet(train_main, argv)  # while the first launch runs
+            after_second = job_record(out)["members"]
+        finally:
+            os.kill(feeder.pid, signal.SIGCONT)
         code = feeder.wait(timeout=300)
     finally:
         feeder.kill()
@@ -334,7 +344,14 @@ def refused(argv: list[str], folder: Path) -> str:
         (["--launcher", "slurm", "--time", "60"], ["--launcher slurm needs SLURM's sbatch and srun on PATH"]),
         (["--launcher", "local", "--jobs", "0"], ["launch.jobs must be >= 1, got 0"]),
         (["--launcher", "local", "--gpus-per-job", "1"], ["--gpus-per-job 1", "none visible"]),
-        (["--launcher", "local", "--time", "5"], ["not longer than one checkpoint interval", "every_minutes=2"]),
+        (
+            ["--launcher", "local", "--time", "5"],
+            ["than the local launcher's stop signal margin (30 s", "every_minutes=2"],
+        ),
+        (
+            ["--launcher", "local", "--time", "0:20", "--set", "checkpoint.every_minutes=0"],
+            ["(0.333333 min) is not longer than the local", "--time 2 or longer"],
+        ),
         (["--launcher", "local", "--partition", "gpu"], ["--partition is a SLURM setting"]),
         (["--jobs", "2"], ["--jobs is a job's setting", "--launcher"]),
         (["--launcher", "cluster"], ["launch.launcher must be one of sequential, local, slurm"]),
@@ -353,7 +370,7 @@ def test_bad_launch_settings_are_one_line_before_anything_is_submitted(
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--partition", "gpu", "--set", "checkpoint.every_minutes=300"], ["(240 min) is not longer than one"]),
+        (["--partition", "gpu", "--set", "checkpoint.every_minutes=300"], ["(240 min) is not longer than the slurm"]),
         (["--time", "60", "--slurm-args=-q high"], ["'-q' is not a long sbatch option"]),
         (["--time", "60", "--slurm-args=--time=10"], ["--slurm-args sets --time", "from --time"]),
         (["--time", "60", "--slurm-args=--qos='high"], ["cannot be read"]),

@@ -37,6 +37,11 @@ def probe_argv(runs, out, *extra: str) -> list[str]:
     return ["probe", str(runs), "--method", "linear", "--output", str(out), *extra]
 
 
+def sequential_of(runs, k: int):
+    """The sequential probe's results of seed k (the reference of the jobs')."""
+    return runs.parent / "sequential" / f"seed{k}"
+
+
 @pytest.mark.slow
 def test_probes_as_local_jobs_give_the_sequential_results_and_a_rerun_probes_only_what_is_stale(runs, tmp_path):
     out = tmp_path / "jobs"
@@ -50,8 +55,11 @@ def test_probes_as_local_jobs_give_the_sequential_results_and_a_rerun_probes_onl
         sequential = runs.parent / "sequential" / f"seed{k}"
         for name in ("metrics.json", "predictions/data.json"):
             assert (out / f"seed{k}" / name).read_text() == (sequential / name).read_text(), (k, name)
-        job = json.loads((out / f"seed{k}" / "probe.json").read_text())
-        assert job == json.loads((sequential / "probe.json").read_text())  # the request and weights too
+        job, theirs = (json.loads((folder / "probe.json").read_text()) for folder in (out / f"seed{k}", sequential))
+        # each names the run it probed: the jobs these runs, the sequential probe its own copy of them
+        assert job.pop("leaf") == str((runs / f"seed{k}").absolute())  # the run it probed, which status checks
+        theirs.pop("leaf")
+        assert job == theirs  # the request and weights too
     record = job_record(out)
     assert record["kind"] == "probe" and record["order"] == ["seed0", "seed1", "seed2"]
     rows = job_status(out)
@@ -72,8 +80,8 @@ def test_probes_as_local_jobs_give_the_sequential_results_and_a_rerun_probes_onl
     again = job_record(out)["members"]
     assert again["seed0"]["job_id"] == jobs[0] and {again["seed1"]["job_id"], again["seed2"]["job_id"]}.isdisjoint(jobs)
     for k in (1, 2):
-        sequential = runs.parent / "sequential" / f"seed{k}" / "probe.json"
-        assert (out / f"seed{k}" / "probe.json").read_text() == sequential.read_text()
+        job, theirs = (json.loads((f / "probe.json").read_text()) for f in (out / f"seed{k}", sequential_of(runs, k)))
+        assert job.pop("leaf") != theirs.pop("leaf") and job == theirs  # each names the run it probed
 
 
 def test_probes_as_a_slurm_array(runs, tmp_path, slurm, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shlex
@@ -45,7 +46,21 @@ def reference(synthetic_root, tmp_path_factory):
     """The uninterrupted run's summary (no intermediate checkpoints)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     run(resume_config(synthetic_root, out))
-    return summary(out)
+    return {**summary(out), "history": history(out)}
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads(RunDir(out).val_history.read_text())["history"]
+
+
+def assert_same_history(out: Path, reference: dict) -> None:
+    """The resumed run's val_history.json is the uninterrupted one's: each epoch's validation and weights exactly,
+    its mean train loss to float summation order (the loss sums are read at other steps when checkpoints differ)."""
+    resumed = history(out)
+    assert [e["epoch"] for e in resumed] == [e["epoch"] for e in reference["history"]]
+    for mine, theirs in zip(resumed, reference["history"]):
+        assert mine["val"] == theirs["val"] and mine["weights"] == theirs["weights"] and mine["step"] == theirs["step"]
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -72,6 +87,7 @@ def test_resume_after_crash_matches_uninterrupted_run(synthetic_root, tmp_path, 
     assert summary(out)["final_digest"] == reference["final_digest"]
     assert summary(out)["best_digest"] == reference["best_digest"]
     assert summary(out)["steps"] == reference["steps"]
+    assert_same_history(out, reference)  # the interrupted epoch's train loss included
 
 
 def _start_training(config_path: Path, *extra: str) -> subprocess.Popen:
@@ -116,6 +132,7 @@ def test_sigterm_finishes_the_step_writes_last_and_resumes_exactly(synthetic_roo
 
     run(cfg, resume=True)
     assert summary(out)["final_digest"] == reference["final_digest"]
+    assert_same_history(out, reference)
 
 
 @pytest.mark.slow

@@ -19,10 +19,12 @@ from tests.tolerances import above
 pytestmark = pytest.mark.slow
 
 # Test AUC each dataset must reach after 200 steps of mm-PT from scratch (chance is 0.5). This run gives about
-# 0.77, 0.96 and 0.71 on torch 2.14 with the defaults (model.norm auto, CORN for RetinaMNIST).
+# 0.77, 0.96 and 0.71 on torch 2.14 with the defaults (model.norm auto, CORN for RetinaMNIST). Over the 12 kernel
+# configurations of tests/kernel_configs.py, breast's lowest was 0.709 with a spread of 0.010: its floor sits 5.9
+# spreads below (docs/reproducibility-and-errors.md#tolerances).
 # MedMNIST v2's ResNet-18 (28), trained for 100 epochs on each dataset alone: breast 0.901, pneumonia 0.944,
 # retina 0.717; RetinaMNIST is hard for every model.
-FLOORS = {"breastmnist": 0.68, "pneumoniamnist": 0.90, "retinamnist": 0.62}
+FLOORS = {"breastmnist": 0.65, "pneumoniamnist": 0.90, "retinamnist": 0.62}
 
 
 @pytest.fixture(scope="module")

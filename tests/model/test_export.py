@@ -81,7 +81,9 @@ def test_export_loads_in_plain_timm_with_the_engines_features(run, tmp_path):
     model, _ = load_backbone(run_dir)
     with torch.no_grad():
         expected = model.eval().features(x).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=0, atol=1e-6)
+    # the loading process runs with torch's own kernel choice, this one with the suite's: over the 12 kernel
+    # configurations the features differed by up to 1.55e-6; 1e-5 is 6 times that (a wrong weight moves them by ~1)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=0, atol=1e-5)
     assert not loaded["mmpt_imported"]
     assert loaded["input_size"] == [3, 32, 32]
     assert loaded["mean"] == pytest.approx(list(model.mean_std[0])) and loaded["std"] == pytest.approx(

@@ -258,9 +258,11 @@ def is_norm_statistic(key: str) -> bool:
 @pytest.mark.parametrize("name, norm", [("stats", "per_dataset_stats"), ("shared", "shared")])
 def test_synchronised_batchnorm_trains_the_single_process_weights_on_two_processes(norm_runs, name, norm):
     """Weights and running statistics (calibrated ones included) of the 2-process run are the single-process run's
-    up to float rounding (measured: 1e-8 of their norm after 8 SGD steps); without model.sync_norm the weights end
-    2e-3 off and the statistics 3e-2. (With segments of 3 images per rank, float rounding itself grows to 1e-3 in a
-    few steps: BatchNorm over so few values amplifies it.)"""
+    up to float rounding: over the 12 kernel configurations of tests/kernel_configs.py the relative gap was 1.0e-6 to
+    1.41e-5 (1.004e-5 with this processor's own kernels), so the bound, 1e-4, is 7 times the largest; without
+    model.sync_norm the weights end 1.4e-3 to 2e-3 off (14 times the bound or more) and the statistics 3e-2.
+    (With segments of 3 images per rank, float rounding itself grows to 1e-3 in a few steps: BatchNorm over so few
+    values amplifies it.)"""
     weights, outputs = norm_runs
     single = weights[f"{norm}-single"]
     params = [k for k in single if not is_norm_statistic(k) and not k.endswith("num_batches_tracked")]
@@ -270,7 +272,7 @@ def test_synchronised_batchnorm_trains_the_single_process_weights_on_two_process
     def gap(run: str, keys: list[str]) -> float:
         return relative_gap({k: weights[run][k] for k in keys}, {k: single[k] for k in keys})
 
-    assert below(gap(name, params), 1e-5) and below(gap(name, stats), 1e-5)
+    assert below(gap(name, params), 1e-4) and below(gap(name, stats), 1e-4)
     assert "batch statistics over all 2 processes' images (model.sync_norm)" in outputs[name]
     if norm == "per_dataset_stats":
         assert above(gap("stats-unsynced", params), 1e-4) and above(gap("stats-unsynced", stats), 1e-3)

@@ -34,9 +34,11 @@ def mmpt_run(synthetic_root, tmp_path_factory):
 def test_mmpt_run_learns_every_task_type(mmpt_run):
     _cfg, table = mmpt_run
     assert set(table) == set(FLAGS) | {"mean"}
-    # AUC is 0.5 at chance for every task type; the 14-label chest task learns slowest
+    # AUC is 0.5 at chance for every task type; the 14-label chest task learns slowest. Over the 12 kernel
+    # configurations (docs/reproducibility-and-errors.md#tolerances) the lowest dataset AUC was 0.731, spread 0.058:
+    # 0.6 is 2.3 spreads below it; the mean's lowest was 0.960, spread 0.010, 0.85 is 10 spreads below
     for flag in FLAGS:
-        assert above(table[flag]["auc"], 0.65), (flag, table[flag])
+        assert above(table[flag]["auc"], 0.6), (flag, table[flag])
     assert above(table["mean"]["auc"], 0.85)
 
 
@@ -118,7 +120,8 @@ def test_single_dataset_run_uses_the_same_engine(synthetic_root, tmp_path):
     assert code == 0
     state = ckpt.load(RunDir(out).best)
     assert {k.split(".")[1] for k in state[ckpt.MODEL] if k.startswith("heads.")} == {"breastmnist"}
-    assert above(json.loads(Results(out).metrics.read_text())["breastmnist"]["auc"], 0.7)
+    # measured over the 12 kernel configurations: 0.700 to 0.704; 0.65 is 12 spreads below the lowest
+    assert above(json.loads(Results(out).metrics.read_text())["breastmnist"]["auc"], 0.65)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ made by the first run and joined by the next (mmpt.runtime.distributed.init), as
 its own.
 """
 
+import os
 import sys
 
 from mmpt.cli import train_main
@@ -13,7 +14,10 @@ from mmpt.cli import train_main
 MARK = "train_configs.py: "  # opens each config's output (its path follows), so a test can split them
 
 for config in sys.argv[1:]:
-    print(MARK + config, flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        # one process, one write: print() writes the line and its newline apart, so two ranks' marks could interleave
+        sys.stdout.write(MARK + config + "\n")
+        sys.stdout.flush()
     code = train_main(["--config", config])
     if code:
         sys.exit(code)

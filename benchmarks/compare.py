@@ -32,8 +32,8 @@ from joblib import Parallel, delayed
 from benchmarks.baselines import loop_intervals
 from benchmarks.common import machine, work_folder, write_result
 from mmpt.analysis.compare import compare_runs
-from mmpt.analysis.inputs import load_run, read_labels, read_scores
 from mmpt.analysis.delta_m import delta_m_bootstrap
+from mmpt.analysis.inputs import load_run, read_labels, read_scores
 from mmpt.analysis.stats import bootstrap_dataset
 from mmpt.errors import MmptError
 from mmpt.evaluation.predict import TaskResult, write_predictions

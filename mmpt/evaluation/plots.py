@@ -323,7 +323,11 @@ def plot_forest(rows: dict[str, dict[str, tuple[float, float, float]]], columns:
     plt = _pyplot()
     runs = list(rows)
     fig, axes = plt.subplots(
-        1, len(columns), figsize=(2.0 + 2.2 * len(columns), max(2.6, 1.6 + 0.34 * len(runs))), sharey=True, squeeze=False
+        1,
+        len(columns),
+        figsize=(2.0 + 2.2 * len(columns), max(2.6, 1.6 + 0.34 * len(runs))),
+        sharey=True,
+        squeeze=False,
     )
     y = np.arange(len(runs))
     for ax, column in zip(axes[0], columns):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import submitit.slurm.slurm
@@ -110,23 +111,30 @@ def test_ctrl_c_stops_the_local_launcher_and_its_jobs_go_on_in_their_own_session
     assert job_status(out)["seed1"][0] == "not started"
 
 
-@pytest.mark.slow
-def test_a_job_stopped_twice_saves_once_and_is_interrupted_until_the_command_continues_it(sequential_series, tmp_path):
-    out = tmp_path / "series"
-    # 30 epochs: time enough to stop it while it trains, however fast the machine
-    argv = series(sequential_series, out, "--launcher", "local", *JOB, "--epochs", "30", seeds="0")
-    log = tmp_path / "launcher.log"
+def signal_seed0(argv: list[str], out: Path, log: Path, *signals: int, wait: float) -> tuple[int, dict, float]:
+    """Start the launcher, wait for seed0's first last.pt, send `signals` to its training process; the launcher's exit
+    code, seed0's job record as it was then, and the time the signals were sent."""
     launcher = train_process(argv, log)
     try:
         wait_for(lambda: RunDir(out / "seed0").last.is_file(), 240, "seed0's last.pt")
         job = job_record(out)["members"]["seed0"]
         (task,) = children(job["pid"])
         signalled = time.time()
-        os.kill(task, signal.SIGTERM)
-        os.kill(task, signal.SIGINT)  # delivered again at once: one stop
-        assert launcher.wait(timeout=120) == 1
+        for number in signals:
+            os.kill(task, number)
+        return launcher.wait(timeout=wait), job, signalled
     finally:
         launcher.kill()
+
+
+@pytest.mark.slow
+def test_a_job_stopped_twice_saves_once_and_is_interrupted_until_the_command_continues_it(sequential_series, tmp_path):
+    out = tmp_path / "series"
+    # 30 epochs: time enough to stop it while it trains, however fast the machine
+    argv = series(sequential_series, out, "--launcher", "local", *JOB, "--epochs", "30", seeds="0")
+    # SIGINT delivered at once after SIGTERM: one stop
+    code, _, signalled = signal_seed0(argv, out, tmp_path / "launcher.log", signal.SIGTERM, signal.SIGINT, wait=120)
+    assert code == 1
     job_log = (out / "seed0" / "job.log").read_text()
     # pending together, the two are handled in signal order: the first is the stop, the second changes nothing
     assert job_log.count("with last.pt written; to continue it") == 1 and "KeyboardInterrupt" not in job_log
@@ -143,16 +151,10 @@ def test_a_job_stopped_twice_saves_once_and_is_interrupted_until_the_command_con
 def test_a_crashed_member_is_retried_and_the_attempt_recorded(sequential_series, tmp_path):
     out = tmp_path / "series"
     argv = series(sequential_series, out, "--launcher", "local", *JOB, "--retries", "1", seeds="0")
+    # SIGKILL, as an out-of-memory kill or a lost node would
     log = tmp_path / "launcher.log"
-    launcher = train_process(argv, log)
-    try:
-        wait_for(lambda: RunDir(out / "seed0").last.is_file(), 240, "seed0's last.pt")
-        first = job_record(out)["members"]["seed0"]
-        (task,) = children(first["pid"])
-        os.kill(task, signal.SIGKILL)  # as an out-of-memory kill or a lost node would
-        assert launcher.wait(timeout=300) == 0
-    finally:
-        launcher.kill()
+    code, first, _ = signal_seed0(argv, out, log, signal.SIGKILL, wait=300)
+    assert code == 0
     said = log.read_text()
     assert "seed0: crashed" in said and "retrying (attempt 2 of 2, launch.retries 1)" in said
     record = job_record(out)["members"]["seed0"]

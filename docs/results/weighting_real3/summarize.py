@@ -1,0 +1,187 @@
+"""The tables of docs/results/weighting_real3.md from the study's folders (see that page for the commands).
+
+    python docs/results/weighting_real3/summarize.py runs/w3 > tables.md
+
+For each budget (e2, e10): each arm's Δm against the default, against training alone and against equal weighting
+(all datasets per step, the same sampling as every weighting arm; where runs/w3/e<N>/vs_equal exists) with their
+intervals,
+its per-dataset AUC and ACC differences to the default (from the compare.json files the page's compare commands
+write into runs/w3/e<N>/vs_default and vs_alone), the spread over seeds of its mean test AUC and ACC (metrics.json
+of each seed), its wall time per epoch relative to the default's (summary.json), and its gradient conflicts and
+magnitudes (gradient_conflicts.json: the mean cosine of each pair of datasets, the share of measurements with a
+negative cosine, each dataset's mean gradient-norm ratio to the mean of the three).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from statistics import mean, stdev
+
+from mmpt.io import markdown_table
+
+DATASETS = ("pneumoniamnist", "retinamnist", "breastmnist")  # medmnist's order
+SHORT = {f: f.removesuffix("mnist") for f in DATASETS}
+
+
+def _folder(arm: Path) -> Path:
+    """An arm's folder of seeds (training alone: its individual/ folder)."""
+    return arm / "individual" if (arm / "individual").is_dir() else arm
+
+
+def _seeds(arm: Path) -> list[Path]:
+    """The finished seed folders of an arm (training alone: each seed's folder of one run per dataset)."""
+    folder = _folder(arm)
+    return sorted(
+        p
+        for p in folder.glob("seed*")
+        if (p / "summary.json").is_file() or all((p / f / "summary.json").is_file() for f in DATASETS)
+    )
+
+
+def _per_epoch(seed: Path) -> float:
+    """A seed's training wall time per epoch (training alone: the sum over its datasets' runs)."""
+    runs = [seed] if (seed / "summary.json").is_file() else [seed / f for f in DATASETS]
+    total = 0.0
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        total += summary["wall_time_s"] / summary["epochs"]
+    return total
+
+
+def _interval(low, high) -> str:
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return ""
+    return f" [{low:+.2f}, {high:+.2f}]"
+
+
+def _runs(result: dict) -> dict[str, dict]:
+    """Arm name -> its entry of a compare.json (training alone: named after the folder above individual/)."""
+    return {
+        (Path(r["path"]).parent if Path(r["path"]).name == "individual" else Path(r["path"])).name: r
+        for r in result["runs"]
+    }
+
+
+def delta_table(budget: Path) -> str:
+    """Arm, Δm vs the default and vs training alone (with intervals), per-dataset AUC and ACC differences to the
+    default (with intervals), seed spread."""
+    vs_default = _runs(json.loads((budget / "vs_default" / "compare.json").read_text()))
+    vs_alone = _runs(json.loads((budget / "vs_alone" / "compare.json").read_text()))
+    equal_file = budget / "vs_equal" / "compare.json"
+    vs_equal = _runs(json.loads(equal_file.read_text())) if equal_file.is_file() else {}
+    header = ["arm", "Δm vs default (%)", "Δm vs alone (%)", "Δm vs equal (%)"]
+    header += [f"Δ{m.upper()} {SHORT[f]}" for m in ("auc", "acc") for f in DATASETS]
+    header += ["mean AUC ± sd (seeds)", "mean ACC ± sd (seeds)"]
+    rows = []
+    for arm, r in vs_alone.items():
+        d = vs_default.get(arm)
+        row = [arm]
+        if d is None or arm == "default":
+            row.append("0 (reference)" if arm == "default" else "-")
+        else:
+            row.append(f"{d['delta_m']:+.2f}{_interval(d.get('delta_m_ci_low'), d.get('delta_m_ci_high'))}")
+        if arm == "indiv":
+            row.append("0 (reference)")
+        else:
+            row.append(f"{r['delta_m']:+.2f}{_interval(r.get('delta_m_ci_low'), r.get('delta_m_ci_high'))}")
+        e = vs_equal.get(arm)
+        if arm == "equal":
+            row.append("0 (reference)")
+        elif e is None:
+            row.append("-")
+        else:
+            row.append(f"{e['delta_m']:+.2f}{_interval(e.get('delta_m_ci_low'), e.get('delta_m_ci_high'))}")
+        for m in ("auc", "acc"):
+            for f in DATASETS:
+                cell = (d or {}).get("datasets", {}).get(f, {}).get(m)
+                if cell is None or "diff" not in cell:
+                    row.append("-")
+                else:
+                    row.append(f"{cell['diff']:+.3f}{_interval3(cell.get('diff_ci_low'), cell.get('diff_ci_high'))}")
+        row += seed_spread(budget / arm)
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _interval3(low, high) -> str:
+    if low is None or high is None:
+        return ""
+    return f" [{low:+.3f}, {high:+.3f}]"
+
+
+def seed_spread(arm: Path) -> list[str]:
+    """Mean ± standard deviation over seeds of each seed's mean test AUC and ACC (an individual folder: the mean
+    over its datasets' runs)."""
+    out = []
+    for metric in ("auc", "acc"):
+        values = []
+        for seed in _seeds(arm):
+            if (seed / "metrics.json").is_file():
+                values.append(json.loads((seed / "metrics.json").read_text())["mean"][metric])
+            else:  # one run per dataset
+                per = [json.loads((seed / f / "metrics.json").read_text())[f][metric] for f in DATASETS]
+                values.append(mean(per))
+        out.append(f"{mean(values):.3f} ± {stdev(values):.3f}" if len(values) > 1 else "-")
+    return out
+
+
+def cost_and_conflict_table(budget: Path, arms: list[str]) -> str:
+    """Arm, wall time per epoch (s, mean over seeds) and relative to the default, the gradient path, the mean
+    cosine of each pair, the share of negative cosines, each dataset's mean gradient-norm ratio."""
+    pairs = [(a, b) for i, a in enumerate(DATASETS) for b in DATASETS[i + 1 :]]
+    per_epoch = {arm: mean(_per_epoch(s) for s in _seeds(budget / arm)) for arm in arms if _seeds(budget / arm)}
+    base = per_epoch.get("default")
+    header = ["arm", "s / epoch", "× default", "Jacobian"]
+    header += [f"cos {SHORT[a]}~{SHORT[b]}" for a, b in pairs] + ["cos < 0"]
+    header += [f"‖g‖ ratio {SHORT[f]}" for f in DATASETS]
+    rows = []
+    for arm in arms:
+        seeds = _seeds(budget / arm)
+        if not seeds:
+            continue
+        first = seeds[0] / "summary.json"
+        summary = json.loads(first.read_text()) if first.is_file() else {}
+        cos = {p: [] for p in pairs}
+        ratios = {f: [] for f in DATASETS}
+        negative, count = 0, 0
+        for seed in seeds:
+            path = seed / "gradient_conflicts.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            order = record["datasets"]
+            for m in record["measurements"]:
+                for a, b in pairs:
+                    value = m["cosine"][order.index(a)][order.index(b)]
+                    if value is not None and not math.isnan(value):
+                        cos[(a, b)].append(value)
+                        negative += value < 0
+                        count += 1
+                for f in DATASETS:
+                    ratio = m.get("grad_norm_ratio", {}).get(f)
+                    if ratio is not None and not math.isnan(ratio):
+                        ratios[f].append(ratio)
+        row = [arm, f"{per_epoch[arm]:.0f}", f"{per_epoch[arm] / base:.2f}" if base else "-"]
+        row.append(summary.get("jacobian") or "-")
+        row += [f"{mean(cos[p]):+.3f}" if cos[p] else "-" for p in pairs]
+        row.append(f"{negative / count:.0%}" if count else "-")
+        row += [f"{mean(ratios[f]):.2f}" if ratios[f] else "-" for f in DATASETS]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def main(root: str) -> None:
+    for budget in sorted(Path(root).glob("e*"), key=lambda p: int(p.name[1:])):
+        if not (budget / "vs_alone" / "compare.json").is_file():
+            continue
+        arms = [p.name for p in sorted(budget.iterdir()) if _seeds(p)]
+        print(f"## {budget.name.removeprefix('e')} epochs\n")
+        print(delta_table(budget) + "\n")
+        print(cost_and_conflict_table(budget, arms) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -16,7 +16,7 @@ from mmpt.config.settings import load_yaml
 from mmpt.errors import MmptError
 from mmpt.evaluation.predict import labels_digest
 from mmpt.io import read_json
-from mmpt.runs.members import SEED_DIR, member_status, probe_stale
+from mmpt.runs.members import member_status, probe_stale, seed_folders
 from mmpt.runs.names import DATA_RECORD, PREDICTION_FILE
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import FLAGS, TASKS
@@ -145,10 +145,7 @@ def load_run(path: Path, name: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise MmptError(f"run folder {path} not found; pass folders written by train.py, evaluate.py or probe")
-    seed_dirs = sorted(
-        (p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
-        key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)),
-    )
+    seed_dirs = seed_folders(path)
     left_out: list[tuple[Path, str]] = []
     member = _member(path, left_out)
     seeds = [member] if member or left_out else [m for m in (_member(d, left_out) for d in seed_dirs) if m]

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from mmpt.io import write_text
-from mmpt.runs.members import SEED_DIR
+from mmpt.runs.members import seed_folders
 from mmpt.runs.names import DATA_RECORD, EVAL
 from mmpt.runs.rundir import Results, RunDir
 from mmpt.tasks import FLAGS
@@ -88,10 +88,7 @@ def _members(path: Path) -> list[tuple[str, Path]]:
     """The run folders whose pictures and recipe the page shows for a compared run: the run itself, its first
     seed's, and of an individual folder each dataset's run (label, folder)."""
     path = Path(path)
-    seeds = sorted(
-        (p for p in path.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)),
-        key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)),
-    )
+    seeds = seed_folders(path)
     first, label = (seeds[0], seeds[0].name) if seeds and not Results(path).predictions.is_dir() else (path, "")
     datasets = [first / f for f in FLAGS if (first / f).is_dir()]
     if datasets and not Results(first).predictions.is_dir():

@@ -24,6 +24,13 @@ from mmpt.runs.seriesdir import SeriesDir, is_output_folder, run_candidates
 
 SEED_DIR = re.compile(r"seed(\d+)")  # a seed<k>/ folder of a series
 
+
+def seed_folders(path: Path) -> list[Path]:
+    """The seed<k>/ folders in `path`, by seed (seed2 before seed10)."""
+    found = [p for p in Path(path).iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(SEED_DIR.fullmatch(p.name).group(1)))
+
+
 # ---------------------------------------------------------------- the recipe of a series and of its runs
 
 

@@ -27,7 +27,7 @@ from mmpt.config.settings import load_yaml
 from mmpt.errors import MmptError
 from mmpt.evaluation.metrics import relative_change
 from mmpt.io import read_json
-from mmpt.runs.members import SEED_DIR
+from mmpt.runs.members import seed_folders
 from mmpt.runs.rundir import RunDir
 
 HIGHER_IS_BETTER = {"val_loss": False, "val_auc": True, "val_delta_m": True, "val_auc_gain": True}
@@ -59,8 +59,7 @@ def _reference_runs(folder: Path) -> list[Path]:
     """The folders holding one run per dataset: `folder` itself, its individual/, or its seed<k>/ folders."""
     if (folder / "individual").is_dir():
         folder = folder / "individual"
-    seeds = sorted((p for p in folder.iterdir() if p.is_dir() and SEED_DIR.fullmatch(p.name)), key=lambda p: p.name)
-    return seeds or [folder]
+    return seed_folders(folder) or [folder]
 
 
 def _best_validation(run: RunDir) -> dict[str, float] | None:

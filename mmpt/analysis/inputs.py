@@ -50,14 +50,13 @@ class Run:
 
 def _nearest_data_root(folder: Path) -> str | None:
     """data.root of the config.yaml in `folder` or the closest folder above it."""
-    for parent in [folder, *folder.parents]:
-        path = RunDir(parent).config
-        if path.is_file():
-            try:
-                return (load_yaml(path.read_text()) or {}).get("data", {}).get("root")
-            except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
-                raise MmptError(f"{path} is not a config written by train.py; pass --data-root DIR") from None
-    return None
+    run = RunDir.enclosing(folder)
+    if run is None:
+        return None
+    try:
+        return (load_yaml(run.config.read_text()) or {}).get("data", {}).get("root")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        raise MmptError(f"{run.config} is not a config written by train.py; pass --data-root DIR") from None
 
 
 def read_predictions(folder: Path) -> dict[str, Prediction]:

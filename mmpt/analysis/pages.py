@@ -99,9 +99,9 @@ def _members(path: Path) -> list[tuple[str, Path]]:
 def _recipe(folder: Path) -> Path | None:
     """The config.yaml of the run `folder` belongs to: its own, or that of the run whose evaluation it is (up to
     RUN/eval/<split>/calibrated), or of the checkpoint its predictions record."""
-    for parent in [folder, *folder.parents][:4]:
-        if RunDir(parent).config.is_file():
-            return RunDir(parent).config
+    run = RunDir.enclosing(folder, levels=4)
+    if run is not None:
+        return run.config
     # an evaluation written elsewhere (--output): the run of the checkpoint its predictions record
     try:
         record = json.loads((Results(folder).predictions / DATA_RECORD).read_text())

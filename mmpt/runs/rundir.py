@@ -193,6 +193,12 @@ class RunDir:
             return cls(checkpoint.parent.parent)
         return None
 
+    @classmethod
+    def enclosing(cls, folder: str | Path, levels: int | None = None) -> RunDir | None:
+        """The run `folder` is or lies in: the closest with a config.yaml of it and its parents, `levels` in all."""
+        found = (p for p in [Path(folder), *Path(folder).parents][:levels] if (p / CONFIG).is_file())
+        return next(map(cls, found), None)
+
     @property
     def config(self) -> Path:
         """config.yaml: the resolved config the run trains with."""

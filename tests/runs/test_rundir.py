@@ -1,5 +1,6 @@
 """The run folder: --overwrite clears mmpt's outputs by name and nothing else, a file where a folder belongs (or the
-reverse) is one error, and a record rewritten on resume keeps its earlier text."""
+reverse) is one error, a record rewritten on resume keeps its earlier text, and the run a folder lies in is the
+closest folder above it with a config.yaml."""
 
 from __future__ import annotations
 
@@ -138,3 +139,16 @@ def test_a_record_rewritten_on_resume_keeps_its_earlier_text(tmp_path):
     write_text(path, "lr: 2\n", keep_previous_as=kept)
     assert path.read_text() == "lr: 2\n"
     assert (tmp_path / "config.before-resume-at-step3.yaml").read_text() == "lr: 1\n"
+
+
+def test_the_enclosing_run_is_the_closest_folder_with_a_config_within_the_levels_asked(tmp_path):
+    outer, inner = RunDir(tmp_path / "series"), RunDir(tmp_path / "series" / "seed0")
+    for run in (outer, inner):
+        run.path.mkdir(exist_ok=True)
+        run.config.write_text("name: x\n")
+    calibrated = inner.path / "eval" / "test" / "calibrated"
+    calibrated.mkdir(parents=True)
+    assert RunDir.enclosing(calibrated).path == inner.path  # the closest, not the series above it
+    assert RunDir.enclosing(calibrated, levels=4).path == inner.path
+    assert RunDir.enclosing(calibrated, levels=3) is None  # eval/test/calibrated and the two above it only
+    assert RunDir.enclosing(tmp_path / "elsewhere") is None

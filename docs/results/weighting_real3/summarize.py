@@ -135,13 +135,23 @@ def seed_spread(arm: Path) -> list[str]:
     return out
 
 
+def _epochs(seeds: list[Path]) -> str:
+    """Each seed's best epoch (the checkpoint its test metrics come from) over the epochs it trained, e.g. "1/6":
+    early stopping ended it at 6. Training alone: "-" (one run per dataset)."""
+    if not all((seed / "summary.json").is_file() for seed in seeds):
+        return "-"
+    summaries = [json.loads((seed / "summary.json").read_text()) for seed in seeds]
+    return ", ".join(f"{s['best_epoch']}/{s['epochs']}" for s in summaries)
+
+
 def cost_and_conflict_table(budget: Path, arms: list[str]) -> str:
-    """Arm, wall time per epoch (s, mean over seeds) and relative to the default, the gradient path, the mean
-    cosine of each pair, the share of negative cosines, each dataset's mean gradient-norm ratio."""
+    """Arm, wall time per epoch (s, mean over seeds) and relative to the default, each seed's best and last epoch,
+    the gradient path, the mean cosine of each pair, the share of negative cosines, each dataset's mean
+    gradient-norm ratio."""
     pairs = [(a, b) for i, a in enumerate(DATASETS) for b in DATASETS[i + 1 :]]
     per_epoch = {arm: mean(_per_epoch(s) for s in _seeds(budget / arm)) for arm in arms if _seeds(budget / arm)}
     base = per_epoch.get("default")
-    header = ["arm", "s / epoch", "× default", "Jacobian"]
+    header = ["arm", "s / epoch", "× default", "best / last epoch (seeds)", "Jacobian"]
     header += [f"cos {SHORT[a]}~{SHORT[b]}" for a, b in pairs] + ["cos < 0"]
     header += [f"‖g‖ ratio {SHORT[f]}" for f in DATASETS]
     rows = []
@@ -172,6 +182,7 @@ def cost_and_conflict_table(budget: Path, arms: list[str]) -> str:
                     if ratio is not None and not math.isnan(ratio):
                         ratios[f].append(ratio)
         row = [arm, f"{per_epoch[arm]:.0f}", f"{per_epoch[arm] / base:.2f}" if base else "-"]
+        row.append(_epochs(seeds))
         row.append(summary.get("jacobian") or "-")
         row += [f"{mean(cos[p]):+.3f}" if cos[p] else "-" for p in pairs]
         row.append(f"{negative / count:.0%}" if count else "-")
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     for budget in sorted(root.glob("e*"), key=lambda p: int(p.name[1:])):
         if not (budget / "vs_alone" / "compare.json").is_file():
             continue
-        base = [p.name for p in sorted(budget.iterdir()) if _seeds(p) and "_lr" not in p.name]
+        compared = _runs(json.loads((budget / "vs_alone" / "compare.json").read_text()))
+        base = [p.name for p in sorted(budget.iterdir()) if p.name in compared]
         print(f"## {budget.name.removeprefix('e')} epochs\n")
         print(delta_table(budget) + "\n")
         print(cost_and_conflict_table(budget, base) + "\n")

@@ -31,6 +31,7 @@ from statistics import mean, stdev
 import yaml
 
 from mmpt.io import markdown_table
+from mmpt.runs.members import seed_folders
 
 DATASETS = ("pneumoniamnist", "retinamnist", "breastmnist")  # medmnist's order
 SHORT = {f: f.removesuffix("mnist") for f in DATASETS}
@@ -47,11 +48,13 @@ def _folder(arm: Path) -> Path:
 def _seeds(arm: Path) -> list[Path]:
     """The finished seed folders of an arm (training alone: each seed's folder of one run per dataset)."""
     folder = _folder(arm)
-    return sorted(
+    if not folder.is_dir():
+        return []
+    return [
         p
-        for p in folder.glob("seed*")
+        for p in seed_folders(folder)
         if (p / "summary.json").is_file() or all((p / f / "summary.json").is_file() for f in DATASETS)
-    )
+    ]
 
 
 def _per_epoch(seed: Path) -> float:
